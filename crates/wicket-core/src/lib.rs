@@ -1,0 +1,16 @@
+//! Domain types shared by every Wicket crate.
+//!
+//! These are plain data: no I/O, no protobuf. `wicket-proto` converts them to
+//! and from the wire form; `wicket-policy` decides over them; the control
+//! service stores them.
+
+mod audit;
+mod error;
+mod types;
+
+pub use audit::{AuditEvent, AuditKind};
+pub use error::{Error, ErrorKind};
+pub use types::{
+    Classification, Command, Connection, Decision, Effect, Principal, PrincipalKind, Protocol,
+    ReasoningStep, ReasoningTrace, ReviewSpec,
+};

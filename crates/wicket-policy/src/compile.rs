@@ -1,0 +1,415 @@
+//! Parsing, validation and compilation of policy documents.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use aws_lc_rs::digest;
+use wicket_core::{Effect, ReviewSpec};
+
+use crate::error::{PolicyError, PolicyErrors};
+use crate::glob;
+use crate::model::{ConnectionSpec, Grant, Match, PolicyDocument, ReviewDoc, Rule};
+use crate::yaml::{self, Spans};
+
+/// Built-in content detector names (implemented by `wicket-mask`).
+pub const BUILTIN_DETECTORS: &[&str] = &[
+    "email",
+    "card",
+    "ssn",
+    "iban",
+    "phone",
+    "ipv4",
+    "ipv6",
+    "jwt",
+    "cloud_key",
+    "private_key",
+];
+
+/// A compiled rule.
+pub(crate) struct CompiledRule {
+    pub(crate) condition: Option<cel::Program>,
+    pub(crate) review: Option<ReviewSpec>,
+}
+
+/// A validated, compiled policy, ready to decide.
+pub struct Policy {
+    pub(crate) doc: PolicyDocument,
+    pub(crate) rules: Vec<CompiledRule>,
+    /// Connection name to its index in `doc.connections`.
+    pub(crate) connections: HashMap<String, usize>,
+    /// For each connection (by index), the rules that can match it, in order.
+    pub(crate) candidates: Vec<Vec<usize>>,
+    pub(crate) env: Arc<cel::Env>,
+    sha256: String,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("sha256", &self.sha256)
+            .field("connections", &self.doc.connections.len())
+            .field("rules", &self.doc.rules.len())
+            .finish()
+    }
+}
+
+struct Checker<'a> {
+    source: &'a str,
+    spans: Option<&'a Spans>,
+    errors: Vec<PolicyError>,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let field = field.into();
+        let pos = self.spans.map(|s| s.find(&field)).unwrap_or_default();
+        self.errors.push(PolicyError {
+            source_name: self.source.to_string(),
+            line: pos.line,
+            column: pos.column,
+            field,
+            message: message.into(),
+        });
+    }
+
+    fn check_id(&mut self, field: String, id: &str, seen: &mut HashSet<String>, what: &str) {
+        let ok = !id.is_empty()
+            && id.len() <= 128
+            && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
+            self.err(
+                field,
+                format!("invalid {what} `{id}`: use letters, digits, `-`, `_` and `.`"),
+            );
+        } else if !seen.insert(id.to_string()) {
+            self.err(field, format!("duplicate {what} `{id}`"));
+        }
+    }
+
+    fn check_connection_refs(&mut self, field: String, refs: &[String], known: &HashSet<String>) {
+        for (i, r) in refs.iter().enumerate() {
+            if !r.contains('*') && !known.contains(r) {
+                self.err(
+                    format!("{field}[{i}]"),
+                    format!("unknown connection `{r}` (not defined under `connections`)"),
+                );
+            }
+        }
+    }
+
+    fn review(&mut self, field: String, doc: &ReviewDoc) -> ReviewSpec {
+        if doc.approvers.is_empty() {
+            self.err(format!("{field}.approvers"), "at least one approver group is required");
+        }
+        if doc.quorum == 0 {
+            self.err(format!("{field}.quorum"), "quorum must be at least 1");
+        }
+        if doc.one_per_group && doc.quorum > 1 && doc.quorum as usize != doc.approvers.len() {
+            self.err(
+                format!("{field}.quorum"),
+                "with one_per_group the quorum is one approval per listed group; leave quorum unset",
+            );
+        }
+        if doc.timeout.0 == 0 || doc.timeout.0 > 7 * 86_400 {
+            self.err(format!("{field}.timeout"), "timeout must be between 1s and 7d");
+        }
+        ReviewSpec {
+            approver_groups: doc.approvers.clone(),
+            quorum: if doc.one_per_group {
+                doc.approvers.len() as u32
+            } else {
+                doc.quorum
+            },
+            one_per_group: doc.one_per_group,
+            timeout_seconds: doc.timeout.0,
+        }
+    }
+
+    fn condition(&mut self, field: String, src: &str, env: &cel::Env) -> Option<cel::Program> {
+        if src.trim().is_empty() {
+            self.err(field, "condition is empty; remove it or write a CEL expression");
+            return None;
+        }
+        match env.compile(src) {
+            Err(e) => {
+                let msg = e.to_string().replace('\n', " ");
+                self.err(field, format!("invalid CEL: {}", msg.trim()));
+                None
+            }
+            Ok(program) => {
+                let refs = program.references();
+                let unknown: Vec<&str> = refs
+                    .variables()
+                    .into_iter()
+                    .filter(|v| !crate::CEL_VARIABLES.contains(v))
+                    .collect();
+                if !unknown.is_empty() {
+                    self.err(
+                        field,
+                        format!(
+                            "unknown variable(s) {} in CEL condition (known: {})",
+                            unknown.join(", "),
+                            crate::CEL_VARIABLES.join(", ")
+                        ),
+                    );
+                    return None;
+                }
+                Some(program)
+            }
+        }
+    }
+}
+
+/// Parses a YAML or JSON policy document. `source_name` appears in errors.
+pub fn parse(source: &str, source_name: &str) -> Result<(PolicyDocument, Spans), PolicyErrors> {
+    let one = |line, column, field: String, message: String| {
+        PolicyErrors(vec![PolicyError {
+            source_name: source_name.to_string(),
+            line,
+            column,
+            field,
+            message,
+        }])
+    };
+    let (value, spans) =
+        yaml::load(source).map_err(|e| one(e.pos.line, e.pos.column, String::new(), e.message))?;
+    if value.is_null() {
+        return Err(one(1, 1, String::new(), "the document is empty".into()));
+    }
+    let doc: PolicyDocument = serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        let pos = spans.find(&field);
+        one(pos.line, pos.column, field, e.into_inner().to_string())
+    })?;
+    Ok((doc, spans))
+}
+
+/// Parses and compiles in one step.
+pub fn parse_and_compile(source: &str, source_name: &str) -> Result<Policy, PolicyErrors> {
+    let (doc, spans) = parse(source, source_name)?;
+    Policy::compile_with_spans(doc, source_name, Some(&spans))
+}
+
+fn could_match(m: &Match, c: &ConnectionSpec) -> bool {
+    (m.protocols.is_empty() || m.protocols.contains(&c.protocol))
+        && glob::any(&m.connections, &c.name)
+        && m.labels.iter().all(|(k, v)| c.labels.get(k) == Some(v))
+}
+
+fn grant_could_match(g: &Grant, c: &ConnectionSpec) -> bool {
+    glob::any(&g.connections, &c.name) && g.labels.iter().all(|(k, v)| c.labels.get(k) == Some(v))
+}
+
+impl Policy {
+    /// Checks and compiles a document that has no source positions (e.g. a bundle).
+    pub fn compile(doc: PolicyDocument) -> Result<Policy, PolicyErrors> {
+        Policy::compile_with_spans(doc, "<bundle>", None)
+    }
+
+    /// Checks and compiles a document; errors carry positions from `spans`.
+    pub fn compile_with_spans(
+        doc: PolicyDocument,
+        source_name: &str,
+        spans: Option<&Spans>,
+    ) -> Result<Policy, PolicyErrors> {
+        let mut ck = Checker {
+            source: source_name,
+            spans,
+            errors: Vec::new(),
+        };
+        let env = Arc::new(cel::Env::stdlib());
+        if doc.version != 1 {
+            ck.err("version", format!("unsupported version {} (expected 1)", doc.version));
+        }
+        let mut names = HashSet::new();
+        let mut detectors: HashSet<&str> = BUILTIN_DETECTORS.iter().copied().collect();
+        let mut seen = HashSet::new();
+        for (i, d) in doc.detectors.iter().enumerate() {
+            ck.check_id(format!("detectors[{i}].name"), &d.name, &mut seen, "detector name");
+            if BUILTIN_DETECTORS.contains(&d.name.as_str()) {
+                ck.err(
+                    format!("detectors[{i}].name"),
+                    format!("`{}` is a built-in detector name", d.name),
+                );
+            }
+            if let Err(e) = regex::Regex::new(&d.regex) {
+                ck.err(format!("detectors[{i}].regex"), format!("invalid regex: {e}"));
+            }
+            detectors.insert(&d.name);
+        }
+        for (i, c) in doc.connections.iter().enumerate() {
+            ck.check_id(format!("connections[{i}].name"), &c.name, &mut names, "connection name");
+            for (j, col) in c.masking.columns.iter().enumerate() {
+                let parts = col.column.split('.').count();
+                if parts != 3 || col.column.split('.').any(str::is_empty) {
+                    ck.err(
+                        format!("connections[{i}].masking.columns[{j}].column"),
+                        format!("`{}` is not schema.table.column", col.column),
+                    );
+                }
+            }
+            for (j, f) in c.masking.fields.iter().enumerate() {
+                if !f.path.starts_with('$') {
+                    ck.err(
+                        format!("connections[{i}].masking.fields[{j}].path"),
+                        format!("`{}` is not a JSON path (start with `$`)", f.path),
+                    );
+                }
+            }
+            for (j, d) in c.masking.detectors.iter().enumerate() {
+                if !detectors.contains(d.as_str()) {
+                    ck.err(
+                        format!("connections[{i}].masking.detectors[{j}]"),
+                        format!(
+                            "unknown detector `{d}` (built-in: {}; or define it under `detectors`)",
+                            BUILTIN_DETECTORS.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, g) in doc.grants.iter().enumerate() {
+            ck.check_id(format!("grants[{i}].id"), &g.id, &mut seen, "grant id");
+            ck.check_connection_refs(format!("grants[{i}].connections"), &g.connections, &names);
+            if g.principals.is_empty() && g.groups.is_empty() {
+                ck.err(
+                    format!("grants[{i}]"),
+                    "a grant needs `principals` or `groups` (it would grant nobody)",
+                );
+            }
+        }
+        let default_review = doc
+            .defaults
+            .review
+            .as_ref()
+            .map(|r| ck.review("defaults.review".into(), r));
+        if doc.defaults.effect == Effect::Review && default_review.is_none() {
+            ck.err("defaults.effect", "a default of review needs `defaults.review.approvers`");
+        }
+        let mut seen = HashSet::new();
+        let mut rules = Vec::with_capacity(doc.rules.len());
+        for (i, r) in doc.rules.iter().enumerate() {
+            let Rule {
+                id,
+                effect,
+                matches,
+                condition,
+                review,
+                ..
+            } = r;
+            ck.check_id(format!("rules[{i}].id"), id, &mut seen, "rule id");
+            ck.check_connection_refs(
+                format!("rules[{i}].match.connections"),
+                &matches.connections,
+                &names,
+            );
+            let condition = condition
+                .as_deref()
+                .and_then(|c| ck.condition(format!("rules[{i}].condition"), c, &env));
+            let review = match (effect, review) {
+                (Effect::Review, Some(doc)) => Some(ck.review(format!("rules[{i}].review"), doc)),
+                (Effect::Review, None) => {
+                    if default_review.is_none() {
+                        ck.err(
+                            format!("rules[{i}].effect"),
+                            "a review rule needs `review.approvers` (or `defaults.review`)",
+                        );
+                    }
+                    default_review.clone()
+                }
+                (_, Some(_)) => {
+                    ck.err(format!("rules[{i}].review"), "`review` is only allowed with effect: review");
+                    None
+                }
+                (_, None) => None,
+            };
+            rules.push(CompiledRule { condition, review });
+        }
+        if !ck.errors.is_empty() {
+            return Err(PolicyErrors(ck.errors));
+        }
+        let connections = doc
+            .connections
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.clone(), i))
+            .collect();
+        let candidates = doc
+            .connections
+            .iter()
+            .map(|c| {
+                doc.rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| could_match(&r.matches, c))
+                    .map(|(i, _)| i)
+                    .collect()
+            })
+            .collect();
+        let json = serde_json::to_vec(&doc).expect("policy documents serialize");
+        let sha256 = hex::encode(digest::digest(&digest::SHA256, &json));
+        Ok(Policy {
+            doc,
+            rules,
+            connections,
+            candidates,
+            env,
+            sha256,
+        })
+    }
+
+    /// The document this policy was compiled from.
+    pub fn document(&self) -> &PolicyDocument {
+        &self.doc
+    }
+
+    /// SHA-256 (hex) of the canonical JSON form of the document.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The connection named `name`.
+    pub fn connection(&self, name: &str) -> Option<&ConnectionSpec> {
+        self.connections.get(name).map(|&i| &self.doc.connections[i])
+    }
+
+    /// The part of the document one connection's sidecar needs: that
+    /// connection, the grants and rules that can apply to it, and the defaults.
+    pub fn bundle_for(&self, name: &str) -> Option<PolicyDocument> {
+        let &ci = self.connections.get(name)?;
+        let conn = &self.doc.connections[ci];
+        let mut out = PolicyDocument {
+            version: self.doc.version,
+            defaults: self.doc.defaults.clone(),
+            agents: self.doc.agents.clone(),
+            connections: vec![conn.clone()],
+            grants: Vec::new(),
+            rules: Vec::new(),
+            detectors: self.doc.detectors.clone(),
+        };
+        out.grants = self
+            .doc
+            .grants
+            .iter()
+            .filter(|g| grant_could_match(g, conn))
+            .map(|g| Grant {
+                connections: vec![name.to_string()],
+                ..g.clone()
+            })
+            .collect();
+        out.rules = self.candidates[ci]
+            .iter()
+            .map(|&i| {
+                let mut r = self.doc.rules[i].clone();
+                r.matches.connections = vec![name.to_string()];
+                r
+            })
+            .collect();
+        Some(out)
+    }
+}

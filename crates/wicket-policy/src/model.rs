@@ -1,0 +1,356 @@
+//! The policy document: what `wicket policy apply -f FILE` reads.
+//!
+//! Unknown fields are refused so a typo never silently weakens a policy.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use wicket_core::{Effect, PrincipalKind, Protocol};
+
+/// A whole policy document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// Document schema version; only `1` exists.
+    #[serde(default = "one")]
+    pub version: u32,
+    /// What happens when no rule matches.
+    #[serde(default)]
+    pub defaults: Defaults,
+    /// Settings for non-human principals.
+    #[serde(default)]
+    pub agents: AgentSettings,
+    /// Protected resources.
+    #[serde(default)]
+    pub connections: Vec<ConnectionSpec>,
+    /// Who may open sessions where.
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+    /// Per-command rules.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Custom masking detectors.
+    #[serde(default)]
+    pub detectors: Vec<CustomDetector>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Defaults applied when no rule matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// Effect for commands no rule matches. Fail closed: `deny` unless set.
+    #[serde(default)]
+    pub effect: Effect,
+    /// Review settings used by `review` rules that give none of their own.
+    #[serde(default)]
+    pub review: Option<ReviewDoc>,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            effect: Effect::Deny,
+            review: None,
+        }
+    }
+}
+
+/// Settings for agents (non-human principals).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// Refuse agents' commands that carry no reasoning trace.
+    #[serde(default)]
+    pub require_reasoning: bool,
+}
+
+/// A protected resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionSpec {
+    /// Unique name (`[a-z0-9][a-z0-9._-]*`).
+    pub name: String,
+    /// Gated protocol.
+    pub protocol: Protocol,
+    /// `host:port` the sidecar reaches.
+    #[serde(default)]
+    pub upstream: String,
+    /// Labels rules and grants can select on.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Overrides `agents.require_reasoning` for this connection.
+    #[serde(default)]
+    pub require_reasoning: Option<bool>,
+    /// Masking of what comes back.
+    #[serde(default)]
+    pub masking: MaskingSpec,
+    /// Recording and retention.
+    #[serde(default)]
+    pub recording: RecordingSpec,
+}
+
+/// How a masked value is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskStyle {
+    /// Replace the whole value.
+    #[default]
+    Redact,
+    /// Keep the last four characters (`****1234`).
+    Partial,
+    /// Keyed hash, so masked values still join and group.
+    Hash,
+}
+
+/// Masking settings of a connection.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskingSpec {
+    /// Column rules (`schema.table.column`, `*` allowed) for databases.
+    #[serde(default)]
+    pub columns: Vec<ColumnMask>,
+    /// Field rules (JSON paths such as `$.user.email`) for HTTP and Kubernetes.
+    #[serde(default)]
+    pub fields: Vec<FieldMask>,
+    /// Content detectors applied to every text value (built-in or custom names).
+    #[serde(default)]
+    pub detectors: Vec<String>,
+    /// Style for detector hits.
+    #[serde(default)]
+    pub style: MaskStyle,
+}
+
+/// A column masking rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnMask {
+    /// `schema.table.column`, each part a name or a `*` glob.
+    pub column: String,
+    /// Replacement style.
+    #[serde(default)]
+    pub style: MaskStyle,
+}
+
+/// A field masking rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldMask {
+    /// JSON path, e.g. `$.items[*].email`.
+    pub path: String,
+    /// Replacement style.
+    #[serde(default)]
+    pub style: MaskStyle,
+}
+
+/// Recording settings of a connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingSpec {
+    /// Record sessions (on by default).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Record output as well as commands.
+    #[serde(default = "yes")]
+    pub capture_output: bool,
+    /// Delete recordings after this many days (unset: keep).
+    #[serde(default)]
+    pub retention_days: Option<u32>,
+    /// Refuse commands when the audit spool is full (fail closed; on by default).
+    #[serde(default = "yes")]
+    pub refuse_when_spool_full: bool,
+}
+
+impl Default for RecordingSpec {
+    fn default() -> Self {
+        RecordingSpec {
+            enabled: true,
+            capture_output: true,
+            retention_days: None,
+            refuse_when_spool_full: true,
+        }
+    }
+}
+
+/// Who may open sessions on which connections. No grant, no session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// Unique id.
+    pub id: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Connection names or globs (`prod-*`, `*`).
+    #[serde(default)]
+    pub connections: Vec<String>,
+    /// Labels the connection must carry (all of them).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Subjects or display names (any matches). Empty with empty `groups`: nobody.
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// Groups (any matches).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Restrict to humans or agents (empty: both).
+    #[serde(default)]
+    pub kinds: Vec<PrincipalKind>,
+    /// The grant lapses at this instant.
+    #[serde(default)]
+    pub expires: Option<DateTime<Utc>>,
+}
+
+/// A per-command rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Unique id, named in refusals and audit events.
+    pub id: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// What happens when the rule matches.
+    pub effect: Effect,
+    /// Structural match (every listed field must match; empty fields match all).
+    #[serde(default, rename = "match")]
+    pub matches: Match,
+    /// Optional CEL condition; the rule matches only when it is `true`.
+    #[serde(default)]
+    pub condition: Option<String>,
+    /// Approval settings for `review`.
+    #[serde(default)]
+    pub review: Option<ReviewDoc>,
+}
+
+/// Structural part of a rule.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    /// Protocols.
+    #[serde(default)]
+    pub protocols: Vec<Protocol>,
+    /// Connection names or globs.
+    #[serde(default)]
+    pub connections: Vec<String>,
+    /// Labels the connection must carry.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Subjects or display names.
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// Groups (any).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Human or agent.
+    #[serde(default)]
+    pub kinds: Vec<PrincipalKind>,
+    /// Command classes (`select`, `ddl`, `exec`, …).
+    #[serde(default)]
+    pub commands: Vec<String>,
+    /// Verbs (SQL keyword, HTTP method, kubectl verb, program name).
+    #[serde(default)]
+    pub verbs: Vec<String>,
+}
+
+/// Review settings as written in a document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewDoc {
+    /// Groups whose members may approve.
+    pub approvers: Vec<String>,
+    /// Approvals needed.
+    #[serde(default = "one")]
+    pub quorum: u32,
+    /// One approval from each listed group instead of a count.
+    #[serde(default)]
+    pub one_per_group: bool,
+    /// Hold timeout (`90s`, `10m`, `1h`, or seconds).
+    #[serde(default = "default_timeout")]
+    pub timeout: Seconds,
+}
+
+fn default_timeout() -> Seconds {
+    Seconds(300)
+}
+
+/// A duration in whole seconds, written as `90s`, `10m`, `1h`, `1d` or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub u32);
+
+impl Seconds {
+    /// Parses `90s`, `10m`, `1h`, `1d` or a bare number of seconds.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (num, mult) = match s.char_indices().last() {
+            Some((i, 's')) => (&s[..i], 1),
+            Some((i, 'm')) => (&s[..i], 60),
+            Some((i, 'h')) => (&s[..i], 3600),
+            Some((i, 'd')) => (&s[..i], 86_400),
+            _ => (s, 1),
+        };
+        num.trim()
+            .parse::<u32>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .map(Seconds)
+            .ok_or_else(|| format!("invalid duration `{s}` (expected e.g. 90s, 10m, 1h)"))
+    }
+}
+
+impl Serialize for Seconds {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}s", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u32),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Seconds(n)),
+            Raw::S(s) => Seconds::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A custom content detector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomDetector {
+    /// Name used in `masking.detectors`.
+    pub name: String,
+    /// Regular expression (Rust `regex` syntax).
+    pub regex: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Seconds;
+
+    #[test]
+    fn durations_parse() {
+        for (s, n) in [("90s", 90), ("10m", 600), ("1h", 3600), ("2d", 172_800), ("45", 45)] {
+            assert_eq!(Seconds::parse(s), Ok(Seconds(n)), "{s}");
+        }
+        for bad in ["", "m", "-1s", "1w", "99999999999h"] {
+            assert!(Seconds::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
