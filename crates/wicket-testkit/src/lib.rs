@@ -1,1 +1,16 @@
-//! wip
+//! Test support for Wicket.
+//!
+//! - [`idp::TestIdp`]: an in-process OpenID provider (discovery, JWKS, token
+//!   endpoint with client credentials and the device flow) that mints ES256
+//!   access tokens, for unit and integration tests and for the demo.
+//! - [`env`]: access to the real peers `cargo xtask test` starts (PostgreSQL,
+//!   the npm `oidc-provider`).
+
+pub mod env;
+pub mod idp;
+
+/// Installs aws-lc-rs as the process's rustls provider (idempotent).
+/// Call at the top of every test that touches TLS.
+pub fn init_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
