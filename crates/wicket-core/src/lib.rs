@@ -4,10 +4,12 @@
 //! and from the wire form; `wicket-policy` decides over them; the control
 //! service stores them.
 
+mod approval;
 mod audit;
 mod error;
 mod types;
 
+pub use approval::{Approval, ApprovalRequest, ApprovalState, Vote};
 pub use audit::{AuditEvent, AuditKind};
 pub use error::{Error, ErrorKind};
 pub use types::{

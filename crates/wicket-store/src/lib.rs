@@ -1,1 +1,104 @@
-//! wip
+//! Storage for the control service: one [`Store`] trait, one SQL
+//! implementation over two sqlx backends.
+//!
+//! - SQLite (the default): one file in WAL mode, for a laptop or a small team.
+//! - PostgreSQL: for several control replicas sharing state.
+//!
+//! Both run the same queries (`$N` placeholders work in both) through
+//! [`SqlStore`]; schema differences live only in `migrations/<backend>/`.
+//! Timestamps are stored as Unix milliseconds, structured values as JSON text.
+
+mod migrate;
+mod model;
+mod sql;
+
+use async_trait::async_trait;
+use wicket_core::{Approval, ApprovalState, AuditEvent, ReasoningTrace};
+
+pub use model::*;
+pub use sql::SqlStore;
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A stored value could not be decoded.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+    /// An optimistic-concurrency update lost the race.
+    #[error("concurrent update")]
+    Conflict,
+    /// The URL names no supported backend.
+    #[error("unsupported database URL (expected sqlite:PATH or postgres://…)")]
+    UnsupportedUrl,
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Everything the control service stores.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new policy version unless `sha256` equals the current one.
+    /// Returns the current version and whether it changed.
+    async fn put_policy(&self, document: &str, sha256: &str, applied_by: &str)
+    -> Result<(PolicyVersion, bool)>;
+    /// A policy version, or the current one for `None`.
+    async fn get_policy(&self, version: Option<u64>) -> Result<Option<PolicyVersion>>;
+
+    /// Stores events durably, each once by id (replays are no-ops), and
+    /// keeps the session rows in step. Returns the ids now stored.
+    async fn append_events(&self, events: &[AuditEvent]) -> Result<Vec<String>>;
+    /// Sessions, newest first.
+    async fn list_sessions(&self, filter: &SessionFilter) -> Result<Vec<SessionRecord>>;
+    /// One session.
+    async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>>;
+    /// Events of a session with `seq > after_seq`, in order.
+    async fn list_events(&self, session_id: &str, after_seq: u64, limit: u32)
+    -> Result<Vec<AuditEvent>>;
+    /// Marks a live session as terminating; returns it (None if unknown).
+    async fn terminate_session(&self, id: &str, reason: &str) -> Result<Option<SessionRecord>>;
+    /// Ids of sessions marked terminating and not yet ended.
+    async fn terminating_sessions(&self) -> Result<Vec<String>>;
+
+    /// Creates an approval, or returns the existing one with the same request id.
+    async fn create_approval(&self, approval: &Approval) -> Result<Approval>;
+    /// One approval.
+    async fn get_approval(&self, id: &str) -> Result<Option<Approval>>;
+    /// Approvals, newest first, optionally in one state.
+    async fn list_approvals(&self, state: Option<ApprovalState>, limit: u32)
+    -> Result<Vec<Approval>>;
+    /// Saves an approval if nobody changed it since `approval.rev` was read;
+    /// bumps `rev`. [`StoreError::Conflict`] otherwise.
+    async fn update_approval(&self, approval: &mut Approval) -> Result<()>;
+
+    /// Revokes (or re-revokes) a principal.
+    async fn revoke(&self, revocation: &Revocation) -> Result<()>;
+    /// Revocations in force at `now`.
+    async fn list_revocations(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Vec<Revocation>>;
+
+    /// Stores a sidecar credential.
+    async fn create_sidecar(&self, sidecar: &SidecarRecord) -> Result<()>;
+    /// One sidecar credential.
+    async fn get_sidecar(&self, id: &str) -> Result<Option<SidecarRecord>>;
+    /// All sidecar credentials.
+    async fn list_sidecars(&self) -> Result<Vec<SidecarRecord>>;
+    /// Revokes a sidecar credential.
+    async fn revoke_sidecar(&self, id: &str) -> Result<Option<SidecarRecord>>;
+
+    /// Stores (or replaces) a structured reasoning trace.
+    async fn put_trace(&self, trace: &ReasoningTrace) -> Result<()>;
+    /// A stored trace.
+    async fn get_trace(&self, trace_id: &str) -> Result<Option<ReasoningTrace>>;
+
+    /// Whether the database answers.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// Opens the store at `url` (`sqlite:PATH`, `sqlite::memory:`, `postgres://…`)
+/// and applies pending migrations.
+pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>> {
+    Ok(std::sync::Arc::new(SqlStore::open(url).await?))
+}

@@ -1,0 +1,68 @@
+CREATE TABLE policies (
+    version     INTEGER PRIMARY KEY,
+    document    TEXT    NOT NULL,
+    sha256      TEXT    NOT NULL,
+    applied_by  TEXT    NOT NULL,
+    applied_at  INTEGER NOT NULL
+);
+
+CREATE TABLE sessions (
+    id                TEXT    PRIMARY KEY,
+    connection        TEXT    NOT NULL,
+    principal         TEXT    NOT NULL,
+    principal_subject TEXT    NOT NULL,
+    started_at        INTEGER NOT NULL,
+    ended_at          INTEGER,
+    state             TEXT    NOT NULL,
+    end_reason        TEXT    NOT NULL DEFAULT '',
+    command_count     INTEGER NOT NULL DEFAULT 0,
+    client_addr       TEXT    NOT NULL DEFAULT '',
+    client_app        TEXT    NOT NULL DEFAULT ''
+);
+CREATE INDEX sessions_started ON sessions (started_at);
+
+CREATE TABLE events (
+    id          TEXT    PRIMARY KEY,
+    session_id  TEXT    NOT NULL,
+    seq         INTEGER NOT NULL,
+    time        INTEGER NOT NULL,
+    kind        TEXT    NOT NULL,
+    connection  TEXT    NOT NULL,
+    body        TEXT    NOT NULL
+);
+CREATE INDEX events_session ON events (session_id, seq);
+
+CREATE TABLE approvals (
+    id          TEXT    PRIMARY KEY,
+    request_id  TEXT    NOT NULL UNIQUE,
+    rev         INTEGER NOT NULL,
+    state       TEXT    NOT NULL,
+    body        TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL
+);
+CREATE INDEX approvals_state ON approvals (state, created_at);
+
+CREATE TABLE revocations (
+    issuer      TEXT    NOT NULL,
+    subject     TEXT    NOT NULL,
+    reason      TEXT    NOT NULL,
+    revoked_at  INTEGER NOT NULL,
+    until       INTEGER,
+    PRIMARY KEY (issuer, subject)
+);
+
+CREATE TABLE sidecars (
+    id          TEXT    PRIMARY KEY,
+    name        TEXT    NOT NULL,
+    connections TEXT    NOT NULL,
+    secret_hash TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    revoked     INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE traces (
+    trace_id    TEXT    PRIMARY KEY,
+    body        TEXT    NOT NULL,
+    updated_at  INTEGER NOT NULL
+);

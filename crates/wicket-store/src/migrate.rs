@@ -1,0 +1,12 @@
+//! Embedded, ordered migrations per backend, applied once each.
+
+/// `(version, sql)` for SQLite.
+pub const SQLITE: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+
+/// `(version, sql)` for PostgreSQL.
+pub const POSTGRES: &[(i64, &str)] = &[(1, include_str!("../migrations/postgres/0001_init.sql"))];
+
+/// Splits a migration into statements (our migrations hold no `;` in literals).
+pub fn statements(sql: &str) -> impl Iterator<Item = &str> {
+    sql.split(';').map(str::trim).filter(|s| !s.is_empty())
+}

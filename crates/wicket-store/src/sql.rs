@@ -1,0 +1,617 @@
+//! The SQL store over SQLite or PostgreSQL.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::Row;
+use wicket_core::{Approval, ApprovalState, AuditEvent, AuditKind, ReasoningTrace};
+
+use crate::migrate;
+use crate::model::*;
+use crate::{Result, Store, StoreError};
+
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// A [`Store`] over SQLite or PostgreSQL.
+pub struct SqlStore {
+    pool: Pool,
+}
+
+/// Runs `$body` with `$p` bound to whichever pool this store has. The body is
+/// written once and compiled for both backends.
+macro_rules! with_pool {
+    ($self:expr, |$p:ident| $body:expr) => {
+        match &$self.pool {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("domain types serialize")
+}
+
+fn parse<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn clamp_limit(limit: u32) -> i64 {
+    match limit {
+        0 => 100,
+        n => i64::from(n.min(1000)),
+    }
+}
+
+macro_rules! session_from_row {
+    ($r:expr) => {{
+        let r = $r;
+        SessionRecord {
+            id: r.try_get("id")?,
+            connection: r.try_get("connection")?,
+            principal: parse(&r.try_get::<String, _>("principal")?, "session principal")?,
+            started_at: time(r.try_get("started_at")?),
+            ended_at: r.try_get::<Option<i64>, _>("ended_at")?.map(time),
+            state: r.try_get("state")?,
+            end_reason: r.try_get("end_reason")?,
+            command_count: r.try_get::<i64, _>("command_count")? as u64,
+            client_addr: r.try_get("client_addr")?,
+            client_app: r.try_get("client_app")?,
+        }
+    }};
+}
+
+macro_rules! sidecar_from_row {
+    ($r:expr) => {{
+        let r = $r;
+        SidecarRecord {
+            id: r.try_get("id")?,
+            name: r.try_get("name")?,
+            connections: parse(&r.try_get::<String, _>("connections")?, "sidecar connections")?,
+            secret_hash: r.try_get("secret_hash")?,
+            created_at: time(r.try_get("created_at")?),
+            revoked: r.try_get::<i64, _>("revoked")? != 0,
+        }
+    }};
+}
+
+const SESSION_COLS: &str = "id, connection, principal, started_at, ended_at, state, end_reason, \
+                            command_count, client_addr, client_app";
+
+impl SqlStore {
+    /// Opens `sqlite:PATH` (created if missing; WAL, synchronous=FULL),
+    /// `sqlite::memory:` or `postgres://…`, and migrates it.
+    pub async fn open(url: &str) -> Result<SqlStore> {
+        let pool = if url.starts_with("sqlite:") {
+            let memory = url.contains(":memory:");
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(if memory { SqliteJournalMode::Memory } else { SqliteJournalMode::Wal })
+                // An acknowledged audit event must survive a power cut.
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(if memory { 1 } else { 4 })
+                .min_connections(if memory { 1 } else { 0 })
+                .idle_timeout(if memory { None } else { Some(Duration::from_secs(600)) })
+                .max_lifetime(if memory { None } else { Some(Duration::from_secs(3600)) })
+                .connect_with(opts)
+                .await?;
+            Pool::Sqlite(pool)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(10)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await?;
+            Pool::Postgres(pool)
+        } else {
+            return Err(StoreError::UnsupportedUrl);
+        };
+        let store = SqlStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let (list, lock) = match self.pool {
+            Pool::Sqlite(_) => (migrate::SQLITE, None),
+            // Replicas starting together serialize on an advisory lock.
+            Pool::Postgres(_) => (migrate::POSTGRES, Some("SELECT pg_advisory_xact_lock(7215830019)")),
+        };
+        with_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            if let Some(lock) = lock {
+                sqlx::query(lock).execute(&mut *tx).await?;
+            }
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            )
+            .execute(&mut *tx)
+            .await?;
+            let done: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<i64, _>(0))
+                .collect::<std::result::Result<_, _>>()?;
+            for (version, sql) in list {
+                if done.contains(version) {
+                    continue;
+                }
+                for stmt in migrate::statements(sql) {
+                    sqlx::query(stmt).execute(&mut *tx).await?;
+                }
+                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                    .bind(*version)
+                    .bind(ms(Utc::now()))
+                    .execute(&mut *tx)
+                    .await?;
+                tracing::info!(backend = self.backend(), version, "applied migration");
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn put_policy(
+        &self,
+        document: &str,
+        sha256: &str,
+        applied_by: &str,
+    ) -> Result<(PolicyVersion, bool)> {
+        with_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let current = sqlx::query(
+                "SELECT version, document, sha256, applied_by, applied_at FROM policies ORDER BY version DESC LIMIT 1",
+            )
+            .fetch_optional(&mut *tx)
+            .await?;
+            let mut next = 1i64;
+            if let Some(r) = current {
+                let version: i64 = r.try_get("version")?;
+                if r.try_get::<String, _>("sha256")? == sha256 {
+                    let v = PolicyVersion {
+                        version: version as u64,
+                        document: r.try_get("document")?,
+                        sha256: sha256.to_string(),
+                        applied_by: r.try_get("applied_by")?,
+                        applied_at: time(r.try_get("applied_at")?),
+                    };
+                    return Ok((v, false));
+                }
+                next = version + 1;
+            }
+            let now = Utc::now();
+            sqlx::query(
+                "INSERT INTO policies (version, document, sha256, applied_by, applied_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(next)
+            .bind(document)
+            .bind(sha256)
+            .bind(applied_by)
+            .bind(ms(now))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok((
+                PolicyVersion {
+                    version: next as u64,
+                    document: document.to_string(),
+                    sha256: sha256.to_string(),
+                    applied_by: applied_by.to_string(),
+                    applied_at: time(ms(now)),
+                },
+                true,
+            ))
+        })
+    }
+
+    async fn get_policy(&self, version: Option<u64>) -> Result<Option<PolicyVersion>> {
+        let v = version.map(|v| v as i64).unwrap_or(0);
+        with_pool!(self, |p| {
+            let row = sqlx::query(
+                "SELECT version, document, sha256, applied_by, applied_at FROM policies \
+                 WHERE ($1 = 0 OR version = $1) ORDER BY version DESC LIMIT 1",
+            )
+            .bind(v)
+            .fetch_optional(p)
+            .await?;
+            row.map(|r| {
+                Ok(PolicyVersion {
+                    version: r.try_get::<i64, _>("version")? as u64,
+                    document: r.try_get("document")?,
+                    sha256: r.try_get("sha256")?,
+                    applied_by: r.try_get("applied_by")?,
+                    applied_at: time(r.try_get("applied_at")?),
+                })
+            })
+            .transpose()
+        })
+    }
+
+    async fn append_events(&self, events: &[AuditEvent]) -> Result<Vec<String>> {
+        with_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let mut ids = Vec::with_capacity(events.len());
+            for e in events {
+                let inserted = sqlx::query(
+                    "INSERT INTO events (id, session_id, seq, time, kind, connection, body) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(&e.id)
+                .bind(&e.session_id)
+                .bind(e.seq as i64)
+                .bind(ms(e.time))
+                .bind(e.kind.as_str())
+                .bind(&e.connection)
+                .bind(json(e))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1;
+                ids.push(e.id.clone());
+                if !inserted {
+                    continue;
+                }
+                let principal = e.principal.clone().unwrap_or_default();
+                sqlx::query(
+                    "INSERT INTO sessions (id, connection, principal, principal_subject, started_at, state, \
+                     end_reason, command_count, client_addr, client_app) \
+                     VALUES ($1, $2, $3, $4, $5, 'active', '', 0, $6, $7) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(&e.session_id)
+                .bind(&e.connection)
+                .bind(json(&principal))
+                .bind(&principal.subject)
+                .bind(ms(e.time))
+                .bind(&e.client_addr)
+                .bind(&e.client_app)
+                .execute(&mut *tx)
+                .await?;
+                match e.kind {
+                    AuditKind::SessionStart => {
+                        sqlx::query(
+                            "UPDATE sessions SET principal = $2, principal_subject = $3, started_at = $4, \
+                             client_addr = $5, client_app = $6 WHERE id = $1",
+                        )
+                        .bind(&e.session_id)
+                        .bind(json(&principal))
+                        .bind(&principal.subject)
+                        .bind(ms(e.time))
+                        .bind(&e.client_addr)
+                        .bind(&e.client_app)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    AuditKind::Command => {
+                        sqlx::query("UPDATE sessions SET command_count = command_count + 1 WHERE id = $1")
+                            .bind(&e.session_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    AuditKind::SessionEnd => {
+                        sqlx::query(
+                            "UPDATE sessions SET ended_at = $2, state = 'ended', end_reason = $3 WHERE id = $1",
+                        )
+                        .bind(&e.session_id)
+                        .bind(ms(e.time))
+                        .bind(&e.end_reason)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    _ => {}
+                }
+            }
+            tx.commit().await?;
+            Ok(ids)
+        })
+    }
+
+    async fn list_sessions(&self, f: &SessionFilter) -> Result<Vec<SessionRecord>> {
+        let sql = format!(
+            "SELECT {SESSION_COLS} FROM sessions WHERE ($1 = '' OR connection = $1) \
+             AND ($2 = '' OR principal_subject = $2) AND ($3 = 0 OR ended_at IS NULL) \
+             ORDER BY started_at DESC, id LIMIT $4"
+        );
+        with_pool!(self, |p| {
+            let rows = sqlx::query(&sql)
+                .bind(f.connection.clone().unwrap_or_default())
+                .bind(f.principal.clone().unwrap_or_default())
+                .bind(i64::from(f.active_only))
+                .bind(clamp_limit(f.limit))
+                .fetch_all(p)
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                out.push(session_from_row!(r));
+            }
+            Ok(out)
+        })
+    }
+
+    async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>> {
+        let sql = format!("SELECT {SESSION_COLS} FROM sessions WHERE id = $1");
+        with_pool!(self, |p| {
+            match sqlx::query(&sql).bind(id).fetch_optional(p).await? {
+                Some(r) => Ok(Some(session_from_row!(&r))),
+                None => Ok(None),
+            }
+        })
+    }
+
+    async fn list_events(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT body FROM events WHERE session_id = $1 AND seq > $2 ORDER BY seq, time LIMIT $3",
+            )
+            .bind(session_id)
+            .bind(after_seq as i64)
+            .bind(clamp_limit(limit))
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| parse(&r.try_get::<String, _>("body")?, "event"))
+                .collect()
+        })
+    }
+
+    async fn terminate_session(&self, id: &str, reason: &str) -> Result<Option<SessionRecord>> {
+        with_pool!(self, |p| {
+            sqlx::query(
+                "UPDATE sessions SET state = 'terminating', end_reason = $2 WHERE id = $1 AND ended_at IS NULL",
+            )
+            .bind(id)
+            .bind(reason)
+            .execute(p)
+            .await?;
+            Ok::<(), StoreError>(())
+        })?;
+        self.get_session(id).await
+    }
+
+    async fn terminating_sessions(&self) -> Result<Vec<String>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query("SELECT id FROM sessions WHERE state = 'terminating' ORDER BY id")
+                .fetch_all(p)
+                .await?;
+            rows.iter()
+                .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
+                .collect()
+        })
+    }
+
+    async fn create_approval(&self, a: &Approval) -> Result<Approval> {
+        with_pool!(self, |p| {
+            sqlx::query(
+                "INSERT INTO approvals (id, request_id, rev, state, body, created_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (request_id) DO NOTHING",
+            )
+            .bind(&a.id)
+            .bind(&a.request.request_id)
+            .bind(a.rev)
+            .bind(a.state.as_str())
+            .bind(json(a))
+            .bind(ms(a.created_at))
+            .bind(ms(a.expires_at))
+            .execute(p)
+            .await?;
+            let r = sqlx::query("SELECT body FROM approvals WHERE request_id = $1")
+                .bind(&a.request.request_id)
+                .fetch_one(p)
+                .await?;
+            parse(&r.try_get::<String, _>("body")?, "approval")
+        })
+    }
+
+    async fn get_approval(&self, id: &str) -> Result<Option<Approval>> {
+        with_pool!(self, |p| {
+            let r = sqlx::query("SELECT body FROM approvals WHERE id = $1")
+                .bind(id)
+                .fetch_optional(p)
+                .await?;
+            r.map(|r| parse(&r.try_get::<String, _>("body")?, "approval"))
+                .transpose()
+        })
+    }
+
+    async fn list_approvals(&self, state: Option<ApprovalState>, limit: u32) -> Result<Vec<Approval>> {
+        let state = state.map(|s| s.as_str()).unwrap_or("");
+        with_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT body FROM approvals WHERE ($1 = '' OR state = $1) ORDER BY created_at DESC, id LIMIT $2",
+            )
+            .bind(state)
+            .bind(clamp_limit(limit))
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| parse(&r.try_get::<String, _>("body")?, "approval"))
+                .collect()
+        })
+    }
+
+    async fn update_approval(&self, a: &mut Approval) -> Result<()> {
+        let old = a.rev;
+        a.rev += 1;
+        let body = json(a);
+        let changed = with_pool!(self, |p| {
+            sqlx::query("UPDATE approvals SET rev = $3, state = $4, body = $5 WHERE id = $1 AND rev = $2")
+                .bind(&a.id)
+                .bind(old)
+                .bind(a.rev)
+                .bind(a.state.as_str())
+                .bind(&body)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
+        if changed == 1 {
+            Ok(())
+        } else {
+            a.rev = old;
+            Err(StoreError::Conflict)
+        }
+    }
+
+    async fn revoke(&self, r: &Revocation) -> Result<()> {
+        with_pool!(self, |p| {
+            sqlx::query(
+                "INSERT INTO revocations (issuer, subject, reason, revoked_at, until) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (issuer, subject) DO UPDATE SET reason = excluded.reason, \
+                 revoked_at = excluded.revoked_at, until = excluded.until",
+            )
+            .bind(&r.issuer)
+            .bind(&r.subject)
+            .bind(&r.reason)
+            .bind(ms(r.revoked_at))
+            .bind(r.until.map(ms))
+            .execute(p)
+            .await?;
+            Ok(())
+        })
+    }
+
+    async fn list_revocations(&self, now: DateTime<Utc>) -> Result<Vec<Revocation>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT issuer, subject, reason, revoked_at, until FROM revocations \
+                 WHERE until IS NULL OR until > $1 ORDER BY issuer, subject",
+            )
+            .bind(ms(now))
+            .fetch_all(p)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                out.push(Revocation {
+                    issuer: r.try_get("issuer")?,
+                    subject: r.try_get("subject")?,
+                    reason: r.try_get("reason")?,
+                    revoked_at: time(r.try_get("revoked_at")?),
+                    until: r.try_get::<Option<i64>, _>("until")?.map(time),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    async fn create_sidecar(&self, s: &SidecarRecord) -> Result<()> {
+        with_pool!(self, |p| {
+            sqlx::query(
+                "INSERT INTO sidecars (id, name, connections, secret_hash, created_at, revoked) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&s.id)
+            .bind(&s.name)
+            .bind(json(&s.connections))
+            .bind(&s.secret_hash)
+            .bind(ms(s.created_at))
+            .bind(i64::from(s.revoked))
+            .execute(p)
+            .await?;
+            Ok(())
+        })
+    }
+
+    async fn get_sidecar(&self, id: &str) -> Result<Option<SidecarRecord>> {
+        with_pool!(self, |p| {
+            match sqlx::query("SELECT * FROM sidecars WHERE id = $1")
+                .bind(id)
+                .fetch_optional(p)
+                .await?
+            {
+                Some(r) => Ok(Some(sidecar_from_row!(&r))),
+                None => Ok(None),
+            }
+        })
+    }
+
+    async fn list_sidecars(&self) -> Result<Vec<SidecarRecord>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query("SELECT * FROM sidecars ORDER BY created_at, id")
+                .fetch_all(p)
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                out.push(sidecar_from_row!(r));
+            }
+            Ok(out)
+        })
+    }
+
+    async fn revoke_sidecar(&self, id: &str) -> Result<Option<SidecarRecord>> {
+        with_pool!(self, |p| {
+            sqlx::query("UPDATE sidecars SET revoked = 1 WHERE id = $1")
+                .bind(id)
+                .execute(p)
+                .await?;
+            Ok::<(), StoreError>(())
+        })?;
+        self.get_sidecar(id).await
+    }
+
+    async fn put_trace(&self, t: &ReasoningTrace) -> Result<()> {
+        with_pool!(self, |p| {
+            sqlx::query(
+                "INSERT INTO traces (trace_id, body, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (trace_id) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+            )
+            .bind(&t.trace_id)
+            .bind(json(t))
+            .bind(ms(Utc::now()))
+            .execute(p)
+            .await?;
+            Ok(())
+        })
+    }
+
+    async fn get_trace(&self, trace_id: &str) -> Result<Option<ReasoningTrace>> {
+        with_pool!(self, |p| {
+            let r = sqlx::query("SELECT body FROM traces WHERE trace_id = $1")
+                .bind(trace_id)
+                .fetch_optional(p)
+                .await?;
+            r.map(|r| parse(&r.try_get::<String, _>("body")?, "trace"))
+                .transpose()
+        })
+    }
+
+    async fn ping(&self) -> Result<()> {
+        with_pool!(self, |p| {
+            sqlx::query("SELECT 1").execute(p).await?;
+            Ok(())
+        })
+    }
+}

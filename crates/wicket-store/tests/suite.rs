@@ -1,0 +1,262 @@
+//! One storage suite, run against SQLite and against a real PostgreSQL
+//! (`WICKET_TEST_PG_URL`, started by `cargo xtask test`).
+
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use wicket_core::*;
+use wicket_store::*;
+
+async fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("wicket.db").display());
+    (open(&url).await.unwrap(), dir)
+}
+
+async fn postgres() -> (Arc<dyn Store>, ()) {
+    use sqlx::Connection as _;
+    let admin = std::env::var("WICKET_TEST_PG_URL").expect(
+        "WICKET_TEST_PG_URL is not set: run the suite with `cargo xtask test`, which starts PostgreSQL",
+    );
+    let name = format!("store_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    (open(&url).await.unwrap(), ())
+}
+
+fn principal(sub: &str) -> Principal {
+    Principal {
+        subject: sub.into(),
+        issuer: "https://idp".into(),
+        kind: PrincipalKind::Agent,
+        groups: vec!["g".into()],
+        ..Default::default()
+    }
+}
+
+fn event(id: &str, session: &str, seq: u64, kind: AuditKind) -> AuditEvent {
+    AuditEvent {
+        id: id.into(),
+        session_id: session.into(),
+        seq,
+        time: Utc::now() + Duration::milliseconds(seq as i64),
+        kind,
+        connection: "db".into(),
+        principal: Some(principal("bot")),
+        command: (kind == AuditKind::Command).then(|| Command {
+            text: format!("SELECT {seq}"),
+            ..Default::default()
+        }),
+        client_addr: "127.0.0.1:5000".into(),
+        ..Default::default()
+    }
+}
+
+async fn policies(s: Arc<dyn Store>) {
+    assert!(s.get_policy(None).await.unwrap().is_none());
+    let (v1, changed) = s.put_policy("a: 1", "sha-a", "alice").await.unwrap();
+    assert!(changed);
+    assert_eq!(v1.version, 1);
+    let (same, changed) = s.put_policy("a: 1", "sha-a", "bob").await.unwrap();
+    assert!(!changed);
+    assert_eq!(same.version, 1);
+    assert_eq!(same.applied_by, "alice");
+    let (v2, _) = s.put_policy("a: 2", "sha-b", "bob").await.unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(s.get_policy(None).await.unwrap().unwrap().document, "a: 2");
+    assert_eq!(s.get_policy(Some(1)).await.unwrap().unwrap().document, "a: 1");
+    assert!(s.get_policy(Some(9)).await.unwrap().is_none());
+}
+
+async fn events_are_idempotent_and_drive_sessions(s: Arc<dyn Store>) {
+    let batch = vec![
+        event("e1", "s1", 1, AuditKind::SessionStart),
+        event("e2", "s1", 2, AuditKind::Command),
+        event("e3", "s1", 3, AuditKind::Command),
+    ];
+    assert_eq!(s.append_events(&batch).await.unwrap(), ["e1", "e2", "e3"]);
+    // A replay (e.g. from a sidecar spool) stores nothing twice.
+    assert_eq!(s.append_events(&batch).await.unwrap(), ["e1", "e2", "e3"]);
+    let sess = s.get_session("s1").await.unwrap().unwrap();
+    assert_eq!(sess.command_count, 2);
+    assert_eq!(sess.state, "active");
+    assert_eq!(sess.principal.subject, "bot");
+    assert_eq!(sess.client_addr, "127.0.0.1:5000");
+    let evs = s.list_events("s1", 0, 0).await.unwrap();
+    assert_eq!(evs.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(evs[1], batch[1]);
+    assert_eq!(s.list_events("s1", 2, 0).await.unwrap().len(), 1);
+
+    // Terminate, then the sidecar reports the end.
+    let t = s.terminate_session("s1", "admin said so").await.unwrap().unwrap();
+    assert_eq!(t.state, "terminating");
+    assert_eq!(s.terminating_sessions().await.unwrap(), ["s1"]);
+    let mut end = event("e4", "s1", 4, AuditKind::SessionEnd);
+    end.end_reason = "terminated".into();
+    s.append_events(&[end]).await.unwrap();
+    let sess = s.get_session("s1").await.unwrap().unwrap();
+    assert_eq!(sess.state, "ended");
+    assert_eq!(sess.end_reason, "terminated");
+    assert!(sess.ended_at.is_some());
+    assert!(s.terminating_sessions().await.unwrap().is_empty());
+
+    // Events arriving before their session start still make a session.
+    s.append_events(&[event("e9", "s2", 2, AuditKind::Command)]).await.unwrap();
+    s.append_events(&[event("e8", "s2", 1, AuditKind::SessionStart)]).await.unwrap();
+    let s2 = s.get_session("s2").await.unwrap().unwrap();
+    assert_eq!(s2.command_count, 1);
+    let f = SessionFilter {
+        active_only: true,
+        ..Default::default()
+    };
+    let active: Vec<_> = s.list_sessions(&f).await.unwrap().into_iter().map(|x| x.id).collect();
+    assert_eq!(active, ["s2"]);
+    let f = SessionFilter {
+        principal: Some("bot".into()),
+        connection: Some("db".into()),
+        ..Default::default()
+    };
+    assert_eq!(s.list_sessions(&f).await.unwrap().len(), 2);
+    let f = SessionFilter {
+        principal: Some("nobody".into()),
+        ..Default::default()
+    };
+    assert!(s.list_sessions(&f).await.unwrap().is_empty());
+}
+
+fn approval(id: &str, request_id: &str) -> Approval {
+    Approval {
+        id: id.into(),
+        rev: 0,
+        state: ApprovalState::Pending,
+        request: ApprovalRequest {
+            request_id: request_id.into(),
+            session_id: "s1".into(),
+            connection: "db".into(),
+            principal: principal("bot"),
+            decision: Decision {
+                effect: Effect::Review,
+                rule: "writes".into(),
+                reason: String::new(),
+                review: Some(ReviewSpec::default()),
+            },
+            ..Default::default()
+        },
+        votes: vec![],
+        created_at: Utc::now(),
+        expires_at: Utc::now() + Duration::seconds(60),
+        reason: String::new(),
+    }
+}
+
+async fn approvals_are_idempotent_and_optimistic(s: Arc<dyn Store>) {
+    let a = s.create_approval(&approval("a1", "req-1")).await.unwrap();
+    // Same request id: the existing approval comes back.
+    let again = s.create_approval(&approval("a2", "req-1")).await.unwrap();
+    assert_eq!(again.id, "a1");
+    let mut first = a.clone();
+    let mut second = a.clone();
+    first.state = ApprovalState::Approved;
+    s.update_approval(&mut first).await.unwrap();
+    assert_eq!(first.rev, 1);
+    second.state = ApprovalState::Denied;
+    assert!(matches!(s.update_approval(&mut second).await, Err(StoreError::Conflict)));
+    assert_eq!(second.rev, 0);
+    let got = s.get_approval("a1").await.unwrap().unwrap();
+    assert_eq!(got.state, ApprovalState::Approved);
+    s.create_approval(&approval("a3", "req-3")).await.unwrap();
+    let pending = s.list_approvals(Some(ApprovalState::Pending), 0).await.unwrap();
+    assert_eq!(pending.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["a3"]);
+    assert_eq!(s.list_approvals(None, 0).await.unwrap().len(), 2);
+    assert!(s.get_approval("nope").await.unwrap().is_none());
+}
+
+async fn revocations_sidecars_traces(s: Arc<dyn Store>) {
+    let now = Utc::now();
+    let r = Revocation {
+        issuer: "iss".into(),
+        subject: "mallory".into(),
+        reason: "left".into(),
+        revoked_at: now,
+        until: None,
+    };
+    s.revoke(&r).await.unwrap();
+    s.revoke(&Revocation {
+        subject: "temp".into(),
+        until: Some(now + Duration::seconds(1)),
+        ..r.clone()
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.list_revocations(now).await.unwrap().len(), 2);
+    assert_eq!(
+        s.list_revocations(now + Duration::seconds(5)).await.unwrap(),
+        [r.clone()].map(|mut r| {
+            r.revoked_at = chrono::TimeZone::timestamp_millis_opt(&Utc, r.revoked_at.timestamp_millis()).unwrap();
+            r
+        })
+    );
+
+    let sc = SidecarRecord {
+        id: "sc1".into(),
+        name: "pg-orders".into(),
+        connections: vec!["db".into()],
+        secret_hash: "abc".into(),
+        created_at: now,
+        revoked: false,
+    };
+    s.create_sidecar(&sc).await.unwrap();
+    assert_eq!(s.get_sidecar("sc1").await.unwrap().unwrap().connections, ["db"]);
+    assert!(s.revoke_sidecar("sc1").await.unwrap().unwrap().revoked);
+    assert_eq!(s.list_sidecars().await.unwrap().len(), 1);
+
+    let t = ReasoningTrace {
+        trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+        prompt: "find late orders".into(),
+        confidence: 0.8,
+        ..Default::default()
+    };
+    s.put_trace(&t).await.unwrap();
+    let t2 = ReasoningTrace {
+        confidence: 0.9,
+        ..t.clone()
+    };
+    s.put_trace(&t2).await.unwrap();
+    assert_eq!(s.get_trace(&t.trace_id).await.unwrap().unwrap(), t2);
+    s.ping().await.unwrap();
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            use super::*;
+            $( #[tokio::test] async fn $name() { let (s, _dir) = sqlite().await; super::$name(s).await; } )*
+        }
+        mod on_postgres {
+            use super::*;
+            $( #[tokio::test] async fn $name() { let (s, _g) = postgres().await; super::$name(s).await; } )*
+        }
+    };
+}
+
+suite!(
+    policies,
+    events_are_idempotent_and_drive_sessions,
+    approvals_are_idempotent_and_optimistic,
+    revocations_sidecars_traces,
+);
+
+#[tokio::test]
+async fn sqlite_file_survives_reopen_and_uses_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("w.db").display());
+    {
+        let s = open(&url).await.unwrap();
+        s.put_policy("x", "sha", "me").await.unwrap();
+    }
+    let s = open(&url).await.unwrap();
+    assert_eq!(s.get_policy(None).await.unwrap().unwrap().document, "x");
+    assert!(dir.path().join("w.db-wal").exists());
+    assert!(matches!(open("mysql://x").await, Err(StoreError::UnsupportedUrl)));
+}

@@ -1,0 +1,2 @@
+//! wip
+pub fn run(_a: &[String]) -> Result<(), String> { Err("todo".into()) }

@@ -1,0 +1,209 @@
+//! Real peers for the test suite: PostgreSQL and the npm `oidc-provider`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::util::{self, free_port, have, http_ok, is_root, root, wait_for};
+
+/// The newest installed PostgreSQL server's bin directory.
+fn pg_bin() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, b)| b)
+}
+
+/// Installs missing apt and npm packages.
+pub fn ensure_installed() -> Result<(), String> {
+    let mut apt: Vec<&str> = Vec::new();
+    if pg_bin().is_none() {
+        apt.extend(["postgresql", "postgresql-client"]);
+    }
+    if !have("node") || !have("npm") {
+        apt.extend(["nodejs", "npm"]);
+    }
+    if !have("runuser") {
+        apt.push("util-linux");
+    }
+    if !apt.is_empty() {
+        if !is_root() {
+            return Err(format!(
+                "missing packages {apt:?}: install them (apt-get install {}) or run as root",
+                apt.join(" ")
+            ));
+        }
+        util::step(&format!("apt-get install {}", apt.join(" ")));
+        util::run("apt-get", &["update", "-qq"], &[])?;
+        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+        args.extend(&apt);
+        util::run("apt-get", &args, &[("DEBIAN_FRONTEND".into(), "noninteractive".into())])?;
+    }
+    let idp = root().join("tests/idp");
+    let lock = idp.join("package-lock.json");
+    let marker = idp.join("node_modules/.package-lock.json");
+    let stale = match (std::fs::metadata(&lock), std::fs::metadata(&marker)) {
+        (Ok(l), Ok(m)) => l.modified().ok() > m.modified().ok(),
+        _ => true,
+    };
+    if stale || !idp.join("node_modules/oidc-provider").exists() {
+        util::step("npm ci (tests/idp: oidc-provider)");
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&idp)
+            .status()
+            .map_err(|e| format!("cannot run npm: {e}"))?;
+        if !status.success() {
+            return Err("npm ci in tests/idp failed".into());
+        }
+    }
+    Ok(())
+}
+
+/// Running peers; stopped on drop.
+pub struct Peers {
+    dir: PathBuf,
+    pg_bin: PathBuf,
+    pg_port: u16,
+    idp: Child,
+    idp_port: u16,
+    as_postgres: bool,
+}
+
+const PG_PASSWORD: &str = "wicket-test-pw";
+
+fn pg_cmd(as_postgres: bool, bin: &Path, tool: &str) -> Command {
+    if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
+        c
+    } else {
+        Command::new(bin.join(tool))
+    }
+}
+
+impl Peers {
+    /// Starts PostgreSQL (initdb in a temp dir) and oidc-provider on free ports.
+    pub fn start() -> Result<Peers, String> {
+        let pg_bin = pg_bin().ok_or("PostgreSQL server binaries not found under /usr/lib/postgresql")?;
+        let dir = std::env::temp_dir().join(format!("wicket-peers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).map_err(|e| e.to_string())?;
+        let pwfile = dir.join("pw");
+        std::fs::write(&pwfile, PG_PASSWORD).map_err(|e| e.to_string())?;
+        // initdb refuses root: run the server as the postgres user.
+        let as_postgres = is_root();
+        if as_postgres {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Err(format!("cannot chown {} to postgres", dir.display()));
+            }
+        }
+        let out = pg_cmd(as_postgres, &pg_bin, "initdb")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-U", "postgres", "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .map_err(|e| format!("initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let pg_port = free_port()?;
+        let out = pg_cmd(as_postgres, &pg_bin, "pg_ctl")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .arg("-o")
+            .arg(format!(
+                "-p {pg_port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
+                dir.display()
+            ))
+            .arg("-l")
+            .arg(dir.join("pg.log"))
+            .args(["-w", "start"])
+            .output()
+            .map_err(|e| format!("pg_ctl: {e}"))?;
+        if !out.status.success() {
+            let log = std::fs::read_to_string(dir.join("pg.log")).unwrap_or_default();
+            return Err(format!("PostgreSQL did not start: {}\n{log}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let idp_port = free_port()?;
+        let log = std::fs::File::create(dir.join("idp.log")).map_err(|e| e.to_string())?;
+        let idp = Command::new("node")
+            .arg("provider.mjs")
+            .current_dir(root().join("tests/idp"))
+            .env("PORT", idp_port.to_string())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start oidc-provider: {e}"))?;
+        let peers = Peers {
+            dir,
+            pg_bin,
+            pg_port,
+            idp,
+            idp_port,
+            as_postgres,
+        };
+        wait_for(20, "oidc-provider", || http_ok(idp_port, "/.well-known/openid-configuration"))?;
+        eprintln!(
+            "    PostgreSQL on 127.0.0.1:{pg_port}, oidc-provider on http://127.0.0.1:{idp_port} (logs in {})",
+            peers.dir.display()
+        );
+        Ok(peers)
+    }
+
+    /// Environment the tests read.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "WICKET_TEST_PG_URL".into(),
+                format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/postgres", self.pg_port),
+            ),
+            (
+                "WICKET_TEST_OIDC_ISSUER".into(),
+                format!("http://127.0.0.1:{}", self.idp_port),
+            ),
+        ]
+    }
+}
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        let _ = self.idp.kill();
+        let _ = self.idp.wait();
+        let _ = pg_cmd(self.as_postgres, &self.pg_bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `cargo xtask peers`: start, print, wait for Ctrl-C (stdin closing).
+pub fn run_forever() -> Result<(), String> {
+    ensure_installed()?;
+    let peers = Peers::start()?;
+    for (k, v) in peers.env() {
+        println!("export {k}='{v}'");
+    }
+    eprintln!("peers running; press Enter to stop");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    drop(peers);
+    Ok(())
+}
