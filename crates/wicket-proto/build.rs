@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["common.proto", "sidecar.proto", "admin.proto"]
-        .map(|f| root.join("wicket/v1").join(f));
+    let files =
+        ["common.proto", "sidecar.proto", "admin.proto"].map(|f| root.join("wicket/v1").join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -1,2 +1,4 @@
 //! wip
-pub fn run(_a: &[String]) -> Result<(), String> { Err("todo".into()) }
+pub fn run(_a: &[String]) -> Result<(), String> {
+    Err("todo".into())
+}

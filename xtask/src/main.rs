@@ -24,10 +24,14 @@ fn main() -> ExitCode {
         "peers" => peers::run_forever(),
         "bench" => bench(rest),
         "help" | "--help" | "-h" => {
-            println!("usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy]>");
+            println!(
+                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy]>"
+            );
             Ok(())
         }
-        other => Err(format!("unknown xtask command `{other}` (try `cargo xtask help`)")),
+        other => Err(format!(
+            "unknown xtask command `{other}` (try `cargo xtask help`)"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,7 +58,15 @@ fn test(args: &[String]) -> Result<(), String> {
         util::step("cargo clippy");
         util::run(
             "cargo",
-            &["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--quiet",
+                "--",
+                "-D",
+                "warnings",
+            ],
             &[],
         )?;
     }
@@ -85,7 +97,11 @@ fn bench(args: &[String]) -> Result<(), String> {
     match which {
         "policy" | "all" => {
             util::step("policy decision latency (200 rules); target p99 <= 20µs");
-            util::run("cargo", &["bench", "-p", "wicket-policy", "--bench", "decide"], &[])
+            util::run(
+                "cargo",
+                &["bench", "-p", "wicket-policy", "--bench", "decide"],
+                &[],
+            )
         }
         other => Err(format!("unknown benchmark `{other}` (available: policy)")),
     }

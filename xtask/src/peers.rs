@@ -43,7 +43,11 @@ pub fn ensure_installed() -> Result<(), String> {
         util::run("apt-get", &["update", "-qq"], &[])?;
         let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
         args.extend(&apt);
-        util::run("apt-get", &args, &[("DEBIAN_FRONTEND".into(), "noninteractive".into())])?;
+        util::run(
+            "apt-get",
+            &args,
+            &[("DEBIAN_FRONTEND".into(), "noninteractive".into())],
+        )?;
     }
     let idp = root().join("tests/idp");
     let lock = idp.join("package-lock.json");
@@ -91,7 +95,8 @@ fn pg_cmd(as_postgres: bool, bin: &Path, tool: &str) -> Command {
 impl Peers {
     /// Starts PostgreSQL (initdb in a temp dir) and oidc-provider on free ports.
     pub fn start() -> Result<Peers, String> {
-        let pg_bin = pg_bin().ok_or("PostgreSQL server binaries not found under /usr/lib/postgresql")?;
+        let pg_bin =
+            pg_bin().ok_or("PostgreSQL server binaries not found under /usr/lib/postgresql")?;
         let dir = std::env::temp_dir().join(format!("wicket-peers-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("data")).map_err(|e| e.to_string())?;
@@ -112,12 +117,24 @@ impl Peers {
         let out = pg_cmd(as_postgres, &pg_bin, "initdb")
             .arg("-D")
             .arg(dir.join("data"))
-            .args(["-U", "postgres", "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .map_err(|e| format!("initdb: {e}"))?;
         if !out.status.success() {
-            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let pg_port = free_port()?;
         let out = pg_cmd(as_postgres, &pg_bin, "pg_ctl")
@@ -135,7 +152,10 @@ impl Peers {
             .map_err(|e| format!("pg_ctl: {e}"))?;
         if !out.status.success() {
             let log = std::fs::read_to_string(dir.join("pg.log")).unwrap_or_default();
-            return Err(format!("PostgreSQL did not start: {}\n{log}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "PostgreSQL did not start: {}\n{log}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let idp_port = free_port()?;
         let log = std::fs::File::create(dir.join("idp.log")).map_err(|e| e.to_string())?;
@@ -156,7 +176,9 @@ impl Peers {
             idp_port,
             as_postgres,
         };
-        wait_for(20, "oidc-provider", || http_ok(idp_port, "/.well-known/openid-configuration"))?;
+        wait_for(20, "oidc-provider", || {
+            http_ok(idp_port, "/.well-known/openid-configuration")
+        })?;
         eprintln!(
             "    PostgreSQL on 127.0.0.1:{pg_port}, oidc-provider on http://127.0.0.1:{idp_port} (logs in {})",
             peers.dir.display()
@@ -169,7 +191,10 @@ impl Peers {
         vec![
             (
                 "WICKET_TEST_PG_URL".into(),
-                format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/postgres", self.pg_port),
+                format!(
+                    "postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/postgres",
+                    self.pg_port
+                ),
             ),
             (
                 "WICKET_TEST_OIDC_ISSUER".into(),

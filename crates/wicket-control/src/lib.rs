@@ -1,1 +1,152 @@
-//! wip
+//! The Wicket control service.
+//!
+//! Stores policy, audit events, approvals and sessions ([`wicket_store`]),
+//! pushes per-connection policy bundles to sidecars, and serves the admin
+//! API the `wicket` CLI uses. Admin calls carry OIDC access tokens
+//! ([`auth::Authenticator`]); sidecars carry per-sidecar credentials.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod sidecar;
+pub mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use wicket_proto::v1::approval_admin_service_server::ApprovalAdminServiceServer;
+use wicket_proto::v1::approval_gate_service_server::ApprovalGateServiceServer;
+use wicket_proto::v1::audit_service_server::AuditServiceServer;
+use wicket_proto::v1::bundle_service_server::BundleServiceServer;
+use wicket_proto::v1::connection_admin_service_server::ConnectionAdminServiceServer;
+use wicket_proto::v1::policy_admin_service_server::PolicyAdminServiceServer;
+use wicket_proto::v1::principal_admin_service_server::PrincipalAdminServiceServer;
+use wicket_proto::v1::session_admin_service_server::SessionAdminServiceServer;
+use wicket_proto::v1::sidecar_admin_service_server::SidecarAdminServiceServer;
+use wicket_proto::v1::trace_service_server::TraceServiceServer;
+
+pub use config::Config;
+
+/// Discovers the OIDC issuer, retrying while it comes up.
+async fn validator(cfg: &Config) -> Result<wicket_identity::Validator, String> {
+    let mut icfg = wicket_identity::Config::new(cfg.oidc_issuer.clone(), cfg.oidc_audience.clone());
+    icfg.groups_claim = cfg.groups_claim.clone();
+    icfg.agent_rules = cfg
+        .agent_rules
+        .iter()
+        .map(|r| r.parse())
+        .collect::<Result<_, _>>()?;
+    let mut attempt = 0;
+    loop {
+        match wicket_identity::Validator::discover(icfg.clone()).await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < 15 => {
+                attempt += 1;
+                tracing::warn!(issuer = %cfg.oidc_issuer, error = %e, attempt, "OIDC discovery failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(format!("OIDC discovery of {} failed: {e}", cfg.oidc_issuer)),
+        }
+    }
+}
+
+/// Runs the service on `listener` until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let store = wicket_store::open(&cfg.database_url)
+        .await
+        .map_err(|e| format!("cannot open database: {e}"))?;
+    let validator = Arc::new(validator(&cfg).await?);
+    let roles = auth::Roles {
+        admin: cfg.admin_group.clone(),
+        approver: cfg.approver_group.clone(),
+        auditor: cfg.auditor_group.clone(),
+    };
+    let authn = auth::Authenticator::new(validator, roles, store.clone());
+    let control = state::Control::new(store, authn).await?;
+    if let Some(path) = &cfg.policy_file {
+        let doc = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read policy file {}: {e}", path.display()))?;
+        let name = path.display().to_string();
+        match control
+            .apply_policy(&doc, &name, "wicket-control --policy-file")
+            .await
+        {
+            Ok(Ok((version, _, changed))) => {
+                tracing::info!(version, changed, file = %name, "policy file loaded")
+            }
+            Ok(Err(errors)) => return Err(format!("policy file refused:\n{errors}")),
+            Err(status) => return Err(format!("cannot store policy: {}", status.message())),
+        }
+    }
+    tokio::spawn(control.clone().upkeep(Duration::from_secs(5)));
+
+    let max = cfg.max_message_bytes;
+    let side = sidecar::SidecarApi {
+        control: control.clone(),
+    };
+    let adm = admin::AdminApi {
+        control: control.clone(),
+    };
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<BundleServiceServer<sidecar::SidecarApi>>()
+        .await;
+    health
+        .set_serving::<AuditServiceServer<sidecar::SidecarApi>>()
+        .await;
+    health
+        .set_serving::<PolicyAdminServiceServer<admin::AdminApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(wicket_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+
+    macro_rules! limited {
+        ($server:ident, $api:expr) => {
+            $server::new($api.clone())
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max.max(16 * 1024 * 1024))
+        };
+    }
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .concurrency_limit_per_connection(256);
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+        let cert =
+            std::fs::read(cert).map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
+        let key = std::fs::read(key).map_err(|e| format!("cannot read {}: {e}", key.display()))?;
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .map_err(|e| format!("TLS: {e}"))?;
+    }
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%addr, database = %cfg.database_url.split('@').next_back().unwrap_or(""), issuer = %cfg.oidc_issuer, "wicket-control serving");
+    builder
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(limited!(BundleServiceServer, side))
+        .add_service(limited!(AuditServiceServer, side))
+        .add_service(limited!(ApprovalGateServiceServer, side))
+        .add_service(limited!(TraceServiceServer, side))
+        .add_service(limited!(ConnectionAdminServiceServer, adm))
+        .add_service(limited!(PolicyAdminServiceServer, adm))
+        .add_service(limited!(ApprovalAdminServiceServer, adm))
+        .add_service(limited!(SessionAdminServiceServer, adm))
+        .add_service(limited!(PrincipalAdminServiceServer, adm))
+        .add_service(limited!(SidecarAdminServiceServer, adm))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| format!("server: {e}"))
+}

@@ -117,7 +117,11 @@ impl Approval {
             self.reason = "nobody decided before the hold timeout".into();
         }
         if self.state.is_final() {
-            return Err(format!("approval {} is already {}", self.id, self.state.as_str()));
+            return Err(format!(
+                "approval {} is already {}",
+                self.id,
+                self.state.as_str()
+            ));
         }
         let p = &self.request.principal;
         if vote.approver_subject == p.subject && vote.approver_issuer == p.issuer {
@@ -135,11 +139,9 @@ impl Approval {
                 review.approver_groups.join(", ")
             ));
         }
-        if self
-            .votes
-            .iter()
-            .any(|v| v.approver_subject == vote.approver_subject && v.approver_issuer == vote.approver_issuer)
-        {
+        if self.votes.iter().any(|v| {
+            v.approver_subject == vote.approver_subject && v.approver_issuer == vote.approver_issuer
+        }) {
             return Err("you already voted on this request".into());
         }
         let approve = vote.approve;
@@ -147,7 +149,11 @@ impl Approval {
         self.votes.push(vote);
         if !approve {
             self.state = ApprovalState::Denied;
-            self.reason = if comment.is_empty() { "denied".into() } else { comment };
+            self.reason = if comment.is_empty() {
+                "denied".into()
+            } else {
+                comment
+            };
         } else if self.quorum_reached(&review) {
             self.state = ApprovalState::Approved;
         }
@@ -234,7 +240,11 @@ mod tests {
             approver_issuer: "iss".into(),
             approver_groups: groups.iter().map(|g| g.to_string()).collect(),
             approve,
-            comment: if approve { String::new() } else { "too risky".into() },
+            comment: if approve {
+                String::new()
+            } else {
+                "too risky".into()
+            },
             at: Utc::now(),
         }
     }
@@ -243,15 +253,40 @@ mod tests {
     fn voting_rules() {
         let now = Utc::now();
         let mut a = approval(false, 2);
-        assert!(a.cast(vote("alice", &["dba"], true), now).unwrap_err().contains("own request"));
-        assert!(a.cast(vote("eve", &["sales"], true), now).unwrap_err().contains("must be in"));
-        assert_eq!(a.cast(vote("bob", &["dba"], true), now), Ok(ApprovalState::Pending));
-        assert!(a.cast(vote("bob", &["dba"], true), now).unwrap_err().contains("already voted"));
-        assert_eq!(a.cast(vote("carol", &["sec"], true), now), Ok(ApprovalState::Approved));
-        assert!(a.cast(vote("dan", &["sec"], false), now).unwrap_err().contains("already approved"));
+        assert!(
+            a.cast(vote("alice", &["dba"], true), now)
+                .unwrap_err()
+                .contains("own request")
+        );
+        assert!(
+            a.cast(vote("eve", &["sales"], true), now)
+                .unwrap_err()
+                .contains("must be in")
+        );
+        assert_eq!(
+            a.cast(vote("bob", &["dba"], true), now),
+            Ok(ApprovalState::Pending)
+        );
+        assert!(
+            a.cast(vote("bob", &["dba"], true), now)
+                .unwrap_err()
+                .contains("already voted")
+        );
+        assert_eq!(
+            a.cast(vote("carol", &["sec"], true), now),
+            Ok(ApprovalState::Approved)
+        );
+        assert!(
+            a.cast(vote("dan", &["sec"], false), now)
+                .unwrap_err()
+                .contains("already approved")
+        );
 
         let mut a = approval(false, 2);
-        assert_eq!(a.cast(vote("bob", &["dba"], false), now), Ok(ApprovalState::Denied));
+        assert_eq!(
+            a.cast(vote("bob", &["dba"], false), now),
+            Ok(ApprovalState::Denied)
+        );
         assert_eq!(a.reason, "too risky");
     }
 
@@ -260,15 +295,25 @@ mod tests {
         let now = Utc::now();
         let mut a = approval(true, 2);
         // One person in both groups does not count twice.
-        assert_eq!(a.cast(vote("bob", &["dba", "sec"], true), now), Ok(ApprovalState::Pending));
-        assert_eq!(a.cast(vote("carol", &["dba"], true), now), Ok(ApprovalState::Approved));
+        assert_eq!(
+            a.cast(vote("bob", &["dba", "sec"], true), now),
+            Ok(ApprovalState::Pending)
+        );
+        assert_eq!(
+            a.cast(vote("carol", &["dba"], true), now),
+            Ok(ApprovalState::Approved)
+        );
     }
 
     #[test]
     fn expiry() {
         let mut a = approval(false, 1);
         let later = a.expires_at + chrono::Duration::seconds(1);
-        assert!(a.cast(vote("bob", &["dba"], true), later).unwrap_err().contains("expired"));
+        assert!(
+            a.cast(vote("bob", &["dba"], true), later)
+                .unwrap_err()
+                .contains("expired")
+        );
         assert_eq!(a.state, ApprovalState::Expired);
         assert!(!a.expire_if_due(later));
     }

@@ -94,7 +94,9 @@ impl FromStr for PrincipalKind {
         match s {
             "human" => Ok(PrincipalKind::Human),
             "agent" => Ok(PrincipalKind::Agent),
-            other => Err(format!("unknown principal kind `{other}` (expected human or agent)")),
+            other => Err(format!(
+                "unknown principal kind `{other}` (expected human or agent)"
+            )),
         }
     }
 }
@@ -223,13 +225,17 @@ pub struct ReasoningTrace {
 impl ReasoningTrace {
     /// Whether the trace says anything at all.
     pub fn is_present(&self) -> bool {
-        !self.reasoning.trim().is_empty() || !self.prompt.trim().is_empty() || !self.steps.is_empty()
+        !self.reasoning.trim().is_empty()
+            || !self.prompt.trim().is_empty()
+            || !self.steps.is_empty()
     }
 
     /// Whether `id` is a valid, non-zero W3C trace id.
     pub fn valid_trace_id(id: &str) -> bool {
         id.len() == 32
-            && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             && id.bytes().any(|b| b != b'0')
     }
 }
@@ -343,9 +349,15 @@ mod tests {
 
     #[test]
     fn trace_ids_follow_w3c() {
-        assert!(ReasoningTrace::valid_trace_id("4bf92f3577b34da6a3ce929d0e0e4736"));
-        assert!(!ReasoningTrace::valid_trace_id("00000000000000000000000000000000"));
-        assert!(!ReasoningTrace::valid_trace_id("4BF92F3577B34DA6A3CE929D0E0E4736"));
+        assert!(ReasoningTrace::valid_trace_id(
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        ));
+        assert!(!ReasoningTrace::valid_trace_id(
+            "00000000000000000000000000000000"
+        ));
+        assert!(!ReasoningTrace::valid_trace_id(
+            "4BF92F3577B34DA6A3CE929D0E0E4736"
+        ));
         assert!(!ReasoningTrace::valid_trace_id("4bf92f"));
     }
 }

@@ -357,7 +357,13 @@ impl Validator {
     }
 
     fn identity(&self, claims: Value) -> Result<Identity, AuthError> {
-        let s = |name: &str| claims.get(name).and_then(Value::as_str).unwrap_or("").to_string();
+        let s = |name: &str| {
+            claims
+                .get(name)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
         let subject = s("sub");
         if subject.is_empty() {
             return Err(AuthError::Claim("sub".into()));
@@ -440,14 +446,19 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(
         .await
         .map_err(|e| AuthError::Unavailable(format!("GET {url}: {e}")))?;
     if !resp.status().is_success() {
-        return Err(AuthError::Unavailable(format!("GET {url}: HTTP {}", resp.status())));
+        return Err(AuthError::Unavailable(format!(
+            "GET {url}: HTTP {}",
+            resp.status()
+        )));
     }
     let bytes = resp
         .bytes()
         .await
         .map_err(|e| AuthError::Unavailable(format!("GET {url}: {e}")))?;
     if bytes.len() > 1024 * 1024 {
-        return Err(AuthError::Unavailable(format!("GET {url}: response too large")));
+        return Err(AuthError::Unavailable(format!(
+            "GET {url}: response too large"
+        )));
     }
     serde_json::from_slice(&bytes)
         .map_err(|e| AuthError::Unavailable(format!("GET {url}: invalid JSON: {e}")))
@@ -468,7 +479,10 @@ async fn fetch_keys(http: &reqwest::Client, url: &str) -> Result<Keys, AuthError
             continue;
         }
         // Symmetric keys never verify access tokens here.
-        if matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)) {
+        if matches!(
+            jwk.algorithm,
+            jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
+        ) {
             continue;
         }
         let Ok(key) = DecodingKey::from_jwk(jwk) else {

@@ -29,7 +29,10 @@ async fn good_tokens_become_principals() {
     assert_eq!(id.principal.display_name, "alice@example.test");
     assert!(id.expires_at > chrono::Utc::now());
 
-    let agent = v.validate(&idp.mint(&TokenSpec::agent("bot-1", &[]))).await.unwrap();
+    let agent = v
+        .validate(&idp.mint(&TokenSpec::agent("bot-1", &[])))
+        .await
+        .unwrap();
     assert_eq!(agent.principal.kind, PrincipalKind::Agent);
     // client-credentials shape alone (sub == client_id) also marks an agent
     let mut spec = TokenSpec::agent("bot-2", &[]);
@@ -71,7 +74,10 @@ async fn bad_tokens_are_refused_with_the_right_reason() {
     // A token from another issuer with the same kid is refused.
     let other = TestIdp::start("wicket").await;
     let err = v.validate(&other.mint(&ok)).await.unwrap_err();
-    assert!(matches!(err, AuthError::Signature | AuthError::Issuer), "{err:?}");
+    assert!(
+        matches!(err, AuthError::Signature | AuthError::Issuer),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -112,7 +118,11 @@ async fn key_rotation_is_picked_up_and_refetches_are_rate_limited() {
         }
     }
     assert_eq!(unknown, 50);
-    assert_eq!(idp.jwks_fetches(), before + 2, "refetches must be rate-limited");
+    assert_eq!(
+        idp.jwks_fetches(),
+        before + 2,
+        "refetches must be rate-limited"
+    );
 }
 
 #[tokio::test]

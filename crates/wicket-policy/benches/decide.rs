@@ -17,11 +17,20 @@ fn policy_200() -> Policy {
     let mut s = String::from("version: 1\nconnections:\n");
     for c in 0..20 {
         let env = if c % 2 == 0 { "prod" } else { "dev" };
-        writeln!(s, "  - name: db-{c}\n    protocol: postgres\n    labels: {{env: {env}, team: t{}}}", c % 5).unwrap();
+        writeln!(
+            s,
+            "  - name: db-{c}\n    protocol: postgres\n    labels: {{env: {env}, team: t{}}}",
+            c % 5
+        )
+        .unwrap();
     }
     s.push_str("grants:\n");
     for g in 0..20 {
-        writeln!(s, "  - id: g{g}\n    groups: [team-{g}]\n    connections: [db-{g}]").unwrap();
+        writeln!(
+            s,
+            "  - id: g{g}\n    groups: [team-{g}]\n    connections: [db-{g}]"
+        )
+        .unwrap();
     }
     s.push_str("rules:\n");
     let kinds = ["select", "insert", "update", "delete", "ddl"];
@@ -79,7 +88,9 @@ fn main() {
     let mut c = Criterion::default()
         .configure_from_args()
         .measurement_time(Duration::from_secs(3));
-    c.bench_function("decide/200-rules", |b| b.iter(|| black_box(policy.decide(black_box(&req)))));
+    c.bench_function("decide/200-rules", |b| {
+        b.iter(|| black_box(policy.decide(black_box(&req))))
+    });
 
     let n = 200_000;
     let mut samples = Vec::with_capacity(n);
@@ -96,7 +107,11 @@ fn main() {
         q(0.5),
         p99,
         q(0.999),
-        if p99 <= Duration::from_micros(20) { "met" } else { "MISSED" }
+        if p99 <= Duration::from_micros(20) {
+            "met"
+        } else {
+            "MISSED"
+        }
     );
     c.final_summary();
 }

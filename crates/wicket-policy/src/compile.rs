@@ -102,7 +102,10 @@ impl Checker<'_> {
 
     fn review(&mut self, field: String, doc: &ReviewDoc) -> ReviewSpec {
         if doc.approvers.is_empty() {
-            self.err(format!("{field}.approvers"), "at least one approver group is required");
+            self.err(
+                format!("{field}.approvers"),
+                "at least one approver group is required",
+            );
         }
         if doc.quorum == 0 {
             self.err(format!("{field}.quorum"), "quorum must be at least 1");
@@ -114,7 +117,10 @@ impl Checker<'_> {
             );
         }
         if doc.timeout.0 == 0 || doc.timeout.0 > 7 * 86_400 {
-            self.err(format!("{field}.timeout"), "timeout must be between 1s and 7d");
+            self.err(
+                format!("{field}.timeout"),
+                "timeout must be between 1s and 7d",
+            );
         }
         ReviewSpec {
             approver_groups: doc.approvers.clone(),
@@ -130,7 +136,10 @@ impl Checker<'_> {
 
     fn condition(&mut self, field: String, src: &str, env: &cel::Env) -> Option<cel::Program> {
         if src.trim().is_empty() {
-            self.err(field, "condition is empty; remove it or write a CEL expression");
+            self.err(
+                field,
+                "condition is empty; remove it or write a CEL expression",
+            );
             return None;
         }
         match env.compile(src) {
@@ -223,13 +232,21 @@ impl Policy {
         };
         let env = Arc::new(cel::Env::stdlib());
         if doc.version != 1 {
-            ck.err("version", format!("unsupported version {} (expected 1)", doc.version));
+            ck.err(
+                "version",
+                format!("unsupported version {} (expected 1)", doc.version),
+            );
         }
         let mut names = HashSet::new();
         let mut detectors: HashSet<&str> = BUILTIN_DETECTORS.iter().copied().collect();
         let mut seen = HashSet::new();
         for (i, d) in doc.detectors.iter().enumerate() {
-            ck.check_id(format!("detectors[{i}].name"), &d.name, &mut seen, "detector name");
+            ck.check_id(
+                format!("detectors[{i}].name"),
+                &d.name,
+                &mut seen,
+                "detector name",
+            );
             if BUILTIN_DETECTORS.contains(&d.name.as_str()) {
                 ck.err(
                     format!("detectors[{i}].name"),
@@ -237,12 +254,20 @@ impl Policy {
                 );
             }
             if let Err(e) = regex::Regex::new(&d.regex) {
-                ck.err(format!("detectors[{i}].regex"), format!("invalid regex: {e}"));
+                ck.err(
+                    format!("detectors[{i}].regex"),
+                    format!("invalid regex: {e}"),
+                );
             }
             detectors.insert(&d.name);
         }
         for (i, c) in doc.connections.iter().enumerate() {
-            ck.check_id(format!("connections[{i}].name"), &c.name, &mut names, "connection name");
+            ck.check_id(
+                format!("connections[{i}].name"),
+                &c.name,
+                &mut names,
+                "connection name",
+            );
             for (j, col) in c.masking.columns.iter().enumerate() {
                 let parts = col.column.split('.').count();
                 if parts != 3 || col.column.split('.').any(str::is_empty) {
@@ -289,7 +314,10 @@ impl Policy {
             .as_ref()
             .map(|r| ck.review("defaults.review".into(), r));
         if doc.defaults.effect == Effect::Review && default_review.is_none() {
-            ck.err("defaults.effect", "a default of review needs `defaults.review.approvers`");
+            ck.err(
+                "defaults.effect",
+                "a default of review needs `defaults.review.approvers`",
+            );
         }
         let mut seen = HashSet::new();
         let mut rules = Vec::with_capacity(doc.rules.len());
@@ -323,7 +351,10 @@ impl Policy {
                     default_review.clone()
                 }
                 (_, Some(_)) => {
-                    ck.err(format!("rules[{i}].review"), "`review` is only allowed with effect: review");
+                    ck.err(
+                        format!("rules[{i}].review"),
+                        "`review` is only allowed with effect: review",
+                    );
                     None
                 }
                 (_, None) => None,
@@ -375,7 +406,9 @@ impl Policy {
 
     /// The connection named `name`.
     pub fn connection(&self, name: &str) -> Option<&ConnectionSpec> {
-        self.connections.get(name).map(|&i| &self.doc.connections[i])
+        self.connections
+            .get(name)
+            .map(|&i| &self.doc.connections[i])
     }
 
     /// The part of the document one connection's sidecar needs: that

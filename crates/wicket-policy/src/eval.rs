@@ -264,12 +264,16 @@ impl Policy {
                     self.doc.defaults.effect
                 ),
                 review: if self.doc.defaults.effect == Effect::Review {
-                    self.doc.defaults.review.as_ref().map(|r| wicket_core::ReviewSpec {
-                        approver_groups: r.approvers.clone(),
-                        quorum: r.quorum,
-                        one_per_group: r.one_per_group,
-                        timeout_seconds: r.timeout.0,
-                    })
+                    self.doc
+                        .defaults
+                        .review
+                        .as_ref()
+                        .map(|r| wicket_core::ReviewSpec {
+                            approver_groups: r.approvers.clone(),
+                            quorum: r.quorum,
+                            one_per_group: r.one_per_group,
+                            timeout_seconds: r.timeout.0,
+                        })
                 } else {
                     None
                 },

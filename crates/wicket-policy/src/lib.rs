@@ -27,10 +27,4 @@ pub use model::*;
 pub use yaml::Pos;
 
 /// Variables a CEL condition may use.
-pub const CEL_VARIABLES: &[&str] = &[
-    "principal",
-    "connection",
-    "command",
-    "has_reasoning",
-    "now",
-];
+pub const CEL_VARIABLES: &[&str] = &["principal", "connection", "command", "has_reasoning", "now"];

@@ -346,7 +346,13 @@ mod tests {
 
     #[test]
     fn durations_parse() {
-        for (s, n) in [("90s", 90), ("10m", 600), ("1h", 3600), ("2d", 172_800), ("45", 45)] {
+        for (s, n) in [
+            ("90s", 90),
+            ("10m", 600),
+            ("1h", 3600),
+            ("2d", 172_800),
+            ("45", 45),
+        ] {
             assert_eq!(Seconds::parse(s), Ok(Seconds(n)), "{s}");
         }
         for bad in ["", "m", "-1s", "1w", "99999999999h"] {

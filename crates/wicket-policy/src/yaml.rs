@@ -181,7 +181,9 @@ impl MarkedEventReceiver for Builder {
                     self.fail(&mark, "only one YAML document is allowed per file");
                 }
             }
-            Event::Alias(_) => self.fail(&mark, "YAML aliases are not supported in policy documents"),
+            Event::Alias(_) => {
+                self.fail(&mark, "YAML aliases are not supported in policy documents")
+            }
             Event::Scalar(v, style, anchor, tag) => {
                 if anchor != 0 {
                     self.fail(&mark, "YAML anchors are not supported in policy documents");
@@ -205,7 +207,10 @@ impl MarkedEventReceiver for Builder {
                     return;
                 }
                 let path = self.next_path();
-                self.spans.map.entry(path.clone()).or_insert(Pos::from_marker(&mark));
+                self.spans
+                    .map
+                    .entry(path.clone())
+                    .or_insert(Pos::from_marker(&mark));
                 if matches!(ev, Event::SequenceStart(..)) {
                     self.stack.push(Frame::Seq(Vec::new(), path));
                 } else {
@@ -268,8 +273,18 @@ mod tests {
 
     #[test]
     fn duplicate_keys_anchors_and_syntax_errors_are_refused() {
-        assert!(load("a: 1\na: 2\n").unwrap_err().message.contains("duplicate key"));
-        assert!(load("a: &x 1\nb: *x\n").unwrap_err().message.contains("anchors"));
+        assert!(
+            load("a: 1\na: 2\n")
+                .unwrap_err()
+                .message
+                .contains("duplicate key")
+        );
+        assert!(
+            load("a: &x 1\nb: *x\n")
+                .unwrap_err()
+                .message
+                .contains("anchors")
+        );
         let e = load("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(e.pos.line >= 1, "{e:?}");
     }

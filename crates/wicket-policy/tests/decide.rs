@@ -126,31 +126,182 @@ fn decisions() {
     // (principal, connection, command, has_reasoning, time, effect, rule)
     let cases: Vec<(&Principal, &str, Command, bool, DateTime<Utc>, Effect, &str)> = vec![
         // grants
-        (&eng, "orders-db", cmd("select", "SELECT", 0), false, at(12), Effect::Deny, "no-grant"),
-        (&alice, "nowhere", cmd("select", "SELECT", 0), false, at(12), Effect::Deny, "unknown-connection"),
-        (&alice, "orders-db", cmd("select", "SELECT", 0), false, at(12), Effect::Allow, "reads"),
-        (&eng, "scratch-db", cmd("ddl", "CREATE", 0), false, at(12), Effect::Allow, "ddl-dev"),
+        (
+            &eng,
+            "orders-db",
+            cmd("select", "SELECT", 0),
+            false,
+            at(12),
+            Effect::Deny,
+            "no-grant",
+        ),
+        (
+            &alice,
+            "nowhere",
+            cmd("select", "SELECT", 0),
+            false,
+            at(12),
+            Effect::Deny,
+            "unknown-connection",
+        ),
+        (
+            &alice,
+            "orders-db",
+            cmd("select", "SELECT", 0),
+            false,
+            at(12),
+            Effect::Allow,
+            "reads",
+        ),
+        (
+            &eng,
+            "scratch-db",
+            cmd("ddl", "CREATE", 0),
+            false,
+            at(12),
+            Effect::Allow,
+            "ddl-dev",
+        ),
         // expiry: temp-carol valid until June, "expired" never counts
-        (&carol, "orders-db", cmd("select", "SELECT", 0), false, at(12), Effect::Allow, "reads"),
-        (&carol, "scratch-db", cmd("select", "SELECT", 0), false, at(12), Effect::Deny, "no-grant"),
-        (&carol, "orders-db", cmd("select", "SELECT", 0), false,
-            Utc.with_ymd_and_hms(2026, 7, 1, 12, 0, 0).unwrap(), Effect::Deny, "no-grant"),
+        (
+            &carol,
+            "orders-db",
+            cmd("select", "SELECT", 0),
+            false,
+            at(12),
+            Effect::Allow,
+            "reads",
+        ),
+        (
+            &carol,
+            "scratch-db",
+            cmd("select", "SELECT", 0),
+            false,
+            at(12),
+            Effect::Deny,
+            "no-grant",
+        ),
+        (
+            &carol,
+            "orders-db",
+            cmd("select", "SELECT", 0),
+            false,
+            Utc.with_ymd_and_hms(2026, 7, 1, 12, 0, 0).unwrap(),
+            Effect::Deny,
+            "no-grant",
+        ),
         // precedence: most restrictive wins, first such rule named
-        (&alice, "orders-db", cmd("ddl", "DROP", 0), false, at(12), Effect::Deny, "no-ddl-in-prod"),
-        (&alice, "orders-db", cmd("insert", "INSERT", 0), false, at(12), Effect::Review, "writes-need-review"),
-        (&alice, "orders-db", cmd("update", "UPDATE", 0), false, at(3), Effect::Deny, "night-writes"),
-        (&alice, "orders-db", cmd("update", "UPDATE", 0), false, at(12), Effect::Review, "writes-need-review"),
+        (
+            &alice,
+            "orders-db",
+            cmd("ddl", "DROP", 0),
+            false,
+            at(12),
+            Effect::Deny,
+            "no-ddl-in-prod",
+        ),
+        (
+            &alice,
+            "orders-db",
+            cmd("insert", "INSERT", 0),
+            false,
+            at(12),
+            Effect::Review,
+            "writes-need-review",
+        ),
+        (
+            &alice,
+            "orders-db",
+            cmd("update", "UPDATE", 0),
+            false,
+            at(3),
+            Effect::Deny,
+            "night-writes",
+        ),
+        (
+            &alice,
+            "orders-db",
+            cmd("update", "UPDATE", 0),
+            false,
+            at(12),
+            Effect::Review,
+            "writes-need-review",
+        ),
         // defaults
-        (&alice, "orders-db", cmd("copy", "COPY", 0), false, at(12), Effect::Deny, "default"),
-        (&alice, "web", cmd("request", "GET", 0), false, at(12), Effect::Allow, "http-gets"),
-        (&alice, "web", cmd("request", "DELETE", 0), false, at(12), Effect::Deny, "default"),
+        (
+            &alice,
+            "orders-db",
+            cmd("copy", "COPY", 0),
+            false,
+            at(12),
+            Effect::Deny,
+            "default",
+        ),
+        (
+            &alice,
+            "web",
+            cmd("request", "GET", 0),
+            false,
+            at(12),
+            Effect::Allow,
+            "http-gets",
+        ),
+        (
+            &alice,
+            "web",
+            cmd("request", "DELETE", 0),
+            false,
+            at(12),
+            Effect::Deny,
+            "default",
+        ),
         // agents and reasoning
-        (&bot, "orders-db", cmd("select", "SELECT", 10), false, at(12), Effect::Deny, "require-reasoning"),
-        (&bot, "orders-db", cmd("select", "SELECT", 10), true, at(12), Effect::Allow, "reads"),
-        (&bot, "orders-db", cmd("select", "SELECT", 90), true, at(12), Effect::Deny, "risky-agents"),
+        (
+            &bot,
+            "orders-db",
+            cmd("select", "SELECT", 10),
+            false,
+            at(12),
+            Effect::Deny,
+            "require-reasoning",
+        ),
+        (
+            &bot,
+            "orders-db",
+            cmd("select", "SELECT", 10),
+            true,
+            at(12),
+            Effect::Allow,
+            "reads",
+        ),
+        (
+            &bot,
+            "orders-db",
+            cmd("select", "SELECT", 90),
+            true,
+            at(12),
+            Effect::Deny,
+            "risky-agents",
+        ),
         // CEL errors count as deny
-        (&alice, "orders-db", cmd("call", "BROKEN", 0), false, at(12), Effect::Deny, "broken-condition"),
-        (&alice, "orders-db", cmd("call", "NONBOOL", 0), false, at(12), Effect::Deny, "non-bool-condition"),
+        (
+            &alice,
+            "orders-db",
+            cmd("call", "BROKEN", 0),
+            false,
+            at(12),
+            Effect::Deny,
+            "broken-condition",
+        ),
+        (
+            &alice,
+            "orders-db",
+            cmd("call", "NONBOOL", 0),
+            false,
+            at(12),
+            Effect::Deny,
+            "non-bool-condition",
+        ),
     ];
     for (i, (who, conn, command, reasoning, now, effect, rule)) in cases.into_iter().enumerate() {
         let req = Request {
@@ -205,8 +356,15 @@ fn explain_lists_every_matching_rule() {
         has_reasoning: true,
         now: at(12),
     });
-    let names: Vec<_> = e.matched.iter().map(|m| (m.rule.as_str(), m.effect)).collect();
-    assert_eq!(names, [("reads", Effect::Allow), ("risky-agents", Effect::Deny)]);
+    let names: Vec<_> = e
+        .matched
+        .iter()
+        .map(|m| (m.rule.as_str(), m.effect))
+        .collect();
+    assert_eq!(
+        names,
+        [("reads", Effect::Allow), ("risky-agents", Effect::Deny)]
+    );
     assert_eq!(e.grant.as_deref(), Some("bot-orders"));
     assert_eq!(e.decision.rule, "risky-agents");
 }
@@ -218,7 +376,10 @@ fn sessions_need_a_live_grant_and_report_its_expiry() {
     match p.authorize_session(&carol, "orders-db", at(12)) {
         SessionDecision::Allowed { grant, expires } => {
             assert_eq!(grant, "temp-carol");
-            assert_eq!(expires, Some(Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap()));
+            assert_eq!(
+                expires,
+                Some(Utc.with_ymd_and_hms(2026, 6, 1, 0, 0, 0).unwrap())
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -235,7 +396,11 @@ fn bundles_keep_decisions_identical() {
     let p = policy();
     let doc = p.bundle_for("orders-db").unwrap();
     assert_eq!(doc.connections.len(), 1);
-    assert!(doc.rules.iter().all(|r| r.id != "ddl-dev" && r.id != "http-gets"));
+    assert!(
+        doc.rules
+            .iter()
+            .all(|r| r.id != "ddl-dev" && r.id != "http-gets")
+    );
     let json = serde_json::to_vec(&doc).unwrap();
     let back: wicket_policy::PolicyDocument = serde_json::from_slice(&json).unwrap();
     let b = Policy::compile(back).unwrap();

@@ -2,7 +2,13 @@
 //!
 //! **Architecture Invariant:** this is the only crate that knows protobuf.
 //! Other crates convert to and from `wicket-core` domain types at their edges.
-#![allow(missing_docs, clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+#![allow(
+    missing_docs,
+    clippy::large_enum_variant,
+    clippy::doc_lazy_continuation
+)]
+
+pub mod convert;
 
 /// `wicket.v1` package.
 pub mod v1 {

@@ -43,8 +43,12 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 pub trait Store: Send + Sync + 'static {
     /// Stores a new policy version unless `sha256` equals the current one.
     /// Returns the current version and whether it changed.
-    async fn put_policy(&self, document: &str, sha256: &str, applied_by: &str)
-    -> Result<(PolicyVersion, bool)>;
+    async fn put_policy(
+        &self,
+        document: &str,
+        sha256: &str,
+        applied_by: &str,
+    ) -> Result<(PolicyVersion, bool)>;
     /// A policy version, or the current one for `None`.
     async fn get_policy(&self, version: Option<u64>) -> Result<Option<PolicyVersion>>;
 
@@ -56,8 +60,12 @@ pub trait Store: Send + Sync + 'static {
     /// One session.
     async fn get_session(&self, id: &str) -> Result<Option<SessionRecord>>;
     /// Events of a session with `seq > after_seq`, in order.
-    async fn list_events(&self, session_id: &str, after_seq: u64, limit: u32)
-    -> Result<Vec<AuditEvent>>;
+    async fn list_events(
+        &self,
+        session_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>>;
     /// Marks a live session as terminating; returns it (None if unknown).
     async fn terminate_session(&self, id: &str, reason: &str) -> Result<Option<SessionRecord>>;
     /// Ids of sessions marked terminating and not yet ended.
@@ -68,8 +76,11 @@ pub trait Store: Send + Sync + 'static {
     /// One approval.
     async fn get_approval(&self, id: &str) -> Result<Option<Approval>>;
     /// Approvals, newest first, optionally in one state.
-    async fn list_approvals(&self, state: Option<ApprovalState>, limit: u32)
-    -> Result<Vec<Approval>>;
+    async fn list_approvals(
+        &self,
+        state: Option<ApprovalState>,
+        limit: u32,
+    ) -> Result<Vec<Approval>>;
     /// Saves an approval if nobody changed it since `approval.rev` was read;
     /// bumps `rev`. [`StoreError::Conflict`] otherwise.
     async fn update_approval(&self, approval: &mut Approval) -> Result<()>;
@@ -77,7 +88,8 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes (or re-revokes) a principal.
     async fn revoke(&self, revocation: &Revocation) -> Result<()>;
     /// Revocations in force at `now`.
-    async fn list_revocations(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Vec<Revocation>>;
+    async fn list_revocations(&self, now: chrono::DateTime<chrono::Utc>)
+    -> Result<Vec<Revocation>>;
 
     /// Stores a sidecar credential.
     async fn create_sidecar(&self, sidecar: &SidecarRecord) -> Result<()>;

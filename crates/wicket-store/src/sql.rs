@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::Row;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use wicket_core::{Approval, ApprovalState, AuditEvent, AuditKind, ReasoningTrace};
 
 use crate::migrate;
@@ -82,7 +84,10 @@ macro_rules! sidecar_from_row {
         SidecarRecord {
             id: r.try_get("id")?,
             name: r.try_get("name")?,
-            connections: parse(&r.try_get::<String, _>("connections")?, "sidecar connections")?,
+            connections: parse(
+                &r.try_get::<String, _>("connections")?,
+                "sidecar connections",
+            )?,
             secret_hash: r.try_get("secret_hash")?,
             created_at: time(r.try_get("created_at")?),
             revoked: r.try_get::<i64, _>("revoked")? != 0,
@@ -101,7 +106,11 @@ impl SqlStore {
             let memory = url.contains(":memory:");
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
-                .journal_mode(if memory { SqliteJournalMode::Memory } else { SqliteJournalMode::Wal })
+                .journal_mode(if memory {
+                    SqliteJournalMode::Memory
+                } else {
+                    SqliteJournalMode::Wal
+                })
                 // An acknowledged audit event must survive a power cut.
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
@@ -109,8 +118,16 @@ impl SqlStore {
             let pool = SqlitePoolOptions::new()
                 .max_connections(if memory { 1 } else { 4 })
                 .min_connections(if memory { 1 } else { 0 })
-                .idle_timeout(if memory { None } else { Some(Duration::from_secs(600)) })
-                .max_lifetime(if memory { None } else { Some(Duration::from_secs(3600)) })
+                .idle_timeout(if memory {
+                    None
+                } else {
+                    Some(Duration::from_secs(600))
+                })
+                .max_lifetime(if memory {
+                    None
+                } else {
+                    Some(Duration::from_secs(3600))
+                })
                 .connect_with(opts)
                 .await?;
             Pool::Sqlite(pool)
@@ -141,7 +158,10 @@ impl SqlStore {
         let (list, lock) = match self.pool {
             Pool::Sqlite(_) => (migrate::SQLITE, None),
             // Replicas starting together serialize on an advisory lock.
-            Pool::Postgres(_) => (migrate::POSTGRES, Some("SELECT pg_advisory_xact_lock(7215830019)")),
+            Pool::Postgres(_) => (
+                migrate::POSTGRES,
+                Some("SELECT pg_advisory_xact_lock(7215830019)"),
+            ),
         };
         with_pool!(self, |p| {
             let mut tx = p.begin().await?;
@@ -312,10 +332,12 @@ impl Store for SqlStore {
                         .await?;
                     }
                     AuditKind::Command => {
-                        sqlx::query("UPDATE sessions SET command_count = command_count + 1 WHERE id = $1")
-                            .bind(&e.session_id)
-                            .execute(&mut *tx)
-                            .await?;
+                        sqlx::query(
+                            "UPDATE sessions SET command_count = command_count + 1 WHERE id = $1",
+                        )
+                        .bind(&e.session_id)
+                        .execute(&mut *tx)
+                        .await?;
                     }
                     AuditKind::SessionEnd => {
                         sqlx::query(
@@ -404,9 +426,10 @@ impl Store for SqlStore {
 
     async fn terminating_sessions(&self) -> Result<Vec<String>> {
         with_pool!(self, |p| {
-            let rows = sqlx::query("SELECT id FROM sessions WHERE state = 'terminating' ORDER BY id")
-                .fetch_all(p)
-                .await?;
+            let rows =
+                sqlx::query("SELECT id FROM sessions WHERE state = 'terminating' ORDER BY id")
+                    .fetch_all(p)
+                    .await?;
             rows.iter()
                 .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
                 .collect()
@@ -447,7 +470,11 @@ impl Store for SqlStore {
         })
     }
 
-    async fn list_approvals(&self, state: Option<ApprovalState>, limit: u32) -> Result<Vec<Approval>> {
+    async fn list_approvals(
+        &self,
+        state: Option<ApprovalState>,
+        limit: u32,
+    ) -> Result<Vec<Approval>> {
         let state = state.map(|s| s.as_str()).unwrap_or("");
         with_pool!(self, |p| {
             let rows = sqlx::query(
@@ -468,15 +495,17 @@ impl Store for SqlStore {
         a.rev += 1;
         let body = json(a);
         let changed = with_pool!(self, |p| {
-            sqlx::query("UPDATE approvals SET rev = $3, state = $4, body = $5 WHERE id = $1 AND rev = $2")
-                .bind(&a.id)
-                .bind(old)
-                .bind(a.rev)
-                .bind(a.state.as_str())
-                .bind(&body)
-                .execute(p)
-                .await?
-                .rows_affected()
+            sqlx::query(
+                "UPDATE approvals SET rev = $3, state = $4, body = $5 WHERE id = $1 AND rev = $2",
+            )
+            .bind(&a.id)
+            .bind(old)
+            .bind(a.rev)
+            .bind(a.state.as_str())
+            .bind(&body)
+            .execute(p)
+            .await?
+            .rows_affected()
         });
         if changed == 1 {
             Ok(())

@@ -20,7 +20,10 @@ async fn postgres() -> (Arc<dyn Store>, ()) {
     );
     let name = format!("store_{}", uuid::Uuid::new_v4().simple());
     let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
     (open(&url).await.unwrap(), ())
 }
@@ -65,7 +68,10 @@ async fn policies(s: Arc<dyn Store>) {
     let (v2, _) = s.put_policy("a: 2", "sha-b", "bob").await.unwrap();
     assert_eq!(v2.version, 2);
     assert_eq!(s.get_policy(None).await.unwrap().unwrap().document, "a: 2");
-    assert_eq!(s.get_policy(Some(1)).await.unwrap().unwrap().document, "a: 1");
+    assert_eq!(
+        s.get_policy(Some(1)).await.unwrap().unwrap().document,
+        "a: 1"
+    );
     assert!(s.get_policy(Some(9)).await.unwrap().is_none());
 }
 
@@ -89,7 +95,11 @@ async fn events_are_idempotent_and_drive_sessions(s: Arc<dyn Store>) {
     assert_eq!(s.list_events("s1", 2, 0).await.unwrap().len(), 1);
 
     // Terminate, then the sidecar reports the end.
-    let t = s.terminate_session("s1", "admin said so").await.unwrap().unwrap();
+    let t = s
+        .terminate_session("s1", "admin said so")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(t.state, "terminating");
     assert_eq!(s.terminating_sessions().await.unwrap(), ["s1"]);
     let mut end = event("e4", "s1", 4, AuditKind::SessionEnd);
@@ -102,15 +112,25 @@ async fn events_are_idempotent_and_drive_sessions(s: Arc<dyn Store>) {
     assert!(s.terminating_sessions().await.unwrap().is_empty());
 
     // Events arriving before their session start still make a session.
-    s.append_events(&[event("e9", "s2", 2, AuditKind::Command)]).await.unwrap();
-    s.append_events(&[event("e8", "s2", 1, AuditKind::SessionStart)]).await.unwrap();
+    s.append_events(&[event("e9", "s2", 2, AuditKind::Command)])
+        .await
+        .unwrap();
+    s.append_events(&[event("e8", "s2", 1, AuditKind::SessionStart)])
+        .await
+        .unwrap();
     let s2 = s.get_session("s2").await.unwrap().unwrap();
     assert_eq!(s2.command_count, 1);
     let f = SessionFilter {
         active_only: true,
         ..Default::default()
     };
-    let active: Vec<_> = s.list_sessions(&f).await.unwrap().into_iter().map(|x| x.id).collect();
+    let active: Vec<_> = s
+        .list_sessions(&f)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|x| x.id)
+        .collect();
     assert_eq!(active, ["s2"]);
     let f = SessionFilter {
         principal: Some("bot".into()),
@@ -161,13 +181,22 @@ async fn approvals_are_idempotent_and_optimistic(s: Arc<dyn Store>) {
     s.update_approval(&mut first).await.unwrap();
     assert_eq!(first.rev, 1);
     second.state = ApprovalState::Denied;
-    assert!(matches!(s.update_approval(&mut second).await, Err(StoreError::Conflict)));
+    assert!(matches!(
+        s.update_approval(&mut second).await,
+        Err(StoreError::Conflict)
+    ));
     assert_eq!(second.rev, 0);
     let got = s.get_approval("a1").await.unwrap().unwrap();
     assert_eq!(got.state, ApprovalState::Approved);
     s.create_approval(&approval("a3", "req-3")).await.unwrap();
-    let pending = s.list_approvals(Some(ApprovalState::Pending), 0).await.unwrap();
-    assert_eq!(pending.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["a3"]);
+    let pending = s
+        .list_approvals(Some(ApprovalState::Pending), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        pending.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+        ["a3"]
+    );
     assert_eq!(s.list_approvals(None, 0).await.unwrap().len(), 2);
     assert!(s.get_approval("nope").await.unwrap().is_none());
 }
@@ -191,9 +220,13 @@ async fn revocations_sidecars_traces(s: Arc<dyn Store>) {
     .unwrap();
     assert_eq!(s.list_revocations(now).await.unwrap().len(), 2);
     assert_eq!(
-        s.list_revocations(now + Duration::seconds(5)).await.unwrap(),
+        s.list_revocations(now + Duration::seconds(5))
+            .await
+            .unwrap(),
         [r.clone()].map(|mut r| {
-            r.revoked_at = chrono::TimeZone::timestamp_millis_opt(&Utc, r.revoked_at.timestamp_millis()).unwrap();
+            r.revoked_at =
+                chrono::TimeZone::timestamp_millis_opt(&Utc, r.revoked_at.timestamp_millis())
+                    .unwrap();
             r
         })
     );
@@ -207,7 +240,10 @@ async fn revocations_sidecars_traces(s: Arc<dyn Store>) {
         revoked: false,
     };
     s.create_sidecar(&sc).await.unwrap();
-    assert_eq!(s.get_sidecar("sc1").await.unwrap().unwrap().connections, ["db"]);
+    assert_eq!(
+        s.get_sidecar("sc1").await.unwrap().unwrap().connections,
+        ["db"]
+    );
     assert!(s.revoke_sidecar("sc1").await.unwrap().unwrap().revoked);
     assert_eq!(s.list_sidecars().await.unwrap().len(), 1);
 
@@ -258,5 +294,8 @@ async fn sqlite_file_survives_reopen_and_uses_wal() {
     let s = open(&url).await.unwrap();
     assert_eq!(s.get_policy(None).await.unwrap().unwrap().document, "x");
     assert!(dir.path().join("w.db-wal").exists());
-    assert!(matches!(open("mysql://x").await, Err(StoreError::UnsupportedUrl)));
+    assert!(matches!(
+        open("mysql://x").await,
+        Err(StoreError::UnsupportedUrl)
+    ));
 }

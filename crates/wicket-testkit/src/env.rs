@@ -27,7 +27,9 @@ pub fn oidc_issuer() -> String {
 pub fn postgres_database_url(name: &str) -> String {
     let base = postgres_url();
     match base.rfind('/') {
-        Some(i) if base[..i].contains("://") && base[i..].len() > 1 => format!("{}/{name}", &base[..i]),
+        Some(i) if base[..i].contains("://") && base[i..].len() > 1 => {
+            format!("{}/{name}", &base[..i])
+        }
         _ => format!("{base}/{name}"),
     }
 }

@@ -237,7 +237,8 @@ impl TestIdp {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+        let form: HashMap<String, String> =
+            url::form_urlencoded::parse(&body).into_owned().collect();
         let (status, value) = match (method, path.as_str()) {
             (Method::GET, "/.well-known/openid-configuration") => {
                 let iss = self.issuer();
@@ -265,7 +266,10 @@ impl TestIdp {
                     .filter(|k| s.published.contains(&k.kid))
                     .map(|k| k.jwk.clone())
                     .collect();
-                (StatusCode::OK, serde_json::to_value(JwkSet { keys }).unwrap())
+                (
+                    StatusCode::OK,
+                    serde_json::to_value(JwkSet { keys }).unwrap(),
+                )
             }
             (Method::POST, "/device/code") => {
                 let code = uuid::Uuid::new_v4().to_string();

@@ -1,0 +1,76 @@
+//! Command-line and environment configuration of `wicket-control`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The Wicket control service: policy, audit, approvals and sessions over gRPC.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "wicket-control", version)]
+pub struct Config {
+    /// gRPC listen address.
+    #[arg(long, env = "WICKET_LISTEN", default_value = "127.0.0.1:7470")]
+    pub listen: SocketAddr,
+
+    /// Database URL: `sqlite:PATH` (default, one file, WAL) or `postgres://…` (several replicas).
+    #[arg(long, env = "WICKET_DATABASE_URL", default_value = "sqlite:wicket.db")]
+    pub database_url: String,
+
+    /// OIDC issuer whose access tokens the admin API accepts.
+    #[arg(long, env = "WICKET_OIDC_ISSUER")]
+    pub oidc_issuer: String,
+
+    /// Accepted `aud` of access tokens.
+    #[arg(long, env = "WICKET_OIDC_AUDIENCE", default_value = "wicket")]
+    pub oidc_audience: String,
+
+    /// Claim that carries group membership.
+    #[arg(long, env = "WICKET_GROUPS_CLAIM", default_value = "groups")]
+    pub groups_claim: String,
+
+    /// Rules that mark a token as an agent's: `client-credentials`, `group:NAME`, `claim:NAME=VALUE`.
+    #[arg(
+        long = "agent-rule",
+        env = "WICKET_AGENT_RULES",
+        value_delimiter = ',',
+        default_value = "client-credentials,claim:wicket_kind=agent"
+    )]
+    pub agent_rules: Vec<String>,
+
+    /// Group whose members administer Wicket (everything).
+    #[arg(long, env = "WICKET_ADMIN_GROUP", default_value = "wicket-admins")]
+    pub admin_group: String,
+
+    /// Group whose members may decide approvals (and read what they need to).
+    #[arg(
+        long,
+        env = "WICKET_APPROVER_GROUP",
+        default_value = "wicket-approvers"
+    )]
+    pub approver_group: String,
+
+    /// Group whose members may read policy, sessions and audit.
+    #[arg(long, env = "WICKET_AUDITOR_GROUP", default_value = "wicket-auditors")]
+    pub auditor_group: String,
+
+    /// Policy file applied at start when the store holds none (or an older one).
+    #[arg(long, env = "WICKET_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
+
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "WICKET_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Server certificate (PEM) for TLS; both --tls-cert and --tls-key enable TLS.
+    #[arg(long, env = "WICKET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Server private key (PEM).
+    #[arg(long, env = "WICKET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}

@@ -1,0 +1,317 @@
+//! Sidecar-facing services: bundle watch, audit report, approval gate, traces.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use wicket_core::{Approval, ApprovalState, AuditEvent, ReasoningTrace};
+use wicket_proto::v1;
+use wicket_proto::v1::approval_gate_service_server::ApprovalGateService;
+use wicket_proto::v1::audit_service_server::AuditService;
+use wicket_proto::v1::bundle_service_server::BundleService;
+use wicket_proto::v1::trace_service_server::TraceService;
+
+use crate::state::{Control, storage};
+
+/// A boxed server stream.
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// How often a bundle watcher re-reads state written by other replicas.
+const RESYNC: Duration = Duration::from_secs(5);
+
+/// Most events accepted in one report batch.
+const MAX_BATCH: usize = 1000;
+
+/// Implements the sidecar-facing services.
+#[derive(Clone)]
+pub struct SidecarApi {
+    /// Shared state.
+    pub control: Arc<Control>,
+}
+
+#[tonic::async_trait]
+impl BundleService for SidecarApi {
+    type WatchBundleStream = BoxStream<v1::PolicyBundle>;
+
+    async fn watch_bundle(
+        &self,
+        req: Request<v1::WatchBundleRequest>,
+    ) -> Result<Response<Self::WatchBundleStream>, Status> {
+        let connection = req.get_ref().connection.clone();
+        let sidecar = self
+            .control
+            .auth
+            .sidecar(req.metadata(), Some(&connection))
+            .await?;
+        // Fail fast on an unknown connection or a missing policy.
+        let first = self.control.bundle(&connection).await?;
+        tracing::info!(sidecar = %sidecar.name, %connection, instance = %req.get_ref().instance, "bundle watch opened");
+        let (tx, rx) = mpsc::channel(4);
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let mut changes = control.subscribe_changes();
+            let mut last_sha = String::new();
+            let mut last_version = 0u64;
+            let mut next = Ok(first);
+            loop {
+                match next {
+                    Ok(mut bundle) => {
+                        let key = format!(
+                            "{}|{:?}|{:?}",
+                            bundle.policy_sha256, bundle.revocations, bundle.terminated_sessions
+                        );
+                        if key != last_sha {
+                            bundle.version = bundle.version.max(last_version + 1);
+                            last_version = bundle.version;
+                            last_sha = key;
+                            if tx.send(Ok(bundle)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Err(status) => {
+                        // The connection left the policy: tell the sidecar, end the stream.
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                }
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { break },
+                    _ = tokio::time::sleep(RESYNC) => {}
+                    _ = tx.closed() => break,
+                }
+                next = control.bundle(&connection).await;
+            }
+            tracing::info!(%connection, "bundle watch closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl AuditService for SidecarApi {
+    type ReportStream = BoxStream<v1::ReportAck>;
+
+    async fn report(
+        &self,
+        req: Request<Streaming<v1::ReportRequest>>,
+    ) -> Result<Response<Self::ReportStream>, Status> {
+        let sidecar = self.control.auth.sidecar(req.metadata(), None).await?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let batch = match msg {
+                    Ok(b) => b,
+                    Err(status) => {
+                        tracing::debug!(%status, "audit stream ended");
+                        break;
+                    }
+                };
+                if batch.events.len() > MAX_BATCH {
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(format!(
+                            "at most {MAX_BATCH} events per batch"
+                        ))))
+                        .await;
+                    break;
+                }
+                let mut good: Vec<AuditEvent> = Vec::with_capacity(batch.events.len());
+                let mut rejected = Vec::new();
+                for wire in &batch.events {
+                    match AuditEvent::try_from(wire) {
+                        Ok(e)
+                            if sidecar
+                                .connections
+                                .iter()
+                                .any(|c| c == &e.connection || c == "*") =>
+                        {
+                            good.push(e)
+                        }
+                        Ok(e) => rejected.push(v1::RejectedEvent {
+                            id: wire.id.clone(),
+                            reason: format!(
+                                "sidecar `{}` is not registered for connection `{}`",
+                                sidecar.name, e.connection
+                            ),
+                        }),
+                        Err(reason) => rejected.push(v1::RejectedEvent {
+                            id: wire.id.clone(),
+                            reason,
+                        }),
+                    }
+                }
+                for r in &rejected {
+                    tracing::warn!(sidecar = %sidecar.name, id = %r.id, reason = %r.reason, "audit event rejected");
+                }
+                // Nothing is acknowledged before it is stored.
+                let acked = match control.store.append_events(&good).await {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        let _ = tx.send(Err(storage(e))).await;
+                        break;
+                    }
+                };
+                if tx
+                    .send(Ok(v1::ReportAck {
+                        acked_ids: acked,
+                        rejected,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl ApprovalGateService for SidecarApi {
+    type RequestApprovalStream = BoxStream<v1::ApprovalUpdate>;
+
+    async fn request_approval(
+        &self,
+        req: Request<v1::ApprovalRequest>,
+    ) -> Result<Response<Self::RequestApprovalStream>, Status> {
+        let r = req.get_ref();
+        self.control
+            .auth
+            .sidecar(req.metadata(), Some(&r.connection))
+            .await?;
+        if r.request_id.is_empty() || r.request_id.len() > 128 {
+            return Err(Status::invalid_argument(
+                "request_id must be 1..=128 characters",
+            ));
+        }
+        let principal = r
+            .principal
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("principal is required"))?;
+        let decision: wicket_core::Decision = r
+            .decision
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("decision is required"))?
+            .into();
+        if decision.effect != wicket_core::Effect::Review {
+            return Err(Status::invalid_argument(
+                "only review decisions are held for approval",
+            ));
+        }
+        let timeout = decision
+            .review
+            .as_ref()
+            .map(|r| r.timeout_seconds)
+            .unwrap_or(300)
+            .clamp(1, 7 * 86_400);
+        let now = Utc::now();
+        let approval = Approval {
+            id: uuid::Uuid::now_v7().to_string(),
+            rev: 0,
+            state: ApprovalState::Pending,
+            request: wicket_core::ApprovalRequest {
+                request_id: r.request_id.clone(),
+                session_id: r.session_id.clone(),
+                connection: r.connection.clone(),
+                principal: principal.into(),
+                command: r.command.as_ref().map(Into::into).unwrap_or_default(),
+                decision,
+                reasoning: r.reasoning.as_ref().map(ReasoningTrace::from),
+            },
+            votes: Vec::new(),
+            created_at: now,
+            expires_at: now + chrono::Duration::seconds(i64::from(timeout)),
+            reason: String::new(),
+        };
+        // Subscribe before storing so no decision can slip between the two.
+        let mut updates = self.control.subscribe_approvals();
+        let stored = self
+            .control
+            .store
+            .create_approval(&approval)
+            .await
+            .map_err(storage)?;
+        if stored.id == approval.id {
+            tracing::info!(approval = %stored.id, connection = %r.connection, rule = %stored.request.decision.rule, "approval requested");
+            self.control.publish_approval(&stored);
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let id = stored.id.clone();
+            let mut last = stored;
+            if tx.send(Ok((&last).into())).await.is_err() {
+                return;
+            }
+            while !last.state.is_final() {
+                let until = (last.expires_at - Utc::now()).to_std().unwrap_or_default();
+                tokio::select! {
+                    u = updates.recv() => match u {
+                        Ok(a) if a.id == id && a.rev > last.rev => last = a,
+                        Ok(_) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            if let Ok(Some(a)) = control.store.get_approval(&id).await { last = a }
+                        }
+                        Err(_) => break,
+                    },
+                    _ = tokio::time::sleep(until) => {
+                        match control.expire(&id).await {
+                            Ok(Some(a)) => last = a,
+                            _ => break,
+                        }
+                    }
+                    // Decisions taken on another replica.
+                    _ = tokio::time::sleep(RESYNC) => {
+                        match control.store.get_approval(&id).await {
+                            Ok(Some(a)) if a.rev != last.rev => last = a,
+                            _ => continue,
+                        }
+                    }
+                    _ = tx.closed() => return,
+                }
+                if tx.send(Ok((&last).into())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for SidecarApi {
+    async fn attach(
+        &self,
+        req: Request<v1::AttachTraceRequest>,
+    ) -> Result<Response<v1::AttachTraceResponse>, Status> {
+        self.control.auth.sidecar(req.metadata(), None).await?;
+        let trace: ReasoningTrace = req
+            .get_ref()
+            .trace
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("trace is required"))?
+            .into();
+        if !ReasoningTrace::valid_trace_id(&trace.trace_id) {
+            return Err(Status::invalid_argument(
+                "trace_id must be a W3C trace id: 32 lowercase hex digits, not all zero",
+            ));
+        }
+        self.control
+            .store
+            .put_trace(&trace)
+            .await
+            .map_err(storage)?;
+        Ok(Response::new(v1::AttachTraceResponse {
+            trace_id: trace.trace_id,
+        }))
+    }
+}

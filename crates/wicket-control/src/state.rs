@@ -1,0 +1,283 @@
+//! Shared state of the control service: the compiled policy, change
+//! notification for bundle watchers, and approval fan-out.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{broadcast, watch};
+use tonic::Status;
+use wicket_core::{Approval, Principal, Vote};
+use wicket_policy::{Policy, PolicyErrors};
+use wicket_proto::convert;
+use wicket_proto::v1;
+use wicket_store::{Store, StoreError};
+
+use crate::auth::Authenticator;
+
+/// The policy in force.
+pub struct Current {
+    /// Stored version.
+    pub version: u64,
+    /// Compiled form.
+    pub policy: Policy,
+    /// Source text as applied.
+    pub document: String,
+}
+
+/// Everything the services share.
+pub struct Control {
+    /// Storage.
+    pub store: Arc<dyn Store>,
+    /// Caller checks.
+    pub auth: Authenticator,
+    policy: RwLock<Option<Arc<Current>>>,
+    changes: watch::Sender<u64>,
+    approvals: broadcast::Sender<Approval>,
+}
+
+/// Maps a storage error to a status, logging the detail.
+pub fn storage(e: StoreError) -> Status {
+    tracing::error!(error = %e, "storage error");
+    Status::unavailable("storage unavailable; try again")
+}
+
+impl Control {
+    /// Loads the current policy from the store.
+    pub async fn new(store: Arc<dyn Store>, auth: Authenticator) -> Result<Arc<Control>, String> {
+        let (changes, _) = watch::channel(Utc::now().timestamp_millis() as u64);
+        let (approvals, _) = broadcast::channel(1024);
+        let control = Arc::new(Control {
+            store,
+            auth,
+            policy: RwLock::new(None),
+            changes,
+            approvals,
+        });
+        control.reload_policy().await?;
+        Ok(control)
+    }
+
+    /// The policy in force, if any was applied.
+    pub fn current(&self) -> Option<Arc<Current>> {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    /// Reloads the policy if the store holds a newer version (another replica
+    /// may have applied it). Returns whether it changed.
+    pub async fn reload_policy(&self) -> Result<bool, String> {
+        let stored = self
+            .store
+            .get_policy(None)
+            .await
+            .map_err(|e| format!("cannot read policy: {e}"))?;
+        let Some(stored) = stored else {
+            return Ok(false);
+        };
+        if self.current().is_some_and(|c| c.version >= stored.version) {
+            return Ok(false);
+        }
+        let policy = wicket_policy::parse_and_compile(&stored.document, "stored policy")
+            .map_err(|e| format!("stored policy v{} does not compile: {e}", stored.version))?;
+        *self.policy.write().expect("policy lock") = Some(Arc::new(Current {
+            version: stored.version,
+            policy,
+            document: stored.document,
+        }));
+        self.notify();
+        Ok(true)
+    }
+
+    /// Validates, stores and activates a policy document.
+    pub async fn apply_policy(
+        &self,
+        document: &str,
+        source_name: &str,
+        applied_by: &str,
+    ) -> Result<Result<(u64, String, bool), PolicyErrors>, Status> {
+        let policy = match wicket_policy::parse_and_compile(document, source_name) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e)),
+        };
+        let sha = policy.sha256().to_string();
+        let (version, changed) = self
+            .store
+            .put_policy(document, &sha, applied_by)
+            .await
+            .map_err(storage)?;
+        if changed {
+            *self.policy.write().expect("policy lock") = Some(Arc::new(Current {
+                version: version.version,
+                policy,
+                document: document.to_string(),
+            }));
+            tracing::info!(version = version.version, sha256 = %sha, by = applied_by, "policy applied");
+            self.notify();
+        }
+        Ok(Ok((version.version, sha, changed)))
+    }
+
+    /// Tells bundle watchers that something they carry changed.
+    pub fn notify(&self) {
+        self.changes.send_modify(|g| {
+            *g = (*g + 1).max(Utc::now().timestamp_millis() as u64);
+        });
+    }
+
+    /// Subscribes to change notifications (the value is the bundle generation).
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Subscribes to approval changes.
+    pub fn subscribe_approvals(&self) -> broadcast::Receiver<Approval> {
+        self.approvals.subscribe()
+    }
+
+    /// Publishes an approval change.
+    pub fn publish_approval(&self, a: &Approval) {
+        let _ = self.approvals.send(a.clone());
+    }
+
+    /// The bundle for one connection, as of now.
+    pub async fn bundle(&self, connection: &str) -> Result<v1::PolicyBundle, Status> {
+        let generation = *self.changes.borrow();
+        let current = self
+            .current()
+            .ok_or_else(|| Status::failed_precondition("no policy has been applied yet"))?;
+        let doc = current.policy.bundle_for(connection).ok_or_else(|| {
+            Status::not_found(format!(
+                "connection `{connection}` is not defined in the policy"
+            ))
+        })?;
+        let spec = &doc.connections[0];
+        let json = serde_json::to_vec(&doc).map_err(|e| Status::internal(e.to_string()))?;
+        let sha = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &json));
+        let now = Utc::now();
+        let revocations = self
+            .store
+            .list_revocations(now)
+            .await
+            .map_err(storage)?
+            .iter()
+            .map(|r| v1::Revocation {
+                issuer: r.issuer.clone(),
+                subject: r.subject.clone(),
+                reason: r.reason.clone(),
+                revoked_at: Some(convert::ts(r.revoked_at)),
+                until: r.until.map(convert::ts),
+            })
+            .collect();
+        let terminated = self.store.terminating_sessions().await.map_err(storage)?;
+        Ok(v1::PolicyBundle {
+            version: generation,
+            connection: Some(v1::Connection {
+                name: spec.name.clone(),
+                protocol: convert::protocol(spec.protocol) as i32,
+                labels: spec.labels.clone().into_iter().collect(),
+                upstream: spec.upstream.clone(),
+                description: spec.description.clone(),
+            }),
+            policy_json: json,
+            policy_sha256: sha,
+            revocations,
+            terminated_sessions: terminated,
+            issued_at: Some(convert::ts(now)),
+        })
+    }
+
+    /// Records a vote, retrying on concurrent updates.
+    pub async fn vote(
+        &self,
+        id: &str,
+        voter: &Principal,
+        approve: bool,
+        comment: &str,
+    ) -> Result<Approval, Status> {
+        for _ in 0..8 {
+            let mut a = self
+                .store
+                .get_approval(id)
+                .await
+                .map_err(storage)?
+                .ok_or_else(|| Status::not_found(format!("no approval `{id}`")))?;
+            let now = Utc::now();
+            let vote = Vote {
+                approver: voter.label().to_string(),
+                approver_subject: voter.subject.clone(),
+                approver_issuer: voter.issuer.clone(),
+                approver_groups: voter.groups.clone(),
+                approve,
+                comment: comment.to_string(),
+                at: now,
+            };
+            let result = a.cast(vote, now);
+            if a.state == wicket_core::ApprovalState::Expired || result.is_ok() {
+                match self.store.update_approval(&mut a).await {
+                    Ok(()) => self.publish_approval(&a),
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(storage(e)),
+                }
+            }
+            return match result {
+                Ok(_) => {
+                    tracing::info!(
+                        approval = id,
+                        by = voter.label(),
+                        approve,
+                        state = a.state.as_str(),
+                        "vote recorded"
+                    );
+                    Ok(a)
+                }
+                Err(msg) => Err(Status::failed_precondition(msg)),
+            };
+        }
+        Err(Status::aborted("too many concurrent votes; try again"))
+    }
+
+    /// Marks an approval expired if due, saving and publishing the change.
+    pub async fn expire(&self, id: &str) -> Result<Option<Approval>, Status> {
+        for _ in 0..8 {
+            let Some(mut a) = self.store.get_approval(id).await.map_err(storage)? else {
+                return Ok(None);
+            };
+            if !a.expire_if_due(Utc::now()) {
+                return Ok(Some(a));
+            }
+            match self.store.update_approval(&mut a).await {
+                Ok(()) => {
+                    self.publish_approval(&a);
+                    return Ok(Some(a));
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(storage(e)),
+            }
+        }
+        Err(Status::aborted("approval keeps changing"))
+    }
+
+    /// Background upkeep: picks up policy applied by other replicas and
+    /// expires approvals whose waiting sidecar went away.
+    pub async fn upkeep(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.reload_policy().await {
+                tracing::warn!(error = %e, "policy reload failed");
+            }
+            match self
+                .store
+                .list_approvals(Some(wicket_core::ApprovalState::Pending), 1000)
+                .await
+            {
+                Ok(pending) => {
+                    for a in pending.iter().filter(|a| a.expires_at <= Utc::now()) {
+                        let _ = self.expire(&a.id).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "approval sweep failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,742 @@
+//! The control service end to end over gRPC: an in-process IdP, SQLite (and
+//! PostgreSQL for the replica-safe parts), real tonic clients.
+
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use wicket_proto::v1;
+use wicket_proto::v1::approval_admin_service_client::ApprovalAdminServiceClient;
+use wicket_proto::v1::approval_gate_service_client::ApprovalGateServiceClient;
+use wicket_proto::v1::audit_service_client::AuditServiceClient;
+use wicket_proto::v1::bundle_service_client::BundleServiceClient;
+use wicket_proto::v1::connection_admin_service_client::ConnectionAdminServiceClient;
+use wicket_proto::v1::policy_admin_service_client::PolicyAdminServiceClient;
+use wicket_proto::v1::principal_admin_service_client::PrincipalAdminServiceClient;
+use wicket_proto::v1::session_admin_service_client::SessionAdminServiceClient;
+use wicket_proto::v1::sidecar_admin_service_client::SidecarAdminServiceClient;
+use wicket_proto::v1::trace_service_client::TraceServiceClient;
+use wicket_testkit::idp::{TestIdp, TokenSpec};
+
+const POLICY: &str = r#"
+connections:
+  - name: orders-db
+    protocol: postgres
+    upstream: 127.0.0.1:5432
+    labels: {env: prod}
+  - name: web
+    protocol: http
+grants:
+  - id: dbas
+    groups: [dba]
+  - id: bots
+    principals: [bot-1]
+    connections: [orders-db]
+rules:
+  - id: reads
+    effect: allow
+    match: {commands: [select]}
+  - id: no-drops
+    effect: deny
+    match: {commands: [ddl]}
+  - id: writes
+    effect: review
+    match: {commands: [update, delete]}
+    review: {approvers: [dba-leads], timeout: 2s}
+"#;
+
+struct Harness {
+    idp: TestIdp,
+    channel: Channel,
+    admin: String,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn with_token<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+    );
+    r
+}
+
+async fn start_with(database_url: Option<String>) -> Harness {
+    wicket_testkit::init_crypto();
+    let idp = TestIdp::start("wicket").await;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = wicket_control::Config {
+        listen: addr,
+        database_url: database_url
+            .unwrap_or_else(|| format!("sqlite:{}", dir.path().join("w.db").display())),
+        oidc_issuer: idp.issuer(),
+        oidc_audience: "wicket".into(),
+        groups_claim: "groups".into(),
+        agent_rules: vec!["client-credentials".into()],
+        admin_group: "wicket-admins".into(),
+        approver_group: "wicket-approvers".into(),
+        auditor_group: "wicket-auditors".into(),
+        policy_file: None,
+        max_message_bytes: 256 * 1024,
+        tls_cert: None,
+        tls_key: None,
+        log_format: "text".into(),
+    };
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        wicket_control::run(cfg, listener, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let channel = loop {
+        if let Ok(c) = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let admin = idp.mint(&TokenSpec::human("root", &["wicket-admins"]));
+    Harness {
+        idp,
+        channel,
+        admin,
+        _dir: dir,
+        _stop: stop,
+    }
+}
+
+impl Harness {
+    fn policy(&self) -> PolicyAdminServiceClient<Channel> {
+        PolicyAdminServiceClient::new(self.channel.clone())
+    }
+
+    async fn apply(&self, doc: &str) -> v1::ApplyPolicyResponse {
+        self.policy()
+            .apply_policy(with_token(
+                v1::ApplyPolicyRequest {
+                    document: doc.into(),
+                    source_name: "policy.yaml".into(),
+                },
+                &self.admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn sidecar_token(&self, connections: &[&str]) -> String {
+        SidecarAdminServiceClient::new(self.channel.clone())
+            .create_sidecar_credential(with_token(
+                v1::CreateSidecarCredentialRequest {
+                    name: "pg-sidecar".into(),
+                    connections: connections.iter().map(|c| c.to_string()).collect(),
+                },
+                &self.admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+}
+
+fn principal(sub: &str) -> v1::Principal {
+    v1::Principal {
+        subject: sub.into(),
+        issuer: "https://idp".into(),
+        kind: v1::PrincipalKind::Agent as i32,
+        ..Default::default()
+    }
+}
+
+fn command(kind: &str) -> v1::Command {
+    v1::Command {
+        text: format!("{kind} something"),
+        classification: Some(v1::Classification {
+            kind: kind.into(),
+            verb: kind.to_uppercase(),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test]
+async fn admin_calls_need_a_valid_token_and_the_right_group() {
+    let h = start_with(None).await;
+    h.apply(POLICY).await;
+    let c = ConnectionAdminServiceClient::new(h.channel.clone());
+    let list = |t: Option<String>| {
+        let mut c = c.clone();
+        async move {
+            let req = match t {
+                Some(t) => with_token(v1::ListConnectionsRequest {}, &t),
+                None => Request::new(v1::ListConnectionsRequest {}),
+            };
+            c.list_connections(req).await
+        }
+    };
+    let human = TokenSpec::human("alice", &["wicket-admins"]);
+    let cases: Vec<(Option<String>, Code)> = vec![
+        (None, Code::Unauthenticated),
+        (Some("garbage".into()), Code::Unauthenticated),
+        (
+            Some(h.idp.mint(&TokenSpec {
+                ttl_seconds: -60,
+                ..human.clone()
+            })),
+            Code::Unauthenticated,
+        ),
+        (
+            Some(h.idp.mint_with_foreign_key(&human)),
+            Code::Unauthenticated,
+        ),
+        (Some(h.idp.mint_alg_none(&human)), Code::Unauthenticated),
+        (
+            Some(h.idp.mint(&TokenSpec::human("nobody", &["sales"]))),
+            Code::PermissionDenied,
+        ),
+        (Some("wks_abc_def".into()), Code::PermissionDenied),
+    ];
+    for (i, (token, code)) in cases.into_iter().enumerate() {
+        let err = list(token).await.unwrap_err();
+        assert_eq!(err.code(), code, "case {i}: {}", err.message());
+    }
+    let ok = list(Some(h.admin.clone())).await.unwrap().into_inner();
+    assert_eq!(ok.connections.len(), 2);
+
+    // Auditors and approvers read; only admins write.
+    let auditor = h
+        .idp
+        .mint(&TokenSpec::human("audrey", &["wicket-auditors"]));
+    let approver = h
+        .idp
+        .mint(&TokenSpec::human("april", &["wicket-approvers"]));
+    assert!(list(Some(auditor.clone())).await.is_ok());
+    assert!(list(Some(approver.clone())).await.is_ok());
+    for t in [&auditor, &approver] {
+        let err = h
+            .policy()
+            .apply_policy(with_token(
+                v1::ApplyPolicyRequest {
+                    document: POLICY.into(),
+                    source_name: String::new(),
+                },
+                t,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(err.message().contains("wicket-admins"), "{}", err.message());
+    }
+    let err = ApprovalAdminServiceClient::new(h.channel.clone())
+        .approve(with_token(
+            v1::DecideRequest {
+                id: "x".into(),
+                comment: String::new(),
+            },
+            &auditor,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // ...and nothing said leaks the token.
+    let bad = h.idp.mint(&TokenSpec {
+        ttl_seconds: -60,
+        ..human
+    });
+    let err = list(Some(bad.clone())).await.unwrap_err();
+    assert!(!err.message().contains(&bad[..20]));
+}
+
+#[tokio::test]
+async fn oversized_messages_are_rejected_and_the_server_lives_on() {
+    let h = start_with(None).await;
+    let huge = "#".repeat(512 * 1024);
+    let err = h
+        .policy()
+        .validate_policy(with_token(
+            v1::ValidatePolicyRequest {
+                document: huge,
+                source_name: String::new(),
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{err:?}"
+    );
+    h.apply(POLICY).await;
+}
+
+#[tokio::test]
+async fn policy_apply_validate_get_and_explain() {
+    let h = start_with(None).await;
+    let first = h.apply(POLICY).await;
+    assert_eq!(first.version, 1);
+    assert!(first.changed);
+    let again = h.apply(POLICY).await;
+    assert_eq!(again.version, 1);
+    assert!(!again.changed);
+
+    let bad =
+        format!("{POLICY}  - id: broken\n    effect: allow\n    condition: 'command.risk >'\n");
+    let err = h
+        .policy()
+        .apply_policy(with_token(
+            v1::ApplyPolicyRequest {
+                document: bad.clone(),
+                source_name: "bad.yaml".into(),
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("bad.yaml:28:"), "{}", err.message());
+    assert!(
+        err.message().contains("rules[3].condition"),
+        "{}",
+        err.message()
+    );
+    let v = h
+        .policy()
+        .validate_policy(with_token(
+            v1::ValidatePolicyRequest {
+                document: bad,
+                source_name: "bad.yaml".into(),
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!v.valid);
+    assert_eq!(
+        (v.errors[0].line, v.errors[0].field.as_str()),
+        (28, "rules[3].condition")
+    );
+
+    let got = h
+        .policy()
+        .get_policy(with_token(v1::GetPolicyRequest { version: 0 }, &h.admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.version, 1);
+    assert_eq!(got.document, POLICY);
+    assert_eq!(got.applied_by, "root@example.test");
+
+    let explain = |kind: &str, sub: &str| {
+        let mut p = h.policy();
+        let req = with_token(
+            v1::ExplainRequest {
+                principal: Some(v1::Principal {
+                    groups: vec!["dba".into()],
+                    ..principal(sub)
+                }),
+                connection: "orders-db".into(),
+                command: Some(command(kind)),
+                has_reasoning: true,
+                ..Default::default()
+            },
+            &h.admin,
+        );
+        async move { p.explain_policy(req).await.unwrap().into_inner() }
+    };
+    let e = explain("ddl", "carol").await;
+    let d = e.decision.unwrap();
+    assert_eq!(
+        (d.effect, d.rule.as_str()),
+        (v1::Effect::Deny as i32, "no-drops")
+    );
+    assert_eq!(e.grant, "dbas");
+    assert_eq!(e.policy_version, 1);
+    let d = explain("update", "carol").await.decision.unwrap();
+    assert_eq!(
+        (d.effect, d.rule.as_str()),
+        (v1::Effect::Review as i32, "writes")
+    );
+    assert_eq!(d.review.unwrap().approver_groups, ["dba-leads"]);
+}
+
+#[tokio::test]
+async fn sidecars_watch_bundles_report_events_and_wait_for_approvals() {
+    let h = start_with(None).await;
+    h.apply(POLICY).await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+
+    // Scope and credential checks.
+    let mut bundles = BundleServiceClient::new(h.channel.clone());
+    let watch = |conn: &str, t: &str| {
+        with_token(
+            v1::WatchBundleRequest {
+                connection: conn.into(),
+                known_version: 0,
+                instance: "test".into(),
+            },
+            t,
+        )
+    };
+    assert_eq!(
+        bundles
+            .watch_bundle(watch("web", &token))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let forged = format!("{}x", &token);
+    assert_eq!(
+        bundles
+            .watch_bundle(watch("orders-db", &forged))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        bundles
+            .watch_bundle(watch("orders-db", &h.admin))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+
+    let mut stream = bundles
+        .watch_bundle(watch("orders-db", &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let b1 = stream.next().await.unwrap().unwrap();
+    let doc: wicket_policy::PolicyDocument = serde_json::from_slice(&b1.policy_json).unwrap();
+    assert_eq!(doc.connections.len(), 1);
+    assert_eq!(doc.rules.len(), 3);
+    assert!(wicket_policy::Policy::compile(doc).is_ok());
+
+    // A policy change and a revocation reach the watcher.
+    h.apply(&POLICY.replace("timeout: 2s", "timeout: 3s")).await;
+    let b2 = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(b2.version > b1.version);
+    assert_ne!(b2.policy_sha256, b1.policy_sha256);
+    PrincipalAdminServiceClient::new(h.channel.clone())
+        .revoke_principal(with_token(
+            v1::RevokePrincipalRequest {
+                issuer: "https://idp".into(),
+                subject: "bot-1".into(),
+                reason: "compromised".into(),
+                duration_seconds: 0,
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap();
+    let b3 = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(b3.version > b2.version);
+    assert_eq!(b3.revocations[0].subject, "bot-1");
+
+    // Audit events are acknowledged by id, replays too, foreign connections rejected.
+    let ev = |id: &str, seq: u64, kind: v1::AuditKind, conn: &str| v1::AuditEvent {
+        id: id.into(),
+        session_id: "sess-1".into(),
+        seq,
+        time: Some(wicket_proto::convert::ts(chrono::Utc::now())),
+        kind: kind as i32,
+        connection: conn.into(),
+        principal: Some(principal("bot-1")),
+        command: Some(command("select")),
+        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        reasoning: Some(v1::ReasoningTrace {
+            reasoning: "checking late orders".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let batch = v1::ReportRequest {
+        events: vec![
+            ev("e1", 1, v1::AuditKind::SessionStart, "orders-db"),
+            ev("e2", 2, v1::AuditKind::Command, "orders-db"),
+            ev("e3", 3, v1::AuditKind::Command, "web"),
+            v1::AuditEvent {
+                kind: 0,
+                ..ev("e4", 4, v1::AuditKind::Command, "orders-db")
+            },
+        ],
+    };
+    let mut audit = AuditServiceClient::new(h.channel.clone());
+    let out = tokio_stream::iter(vec![batch.clone(), batch]);
+    let mut acks = audit
+        .report(with_token(out, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        let ack = acks.next().await.unwrap().unwrap();
+        assert_eq!(ack.acked_ids, ["e1", "e2"]);
+        let rejected: Vec<_> = ack.rejected.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(rejected, ["e3", "e4"]);
+    }
+    TraceServiceClient::new(h.channel.clone())
+        .attach(with_token(
+            v1::AttachTraceRequest {
+                trace: Some(v1::ReasoningTrace {
+                    trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+                    prompt: "Which orders are late?".into(),
+                    confidence: 0.7,
+                    ..Default::default()
+                }),
+            },
+            &token,
+        ))
+        .await
+        .unwrap();
+    let mut sessions = SessionAdminServiceClient::new(h.channel.clone());
+    let s = sessions
+        .get_session(with_token(
+            v1::GetSessionRequest {
+                id: "sess-1".into(),
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((s.command_count, s.state.as_str()), (1, "active"));
+    let evs = sessions
+        .list_session_events(with_token(
+            v1::ListSessionEventsRequest {
+                session_id: "sess-1".into(),
+                after_seq: 0,
+                limit: 0,
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(evs.len(), 2);
+    let r = evs[1].reasoning.as_ref().unwrap();
+    assert_eq!(
+        (r.reasoning.as_str(), r.prompt.as_str()),
+        ("checking late orders", "Which orders are late?")
+    );
+
+    // Terminate reaches the watcher.
+    sessions
+        .terminate_session(with_token(
+            v1::TerminateSessionRequest {
+                id: "sess-1".into(),
+                reason: "test".into(),
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap();
+    let b4 = tokio::time::timeout(Duration::from_secs(2), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(b4.terminated_sessions, ["sess-1"]);
+
+    // Approval: requested by the sidecar, self-approval refused, approved by an approver.
+    let approve_req = |rid: &str| {
+        with_token(
+            v1::ApprovalRequest {
+                request_id: rid.into(),
+                session_id: "sess-1".into(),
+                connection: "orders-db".into(),
+                principal: Some(principal("bot-1")),
+                command: Some(command("update")),
+                decision: Some(v1::DecisionInfo {
+                    effect: v1::Effect::Review as i32,
+                    rule: "writes".into(),
+                    reason: String::new(),
+                    review: Some(v1::ReviewSpec {
+                        approver_groups: vec!["dba-leads".into()],
+                        quorum: 1,
+                        one_per_group: false,
+                        timeout_seconds: 2,
+                    }),
+                }),
+                reasoning: None,
+            },
+            &token,
+        )
+    };
+    let mut gate = ApprovalGateServiceClient::new(h.channel.clone());
+    let mut updates = gate
+        .request_approval(approve_req("req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let pending = updates.next().await.unwrap().unwrap();
+    assert_eq!(pending.state, v1::ApprovalState::Pending as i32);
+    let mut approvals = ApprovalAdminServiceClient::new(h.channel.clone());
+    let outsider = h.idp.mint(&TokenSpec::human("olly", &["wicket-approvers"]));
+    let err = approvals
+        .approve(with_token(
+            v1::DecideRequest {
+                id: pending.approval_id.clone(),
+                comment: String::new(),
+            },
+            &outsider,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("dba-leads"));
+    let approver = h.idp.mint(&TokenSpec::human(
+        "lead",
+        &["wicket-approvers", "dba-leads"],
+    ));
+    let t0 = std::time::Instant::now();
+    approvals
+        .approve(with_token(
+            v1::DecideRequest {
+                id: pending.approval_id.clone(),
+                comment: "ok".into(),
+            },
+            &approver,
+        ))
+        .await
+        .unwrap();
+    let decided = updates.next().await.unwrap().unwrap();
+    let latency = t0.elapsed();
+    assert_eq!(decided.state, v1::ApprovalState::Approved as i32);
+    assert!(
+        latency < Duration::from_millis(500),
+        "decision took {latency:?}"
+    );
+    assert!(updates.next().await.is_none(), "stream ends once decided");
+
+    // Same request id: re-attaches to the decided approval.
+    let mut again = gate
+        .request_approval(approve_req("req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.next().await.unwrap().unwrap().state,
+        v1::ApprovalState::Approved as i32
+    );
+
+    // Nobody decides: expired after the hold timeout.
+    let mut updates = gate
+        .request_approval(approve_req("req-2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        updates.next().await.unwrap().unwrap().state,
+        v1::ApprovalState::Pending as i32
+    );
+    let expired = tokio::time::timeout(Duration::from_secs(4), updates.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(expired.state, v1::ApprovalState::Expired as i32);
+}
+
+#[tokio::test]
+async fn self_approval_is_refused() {
+    let h = start_with(None).await;
+    h.apply(POLICY).await;
+    let token = h.sidecar_token(&["*"]).await;
+    let me = TokenSpec::human("dora", &["dba", "dba-leads", "wicket-approvers"]);
+    let mut gate = ApprovalGateServiceClient::new(h.channel.clone());
+    let mut updates = gate
+        .request_approval(with_token(
+            v1::ApprovalRequest {
+                request_id: "r".into(),
+                session_id: "s".into(),
+                connection: "orders-db".into(),
+                principal: Some(v1::Principal {
+                    subject: "dora".into(),
+                    issuer: h.idp.issuer(),
+                    ..Default::default()
+                }),
+                command: Some(command("delete")),
+                decision: Some(v1::DecisionInfo {
+                    effect: v1::Effect::Review as i32,
+                    rule: "writes".into(),
+                    reason: String::new(),
+                    review: Some(v1::ReviewSpec {
+                        approver_groups: vec!["dba-leads".into()],
+                        quorum: 1,
+                        one_per_group: false,
+                        timeout_seconds: 60,
+                    }),
+                }),
+                reasoning: None,
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = updates.next().await.unwrap().unwrap().approval_id;
+    let err = ApprovalAdminServiceClient::new(h.channel.clone())
+        .approve(with_token(
+            v1::DecideRequest {
+                id,
+                comment: String::new(),
+            },
+            &h.idp.mint(&me),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("own request"));
+}
+
+#[tokio::test]
+async fn runs_on_postgres_too() {
+    let admin = wicket_testkit::env::postgres_url();
+    use sqlx::Connection as _;
+    let name = format!("control_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let url = wicket_testkit::env::postgres_database_url(&name);
+    let h = start_with(Some(url)).await;
+    assert_eq!(h.apply(POLICY).await.version, 1);
+    let token = h.sidecar_token(&["orders-db"]).await;
+    let mut stream = BundleServiceClient::new(h.channel.clone())
+        .watch_bundle(with_token(
+            v1::WatchBundleRequest {
+                connection: "orders-db".into(),
+                known_version: 0,
+                instance: String::new(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.next().await.unwrap().is_ok());
+}

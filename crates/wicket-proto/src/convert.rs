@@ -1,0 +1,426 @@
+//! Conversions between wire messages and `wicket-core` domain types.
+//!
+//! Wire → domain conversions that can fail return a message naming the field.
+
+use chrono::{DateTime, TimeZone, Utc};
+use wicket_core as core;
+
+use crate::v1;
+
+/// Timestamp to wire.
+pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// Optional wire timestamp to domain (None when unset or out of range).
+pub fn from_ts(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+    let t = t?;
+    Utc.timestamp_opt(t.seconds, t.nanos.clamp(0, 999_999_999) as u32)
+        .single()
+}
+
+/// Protocol to wire.
+pub fn protocol(p: core::Protocol) -> v1::Protocol {
+    match p {
+        core::Protocol::Postgres => v1::Protocol::Postgres,
+        core::Protocol::Ssh => v1::Protocol::Ssh,
+        core::Protocol::Kubernetes => v1::Protocol::Kubernetes,
+        core::Protocol::Http => v1::Protocol::Http,
+    }
+}
+
+/// Protocol from wire.
+pub fn from_protocol(p: i32) -> Result<core::Protocol, String> {
+    match v1::Protocol::try_from(p) {
+        Ok(v1::Protocol::Postgres) => Ok(core::Protocol::Postgres),
+        Ok(v1::Protocol::Ssh) => Ok(core::Protocol::Ssh),
+        Ok(v1::Protocol::Kubernetes) => Ok(core::Protocol::Kubernetes),
+        Ok(v1::Protocol::Http) => Ok(core::Protocol::Http),
+        _ => Err("protocol: unspecified or unknown".into()),
+    }
+}
+
+/// Effect to wire.
+pub fn effect(e: core::Effect) -> v1::Effect {
+    match e {
+        core::Effect::Allow => v1::Effect::Allow,
+        core::Effect::Review => v1::Effect::Review,
+        core::Effect::Deny => v1::Effect::Deny,
+    }
+}
+
+/// Effect from wire; unspecified counts as deny (fail closed).
+pub fn from_effect(e: i32) -> core::Effect {
+    match v1::Effect::try_from(e) {
+        Ok(v1::Effect::Allow) => core::Effect::Allow,
+        Ok(v1::Effect::Review) => core::Effect::Review,
+        _ => core::Effect::Deny,
+    }
+}
+
+impl From<&core::Principal> for v1::Principal {
+    fn from(p: &core::Principal) -> Self {
+        v1::Principal {
+            subject: p.subject.clone(),
+            issuer: p.issuer.clone(),
+            kind: match p.kind {
+                core::PrincipalKind::Human => v1::PrincipalKind::Human,
+                core::PrincipalKind::Agent => v1::PrincipalKind::Agent,
+            } as i32,
+            groups: p.groups.clone(),
+            display_name: p.display_name.clone(),
+            client_id: p.client_id.clone(),
+        }
+    }
+}
+
+impl From<&v1::Principal> for core::Principal {
+    fn from(p: &v1::Principal) -> Self {
+        core::Principal {
+            subject: p.subject.clone(),
+            issuer: p.issuer.clone(),
+            kind: if p.kind == v1::PrincipalKind::Agent as i32 {
+                core::PrincipalKind::Agent
+            } else {
+                core::PrincipalKind::Human
+            },
+            groups: p.groups.clone(),
+            display_name: p.display_name.clone(),
+            client_id: p.client_id.clone(),
+        }
+    }
+}
+
+impl From<&core::Connection> for v1::Connection {
+    fn from(c: &core::Connection) -> Self {
+        v1::Connection {
+            name: c.name.clone(),
+            protocol: protocol(c.protocol) as i32,
+            labels: c.labels.clone().into_iter().collect(),
+            upstream: c.upstream.clone(),
+            description: c.description.clone(),
+        }
+    }
+}
+
+impl From<&core::Command> for v1::Command {
+    fn from(c: &core::Command) -> Self {
+        let k = &c.classification;
+        v1::Command {
+            text: c.text.clone(),
+            classification: Some(v1::Classification {
+                kind: k.kind.clone(),
+                verb: k.verb.clone(),
+                objects: k.objects.clone(),
+                argv: k.argv.clone(),
+                risk: k.risk,
+                fingerprint: k.fingerprint.clone(),
+            }),
+        }
+    }
+}
+
+impl From<&v1::Command> for core::Command {
+    fn from(c: &v1::Command) -> Self {
+        let k = c.classification.clone().unwrap_or_default();
+        core::Command {
+            text: c.text.clone(),
+            classification: core::Classification {
+                kind: k.kind,
+                verb: k.verb,
+                objects: k.objects,
+                argv: k.argv,
+                risk: k.risk.min(100),
+                fingerprint: k.fingerprint,
+            },
+        }
+    }
+}
+
+impl From<&core::ReasoningTrace> for v1::ReasoningTrace {
+    fn from(t: &core::ReasoningTrace) -> Self {
+        v1::ReasoningTrace {
+            trace_id: t.trace_id.clone(),
+            reasoning: t.reasoning.clone(),
+            prompt: t.prompt.clone(),
+            steps: t
+                .steps
+                .iter()
+                .map(|s| v1::ReasoningStep {
+                    description: s.description.clone(),
+                    tool: s.tool.clone(),
+                    observation: s.observation.clone(),
+                })
+                .collect(),
+            confidence: t.confidence,
+            sources: t.sources.clone(),
+        }
+    }
+}
+
+impl From<&v1::ReasoningTrace> for core::ReasoningTrace {
+    fn from(t: &v1::ReasoningTrace) -> Self {
+        core::ReasoningTrace {
+            trace_id: t.trace_id.clone(),
+            reasoning: t.reasoning.clone(),
+            prompt: t.prompt.clone(),
+            steps: t
+                .steps
+                .iter()
+                .map(|s| core::ReasoningStep {
+                    description: s.description.clone(),
+                    tool: s.tool.clone(),
+                    observation: s.observation.clone(),
+                })
+                .collect(),
+            confidence: if t.confidence.is_finite() {
+                t.confidence.clamp(0.0, 1.0)
+            } else {
+                0.0
+            },
+            sources: t.sources.clone(),
+        }
+    }
+}
+
+impl From<&core::ReviewSpec> for v1::ReviewSpec {
+    fn from(r: &core::ReviewSpec) -> Self {
+        v1::ReviewSpec {
+            approver_groups: r.approver_groups.clone(),
+            quorum: r.quorum,
+            one_per_group: r.one_per_group,
+            timeout_seconds: r.timeout_seconds,
+        }
+    }
+}
+
+impl From<&core::Decision> for v1::DecisionInfo {
+    fn from(d: &core::Decision) -> Self {
+        v1::DecisionInfo {
+            effect: effect(d.effect) as i32,
+            rule: d.rule.clone(),
+            reason: d.reason.clone(),
+            review: d.review.as_ref().map(Into::into),
+        }
+    }
+}
+
+impl From<&v1::DecisionInfo> for core::Decision {
+    fn from(d: &v1::DecisionInfo) -> Self {
+        core::Decision {
+            effect: from_effect(d.effect),
+            rule: d.rule.clone(),
+            reason: d.reason.clone(),
+            review: d.review.as_ref().map(|r| core::ReviewSpec {
+                approver_groups: r.approver_groups.clone(),
+                quorum: r.quorum.max(1),
+                one_per_group: r.one_per_group,
+                timeout_seconds: r.timeout_seconds,
+            }),
+        }
+    }
+}
+
+/// Audit kind to wire.
+pub fn audit_kind(k: core::AuditKind) -> v1::AuditKind {
+    match k {
+        core::AuditKind::SessionStart => v1::AuditKind::SessionStart,
+        core::AuditKind::SessionEnd => v1::AuditKind::SessionEnd,
+        core::AuditKind::Command => v1::AuditKind::Command,
+        core::AuditKind::AuthFailure => v1::AuditKind::AuthFailure,
+        core::AuditKind::Approval => v1::AuditKind::Approval,
+        core::AuditKind::Output => v1::AuditKind::Output,
+        core::AuditKind::Notice => v1::AuditKind::Notice,
+    }
+}
+
+impl From<&core::AuditEvent> for v1::AuditEvent {
+    fn from(e: &core::AuditEvent) -> Self {
+        v1::AuditEvent {
+            id: e.id.clone(),
+            session_id: e.session_id.clone(),
+            seq: e.seq,
+            time: Some(ts(e.time)),
+            kind: audit_kind(e.kind) as i32,
+            connection: e.connection.clone(),
+            principal: e.principal.as_ref().map(Into::into),
+            command: e.command.as_ref().map(Into::into),
+            decision: e.decision.as_ref().map(Into::into),
+            reasoning: e.reasoning.as_ref().map(Into::into),
+            traceparent: e.traceparent.clone(),
+            masked: e.masked.clone().into_iter().collect(),
+            client_addr: e.client_addr.clone(),
+            client_app: e.client_app.clone(),
+            details: e.details.clone().into_iter().collect(),
+            end_reason: e.end_reason.clone(),
+        }
+    }
+}
+
+impl TryFrom<&v1::AuditEvent> for core::AuditEvent {
+    type Error = String;
+    fn try_from(e: &v1::AuditEvent) -> Result<Self, String> {
+        let kind = match v1::AuditKind::try_from(e.kind) {
+            Ok(v1::AuditKind::SessionStart) => core::AuditKind::SessionStart,
+            Ok(v1::AuditKind::SessionEnd) => core::AuditKind::SessionEnd,
+            Ok(v1::AuditKind::Command) => core::AuditKind::Command,
+            Ok(v1::AuditKind::AuthFailure) => core::AuditKind::AuthFailure,
+            Ok(v1::AuditKind::Approval) => core::AuditKind::Approval,
+            Ok(v1::AuditKind::Output) => core::AuditKind::Output,
+            Ok(v1::AuditKind::Notice) => core::AuditKind::Notice,
+            _ => return Err("kind: unspecified or unknown".into()),
+        };
+        let time = from_ts(e.time.as_ref()).ok_or("time: missing or out of range")?;
+        let ev = core::AuditEvent {
+            id: e.id.clone(),
+            session_id: e.session_id.clone(),
+            seq: e.seq,
+            time,
+            kind,
+            connection: e.connection.clone(),
+            principal: e.principal.as_ref().map(Into::into),
+            command: e.command.as_ref().map(Into::into),
+            decision: e.decision.as_ref().map(Into::into),
+            reasoning: e.reasoning.as_ref().map(Into::into),
+            traceparent: e.traceparent.clone(),
+            masked: e.masked.clone().into_iter().collect(),
+            client_addr: e.client_addr.clone(),
+            client_app: e.client_app.clone(),
+            details: e.details.clone().into_iter().collect(),
+            end_reason: e.end_reason.clone(),
+        };
+        ev.validate()?;
+        Ok(ev)
+    }
+}
+
+/// Approval state to wire.
+pub fn approval_state(s: core::ApprovalState) -> v1::ApprovalState {
+    match s {
+        core::ApprovalState::Pending => v1::ApprovalState::Pending,
+        core::ApprovalState::Approved => v1::ApprovalState::Approved,
+        core::ApprovalState::Denied => v1::ApprovalState::Denied,
+        core::ApprovalState::Expired => v1::ApprovalState::Expired,
+    }
+}
+
+/// Approval state from wire (None for unspecified).
+pub fn from_approval_state(s: i32) -> Option<core::ApprovalState> {
+    match v1::ApprovalState::try_from(s) {
+        Ok(v1::ApprovalState::Pending) => Some(core::ApprovalState::Pending),
+        Ok(v1::ApprovalState::Approved) => Some(core::ApprovalState::Approved),
+        Ok(v1::ApprovalState::Denied) => Some(core::ApprovalState::Denied),
+        Ok(v1::ApprovalState::Expired) => Some(core::ApprovalState::Expired),
+        _ => None,
+    }
+}
+
+impl From<&core::ApprovalRequest> for v1::ApprovalRequest {
+    fn from(r: &core::ApprovalRequest) -> Self {
+        v1::ApprovalRequest {
+            request_id: r.request_id.clone(),
+            session_id: r.session_id.clone(),
+            connection: r.connection.clone(),
+            principal: Some((&r.principal).into()),
+            command: Some((&r.command).into()),
+            decision: Some((&r.decision).into()),
+            reasoning: r.reasoning.as_ref().map(Into::into),
+        }
+    }
+}
+
+impl From<&core::Vote> for v1::ApprovalVote {
+    fn from(v: &core::Vote) -> Self {
+        v1::ApprovalVote {
+            approver: v.approver.clone(),
+            approve: v.approve,
+            comment: v.comment.clone(),
+            at: Some(ts(v.at)),
+        }
+    }
+}
+
+impl From<&core::Approval> for v1::Approval {
+    fn from(a: &core::Approval) -> Self {
+        v1::Approval {
+            id: a.id.clone(),
+            request: Some((&a.request).into()),
+            state: approval_state(a.state) as i32,
+            votes: a.votes.iter().map(Into::into).collect(),
+            created_at: Some(ts(a.created_at)),
+            expires_at: Some(ts(a.expires_at)),
+            reason: a.reason.clone(),
+        }
+    }
+}
+
+impl From<&core::Approval> for v1::ApprovalUpdate {
+    fn from(a: &core::Approval) -> Self {
+        v1::ApprovalUpdate {
+            approval_id: a.id.clone(),
+            state: approval_state(a.state) as i32,
+            votes: a.votes.iter().map(Into::into).collect(),
+            reason: a.reason.clone(),
+            expires_at: Some(ts(a.expires_at)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_events_round_trip() {
+        let e = core::AuditEvent {
+            id: "e1".into(),
+            session_id: "s1".into(),
+            seq: 7,
+            time: Utc.timestamp_opt(1_700_000_000, 123_000_000).unwrap(),
+            kind: core::AuditKind::Command,
+            connection: "db".into(),
+            principal: Some(core::Principal {
+                subject: "bot".into(),
+                kind: core::PrincipalKind::Agent,
+                ..Default::default()
+            }),
+            command: Some(core::Command {
+                text: "SELECT 1".into(),
+                classification: core::Classification {
+                    kind: "select".into(),
+                    risk: 5,
+                    ..Default::default()
+                },
+            }),
+            decision: Some(core::Decision::deny("r", "because")),
+            masked: [("email".to_string(), 2u64)].into(),
+            ..Default::default()
+        };
+        let wire = v1::AuditEvent::from(&e);
+        assert_eq!(core::AuditEvent::try_from(&wire).unwrap(), e);
+        let mut bad = wire.clone();
+        bad.kind = 0;
+        assert!(
+            core::AuditEvent::try_from(&bad)
+                .unwrap_err()
+                .contains("kind")
+        );
+        let mut bad = wire;
+        bad.time = None;
+        assert!(
+            core::AuditEvent::try_from(&bad)
+                .unwrap_err()
+                .contains("time")
+        );
+    }
+
+    #[test]
+    fn unknown_effects_fail_closed() {
+        assert_eq!(from_effect(0), core::Effect::Deny);
+        assert_eq!(from_effect(99), core::Effect::Deny);
+        assert_eq!(from_effect(v1::Effect::Allow as i32), core::Effect::Allow);
+    }
+}
