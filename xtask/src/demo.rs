@@ -1,4 +1,232 @@
-//! wip
-pub fn run(_a: &[String]) -> Result<(), String> {
-    Err("todo".into())
+//! `cargo xtask demo`: Wicket's main job on the embedded default.
+//!
+//! Starts a local demo identity provider and the control service on a SQLite
+//! file with the demo policy (`deploy/demo/policy.yaml`), writes
+//! `target/demo/env`, shows a first decision, and keeps running until Ctrl-C.
+//! `--check` does the same on free ports, verifies it, and exits.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::util::{self, free_port, root, wait_for};
+
+struct Kill(Vec<(String, Child)>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+fn wicket(bin: &Path, env: &[(String, String)], args: &[&str]) -> Result<String, String> {
+    let out = Command::new(bin.join("wicket"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .map_err(|e| format!("cannot run wicket: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        return Err(format!(
+            "`wicket {}` failed: {}{}",
+            args.join(" "),
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(stdout)
+}
+
+/// Runs the demo.
+pub fn run(args: &[String]) -> Result<(), String> {
+    let check = args.iter().any(|a| a == "--check");
+    util::step("building wicket-control, wicket and the demo identity provider");
+    util::run(
+        "cargo",
+        &[
+            "build",
+            "--quiet",
+            "-p",
+            "wicket-control",
+            "-p",
+            "wicket-cli",
+            "-p",
+            "wicket-testkit",
+            "--bins",
+        ],
+        &[],
+    )?;
+    let root = root();
+    let bin = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("debug");
+    let dir = root.join(if check {
+        "target/demo-check"
+    } else {
+        "target/demo"
+    });
+    if check {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let (idp_port, control_port) = if check {
+        (free_port()?, free_port()?)
+    } else {
+        (7480, 7470)
+    };
+    for (port, what) in [
+        (idp_port, "the demo identity provider"),
+        (control_port, "wicket-control"),
+    ] {
+        if port_open(port) {
+            return Err(format!(
+                "port {port} (for {what}) is already in use: is another `cargo xtask demo` running?"
+            ));
+        }
+    }
+    let mut kids = Kill(Vec::new());
+    let idp_env = dir.join("idp.env");
+    let _ = std::fs::remove_file(&idp_env);
+    let idp_log = std::fs::File::create(dir.join("idp.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(bin.join("wicket-demo-idp"))
+        .args(["--listen", &format!("127.0.0.1:{idp_port}"), "--env-file"])
+        .arg(&idp_env)
+        .stdin(Stdio::null())
+        .stdout(idp_log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(idp_log)
+        .spawn()
+        .map_err(|e| format!("cannot start wicket-demo-idp: {e}"))?;
+    kids.0.push(("wicket-demo-idp".into(), child));
+    wait_for(20, "the demo identity provider", || {
+        idp_env.exists() && port_open(idp_port)
+    })?;
+    let mut env: Vec<(String, String)> = std::fs::read_to_string(&idp_env)
+        .map_err(|e| e.to_string())?
+        .lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect();
+    let get = |env: &[(String, String)], k: &str| {
+        env.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let control_url = format!("http://127.0.0.1:{control_port}");
+    let db = dir.join("wicket.db");
+    let control_log = std::fs::File::create(dir.join("control.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(bin.join("wicket-control"))
+        .env("WICKET_LISTEN", format!("127.0.0.1:{control_port}"))
+        .env("WICKET_DATABASE_URL", format!("sqlite:{}", db.display()))
+        .env("WICKET_OIDC_ISSUER", get(&env, "WICKET_OIDC_ISSUER"))
+        .env("WICKET_POLICY_FILE", root.join("deploy/demo/policy.yaml"))
+        .stdin(Stdio::null())
+        .stdout(control_log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(control_log)
+        .spawn()
+        .map_err(|e| format!("cannot start wicket-control: {e}"))?;
+    kids.0.push(("wicket-control".into(), child));
+    if let Err(e) = wait_for(30, "wicket-control", || port_open(control_port)) {
+        let log = std::fs::read_to_string(dir.join("control.log")).unwrap_or_default();
+        return Err(format!("{e}\n{log}"));
+    }
+    env.push(("WICKET_CONTROL".into(), control_url.clone()));
+    env.push(("WICKET_TOKEN".into(), get(&env, "WICKET_ADMIN_TOKEN")));
+    let mut file =
+        String::from("# Written by `cargo xtask demo`. Use with: source target/demo/env\n");
+    for (k, v) in &env {
+        file.push_str(&format!("export {k}='{v}'\n"));
+    }
+    file.push_str(&format!("export PATH='{}':\"$PATH\"\n", bin.display()));
+    let env_path = dir.join("env");
+    std::fs::write(&env_path, file)
+        .map_err(|e| format!("cannot write {}: {e}", env_path.display()))?;
+    let wicket_env: Vec<(String, String)> = env.clone();
+    let connections = wicket(&bin, &wicket_env, &["connections", "list"])?;
+    let explain = wicket(
+        &bin,
+        &wicket_env,
+        &[
+            "policy",
+            "explain",
+            "-c",
+            "demo-db",
+            "--principal",
+            "demo-agent",
+            "--agent",
+            "--group",
+            "agents",
+            "--kind",
+            "delete",
+            "--verb",
+            "DELETE",
+            "--reasoning",
+            "--text",
+            "DELETE FROM orders WHERE id = 42",
+        ],
+    )?;
+    println!(
+        "\nWicket is running on the embedded default (SQLite: {}).\n",
+        db.display()
+    );
+    println!("  control service (gRPC)   {control_url}");
+    println!(
+        "  identity provider (OIDC) {}",
+        get(&env, "WICKET_OIDC_ISSUER")
+    );
+    println!("  environment              {}\n", env_path.display());
+    println!("Connections:\n{connections}");
+    println!("Would the demo agent's DELETE run?\n{explain}");
+    println!("Try it yourself:");
+    println!("  source {}", env_path.display());
+    println!("  wicket policy get");
+    println!(
+        "  wicket policy explain -c demo-db --principal demo-agent --agent --group agents --kind select"
+    );
+    println!("  wicket approvals list");
+    println!("  wicket sessions list\n");
+    if check {
+        for want in ["demo-db", "postgres"] {
+            if !connections.contains(want) {
+                return Err(format!(
+                    "demo check: `wicket connections list` lacks {want}:\n{connections}"
+                ));
+            }
+        }
+        if !explain.contains("review") || !explain.contains("writes-need-approval") {
+            return Err(format!("demo check: unexpected explanation:\n{explain}"));
+        }
+        let denied = Command::new(bin.join("wicket"))
+            .args(["policy", "apply", "-f", "Cargo.toml"])
+            .current_dir(&root)
+            .envs(wicket_env.iter().map(|(k, v)| (k, v)))
+            .env("WICKET_TOKEN", get(&env, "WICKET_AGENT_TOKEN"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if denied.status.code() != Some(3) {
+            return Err("demo check: an agent token was not refused the admin API".into());
+        }
+        println!("demo check passed");
+        return Ok(());
+    }
+    println!("Press Ctrl-C to stop.");
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        for (name, c) in &mut kids.0 {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Err(format!(
+                    "{name} exited ({status}); see the logs in {}",
+                    dir.display()
+                ));
+            }
+        }
+    }
 }

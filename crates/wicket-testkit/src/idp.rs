@@ -231,14 +231,32 @@ impl TestIdp {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        let basic = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|b| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.decode(b).ok()
+            })
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| {
+                s.split_once(':')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            });
         let body = req
             .into_body()
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        let form: HashMap<String, String> =
+        let mut form: HashMap<String, String> =
             url::form_urlencoded::parse(&body).into_owned().collect();
+        if let Some((id, secret)) = basic {
+            form.insert("client_id".into(), id);
+            form.insert("client_secret".into(), secret);
+        }
         let (status, value) = match (method, path.as_str()) {
             (Method::GET, "/.well-known/openid-configuration") => {
                 let iss = self.issuer();
@@ -251,6 +269,7 @@ impl TestIdp {
                         "device_authorization_endpoint": format!("{iss}/device/code"),
                         "authorization_endpoint": format!("{iss}/auth"),
                         "grant_types_supported": ["client_credentials", "urn:ietf:params:oauth:grant-type:device_code"],
+                        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
                         "id_token_signing_alg_values_supported": ["ES256"],
                         "response_types_supported": ["code"],
                         "subject_types_supported": ["public"],

@@ -1,0 +1,925 @@
+//! The subcommands.
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use wicket_proto::convert;
+use wicket_proto::v1;
+use wicket_proto::v1::approval_admin_service_client::ApprovalAdminServiceClient;
+use wicket_proto::v1::connection_admin_service_client::ConnectionAdminServiceClient;
+use wicket_proto::v1::policy_admin_service_client::PolicyAdminServiceClient;
+use wicket_proto::v1::session_admin_service_client::SessionAdminServiceClient;
+
+use crate::output::{self, Format, cell};
+use crate::{Cli, CliError, Cmd, login};
+
+/// `wicket login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// OIDC issuer URL.
+    #[arg(long, env = "WICKET_OIDC_ISSUER")]
+    issuer: String,
+    /// OAuth client id.
+    #[arg(long, env = "WICKET_CLIENT_ID", default_value = "wicket-cli")]
+    client_id: String,
+    /// Use the client credentials grant (agents, automation).
+    #[arg(long)]
+    client_credentials: bool,
+    /// Client secret for --client-credentials (prefer the environment variable).
+    #[arg(long, env = "WICKET_CLIENT_SECRET", hide_env_values = true)]
+    client_secret: Option<String>,
+    /// Resource indicator (RFC 8707) to ask the token for.
+    #[arg(long, env = "WICKET_OIDC_RESOURCE")]
+    resource: Option<String>,
+    /// Scopes to request.
+    #[arg(long, default_value = "openid")]
+    scope: String,
+}
+
+/// `wicket policy …`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Validate and apply a policy document.
+    Apply {
+        /// YAML file (`-` for stdin).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Print the current (or a given) policy version.
+    Get {
+        /// Version (default: current).
+        #[arg(long, default_value_t = 0)]
+        version: u64,
+    },
+    /// Check a policy document without applying it.
+    Validate {
+        /// YAML file (`-` for stdin).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Explain the decision for a hypothetical principal and command.
+    Explain(ExplainArgs),
+}
+
+/// `wicket policy explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Connection name.
+    #[arg(long, short = 'c')]
+    connection: String,
+    /// Principal subject (default: you).
+    #[arg(long)]
+    principal: Option<String>,
+    /// Groups of the principal (repeatable).
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    /// The principal is an agent.
+    #[arg(long)]
+    agent: bool,
+    /// Command class (select, insert, ddl, exec, …).
+    #[arg(long = "kind", default_value = "")]
+    kind: String,
+    /// Verb (SELECT, GET, kubectl verb, program).
+    #[arg(long, default_value = "")]
+    verb: String,
+    /// Command text.
+    #[arg(long, default_value = "")]
+    text: String,
+    /// Risk score 0..100.
+    #[arg(long, default_value_t = 0)]
+    risk: u32,
+    /// Objects touched (repeatable).
+    #[arg(long = "object")]
+    objects: Vec<String>,
+    /// The command carries a reasoning trace.
+    #[arg(long)]
+    reasoning: bool,
+    /// Evaluate at this RFC 3339 time (default: now).
+    #[arg(long)]
+    at: Option<DateTime<Utc>>,
+    /// Explain against this file instead of the applied policy.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+}
+
+/// `wicket connections …`.
+#[derive(Debug, Subcommand)]
+pub enum ConnectionsCmd {
+    /// List connections.
+    List,
+}
+
+/// `wicket approvals …`.
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCmd {
+    /// List approvals (pending by default).
+    List {
+        /// pending, approved, denied, expired or all.
+        #[arg(long, default_value = "pending")]
+        state: String,
+    },
+    /// Approve a held command.
+    Approve {
+        /// Approval id.
+        id: String,
+        /// Comment.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Deny a held command.
+    Deny {
+        /// Approval id.
+        id: String,
+        /// Reason, shown to the requester.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// `wicket sessions …`.
+#[derive(Debug, Subcommand)]
+pub enum SessionsCmd {
+    /// List sessions, newest first.
+    List {
+        /// Only this connection.
+        #[arg(long)]
+        connection: Option<String>,
+        /// Only this principal (subject).
+        #[arg(long)]
+        principal: Option<String>,
+        /// Only live sessions.
+        #[arg(long)]
+        active: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show a session and its events.
+    Show {
+        /// Session id.
+        id: String,
+    },
+}
+
+fn read_file(path: &PathBuf) -> Result<(String, String), CliError> {
+    if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| CliError::usage(format!("cannot read stdin: {e}")))?;
+        return Ok((s, "<stdin>".into()));
+    }
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))?;
+    Ok((s, path.display().to_string()))
+}
+
+struct Client {
+    channel: Channel,
+    token: String,
+}
+
+impl Client {
+    async fn connect(cli: &Cli) -> Result<Client, CliError> {
+        let token = match &cli.token {
+            Some(t) if !t.trim().is_empty() => t.trim().to_string(),
+            _ => {
+                let cached = login::load(std::env::var("WICKET_OIDC_ISSUER").ok().as_deref())
+                    .ok_or_else(|| {
+                        CliError::auth("not logged in: run `wicket login` or set WICKET_TOKEN")
+                    })?;
+                if cached.expires_at != 0 && cached.expires_at <= Utc::now().timestamp() {
+                    return Err(CliError::auth(format!(
+                        "your token from {} has expired: run `wicket login` again",
+                        cached.issuer
+                    )));
+                }
+                cached.access_token
+            }
+        };
+        let mut ep = Endpoint::from_shared(cli.control.clone())
+            .map_err(|e| CliError::usage(format!("invalid --control URL `{}`: {e}", cli.control)))?
+            .connect_timeout(std::time::Duration::from_secs(5));
+        if cli.control.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_native_roots();
+            if let Some(ca) = &cli.ca_cert {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| CliError::usage(format!("cannot read {}: {e}", ca.display())))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            ep = ep
+                .tls_config(tls)
+                .map_err(|e| CliError::usage(format!("TLS: {e}")))?;
+        } else if !is_loopback(&cli.control) {
+            eprintln!(
+                "wicket: warning: sending your token over plain http to {}",
+                cli.control
+            );
+        }
+        let channel = ep.connect().await.map_err(|e| {
+            CliError::unavailable(format!(
+                "cannot reach the control service at {}: {e}\nhint: is wicket-control running? (see `cargo xtask demo`)",
+                cli.control
+            ))
+        })?;
+        Ok(Client { channel, token })
+    }
+
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        if let Ok(v) = MetadataValue::try_from(format!("Bearer {}", self.token)) {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    }
+}
+
+fn is_loopback(url: &str) -> bool {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("");
+    matches!(host, "127.0.0.1" | "localhost" | "[")
+        || host.starts_with("127.")
+        || url.contains("://[::1]")
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> String {
+    convert::from_ts(t)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
+fn effect(e: i32) -> &'static str {
+    convert::from_effect(e).as_str()
+}
+
+fn state(s: i32) -> &'static str {
+    convert::from_approval_state(s)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown")
+}
+
+fn principal_json(p: Option<&v1::Principal>) -> Value {
+    match p {
+        None => Value::Null,
+        Some(p) => json!({
+            "subject": p.subject, "issuer": p.issuer, "display_name": p.display_name,
+            "kind": if p.kind == v1::PrincipalKind::Agent as i32 { "agent" } else { "human" },
+            "groups": p.groups,
+        }),
+    }
+}
+
+fn principal_label(p: Option<&v1::Principal>) -> String {
+    p.map(|p| {
+        if p.display_name.is_empty() {
+            p.subject.clone()
+        } else {
+            p.display_name.clone()
+        }
+    })
+    .unwrap_or_default()
+}
+
+fn command_json(c: Option<&v1::Command>) -> Value {
+    match c {
+        None => Value::Null,
+        Some(c) => {
+            let k = c.classification.clone().unwrap_or_default();
+            json!({"text": c.text, "kind": k.kind, "verb": k.verb, "objects": k.objects, "risk": k.risk})
+        }
+    }
+}
+
+fn reasoning_json(r: Option<&v1::ReasoningTrace>) -> Value {
+    match r {
+        None => Value::Null,
+        Some(r) => json!({
+            "trace_id": r.trace_id, "reasoning": r.reasoning, "prompt": r.prompt,
+            "steps": r.steps.iter().map(|s| json!({"description": s.description, "tool": s.tool, "observation": s.observation})).collect::<Vec<_>>(),
+            "confidence": r.confidence, "sources": r.sources,
+        }),
+    }
+}
+
+fn decision_json(d: Option<&v1::DecisionInfo>) -> Value {
+    match d {
+        None => Value::Null,
+        Some(d) => json!({
+            "effect": effect(d.effect), "rule": d.rule, "reason": d.reason,
+            "review": d.review.as_ref().map(|r| json!({
+                "approver_groups": r.approver_groups, "quorum": r.quorum,
+                "one_per_group": r.one_per_group, "timeout_seconds": r.timeout_seconds,
+            })),
+        }),
+    }
+}
+
+fn approval_json(a: &v1::Approval) -> Value {
+    let r = a.request.clone().unwrap_or_default();
+    json!({
+        "id": a.id, "state": state(a.state), "connection": r.connection, "session_id": r.session_id,
+        "principal": principal_json(r.principal.as_ref()),
+        "command": command_json(r.command.as_ref()),
+        "decision": decision_json(r.decision.as_ref()),
+        "reasoning": reasoning_json(r.reasoning.as_ref()),
+        "votes": a.votes.iter().map(|v| json!({"approver": v.approver, "approve": v.approve, "comment": v.comment, "at": time(v.at.as_ref())})).collect::<Vec<_>>(),
+        "created_at": time(a.created_at.as_ref()), "expires_at": time(a.expires_at.as_ref()), "reason": a.reason,
+    })
+}
+
+fn session_json(s: &v1::Session) -> Value {
+    json!({
+        "id": s.id, "connection": s.connection, "principal": principal_json(s.principal.as_ref()),
+        "state": s.state, "started_at": time(s.started_at.as_ref()), "ended_at": time(s.ended_at.as_ref()),
+        "end_reason": s.end_reason, "commands": s.command_count, "client_addr": s.client_addr, "client_app": s.client_app,
+    })
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let fmt = cli.output;
+    match &cli.command {
+        Cmd::Login(a) => {
+            let token = if a.client_credentials {
+                let secret = a.client_secret.as_deref().ok_or_else(|| {
+                    CliError::usage("--client-credentials needs a secret: set WICKET_CLIENT_SECRET")
+                })?;
+                login::client_credentials(
+                    &a.issuer,
+                    &a.client_id,
+                    secret,
+                    a.resource.as_deref(),
+                    None,
+                )
+                .await?
+            } else {
+                login::device(&a.issuer, &a.client_id, a.resource.as_deref(), &a.scope).await?
+            };
+            let path = login::save(&token)?;
+            let until = chrono::DateTime::from_timestamp(token.expires_at, 0)
+                .map(|t| format!(" until {}", t.format("%Y-%m-%d %H:%M UTC")))
+                .unwrap_or_default();
+            eprintln!(
+                "Signed in to {}{until}; token cached in {}",
+                token.issuer,
+                path.display()
+            );
+            Ok(())
+        }
+        Cmd::Logout { issuer } => {
+            if login::logout(issuer.as_deref())? {
+                eprintln!("Signed out.");
+            } else {
+                eprintln!("No cached token.");
+            }
+            Ok(())
+        }
+        Cmd::Policy(p) => policy(&cli, fmt, p).await,
+        Cmd::Connections(ConnectionsCmd::List) => {
+            let c = Client::connect(&cli).await?;
+            let list = ConnectionAdminServiceClient::new(c.channel.clone())
+                .list_connections(c.req(v1::ListConnectionsRequest {}))
+                .await?
+                .into_inner()
+                .connections;
+            let protocol = |p: i32| convert::from_protocol(p).map(|p| p.as_str()).unwrap_or("?");
+            let rows = list
+                .iter()
+                .map(|c| {
+                    let sorted: std::collections::BTreeMap<_, _> = c.labels.iter().collect();
+                    let labels: Vec<String> =
+                        sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    vec![
+                        c.name.clone(),
+                        protocol(c.protocol).into(),
+                        c.upstream.clone(),
+                        labels.join(","),
+                    ]
+                })
+                .collect();
+            let json = list
+                .iter()
+                .map(|c| json!({"name": c.name, "protocol": protocol(c.protocol), "upstream": c.upstream, "labels": c.labels, "description": c.description}))
+                .collect();
+            output::rows(
+                fmt,
+                &["name", "protocol", "upstream", "labels"],
+                rows,
+                Value::Array(json),
+            );
+            Ok(())
+        }
+        Cmd::Approvals(a) => approvals(&cli, fmt, a).await,
+        Cmd::Sessions(s) => sessions(&cli, fmt, s).await,
+    }
+}
+
+async fn policy(cli: &Cli, fmt: Format, cmd: &PolicyCmd) -> Result<(), CliError> {
+    let c = Client::connect(cli).await?;
+    let mut api = PolicyAdminServiceClient::new(c.channel.clone());
+    match cmd {
+        PolicyCmd::Apply { file } => {
+            let (document, source_name) = read_file(file)?;
+            let r = api
+                .apply_policy(c.req(v1::ApplyPolicyRequest {
+                    document,
+                    source_name,
+                }))
+                .await?
+                .into_inner();
+            let msg = if r.changed {
+                "applied"
+            } else {
+                "unchanged (same as the current version)"
+            };
+            output::record(
+                fmt,
+                vec![
+                    ("version", r.version.to_string()),
+                    ("sha256", r.sha256.clone()),
+                    ("result", msg.into()),
+                ],
+                json!({"version": r.version, "sha256": r.sha256, "changed": r.changed}),
+            );
+        }
+        PolicyCmd::Get { version } => {
+            let r = api
+                .get_policy(c.req(v1::GetPolicyRequest { version: *version }))
+                .await?
+                .into_inner();
+            match fmt {
+                Format::Table => {
+                    eprintln!(
+                        "# version {} applied by {} at {}",
+                        r.version,
+                        r.applied_by,
+                        time(r.applied_at.as_ref())
+                    );
+                    print!("{}", r.document);
+                    if !r.document.ends_with('\n') {
+                        println!();
+                    }
+                }
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "version": r.version, "sha256": r.sha256, "applied_by": r.applied_by,
+                        "applied_at": time(r.applied_at.as_ref()), "document": r.document,
+                    }))
+                    .expect("json")
+                ),
+            }
+        }
+        PolicyCmd::Validate { file } => {
+            let (document, source_name) = read_file(file)?;
+            let r = api
+                .validate_policy(c.req(v1::ValidatePolicyRequest {
+                    document,
+                    source_name: source_name.clone(),
+                }))
+                .await?
+                .into_inner();
+            if fmt == Format::Json {
+                let errors: Vec<Value> = r.errors.iter().map(|e| json!({"file": e.source_name, "line": e.line, "column": e.column, "field": e.field, "message": e.message})).collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"valid": r.valid, "errors": errors}))
+                        .expect("json")
+                );
+            } else if r.valid {
+                println!("{source_name}: valid");
+            } else {
+                for e in &r.errors {
+                    let field = if e.field.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" {}:", e.field)
+                    };
+                    eprintln!(
+                        "{}:{}:{}:{field} {}",
+                        e.source_name, e.line, e.column, e.message
+                    );
+                }
+            }
+            if !r.valid {
+                return Err(CliError::failed(format!(
+                    "{} error(s) in {source_name}",
+                    r.errors.len()
+                )));
+            }
+        }
+        PolicyCmd::Explain(a) => {
+            let document = match &a.file {
+                Some(f) => read_file(f)?.0,
+                None => String::new(),
+            };
+            let principal = a.principal.as_ref().map(|s| v1::Principal {
+                subject: s.clone(),
+                issuer: String::new(),
+                kind: if a.agent {
+                    v1::PrincipalKind::Agent
+                } else {
+                    v1::PrincipalKind::Human
+                } as i32,
+                groups: a.groups.clone(),
+                display_name: String::new(),
+                client_id: String::new(),
+            });
+            let r = api
+                .explain_policy(c.req(v1::ExplainRequest {
+                    principal,
+                    connection: a.connection.clone(),
+                    command: Some(v1::Command {
+                        text: a.text.clone(),
+                        classification: Some(v1::Classification {
+                            kind: a.kind.clone(),
+                            verb: a.verb.clone(),
+                            objects: a.objects.clone(),
+                            argv: Vec::new(),
+                            risk: a.risk,
+                            fingerprint: String::new(),
+                        }),
+                    }),
+                    has_reasoning: a.reasoning,
+                    at: a.at.map(convert::ts),
+                    document,
+                }))
+                .await?
+                .into_inner();
+            let d = r.decision.clone().unwrap_or_default();
+            let matched: Vec<String> = r
+                .matched
+                .iter()
+                .map(|m| {
+                    let note = if m.note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", m.note)
+                    };
+                    format!("{}={}{note}", m.rule, effect(m.effect))
+                })
+                .collect();
+            let mut pairs = vec![
+                ("decision", effect(d.effect).to_string()),
+                ("rule", d.rule.clone()),
+                ("reason", d.reason.clone()),
+                (
+                    "grant",
+                    if r.grant.is_empty() {
+                        "(none)".into()
+                    } else {
+                        r.grant.clone()
+                    },
+                ),
+                (
+                    "matched",
+                    if matched.is_empty() {
+                        "(none)".into()
+                    } else {
+                        matched.join(", ")
+                    },
+                ),
+            ];
+            if let Some(rv) = &d.review {
+                pairs.push((
+                    "approvers",
+                    format!(
+                        "{} (quorum {}, timeout {}s)",
+                        rv.approver_groups.join(", "),
+                        rv.quorum,
+                        rv.timeout_seconds
+                    ),
+                ));
+            }
+            pairs.push((
+                "policy",
+                if r.policy_version == 0 {
+                    "file".into()
+                } else {
+                    format!("v{}", r.policy_version)
+                },
+            ));
+            output::record(
+                fmt,
+                pairs,
+                json!({
+                    "decision": decision_json(Some(&d)), "grant": r.grant, "policy_version": r.policy_version,
+                    "matched": r.matched.iter().map(|m| json!({"rule": m.rule, "effect": effect(m.effect), "note": m.note})).collect::<Vec<_>>(),
+                }),
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn approvals(cli: &Cli, fmt: Format, cmd: &ApprovalsCmd) -> Result<(), CliError> {
+    let c = Client::connect(cli).await?;
+    let mut api = ApprovalAdminServiceClient::new(c.channel.clone());
+    let show = |a: &v1::Approval| {
+        let r = a.request.clone().unwrap_or_default();
+        let d = r.decision.clone().unwrap_or_default();
+        output::record(
+            fmt,
+            vec![
+                ("id", a.id.clone()),
+                ("state", state(a.state).into()),
+                ("principal", principal_label(r.principal.as_ref())),
+                ("connection", r.connection.clone()),
+                (
+                    "command",
+                    r.command
+                        .as_ref()
+                        .map(|c| c.text.clone())
+                        .unwrap_or_default(),
+                ),
+                ("rule", d.rule.clone()),
+                (
+                    "votes",
+                    a.votes
+                        .iter()
+                        .map(|v| {
+                            format!(
+                                "{} {}",
+                                v.approver,
+                                if v.approve { "approved" } else { "denied" }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+                ("reason", a.reason.clone()),
+            ],
+            approval_json(a),
+        );
+    };
+    match cmd {
+        ApprovalsCmd::List { state: wanted } => {
+            let st = match wanted.as_str() {
+                "all" => v1::ApprovalState::Unspecified,
+                "pending" => v1::ApprovalState::Pending,
+                "approved" => v1::ApprovalState::Approved,
+                "denied" => v1::ApprovalState::Denied,
+                "expired" => v1::ApprovalState::Expired,
+                other => {
+                    return Err(CliError::usage(format!(
+                        "unknown state `{other}` (pending, approved, denied, expired, all)"
+                    )));
+                }
+            };
+            let list = api
+                .list_approvals(c.req(v1::ListApprovalsRequest {
+                    state: st as i32,
+                    limit: 200,
+                }))
+                .await?
+                .into_inner()
+                .approvals;
+            let rows = list
+                .iter()
+                .map(|a| {
+                    let r = a.request.clone().unwrap_or_default();
+                    let d = r.decision.clone().unwrap_or_default();
+                    let risk = r
+                        .command
+                        .as_ref()
+                        .and_then(|c| c.classification.as_ref())
+                        .map(|k| k.risk)
+                        .unwrap_or(0);
+                    vec![
+                        a.id.clone(),
+                        state(a.state).into(),
+                        principal_label(r.principal.as_ref()),
+                        r.connection.clone(),
+                        d.rule.clone(),
+                        risk.to_string(),
+                        cell(
+                            &r.command
+                                .as_ref()
+                                .map(|c| c.text.clone())
+                                .unwrap_or_default(),
+                            48,
+                        ),
+                        cell(
+                            &r.reasoning
+                                .as_ref()
+                                .map(|t| t.reasoning.clone())
+                                .unwrap_or_default(),
+                            40,
+                        ),
+                    ]
+                })
+                .collect();
+            output::rows(
+                fmt,
+                &[
+                    "id",
+                    "state",
+                    "principal",
+                    "connection",
+                    "rule",
+                    "risk",
+                    "command",
+                    "reasoning",
+                ],
+                rows,
+                Value::Array(list.iter().map(approval_json).collect()),
+            );
+        }
+        ApprovalsCmd::Approve { id, comment } => {
+            let a = api
+                .approve(c.req(v1::DecideRequest {
+                    id: id.clone(),
+                    comment: comment.clone(),
+                }))
+                .await?
+                .into_inner();
+            show(&a);
+        }
+        ApprovalsCmd::Deny { id, reason } => {
+            let a = api
+                .deny(c.req(v1::DecideRequest {
+                    id: id.clone(),
+                    comment: reason.clone(),
+                }))
+                .await?
+                .into_inner();
+            show(&a);
+        }
+    }
+    Ok(())
+}
+
+async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliError> {
+    let c = Client::connect(cli).await?;
+    let mut api = SessionAdminServiceClient::new(c.channel.clone());
+    match cmd {
+        SessionsCmd::List {
+            connection,
+            principal,
+            active,
+            limit,
+        } => {
+            let list = api
+                .list_sessions(c.req(v1::ListSessionsRequest {
+                    connection: connection.clone().unwrap_or_default(),
+                    principal: principal.clone().unwrap_or_default(),
+                    active_only: *active,
+                    limit: *limit,
+                }))
+                .await?
+                .into_inner()
+                .sessions;
+            let rows = list
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.connection.clone(),
+                        principal_label(s.principal.as_ref()),
+                        s.state.clone(),
+                        time(s.started_at.as_ref()),
+                        s.command_count.to_string(),
+                        s.client_app.clone(),
+                    ]
+                })
+                .collect();
+            output::rows(
+                fmt,
+                &[
+                    "id",
+                    "connection",
+                    "principal",
+                    "state",
+                    "started",
+                    "commands",
+                    "client",
+                ],
+                rows,
+                Value::Array(list.iter().map(session_json).collect()),
+            );
+        }
+        SessionsCmd::Show { id } => {
+            let s = api
+                .get_session(c.req(v1::GetSessionRequest { id: id.clone() }))
+                .await?
+                .into_inner();
+            let mut events = Vec::new();
+            let mut after = 0;
+            loop {
+                let page = api
+                    .list_session_events(c.req(v1::ListSessionEventsRequest {
+                        session_id: id.clone(),
+                        after_seq: after,
+                        limit: 1000,
+                    }))
+                    .await?
+                    .into_inner()
+                    .events;
+                let done = page.len() < 1000;
+                after = page.last().map(|e| e.seq).unwrap_or(after);
+                events.extend(page);
+                if done {
+                    break;
+                }
+            }
+            let kind = |k: i32| {
+                v1::AuditKind::try_from(k)
+                    .map(|k| {
+                        k.as_str_name()
+                            .trim_start_matches("AUDIT_KIND_")
+                            .to_lowercase()
+                    })
+                    .unwrap_or_default()
+            };
+            match fmt {
+                Format::Json => {
+                    let evs: Vec<Value> = events
+                        .iter()
+                        .map(|e| json!({
+                            "id": e.id, "seq": e.seq, "time": time(e.time.as_ref()), "kind": kind(e.kind),
+                            "command": command_json(e.command.as_ref()), "decision": decision_json(e.decision.as_ref()),
+                            "reasoning": reasoning_json(e.reasoning.as_ref()), "traceparent": e.traceparent,
+                            "masked": e.masked, "details": e.details, "end_reason": e.end_reason,
+                        }))
+                        .collect();
+                    let mut j = session_json(&s);
+                    j["events"] = Value::Array(evs);
+                    println!("{}", serde_json::to_string_pretty(&j).expect("json"));
+                }
+                Format::Table => {
+                    output::record(
+                        fmt,
+                        vec![
+                            ("session", s.id.clone()),
+                            ("connection", s.connection.clone()),
+                            ("principal", principal_label(s.principal.as_ref())),
+                            ("state", s.state.clone()),
+                            ("started", time(s.started_at.as_ref())),
+                            ("ended", time(s.ended_at.as_ref())),
+                            ("end reason", s.end_reason.clone()),
+                            (
+                                "client",
+                                format!("{} {}", s.client_app, s.client_addr)
+                                    .trim()
+                                    .to_string(),
+                            ),
+                        ],
+                        Value::Null,
+                    );
+                    println!();
+                    let rows = events
+                        .iter()
+                        .map(|e| {
+                            let d = e.decision.clone().unwrap_or_default();
+                            vec![
+                                e.seq.to_string(),
+                                time(e.time.as_ref()),
+                                kind(e.kind),
+                                if e.decision.is_some() {
+                                    format!("{} ({})", effect(d.effect), d.rule)
+                                } else {
+                                    String::new()
+                                },
+                                cell(
+                                    &e.command
+                                        .as_ref()
+                                        .map(|c| c.text.clone())
+                                        .unwrap_or_default(),
+                                    50,
+                                ),
+                                cell(
+                                    &e.reasoning
+                                        .as_ref()
+                                        .map(|r| {
+                                            if r.reasoning.is_empty() {
+                                                r.prompt.clone()
+                                            } else {
+                                                r.reasoning.clone()
+                                            }
+                                        })
+                                        .unwrap_or_default(),
+                                    50,
+                                ),
+                            ]
+                        })
+                        .collect();
+                    output::rows(
+                        fmt,
+                        &["seq", "time", "event", "decision", "command", "reasoning"],
+                        rows,
+                        Value::Null,
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
