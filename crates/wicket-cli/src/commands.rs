@@ -51,9 +51,9 @@ pub enum PolicyCmd {
     },
     /// Print the current (or a given) policy version.
     Get {
-        /// Version (default: current).
-        #[arg(long, default_value_t = 0)]
-        version: u64,
+        /// Policy version (default: the current one).
+        #[arg(value_name = "VERSION", default_value_t = 0)]
+        number: u64,
     },
     /// Check a policy document without applying it.
     Validate {
@@ -450,9 +450,9 @@ async fn policy(cli: &Cli, fmt: Format, cmd: &PolicyCmd) -> Result<(), CliError>
                 json!({"version": r.version, "sha256": r.sha256, "changed": r.changed}),
             );
         }
-        PolicyCmd::Get { version } => {
+        PolicyCmd::Get { number } => {
             let r = api
-                .get_policy(c.req(v1::GetPolicyRequest { version: *version }))
+                .get_policy(c.req(v1::GetPolicyRequest { version: *number }))
                 .await?
                 .into_inner();
             match fmt {

@@ -1,0 +1,345 @@
+//! The real `wicket` binary against an in-process control service and IdP.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use wicket_proto::v1;
+use wicket_testkit::idp::{TestIdp, TokenSpec};
+
+const POLICY: &str = "connections:
+  - name: orders-db
+    protocol: postgres
+    labels: {env: prod}
+grants:
+  - id: everyone
+    groups: [dba, agents]
+rules:
+  - id: reads
+    effect: allow
+    match: {commands: [select]}
+  - id: writes
+    effect: review
+    match: {commands: [update]}
+    review: {approvers: [dba-leads], timeout: 30s}
+";
+
+struct Env {
+    idp: TestIdp,
+    control: String,
+    dir: tempfile::TempDir,
+    channel: Channel,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start() -> Env {
+    wicket_testkit::init_crypto();
+    let idp = TestIdp::start("wicket").await;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = wicket_control::Config {
+        listen: addr,
+        database_url: format!("sqlite:{}", dir.path().join("w.db").display()),
+        oidc_issuer: idp.issuer(),
+        oidc_audience: "wicket".into(),
+        groups_claim: "groups".into(),
+        agent_rules: vec!["client-credentials".into()],
+        admin_group: "wicket-admins".into(),
+        approver_group: "wicket-approvers".into(),
+        auditor_group: "wicket-auditors".into(),
+        policy_file: None,
+        max_message_bytes: 1 << 20,
+        tls_cert: None,
+        tls_key: None,
+        log_format: "text".into(),
+    };
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(wicket_control::run(cfg, listener, async {
+        let _ = rx.await;
+    }));
+    let control = format!("http://{addr}");
+    let channel = loop {
+        if let Ok(c) = Channel::from_shared(control.clone()).unwrap().connect().await {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
+    Env {
+        idp,
+        control,
+        dir,
+        channel,
+        _stop: stop,
+    }
+}
+
+impl Env {
+    /// Runs `wicket ARGS` with a clean environment; `token` None uses the login cache.
+    async fn wicket(&self, token: Option<&str>, args: &[&str]) -> Output {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wicket"));
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WICKET_CONTROL", &self.control)
+            .env("WICKET_CACHE_DIR", self.dir.path().join("cache"));
+        if let Some(t) = token {
+            cmd.env("WICKET_TOKEN", t);
+        }
+        tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+    }
+
+    fn admin(&self) -> String {
+        self.idp.mint(&TokenSpec::human("root", &["wicket-admins"]))
+    }
+
+    async fn sidecar_token(&self) -> String {
+        let mut r = tonic::Request::new(v1::CreateSidecarCredentialRequest {
+            name: "sc".into(),
+            connections: vec!["orders-db".into()],
+        });
+        bearer(&mut r, &self.admin());
+        v1::sidecar_admin_service_client::SidecarAdminServiceClient::new(self.channel.clone())
+            .create_sidecar_credential(r)
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+}
+
+fn bearer<T>(r: &mut tonic::Request<T>, token: &str) {
+    r.metadata_mut()
+        .insert("authorization", MetadataValue::try_from(format!("Bearer {token}")).unwrap());
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+fn ok(o: &Output) -> String {
+    let (out, err) = text(o);
+    assert!(o.status.success(), "exit {:?}\nstdout: {out}\nstderr: {err}", o.status);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_login_then_policy_commands() {
+    let e = start().await;
+    e.idp.set_device_user(TokenSpec::human("dana", &["wicket-admins"]));
+    let issuer = e.idp.issuer();
+    let out = e.wicket(None, &["login", "--issuer", &issuer]).await;
+    let (_, err) = text(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("enter the code WICK-ETDEMO"), "{err}");
+    let cached = std::fs::read_dir(e.dir.path().join("cache")).unwrap().count();
+    assert_eq!(cached, 2, "token file and issuer marker");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        for f in std::fs::read_dir(e.dir.path().join("cache")).unwrap() {
+            let f = f.unwrap();
+            if f.file_name().to_string_lossy().starts_with("token-") {
+                assert_eq!(f.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+            }
+        }
+    }
+
+    let applied = ok(&e.wicket(None, &["policy", "apply", "-f", "policy.yaml", "-o", "json"]).await);
+    let v: serde_json::Value = serde_json::from_str(&applied).unwrap();
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["changed"], true);
+    let got = ok(&e.wicket(None, &["policy", "get"]).await);
+    assert_eq!(got, POLICY);
+
+    let conns = ok(&e.wicket(None, &["connections", "list", "-o", "json"]).await);
+    let v: serde_json::Value = serde_json::from_str(&conns).unwrap();
+    assert_eq!(v[0]["name"], "orders-db");
+    assert_eq!(v[0]["protocol"], "postgres");
+
+    let explain = ok(&e
+        .wicket(None, &["policy", "explain", "-c", "orders-db", "--principal", "bot", "--group", "agents", "--agent", "--kind", "update"])
+        .await);
+    assert!(explain.contains("review") && explain.contains("writes"), "{explain}");
+    let explain = ok(&e
+        .wicket(None, &["policy", "explain", "-c", "orders-db", "--principal", "eve", "--kind", "select"])
+        .await);
+    assert!(explain.contains("no-grant"), "{explain}");
+
+    // Bad YAML and bad CEL name file, line and field; exit code 1.
+    std::fs::write(e.dir.path().join("bad.yaml"), "rules:\n  - id: x\n    effect: allow\n    condition: 'command.risk >'\n").unwrap();
+    for sub in ["validate", "apply"] {
+        let out = e.wicket(None, &["policy", sub, "-f", "bad.yaml"]).await;
+        let (_, err) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("bad.yaml:4:") && err.contains("rules[0].condition"), "{err}");
+    }
+    std::fs::write(e.dir.path().join("bad2.yaml"), "rules: [\n").unwrap();
+    let out = e.wicket(None, &["policy", "validate", "-f", "bad2.yaml"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).1.contains("bad2.yaml:"), "{}", text(&out).1);
+
+    // Logout forgets the token.
+    ok(&e.wicket(None, &["logout"]).await);
+    let out = e.wicket(None, &["connections", "list"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out).1.contains("wicket login"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_log_in_with_client_credentials_and_cannot_administer() {
+    let e = start().await;
+    e.idp.add_client("bot", "s3cret", TokenSpec::agent("bot", &["agents"]));
+    let issuer = e.idp.issuer();
+    let out = e
+        .wicket(None, &["login", "--issuer", &issuer, "--client-credentials", "--client-id", "bot", "--client-secret", "wrong"])
+        .await;
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(text(&out).1.contains("invalid_client"));
+    ok(&e
+        .wicket(None, &["login", "--issuer", &issuer, "--client-credentials", "--client-id", "bot", "--client-secret", "s3cret"])
+        .await);
+    let out = e.wicket(None, &["policy", "apply", "-f", "policy.yaml"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out).1.contains("permission denied"), "{}", text(&out).1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_clear() {
+    let e = start().await;
+    let expired = e.idp.mint(&TokenSpec {
+        ttl_seconds: -300,
+        ..TokenSpec::human("root", &["wicket-admins"])
+    });
+    let out = e.wicket(Some(&expired), &["connections", "list"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    let (_, err) = text(&out);
+    assert!(err.contains("expired"), "{err}");
+    assert!(!err.contains(&expired[..30]), "the token must not be echoed");
+
+    let out = e.wicket(Some(&e.admin()), &["--control", "http://127.0.0.1:1", "connections", "list"]).await;
+    assert_eq!(out.status.code(), Some(4));
+    assert!(text(&out).1.contains("cannot reach the control service"));
+
+    let out = e.wicket(Some(&e.admin()), &["policy", "apply", "-f", "missing.yaml"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("missing.yaml"));
+
+    let out = e.wicket(Some(&e.admin()), &["policy", "get"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).1.contains("no policy has been applied yet"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_and_sessions_from_the_cli() {
+    let e = start().await;
+    let admin = e.admin();
+    ok(&e.wicket(Some(&admin), &["policy", "apply", "-f", "policy.yaml"]).await);
+    let sc = e.sidecar_token().await;
+    let bot = v1::Principal {
+        subject: "bot".into(),
+        issuer: e.idp.issuer(),
+        kind: v1::PrincipalKind::Agent as i32,
+        groups: vec!["agents".into()],
+        ..Default::default()
+    };
+
+    // A sidecar reports a session and holds an UPDATE for approval.
+    let now = wicket_proto::convert::ts(chrono::Utc::now());
+    let ev = |id: &str, seq, kind: v1::AuditKind, text: &str| v1::AuditEvent {
+        id: id.into(),
+        session_id: "sess-42".into(),
+        seq,
+        time: Some(now),
+        kind: kind as i32,
+        connection: "orders-db".into(),
+        principal: Some(bot.clone()),
+        command: (!text.is_empty()).then(|| v1::Command { text: text.into(), classification: None }),
+        reasoning: Some(v1::ReasoningTrace { reasoning: "nightly cleanup of stale carts".into(), ..Default::default() }),
+        client_app: "psql".into(),
+        ..Default::default()
+    };
+    let mut r = tonic::Request::new(tokio_stream::iter(vec![v1::ReportRequest {
+        events: vec![
+            ev("e1", 1, v1::AuditKind::SessionStart, ""),
+            ev("e2", 2, v1::AuditKind::Command, "SELECT count(*) FROM carts"),
+        ],
+    }]));
+    bearer(&mut r, &sc);
+    let mut acks = v1::audit_service_client::AuditServiceClient::new(e.channel.clone())
+        .report(r)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.next().await.unwrap().unwrap().acked_ids.len(), 2);
+
+    let hold = |rid: &str| {
+        let mut r = tonic::Request::new(v1::ApprovalRequest {
+            request_id: rid.into(),
+            session_id: "sess-42".into(),
+            connection: "orders-db".into(),
+            principal: Some(bot.clone()),
+            command: Some(v1::Command {
+                text: "UPDATE carts SET state = 'stale'".into(),
+                classification: Some(v1::Classification { kind: "update".into(), risk: 35, ..Default::default() }),
+            }),
+            decision: Some(v1::DecisionInfo {
+                effect: v1::Effect::Review as i32,
+                rule: "writes".into(),
+                reason: String::new(),
+                review: Some(v1::ReviewSpec { approver_groups: vec!["dba-leads".into()], quorum: 1, one_per_group: false, timeout_seconds: 30 }),
+            }),
+            reasoning: Some(v1::ReasoningTrace { reasoning: "nightly cleanup of stale carts".into(), ..Default::default() }),
+        });
+        bearer(&mut r, &sc);
+        r
+    };
+    let mut gate = v1::approval_gate_service_client::ApprovalGateServiceClient::new(e.channel.clone());
+    let mut first = gate.request_approval(hold("r1")).await.unwrap().into_inner();
+    let id1 = first.next().await.unwrap().unwrap().approval_id;
+    let mut second = gate.request_approval(hold("r2")).await.unwrap().into_inner();
+    let id2 = second.next().await.unwrap().unwrap().approval_id;
+
+    let listed = ok(&e.wicket(Some(&admin), &["approvals", "list", "-o", "json"]).await);
+    let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert_eq!(v[0]["reasoning"]["reasoning"], "nightly cleanup of stale carts");
+    assert_eq!(v[0]["decision"]["rule"], "writes");
+    assert_eq!(v[0]["command"]["risk"], 35);
+    let table = ok(&e.wicket(Some(&admin), &["approvals", "list"]).await);
+    assert!(table.contains("UPDATE carts") && table.contains("nightly cleanup"), "{table}");
+
+    let approver = e.idp.mint(&TokenSpec::human("lead", &["wicket-approvers", "dba-leads"]));
+    let out = ok(&e.wicket(Some(&approver), &["approvals", "approve", &id1, "--comment", "fine"]).await);
+    assert!(out.contains("approved"), "{out}");
+    assert_eq!(first.next().await.unwrap().unwrap().state, v1::ApprovalState::Approved as i32);
+    let out = ok(&e.wicket(Some(&approver), &["approvals", "deny", &id2, "--reason", "not tonight"]).await);
+    assert!(out.contains("not tonight"), "{out}");
+    let denied = second.next().await.unwrap().unwrap();
+    assert_eq!((denied.state, denied.reason.as_str()), (v1::ApprovalState::Denied as i32, "not tonight"));
+    // Deciding twice is refused.
+    let out = e.wicket(Some(&approver), &["approvals", "approve", &id2]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).1.contains("already denied"));
+
+    let sessions = ok(&e.wicket(Some(&admin), &["sessions", "list", "-o", "json"]).await);
+    let v: serde_json::Value = serde_json::from_str(&sessions).unwrap();
+    assert_eq!(v[0]["id"], "sess-42");
+    assert_eq!(v[0]["commands"], 1);
+    let show = ok(&e.wicket(Some(&admin), &["sessions", "show", "sess-42"]).await);
+    assert!(show.contains("SELECT count(*) FROM carts") && show.contains("nightly cleanup"), "{show}");
+    let show = ok(&e.wicket(Some(&admin), &["sessions", "show", "sess-42", "-o", "json"]).await);
+    let v: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(v["events"].as_array().unwrap().len(), 2);
+    let out = e.wicket(Some(&admin), &["sessions", "show", "nope"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let _ = Path::new("");
+}
