@@ -70,15 +70,27 @@ fn test(args: &[String]) -> Result<(), String> {
             &[],
         )?;
     }
+    util::step("building the binaries the end-to-end tests run");
+    util::run("cargo", &["build", "--workspace", "--bins", "--quiet"], &[])?;
     util::step("starting PostgreSQL and oidc-provider");
     let peers = peers::Peers::start()?;
     util::step("cargo test");
+    let mut env = peers.env();
+    env.push((
+        "WICKET_BIN_DIR".into(),
+        std::env::var("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| util::root().join("target"))
+            .join("debug")
+            .display()
+            .to_string(),
+    ));
     let mut cargo_args: Vec<&str> = vec!["test", "--workspace"];
     if !extra.is_empty() {
         cargo_args.push("--");
         cargo_args.extend(extra.iter().map(String::as_str));
     }
-    let tests = util::run("cargo", &cargo_args, &peers.env());
+    let tests = util::run("cargo", &cargo_args, &env);
     let demo = if tests.is_ok() && extra.is_empty() {
         util::step("demo smoke test (cargo xtask demo --check)");
         demo::run(&["--check".to_string()])

@@ -63,7 +63,11 @@ async fn start() -> Env {
     }));
     let control = format!("http://{addr}");
     let channel = loop {
-        if let Ok(c) = Channel::from_shared(control.clone()).unwrap().connect().await {
+        if let Ok(c) = Channel::from_shared(control.clone())
+            .unwrap()
+            .connect()
+            .await
+        {
             break c;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -91,7 +95,9 @@ impl Env {
         if let Some(t) = token {
             cmd.env("WICKET_TOKEN", t);
         }
-        tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
     }
 
     fn admin(&self) -> String {
@@ -114,8 +120,10 @@ impl Env {
 }
 
 fn bearer<T>(r: &mut tonic::Request<T>, token: &str) {
-    r.metadata_mut()
-        .insert("authorization", MetadataValue::try_from(format!("Bearer {token}")).unwrap());
+    r.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+    );
 }
 
 fn text(o: &Output) -> (String, String) {
@@ -127,20 +135,27 @@ fn text(o: &Output) -> (String, String) {
 
 fn ok(o: &Output) -> String {
     let (out, err) = text(o);
-    assert!(o.status.success(), "exit {:?}\nstdout: {out}\nstderr: {err}", o.status);
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {out}\nstderr: {err}",
+        o.status
+    );
     out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_login_then_policy_commands() {
     let e = start().await;
-    e.idp.set_device_user(TokenSpec::human("dana", &["wicket-admins"]));
+    e.idp
+        .set_device_user(TokenSpec::human("dana", &["wicket-admins"]));
     let issuer = e.idp.issuer();
     let out = e.wicket(None, &["login", "--issuer", &issuer]).await;
     let (_, err) = text(&out);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("enter the code WICK-ETDEMO"), "{err}");
-    let cached = std::fs::read_dir(e.dir.path().join("cache")).unwrap().count();
+    let cached = std::fs::read_dir(e.dir.path().join("cache"))
+        .unwrap()
+        .count();
     assert_eq!(cached, 2, "token file and issuer marker");
     #[cfg(unix)]
     {
@@ -153,7 +168,12 @@ async fn device_login_then_policy_commands() {
         }
     }
 
-    let applied = ok(&e.wicket(None, &["policy", "apply", "-f", "policy.yaml", "-o", "json"]).await);
+    let applied = ok(&e
+        .wicket(
+            None,
+            &["policy", "apply", "-f", "policy.yaml", "-o", "json"],
+        )
+        .await);
     let v: serde_json::Value = serde_json::from_str(&applied).unwrap();
     assert_eq!(v["version"], 1);
     assert_eq!(v["changed"], true);
@@ -166,24 +186,63 @@ async fn device_login_then_policy_commands() {
     assert_eq!(v[0]["protocol"], "postgres");
 
     let explain = ok(&e
-        .wicket(None, &["policy", "explain", "-c", "orders-db", "--principal", "bot", "--group", "agents", "--agent", "--kind", "update"])
+        .wicket(
+            None,
+            &[
+                "policy",
+                "explain",
+                "-c",
+                "orders-db",
+                "--principal",
+                "bot",
+                "--group",
+                "agents",
+                "--agent",
+                "--kind",
+                "update",
+            ],
+        )
         .await);
-    assert!(explain.contains("review") && explain.contains("writes"), "{explain}");
+    assert!(
+        explain.contains("review") && explain.contains("writes"),
+        "{explain}"
+    );
     let explain = ok(&e
-        .wicket(None, &["policy", "explain", "-c", "orders-db", "--principal", "eve", "--kind", "select"])
+        .wicket(
+            None,
+            &[
+                "policy",
+                "explain",
+                "-c",
+                "orders-db",
+                "--principal",
+                "eve",
+                "--kind",
+                "select",
+            ],
+        )
         .await);
     assert!(explain.contains("no-grant"), "{explain}");
 
     // Bad YAML and bad CEL name file, line and field; exit code 1.
-    std::fs::write(e.dir.path().join("bad.yaml"), "rules:\n  - id: x\n    effect: allow\n    condition: 'command.risk >'\n").unwrap();
+    std::fs::write(
+        e.dir.path().join("bad.yaml"),
+        "rules:\n  - id: x\n    effect: allow\n    condition: 'command.risk >'\n",
+    )
+    .unwrap();
     for sub in ["validate", "apply"] {
         let out = e.wicket(None, &["policy", sub, "-f", "bad.yaml"]).await;
         let (_, err) = text(&out);
         assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(err.contains("bad.yaml:4:") && err.contains("rules[0].condition"), "{err}");
+        assert!(
+            err.contains("bad.yaml:4:") && err.contains("rules[0].condition"),
+            "{err}"
+        );
     }
     std::fs::write(e.dir.path().join("bad2.yaml"), "rules: [\n").unwrap();
-    let out = e.wicket(None, &["policy", "validate", "-f", "bad2.yaml"]).await;
+    let out = e
+        .wicket(None, &["policy", "validate", "-f", "bad2.yaml"])
+        .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).1.contains("bad2.yaml:"), "{}", text(&out).1);
 
@@ -197,19 +256,50 @@ async fn device_login_then_policy_commands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_log_in_with_client_credentials_and_cannot_administer() {
     let e = start().await;
-    e.idp.add_client("bot", "s3cret", TokenSpec::agent("bot", &["agents"]));
+    e.idp
+        .add_client("bot", "s3cret", TokenSpec::agent("bot", &["agents"]));
     let issuer = e.idp.issuer();
     let out = e
-        .wicket(None, &["login", "--issuer", &issuer, "--client-credentials", "--client-id", "bot", "--client-secret", "wrong"])
+        .wicket(
+            None,
+            &[
+                "login",
+                "--issuer",
+                &issuer,
+                "--client-credentials",
+                "--client-id",
+                "bot",
+                "--client-secret",
+                "wrong",
+            ],
+        )
         .await;
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     assert!(text(&out).1.contains("invalid_client"));
     ok(&e
-        .wicket(None, &["login", "--issuer", &issuer, "--client-credentials", "--client-id", "bot", "--client-secret", "s3cret"])
+        .wicket(
+            None,
+            &[
+                "login",
+                "--issuer",
+                &issuer,
+                "--client-credentials",
+                "--client-id",
+                "bot",
+                "--client-secret",
+                "s3cret",
+            ],
+        )
         .await);
-    let out = e.wicket(None, &["policy", "apply", "-f", "policy.yaml"]).await;
+    let out = e
+        .wicket(None, &["policy", "apply", "-f", "policy.yaml"])
+        .await;
     assert_eq!(out.status.code(), Some(3));
-    assert!(text(&out).1.contains("permission denied"), "{}", text(&out).1);
+    assert!(
+        text(&out).1.contains("permission denied"),
+        "{}",
+        text(&out).1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,13 +313,23 @@ async fn errors_are_clear() {
     assert_eq!(out.status.code(), Some(3));
     let (_, err) = text(&out);
     assert!(err.contains("expired"), "{err}");
-    assert!(!err.contains(&expired[..30]), "the token must not be echoed");
+    assert!(
+        !err.contains(&expired[..30]),
+        "the token must not be echoed"
+    );
 
-    let out = e.wicket(Some(&e.admin()), &["--control", "http://127.0.0.1:1", "connections", "list"]).await;
+    let out = e
+        .wicket(
+            Some(&e.admin()),
+            &["--control", "http://127.0.0.1:1", "connections", "list"],
+        )
+        .await;
     assert_eq!(out.status.code(), Some(4));
     assert!(text(&out).1.contains("cannot reach the control service"));
 
-    let out = e.wicket(Some(&e.admin()), &["policy", "apply", "-f", "missing.yaml"]).await;
+    let out = e
+        .wicket(Some(&e.admin()), &["policy", "apply", "-f", "missing.yaml"])
+        .await;
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).1.contains("missing.yaml"));
 
@@ -242,7 +342,9 @@ async fn errors_are_clear() {
 async fn approvals_and_sessions_from_the_cli() {
     let e = start().await;
     let admin = e.admin();
-    ok(&e.wicket(Some(&admin), &["policy", "apply", "-f", "policy.yaml"]).await);
+    ok(&e
+        .wicket(Some(&admin), &["policy", "apply", "-f", "policy.yaml"])
+        .await);
     let sc = e.sidecar_token().await;
     let bot = v1::Principal {
         subject: "bot".into(),
@@ -262,15 +364,26 @@ async fn approvals_and_sessions_from_the_cli() {
         kind: kind as i32,
         connection: "orders-db".into(),
         principal: Some(bot.clone()),
-        command: (!text.is_empty()).then(|| v1::Command { text: text.into(), classification: None }),
-        reasoning: Some(v1::ReasoningTrace { reasoning: "nightly cleanup of stale carts".into(), ..Default::default() }),
+        command: (!text.is_empty()).then(|| v1::Command {
+            text: text.into(),
+            classification: None,
+        }),
+        reasoning: Some(v1::ReasoningTrace {
+            reasoning: "nightly cleanup of stale carts".into(),
+            ..Default::default()
+        }),
         client_app: "psql".into(),
         ..Default::default()
     };
     let mut r = tonic::Request::new(tokio_stream::iter(vec![v1::ReportRequest {
         events: vec![
             ev("e1", 1, v1::AuditKind::SessionStart, ""),
-            ev("e2", 2, v1::AuditKind::Command, "SELECT count(*) FROM carts"),
+            ev(
+                "e2",
+                2,
+                v1::AuditKind::Command,
+                "SELECT count(*) FROM carts",
+            ),
         ],
     }]));
     bearer(&mut r, &sc);
@@ -289,54 +402,113 @@ async fn approvals_and_sessions_from_the_cli() {
             principal: Some(bot.clone()),
             command: Some(v1::Command {
                 text: "UPDATE carts SET state = 'stale'".into(),
-                classification: Some(v1::Classification { kind: "update".into(), risk: 35, ..Default::default() }),
+                classification: Some(v1::Classification {
+                    kind: "update".into(),
+                    risk: 35,
+                    ..Default::default()
+                }),
             }),
             decision: Some(v1::DecisionInfo {
                 effect: v1::Effect::Review as i32,
                 rule: "writes".into(),
                 reason: String::new(),
-                review: Some(v1::ReviewSpec { approver_groups: vec!["dba-leads".into()], quorum: 1, one_per_group: false, timeout_seconds: 30 }),
+                review: Some(v1::ReviewSpec {
+                    approver_groups: vec!["dba-leads".into()],
+                    quorum: 1,
+                    one_per_group: false,
+                    timeout_seconds: 30,
+                }),
             }),
-            reasoning: Some(v1::ReasoningTrace { reasoning: "nightly cleanup of stale carts".into(), ..Default::default() }),
+            reasoning: Some(v1::ReasoningTrace {
+                reasoning: "nightly cleanup of stale carts".into(),
+                ..Default::default()
+            }),
         });
         bearer(&mut r, &sc);
         r
     };
-    let mut gate = v1::approval_gate_service_client::ApprovalGateServiceClient::new(e.channel.clone());
-    let mut first = gate.request_approval(hold("r1")).await.unwrap().into_inner();
+    let mut gate =
+        v1::approval_gate_service_client::ApprovalGateServiceClient::new(e.channel.clone());
+    let mut first = gate
+        .request_approval(hold("r1"))
+        .await
+        .unwrap()
+        .into_inner();
     let id1 = first.next().await.unwrap().unwrap().approval_id;
-    let mut second = gate.request_approval(hold("r2")).await.unwrap().into_inner();
+    let mut second = gate
+        .request_approval(hold("r2"))
+        .await
+        .unwrap()
+        .into_inner();
     let id2 = second.next().await.unwrap().unwrap().approval_id;
 
-    let listed = ok(&e.wicket(Some(&admin), &["approvals", "list", "-o", "json"]).await);
+    let listed = ok(&e
+        .wicket(Some(&admin), &["approvals", "list", "-o", "json"])
+        .await);
     let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
-    assert_eq!(v[0]["reasoning"]["reasoning"], "nightly cleanup of stale carts");
+    assert_eq!(
+        v[0]["reasoning"]["reasoning"],
+        "nightly cleanup of stale carts"
+    );
     assert_eq!(v[0]["decision"]["rule"], "writes");
     assert_eq!(v[0]["command"]["risk"], 35);
     let table = ok(&e.wicket(Some(&admin), &["approvals", "list"]).await);
-    assert!(table.contains("UPDATE carts") && table.contains("nightly cleanup"), "{table}");
+    assert!(
+        table.contains("UPDATE carts") && table.contains("nightly cleanup"),
+        "{table}"
+    );
 
-    let approver = e.idp.mint(&TokenSpec::human("lead", &["wicket-approvers", "dba-leads"]));
-    let out = ok(&e.wicket(Some(&approver), &["approvals", "approve", &id1, "--comment", "fine"]).await);
+    let approver = e.idp.mint(&TokenSpec::human(
+        "lead",
+        &["wicket-approvers", "dba-leads"],
+    ));
+    let out = ok(&e
+        .wicket(
+            Some(&approver),
+            &["approvals", "approve", &id1, "--comment", "fine"],
+        )
+        .await);
     assert!(out.contains("approved"), "{out}");
-    assert_eq!(first.next().await.unwrap().unwrap().state, v1::ApprovalState::Approved as i32);
-    let out = ok(&e.wicket(Some(&approver), &["approvals", "deny", &id2, "--reason", "not tonight"]).await);
+    assert_eq!(
+        first.next().await.unwrap().unwrap().state,
+        v1::ApprovalState::Approved as i32
+    );
+    let out = ok(&e
+        .wicket(
+            Some(&approver),
+            &["approvals", "deny", &id2, "--reason", "not tonight"],
+        )
+        .await);
     assert!(out.contains("not tonight"), "{out}");
     let denied = second.next().await.unwrap().unwrap();
-    assert_eq!((denied.state, denied.reason.as_str()), (v1::ApprovalState::Denied as i32, "not tonight"));
+    assert_eq!(
+        (denied.state, denied.reason.as_str()),
+        (v1::ApprovalState::Denied as i32, "not tonight")
+    );
     // Deciding twice is refused.
-    let out = e.wicket(Some(&approver), &["approvals", "approve", &id2]).await;
+    let out = e
+        .wicket(Some(&approver), &["approvals", "approve", &id2])
+        .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).1.contains("already denied"));
 
-    let sessions = ok(&e.wicket(Some(&admin), &["sessions", "list", "-o", "json"]).await);
+    let sessions = ok(&e
+        .wicket(Some(&admin), &["sessions", "list", "-o", "json"])
+        .await);
     let v: serde_json::Value = serde_json::from_str(&sessions).unwrap();
     assert_eq!(v[0]["id"], "sess-42");
     assert_eq!(v[0]["commands"], 1);
-    let show = ok(&e.wicket(Some(&admin), &["sessions", "show", "sess-42"]).await);
-    assert!(show.contains("SELECT count(*) FROM carts") && show.contains("nightly cleanup"), "{show}");
-    let show = ok(&e.wicket(Some(&admin), &["sessions", "show", "sess-42", "-o", "json"]).await);
+    let show = ok(&e
+        .wicket(Some(&admin), &["sessions", "show", "sess-42"])
+        .await);
+    assert!(
+        show.contains("SELECT count(*) FROM carts") && show.contains("nightly cleanup"),
+        "{show}"
+    );
+    let show = ok(&e
+        .wicket(Some(&admin), &["sessions", "show", "sess-42", "-o", "json"])
+        .await);
     let v: serde_json::Value = serde_json::from_str(&show).unwrap();
     assert_eq!(v["events"].as_array().unwrap().len(), 2);
     let out = e.wicket(Some(&admin), &["sessions", "show", "nope"]).await;
