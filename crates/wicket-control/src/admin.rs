@@ -409,18 +409,18 @@ impl SessionAdminService for AdminApi {
         // Join structured traces attached by trace id.
         for e in &mut events {
             let trace_id = e.traceparent.split('-').nth(1).unwrap_or("").to_string();
-            if wicket_core::ReasoningTrace::valid_trace_id(&trace_id) {
-                if let Ok(Some(t)) = self.control.store.get_trace(&trace_id).await {
-                    let inline = e.reasoning.take().map(|r| r.reasoning).unwrap_or_default();
-                    e.reasoning = Some(wicket_core::ReasoningTrace {
-                        reasoning: if inline.is_empty() {
-                            t.reasoning.clone()
-                        } else {
-                            inline
-                        },
-                        ..t
-                    });
-                }
+            if wicket_core::ReasoningTrace::valid_trace_id(&trace_id)
+                && let Ok(Some(t)) = self.control.store.get_trace(&trace_id).await
+            {
+                let inline = e.reasoning.take().map(|r| r.reasoning).unwrap_or_default();
+                e.reasoning = Some(wicket_core::ReasoningTrace {
+                    reasoning: if inline.is_empty() {
+                        t.reasoning.clone()
+                    } else {
+                        inline
+                    },
+                    ..t
+                });
             }
         }
         Ok(Response::new(v1::ListSessionEventsResponse {

@@ -135,13 +135,13 @@ impl Authenticator {
         if !bool::from(given.as_bytes().ct_eq(record.secret_hash.as_bytes())) || record.revoked {
             return Err(invalid());
         }
-        if let Some(c) = connection {
-            if !record.connections.iter().any(|x| x == c || x == "*") {
-                return Err(Status::permission_denied(format!(
-                    "sidecar `{}` is not registered for connection `{c}`",
-                    record.name
-                )));
-            }
+        if let Some(c) = connection
+            && !record.connections.iter().any(|x| x == c || x == "*")
+        {
+            return Err(Status::permission_denied(format!(
+                "sidecar `{}` is not registered for connection `{c}`",
+                record.name
+            )));
         }
         Ok(record)
     }

@@ -43,18 +43,18 @@ impl std::str::FromStr for AgentRule {
         if s == "client-credentials" {
             return Ok(AgentRule::ClientCredentials);
         }
-        if let Some(g) = s.strip_prefix("group:") {
-            if !g.is_empty() {
-                return Ok(AgentRule::Group(g.into()));
-            }
+        if let Some(g) = s.strip_prefix("group:")
+            && !g.is_empty()
+        {
+            return Ok(AgentRule::Group(g.into()));
         }
-        if let Some((name, value)) = s.strip_prefix("claim:").and_then(|c| c.split_once('=')) {
-            if !name.is_empty() {
-                return Ok(AgentRule::Claim {
-                    name: name.into(),
-                    value: value.into(),
-                });
-            }
+        if let Some((name, value)) = s.strip_prefix("claim:").and_then(|c| c.split_once('='))
+            && !name.is_empty()
+        {
+            return Ok(AgentRule::Claim {
+                name: name.into(),
+                value: value.into(),
+            });
         }
         Err(format!(
             "invalid agent rule `{s}` (expected client-credentials, group:NAME or claim:NAME=VALUE)"

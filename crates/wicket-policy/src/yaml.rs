@@ -152,19 +152,18 @@ fn scalar(value: String, style: TScalarStyle, tagged_str: bool) -> Value {
         _ => {}
     }
     let digits = value.strip_prefix(['-', '+']).unwrap_or(&value);
-    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(i) = value.parse::<i64>() {
-            return Value::Number(i.into());
-        }
+    if !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(i) = value.parse::<i64>()
+    {
+        return Value::Number(i.into());
     }
     let looks_float = value
         .bytes()
         .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
         && value.bytes().any(|b| b.is_ascii_digit());
-    if looks_float {
-        if let Some(n) = value.parse::<f64>().ok().and_then(Number::from_f64) {
-            return Value::Number(n);
-        }
+    if looks_float && let Some(n) = value.parse::<f64>().ok().and_then(Number::from_f64) {
+        return Value::Number(n);
     }
     Value::String(value)
 }

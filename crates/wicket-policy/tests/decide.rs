@@ -79,6 +79,17 @@ rules:
     match: { protocols: [http], verbs: [GET] }
 "#;
 
+/// (principal, connection, command, has_reasoning, time, expected effect, expected rule)
+type Case<'a> = (
+    &'a Principal,
+    &'a str,
+    Command,
+    bool,
+    DateTime<Utc>,
+    Effect,
+    &'a str,
+);
+
 fn policy() -> Policy {
     parse_and_compile(POLICY, "policy.yaml").unwrap_or_else(|e| panic!("{e}"))
 }
@@ -124,7 +135,7 @@ fn decisions() {
     let bot = agent("reporting-bot");
     let carol = human("carol", &[]);
     // (principal, connection, command, has_reasoning, time, effect, rule)
-    let cases: Vec<(&Principal, &str, Command, bool, DateTime<Utc>, Effect, &str)> = vec![
+    let cases: Vec<Case> = vec![
         // grants
         (
             &eng,
