@@ -47,22 +47,10 @@ fn wicket(bin: &Path, env: &[(String, String)], args: &[&str]) -> Result<String,
 /// Runs the demo.
 pub fn run(args: &[String]) -> Result<(), String> {
     let check = args.iter().any(|a| a == "--check");
-    util::step("building wicket-control, wicket and the demo identity provider");
-    util::run(
-        "cargo",
-        &[
-            "build",
-            "--quiet",
-            "-p",
-            "wicket-control",
-            "-p",
-            "wicket-cli",
-            "-p",
-            "wicket-testkit",
-            "--bins",
-        ],
-        &[],
-    )?;
+    if !args.iter().any(|a| a == "--no-build") {
+        util::step("building wicket-control, wicket and the demo identity provider");
+        util::run("cargo", &["build", "--quiet", "--workspace", "--bins"], &[])?;
+    }
     let root = root();
     let bin = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)

@@ -70,11 +70,11 @@ fn test(args: &[String]) -> Result<(), String> {
             &[],
         )?;
     }
-    util::step("building the binaries the end-to-end tests run");
-    util::run("cargo", &["build", "--workspace", "--bins", "--quiet"], &[])?;
     util::step("starting PostgreSQL and oidc-provider");
     let peers = peers::Peers::start()?;
     util::step("cargo test");
+    // The end-to-end tests run the binaries `cargo test` builds for the
+    // packages' own integration tests.
     let mut env = peers.env();
     env.push((
         "WICKET_BIN_DIR".into(),
@@ -85,22 +85,35 @@ fn test(args: &[String]) -> Result<(), String> {
             .display()
             .to_string(),
     ));
-    let mut cargo_args: Vec<&str> = vec!["test", "--workspace"];
+    let mut cargo_args: Vec<&str> = vec!["test", "--workspace", "--no-fail-fast"];
     if !extra.is_empty() {
         cargo_args.push("--");
         cargo_args.extend(extra.iter().map(String::as_str));
     }
-    let tests = util::run("cargo", &cargo_args, &env);
+    let (tests, totals) = util::run_tests(&cargo_args, &env);
     let demo = if tests.is_ok() && extra.is_empty() {
         util::step("demo smoke test (cargo xtask demo --check)");
-        demo::run(&["--check".to_string()])
+        // `cargo test` built every binary the demo needs (their packages'
+        // integration tests use them): no second build with other features.
+        demo::run(&["--check".to_string(), "--no-build".to_string()])
     } else {
         Ok(())
     };
     drop(peers);
-    tests?;
-    demo?;
+    let demo_ok = u64::from(demo.is_ok() && extra.is_empty());
+    let demo_failed = u64::from(demo.is_err());
+    let summary = format!(
+        "wicket: {} passed, {} failed, {} skipped",
+        totals.passed + demo_ok,
+        totals.failed + demo_failed,
+        totals.ignored
+    );
+    if let Err(e) = tests.and(demo) {
+        println!("{summary}");
+        return Err(e);
+    }
     util::step("all tests passed");
+    println!("{summary}");
     Ok(())
 }
 

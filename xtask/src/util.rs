@@ -81,3 +81,87 @@ pub fn wait_for(secs: u64, what: &str, mut check: impl FnMut() -> bool) -> Resul
     }
     Err(format!("{what} did not become ready within {secs}s"))
 }
+
+/// Totals of `cargo test` result lines.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    /// Tests that passed.
+    pub passed: u64,
+    /// Tests that failed.
+    pub failed: u64,
+    /// Tests ignored.
+    pub ignored: u64,
+}
+
+/// Runs `cargo test …`, echoing its output, and adds up its `test result:` lines.
+pub fn run_tests(args: &[&str], env: &[(String, String)]) -> (Result<(), String>, Totals) {
+    use std::io::{BufRead, BufReader};
+    let mut totals = Totals::default();
+    let child = Command::new("cargo")
+        .args(args)
+        .current_dir(root())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return (Err(format!("cannot run cargo: {e}")), totals),
+    };
+    // Read in a thread: a process a test leaked may hold the pipe open after
+    // cargo exits, and that must not hang the run.
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                println!("{line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut count = |line: &str| {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |what: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(what))
+                    .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            totals.passed += num(" passed");
+            totals.failed += num(" failed");
+            totals.ignored += num(" ignored");
+        }
+    };
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(line) => count(&line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Ok(Some(_)) = child.try_wait() {
+                    // Drain what is already there, then stop waiting.
+                    loop {
+                        match rx.recv_timeout(std::time::Duration::from_millis(500)) {
+                            Ok(line) => count(&line),
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                eprintln!(
+                                    "xtask: warning: a process started by the tests still holds their output open"
+                                );
+                                break;
+                            }
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    let status = child.wait();
+    let result = match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("`cargo {}` failed ({s})", args.join(" "))),
+        Err(e) => Err(format!("cargo: {e}")),
+    };
+    (result, totals)
+}

@@ -91,6 +91,20 @@ impl Authenticator {
             other => Status::unauthenticated(other.to_string()),
         })?;
         let p = identity.principal;
+        let revoked = self
+            .store
+            .is_revoked(&p.issuer, &p.subject, chrono::Utc::now())
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "revocation lookup failed");
+                Status::unavailable("storage unavailable")
+            })?;
+        if revoked {
+            return Err(Status::permission_denied(format!(
+                "{} has been revoked",
+                p.label()
+            )));
+        }
         let r = &self.roles;
         let ok = p.in_group(&r.admin)
             || match need {

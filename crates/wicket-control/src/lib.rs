@@ -103,7 +103,28 @@ pub async fn run(
         .set_serving::<AuditServiceServer<sidecar::SidecarApi>>()
         .await;
     health
+        .set_serving::<ApprovalGateServiceServer<sidecar::SidecarApi>>()
+        .await;
+    health
+        .set_serving::<TraceServiceServer<sidecar::SidecarApi>>()
+        .await;
+    health
+        .set_serving::<ConnectionAdminServiceServer<admin::AdminApi>>()
+        .await;
+    health
         .set_serving::<PolicyAdminServiceServer<admin::AdminApi>>()
+        .await;
+    health
+        .set_serving::<ApprovalAdminServiceServer<admin::AdminApi>>()
+        .await;
+    health
+        .set_serving::<SessionAdminServiceServer<admin::AdminApi>>()
+        .await;
+    health
+        .set_serving::<PrincipalAdminServiceServer<admin::AdminApi>>()
+        .await;
+    health
+        .set_serving::<SidecarAdminServiceServer<admin::AdminApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(wicket_proto::FILE_DESCRIPTOR_SET)

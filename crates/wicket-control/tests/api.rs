@@ -249,6 +249,24 @@ async fn admin_calls_need_a_valid_token_and_the_right_group() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    // A revoked admin loses the admin API at once.
+    let mallory = h.idp.mint(&TokenSpec::human("mallory", &["wicket-admins"]));
+    assert!(list(Some(mallory.clone())).await.is_ok());
+    PrincipalAdminServiceClient::new(h.channel.clone())
+        .revoke_principal(with_token(
+            v1::RevokePrincipalRequest {
+                issuer: h.idp.issuer(),
+                subject: "mallory".into(),
+                reason: "left the company".into(),
+                duration_seconds: 0,
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap();
+    let err = list(Some(mallory)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("revoked"));
     // ...and nothing said leaks the token.
     let bad = h.idp.mint(&TokenSpec {
         ttl_seconds: -60,
@@ -739,4 +757,60 @@ async fn runs_on_postgres_too() {
         .unwrap()
         .into_inner();
     assert!(stream.next().await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn standard_grpc_tools_can_explore_it() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let h = start_with(None).await;
+    let mut health = HealthClient::new(h.channel.clone());
+    for service in [
+        "",
+        "wicket.v1.BundleService",
+        "wicket.v1.PolicyAdminService",
+    ] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{service}");
+    }
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = ServerReflectionClient::new(h.channel.clone())
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        replies.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "wicket.v1.BundleService",
+        "wicket.v1.AuditService",
+        "wicket.v1.ApprovalGateService",
+        "wicket.v1.TraceService",
+        "wicket.v1.PolicyAdminService",
+        "wicket.v1.SessionAdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
 }

@@ -87,6 +87,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Revokes (or re-revokes) a principal.
     async fn revoke(&self, revocation: &Revocation) -> Result<()>;
+    /// Whether a principal is revoked at `now`.
+    async fn is_revoked(
+        &self,
+        issuer: &str,
+        subject: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool>;
     /// Revocations in force at `now`.
     async fn list_revocations(&self, now: chrono::DateTime<chrono::Utc>)
     -> Result<Vec<Revocation>>;

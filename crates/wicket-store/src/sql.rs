@@ -533,6 +533,21 @@ impl Store for SqlStore {
         })
     }
 
+    async fn is_revoked(&self, issuer: &str, subject: &str, now: DateTime<Utc>) -> Result<bool> {
+        with_pool!(self, |p| {
+            let row = sqlx::query(
+                "SELECT 1 FROM revocations WHERE issuer = $1 AND subject = $2 \
+                 AND (until IS NULL OR until > $3)",
+            )
+            .bind(issuer)
+            .bind(subject)
+            .bind(ms(now))
+            .fetch_optional(p)
+            .await?;
+            Ok(row.is_some())
+        })
+    }
+
     async fn list_revocations(&self, now: DateTime<Utc>) -> Result<Vec<Revocation>> {
         with_pool!(self, |p| {
             let rows = sqlx::query(

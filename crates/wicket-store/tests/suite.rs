@@ -219,6 +219,18 @@ async fn revocations_sidecars_traces(s: Arc<dyn Store>) {
     .await
     .unwrap();
     assert_eq!(s.list_revocations(now).await.unwrap().len(), 2);
+    assert!(s.is_revoked("iss", "temp", now).await.unwrap());
+    assert!(
+        !s.is_revoked("iss", "temp", now + Duration::seconds(5))
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.is_revoked("iss", "mallory", now + Duration::seconds(5))
+            .await
+            .unwrap()
+    );
+    assert!(!s.is_revoked("other-iss", "mallory", now).await.unwrap());
     assert_eq!(
         s.list_revocations(now + Duration::seconds(5))
             .await
