@@ -1,0 +1,384 @@
+//! The audit path: a durable, bounded on-disk spool and the reporter that
+//! streams it to the control service.
+//!
+//! **Nothing is lost:** an event is written to the spool before the command
+//! it describes goes on, and leaves the spool only when the control service
+//! acknowledged its id. After a restart or a reconnect every unacknowledged
+//! event is sent again; ids make the replay idempotent. Segment files are
+//! flushed to the OS at once and `fsync`ed every 200 ms, so a sidecar crash
+//! loses nothing and a machine crash at most the last 200 ms.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use wicket_core::AuditEvent;
+use wicket_proto::v1;
+use wicket_proto::v1::audit_service_client::AuditServiceClient;
+
+use crate::client::{Backoff, ControlClient};
+
+/// Segment files roll over at this size.
+const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+/// Events per report batch.
+const BATCH: usize = 256;
+/// Unacknowledged batches at once.
+const MAX_INFLIGHT: usize = 4;
+
+/// The spool refused an event.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The spool reached its size limit.
+    #[error(
+        "the audit spool is full ({0} bytes); commands are refused until the control service catches up"
+    )]
+    Full(u64),
+    /// The disk failed.
+    #[error("cannot write the audit spool: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+struct Segment {
+    path: PathBuf,
+    bytes: u64,
+    unacked: usize,
+}
+
+struct Inner {
+    dir: PathBuf,
+    current: Option<(u64, File)>,
+    segments: BTreeMap<u64, Segment>,
+    pending: VecDeque<(String, u64, AuditEvent)>,
+    inflight: HashMap<String, (u64, AuditEvent)>,
+    total_bytes: u64,
+    next_segment: u64,
+    dirty: bool,
+}
+
+impl Inner {
+    fn ack(&mut self, id: &str) {
+        let Some((seg, _)) = self.inflight.remove(id) else {
+            return;
+        };
+        let remove = match self.segments.get_mut(&seg) {
+            Some(s) => {
+                s.unacked = s.unacked.saturating_sub(1);
+                s.unacked == 0 && self.current.as_ref().is_none_or(|(c, _)| *c != seg)
+            }
+            None => false,
+        };
+        if remove {
+            if let Some(s) = self.segments.remove(&seg) {
+                self.total_bytes = self.total_bytes.saturating_sub(s.bytes);
+                if let Err(e) = std::fs::remove_file(&s.path) {
+                    tracing::warn!(error = %e, path = %s.path.display(), "cannot remove acknowledged spool segment");
+                }
+            }
+        }
+    }
+}
+
+/// The on-disk spool.
+pub struct Spool {
+    inner: Mutex<Inner>,
+    notify: Notify,
+    max_bytes: u64,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Spool")
+    }
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("audit-{n:012}.jsonl"))
+}
+
+impl Spool {
+    /// Opens the spool in `dir`, loading every event not yet acknowledged.
+    pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Arc<Spool>> {
+        std::fs::create_dir_all(dir)?;
+        let mut segments = BTreeMap::new();
+        let mut pending = VecDeque::new();
+        let mut total_bytes = 0;
+        let mut next_segment = 0;
+        let mut seen = std::collections::HashSet::new();
+        let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let name = e.file_name().to_string_lossy().to_string();
+                let n = name
+                    .strip_prefix("audit-")?
+                    .strip_suffix(".jsonl")?
+                    .parse()
+                    .ok()?;
+                Some((n, e.path()))
+            })
+            .collect();
+        names.sort();
+        for (n, path) in names {
+            let bytes = std::fs::metadata(&path)?.len();
+            let mut unacked = 0;
+            for line in BufReader::new(File::open(&path)?).lines() {
+                let line = line?;
+                // A torn last line (a crash mid-write) is skipped; its command never ran.
+                let Ok(event) = serde_json::from_str::<AuditEvent>(&line) else {
+                    continue;
+                };
+                if seen.insert(event.id.clone()) {
+                    pending.push_back((event.id.clone(), n, event));
+                    unacked += 1;
+                }
+            }
+            total_bytes += bytes;
+            next_segment = next_segment.max(n + 1);
+            segments.insert(
+                n,
+                Segment {
+                    path,
+                    bytes,
+                    unacked,
+                },
+            );
+        }
+        if !pending.is_empty() {
+            tracing::info!(
+                events = pending.len(),
+                "replaying unacknowledged audit events from the spool"
+            );
+        }
+        Ok(Arc::new(Spool {
+            inner: Mutex::new(Inner {
+                dir: dir.to_path_buf(),
+                current: None,
+                segments,
+                pending,
+                inflight: HashMap::new(),
+                total_bytes,
+                next_segment,
+                dirty: false,
+            }),
+            notify: Notify::new(),
+            max_bytes,
+        }))
+    }
+
+    /// Writes an event durably (to the OS at once, to disk within 200 ms).
+    pub fn append(&self, event: &AuditEvent) -> Result<(), SpoolError> {
+        let mut line =
+            serde_json::to_vec(event).map_err(|e| SpoolError::Io(std::io::Error::other(e)))?;
+        line.push(b'\n');
+        let mut g = self.inner.lock().expect("spool lock");
+        if g.total_bytes + line.len() as u64 > self.max_bytes {
+            return Err(SpoolError::Full(self.max_bytes));
+        }
+        let roll = match &g.current {
+            None => true,
+            Some((n, _)) => g.segments.get(n).is_none_or(|s| s.bytes >= SEGMENT_BYTES),
+        };
+        if roll {
+            if let Some((old, f)) = g.current.take() {
+                let _ = f.sync_data();
+                let done = g.segments.get(&old).is_some_and(|s| s.unacked == 0);
+                if done {
+                    if let Some(s) = g.segments.remove(&old) {
+                        g.total_bytes = g.total_bytes.saturating_sub(s.bytes);
+                        let _ = std::fs::remove_file(&s.path);
+                    }
+                }
+            }
+            let n = g.next_segment;
+            g.next_segment += 1;
+            let path = segment_path(&g.dir, n);
+            let f = OpenOptions::new().create(true).append(true).open(&path)?;
+            g.segments.insert(
+                n,
+                Segment {
+                    path,
+                    bytes: 0,
+                    unacked: 0,
+                },
+            );
+            g.current = Some((n, f));
+        }
+        let inner = &mut *g;
+        let (n, f) = inner.current.as_mut().expect("a current segment");
+        let n = *n;
+        f.write_all(&line)?;
+        let seg = inner
+            .segments
+            .get_mut(&n)
+            .expect("current segment is tracked");
+        seg.bytes += line.len() as u64;
+        seg.unacked += 1;
+        inner.total_bytes += line.len() as u64;
+        inner
+            .pending
+            .push_back((event.id.clone(), n, event.clone()));
+        inner.dirty = true;
+        drop(g);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Events not yet acknowledged (pending and in flight).
+    pub fn unacked(&self) -> usize {
+        let g = self.inner.lock().expect("spool lock");
+        g.pending.len() + g.inflight.len()
+    }
+
+    /// Bytes on disk.
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().expect("spool lock").total_bytes
+    }
+
+    /// Whether the next event would not fit.
+    pub fn is_full(&self) -> bool {
+        self.bytes() >= self.max_bytes
+    }
+
+    fn take_batch(&self) -> Vec<v1::AuditEvent> {
+        let mut g = self.inner.lock().expect("spool lock");
+        let n = g.pending.len().min(BATCH);
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (id, seg, ev) = g.pending.pop_front().expect("counted");
+            out.push(v1::AuditEvent::from(&ev));
+            g.inflight.insert(id, (seg, ev));
+        }
+        out
+    }
+
+    /// Puts every in-flight event back in front of the queue (after a disconnect).
+    fn requeue_inflight(&self) {
+        let mut g = self.inner.lock().expect("spool lock");
+        let mut back: Vec<(String, u64, AuditEvent)> = g
+            .inflight
+            .drain()
+            .map(|(id, (seg, ev))| (id, seg, ev))
+            .collect();
+        back.sort_by_key(|(_, seg, ev)| (*seg, ev.time, ev.seq));
+        for item in back.into_iter().rev() {
+            g.pending.push_front(item);
+        }
+    }
+
+    fn ack(&self, ids: &[String]) {
+        let mut g = self.inner.lock().expect("spool lock");
+        for id in ids {
+            g.ack(id);
+        }
+    }
+
+    fn reject(&self, rejected: &[v1::RejectedEvent]) {
+        let mut g = self.inner.lock().expect("spool lock");
+        let path = g.dir.join("rejected.jsonl");
+        for r in rejected {
+            if let Some((_, ev)) = g.inflight.get(&r.id) {
+                // Keep what the control service will never take, with the reason.
+                let line = serde_json::json!({"reason": r.reason, "event": ev}).to_string();
+                let written = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| writeln!(f, "{line}"));
+                if let Err(e) = written {
+                    tracing::error!(error = %e, "cannot keep a rejected audit event");
+                    continue;
+                }
+                tracing::error!(id = %r.id, reason = %r.reason, "audit event rejected by the control service; kept in rejected.jsonl");
+            }
+            g.ack(&r.id);
+        }
+    }
+
+    /// `fsync`s the current segment if anything was written since the last call.
+    pub fn sync(&self) {
+        let mut g = self.inner.lock().expect("spool lock");
+        if g.dirty {
+            g.dirty = false;
+            if let Some((_, f)) = &g.current {
+                if let Err(e) = f.sync_data() {
+                    tracing::error!(error = %e, "audit spool fsync failed");
+                }
+            }
+        }
+    }
+
+    /// Flushes to disk periodically, forever.
+    pub async fn sync_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.sync()).await;
+        }
+    }
+
+    /// Streams the spool to the control service forever, reconnecting.
+    pub async fn report_forever(self: Arc<Self>, client: ControlClient) {
+        let mut backoff = Backoff::default();
+        loop {
+            self.requeue_inflight();
+            let (tx, rx) = mpsc::channel::<v1::ReportRequest>(4);
+            let mut api = AuditServiceClient::new(client.channel.clone());
+            let call = api.report(client.req(ReceiverStream::new(rx)));
+            // At most MAX_INFLIGHT unacknowledged batches: the request channel
+            // then never blocks while acks wait to be read.
+            let mut inflight = 0usize;
+            let first = self.take_batch();
+            if !first.is_empty() {
+                if tx.send(v1::ReportRequest { events: first }).await.is_err() {
+                    backoff.wait().await;
+                    continue;
+                }
+                inflight += 1;
+            }
+            let mut acks = match call.await {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    tracing::warn!(code = ?status.code(), message = status.message(), unacked = self.unacked(), "cannot report audit events; they stay in the spool");
+                    backoff.wait().await;
+                    continue;
+                }
+            };
+            backoff.reset();
+            loop {
+                tokio::select! {
+                    ack = acks.next() => match ack {
+                        Some(Ok(ack)) => {
+                            inflight = inflight.saturating_sub(1);
+                            self.ack(&ack.acked_ids);
+                            self.reject(&ack.rejected);
+                        }
+                        Some(Err(status)) => {
+                            tracing::warn!(code = ?status.code(), message = status.message(), "audit stream failed; resending unacknowledged events");
+                            break;
+                        }
+                        None => break,
+                    },
+                    _ = self.notify.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                while inflight < MAX_INFLIGHT {
+                    let batch = self.take_batch();
+                    if batch.is_empty() {
+                        break;
+                    }
+                    if tx.send(v1::ReportRequest { events: batch }).await.is_err() {
+                        break;
+                    }
+                    inflight += 1;
+                }
+            }
+            backoff.wait().await;
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! The shared sidecar runtime.
+//!
+//! Every protocol sidecar (PostgreSQL, SSH, Kubernetes, HTTP) is a codec and
+//! a relay on top of [`Sidecar`], which owns everything protocol-agnostic:
+//!
+//! - identity: [`Sidecar::authenticate`] validates the caller's OIDC token;
+//! - policy: [`BundleStore`] watches the connection's bundle and caches it on
+//!   disk; [`Sidecar::open_session`] and [`Sidecar::decide`] decide locally;
+//! - audit: every event goes through the durable [`Spool`] first
+//!   ([`Sidecar::record`]) and is streamed to the control service;
+//! - approvals: [`Sidecar::request_approval`] holds a command until decided;
+//! - lifecycle: the session [`Registry`] ends sessions on revocation, token
+//!   expiry or terminate; `/metrics`, `/healthz`, `/readyz`; drain on SIGTERM.
+//!
+//! A session's life: authenticate → open_session (grant check, `session_start`
+//! event) → per command: classify (protocol) → decide → forward, hold or refuse
+//! → record → … → close (`session_end` event).
+
+pub mod audit;
+pub mod bundle;
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod session;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_stream::StreamExt;
+use wicket_core::{AuditEvent, AuditKind, Command, Decision, Effect, Principal, ReasoningTrace};
+use wicket_identity::{AuthError, Identity, Validator};
+use wicket_policy::{Request, SessionDecision};
+use wicket_proto::v1;
+use wicket_proto::v1::approval_gate_service_client::ApprovalGateServiceClient;
+
+pub use audit::{Spool, SpoolError};
+pub use bundle::{Bundle, BundleStore};
+pub use client::ControlClient;
+pub use config::SidecarConfig;
+pub use metrics::Metrics;
+pub use session::{EndReason, Registry, SessionGuard};
+
+/// The runtime one sidecar process shares across its sessions.
+pub struct Sidecar {
+    /// Settings.
+    pub cfg: SidecarConfig,
+    /// Control-plane channel.
+    pub client: ControlClient,
+    /// Policy bundle.
+    pub bundles: BundleStore,
+    /// Audit spool.
+    pub spool: Arc<Spool>,
+    /// Live sessions.
+    pub sessions: Registry,
+    /// Metrics.
+    pub metrics: Metrics,
+    validator: Validator,
+    draining: AtomicBool,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("connection", &self.cfg.connection)
+            .finish()
+    }
+}
+
+/// A session that passed authentication and the grant check.
+pub struct OpenSession {
+    /// Session id (UUID v7).
+    pub id: String,
+    /// Who.
+    pub principal: Principal,
+    /// The grant that admitted it.
+    pub grant: String,
+    /// When the token expires.
+    pub token_expires: DateTime<Utc>,
+    /// Ends the session from outside.
+    pub guard: SessionGuard,
+    /// Client address.
+    pub client_addr: String,
+    /// Client program.
+    pub client_app: String,
+    connection: String,
+    seq: AtomicU64,
+}
+
+impl OpenSession {
+    /// A new event of this session with the next sequence number.
+    pub fn event(&self, kind: AuditKind) -> AuditEvent {
+        AuditEvent {
+            id: uuid::Uuid::now_v7().to_string(),
+            session_id: self.id.clone(),
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            time: Utc::now(),
+            kind,
+            connection: self.connection.clone(),
+            principal: Some(self.principal.clone()),
+            client_addr: self.client_addr.clone(),
+            client_app: self.client_app.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// How a held command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApprovalOutcome {
+    /// Approved: run it.
+    Approved {
+        /// Approval id.
+        id: String,
+    },
+    /// Denied by an approver.
+    Denied {
+        /// Approval id.
+        id: String,
+        /// The approver's reason.
+        reason: String,
+    },
+    /// Nobody decided in time.
+    Expired {
+        /// Approval id.
+        id: String,
+    },
+    /// The control service could not be asked (fail closed: refuse).
+    Unavailable(String),
+}
+
+impl Sidecar {
+    /// Starts the runtime: loads the cached bundle and the spool, discovers
+    /// the identity provider, and spawns the bundle watch, the audit
+    /// reporter, the session sweeper and the admin endpoints.
+    pub async fn start(cfg: SidecarConfig) -> Result<Arc<Sidecar>, String> {
+        let token = cfg.token()?;
+        let client = ControlClient::new(&cfg.control, &token, cfg.control_ca_cert.as_deref())?;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(|e| format!("cannot create state dir {}: {e}", cfg.state_dir.display()))?;
+        let bundles = BundleStore::open(&cfg.state_dir, &cfg.connection);
+        let spool = Spool::open(&cfg.state_dir.join("spool"), cfg.spool_max_bytes)
+            .map_err(|e| format!("cannot open the audit spool: {e}"))?;
+        let mut icfg =
+            wicket_identity::Config::new(cfg.oidc_issuer.clone(), cfg.oidc_audience.clone());
+        icfg.groups_claim = cfg.groups_claim.clone();
+        icfg.agent_rules = cfg
+            .agent_rules
+            .iter()
+            .map(|r| r.parse())
+            .collect::<Result<_, _>>()?;
+        let validator = discover(icfg).await?;
+        let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot listen on {} (admin endpoints): {e}",
+                    cfg.admin_listen
+                )
+            })?;
+        let sc = Arc::new(Sidecar {
+            client: client.clone(),
+            bundles: bundles.clone(),
+            spool: spool.clone(),
+            sessions: Registry::default(),
+            metrics: Metrics::default(),
+            validator,
+            draining: AtomicBool::new(false),
+            cfg,
+        });
+        let instance = format!("{}-{}", sc.cfg.connection, std::process::id());
+        tokio::spawn(
+            bundles
+                .clone()
+                .watch(client.clone(), sc.cfg.connection.clone(), instance),
+        );
+        tokio::spawn(spool.clone().report_forever(client));
+        tokio::spawn(spool.sync_forever());
+        tokio::spawn(
+            sc.sessions
+                .clone()
+                .enforce_forever(bundles, Duration::from_secs(sc.cfg.token_grace_seconds)),
+        );
+        tokio::spawn(http::serve(sc.clone(), admin));
+        Ok(sc)
+    }
+
+    /// Why the sidecar is not ready, if it is not.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.draining.load(Ordering::Relaxed) {
+            Some("draining")
+        } else if self.bundles.current().is_none() {
+            Some("no policy bundle yet")
+        } else {
+            None
+        }
+    }
+
+    /// Updates gauges before a scrape.
+    pub fn refresh_gauges(&self) {
+        self.metrics.sessions_active.set(self.sessions.len() as i64);
+        self.metrics.spool_events.set(self.spool.unacked() as i64);
+        self.metrics.spool_bytes.set(self.spool.bytes() as i64);
+        self.metrics.bundle_version.set(
+            self.bundles
+                .current()
+                .map(|b| b.version as i64)
+                .unwrap_or(0),
+        );
+    }
+
+    /// Validates a caller's token. Failures are counted and audited (never the token).
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        client_addr: &str,
+    ) -> Result<Identity, AuthError> {
+        let result = self.validator.validate(token).await;
+        if let Err(e) = &result {
+            let reason = format!("{e:?}");
+            let reason = reason.split('(').next().unwrap_or("").to_lowercase();
+            self.metrics
+                .auth_failures
+                .get_or_create(&metrics::labels(&[("reason", &reason)]))
+                .inc();
+            let event = AuditEvent {
+                id: uuid::Uuid::now_v7().to_string(),
+                session_id: format!("auth-{}", uuid::Uuid::now_v7()),
+                seq: 1,
+                time: Utc::now(),
+                kind: AuditKind::AuthFailure,
+                connection: self.cfg.connection.clone(),
+                client_addr: client_addr.to_string(),
+                details: [("reason".to_string(), e.to_string())].into(),
+                ..Default::default()
+            };
+            if let Err(e) = self.spool.append(&event) {
+                tracing::error!(error = %e, "cannot record an authentication failure");
+            }
+        }
+        result
+    }
+
+    /// Checks the grant and opens a session (recording `session_start`).
+    pub fn open_session(
+        &self,
+        identity: &Identity,
+        client_addr: &str,
+        client_app: &str,
+    ) -> Result<OpenSession, Decision> {
+        let refuse = |d: Decision| {
+            self.metrics
+                .sessions
+                .get_or_create(&metrics::labels(&[("outcome", "refused")]))
+                .inc();
+            Err(d)
+        };
+        if self.draining.load(Ordering::Relaxed) {
+            return refuse(Decision::deny("draining", EndReason::Shutdown.message()));
+        }
+        let Some(bundle) = self.bundles.current() else {
+            return refuse(Decision::deny(
+                "no-policy",
+                "this gate has no policy yet; try again once it reached the control service",
+            ));
+        };
+        let p = &identity.principal;
+        if bundle.is_revoked(&p.issuer, &p.subject) {
+            return refuse(Decision::deny(
+                "revoked",
+                format!("{} has been revoked", p.label()),
+            ));
+        }
+        let (grant, grant_expires) =
+            match bundle
+                .policy
+                .authorize_session(p, &self.cfg.connection, Utc::now())
+            {
+                SessionDecision::Allowed { grant, expires } => (grant, expires),
+                SessionDecision::Denied(d) => return refuse(d),
+            };
+        let id = uuid::Uuid::now_v7().to_string();
+        let guard =
+            self.sessions
+                .register(id.clone(), p.clone(), identity.expires_at, grant_expires);
+        let session = OpenSession {
+            id,
+            principal: p.clone(),
+            grant,
+            token_expires: identity.expires_at,
+            guard,
+            client_addr: client_addr.to_string(),
+            client_app: client_app.to_string(),
+            connection: self.cfg.connection.clone(),
+            seq: AtomicU64::new(0),
+        };
+        let mut start = session.event(AuditKind::SessionStart);
+        start.details.insert("grant".into(), session.grant.clone());
+        if let Err(e) = self.spool.append(&start) {
+            return refuse(Decision::deny("audit-unavailable", e.to_string()));
+        }
+        self.metrics
+            .sessions
+            .get_or_create(&metrics::labels(&[("outcome", "opened")]))
+            .inc();
+        Ok(session)
+    }
+
+    /// Decides a command locally.
+    pub fn decide(
+        &self,
+        session: &OpenSession,
+        command: &Command,
+        has_reasoning: bool,
+    ) -> Decision {
+        let Some(bundle) = self.bundles.current() else {
+            return Decision::deny("no-policy", "this gate has no policy");
+        };
+        if bundle.is_revoked(&session.principal.issuer, &session.principal.subject) {
+            return Decision::deny("revoked", "your access was revoked");
+        }
+        let mut d = bundle.policy.decide(&Request {
+            principal: &session.principal,
+            connection: &self.cfg.connection,
+            command,
+            has_reasoning,
+            now: Utc::now(),
+        });
+        let refuse_full = bundle
+            .policy
+            .connection(&self.cfg.connection)
+            .is_none_or(|c| c.recording.refuse_when_spool_full);
+        if d.effect != Effect::Deny && refuse_full && self.spool.is_full() {
+            d = Decision::deny(
+                "audit-spool-full",
+                "the audit spool is full; commands are refused until it drains",
+            );
+        }
+        self.metrics
+            .commands
+            .get_or_create(&metrics::labels(&[
+                ("effect", d.effect.as_str()),
+                ("rule", &d.rule),
+            ]))
+            .inc();
+        d
+    }
+
+    /// Writes an audit event to the spool (and from there to the control service).
+    pub fn record(&self, event: &AuditEvent) -> Result<(), SpoolError> {
+        self.spool.append(event)
+    }
+
+    /// Holds a command for approval: `on_pending` is called with the approval
+    /// id once it exists; resolves when it is decided, expires, or cannot be asked.
+    pub async fn request_approval(
+        &self,
+        session: &OpenSession,
+        command: &Command,
+        decision: &Decision,
+        reasoning: Option<&ReasoningTrace>,
+        on_pending: impl FnOnce(&str),
+    ) -> ApprovalOutcome {
+        let timeout = decision
+            .review
+            .as_ref()
+            .map(|r| r.timeout_seconds)
+            .unwrap_or(300);
+        let req = self.client.req(v1::ApprovalRequest {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            session_id: session.id.clone(),
+            connection: self.cfg.connection.clone(),
+            principal: Some((&session.principal).into()),
+            command: Some(command.into()),
+            decision: Some(decision.into()),
+            reasoning: reasoning.map(Into::into),
+        });
+        let deadline = Duration::from_secs(u64::from(timeout) + 5);
+        let wait = async {
+            let mut stream = ApprovalGateServiceClient::new(self.client.channel.clone())
+                .request_approval(req)
+                .await
+                .map_err(|s| format!("cannot request approval: {}", s.message()))?
+                .into_inner();
+            let mut on_pending = Some(on_pending);
+            while let Some(update) = stream.next().await {
+                let u = update.map_err(|s| format!("approval stream failed: {}", s.message()))?;
+                match v1::ApprovalState::try_from(u.state) {
+                    Ok(v1::ApprovalState::Pending) => {
+                        if let Some(f) = on_pending.take() {
+                            f(&u.approval_id);
+                        }
+                    }
+                    Ok(v1::ApprovalState::Approved) => {
+                        return Ok(ApprovalOutcome::Approved { id: u.approval_id });
+                    }
+                    Ok(v1::ApprovalState::Denied) => {
+                        return Ok(ApprovalOutcome::Denied {
+                            id: u.approval_id,
+                            reason: u.reason,
+                        });
+                    }
+                    _ => return Ok(ApprovalOutcome::Expired { id: u.approval_id }),
+                }
+            }
+            Err("the approval stream ended before a decision".to_string())
+        };
+        match tokio::time::timeout(deadline, wait).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => ApprovalOutcome::Unavailable(e),
+            Err(_) => ApprovalOutcome::Unavailable("no decision before the hold timeout".into()),
+        }
+    }
+
+    /// Stops accepting sessions, ends live ones after `drain_seconds`, and
+    /// waits (bounded) for the spool to reach the control service.
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.cfg.drain();
+        while !self.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.sessions.end_all(EndReason::Shutdown);
+        let flush = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.spool.unacked() > 0 && tokio::time::Instant::now() < flush {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.spool.sync();
+    }
+
+    /// Whether the sidecar is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Discovers the identity provider, retrying while it comes up.
+async fn discover(cfg: wicket_identity::Config) -> Result<Validator, String> {
+    let mut attempt = 0;
+    loop {
+        match Validator::discover(cfg.clone()).await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < 15 => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "OIDC discovery failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(format!("OIDC discovery of {} failed: {e}", cfg.issuer)),
+        }
+    }
+}
