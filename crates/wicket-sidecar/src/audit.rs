@@ -74,11 +74,16 @@ impl Inner {
             None => false,
         };
         if remove {
-            if let Some(s) = self.segments.remove(&seg) {
-                self.total_bytes = self.total_bytes.saturating_sub(s.bytes);
-                if let Err(e) = std::fs::remove_file(&s.path) {
-                    tracing::warn!(error = %e, path = %s.path.display(), "cannot remove acknowledged spool segment");
-                }
+            self.drop_segment(seg);
+        }
+    }
+
+    /// Deletes a fully acknowledged segment.
+    fn drop_segment(&mut self, seg: u64) {
+        if let Some(s) = self.segments.remove(&seg) {
+            self.total_bytes = self.total_bytes.saturating_sub(s.bytes);
+            if let Err(e) = std::fs::remove_file(&s.path) {
+                tracing::warn!(error = %e, path = %s.path.display(), "cannot remove acknowledged spool segment");
             }
         }
     }
@@ -186,12 +191,8 @@ impl Spool {
         if roll {
             if let Some((old, f)) = g.current.take() {
                 let _ = f.sync_data();
-                let done = g.segments.get(&old).is_some_and(|s| s.unacked == 0);
-                if done {
-                    if let Some(s) = g.segments.remove(&old) {
-                        g.total_bytes = g.total_bytes.saturating_sub(s.bytes);
-                        let _ = std::fs::remove_file(&s.path);
-                    }
+                if g.segments.get(&old).is_some_and(|s| s.unacked == 0) {
+                    g.drop_segment(old);
                 }
             }
             let n = g.next_segment;
@@ -304,10 +305,10 @@ impl Spool {
         let mut g = self.inner.lock().expect("spool lock");
         if g.dirty {
             g.dirty = false;
-            if let Some((_, f)) = &g.current {
-                if let Err(e) = f.sync_data() {
-                    tracing::error!(error = %e, "audit spool fsync failed");
-                }
+            if let Some((_, f)) = &g.current
+                && let Err(e) = f.sync_data()
+            {
+                tracing::error!(error = %e, "audit spool fsync failed");
             }
         }
     }

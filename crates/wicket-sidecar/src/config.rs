@@ -109,10 +109,10 @@ pub struct SidecarConfig {
 impl SidecarConfig {
     /// The sidecar credential, from the flag/env or the file.
     pub fn token(&self) -> Result<String, String> {
-        if let Some(t) = &self.sidecar_token {
-            if !t.trim().is_empty() {
-                return Ok(t.trim().to_string());
-            }
+        if let Some(t) = &self.sidecar_token
+            && !t.trim().is_empty()
+        {
+            return Ok(t.trim().to_string());
         }
         match &self.sidecar_token_file {
             Some(p) => std::fs::read_to_string(p)
