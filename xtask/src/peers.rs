@@ -20,6 +20,36 @@ fn pg_bin() -> Option<PathBuf> {
     versions.pop().map(|(_, b)| b)
 }
 
+fn libclang_installed() -> bool {
+    let dirs = [
+        "/usr/lib",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+    ];
+    let direct = dirs.iter().any(|d| {
+        std::fs::read_dir(d).is_ok_and(|rd| {
+            rd.filter_map(Result::ok).any(|e| {
+                e.file_name().to_string_lossy().starts_with("libclang")
+                    && e.file_name().to_string_lossy().contains(".so")
+            })
+        })
+    });
+    let llvm = std::fs::read_dir("/usr/lib").is_ok_and(|rd| {
+        rd.filter_map(Result::ok).any(|e| {
+            e.file_name().to_string_lossy().starts_with("llvm-")
+                && std::fs::read_dir(e.path().join("lib")).is_ok_and(|l| {
+                    l.filter_map(Result::ok).any(|f| {
+                        let n = f.file_name().to_string_lossy().to_string();
+                        n.starts_with("libclang")
+                            && n.contains(".so")
+                            && !n.starts_with("libclang-cpp")
+                    })
+                })
+        })
+    });
+    direct || llvm
+}
+
 /// Installs missing apt and npm packages.
 pub fn ensure_installed() -> Result<(), String> {
     let mut apt: Vec<&str> = Vec::new();
@@ -31,6 +61,14 @@ pub fn ensure_installed() -> Result<(), String> {
     }
     if !have("runuser") {
         apt.push("util-linux");
+    }
+    if !have("psql") || !have("pgbench") {
+        apt.push("postgresql-client");
+    }
+    // pg_query (the PostgreSQL parser wicket-pg classifies with) generates
+    // its bindings with bindgen, which needs libclang.
+    if !libclang_installed() {
+        apt.push("libclang-dev");
     }
     if !apt.is_empty() {
         if !is_root() {

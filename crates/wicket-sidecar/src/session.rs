@@ -85,19 +85,28 @@ impl Drop for SessionGuard {
 impl SessionGuard {
     /// Waits until the session must end, and says why.
     pub async fn wait_end(&mut self) -> EndReason {
-        loop {
-            if let Some(r) = self.ended.borrow().clone() {
-                return r;
-            }
-            if self.ended.changed().await.is_err() {
-                return EndReason::Shutdown;
-            }
-        }
+        wait_end(self.ended.clone()).await
+    }
+
+    /// A future that resolves when the session must end, independent of the guard's borrow.
+    pub fn end_signal(&self) -> impl std::future::Future<Output = EndReason> + Send + 'static {
+        wait_end(self.ended.clone())
     }
 
     /// Why the session must end, if it must.
     pub fn end_reason(&self) -> Option<EndReason> {
         self.ended.borrow().clone()
+    }
+}
+
+async fn wait_end(mut rx: watch::Receiver<Option<EndReason>>) -> EndReason {
+    loop {
+        if let Some(r) = rx.borrow().clone() {
+            return r;
+        }
+        if rx.changed().await.is_err() {
+            return EndReason::Shutdown;
+        }
     }
 }
 

@@ -1,0 +1,320 @@
+//! Statement classification with the real PostgreSQL parser (`pg_query`),
+//! so the gate and the server can never disagree on what a statement is.
+
+use pg_query::NodeEnum;
+use wicket_core::Classification;
+
+/// Functions that read or write server files, run programs or reach other servers.
+const DANGEROUS_FUNCTIONS: &[&str] = &[
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "lo_import",
+    "lo_export",
+    "dblink",
+    "dblink_exec",
+    "dblink_connect",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "set_config",
+];
+
+/// One classified statement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    /// The statement's own text.
+    pub text: String,
+    /// Kind, verb, objects, risk, fingerprint.
+    pub class: Classification,
+    /// Notable properties (`no_where`, `dangerous_function:NAME`, `program`, `multi_statement`).
+    pub flags: Vec<String>,
+}
+
+fn kind_of(node: &NodeEnum) -> (&'static str, &'static str) {
+    use NodeEnum as N;
+    match node {
+        N::SelectStmt(_) => ("select", "SELECT"),
+        N::InsertStmt(_) => ("insert", "INSERT"),
+        N::UpdateStmt(_) => ("update", "UPDATE"),
+        N::DeleteStmt(_) => ("delete", "DELETE"),
+        N::MergeStmt(_) => ("merge", "MERGE"),
+        N::CopyStmt(_) => ("copy", "COPY"),
+        N::TruncateStmt(_) => ("ddl", "TRUNCATE"),
+        N::DropStmt(_) => ("ddl", "DROP"),
+        N::CreateStmt(_)
+        | N::CreateTableAsStmt(_)
+        | N::IndexStmt(_)
+        | N::ViewStmt(_)
+        | N::CreateSeqStmt(_)
+        | N::CreateSchemaStmt(_)
+        | N::CreateFunctionStmt(_)
+        | N::CreateTrigStmt(_)
+        | N::CreateExtensionStmt(_)
+        | N::CompositeTypeStmt(_)
+        | N::CreateEnumStmt(_)
+        | N::CreateDomainStmt(_)
+        | N::DefineStmt(_)
+        | N::CreatedbStmt(_)
+        | N::CreateRoleStmt(_)
+        | N::CreatePolicyStmt(_) => ("ddl", "CREATE"),
+        N::AlterTableStmt(_)
+        | N::AlterSeqStmt(_)
+        | N::AlterDomainStmt(_)
+        | N::AlterFunctionStmt(_)
+        | N::AlterRoleStmt(_)
+        | N::AlterOwnerStmt(_)
+        | N::AlterObjectSchemaStmt(_)
+        | N::AlterEnumStmt(_)
+        | N::AlterDatabaseStmt(_)
+        | N::AlterSystemStmt(_) => ("ddl", "ALTER"),
+        N::RenameStmt(_) => ("ddl", "ALTER"),
+        N::DropdbStmt(_) => ("ddl", "DROP"),
+        N::DropRoleStmt(_) => ("ddl", "DROP"),
+        N::CommentStmt(_) => ("ddl", "COMMENT"),
+        N::GrantStmt(_) => ("grant", "GRANT"),
+        N::GrantRoleStmt(_) => ("grant", "GRANT"),
+        N::AlterDefaultPrivilegesStmt(_) => ("grant", "ALTER DEFAULT PRIVILEGES"),
+        N::VariableSetStmt(_) => ("set", "SET"),
+        N::VariableShowStmt(_) => ("show", "SHOW"),
+        N::TransactionStmt(_) => ("transaction", "TRANSACTION"),
+        N::CallStmt(_) => ("call", "CALL"),
+        N::DoStmt(_) => ("do", "DO"),
+        N::ExplainStmt(_) => ("explain", "EXPLAIN"),
+        N::PrepareStmt(_) => ("prepare", "PREPARE"),
+        N::ExecuteStmt(_) => ("execute", "EXECUTE"),
+        N::DeallocateStmt(_) => ("prepare", "DEALLOCATE"),
+        N::ListenStmt(_) => ("listen", "LISTEN"),
+        N::UnlistenStmt(_) => ("listen", "UNLISTEN"),
+        N::NotifyStmt(_) => ("notify", "NOTIFY"),
+        N::DeclareCursorStmt(_) | N::FetchStmt(_) | N::ClosePortalStmt(_) => ("cursor", "CURSOR"),
+        N::VacuumStmt(_) => ("maintenance", "VACUUM"),
+        N::LockStmt(_) => ("lock", "LOCK"),
+        _ => ("utility", "UTILITY"),
+    }
+}
+
+fn base_risk(kind: &str, verb: &str) -> u32 {
+    match (kind, verb) {
+        ("select" | "show" | "explain" | "transaction" | "listen", _) => 5,
+        ("set" | "prepare" | "execute" | "cursor" | "notify", _) => 10,
+        ("insert", _) => 30,
+        ("copy", _) => 40,
+        ("update" | "merge", _) => 40,
+        ("delete", _) => 50,
+        ("ddl", "TRUNCATE") => 85,
+        ("ddl", "DROP") => 80,
+        ("ddl", _) => 60,
+        ("grant", _) => 70,
+        ("call" | "do", _) => 60,
+        ("maintenance" | "lock", _) => 30,
+        _ => 40,
+    }
+}
+
+/// Splits and classifies a query string. Anything the parser rejects is an
+/// error: unparseable means refused.
+pub fn classify(sql: &str) -> Result<Vec<Statement>, String> {
+    let parsed = pg_query::parse(sql, 0).map_err(|e| e.to_string())?;
+    let stmts = &parsed.protobuf.stmts;
+    let multi = stmts.len() > 1;
+    let mut out = Vec::with_capacity(stmts.len());
+    for raw in stmts {
+        let start = raw.stmt_location.max(0) as usize;
+        let text = if raw.stmt_len == 0 {
+            sql.get(start..).unwrap_or(sql)
+        } else {
+            sql.get(start..start + raw.stmt_len as usize).unwrap_or(sql)
+        }
+        .trim()
+        .to_string();
+        let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
+            continue;
+        };
+        let (kind, verb) = kind_of(node);
+        let mut risk = base_risk(kind, verb);
+        let mut flags = Vec::new();
+        match node {
+            NodeEnum::UpdateStmt(u) if u.where_clause.is_none() => {
+                flags.push("no_where".to_string());
+                risk += 30;
+            }
+            NodeEnum::DeleteStmt(d) if d.where_clause.is_none() => {
+                flags.push("no_where".to_string());
+                risk += 35;
+            }
+            NodeEnum::CopyStmt(c) if c.is_program => {
+                flags.push("program".to_string());
+                risk = 95;
+            }
+            _ => {}
+        }
+        // Per-statement objects and functions.
+        let own = pg_query::parse(&text, 0).ok();
+        let (mut objects, functions) = match &own {
+            Some(p) => (p.tables(), p.functions()),
+            None => (parsed.tables(), parsed.functions()),
+        };
+        objects.sort();
+        objects.dedup();
+        for f in functions {
+            let short = f.rsplit('.').next().unwrap_or(&f).to_lowercase();
+            if DANGEROUS_FUNCTIONS.contains(&short.as_str()) {
+                flags.push(format!("dangerous_function:{short}"));
+                risk = risk.max(90);
+            }
+        }
+        if multi {
+            flags.push("multi_statement".to_string());
+            risk += 5;
+        }
+        let fingerprint = pg_query::fingerprint(&text, 0, 0)
+            .map(|f| f.hex)
+            .unwrap_or_default();
+        out.push(Statement {
+            text,
+            class: Classification {
+                kind: kind.to_string(),
+                verb: verb.to_string(),
+                objects,
+                argv: Vec::new(),
+                risk: risk.min(100),
+                fingerprint,
+            },
+            flags,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::classify;
+
+    /// (sql, kind, verb, objects, minimum risk, flag)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a [&'a str],
+        u32,
+        Option<&'a str>,
+    );
+
+    #[test]
+    fn statements_are_classified() {
+        // (sql, kind, verb, objects, min risk, flag)
+        let cases: &[Case] = &[
+            (
+                "SELECT * FROM customers WHERE id = 1",
+                "select",
+                "SELECT",
+                &["customers"],
+                5,
+                None,
+            ),
+            ("select 1", "select", "SELECT", &[], 5, None),
+            (
+                "INSERT INTO public.orders VALUES (1)",
+                "insert",
+                "INSERT",
+                &["public.orders"],
+                30,
+                None,
+            ),
+            (
+                "UPDATE t SET a = 1",
+                "update",
+                "UPDATE",
+                &["t"],
+                70,
+                Some("no_where"),
+            ),
+            (
+                "DELETE FROM t WHERE id = 3",
+                "delete",
+                "DELETE",
+                &["t"],
+                50,
+                None,
+            ),
+            (
+                "DELETE FROM t",
+                "delete",
+                "DELETE",
+                &["t"],
+                85,
+                Some("no_where"),
+            ),
+            ("DROP TABLE customers", "ddl", "DROP", &[], 80, None),
+            (
+                "TRUNCATE customers",
+                "ddl",
+                "TRUNCATE",
+                &["customers"],
+                85,
+                None,
+            ),
+            ("CREATE TABLE x (a int)", "ddl", "CREATE", &["x"], 60, None),
+            ("GRANT SELECT ON t TO bob", "grant", "GRANT", &[], 70, None),
+            (
+                "COPY t TO PROGRAM 'curl x'",
+                "copy",
+                "COPY",
+                &["t"],
+                95,
+                Some("program"),
+            ),
+            (
+                "SELECT pg_read_file('/etc/passwd')",
+                "select",
+                "SELECT",
+                &[],
+                90,
+                Some("dangerous_function:pg_read_file"),
+            ),
+            (
+                "DO $$ BEGIN RAISE NOTICE 'x'; END $$",
+                "do",
+                "DO",
+                &[],
+                60,
+                None,
+            ),
+            ("BEGIN", "transaction", "TRANSACTION", &[], 5, None),
+            ("SET wicket.reasoning = 'why'", "set", "SET", &[], 10, None),
+            ("EXPLAIN SELECT 1", "explain", "EXPLAIN", &[], 5, None),
+        ];
+        for (sql, kind, verb, objects, risk, flag) in cases {
+            let s = &classify(sql).unwrap()[0];
+            assert_eq!(
+                (s.class.kind.as_str(), s.class.verb.as_str()),
+                (*kind, *verb),
+                "{sql}"
+            );
+            assert!(
+                objects
+                    .iter()
+                    .all(|o| s.class.objects.iter().any(|x| x == o)),
+                "{sql}: {:?}",
+                s.class.objects
+            );
+            assert!(s.class.risk >= *risk, "{sql}: risk {}", s.class.risk);
+            if let Some(f) = flag {
+                assert!(s.flags.iter().any(|x| x == f), "{sql}: {:?}", s.flags);
+            }
+            assert!(!s.class.fingerprint.is_empty());
+        }
+    }
+
+    #[test]
+    fn multi_statement_queries_split_and_garbage_is_refused() {
+        let s = classify("SELECT 1; DROP TABLE t; ").unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[1].text, "DROP TABLE t");
+        assert!(s[1].flags.iter().any(|f| f == "multi_statement"));
+        assert!(classify("SELEC 1").is_err());
+        assert!(classify("").unwrap().is_empty());
+    }
+}

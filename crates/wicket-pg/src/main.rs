@@ -1,0 +1,105 @@
+//! `wicket-pg`: the PostgreSQL gate binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use wicket_pg::upstream::UpstreamConfig;
+use wicket_pg::{PgConfig, PgGate};
+use wicket_sidecar::{Sidecar, SidecarConfig};
+
+/// Gate in front of one PostgreSQL server: OIDC identity, policy, approvals, audit.
+#[derive(Debug, Parser)]
+#[command(name = "wicket-pg", version)]
+struct Args {
+    /// Address clients connect to.
+    #[arg(long, env = "WICKET_PG_LISTEN", default_value = "127.0.0.1:6432")]
+    listen: SocketAddr,
+    /// The PostgreSQL server (`host:port`).
+    #[arg(long, env = "WICKET_PG_UPSTREAM", default_value = "127.0.0.1:5432")]
+    upstream: String,
+    /// Role the gate logs in as upstream.
+    #[arg(long, env = "WICKET_PG_UPSTREAM_USER")]
+    upstream_user: String,
+    /// File holding that role's password (e.g. a mounted Secret).
+    #[arg(long, env = "WICKET_PG_UPSTREAM_PASSWORD_FILE")]
+    upstream_password_file: Option<PathBuf>,
+    /// That role's password (prefer the file).
+    #[arg(long, env = "WICKET_PG_UPSTREAM_PASSWORD", hide_env_values = true)]
+    upstream_password: Option<String>,
+    /// Accept tokens as cleartext passwords from loopback clients without TLS.
+    #[arg(long, env = "WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK")]
+    allow_cleartext_loopback: bool,
+    /// Largest client message, in bytes.
+    #[arg(long, env = "WICKET_PG_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    max_message_bytes: usize,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    #[command(flatten)]
+    sidecar: SidecarConfig,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_env("WICKET_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wicket-pg: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let password = match (&args.upstream_password_file, &args.upstream_password) {
+        (Some(f), _) => std::fs::read_to_string(f)
+            .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+            .map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+        (None, Some(p)) => p.clone(),
+        (None, None) => String::new(),
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let sidecar = Sidecar::start(args.sidecar).await?;
+    let gate = PgGate::new(
+        sidecar.clone(),
+        PgConfig {
+            upstream: UpstreamConfig {
+                addr: args.upstream,
+                user: args.upstream_user,
+                password,
+            },
+            allow_cleartext_loopback: args.allow_cleartext_loopback,
+            max_message_bytes: args.max_message_bytes,
+            startup_timeout: Duration::from_secs(10),
+        },
+    );
+    tracing::info!(listen = %args.listen, "wicket-pg serving");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    wicket_pg::serve(gate, listener, shutdown).await;
+    tracing::info!("draining");
+    sidecar.drain().await;
+    Ok(())
+}

@@ -1,0 +1,696 @@
+//! One client connection: startup, authentication, the upstream login, and
+//! the gated relay.
+//!
+//! **Refusals keep the protocol in step.** A refused statement is not
+//! answered by the sidecar out of band: it is replaced, in place, by a
+//! statement that fails at parse time naming a one-off marker, and the
+//! server's error for it is rewritten into ours (SQLSTATE 42501, naming the
+//! rule). The error therefore arrives exactly where the server would have
+//! put it, under pipelining too, and the server itself discards the rest of
+//! the extended-protocol batch up to Sync as for any error.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use wicket_core::{AuditKind, Command, Decision, Effect, ReasoningTrace};
+use wicket_sidecar::{ApprovalOutcome, OpenSession, Sidecar};
+
+use crate::classify::{self, Statement};
+use crate::codec::{self, CodecError, build};
+use crate::reasoning;
+use crate::upstream::{self, UpstreamConfig};
+
+/// Settings of the PostgreSQL gate.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// The upstream server and the sidecar's own login.
+    pub upstream: UpstreamConfig,
+    /// Accept the token as a cleartext password from loopback clients without TLS.
+    pub allow_cleartext_loopback: bool,
+    /// Largest client message accepted.
+    pub max_message_bytes: usize,
+    /// Time a client has to finish startup and authentication.
+    pub startup_timeout: Duration,
+}
+
+/// Cancel keys handed to clients, mapped to the upstream backend's.
+#[derive(Default)]
+pub struct CancelMap {
+    keys: Mutex<HashMap<(i32, i32), (i32, i32)>>,
+}
+
+/// Shared state of the PostgreSQL gate.
+pub struct PgGate {
+    /// Runtime.
+    pub sidecar: Arc<Sidecar>,
+    /// Settings.
+    pub cfg: PgConfig,
+    cancels: CancelMap,
+}
+
+impl PgGate {
+    /// A gate over `sidecar`.
+    pub fn new(sidecar: Arc<Sidecar>, cfg: PgConfig) -> Arc<PgGate> {
+        Arc::new(PgGate {
+            sidecar,
+            cfg,
+            cancels: CancelMap::default(),
+        })
+    }
+
+    /// Serves one client connection to the end.
+    pub async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+        let _ = client.set_nodelay(true);
+        let started =
+            tokio::time::timeout(self.cfg.startup_timeout, self.startup(&mut client, peer)).await;
+        let (session, upstream, reasoning) = match started {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "startup failed");
+                return;
+            }
+            Err(_) => {
+                let _ = client
+                    .write_all(&build::error(
+                        b'E',
+                        "FATAL",
+                        "08P01",
+                        "startup did not complete in time",
+                        None,
+                        None,
+                    ))
+                    .await;
+                return;
+            }
+        };
+        self.relay(client, upstream, session, reasoning).await;
+    }
+
+    async fn fatal(client: &mut TcpStream, code: &str, message: &str) -> std::io::Result<()> {
+        client
+            .write_all(&build::error(b'E', "FATAL", code, message, None, None))
+            .await
+    }
+
+    /// Startup and authentication. `Ok(None)`: the connection ended normally
+    /// (cancel request, refused login already answered).
+    async fn startup(
+        &self,
+        client: &mut TcpStream,
+        peer: SocketAddr,
+    ) -> Result<Option<(OpenSession, TcpStream, Option<String>)>, CodecError> {
+        let params = loop {
+            let body = match codec::read_startup(client).await {
+                Ok(b) => b,
+                Err(CodecError::Length(n)) => {
+                    Self::fatal(
+                        client,
+                        "08P01",
+                        &format!("invalid startup packet length {n}"),
+                    )
+                    .await?;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+            let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+            match code {
+                codec::SSL_REQUEST | codec::GSSENC_REQUEST => client.write_all(b"N").await?,
+                codec::CANCEL_REQUEST if body.len() >= 12 => {
+                    let pid = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                    let key = i32::from_be_bytes([body[8], body[9], body[10], body[11]]);
+                    self.cancel(pid, key).await;
+                    return Ok(None);
+                }
+                codec::PROTOCOL_V3 => match codec::startup_params(&body) {
+                    Some(p) => break p,
+                    None => {
+                        Self::fatal(client, "08P01", "malformed startup packet").await?;
+                        return Ok(None);
+                    }
+                },
+                other => {
+                    Self::fatal(
+                        client,
+                        "0A000",
+                        &format!(
+                            "unsupported frontend protocol {}.{}",
+                            other >> 16,
+                            other & 0xffff
+                        ),
+                    )
+                    .await?;
+                    return Ok(None);
+                }
+            }
+        };
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let user = get("user").unwrap_or_default();
+        if get("replication").is_some_and(|r| r != "false" && r != "0") {
+            Self::fatal(
+                client,
+                "28000",
+                "replication connections are not allowed through the gate",
+            )
+            .await?;
+            return Ok(None);
+        }
+        if !(peer.ip().is_loopback() && self.cfg.allow_cleartext_loopback) {
+            Self::fatal(
+                client,
+                "28000",
+                "refusing to take an access token as a cleartext password over an unencrypted connection",
+            )
+            .await?;
+            return Ok(None);
+        }
+        client.write_all(&build::auth(3, &[])).await?;
+        let m = codec::read_message(client, 64 * 1024).await?;
+        if m.tag != b'p' {
+            Self::fatal(client, "08P01", "expected a password message").await?;
+            return Ok(None);
+        }
+        let token = String::from_utf8_lossy(m.body.strip_suffix(b"\0").unwrap_or(&m.body))
+            .trim()
+            .to_string();
+        let addr = peer.to_string();
+        let identity = match self.sidecar.authenticate(&token, &addr).await {
+            Ok(i) => i,
+            Err(e) => {
+                let msg = format!("password authentication failed for user \"{user}\": {e}");
+                Self::fatal(client, "28P01", &msg).await?;
+                return Ok(None);
+            }
+        };
+        let app = get("application_name").unwrap_or_default();
+        let session = match self.sidecar.open_session(&identity, &addr, &app) {
+            Ok(s) => s,
+            Err(d) => {
+                Self::fatal(
+                    client,
+                    "28000",
+                    &format!("access refused by rule `{}`: {}", d.rule, d.reason),
+                )
+                .await?;
+                return Ok(None);
+            }
+        };
+        let database = get("database").unwrap_or_else(|| user.clone());
+        let extra: Vec<(String, String)> = params
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication"))
+            .cloned()
+            .collect();
+        let (upstream, hello) = match upstream::connect(&self.cfg.upstream, &database, &extra).await
+        {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream login failed");
+                let code = match &e {
+                    upstream::UpstreamError::Refused { code, .. } if code == "3D000" => "3D000",
+                    _ => "08006",
+                };
+                Self::fatal(client, code, &e.to_string()).await?;
+                self.end(&session, "upstream_login_failed");
+                return Ok(None);
+            }
+        };
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&build::auth(0, &[]));
+        for p in &hello.parameters {
+            out.extend_from_slice(p);
+        }
+        let mut minted = [0u8; 8];
+        let _ = aws_lc_rs::rand::fill(&mut minted);
+        let ours = (
+            i32::from_be_bytes([minted[0], minted[1], minted[2], minted[3]]) & 0x7fff_ffff,
+            i32::from_be_bytes([minted[4], minted[5], minted[6], minted[7]]),
+        );
+        self.cancels
+            .keys
+            .lock()
+            .expect("cancel map")
+            .insert(ours, hello.backend_key);
+        out.extend_from_slice(&build::backend_key(ours.0, ours.1));
+        out.extend_from_slice(&build::ready(hello.status));
+        client.write_all(&out).await?;
+        let reasoning = get("options").and_then(|o| reasoning::from_options(&o));
+        tracing::info!(session = %session.id, principal = %session.principal.label(), %peer, app = %app, "session opened");
+        Ok(Some((session, upstream, reasoning)))
+    }
+
+    async fn cancel(&self, pid: i32, key: i32) {
+        let target = self
+            .cancels
+            .keys
+            .lock()
+            .expect("cancel map")
+            .get(&(pid, key))
+            .copied();
+        let Some((upid, ukey)) = target else { return };
+        if let Ok(mut s) = TcpStream::connect(&self.cfg.upstream.addr).await {
+            let mut b = BytesMut::with_capacity(16);
+            b.put_i32(16);
+            b.put_i32(codec::CANCEL_REQUEST);
+            b.put_i32(upid);
+            b.put_i32(ukey);
+            let _ = s.write_all(&b).await;
+        }
+    }
+
+    fn end(&self, session: &OpenSession, reason: &str) {
+        let mut e = session.event(AuditKind::SessionEnd);
+        e.end_reason = reason.to_string();
+        if let Err(err) = self.sidecar.record(&e) {
+            tracing::error!(error = %err, "cannot record session end");
+        }
+    }
+
+    async fn relay(
+        self: Arc<Self>,
+        client: TcpStream,
+        upstream: TcpStream,
+        session: OpenSession,
+        reasoning: Option<String>,
+    ) {
+        let end_signal = session.guard.end_signal();
+        let (mut client_r, client_w) = client.into_split();
+        let (mut up_r, mut up_w) = upstream.into_split();
+        let client_w = Arc::new(tokio::sync::Mutex::new(client_w));
+        let markers: Arc<Mutex<HashMap<String, (String, String)>>> = Arc::default();
+
+        // Server → client, rewriting the errors of refused statements.
+        let down = {
+            let client_w = client_w.clone();
+            let markers = markers.clone();
+            async move {
+                let mut buf = BytesMut::with_capacity(64 * 1024);
+                loop {
+                    match up_r.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    let out = rewrite_errors(&mut buf, &markers);
+                    if !out.is_empty() && client_w.lock().await.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+
+        // Client → server, gating each statement.
+        let mut state = GateState {
+            reasoning,
+            traceparent: None,
+        };
+        let up = async {
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            loop {
+                match client_r.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return "client_closed",
+                    Ok(_) => {}
+                }
+                let mut out = BytesMut::new();
+                loop {
+                    if buf.len() < 5 {
+                        break;
+                    }
+                    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as i64;
+                    if len < 4 || len as u64 > self.cfg.max_message_bytes as u64 {
+                        let msg = format!("message length {len} is outside the accepted range");
+                        let _ = client_w
+                            .lock()
+                            .await
+                            .write_all(&build::error(b'E', "FATAL", "08P01", &msg, None, None))
+                            .await;
+                        return "protocol_violation";
+                    }
+                    if buf.len() < 1 + len as usize {
+                        buf.reserve(1 + len as usize - buf.len());
+                        break;
+                    }
+                    let raw = buf.split_to(1 + len as usize).freeze();
+                    let tag = raw[0];
+                    let body = raw.slice(5..);
+                    match tag {
+                        b'Q' | b'P' => {
+                            // Flush what came before, so held statements never delay it.
+                            if !out.is_empty() && up_w.write_all(&out).await.is_err() {
+                                return "upstream_closed";
+                            }
+                            out.clear();
+                            let fwd = self
+                                .gate(tag, &body, &raw, &session, &mut state, &client_w, &markers)
+                                .await;
+                            out.extend_from_slice(&fwd);
+                        }
+                        b'X' => {
+                            out.extend_from_slice(&raw);
+                            let _ = up_w.write_all(&out).await;
+                            return "client_quit";
+                        }
+                        _ => out.extend_from_slice(&raw),
+                    }
+                }
+                if !out.is_empty() && up_w.write_all(&out).await.is_err() {
+                    return "upstream_closed";
+                }
+            }
+        };
+
+        let reason = tokio::select! {
+            r = up => r.to_string(),
+            _ = down => "upstream_closed".to_string(),
+            r = end_signal => {
+                let _ = client_w
+                    .lock()
+                    .await
+                    .write_all(&build::error(b'E', "FATAL", if r == wicket_sidecar::EndReason::Shutdown { "57P01" } else { "28000" }, r.message(), None, None))
+                    .await;
+                r.as_str().to_string()
+            }
+        };
+        let _ = client_w.lock().await.shutdown().await;
+        tracing::info!(session = %session.id, reason = %reason, "session closed");
+        self.end(&session, &reason);
+    }
+
+    /// Decides a `Query` or `Parse` and returns the bytes to forward.
+    #[allow(clippy::too_many_arguments)]
+    async fn gate(
+        &self,
+        tag: u8,
+        body: &Bytes,
+        raw: &Bytes,
+        session: &OpenSession,
+        state: &mut GateState,
+        client_w: &Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+        markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
+    ) -> Bytes {
+        let mut pos = 0;
+        let (name, sql) = if tag == b'P' {
+            let name = codec::cstr(body, &mut pos).unwrap_or_default();
+            (Some(name), codec::cstr(body, &mut pos).unwrap_or_default())
+        } else {
+            (None, codec::cstr(body, &mut pos).unwrap_or_default())
+        };
+        let started = Instant::now();
+        for (k, v) in reasoning::comment_tags(&sql) {
+            match k.as_str() {
+                "reasoning" => state.reasoning = Some(v),
+                "traceparent" => state.traceparent = Some(v),
+                _ => {}
+            }
+        }
+        let statements = match classify::classify(&sql) {
+            Ok(s) => s,
+            Err(e) => {
+                let d = Decision::deny(
+                    "unparseable",
+                    format!("the gate could not parse this statement: {e}"),
+                );
+                self.audit(session, &sql, None, &d, state, None, started);
+                return self.refuse(tag, body, name.as_deref(), &d, markers);
+            }
+        };
+        let has_reasoning = state
+            .reasoning
+            .as_deref()
+            .is_some_and(|r| !r.trim().is_empty());
+        // The most restrictive decision over the statements wins.
+        let mut worst: Option<(Decision, usize)> = None;
+        let mut decisions = Vec::with_capacity(statements.len());
+        for (i, st) in statements.iter().enumerate() {
+            let cmd = command(st);
+            let d = self.sidecar.decide(session, &cmd, has_reasoning);
+            if worst.as_ref().is_none_or(|(w, _)| d.effect > w.effect) {
+                worst = Some((d.clone(), i));
+            }
+            decisions.push(d);
+        }
+        // SET wicket.reasoning lasts for the session.
+        for st in &statements {
+            if st.class.kind == "set"
+                && let Some(r) = reasoning::from_set(&st.text)
+            {
+                state.reasoning = Some(r);
+            }
+        }
+        let Some((decision, _)) = worst else {
+            return raw.clone(); // empty query
+        };
+        let outcome = match decision.effect {
+            Effect::Allow => None,
+            Effect::Deny => Some(decision.clone()),
+            Effect::Review => {
+                let cmd = Command {
+                    text: sql.clone(),
+                    classification: statements[0].class.clone(),
+                };
+                let trace = self.trace(state);
+                let client_w = client_w.clone();
+                let notice_rule = decision.rule.clone();
+                let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+                let notify = async move {
+                    if let Ok(id) = rx.await {
+                        let msg = format!("waiting for approval {id} (rule {notice_rule})");
+                        let _ = client_w
+                            .lock()
+                            .await
+                            .write_all(&build::error(b'N', "NOTICE", "01000", &msg, None, None))
+                            .await;
+                    }
+                };
+                let wait = self.sidecar.request_approval(
+                    session,
+                    &cmd,
+                    &decision,
+                    trace.as_ref(),
+                    move |id| {
+                        let _ = tx.send(id.to_string());
+                    },
+                );
+                let (result, ()) = tokio::join!(wait, notify);
+                match result {
+                    ApprovalOutcome::Approved { id } => {
+                        self.audit_all(
+                            session,
+                            &statements,
+                            &decisions,
+                            state,
+                            Some(("approved", &id)),
+                            started,
+                        );
+                        return raw.clone();
+                    }
+                    ApprovalOutcome::Denied { id, reason } => Some(Decision::deny(
+                        decision.rule.clone(),
+                        format!("approval {id} was denied: {reason}"),
+                    )),
+                    ApprovalOutcome::Expired { id } => Some(Decision::deny(
+                        decision.rule.clone(),
+                        format!("approval {id} expired before anyone decided"),
+                    )),
+                    ApprovalOutcome::Unavailable(e) => Some(Decision::deny(
+                        decision.rule.clone(),
+                        format!("approval could not be obtained: {e}"),
+                    )),
+                }
+            }
+        };
+        match outcome {
+            None => {
+                self.audit_all(session, &statements, &decisions, state, None, started);
+                raw.clone()
+            }
+            Some(d) => {
+                self.audit(session, &sql, statements.first(), &d, state, None, started);
+                self.refuse(tag, body, name.as_deref(), &d, markers)
+            }
+        }
+    }
+
+    fn trace(&self, state: &GateState) -> Option<ReasoningTrace> {
+        let trace_id = state
+            .traceparent
+            .as_deref()
+            .and_then(|t| t.split('-').nth(1))
+            .unwrap_or("")
+            .to_string();
+        state.reasoning.as_ref().map(|r| ReasoningTrace {
+            trace_id,
+            reasoning: r.clone(),
+            ..Default::default()
+        })
+    }
+
+    fn audit_all(
+        &self,
+        session: &OpenSession,
+        statements: &[Statement],
+        decisions: &[Decision],
+        state: &GateState,
+        approval: Option<(&str, &str)>,
+        started: Instant,
+    ) {
+        for (st, d) in statements.iter().zip(decisions) {
+            self.audit(session, &st.text, Some(st), d, state, approval, started);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit(
+        &self,
+        session: &OpenSession,
+        text: &str,
+        st: Option<&Statement>,
+        d: &Decision,
+        state: &GateState,
+        approval: Option<(&str, &str)>,
+        started: Instant,
+    ) {
+        let mut e = session.event(AuditKind::Command);
+        e.command = Some(Command {
+            text: text.to_string(),
+            classification: st.map(|s| s.class.clone()).unwrap_or_default(),
+        });
+        e.decision = Some(d.clone());
+        e.reasoning = self.trace(state);
+        e.traceparent = state.traceparent.clone().unwrap_or_default();
+        if let Some(s) = st
+            && !s.flags.is_empty()
+        {
+            e.details.insert("flags".into(), s.flags.join(","));
+        }
+        if let Some((outcome, id)) = approval {
+            e.details.insert("approval".into(), id.to_string());
+            e.details
+                .insert("approval_outcome".into(), outcome.to_string());
+        }
+        e.details.insert(
+            "decide_us".into(),
+            started.elapsed().as_micros().to_string(),
+        );
+        if let Err(err) = self.sidecar.record(&e) {
+            tracing::error!(error = %err, "cannot record a statement");
+        }
+    }
+
+    /// The in-place replacement of a refused `Query` or `Parse`.
+    fn refuse(
+        &self,
+        tag: u8,
+        body: &Bytes,
+        name: Option<&str>,
+        d: &Decision,
+        markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
+    ) -> Bytes {
+        let nonce = format!("wicket_refused_{}", uuid::Uuid::new_v4().simple());
+        let message = format!("refused by rule `{}`: {}", d.rule, d.reason);
+        markers
+            .lock()
+            .expect("markers")
+            .insert(nonce.clone(), ("42501".into(), message));
+        let sql = format!("SELECT 1 FROM \"{nonce}\"");
+        if tag == b'Q' {
+            return build::query(&sql);
+        }
+        // Parse: keep the statement name and the declared parameter types.
+        let mut pos = 0;
+        let _ = codec::cstr(body, &mut pos);
+        let _ = codec::cstr(body, &mut pos);
+        let rest = body.get(pos..).unwrap_or_default();
+        let mut b = BytesMut::new();
+        b.extend_from_slice(name.unwrap_or("").as_bytes());
+        b.put_u8(0);
+        b.extend_from_slice(sql.as_bytes());
+        b.put_u8(0);
+        b.extend_from_slice(rest);
+        codec::Message {
+            tag: b'P',
+            body: b.freeze(),
+        }
+        .encode()
+    }
+}
+
+struct GateState {
+    reasoning: Option<String>,
+    traceparent: Option<String>,
+}
+
+fn command(st: &Statement) -> Command {
+    Command {
+        text: st.text.clone(),
+        classification: st.class.clone(),
+    }
+}
+
+/// Takes the whole messages out of `buf` and returns them, with the server's
+/// errors for refused statements replaced by ours.
+fn rewrite_errors(buf: &mut BytesMut, markers: &Mutex<HashMap<String, (String, String)>>) -> Bytes {
+    let mut out = BytesMut::with_capacity(buf.len());
+    let pending = !markers.lock().expect("markers").is_empty();
+    loop {
+        if buf.len() < 5 {
+            break;
+        }
+        let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if buf.len() < 1 + len {
+            break;
+        }
+        if pending && buf[0] == b'E' {
+            let msg = buf.split_to(1 + len).freeze();
+            let fields = codec::error_fields(&msg[5..]);
+            let text = fields
+                .iter()
+                .find(|(c, _)| *c == b'M')
+                .map(|(_, m)| m.clone())
+                .unwrap_or_default();
+            let hit = {
+                let mut m = markers.lock().expect("markers");
+                let key = m.keys().find(|k| text.contains(k.as_str())).cloned();
+                key.and_then(|k| m.remove(&k))
+            };
+            match hit {
+                Some((code, message)) => out.extend_from_slice(&build::error(
+                    b'E',
+                    "ERROR",
+                    &code,
+                    &message,
+                    None,
+                    Some("ask an approver, or see `wicket policy explain`"),
+                )),
+                None => out.extend_from_slice(&msg),
+            }
+        } else if pending {
+            let msg = buf.split_to(1 + len);
+            out.extend_from_slice(&msg);
+        } else {
+            // Fast path: forward every whole message at once.
+            let mut end = 0;
+            while buf.len() >= end + 5 {
+                let l = i32::from_be_bytes([buf[end + 1], buf[end + 2], buf[end + 3], buf[end + 4]])
+                    as usize;
+                if buf.len() < end + 1 + l {
+                    break;
+                }
+                end += 1 + l;
+            }
+            out.extend_from_slice(&buf.split_to(end));
+            break;
+        }
+    }
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(64 * 1024);
+    }
+    let _ = buf.remaining();
+    out.freeze()
+}

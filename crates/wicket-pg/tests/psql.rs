@@ -1,0 +1,485 @@
+//! Real psql through wicket-pg to a real PostgreSQL (`cargo xtask test` starts it).
+
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use wicket_pg::upstream::UpstreamConfig;
+use wicket_pg::{PgConfig, PgGate};
+use wicket_proto::v1;
+use wicket_sidecar::{Sidecar, SidecarConfig};
+use wicket_testkit::idp::{TestIdp, TokenSpec};
+
+const POLICY: &str = "
+agents: {require_reasoning: true}
+connections:
+  - name: pg
+    protocol: postgres
+grants:
+  - id: agents
+    groups: [agents]
+rules:
+  - id: reads
+    effect: allow
+    match: {commands: [select, show, set, transaction, explain]}
+  - id: inserts
+    effect: allow
+    match: {commands: [insert]}
+  - id: no-ddl
+    description: agents never change the schema
+    effect: deny
+    match: {commands: [ddl]}
+  - id: writes
+    effect: review
+    match: {commands: [update, delete]}
+    review: {approvers: [dba], timeout: 20s}
+";
+
+fn auth<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+    );
+    r
+}
+
+struct Env {
+    idp: TestIdp,
+    channel: Channel,
+    gate: SocketAddr,
+    db: String,
+    _dir: tempfile::TempDir,
+}
+
+fn upstream_from_url(url: &str) -> (String, String, String) {
+    // postgres://user:password@host:port/db
+    let rest = url.split("://").nth(1).unwrap();
+    let (creds, hostpart) = rest.split_once('@').unwrap();
+    let (user, password) = creds.split_once(':').unwrap();
+    let addr = hostpart.split('/').next().unwrap();
+    (addr.to_string(), user.to_string(), password.to_string())
+}
+
+fn admin_psql(url: &str, db: &str, sql: &str) {
+    let (addr, user, password) = upstream_from_url(url);
+    let (host, port) = addr.split_once(':').unwrap();
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            host,
+            "-p",
+            port,
+            "-U",
+            &user,
+            "-d",
+            db,
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn start() -> Env {
+    wicket_testkit::init_crypto();
+    let url = wicket_testkit::env::postgres_url();
+    let db = format!("pg_{}", uuid_like());
+    admin_psql(&url, "postgres", &format!("CREATE DATABASE {db}"));
+    admin_psql(
+        &url,
+        &db,
+        "CREATE TABLE customers (id int primary key, name text, email text); \
+         INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com'), (2, 'Bob', 'bob@example.com')",
+    );
+    let idp = TestIdp::start("wicket").await;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control_addr = listener.local_addr().unwrap();
+    let cfg = wicket_control::Config {
+        listen: control_addr,
+        database_url: format!("sqlite:{}", dir.path().join("c.db").display()),
+        oidc_issuer: idp.issuer(),
+        oidc_audience: "wicket".into(),
+        groups_claim: "groups".into(),
+        agent_rules: vec!["client-credentials".into()],
+        admin_group: "wicket-admins".into(),
+        approver_group: "wicket-approvers".into(),
+        auditor_group: "wicket-auditors".into(),
+        policy_file: None,
+        max_message_bytes: 4 << 20,
+        tls_cert: None,
+        tls_key: None,
+        log_format: "text".into(),
+    };
+    tokio::spawn(wicket_control::run(cfg, listener, std::future::pending()));
+    let channel = loop {
+        if let Ok(c) = Channel::from_shared(format!("http://{control_addr}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let admin = idp.mint(&TokenSpec::human("root", &["wicket-admins"]));
+    v1::policy_admin_service_client::PolicyAdminServiceClient::new(channel.clone())
+        .apply_policy(auth(
+            v1::ApplyPolicyRequest {
+                document: POLICY.into(),
+                source_name: "p".into(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let token = v1::sidecar_admin_service_client::SidecarAdminServiceClient::new(channel.clone())
+        .create_sidecar_credential(auth(
+            v1::CreateSidecarCredentialRequest {
+                name: "pg".into(),
+                connections: vec!["pg".into()],
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let sc = Sidecar::start(SidecarConfig {
+        control: format!("http://{control_addr}"),
+        control_ca_cert: None,
+        sidecar_token: Some(token),
+        sidecar_token_file: None,
+        connection: "pg".into(),
+        state_dir: dir.path().join("state"),
+        spool_max_bytes: 64 << 20,
+        oidc_issuer: idp.issuer(),
+        oidc_audience: "wicket".into(),
+        groups_claim: "groups".into(),
+        agent_rules: vec!["client-credentials".into()],
+        token_grace_seconds: 0,
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        drain_seconds: 1,
+    })
+    .await
+    .unwrap();
+    while sc.bundles.current().is_none() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (addr, user, password) = upstream_from_url(&url);
+    let gate = PgGate::new(
+        sc,
+        PgConfig {
+            upstream: UpstreamConfig {
+                addr,
+                user,
+                password,
+            },
+            allow_cleartext_loopback: true,
+            max_message_bytes: 64 << 20,
+            startup_timeout: Duration::from_secs(5),
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gate_addr = listener.local_addr().unwrap();
+    tokio::spawn(wicket_pg::serve(gate, listener, std::future::pending()));
+    Env {
+        idp,
+        channel,
+        gate: gate_addr,
+        db,
+        _dir: dir,
+    }
+}
+
+fn uuid_like() -> String {
+    let mut b = [0u8; 8];
+    aws_lc_rs_fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn aws_lc_rs_fill(b: &mut [u8]) {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (t >> (i * 8)) as u8 ^ (std::process::id() as u8).wrapping_mul(i as u8 + 1);
+    }
+}
+
+impl Env {
+    async fn psql(&self, token: &str, reasoning: Option<&str>, commands: &[&str]) -> Output {
+        let mut cmd = Command::new("psql");
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.gate.port().to_string(),
+            "-U",
+            "bot",
+            "-d",
+            &self.db,
+        ]);
+        for c in commands {
+            cmd.args(["-c", c]);
+        }
+        cmd.env("PGPASSWORD", token)
+            .env("PGSSLMODE", "prefer")
+            .env("PGCONNECT_TIMEOUT", "10");
+        match reasoning {
+            Some(r) => cmd.env(
+                "PGOPTIONS",
+                format!("-c wicket.reasoning={}", r.replace(' ', "\\ ")),
+            ),
+            None => cmd.env_remove("PGOPTIONS"),
+        };
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+fn out(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_is_gated_statement_by_statement() {
+    let e = start().await;
+    let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+
+    // Allowed read, with reasoning from PGOPTIONS.
+    let o = e
+        .psql(
+            &agent,
+            Some("counting customers"),
+            &["SELECT count(*) FROM customers"],
+        )
+        .await;
+    let (so, se) = out(&o);
+    assert!(o.status.success(), "{se}");
+    assert_eq!(so.trim(), "2");
+
+    // A denied DROP keeps the session usable: the next statement runs.
+    let o = e
+        .psql(
+            &agent,
+            Some("cleanup"),
+            &[
+                "DROP TABLE customers",
+                "SELECT 40 + 2",
+                "SELECT count(*) FROM customers",
+            ],
+        )
+        .await;
+    let (so, se) = out(&o);
+    assert!(se.contains("refused by rule `no-ddl`"), "{se}");
+    assert!(
+        !se.contains("wicket_refused_"),
+        "the marker never reaches the client: {se}"
+    );
+    assert_eq!(
+        so.split_whitespace().collect::<Vec<_>>(),
+        ["42", "2"],
+        "{so}"
+    );
+
+    // Agents must give a reason.
+    let o = e.psql(&agent, None, &["SELECT 1"]).await;
+    assert!(out(&o).1.contains("require-reasoning"), "{}", out(&o).1);
+    // ...which a sqlcommenter comment or SET also provides.
+    let o = e
+        .psql(
+            &agent,
+            None,
+            &[
+                "SELECT 7 /*reasoning='checking%20seven'*/",
+                "SET wicket.reasoning = 'session reason'",
+                "SELECT 8",
+            ],
+        )
+        .await;
+    assert_eq!(
+        out(&o).0.split_whitespace().collect::<Vec<_>>(),
+        ["7", "SET", "8"],
+        "{:?}",
+        out(&o)
+    );
+
+    // Identity failures are 28P01 with a clear reason, and nothing leaks.
+    let expired = e.idp.mint(&TokenSpec {
+        ttl_seconds: -60,
+        ..TokenSpec::agent("bot", &["agents"])
+    });
+    let o = e.psql(&expired, Some("x"), &["SELECT 1"]).await;
+    let se = out(&o).1;
+    assert!(!o.status.success());
+    assert!(
+        se.contains("password authentication failed") && se.contains("expired"),
+        "{se}"
+    );
+    let o = e.psql("not-a-token", Some("x"), &["SELECT 1"]).await;
+    assert!(out(&o).1.contains("malformed"), "{}", out(&o).1);
+    let stranger = e.idp.mint(&TokenSpec::agent("stranger", &["visitors"]));
+    let o = e.psql(&stranger, Some("x"), &["SELECT 1"]).await;
+    assert!(out(&o).1.contains("no-grant"), "{}", out(&o).1);
+
+    // A held DELETE completes once approved, and is refused when denied.
+    let approver = e
+        .idp
+        .mint(&TokenSpec::human("lead", &["wicket-approvers", "dba"]));
+    for (approve, expect) in [(true, "DELETE 1"), (false, "was denied")] {
+        let token = agent.clone();
+        let held = {
+            let port = e.gate.port().to_string();
+            let db = e.db.clone();
+            tokio::task::spawn_blocking(move || {
+                Command::new("psql")
+                    .args([
+                        "-X",
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &port,
+                        "-U",
+                        "bot",
+                        "-d",
+                        &db,
+                        "-c",
+                        "DELETE FROM customers WHERE id = 2",
+                    ])
+                    .env("PGPASSWORD", token)
+                    .env("PGOPTIONS", "-c wicket.reasoning=remove\\ test\\ customer")
+                    .output()
+                    .unwrap()
+            })
+        };
+        let mut api =
+            v1::approval_admin_service_client::ApprovalAdminServiceClient::new(e.channel.clone());
+        let id = loop {
+            let list = api
+                .list_approvals(auth(
+                    v1::ListApprovalsRequest {
+                        state: v1::ApprovalState::Pending as i32,
+                        limit: 10,
+                    },
+                    &approver,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .approvals;
+            if let Some(a) = list.first() {
+                assert_eq!(
+                    a.request
+                        .as_ref()
+                        .unwrap()
+                        .reasoning
+                        .as_ref()
+                        .unwrap()
+                        .reasoning,
+                    "remove test customer"
+                );
+                break a.id.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let req = auth(
+            v1::DecideRequest {
+                id,
+                comment: "not today".into(),
+            },
+            &approver,
+        );
+        if approve {
+            api.approve(req).await.unwrap();
+        } else {
+            api.deny(req).await.unwrap();
+        }
+        let o = held.await.unwrap();
+        let (so, se) = out(&o);
+        assert!(se.contains("waiting for approval"), "{se}");
+        assert!(so.contains(expect) || se.contains(expect), "{so}\n{se}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_through_the_gate_in_every_query_mode() {
+    let e = Arc::new(start().await);
+    let url = wicket_testkit::env::postgres_url();
+    let (addr, user, password) = upstream_from_url(&url);
+    let (host, port) = addr.split_once(':').unwrap();
+    let init = Command::new("pgbench")
+        .args([
+            "-i", "-q", "-s", "1", "-h", host, "-p", port, "-U", &user, &e.db,
+        ])
+        .env("PGPASSWORD", &password)
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    for mode in ["simple", "extended", "prepared"] {
+        let gate_port = e.gate.port().to_string();
+        let db = e.db.clone();
+        let token = agent.clone();
+        let o = tokio::task::spawn_blocking(move || {
+            Command::new("pgbench")
+                .args([
+                    "-S",
+                    "-n",
+                    "-c",
+                    "2",
+                    "-j",
+                    "1",
+                    "-t",
+                    "200",
+                    "-M",
+                    mode,
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &gate_port,
+                    "-U",
+                    "bot",
+                    &db,
+                ])
+                .env("PGPASSWORD", token)
+                .env("PGOPTIONS", "-c wicket.reasoning=benchmark")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let (so, se) = out(&o);
+        assert!(o.status.success(), "{mode}: {so}\n{se}");
+        assert!(
+            so.contains("number of transactions actually processed: 400/400"),
+            "{mode}: {so}"
+        );
+    }
+}
