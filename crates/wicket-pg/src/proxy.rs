@@ -351,6 +351,13 @@ impl PgGate {
                                 .await;
                             out.extend_from_slice(&fwd);
                         }
+                        b'F' => {
+                            // FunctionCall reaches any function by OID: decided like a
+                            // statement of kind `function_call`, refused unless allowed.
+                            let fwd =
+                                self.gate_function_call(&body, &raw, &session, &state, &markers);
+                            out.extend_from_slice(&fwd);
+                        }
                         b'X' => {
                             out.extend_from_slice(&raw);
                             let _ = up_w.write_all(&out).await;
@@ -514,6 +521,45 @@ impl PgGate {
                 self.audit(session, &sql, statements.first(), &d, state, None, started);
                 self.refuse(tag, body, name.as_deref(), &d, markers)
             }
+        }
+    }
+
+    fn gate_function_call(
+        &self,
+        body: &Bytes,
+        raw: &Bytes,
+        session: &OpenSession,
+        state: &GateState,
+        markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
+    ) -> Bytes {
+        let started = Instant::now();
+        let oid = body
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .unwrap_or(0);
+        let st = Statement {
+            text: format!("<function call, oid {oid}>"),
+            class: wicket_core::Classification {
+                kind: "function_call".into(),
+                verb: "FUNCTION CALL".into(),
+                risk: 70,
+                ..Default::default()
+            },
+            flags: Vec::new(),
+        };
+        let has_reasoning = state
+            .reasoning
+            .as_deref()
+            .is_some_and(|r| !r.trim().is_empty());
+        let mut d = self.sidecar.decide(session, &command(&st), has_reasoning);
+        if d.effect == Effect::Review {
+            d = Decision::deny(d.rule, "function calls cannot be held for approval");
+        }
+        self.audit(session, &st.text, Some(&st), &d, state, None, started);
+        if d.effect == Effect::Allow {
+            raw.clone()
+        } else {
+            self.refuse(b'Q', body, None, &d, markers)
         }
     }
 

@@ -305,6 +305,13 @@ async fn psql_is_gated_statement_by_statement() {
         "{so}"
     );
 
+    // Fast-path function calls (libpq's PQfn, used by large objects) are decided too.
+    let o = e
+        .psql(&agent, Some("export"), &["\\lo_import /etc/hostname"])
+        .await;
+    let se = out(&o).1;
+    assert!(se.contains("refused by rule `default`"), "{se}");
+
     // Agents must give a reason.
     let o = e.psql(&agent, None, &["SELECT 1"]).await;
     assert!(out(&o).1.contains("require-reasoning"), "{}", out(&o).1);
