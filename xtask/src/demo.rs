@@ -128,13 +128,82 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     env.push(("WICKET_CONTROL".into(), control_url.clone()));
     env.push(("WICKET_TOKEN".into(), get(&env, "WICKET_ADMIN_TOKEN")));
+    let env_path = dir.join("env");
+    // The demo database behind its gate.
+    util::step("starting the demo PostgreSQL and wicket-pg in front of it");
+    let pg = crate::peers::Postgres::start(if check { 0 } else { 7432 })?;
+    pg.psql("postgres", "CREATE DATABASE demo")?;
+    pg.psql(
+        "demo",
+        "CREATE TABLE customers (id int PRIMARY KEY, name text, email text, ssn text, card text); \
+         INSERT INTO customers VALUES \
+         (1, 'Ada Lovelace', 'ada@example.com', '078-05-1120', '4111 1111 1111 1111'), \
+         (2, 'Alan Turing', 'alan@example.com', '219-09-9999', '5500 0000 0000 0004'), \
+         (3, 'Grace Hopper', 'grace@example.com', '457-55-5462', '3400 0000 0000 009')",
+    )?;
+    let upstream_pw = dir.join("upstream-password");
+    std::fs::write(&upstream_pw, pg.password()).map_err(|e| e.to_string())?;
+    let admin_env: Vec<(String, String)> = env.clone();
+    let sidecar_token = wicket(
+        &bin,
+        &admin_env,
+        &[
+            "sidecars",
+            "create",
+            "--name",
+            "demo-pg",
+            "--connection",
+            "demo-db",
+        ],
+    )?
+    .trim()
+    .to_string();
+    let (pg_port, pg_admin_port) = if check {
+        (free_port()?, free_port()?)
+    } else {
+        (6432, 9470)
+    };
+    for port in [pg_port, pg_admin_port] {
+        if port_open(port) {
+            return Err(format!("port {port} (for wicket-pg) is already in use"));
+        }
+    }
+    let pg_log = std::fs::File::create(dir.join("wicket-pg.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(bin.join("wicket-pg"))
+        .env("WICKET_PG_LISTEN", format!("127.0.0.1:{pg_port}"))
+        .env("WICKET_PG_UPSTREAM", format!("127.0.0.1:{}", pg.port))
+        .env("WICKET_PG_UPSTREAM_USER", "postgres")
+        .env("WICKET_PG_UPSTREAM_PASSWORD_FILE", &upstream_pw)
+        .env("WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK", "true")
+        .env("WICKET_CONTROL", &control_url)
+        .env("WICKET_SIDECAR_TOKEN", &sidecar_token)
+        .env("WICKET_CONNECTION", "demo-db")
+        .env("WICKET_STATE_DIR", dir.join("pg-state"))
+        .env("WICKET_OIDC_ISSUER", get(&env, "WICKET_OIDC_ISSUER"))
+        .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{pg_admin_port}"))
+        .stdin(Stdio::null())
+        .stdout(pg_log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(pg_log)
+        .spawn()
+        .map_err(|e| format!("cannot start wicket-pg: {e}"))?;
+    kids.0.push(("wicket-pg".into(), child));
+    if let Err(e) = wait_for(30, "wicket-pg", || port_open(pg_port)) {
+        let log = std::fs::read_to_string(dir.join("wicket-pg.log")).unwrap_or_default();
+        return Err(format!("{e}\n{log}"));
+    }
+    let pg_url = |user: &str, token: &str| {
+        format!("postgresql://{user}:{token}@127.0.0.1:{pg_port}/demo?sslmode=disable")
+    };
+    let agent_url = pg_url("demo-agent", &get(&env, "WICKET_AGENT_TOKEN"));
+    let admin_url = pg_url("demo-admin", &get(&env, "WICKET_ADMIN_TOKEN"));
+    env.push(("WICKET_PG_URL".into(), agent_url.clone()));
+    env.push(("WICKET_PG_ADMIN_URL".into(), admin_url));
     let mut file =
         String::from("# Written by `cargo xtask demo`. Use with: source target/demo/env\n");
     for (k, v) in &env {
         file.push_str(&format!("export {k}='{v}'\n"));
     }
     file.push_str(&format!("export PATH='{}':\"$PATH\"\n", bin.display()));
-    let env_path = dir.join("env");
     std::fs::write(&env_path, file)
         .map_err(|e| format!("cannot write {}: {e}", env_path.display()))?;
     let wicket_env: Vec<(String, String)> = env.clone();
@@ -173,8 +242,23 @@ pub fn run(args: &[String]) -> Result<(), String> {
     println!("  environment              {}\n", env_path.display());
     println!("Connections:\n{connections}");
     println!("Would the demo agent's DELETE run?\n{explain}");
+    println!(
+        "  PostgreSQL gate          127.0.0.1:{pg_port} (wicket-pg; metrics on 127.0.0.1:{pg_admin_port})\n"
+    );
     println!("Try it yourself:");
     println!("  source {}", env_path.display());
+    println!(
+        "  PGOPTIONS='-c wicket.reasoning=counting\\ customers' psql \"$WICKET_PG_URL\" -c 'SELECT count(*) FROM customers'"
+    );
+    println!(
+        "  PGOPTIONS='-c wicket.reasoning=cleanup' psql \"$WICKET_PG_URL\" -c 'DROP TABLE customers'   # refused"
+    );
+    println!(
+        "  PGOPTIONS='-c wicket.reasoning=fix' psql \"$WICKET_PG_URL\" -c 'DELETE FROM customers WHERE id = 3'   # held:"
+    );
+    println!(
+        "  WICKET_TOKEN=$WICKET_APPROVER_TOKEN wicket approvals approve <id>   # in another shell"
+    );
     println!("  wicket policy get");
     println!(
         "  wicket policy explain -c demo-db --principal demo-agent --agent --group agents --kind select"
@@ -202,6 +286,35 @@ pub fn run(args: &[String]) -> Result<(), String> {
         if denied.status.code() != Some(3) {
             return Err("demo check: an agent token was not refused the admin API".into());
         }
+        let psql = |sql: &str, reasoning: &str| {
+            Command::new("psql")
+                .args(["-X", "-A", "-t", &agent_url, "-c", sql])
+                .env("PGOPTIONS", format!("-c wicket.reasoning={reasoning}"))
+                .output()
+                .map_err(|e| format!("psql: {e}"))
+        };
+        let read = psql("SELECT count(*) FROM customers", "demo")?;
+        if String::from_utf8_lossy(&read.stdout).trim() != "3" {
+            return Err(format!(
+                "demo check: SELECT through wicket-pg failed: {}",
+                String::from_utf8_lossy(&read.stderr)
+            ));
+        }
+        let drop = psql("DROP TABLE customers", "demo")?;
+        if !String::from_utf8_lossy(&drop.stderr).contains("refused by rule `no-ddl-for-agents`") {
+            return Err(format!(
+                "demo check: DROP was not refused: {}",
+                String::from_utf8_lossy(&drop.stderr)
+            ));
+        }
+        wait_for(15, "the demo session in `wicket sessions list`", || {
+            wicket(
+                &bin,
+                &wicket_env,
+                &["sessions", "list", "--connection", "demo-db", "-o", "json"],
+            )
+            .is_ok_and(|s| s.contains("SELECT") || s.contains("demo-agent"))
+        })?;
         println!("demo check passed");
         return Ok(());
     }

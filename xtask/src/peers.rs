@@ -108,16 +108,6 @@ pub fn ensure_installed() -> Result<(), String> {
     Ok(())
 }
 
-/// Running peers; stopped on drop.
-pub struct Peers {
-    dir: PathBuf,
-    pg_bin: PathBuf,
-    pg_port: u16,
-    idp: Child,
-    idp_port: u16,
-    as_postgres: bool,
-}
-
 const PG_PASSWORD: &str = "wicket-test-pw";
 
 fn pg_cmd(as_postgres: bool, bin: &Path, tool: &str) -> Command {
@@ -130,12 +120,23 @@ fn pg_cmd(as_postgres: bool, bin: &Path, tool: &str) -> Command {
     }
 }
 
-impl Peers {
-    /// Starts PostgreSQL (initdb in a temp dir) and oidc-provider on free ports.
-    pub fn start() -> Result<Peers, String> {
-        let pg_bin =
+/// A throwaway PostgreSQL server (initdb in a temp dir); stopped and removed on drop.
+pub struct Postgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    as_postgres: bool,
+}
+
+impl Postgres {
+    /// initdb and start on `port` (0: a free one). The `postgres` role's
+    /// password is [`Postgres::password`]; host connections use SCRAM.
+    pub fn start(port: u16) -> Result<Postgres, String> {
+        let bin =
             pg_bin().ok_or("PostgreSQL server binaries not found under /usr/lib/postgresql")?;
-        let dir = std::env::temp_dir().join(format!("wicket-peers-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("wicket-pg-{}-{}", std::process::id(), free_port()?));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("data")).map_err(|e| e.to_string())?;
         let pwfile = dir.join("pw");
@@ -152,7 +153,7 @@ impl Peers {
                 return Err(format!("cannot chown {} to postgres", dir.display()));
             }
         }
-        let out = pg_cmd(as_postgres, &pg_bin, "initdb")
+        let out = pg_cmd(as_postgres, &bin, "initdb")
             .arg("-D")
             .arg(dir.join("data"))
             .args([
@@ -174,29 +175,110 @@ impl Peers {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        let pg_port = free_port()?;
-        let out = pg_cmd(as_postgres, &pg_bin, "pg_ctl")
+        let port = if port == 0 { free_port()? } else { port };
+        let pg = Postgres {
+            dir,
+            bin,
+            port,
+            as_postgres,
+        };
+        let out = pg_cmd(as_postgres, &pg.bin, "pg_ctl")
             .arg("-D")
-            .arg(dir.join("data"))
+            .arg(pg.dir.join("data"))
             .arg("-o")
             .arg(format!(
-                "-p {pg_port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
-                dir.display()
+                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
+                pg.dir.display()
             ))
             .arg("-l")
-            .arg(dir.join("pg.log"))
+            .arg(pg.dir.join("pg.log"))
             .args(["-w", "start"])
             .output()
             .map_err(|e| format!("pg_ctl: {e}"))?;
         if !out.status.success() {
-            let log = std::fs::read_to_string(dir.join("pg.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(pg.dir.join("pg.log")).unwrap_or_default();
             return Err(format!(
                 "PostgreSQL did not start: {}\n{log}",
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        Ok(pg)
+    }
+
+    /// The superuser's password.
+    pub fn password(&self) -> &'static str {
+        PG_PASSWORD
+    }
+
+    /// `postgres://postgres:…@127.0.0.1:PORT/DB`.
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/{db}",
+            self.port
+        )
+    }
+
+    /// Runs SQL as the superuser with psql; error on failure.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<(), String> {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                db,
+            ])
+            .args(["-p", &self.port.to_string(), "-c", sql])
+            .env("PGPASSWORD", PG_PASSWORD)
+            .output()
+            .map_err(|e| format!("psql: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "psql failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// Where its log is.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = pg_cmd(self.as_postgres, &self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Running peers; stopped on drop.
+pub struct Peers {
+    pg: Postgres,
+    idp: Child,
+    idp_port: u16,
+}
+
+impl Peers {
+    /// Starts PostgreSQL and oidc-provider on free ports.
+    pub fn start() -> Result<Peers, String> {
+        let pg = Postgres::start(0)?;
         let idp_port = free_port()?;
-        let log = std::fs::File::create(dir.join("idp.log")).map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(pg.dir().join("idp.log")).map_err(|e| e.to_string())?;
         let idp = Command::new("node")
             .arg("provider.mjs")
             .current_dir(root().join("tests/idp"))
@@ -206,20 +288,14 @@ impl Peers {
             .stdin(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot start oidc-provider: {e}"))?;
-        let peers = Peers {
-            dir,
-            pg_bin,
-            pg_port,
-            idp,
-            idp_port,
-            as_postgres,
-        };
+        let peers = Peers { pg, idp, idp_port };
         wait_for(20, "oidc-provider", || {
             http_ok(idp_port, "/.well-known/openid-configuration")
         })?;
         eprintln!(
-            "    PostgreSQL on 127.0.0.1:{pg_port}, oidc-provider on http://127.0.0.1:{idp_port} (logs in {})",
-            peers.dir.display()
+            "    PostgreSQL on 127.0.0.1:{}, oidc-provider on http://127.0.0.1:{idp_port} (logs in {})",
+            peers.pg.port,
+            peers.pg.dir().display()
         );
         Ok(peers)
     }
@@ -227,13 +303,7 @@ impl Peers {
     /// Environment the tests read.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
-            (
-                "WICKET_TEST_PG_URL".into(),
-                format!(
-                    "postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/postgres",
-                    self.pg_port
-                ),
-            ),
+            ("WICKET_TEST_PG_URL".into(), self.pg.url("postgres")),
             (
                 "WICKET_TEST_OIDC_ISSUER".into(),
                 format!("http://127.0.0.1:{}", self.idp_port),
@@ -246,14 +316,6 @@ impl Drop for Peers {
     fn drop(&mut self) {
         let _ = self.idp.kill();
         let _ = self.idp.wait();
-        let _ = pg_cmd(self.as_postgres, &self.pg_bin, "pg_ctl")
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "fast", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

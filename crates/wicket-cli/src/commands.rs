@@ -140,6 +140,27 @@ pub enum ApprovalsCmd {
     },
 }
 
+/// `wicket sidecars …`.
+#[derive(Debug, Subcommand)]
+pub enum SidecarsCmd {
+    /// Issue a credential for a sidecar; the token is printed once.
+    Create {
+        /// Name (for humans and logs).
+        #[arg(long)]
+        name: String,
+        /// Connections the sidecar serves (repeatable; `*` for all).
+        #[arg(long = "connection", required = true)]
+        connections: Vec<String>,
+    },
+    /// List credentials (never their secrets).
+    List,
+    /// Revoke a credential.
+    Revoke {
+        /// Credential id.
+        id: String,
+    },
+}
+
 /// `wicket sessions …`.
 #[derive(Debug, Subcommand)]
 pub enum SessionsCmd {
@@ -419,7 +440,81 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Approvals(a) => approvals(&cli, fmt, a).await,
         Cmd::Sessions(s) => sessions(&cli, fmt, s).await,
+        Cmd::Sidecars(s) => sidecars(&cli, fmt, s).await,
     }
+}
+
+async fn sidecars(cli: &Cli, fmt: Format, cmd: &SidecarsCmd) -> Result<(), CliError> {
+    use wicket_proto::v1::sidecar_admin_service_client::SidecarAdminServiceClient;
+    let c = Client::connect(cli).await?;
+    let mut api = SidecarAdminServiceClient::new(c.channel.clone());
+    let cred_json = |s: &v1::SidecarCredential| json!({"id": s.id, "name": s.name, "connections": s.connections, "created_at": time(s.created_at.as_ref()), "revoked": s.revoked});
+    match cmd {
+        SidecarsCmd::Create { name, connections } => {
+            let r = api
+                .create_sidecar_credential(c.req(v1::CreateSidecarCredentialRequest {
+                    name: name.clone(),
+                    connections: connections.clone(),
+                }))
+                .await?
+                .into_inner();
+            let cred = r.credential.unwrap_or_default();
+            match fmt {
+                Format::Json => {
+                    let mut j = cred_json(&cred);
+                    j["token"] = Value::String(r.token);
+                    println!("{}", serde_json::to_string_pretty(&j).expect("json"));
+                }
+                Format::Table => {
+                    eprintln!(
+                        "Created sidecar credential {} for {}; the token is shown once:",
+                        cred.id,
+                        cred.connections.join(", ")
+                    );
+                    println!("{}", r.token);
+                }
+            }
+        }
+        SidecarsCmd::List => {
+            let list = api
+                .list_sidecar_credentials(c.req(v1::ListSidecarCredentialsRequest {}))
+                .await?
+                .into_inner()
+                .credentials;
+            let rows = list
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.name.clone(),
+                        s.connections.join(","),
+                        time(s.created_at.as_ref()),
+                        s.revoked.to_string(),
+                    ]
+                })
+                .collect();
+            output::rows(
+                fmt,
+                &["id", "name", "connections", "created", "revoked"],
+                rows,
+                Value::Array(list.iter().map(cred_json).collect()),
+            );
+        }
+        SidecarsCmd::Revoke { id } => {
+            let s = api
+                .revoke_sidecar_credential(
+                    c.req(v1::RevokeSidecarCredentialRequest { id: id.clone() }),
+                )
+                .await?
+                .into_inner();
+            output::record(
+                fmt,
+                vec![("id", s.id.clone()), ("revoked", s.revoked.to_string())],
+                cred_json(&s),
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn policy(cli: &Cli, fmt: Format, cmd: &PolicyCmd) -> Result<(), CliError> {

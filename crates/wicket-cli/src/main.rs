@@ -127,6 +127,9 @@ pub enum Cmd {
     /// Recorded sessions.
     #[command(subcommand)]
     Sessions(commands::SessionsCmd),
+    /// Sidecar credentials.
+    #[command(subcommand)]
+    Sidecars(commands::SidecarsCmd),
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -31,7 +31,7 @@ async fn main() {
     };
     let approver = TokenSpec {
         ttl_seconds: twelve_hours,
-        ..TokenSpec::human("demo-approver", &["wicket-approvers", "dba-leads"])
+        ..TokenSpec::human("demo-approver", &["wicket-approvers", "dba"])
     };
     let agent = TokenSpec {
         ttl_seconds: twelve_hours,
