@@ -52,7 +52,19 @@ struct Env {
     channel: Channel,
     gate: SocketAddr,
     db: String,
+    sidecar: Arc<Sidecar>,
+    control_cfg: wicket_control::Config,
+    control: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     _dir: tempfile::TempDir,
+}
+
+fn spawn_control(
+    cfg: wicket_control::Config,
+    listener: tokio::net::TcpListener,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let _ = wicket_control::run(cfg, listener, std::future::pending()).await;
+    })
 }
 
 fn upstream_from_url(url: &str) -> (String, String, String) {
@@ -125,7 +137,8 @@ async fn start() -> Env {
         tls_key: None,
         log_format: "text".into(),
     };
-    tokio::spawn(wicket_control::run(cfg, listener, std::future::pending()));
+    let control_cfg = cfg.clone();
+    let control = spawn_control(cfg, listener);
     let channel = loop {
         if let Ok(c) = Channel::from_shared(format!("http://{control_addr}"))
             .unwrap()
@@ -182,7 +195,7 @@ async fn start() -> Env {
     }
     let (addr, user, password) = upstream_from_url(&url);
     let gate = PgGate::new(
-        sc,
+        sc.clone(),
         PgConfig {
             upstream: UpstreamConfig {
                 addr,
@@ -202,6 +215,9 @@ async fn start() -> Env {
         channel,
         gate: gate_addr,
         db,
+        sidecar: sc,
+        control_cfg,
+        control: std::sync::Mutex::new(Some(control)),
         _dir: dir,
     }
 }
@@ -223,6 +239,19 @@ fn aws_lc_rs_fill(b: &mut [u8]) {
 }
 
 impl Env {
+    fn kill_control(&self) {
+        if let Some(h) = self.control.lock().unwrap().take() {
+            h.abort();
+        }
+    }
+
+    async fn restart_control(&self) {
+        let listener = tokio::net::TcpListener::bind(self.control_cfg.listen)
+            .await
+            .unwrap();
+        *self.control.lock().unwrap() = Some(spawn_control(self.control_cfg.clone(), listener));
+    }
+
     async fn psql(&self, token: &str, reasoning: Option<&str>, commands: &[&str]) -> Output {
         let mut cmd = Command::new("psql");
         cmd.args([
@@ -489,4 +518,213 @@ async fn pgbench_runs_through_the_gate_in_every_query_mode() {
             "{mode}: {so}"
         );
     }
+}
+
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+fn startup(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = vec![0, 3, 0, 0];
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+fn sqlstate(reply: &[u8]) -> String {
+    let text = String::from_utf8_lossy(reply);
+    text.split('\0')
+        .find_map(|f| {
+            f.strip_prefix('C')
+                .filter(|c| c.len() == 5)
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_bounded_memory() {
+    let e = start().await;
+    // A startup packet claiming 1 GiB.
+    let r = raw_exchange(e.gate, &[0x40, 0, 0, 0, 0, 3, 0, 0]).await;
+    assert_eq!(sqlstate(&r), "08P01", "{:?}", String::from_utf8_lossy(&r));
+    // An unknown protocol version.
+    let mut bad = startup(&[("user", "x")]);
+    bad[4] = 9;
+    let r = raw_exchange(e.gate, &bad).await;
+    assert_eq!(sqlstate(&r), "0A000");
+    // A malformed parameter list (no terminator).
+    let r = raw_exchange(e.gate, &[0, 0, 0, 12, 0, 3, 0, 0, b'u', b's', b'e', b'r']).await;
+    assert_eq!(sqlstate(&r), "08P01");
+    // SSLRequest is answered N, then the startup goes on.
+    let mut ssl = vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    ssl.extend_from_slice(&startup(&[("user", "x"), ("database", "y")]));
+    let r = raw_exchange(e.gate, &ssl).await;
+    assert_eq!(r[0], b'N');
+    assert_eq!(&r[1..2], b"R", "then the password request");
+
+    // A wrong-audience token, and a password message that is not one.
+    let wrong_aud = e.idp.mint(&TokenSpec {
+        audience: Some("other".into()),
+        ..TokenSpec::agent("bot", &["agents"])
+    });
+    let o = e.psql(&wrong_aud, Some("x"), &["SELECT 1"]).await;
+    assert!(out(&o).1.contains("audience"), "{}", out(&o).1);
+    let mut not_password = startup(&[("user", "x")]);
+    not_password.extend_from_slice(&[b'Q', 0, 0, 0, 5, 0]);
+    let r = raw_exchange(e.gate, &not_password).await;
+    assert_eq!(sqlstate(&r), "08P01");
+
+    // After login, a message claiming 1 GiB ends the session with an error, not an allocation.
+    let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    let mut s = startup(&[("user", "bot"), ("database", &e.db)]);
+    s.push(b'p');
+    s.extend_from_slice(&((agent.len() + 5) as i32).to_be_bytes());
+    s.extend_from_slice(agent.as_bytes());
+    s.push(0);
+    s.extend_from_slice(&[b'Q', 0x40, 0, 0, 0]);
+    let r = raw_exchange(e.gate, &s).await;
+    let text = String::from_utf8_lossy(&r);
+    assert!(text.contains("outside the accepted range"), "{text}");
+
+    // A client that never finishes startup is cut off (5 s in this test's config).
+    let t0 = std::time::Instant::now();
+    let r = raw_exchange(e.gate, &[0, 0, 0]).await;
+    assert!(t0.elapsed() < Duration::from_secs(9));
+    assert!(String::from_utf8_lossy(&r).contains("startup did not complete in time"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_outage_during_pgbench_loses_no_event_and_keeps_enforcing() {
+    let e = Arc::new(start().await);
+    let url = wicket_testkit::env::postgres_url();
+    let (addr, user, password) = upstream_from_url(&url);
+    let (host, port) = addr.split_once(':').unwrap();
+    let init = Command::new("pgbench")
+        .args([
+            "-i", "-q", "-s", "1", "-h", host, "-p", port, "-U", &user, &e.db,
+        ])
+        .env("PGPASSWORD", &password)
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    let run = {
+        let port = e.gate.port().to_string();
+        let db = e.db.clone();
+        let token = agent.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new("pgbench")
+                .args([
+                    "-S",
+                    "-n",
+                    "-c",
+                    "2",
+                    "-j",
+                    "1",
+                    "-T",
+                    "4",
+                    "-M",
+                    "simple",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "bot",
+                    &db,
+                ])
+                .env("PGPASSWORD", token)
+                .env("PGOPTIONS", "-c wicket.reasoning=load")
+                .output()
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    e.kill_control();
+    // While control is down, the cached policy still refuses.
+    let o = e
+        .psql(&agent, Some("x"), &["DROP TABLE pgbench_accounts"])
+        .await;
+    assert!(
+        out(&o).1.contains("refused by rule `no-ddl`"),
+        "{}",
+        out(&o).1
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    e.restart_control().await;
+    let o = run.await.unwrap();
+    assert!(o.status.success(), "{}", out(&o).1);
+    // Every event the sidecar wrote reaches the store, once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while e.sidecar.spool.unacked() > 0 {
+        assert!(std::time::Instant::now() < deadline, "spool did not drain");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let admin = e.idp.mint(&TokenSpec::human("root", &["wicket-admins"]));
+    let ch = loop {
+        if let Ok(c) = Channel::from_shared(format!("http://{}", e.control_cfg.listen))
+            .unwrap()
+            .connect()
+            .await
+        {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut sessions = v1::session_admin_service_client::SessionAdminServiceClient::new(ch);
+    let list = sessions
+        .list_sessions(auth(
+            v1::ListSessionsRequest {
+                limit: 1000,
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    let mut stored = 0u64;
+    for s in &list {
+        let mut after = 0;
+        loop {
+            let page = sessions
+                .list_session_events(auth(
+                    v1::ListSessionEventsRequest {
+                        session_id: s.id.clone(),
+                        after_seq: after,
+                        limit: 1000,
+                    },
+                    &admin,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .events;
+            stored += page.len() as u64;
+            match page.last() {
+                Some(last) if page.len() == 1000 => after = last.seq,
+                _ => break,
+            }
+        }
+    }
+    let appended = e.sidecar.spool.appended();
+    assert!(
+        appended > 100,
+        "pgbench should have run many statements: {appended}"
+    );
+    assert_eq!(stored, appended, "every audit event arrives exactly once");
 }

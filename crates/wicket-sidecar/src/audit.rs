@@ -91,6 +91,7 @@ impl Inner {
 
 /// The on-disk spool.
 pub struct Spool {
+    appended: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner>,
     notify: Notify,
     max_bytes: u64,
@@ -160,6 +161,7 @@ impl Spool {
             );
         }
         Ok(Arc::new(Spool {
+            appended: std::sync::atomic::AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 dir: dir.to_path_buf(),
                 current: None,
@@ -225,8 +227,15 @@ impl Spool {
             .push_back((event.id.clone(), n, event.clone()));
         inner.dirty = true;
         drop(g);
+        self.appended
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.notify.notify_one();
         Ok(())
+    }
+
+    /// Events appended by this process since it opened the spool.
+    pub fn appended(&self) -> u64 {
+        self.appended.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Events not yet acknowledged (pending and in flight).
