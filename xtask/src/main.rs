@@ -8,6 +8,7 @@
 //! - `cargo xtask peers` — start the test peers and print their environment.
 //! - `cargo xtask bench [policy]` — benchmarks, with their reference figures.
 
+mod bench;
 mod demo;
 mod peers;
 mod util;
@@ -23,9 +24,10 @@ fn main() -> ExitCode {
         "demo" => demo::run(rest),
         "peers" => peers::run_forever(),
         "bench" => bench(rest),
+        "fuzz" => fuzz(rest),
         "help" | "--help" | "-h" => {
             println!(
-                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy]>"
+                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|pg] | fuzz [pg] [SECONDS]>"
             );
             Ok(())
         }
@@ -77,6 +79,10 @@ fn test(args: &[String]) -> Result<(), String> {
     // packages' own integration tests.
     let mut env = peers.env();
     env.push((
+        "WICKET_TEST_PYTHON".into(),
+        peers::python().display().to_string(),
+    ));
+    env.push((
         "WICKET_BIN_DIR".into(),
         std::env::var("CARGO_TARGET_DIR")
             .map(std::path::PathBuf::from)
@@ -119,8 +125,12 @@ fn test(args: &[String]) -> Result<(), String> {
 
 fn bench(args: &[String]) -> Result<(), String> {
     let which = args.first().map(String::as_str).unwrap_or("all");
+    if which == "all" {
+        bench(&["policy".to_string()])?;
+        return bench(&["pg".to_string()]);
+    }
     match which {
-        "policy" | "all" => {
+        "policy" => {
             util::step("policy decision latency (200 rules); target p99 <= 20µs");
             util::run(
                 "cargo",
@@ -128,6 +138,41 @@ fn bench(args: &[String]) -> Result<(), String> {
                 &[],
             )
         }
-        other => Err(format!("unknown benchmark `{other}` (available: policy)")),
+        "pg" => bench::pg(),
+        other => Err(format!(
+            "unknown benchmark `{other}` (available: policy, pg)"
+        )),
+    }
+}
+
+/// `cargo xtask fuzz pg [SECONDS]`: the wire-codec fuzz target under cargo fuzz.
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let target = args.first().map(String::as_str).unwrap_or("pg");
+    if target != "pg" {
+        return Err(format!("unknown fuzz target `{target}` (available: pg)"));
+    }
+    let secs = args.get(1).map(String::as_str).unwrap_or("60");
+    if !util::have("cargo-fuzz") {
+        util::step("cargo install cargo-fuzz");
+        util::run("cargo", &["install", "--locked", "cargo-fuzz"], &[])?;
+    }
+    util::step(&format!("fuzzing the PostgreSQL wire codec for {secs} s"));
+    // cargo fuzz needs nightly features; the stable toolchain provides them on request.
+    let status = std::process::Command::new("cargo")
+        .args([
+            "fuzz",
+            "run",
+            "codec",
+            "--",
+            &format!("-max_total_time={secs}"),
+        ])
+        .current_dir(util::root().join("crates/wicket-pg"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        .status()
+        .map_err(|e| format!("cargo fuzz: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo fuzz failed ({status})"))
     }
 }

@@ -50,11 +50,51 @@ fn libclang_installed() -> bool {
     direct || llvm
 }
 
+/// The Python interpreter of the test venv (drivers: psycopg 3, asyncpg).
+pub fn python() -> PathBuf {
+    root().join("target/py-venv/bin/python")
+}
+
+/// Creates the venv with the PostgreSQL drivers the tests use, if missing.
+fn ensure_python() -> Result<(), String> {
+    let py = python();
+    let ready = Command::new(&py)
+        .args(["-c", "import psycopg, asyncpg"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ready {
+        return Ok(());
+    }
+    util::step("python venv with psycopg 3 and asyncpg (target/py-venv)");
+    let venv = root().join("target/py-venv");
+    util::run("python3", &["-m", "venv", &venv.display().to_string()], &[])?;
+    util::run(
+        &venv.join("bin/pip").display().to_string(),
+        &[
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "psycopg[binary]==3.3.9",
+            "asyncpg==0.32.0",
+        ],
+        &[],
+    )
+}
+
 /// Installs missing apt and npm packages.
 pub fn ensure_installed() -> Result<(), String> {
     let mut apt: Vec<&str> = Vec::new();
     if pg_bin().is_none() {
         apt.extend(["postgresql", "postgresql-client"]);
+    }
+    let venv_ok = Command::new("python3")
+        .args(["-c", "import ensurepip, venv"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !venv_ok {
+        apt.extend(["python3", "python3-venv"]);
     }
     if !have("node") || !have("npm") {
         apt.extend(["nodejs", "npm"]);
@@ -87,6 +127,7 @@ pub fn ensure_installed() -> Result<(), String> {
             &[("DEBIAN_FRONTEND".into(), "noninteractive".into())],
         )?;
     }
+    ensure_python()?;
     let idp = root().join("tests/idp");
     let lock = idp.join("package-lock.json");
     let marker = idp.join("node_modules/.package-lock.json");
@@ -133,6 +174,11 @@ impl Postgres {
     /// initdb and start on `port` (0: a free one). The `postgres` role's
     /// password is [`Postgres::password`]; host connections use SCRAM.
     pub fn start(port: u16) -> Result<Postgres, String> {
+        Postgres::start_with(port, &[])
+    }
+
+    /// As [`Postgres::start`], with extra server options (`-c name=value` pairs).
+    pub fn start_with(port: u16, extra: &[&str]) -> Result<Postgres, String> {
         let bin =
             pg_bin().ok_or("PostgreSQL server binaries not found under /usr/lib/postgresql")?;
         let dir =
@@ -187,8 +233,9 @@ impl Postgres {
             .arg(pg.dir.join("data"))
             .arg("-o")
             .arg(format!(
-                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200",
-                pg.dir.display()
+                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200 {}",
+                pg.dir.display(),
+                extra.join(" ")
             ))
             .arg("-l")
             .arg(pg.dir.join("pg.log"))

@@ -241,7 +241,11 @@ impl PgGate {
         out.extend_from_slice(&build::backend_key(ours.0, ours.1));
         out.extend_from_slice(&build::ready(hello.status));
         client.write_all(&out).await?;
-        let reasoning = get("options").and_then(|o| reasoning::from_options(&o));
+        // `-c wicket.reasoning=…` in `options` (PGOPTIONS), or the setting as its
+        // own startup parameter (asyncpg's server_settings).
+        let reasoning = get("options")
+            .and_then(|o| reasoning::from_options(&o))
+            .or_else(|| get("wicket.reasoning"));
         tracing::info!(session = %session.id, principal = %session.principal.label(), %peer, app = %app, "session opened");
         Ok(Some((session, upstream, reasoning)))
     }
@@ -457,9 +461,11 @@ impl PgGate {
             Effect::Allow => None,
             Effect::Deny => Some(decision.clone()),
             Effect::Review => {
+                let mut classification = statements[0].class.clone();
+                classification.fingerprint = classify::fingerprint(&statements[0].text);
                 let cmd = Command {
                     text: sql.clone(),
-                    classification: statements[0].class.clone(),
+                    classification,
                 };
                 let trace = self.trace(state);
                 let client_w = client_w.clone();

@@ -728,3 +728,27 @@ async fn control_outage_during_pgbench_loses_no_event_and_keeps_enforcing() {
     );
     assert_eq!(stored, appended, "every audit event arrives exactly once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_and_asyncpg_work_through_the_gate() {
+    let python = wicket_testkit::env::require("WICKET_TEST_PYTHON");
+    let e = start().await;
+    let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/drivers.py");
+    let port = e.gate.port().to_string();
+    let db = e.db.clone();
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args([script, "127.0.0.1", &port, &db, &agent])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let (so, se) = out(&o);
+    assert!(o.status.success(), "{so}\n{se}");
+    assert!(
+        so.contains("psycopg ok") && so.contains("asyncpg ok"),
+        "{so}"
+    );
+}
