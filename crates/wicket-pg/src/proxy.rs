@@ -313,6 +313,8 @@ impl PgGate {
         let mut state = GateState {
             reasoning,
             traceparent: None,
+            prepared: HashMap::new(),
+            portals: HashMap::new(),
         };
         let up = async {
             let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -354,6 +356,34 @@ impl PgGate {
                                 .gate(tag, &body, &raw, &session, &mut state, &client_w, &markers)
                                 .await;
                             out.extend_from_slice(&fwd);
+                        }
+                        b'B' => {
+                            let mut pos = 0;
+                            let portal = codec::cstr(&body, &mut pos).unwrap_or_default();
+                            let stmt = codec::cstr(&body, &mut pos).unwrap_or_default();
+                            if state.portals.len() >= MAX_PREPARED {
+                                state.portals.clear();
+                            }
+                            state.portals.insert(portal, stmt);
+                            out.extend_from_slice(&raw);
+                        }
+                        b'E' => {
+                            let fwd = self.gate_execute(&body, &raw, &session, &state, &markers);
+                            out.extend_from_slice(&fwd);
+                        }
+                        b'C' => {
+                            let mut pos = 1;
+                            let name = codec::cstr(&body, &mut pos).unwrap_or_default();
+                            match body.first() {
+                                Some(b'S') => {
+                                    state.prepared.remove(&name);
+                                }
+                                Some(b'P') => {
+                                    state.portals.remove(&name);
+                                }
+                                _ => {}
+                            }
+                            out.extend_from_slice(&raw);
                         }
                         b'F' => {
                             // FunctionCall reaches any function by OID: decided like a
@@ -493,14 +523,18 @@ impl PgGate {
                 let (result, ()) = tokio::join!(wait, notify);
                 match result {
                     ApprovalOutcome::Approved { id } => {
-                        self.audit_all(
-                            session,
-                            &statements,
-                            &decisions,
-                            state,
-                            Some(("approved", &id)),
-                            started,
-                        );
+                        if let Some(name) = &name {
+                            remember(state, name, &statements, Some(id));
+                        } else {
+                            self.audit_all(
+                                session,
+                                &statements,
+                                &decisions,
+                                state,
+                                Some(("approved", &id)),
+                                started,
+                            );
+                        }
                         return raw.clone();
                     }
                     ApprovalOutcome::Denied { id, reason } => Some(Decision::deny(
@@ -519,6 +553,11 @@ impl PgGate {
             }
         };
         match outcome {
+            // A parsed statement is recorded when it is executed.
+            None if name.is_some() => {
+                remember(state, name.as_deref().unwrap_or(""), &statements, None);
+                raw.clone()
+            }
             None => {
                 self.audit_all(session, &statements, &decisions, state, None, started);
                 raw.clone()
@@ -526,6 +565,73 @@ impl PgGate {
             Some(d) => {
                 self.audit(session, &sql, statements.first(), &d, state, None, started);
                 self.refuse(tag, body, name.as_deref(), &d, markers)
+            }
+        }
+    }
+
+    /// Decides an `Execute` again (policy, revocation or grants may have
+    /// changed since `Parse`) and records the execution.
+    fn gate_execute(
+        &self,
+        body: &Bytes,
+        raw: &Bytes,
+        session: &OpenSession,
+        state: &GateState,
+        markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
+    ) -> Bytes {
+        let started = Instant::now();
+        let mut pos = 0;
+        let portal = codec::cstr(body, &mut pos).unwrap_or_default();
+        let Some(prepared) = state
+            .portals
+            .get(&portal)
+            .and_then(|s| state.prepared.get(s))
+        else {
+            // Not ours to judge (a portal the server will not know either, or a
+            // statement refused at Parse): the server answers it.
+            return raw.clone();
+        };
+        let st = &prepared.statement;
+        let has_reasoning = state
+            .reasoning
+            .as_deref()
+            .is_some_and(|r| !r.trim().is_empty());
+        let mut d = self.sidecar.decide(session, &command(st), has_reasoning);
+        // A statement approved at Parse runs on that approval.
+        if d.effect == Effect::Review && prepared.approval.is_some() {
+            d.effect = Effect::Allow;
+        }
+        let approval = prepared.approval.as_deref().map(|id| ("approved", id));
+        match d.effect {
+            Effect::Allow => {
+                self.audit(session, &st.text, Some(st), &d, state, approval, started);
+                raw.clone()
+            }
+            _ => {
+                let d = if d.effect == Effect::Review {
+                    Decision::deny(
+                        d.rule,
+                        "this statement now needs approval; prepare it again",
+                    )
+                } else {
+                    d
+                };
+                self.audit(session, &st.text, Some(st), &d, state, None, started);
+                let nonce = format!("wicket_refused_{}", uuid::Uuid::new_v4().simple());
+                let message = format!("refused by rule `{}`: {}", d.rule, d.reason);
+                markers
+                    .lock()
+                    .expect("markers")
+                    .insert(nonce.clone(), ("42501".into(), message));
+                let mut b = BytesMut::new();
+                b.extend_from_slice(nonce.as_bytes());
+                b.put_u8(0);
+                b.extend_from_slice(body.get(pos..).unwrap_or_default());
+                codec::Message {
+                    tag: b'E',
+                    body: b.freeze(),
+                }
+                .encode()
             }
         }
     }
@@ -676,6 +782,36 @@ impl PgGate {
 struct GateState {
     reasoning: Option<String>,
     traceparent: Option<String>,
+    /// Statements allowed at Parse, by name, for the decision and audit at Execute.
+    prepared: HashMap<String, Prepared>,
+    /// Portal name to statement name (from Bind).
+    portals: HashMap<String, String>,
+}
+
+/// A statement the client parsed and the gate allowed.
+struct Prepared {
+    statement: Statement,
+    /// Approval that let it through, if it was held.
+    approval: Option<String>,
+}
+
+/// Most named statements tracked per session (a client that never closes
+/// them cannot grow the gate's memory without bound).
+const MAX_PREPARED: usize = 10_000;
+
+fn remember(state: &mut GateState, name: &str, statements: &[Statement], approval: Option<String>) {
+    if state.prepared.len() >= MAX_PREPARED && !state.prepared.contains_key(name) {
+        state.prepared.clear();
+    }
+    if let Some(st) = statements.first() {
+        state.prepared.insert(
+            name.to_string(),
+            Prepared {
+                statement: st.clone(),
+                approval,
+            },
+        );
+    }
 }
 
 fn command(st: &Statement) -> Command {

@@ -518,6 +518,21 @@ async fn pgbench_runs_through_the_gate_in_every_query_mode() {
             "{mode}: {so}"
         );
     }
+    // Every execution is recorded, in every mode (extended and prepared at Execute).
+    drained(&e).await;
+    let runs = all_events(&e)
+        .await
+        .iter()
+        .filter(|ev| {
+            ev.command
+                .as_ref()
+                .is_some_and(|c| c.text.contains("pgbench_accounts"))
+        })
+        .count();
+    assert!(
+        runs >= 1200,
+        "{runs} statement events for 3 x 400 transactions"
+    );
 }
 
 async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
@@ -673,54 +688,7 @@ async fn control_outage_during_pgbench_loses_no_event_and_keeps_enforcing() {
         assert!(std::time::Instant::now() < deadline, "spool did not drain");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let admin = e.idp.mint(&TokenSpec::human("root", &["wicket-admins"]));
-    let ch = loop {
-        if let Ok(c) = Channel::from_shared(format!("http://{}", e.control_cfg.listen))
-            .unwrap()
-            .connect()
-            .await
-        {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut sessions = v1::session_admin_service_client::SessionAdminServiceClient::new(ch);
-    let list = sessions
-        .list_sessions(auth(
-            v1::ListSessionsRequest {
-                limit: 1000,
-                ..Default::default()
-            },
-            &admin,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
-    let mut stored = 0u64;
-    for s in &list {
-        let mut after = 0;
-        loop {
-            let page = sessions
-                .list_session_events(auth(
-                    v1::ListSessionEventsRequest {
-                        session_id: s.id.clone(),
-                        after_seq: after,
-                        limit: 1000,
-                    },
-                    &admin,
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .events;
-            stored += page.len() as u64;
-            match page.last() {
-                Some(last) if page.len() == 1000 => after = last.seq,
-                _ => break,
-            }
-        }
-    }
+    let stored = all_events(&e).await.len() as u64;
     let appended = e.sidecar.spool.appended();
     assert!(
         appended > 100,
@@ -751,4 +719,66 @@ async fn psycopg_and_asyncpg_work_through_the_gate() {
         so.contains("psycopg ok") && so.contains("asyncpg ok"),
         "{so}"
     );
+}
+
+/// Every audit event the control service stored, over all sessions.
+async fn all_events(e: &Env) -> Vec<v1::AuditEvent> {
+    let admin = e.idp.mint(&TokenSpec::human("root", &["wicket-admins"]));
+    let ch = loop {
+        if let Ok(c) = Channel::from_shared(format!("http://{}", e.control_cfg.listen))
+            .unwrap()
+            .connect()
+            .await
+        {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut sessions = v1::session_admin_service_client::SessionAdminServiceClient::new(ch);
+    let list = sessions
+        .list_sessions(auth(
+            v1::ListSessionsRequest {
+                limit: 1000,
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    let mut all = Vec::new();
+    for s in &list {
+        let mut after = 0;
+        loop {
+            let page = sessions
+                .list_session_events(auth(
+                    v1::ListSessionEventsRequest {
+                        session_id: s.id.clone(),
+                        after_seq: after,
+                        limit: 1000,
+                    },
+                    &admin,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .events;
+            let n = page.len();
+            after = page.last().map(|l| l.seq).unwrap_or(after);
+            all.extend(page);
+            if n < 1000 {
+                break;
+            }
+        }
+    }
+    all
+}
+
+async fn drained(e: &Env) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while e.sidecar.spool.unacked() > 0 {
+        assert!(std::time::Instant::now() < deadline, "spool did not drain");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
