@@ -28,6 +28,8 @@ use crate::client::{Backoff, ControlClient};
 const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 /// Events per report batch.
 const BATCH: usize = 256;
+/// How long a new event waits for others to share its report.
+const LINGER: Duration = Duration::from_millis(5);
 /// Unacknowledged batches at once.
 const MAX_INFLIGHT: usize = 4;
 
@@ -374,7 +376,13 @@ impl Spool {
                         }
                         None => break,
                     },
-                    _ = self.notify.notified() => {}
+                    _ = self.notify.notified() => {
+                        // Let a few more events join the batch: one report (and one
+                        // store transaction) per burst instead of one per statement.
+                        if self.inner.lock().expect("spool lock").pending.len() < BATCH {
+                            tokio::time::sleep(LINGER).await;
+                        }
+                    }
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 }
                 while inflight < MAX_INFLIGHT {

@@ -281,6 +281,10 @@ impl Store for SqlStore {
         with_pool!(self, |p| {
             let mut tx = p.begin().await?;
             let mut ids = Vec::with_capacity(events.len());
+            // Session rows are kept in step per batch, not per event: one
+            // insert-if-missing and one counter update per session.
+            let mut sessions: Vec<(&AuditEvent, i64)> = Vec::new();
+            let mut lifecycle: Vec<&AuditEvent> = Vec::new();
             for e in events {
                 let inserted = sqlx::query(
                     "INSERT INTO events (id, session_id, seq, time, kind, connection, body) \
@@ -301,6 +305,19 @@ impl Store for SqlStore {
                 if !inserted {
                     continue;
                 }
+                let commands = i64::from(e.kind == AuditKind::Command);
+                match sessions
+                    .iter_mut()
+                    .find(|(s, _)| s.session_id == e.session_id)
+                {
+                    Some((_, n)) => *n += commands,
+                    None => sessions.push((e, commands)),
+                }
+                if matches!(e.kind, AuditKind::SessionStart | AuditKind::SessionEnd) {
+                    lifecycle.push(e);
+                }
+            }
+            for (e, _) in &sessions {
                 let principal = e.principal.clone().unwrap_or_default();
                 sqlx::query(
                     "INSERT INTO sessions (id, connection, principal, principal_subject, started_at, state, \
@@ -316,40 +333,42 @@ impl Store for SqlStore {
                 .bind(&e.client_app)
                 .execute(&mut *tx)
                 .await?;
-                match e.kind {
-                    AuditKind::SessionStart => {
-                        sqlx::query(
-                            "UPDATE sessions SET principal = $2, principal_subject = $3, started_at = $4, \
-                             client_addr = $5, client_app = $6 WHERE id = $1",
-                        )
-                        .bind(&e.session_id)
-                        .bind(json(&principal))
-                        .bind(&principal.subject)
-                        .bind(ms(e.time))
-                        .bind(&e.client_addr)
-                        .bind(&e.client_app)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    AuditKind::Command => {
-                        sqlx::query(
-                            "UPDATE sessions SET command_count = command_count + 1 WHERE id = $1",
-                        )
-                        .bind(&e.session_id)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    AuditKind::SessionEnd => {
-                        sqlx::query(
-                            "UPDATE sessions SET ended_at = $2, state = 'ended', end_reason = $3 WHERE id = $1",
-                        )
-                        .bind(&e.session_id)
-                        .bind(ms(e.time))
-                        .bind(&e.end_reason)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    _ => {}
+            }
+            for e in lifecycle {
+                if e.kind == AuditKind::SessionStart {
+                    let principal = e.principal.clone().unwrap_or_default();
+                    sqlx::query(
+                        "UPDATE sessions SET principal = $2, principal_subject = $3, started_at = $4, \
+                         client_addr = $5, client_app = $6 WHERE id = $1",
+                    )
+                    .bind(&e.session_id)
+                    .bind(json(&principal))
+                    .bind(&principal.subject)
+                    .bind(ms(e.time))
+                    .bind(&e.client_addr)
+                    .bind(&e.client_app)
+                    .execute(&mut *tx)
+                    .await?;
+                } else {
+                    sqlx::query(
+                        "UPDATE sessions SET ended_at = $2, state = 'ended', end_reason = $3 WHERE id = $1",
+                    )
+                    .bind(&e.session_id)
+                    .bind(ms(e.time))
+                    .bind(&e.end_reason)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            for (e, n) in &sessions {
+                if *n > 0 {
+                    sqlx::query(
+                        "UPDATE sessions SET command_count = command_count + $2 WHERE id = $1",
+                    )
+                    .bind(&e.session_id)
+                    .bind(*n)
+                    .execute(&mut *tx)
+                    .await?;
                 }
             }
             tx.commit().await?;
