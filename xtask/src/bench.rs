@@ -318,6 +318,10 @@ pub fn pg() -> Result<(), String> {
     let gate_port = free_port()?;
     let gate = Command::new(bin.join("wicket-pg"))
         .env("WICKET_PG_LISTEN", format!("127.0.0.1:{gate_port}"))
+        .env(
+            "TOKIO_WORKER_THREADS",
+            std::env::var("WICKET_BENCH_PG_THREADS").unwrap_or_else(|_| "2".into()),
+        )
         .env("WICKET_PG_UPSTREAM", format!("127.0.0.1:{}", pg.port))
         .env("WICKET_PG_UPSTREAM_USER", "postgres")
         .env("WICKET_PG_UPSTREAM_PASSWORD_FILE", dir.join("pw"))
