@@ -74,3 +74,14 @@ pub struct Config {
     #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 }
+
+impl Config {
+    /// The defaults every flag has, with the given issuer, database and
+    /// listen address (for embedding the service, e.g. in tests).
+    pub fn defaults(oidc_issuer: &str, database_url: &str, listen: SocketAddr) -> Config {
+        let mut cfg = Config::parse_from(["wicket-control", "--oidc-issuer", oidc_issuer]);
+        cfg.database_url = database_url.to_string();
+        cfg.listen = listen;
+        cfg
+    }
+}

@@ -122,20 +122,13 @@ async fn start() -> Env {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let control_addr = listener.local_addr().unwrap();
     let cfg = wicket_control::Config {
-        listen: control_addr,
-        database_url: format!("sqlite:{}", dir.path().join("c.db").display()),
-        oidc_issuer: idp.issuer(),
-        oidc_audience: "wicket".into(),
-        groups_claim: "groups".into(),
-        agent_rules: vec!["client-credentials".into()],
-        admin_group: "wicket-admins".into(),
-        approver_group: "wicket-approvers".into(),
-        auditor_group: "wicket-auditors".into(),
-        policy_file: None,
         max_message_bytes: 4 << 20,
-        tls_cert: None,
-        tls_key: None,
-        log_format: "text".into(),
+        agent_rules: vec!["client-credentials".into()],
+        ..wicket_control::Config::defaults(
+            &idp.issuer(),
+            &format!("sqlite:{}", dir.path().join("c.db").display()),
+            control_addr,
+        )
     };
     let control_cfg = cfg.clone();
     let control = spawn_control(cfg, listener);

@@ -47,20 +47,9 @@ impl Control {
                 .unwrap();
         let addr = listener.local_addr().unwrap();
         let cfg = wicket_control::Config {
-            listen: addr,
-            database_url: db.to_string(),
-            oidc_issuer: idp.issuer(),
-            oidc_audience: "wicket".into(),
-            groups_claim: "groups".into(),
-            agent_rules: vec!["client-credentials".into()],
-            admin_group: "wicket-admins".into(),
-            approver_group: "wicket-approvers".into(),
-            auditor_group: "wicket-auditors".into(),
-            policy_file: None,
             max_message_bytes: 4 << 20,
-            tls_cert: None,
-            tls_key: None,
-            log_format: "text".into(),
+            agent_rules: vec!["client-credentials".into()],
+            ..wicket_control::Config::defaults(&idp.issuer(), db, addr)
         };
         let task = tokio::spawn(async move {
             wicket_control::run(cfg, listener, std::future::pending())
