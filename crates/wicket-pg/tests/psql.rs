@@ -456,21 +456,7 @@ async fn psql_is_gated_statement_by_statement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_runs_through_the_gate_in_every_query_mode() {
     let e = Arc::new(start().await);
-    let url = wicket_testkit::env::postgres_url();
-    let (addr, user, password) = upstream_from_url(&url);
-    let (host, port) = addr.split_once(':').unwrap();
-    let init = Command::new("pgbench")
-        .args([
-            "-i", "-q", "-s", "1", "-h", host, "-p", port, "-U", &user, &e.db,
-        ])
-        .env("PGPASSWORD", &password)
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&e.db);
     let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
     for mode in ["simple", "extended", "prepared"] {
         let gate_port = e.gate.port().to_string();
@@ -617,17 +603,7 @@ async fn bad_input_gets_clear_errors_and_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_outage_during_pgbench_loses_no_event_and_keeps_enforcing() {
     let e = Arc::new(start().await);
-    let url = wicket_testkit::env::postgres_url();
-    let (addr, user, password) = upstream_from_url(&url);
-    let (host, port) = addr.split_once(':').unwrap();
-    let init = Command::new("pgbench")
-        .args([
-            "-i", "-q", "-s", "1", "-h", host, "-p", port, "-U", &user, &e.db,
-        ])
-        .env("PGPASSWORD", &password)
-        .output()
-        .unwrap();
-    assert!(init.status.success());
+    pgbench_init(&e.db);
     let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
     let run = {
         let port = e.gate.port().to_string();
@@ -774,4 +750,23 @@ async fn drained(e: &Env) {
         assert!(std::time::Instant::now() < deadline, "spool did not drain");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `pgbench -i -s 1` into `db`, directly on the upstream server.
+fn pgbench_init(db: &str) {
+    let url = wicket_testkit::env::postgres_url();
+    let (addr, user, password) = upstream_from_url(&url);
+    let (host, port) = addr.split_once(':').unwrap();
+    let init = Command::new("pgbench")
+        .args([
+            "-i", "-q", "-s", "1", "-h", host, "-p", port, "-U", &user, db,
+        ])
+        .env("PGPASSWORD", &password)
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
 }
