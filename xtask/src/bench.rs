@@ -8,22 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use crate::peers::Postgres;
-use crate::util::{self, free_port, root, wait_for};
-
-struct Kill(Vec<Child>);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn port_open(port: u16) -> bool {
-    TcpStream::connect(("127.0.0.1", port)).is_ok()
-}
+use crate::util::{self, Children, env_get, free_port, port_open, read_env_file, root, wait_for};
 
 /// A 50-rule policy for the benchmark connection.
 fn policy() -> String {
@@ -250,11 +235,12 @@ pub fn pg() -> Result<(), String> {
             String::from_utf8_lossy(&init.stderr)
         ));
     }
-    let mut kids = Kill(Vec::new());
+    let mut kids = Children::default();
     // Identity provider, control service, policy, sidecar credential.
     let idp_port = free_port()?;
     let env_file = dir.join("idp.env");
-    kids.0.push(
+    kids.push(
+        "wicket-demo-idp",
         Command::new(bin.join("wicket-demo-idp"))
             .args(["--listen", &format!("127.0.0.1:{idp_port}"), "--env-file"])
             .arg(&env_file)
@@ -265,21 +251,12 @@ pub fn pg() -> Result<(), String> {
     wait_for(20, "identity provider", || {
         env_file.exists() && port_open(idp_port)
     })?;
-    let env: Vec<(String, String)> = std::fs::read_to_string(&env_file)
-        .map_err(|e| e.to_string())?
-        .lines()
-        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
-        .collect();
-    let get = |k: &str| {
-        env.iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let env = read_env_file(&env_file)?;
+    let get = |k: &str| env_get(&env, k);
     let control_port = free_port()?;
     std::fs::write(dir.join("policy.yaml"), policy()).map_err(|e| e.to_string())?;
-    kids.0.push(
+    kids.push(
+        "wicket-control",
         Command::new(bin.join("wicket-control"))
             .env("WICKET_LISTEN", format!("127.0.0.1:{control_port}"))
             .env(
@@ -337,10 +314,10 @@ pub fn pg() -> Result<(), String> {
         .spawn()
         .map_err(|e| e.to_string())?;
     let gate_pid = gate.id();
-    kids.0.push(gate);
+    kids.push("wicket-pg", gate);
     wait_for(30, "wicket-pg", || port_open(gate_port))?;
     let (bouncer, bouncer_port) = start_pgbouncer(&dir, &pg)?;
-    kids.0.push(bouncer);
+    kids.push("pgbouncer", bouncer);
     let agent = get("WICKET_AGENT_TOKEN");
     // Warm up (connections, the bundle, caches).
     pgbench(gate_port, "bench", &agent, "bench", 1, "simple", 2)?;

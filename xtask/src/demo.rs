@@ -6,25 +6,10 @@
 //! `--check` does the same on free ports, verifies it, and exits.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::util::{self, free_port, root, wait_for};
-
-struct Kill(Vec<(String, Child)>);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn port_open(port: u16) -> bool {
-    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-}
+use crate::util::{self, Children, env_get, free_port, port_open, read_env_file, root, wait_for};
 
 fn wicket(bin: &Path, env: &[(String, String)], args: &[&str]) -> Result<String, String> {
     let out = Command::new(bin.join("wicket"))
@@ -80,7 +65,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             ));
         }
     }
-    let mut kids = Kill(Vec::new());
+    let mut kids = Children::default();
     let idp_env = dir.join("idp.env");
     let _ = std::fs::remove_file(&idp_env);
     let idp_log = std::fs::File::create(dir.join("idp.log")).map_err(|e| e.to_string())?;
@@ -92,22 +77,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .stderr(idp_log)
         .spawn()
         .map_err(|e| format!("cannot start wicket-demo-idp: {e}"))?;
-    kids.0.push(("wicket-demo-idp".into(), child));
+    kids.push("wicket-demo-idp", child);
     wait_for(20, "the demo identity provider", || {
         idp_env.exists() && port_open(idp_port)
     })?;
-    let mut env: Vec<(String, String)> = std::fs::read_to_string(&idp_env)
-        .map_err(|e| e.to_string())?
-        .lines()
-        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
-        .collect();
-    let get = |env: &[(String, String)], k: &str| {
-        env.iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let mut env = read_env_file(&idp_env)?;
+    let get = env_get;
     let control_url = format!("http://127.0.0.1:{control_port}");
     let db = dir.join("wicket.db");
     let control_log = std::fs::File::create(dir.join("control.log")).map_err(|e| e.to_string())?;
@@ -121,7 +96,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .stderr(control_log)
         .spawn()
         .map_err(|e| format!("cannot start wicket-control: {e}"))?;
-    kids.0.push(("wicket-control".into(), child));
+    kids.push("wicket-control", child);
     if let Err(e) = wait_for(30, "wicket-control", || port_open(control_port)) {
         let log = std::fs::read_to_string(dir.join("control.log")).unwrap_or_default();
         return Err(format!("{e}\n{log}"));
@@ -186,7 +161,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .stderr(pg_log)
         .spawn()
         .map_err(|e| format!("cannot start wicket-pg: {e}"))?;
-    kids.0.push(("wicket-pg".into(), child));
+    kids.push("wicket-pg", child);
     if let Err(e) = wait_for(30, "wicket-pg", || port_open(pg_port)) {
         let log = std::fs::read_to_string(dir.join("wicket-pg.log")).unwrap_or_default();
         return Err(format!("{e}\n{log}"));

@@ -165,3 +165,46 @@ pub fn run_tests(args: &[&str], env: &[(String, String)]) -> (Result<(), String>
     };
     (result, totals)
 }
+
+/// Child processes killed (and reaped) when dropped, with names for messages.
+#[derive(Default)]
+pub struct Children(pub Vec<(String, std::process::Child)>);
+
+impl Children {
+    /// Adds a child.
+    pub fn push(&mut self, name: &str, child: std::process::Child) {
+        self.0.push((name.to_string(), child));
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether something listens on 127.0.0.1:`port`.
+pub fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// The `export K='V'` lines of a shell env file.
+pub fn read_env_file(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    Ok(std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect())
+}
+
+/// The value of `key` in `env` (empty if absent).
+pub fn env_get(env: &[(String, String)], key: &str) -> String {
+    env.iter()
+        .find(|(n, _)| n == key)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}

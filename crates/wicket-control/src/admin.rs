@@ -20,7 +20,7 @@ use wicket_store::{Revocation, SessionFilter, SessionRecord, SidecarRecord};
 
 use crate::auth::{Permission, hash_secret};
 use crate::sidecar::BoxStream;
-use crate::state::{Control, storage};
+use crate::state::{Control, connection, revocation, storage};
 
 /// Implements the admin-facing services.
 #[derive(Clone)]
@@ -96,13 +96,7 @@ impl ConnectionAdminService for AdminApi {
                     .document()
                     .connections
                     .iter()
-                    .map(|s| v1::Connection {
-                        name: s.name.clone(),
-                        protocol: convert::protocol(s.protocol) as i32,
-                        labels: s.labels.clone().into_iter().collect(),
-                        upstream: s.upstream.clone(),
-                        description: s.description.clone(),
-                    })
+                    .map(connection)
                     .collect()
             })
             .unwrap_or_default();
@@ -487,13 +481,7 @@ impl PrincipalAdminService for AdminApi {
         self.control.store.revoke(&rev).await.map_err(storage)?;
         tracing::info!(subject = %rev.subject, by = who.label(), "principal revoked");
         self.control.notify();
-        Ok(Response::new(v1::Revocation {
-            issuer: rev.issuer,
-            subject: rev.subject,
-            reason: rev.reason,
-            revoked_at: Some(convert::ts(rev.revoked_at)),
-            until: rev.until.map(convert::ts),
-        }))
+        Ok(Response::new(revocation(&rev)))
     }
 
     async fn list_revocations(
@@ -508,16 +496,7 @@ impl PrincipalAdminService for AdminApi {
             .await
             .map_err(storage)?;
         Ok(Response::new(v1::ListRevocationsResponse {
-            revocations: list
-                .into_iter()
-                .map(|r| v1::Revocation {
-                    issuer: r.issuer,
-                    subject: r.subject,
-                    reason: r.reason,
-                    revoked_at: Some(convert::ts(r.revoked_at)),
-                    until: r.until.map(convert::ts),
-                })
-                .collect(),
+            revocations: list.iter().map(revocation).collect(),
         }))
     }
 }

@@ -40,18 +40,7 @@ async fn validator(cfg: &Config) -> Result<wicket_identity::Validator, String> {
         .iter()
         .map(|r| r.parse())
         .collect::<Result<_, _>>()?;
-    let mut attempt = 0;
-    loop {
-        match wicket_identity::Validator::discover(icfg.clone()).await {
-            Ok(v) => return Ok(v),
-            Err(e) if attempt < 15 => {
-                attempt += 1;
-                tracing::warn!(issuer = %cfg.oidc_issuer, error = %e, attempt, "OIDC discovery failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(format!("OIDC discovery of {} failed: {e}", cfg.oidc_issuer)),
-        }
-    }
+    wicket_identity::Validator::discover_with_retry(icfg, 16).await
 }
 
 /// Runs the service on `listener` until `shutdown` resolves.

@@ -36,6 +36,28 @@ pub struct Control {
     approvals: broadcast::Sender<Approval>,
 }
 
+/// A policy connection on the wire.
+pub fn connection(spec: &wicket_policy::ConnectionSpec) -> v1::Connection {
+    v1::Connection {
+        name: spec.name.clone(),
+        protocol: convert::protocol(spec.protocol) as i32,
+        labels: spec.labels.clone().into_iter().collect(),
+        upstream: spec.upstream.clone(),
+        description: spec.description.clone(),
+    }
+}
+
+/// A stored revocation on the wire.
+pub fn revocation(r: &wicket_store::Revocation) -> v1::Revocation {
+    v1::Revocation {
+        issuer: r.issuer.clone(),
+        subject: r.subject.clone(),
+        reason: r.reason.clone(),
+        revoked_at: Some(convert::ts(r.revoked_at)),
+        until: r.until.map(convert::ts),
+    }
+}
+
 /// Maps a storage error to a status, logging the detail.
 pub fn storage(e: StoreError) -> Status {
     tracing::error!(error = %e, "storage error");
@@ -160,24 +182,12 @@ impl Control {
             .await
             .map_err(storage)?
             .iter()
-            .map(|r| v1::Revocation {
-                issuer: r.issuer.clone(),
-                subject: r.subject.clone(),
-                reason: r.reason.clone(),
-                revoked_at: Some(convert::ts(r.revoked_at)),
-                until: r.until.map(convert::ts),
-            })
+            .map(revocation)
             .collect();
         let terminated = self.store.terminating_sessions().await.map_err(storage)?;
         Ok(v1::PolicyBundle {
             version: generation,
-            connection: Some(v1::Connection {
-                name: spec.name.clone(),
-                protocol: convert::protocol(spec.protocol) as i32,
-                labels: spec.labels.clone().into_iter().collect(),
-                upstream: spec.upstream.clone(),
-                description: spec.description.clone(),
-            }),
+            connection: Some(self::connection(spec)),
             policy_json: json,
             policy_sha256: sha,
             revocations,

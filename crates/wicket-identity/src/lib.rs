@@ -251,6 +251,23 @@ impl Validator {
         })
     }
 
+    /// [`Validator::discover`], retried once a second while the provider comes
+    /// up (at most `attempts` tries), for services that start beside it.
+    pub async fn discover_with_retry(cfg: Config, attempts: u32) -> Result<Validator, String> {
+        let mut attempt = 1;
+        loop {
+            match Validator::discover(cfg.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < attempts => {
+                    tracing::warn!(issuer = %cfg.issuer, error = %e, attempt, "OIDC discovery failed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(format!("OIDC discovery of {} failed: {e}", cfg.issuer)),
+            }
+        }
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.cfg

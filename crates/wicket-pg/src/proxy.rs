@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -617,12 +617,7 @@ impl PgGate {
                     d
                 };
                 self.audit(session, &st.text, Some(st), &d, state, None, started);
-                let nonce = format!("wicket_refused_{}", uuid::Uuid::new_v4().simple());
-                let message = format!("refused by rule `{}`: {}", d.rule, d.reason);
-                markers
-                    .lock()
-                    .expect("markers")
-                    .insert(nonce.clone(), ("42501".into(), message));
+                let nonce = mark_refusal(markers, &d);
                 let mut b = BytesMut::new();
                 b.extend_from_slice(nonce.as_bytes());
                 b.put_u8(0);
@@ -750,12 +745,7 @@ impl PgGate {
         d: &Decision,
         markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
     ) -> Bytes {
-        let nonce = format!("wicket_refused_{}", uuid::Uuid::new_v4().simple());
-        let message = format!("refused by rule `{}`: {}", d.rule, d.reason);
-        markers
-            .lock()
-            .expect("markers")
-            .insert(nonce.clone(), ("42501".into(), message));
+        let nonce = mark_refusal(markers, d);
         let sql = format!("SELECT 1 FROM \"{nonce}\"");
         if tag == b'Q' {
             return build::query(&sql);
@@ -812,6 +802,18 @@ fn remember(state: &mut GateState, name: &str, statements: &[Statement], approva
             },
         );
     }
+}
+
+/// Registers a one-off marker whose server error is to be rewritten into
+/// `42501` naming the rule of `d`; returns the marker.
+fn mark_refusal(markers: &Mutex<HashMap<String, (String, String)>>, d: &Decision) -> String {
+    let nonce = format!("wicket_refused_{}", uuid::Uuid::new_v4().simple());
+    let message = format!("refused by rule `{}`: {}", d.rule, d.reason);
+    markers
+        .lock()
+        .expect("markers")
+        .insert(nonce.clone(), ("42501".into(), message));
+    nonce
 }
 
 fn command(st: &Statement) -> Command {
@@ -879,6 +881,5 @@ fn rewrite_errors(buf: &mut BytesMut, markers: &Mutex<HashMap<String, (String, S
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(64 * 1024);
     }
-    let _ = buf.remaining();
     out.freeze()
 }

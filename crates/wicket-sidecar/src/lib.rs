@@ -151,7 +151,7 @@ impl Sidecar {
             .iter()
             .map(|r| r.parse())
             .collect::<Result<_, _>>()?;
-        let validator = discover(icfg).await?;
+        let validator = Validator::discover_with_retry(icfg, 16).await?;
         let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
             .await
             .map_err(|e| {
@@ -433,21 +433,5 @@ impl Sidecar {
     /// Whether the sidecar is draining.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
-    }
-}
-
-/// Discovers the identity provider, retrying while it comes up.
-async fn discover(cfg: wicket_identity::Config) -> Result<Validator, String> {
-    let mut attempt = 0;
-    loop {
-        match Validator::discover(cfg.clone()).await {
-            Ok(v) => return Ok(v),
-            Err(e) if attempt < 15 => {
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "OIDC discovery failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(format!("OIDC discovery of {} failed: {e}", cfg.issuer)),
-        }
     }
 }
