@@ -11,6 +11,7 @@
 mod bench;
 mod demo;
 mod peers;
+mod regress;
 mod util;
 
 use std::process::ExitCode;

@@ -99,6 +99,12 @@ pub fn ensure_installed() -> Result<(), String> {
     if !have("node") || !have("npm") {
         apt.extend(["nodejs", "npm"]);
     }
+    // The regression suite's files come as a bzip2 tarball fetched with curl.
+    for tool in ["curl", "bzip2", "gcc"] {
+        if !have(tool) {
+            apt.push(tool);
+        }
+    }
     if !have("runuser") {
         apt.push("util-linux");
     }
@@ -161,6 +167,88 @@ fn pg_cmd(as_postgres: bool, bin: &Path, tool: &str) -> Command {
     }
 }
 
+/// Writes a throwaway CA and a server certificate for `localhost` and
+/// `127.0.0.1` (ECDSA P-256, 30 days) into `dir`, with the openssl CLI.
+fn test_pki(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=Wicket test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "30",
+            "-extfile",
+            "server.ext",
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| format!("openssl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "openssl {} failed: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A throwaway PostgreSQL server (initdb in a temp dir); stopped and removed on drop.
 pub struct Postgres {
     dir: PathBuf,
@@ -187,6 +275,7 @@ impl Postgres {
         std::fs::create_dir_all(dir.join("data")).map_err(|e| e.to_string())?;
         let pwfile = dir.join("pw");
         std::fs::write(&pwfile, PG_PASSWORD).map_err(|e| e.to_string())?;
+        test_pki(&dir.join("tls"))?;
         // initdb refuses root: run the server as the postgres user.
         let as_postgres = is_root();
         if as_postgres {
@@ -233,9 +322,11 @@ impl Postgres {
             .arg(pg.dir.join("data"))
             .arg("-o")
             .arg(format!(
-                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200 {}",
+                "-p {port} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=200 \
+                 -c ssl=on -c ssl_cert_file={tls}/server.pem -c ssl_key_file={tls}/server.key {}",
                 pg.dir.display(),
-                extra.join(" ")
+                extra.join(" "),
+                tls = pg.dir.join("tls").display()
             ))
             .arg("-l")
             .arg(pg.dir.join("pg.log"))
@@ -250,6 +341,13 @@ impl Postgres {
             ));
         }
         Ok(pg)
+    }
+
+    /// A CA (`ca.pem`) and a server certificate and key signed by it
+    /// (`server.pem`, `server.key`) for `localhost` and `127.0.0.1`; the
+    /// server also uses them.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
     }
 
     /// The superuser's password.
@@ -316,6 +414,7 @@ impl Drop for Postgres {
 /// Running peers; stopped on drop.
 pub struct Peers {
     pg: Postgres,
+    regress: crate::regress::Regress,
     idp: Child,
     idp_port: u16,
 }
@@ -323,6 +422,9 @@ pub struct Peers {
 impl Peers {
     /// Starts PostgreSQL and oidc-provider on free ports.
     pub fn start() -> Result<Peers, String> {
+        let bindir =
+            pg_bin().ok_or("PostgreSQL server binaries not found under /usr/lib/postgresql")?;
+        let regress = crate::regress::prepare(&bindir)?;
         let pg = Postgres::start(0)?;
         let idp_port = free_port()?;
         let log = std::fs::File::create(pg.dir().join("idp.log")).map_err(|e| e.to_string())?;
@@ -335,7 +437,12 @@ impl Peers {
             .stdin(Stdio::null())
             .spawn()
             .map_err(|e| format!("cannot start oidc-provider: {e}"))?;
-        let peers = Peers { pg, idp, idp_port };
+        let peers = Peers {
+            pg,
+            regress,
+            idp,
+            idp_port,
+        };
         wait_for(20, "oidc-provider", || {
             http_ok(idp_port, "/.well-known/openid-configuration")
         })?;
@@ -351,6 +458,22 @@ impl Peers {
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
             ("WICKET_TEST_PG_URL".into(), self.pg.url("postgres")),
+            (
+                "WICKET_TEST_TLS_DIR".into(),
+                self.pg.tls_dir().display().to_string(),
+            ),
+            (
+                "WICKET_TEST_PG_REGRESS".into(),
+                self.regress.pg_regress.display().to_string(),
+            ),
+            (
+                "WICKET_TEST_PG_REGRESS_DIR".into(),
+                self.regress.dir.display().to_string(),
+            ),
+            (
+                "WICKET_TEST_PG_BINDIR".into(),
+                self.regress.bindir.display().to_string(),
+            ),
             (
                 "WICKET_TEST_OIDC_ISSUER".into(),
                 format!("http://127.0.0.1:{}", self.idp_port),

@@ -460,10 +460,10 @@ async fn sidecars(cli: &Cli, fmt: Format, cmd: &SidecarsCmd) -> Result<(), CliEr
                 .into_inner();
             let cred = r.credential.unwrap_or_default();
             match fmt {
-                Format::Json => {
+                Format::Json | Format::Jsonl => {
                     let mut j = cred_json(&cred);
                     j["token"] = Value::String(r.token);
-                    println!("{}", serde_json::to_string_pretty(&j).expect("json"));
+                    output::json(fmt, &j);
                 }
                 Format::Table => {
                     eprintln!(
@@ -563,7 +563,7 @@ async fn policy(cli: &Cli, fmt: Format, cmd: &PolicyCmd) -> Result<(), CliError>
                         println!();
                     }
                 }
-                Format::Json => println!(
+                Format::Json | Format::Jsonl => println!(
                     "{}",
                     serde_json::to_string_pretty(&json!({
                         "version": r.version, "sha256": r.sha256, "applied_by": r.applied_by,
@@ -582,7 +582,7 @@ async fn policy(cli: &Cli, fmt: Format, cmd: &PolicyCmd) -> Result<(), CliError>
                 }))
                 .await?
                 .into_inner();
-            if fmt == Format::Json {
+            if fmt != Format::Table {
                 let errors: Vec<Value> = r.errors.iter().map(|e| json!({"file": e.source_name, "line": e.line, "column": e.column, "field": e.field, "message": e.message})).collect();
                 println!(
                     "{}",
@@ -935,19 +935,24 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
                     .unwrap_or_default()
             };
             match fmt {
-                Format::Json => {
+                Format::Json | Format::Jsonl => {
                     let evs: Vec<Value> = events
                         .iter()
                         .map(|e| json!({
-                            "id": e.id, "seq": e.seq, "time": time(e.time.as_ref()), "kind": kind(e.kind),
+                            "id": e.id, "session_id": e.session_id, "seq": e.seq, "time": time(e.time.as_ref()), "kind": kind(e.kind),
                             "command": command_json(e.command.as_ref()), "decision": decision_json(e.decision.as_ref()),
                             "reasoning": reasoning_json(e.reasoning.as_ref()), "traceparent": e.traceparent,
                             "masked": e.masked, "details": e.details, "end_reason": e.end_reason,
                         }))
                         .collect();
-                    let mut j = session_json(&s);
-                    j["events"] = Value::Array(evs);
-                    println!("{}", serde_json::to_string_pretty(&j).expect("json"));
+                    if fmt == Format::Jsonl {
+                        // The session's recording: one event per line, in order.
+                        output::json(fmt, &Value::Array(evs));
+                    } else {
+                        let mut j = session_json(&s);
+                        j["events"] = Value::Array(evs);
+                        output::json(fmt, &j);
+                    }
                 }
                 Format::Table => {
                     output::record(
@@ -970,8 +975,20 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
                         Value::Null,
                     );
                     println!();
+                    // Each command's result (rows, duration, error) on its own row.
+                    let results: std::collections::HashMap<&str, String> = events
+                        .iter()
+                        .filter(|e| e.kind == v1::AuditKind::CommandResult as i32)
+                        .filter_map(|e| {
+                            Some((
+                                e.details.get("command_id")?.as_str(),
+                                result_cell(&e.details),
+                            ))
+                        })
+                        .collect();
                     let rows = events
                         .iter()
+                        .filter(|e| e.kind != v1::AuditKind::CommandResult as i32)
                         .map(|e| {
                             let d = e.decision.clone().unwrap_or_default();
                             vec![
@@ -990,6 +1007,7 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
                                         .unwrap_or_default(),
                                     50,
                                 ),
+                                results.get(e.id.as_str()).cloned().unwrap_or_default(),
                                 cell(
                                     &e.reasoning
                                         .as_ref()
@@ -1008,7 +1026,15 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
                         .collect();
                     output::rows(
                         fmt,
-                        &["seq", "time", "event", "decision", "command", "reasoning"],
+                        &[
+                            "seq",
+                            "time",
+                            "event",
+                            "decision",
+                            "command",
+                            "result",
+                            "reasoning",
+                        ],
                         rows,
                         Value::Null,
                     );
@@ -1017,4 +1043,34 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
         }
     }
     Ok(())
+}
+
+/// `ok, 3 rows, 1.2 ms` / `error 22012: division by zero` for a table cell.
+fn result_cell(d: &std::collections::HashMap<String, String>) -> String {
+    let ms = d
+        .get("duration_us")
+        .and_then(|u| u.parse::<f64>().ok())
+        .map(|u| format!("{:.1} ms", u / 1000.0))
+        .unwrap_or_default();
+    match d.get("status").map(String::as_str) {
+        Some("error") => cell(
+            &format!(
+                "error {}: {}",
+                d.get("sqlstate").map(String::as_str).unwrap_or(""),
+                d.get("error").map(String::as_str).unwrap_or("")
+            ),
+            40,
+        ),
+        Some(status) => {
+            let mut parts = vec![status.to_string()];
+            if let Some(r) = d.get("rows") {
+                parts.push(format!("{r} rows"));
+            }
+            if !ms.is_empty() {
+                parts.push(ms);
+            }
+            parts.join(", ")
+        }
+        None => String::new(),
+    }
 }

@@ -9,12 +9,28 @@ pub enum Format {
     Table,
     /// JSON for scripts.
     Json,
+    /// JSON Lines: one compact object per line (a list becomes its lines;
+    /// `sessions show` prints the session's events, its recording).
+    Jsonl,
+}
+
+/// Prints `v` as pretty JSON, or as JSON Lines.
+pub fn json(format: Format, v: &Value) {
+    match (format, v) {
+        (Format::Jsonl, Value::Array(items)) => {
+            for i in items {
+                println!("{i}");
+            }
+        }
+        (Format::Jsonl, v) => println!("{v}"),
+        _ => println!("{}", serde_json::to_string_pretty(v).expect("json")),
+    }
 }
 
 /// Prints rows as a table (headers first) or as a JSON array of objects.
 pub fn rows(format: Format, headers: &[&str], rows: Vec<Vec<String>>, json: Value) {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&json).expect("json")),
+        Format::Json | Format::Jsonl => self::json(format, &json),
         Format::Table => {
             if rows.is_empty() {
                 println!("(none)");
@@ -48,7 +64,7 @@ pub fn rows(format: Format, headers: &[&str], rows: Vec<Vec<String>>, json: Valu
 /// Prints key/value pairs (table) or the JSON value.
 pub fn record(format: Format, pairs: Vec<(&str, String)>, json: Value) {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&json).expect("json")),
+        Format::Json | Format::Jsonl => self::json(format, &json),
         Format::Table => {
             let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
             for (k, v) in pairs {

@@ -24,6 +24,9 @@ pub enum AuditKind {
     Approval,
     /// Output recorded for a command.
     Output,
+    /// How a command ended (rows, duration, error); `details.command_id`
+    /// names its `command` event.
+    CommandResult,
     /// Anything else worth keeping.
     Notice,
 }
@@ -39,6 +42,7 @@ impl AuditKind {
             AuditKind::Approval => "approval",
             AuditKind::Output => "output",
             AuditKind::Notice => "notice",
+            AuditKind::CommandResult => "command_result",
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod classify;
 pub mod codec;
 pub mod proxy;
 pub mod reasoning;
+pub mod results;
 pub mod upstream;
 
 use std::sync::Arc;

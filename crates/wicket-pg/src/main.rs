@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wicket_pg::upstream::UpstreamConfig;
+use wicket_pg::upstream::{UpstreamConfig, UpstreamTls};
 use wicket_pg::{PgConfig, PgGate};
 use wicket_sidecar::{Sidecar, SidecarConfig};
 
@@ -29,6 +29,17 @@ struct Args {
     /// That role's password (prefer the file).
     #[arg(long, env = "WICKET_PG_UPSTREAM_PASSWORD", hide_env_values = true)]
     upstream_password: Option<String>,
+    /// TLS to the server: `disable`, `prefer` (TLS when offered) or
+    /// `require`. When TLS is used the server's certificate is verified.
+    #[arg(long, env = "WICKET_PG_UPSTREAM_TLS", default_value = "disable", value_parser = ["disable", "prefer", "require"])]
+    upstream_tls: String,
+    /// CA certificate(s) (PEM) for the server's certificate; the system
+    /// trust store when unset.
+    #[arg(long, env = "WICKET_PG_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
+    /// Name the server's certificate must carry (default: the host of `--upstream`).
+    #[arg(long, env = "WICKET_PG_UPSTREAM_SERVER_NAME")]
+    upstream_server_name: Option<String>,
     /// Accept tokens as cleartext passwords from loopback clients without TLS.
     #[arg(long, env = "WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK")]
     allow_cleartext_loopback: bool,
@@ -72,6 +83,24 @@ async fn run(args: Args) -> Result<(), String> {
         (None, Some(p)) => p.clone(),
         (None, None) => String::new(),
     };
+    let upstream_tls = match args.upstream_tls.as_str() {
+        "disable" => None,
+        mode => {
+            let host = match args.upstream.rsplit_once(':') {
+                Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+                None => args.upstream.as_str(),
+            };
+            Some(UpstreamTls {
+                config: wicket_sidecar::tls::client_config(args.upstream_ca.as_deref(), &[])?,
+                server_name: args
+                    .upstream_server_name
+                    .clone()
+                    .unwrap_or_else(|| host.to_string()),
+                required: mode == "require",
+            })
+        }
+    };
+    let client_tls = args.sidecar.server_tls(&[b"postgresql"])?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -83,7 +112,9 @@ async fn run(args: Args) -> Result<(), String> {
                 addr: args.upstream,
                 user: args.upstream_user,
                 password,
+                tls: upstream_tls,
             },
+            tls: client_tls,
             allow_cleartext_loopback: args.allow_cleartext_loopback,
             max_message_bytes: args.max_message_bytes,
             startup_timeout: Duration::from_secs(10),

@@ -9,21 +9,22 @@
 //! put it, under pipelining too, and the server itself discards the rest of
 //! the extended-protocol batch up to Sync as for any error.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use wicket_core::{AuditKind, Command, Decision, Effect, ReasoningTrace};
+use wicket_sidecar::tls::Stream;
 use wicket_sidecar::{ApprovalOutcome, OpenSession, Sidecar};
 
 use crate::classify::{self, Statement};
 use crate::codec::{self, CodecError, build};
 use crate::reasoning;
+use crate::results::{Expect, GuardedError, Outcome, Pending, Status, Tracker};
 use crate::upstream::{self, UpstreamConfig};
 
 /// Settings of the PostgreSQL gate.
@@ -33,6 +34,8 @@ pub struct PgConfig {
     pub upstream: UpstreamConfig,
     /// Accept the token as a cleartext password from loopback clients without TLS.
     pub allow_cleartext_loopback: bool,
+    /// Client TLS (answers SSLRequest with `S`, and takes direct TLS).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Largest client message accepted.
     pub max_message_bytes: usize,
     /// Time a client has to finish startup and authentication.
@@ -65,10 +68,11 @@ impl PgGate {
     }
 
     /// Serves one client connection to the end.
-    pub async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
-        let _ = client.set_nodelay(true);
+    pub async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let mut client = Some(Stream::Plain(tcp));
         let started =
-            tokio::time::timeout(self.cfg.startup_timeout, self.startup(&mut client, peer)).await;
+            tokio::time::timeout(self.cfg.startup_timeout, self.negotiate(&mut client, peer)).await;
         let (session, upstream, reasoning) = match started {
             Ok(Ok(Some(s))) => s,
             Ok(Ok(None)) => return,
@@ -77,35 +81,55 @@ impl PgGate {
                 return;
             }
             Err(_) => {
-                let _ = client
-                    .write_all(&build::error(
-                        b'E',
-                        "FATAL",
-                        "08P01",
-                        "startup did not complete in time",
-                        None,
-                        None,
-                    ))
-                    .await;
+                if let Some(c) = client.as_mut() {
+                    let _ = Self::fatal(c, "08P01", "startup did not complete in time").await;
+                }
                 return;
             }
         };
+        let Some(client) = client else { return };
         self.relay(client, upstream, session, reasoning).await;
     }
 
-    async fn fatal(client: &mut TcpStream, code: &str, message: &str) -> std::io::Result<()> {
-        client
-            .write_all(&build::error(b'E', "FATAL", code, message, None, None))
-            .await
+    /// TLS (on SSLRequest, or direct TLS as PostgreSQL 17 clients may open
+    /// with), then startup and authentication.
+    async fn negotiate(
+        &self,
+        client: &mut Option<Stream>,
+        peer: SocketAddr,
+    ) -> Result<Option<(OpenSession, Stream, Option<String>)>, CodecError> {
+        if let (Some(tls), Some(Stream::Plain(tcp))) = (&self.cfg.tls, client.as_ref()) {
+            // A TLS record (handshake, 0x16) where a startup length would be.
+            let mut first = [0u8; 1];
+            if tcp.peek(&mut first).await? == 1 && first[0] == 0x16 {
+                let plain = client.take().ok_or(CodecError::Closed)?;
+                *client = Some(plain.accept(tls.clone()).await?);
+            }
+        }
+        loop {
+            let c = client.as_mut().ok_or(CodecError::Closed)?;
+            match self.startup(c, peer).await? {
+                Startup::Tls => {
+                    let tls = self.cfg.tls.clone().ok_or(CodecError::Closed)?;
+                    let plain = client.take().ok_or(CodecError::Closed)?;
+                    *client = Some(plain.accept(tls).await?);
+                }
+                Startup::Done(s) => return Ok(s),
+            }
+        }
+    }
+
+    async fn fatal(client: &mut Stream, code: &str, message: &str) -> std::io::Result<()> {
+        send(
+            client,
+            &build::error(b'E', "FATAL", code, message, None, None),
+        )
+        .await
     }
 
     /// Startup and authentication. `Ok(None)`: the connection ended normally
     /// (cancel request, refused login already answered).
-    async fn startup(
-        &self,
-        client: &mut TcpStream,
-        peer: SocketAddr,
-    ) -> Result<Option<(OpenSession, TcpStream, Option<String>)>, CodecError> {
+    async fn startup(&self, client: &mut Stream, peer: SocketAddr) -> Result<Startup, CodecError> {
         let params = loop {
             let body = match codec::read_startup(client).await {
                 Ok(b) => b,
@@ -116,24 +140,28 @@ impl PgGate {
                         &format!("invalid startup packet length {n}"),
                     )
                     .await?;
-                    return Ok(None);
+                    return Ok(Startup::Done(None));
                 }
                 Err(e) => return Err(e),
             };
             let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
             match code {
-                codec::SSL_REQUEST | codec::GSSENC_REQUEST => client.write_all(b"N").await?,
+                codec::SSL_REQUEST if self.cfg.tls.is_some() && !client.is_tls() => {
+                    send(client, b"S").await?;
+                    return Ok(Startup::Tls);
+                }
+                codec::SSL_REQUEST | codec::GSSENC_REQUEST => send(client, b"N").await?,
                 codec::CANCEL_REQUEST if body.len() >= 12 => {
                     let pid = i32::from_be_bytes([body[4], body[5], body[6], body[7]]);
                     let key = i32::from_be_bytes([body[8], body[9], body[10], body[11]]);
                     self.cancel(pid, key).await;
-                    return Ok(None);
+                    return Ok(Startup::Done(None));
                 }
                 codec::PROTOCOL_V3 => match codec::startup_params(&body) {
                     Some(p) => break p,
                     None => {
                         Self::fatal(client, "08P01", "malformed startup packet").await?;
-                        return Ok(None);
+                        return Ok(Startup::Done(None));
                     }
                 },
                 other => {
@@ -147,7 +175,7 @@ impl PgGate {
                         ),
                     )
                     .await?;
-                    return Ok(None);
+                    return Ok(Startup::Done(None));
                 }
             }
         };
@@ -160,22 +188,22 @@ impl PgGate {
                 "replication connections are not allowed through the gate",
             )
             .await?;
-            return Ok(None);
+            return Ok(Startup::Done(None));
         }
-        if !(peer.ip().is_loopback() && self.cfg.allow_cleartext_loopback) {
+        if !(client.is_tls() || (peer.ip().is_loopback() && self.cfg.allow_cleartext_loopback)) {
             Self::fatal(
                 client,
                 "28000",
                 "refusing to take an access token as a cleartext password over an unencrypted connection",
             )
             .await?;
-            return Ok(None);
+            return Ok(Startup::Done(None));
         }
-        client.write_all(&build::auth(3, &[])).await?;
+        send(client, &build::auth(3, &[])).await?;
         let m = codec::read_message(client, 64 * 1024).await?;
         if m.tag != b'p' {
             Self::fatal(client, "08P01", "expected a password message").await?;
-            return Ok(None);
+            return Ok(Startup::Done(None));
         }
         let token = String::from_utf8_lossy(m.body.strip_suffix(b"\0").unwrap_or(&m.body))
             .trim()
@@ -186,7 +214,7 @@ impl PgGate {
             Err(e) => {
                 let msg = format!("password authentication failed for user \"{user}\": {e}");
                 Self::fatal(client, "28P01", &msg).await?;
-                return Ok(None);
+                return Ok(Startup::Done(None));
             }
         };
         let app = get("application_name").unwrap_or_default();
@@ -199,7 +227,7 @@ impl PgGate {
                     &format!("access refused by rule `{}`: {}", d.rule, d.reason),
                 )
                 .await?;
-                return Ok(None);
+                return Ok(Startup::Done(None));
             }
         };
         let database = get("database").unwrap_or_else(|| user.clone());
@@ -219,7 +247,7 @@ impl PgGate {
                 };
                 Self::fatal(client, code, &e.to_string()).await?;
                 self.end(&session, "upstream_login_failed");
-                return Ok(None);
+                return Ok(Startup::Done(None));
             }
         };
         let mut out = BytesMut::new();
@@ -240,14 +268,14 @@ impl PgGate {
             .insert(ours, hello.backend_key);
         out.extend_from_slice(&build::backend_key(ours.0, ours.1));
         out.extend_from_slice(&build::ready(hello.status));
-        client.write_all(&out).await?;
+        send(client, &out).await?;
         // `-c wicket.reasoning=…` in `options` (PGOPTIONS), or the setting as its
         // own startup parameter (asyncpg's server_settings).
         let reasoning = get("options")
             .and_then(|o| reasoning::from_options(&o))
             .or_else(|| get("wicket.reasoning"));
         tracing::info!(session = %session.id, principal = %session.principal.label(), %peer, app = %app, "session opened");
-        Ok(Some((session, upstream, reasoning)))
+        Ok(Startup::Done(Some((session, upstream, reasoning))))
     }
 
     async fn cancel(&self, pid: i32, key: i32) {
@@ -259,13 +287,13 @@ impl PgGate {
             .get(&(pid, key))
             .copied();
         let Some((upid, ukey)) = target else { return };
-        if let Ok(mut s) = TcpStream::connect(&self.cfg.upstream.addr).await {
+        if let Ok(mut s) = upstream::open(&self.cfg.upstream).await {
             let mut b = BytesMut::with_capacity(16);
             b.put_i32(16);
             b.put_i32(codec::CANCEL_REQUEST);
             b.put_i32(upid);
             b.put_i32(ukey);
-            let _ = s.write_all(&b).await;
+            let _ = send(&mut s, &b).await;
         }
     }
 
@@ -279,31 +307,39 @@ impl PgGate {
 
     async fn relay(
         self: Arc<Self>,
-        client: TcpStream,
-        upstream: TcpStream,
+        client: Stream,
+        upstream: Stream,
         session: OpenSession,
         reasoning: Option<String>,
     ) {
         let end_signal = session.guard.end_signal();
-        let (mut client_r, client_w) = client.into_split();
-        let (mut up_r, mut up_w) = upstream.into_split();
+        let (mut client_r, client_w) = tokio::io::split(client);
+        let (mut up_r, mut up_w) = tokio::io::split(upstream);
         let client_w = Arc::new(tokio::sync::Mutex::new(client_w));
         let markers: Arc<Mutex<HashMap<String, (String, String)>>> = Arc::default();
+        let tracker: Arc<Mutex<Tracker>> = Arc::default();
 
         // Server → client, rewriting the errors of refused statements.
         let down = {
             let client_w = client_w.clone();
             let markers = markers.clone();
+            let tracker = tracker.clone();
+            let session = &session;
+            let me = &self;
             async move {
                 let mut buf = BytesMut::with_capacity(64 * 1024);
+                let mut done = Vec::new();
                 loop {
                     match up_r.read_buf(&mut buf).await {
                         Ok(0) | Err(_) => return,
                         Ok(_) => {}
                     }
-                    let out = rewrite_errors(&mut buf, &markers);
-                    if !out.is_empty() && client_w.lock().await.write_all(&out).await.is_err() {
+                    let out = downstream(&mut buf, &markers, &tracker, &mut done);
+                    if !out.is_empty() && send(&mut *client_w.lock().await, &out).await.is_err() {
                         return;
+                    }
+                    for o in done.drain(..) {
+                        me.record_result(session, o);
                     }
                 }
             }
@@ -331,11 +367,11 @@ impl PgGate {
                     let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as i64;
                     if len < 4 || len as u64 > self.cfg.max_message_bytes as u64 {
                         let msg = format!("message length {len} is outside the accepted range");
-                        let _ = client_w
-                            .lock()
-                            .await
-                            .write_all(&build::error(b'E', "FATAL", "08P01", &msg, None, None))
-                            .await;
+                        let _ = send_locked(
+                            &client_w,
+                            &build::error(b'E', "FATAL", "08P01", &msg, None, None),
+                        )
+                        .await;
                         return "protocol_violation";
                     }
                     if buf.len() < 1 + len as usize {
@@ -348,13 +384,14 @@ impl PgGate {
                     match tag {
                         b'Q' | b'P' => {
                             // Flush what came before, so held statements never delay it.
-                            if !out.is_empty() && up_w.write_all(&out).await.is_err() {
+                            if !out.is_empty() && send(&mut up_w, &out).await.is_err() {
                                 return "upstream_closed";
                             }
                             out.clear();
-                            let fwd = self
+                            let (fwd, expect) = self
                                 .gate(tag, &body, &raw, &session, &mut state, &client_w, &markers)
                                 .await;
+                            tracker.lock().expect("tracker").push(expect);
                             out.extend_from_slice(&fwd);
                         }
                         b'B' => {
@@ -365,10 +402,16 @@ impl PgGate {
                                 state.portals.clear();
                             }
                             state.portals.insert(portal, stmt);
+                            tracker.lock().expect("tracker").push(Expect::Ack);
                             out.extend_from_slice(&raw);
                         }
                         b'E' => {
-                            let fwd = self.gate_execute(&body, &raw, &session, &state, &markers);
+                            let (fwd, pending) =
+                                self.gate_execute(&body, &raw, &session, &state, &markers);
+                            tracker
+                                .lock()
+                                .expect("tracker")
+                                .push(Expect::Execute(pending));
                             out.extend_from_slice(&fwd);
                         }
                         b'C' => {
@@ -383,24 +426,37 @@ impl PgGate {
                                 }
                                 _ => {}
                             }
+                            tracker.lock().expect("tracker").push(Expect::Ack);
                             out.extend_from_slice(&raw);
                         }
                         b'F' => {
                             // FunctionCall reaches any function by OID: decided like a
                             // statement of kind `function_call`, refused unless allowed.
-                            let fwd =
+                            let (fwd, pending) =
                                 self.gate_function_call(&body, &raw, &session, &state, &markers);
+                            tracker
+                                .lock()
+                                .expect("tracker")
+                                .push(Expect::Query([pending].into()));
                             out.extend_from_slice(&fwd);
                         }
                         b'X' => {
                             out.extend_from_slice(&raw);
-                            let _ = up_w.write_all(&out).await;
+                            let _ = send(&mut up_w, &out).await;
                             return "client_quit";
+                        }
+                        b'D' => {
+                            tracker.lock().expect("tracker").push(Expect::Describe);
+                            out.extend_from_slice(&raw);
+                        }
+                        b'S' => {
+                            tracker.lock().expect("tracker").push(Expect::Sync);
+                            out.extend_from_slice(&raw);
                         }
                         _ => out.extend_from_slice(&raw),
                     }
                 }
-                if !out.is_empty() && up_w.write_all(&out).await.is_err() {
+                if !out.is_empty() && send(&mut up_w, &out).await.is_err() {
                     return "upstream_closed";
                 }
             }
@@ -410,10 +466,7 @@ impl PgGate {
             r = up => r.to_string(),
             _ = down => "upstream_closed".to_string(),
             r = end_signal => {
-                let _ = client_w
-                    .lock()
-                    .await
-                    .write_all(&build::error(b'E', "FATAL", if r == wicket_sidecar::EndReason::Shutdown { "57P01" } else { "28000" }, r.message(), None, None))
+                let _ = send_locked(&client_w, &build::error(b'E', "FATAL", if r == wicket_sidecar::EndReason::Shutdown { "57P01" } else { "28000" }, r.message(), None, None))
                     .await;
                 r.as_str().to_string()
             }
@@ -432,9 +485,16 @@ impl PgGate {
         raw: &Bytes,
         session: &OpenSession,
         state: &mut GateState,
-        client_w: &Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+        client_w: &ClientWriter,
         markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
-    ) -> Bytes {
+    ) -> (Bytes, Expect) {
+        let refused = || {
+            if tag == b'P' {
+                Expect::Ack
+            } else {
+                Expect::Query([None].into())
+            }
+        };
         let mut pos = 0;
         let (name, sql) = if tag == b'P' {
             let name = codec::cstr(body, &mut pos).unwrap_or_default();
@@ -458,7 +518,16 @@ impl PgGate {
                     format!("the gate could not parse this statement: {e}"),
                 );
                 self.audit(session, &sql, None, &d, state, None, started);
-                return self.refuse(tag, body, name.as_deref(), &d, markers);
+                // The server's own parser has the last word on the error the
+                // client sees; a guard in front makes sure nothing runs.
+                let (fwd, shift, nonce) =
+                    self.refuse_guarded(tag, body, name.as_deref(), &d, markers, Some(&sql));
+                let expect = Expect::Guarded {
+                    shift,
+                    nonce,
+                    query: tag == b'Q',
+                };
+                return (fwd, expect);
             }
         };
         let has_reasoning = state
@@ -485,7 +554,7 @@ impl PgGate {
             }
         }
         let Some((decision, _)) = worst else {
-            return raw.clone(); // empty query
+            return (raw.clone(), refused()); // empty query: one EmptyQueryResponse
         };
         let outcome = match decision.effect {
             Effect::Allow => None,
@@ -504,11 +573,11 @@ impl PgGate {
                 let notify = async move {
                     if let Ok(id) = rx.await {
                         let msg = format!("waiting for approval {id} (rule {notice_rule})");
-                        let _ = client_w
-                            .lock()
-                            .await
-                            .write_all(&build::error(b'N', "NOTICE", "01000", &msg, None, None))
-                            .await;
+                        let _ = send_locked(
+                            &client_w,
+                            &build::error(b'N', "NOTICE", "01000", &msg, None, None),
+                        )
+                        .await;
                     }
                 };
                 let wait = self.sidecar.request_approval(
@@ -525,17 +594,17 @@ impl PgGate {
                     ApprovalOutcome::Approved { id } => {
                         if let Some(name) = &name {
                             remember(state, name, &statements, Some(id));
-                        } else {
-                            self.audit_all(
-                                session,
-                                &statements,
-                                &decisions,
-                                state,
-                                Some(("approved", &id)),
-                                started,
-                            );
+                            return (raw.clone(), Expect::Ack);
                         }
-                        return raw.clone();
+                        let pending = self.audit_all(
+                            session,
+                            &statements,
+                            &decisions,
+                            state,
+                            Some(("approved", &id)),
+                            started,
+                        );
+                        return (raw.clone(), Expect::Query(pending));
                     }
                     ApprovalOutcome::Denied { id, reason } => Some(Decision::deny(
                         decision.rule.clone(),
@@ -556,15 +625,19 @@ impl PgGate {
             // A parsed statement is recorded when it is executed.
             None if name.is_some() => {
                 remember(state, name.as_deref().unwrap_or(""), &statements, None);
-                raw.clone()
+                (raw.clone(), Expect::Ack)
             }
             None => {
-                self.audit_all(session, &statements, &decisions, state, None, started);
-                raw.clone()
+                let pending =
+                    self.audit_all(session, &statements, &decisions, state, None, started);
+                (raw.clone(), Expect::Query(pending))
             }
             Some(d) => {
                 self.audit(session, &sql, statements.first(), &d, state, None, started);
-                self.refuse(tag, body, name.as_deref(), &d, markers)
+                (
+                    self.refuse(tag, body, name.as_deref(), &d, markers),
+                    refused(),
+                )
             }
         }
     }
@@ -578,7 +651,7 @@ impl PgGate {
         session: &OpenSession,
         state: &GateState,
         markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
-    ) -> Bytes {
+    ) -> (Bytes, Option<Pending>) {
         let started = Instant::now();
         let mut pos = 0;
         let portal = codec::cstr(body, &mut pos).unwrap_or_default();
@@ -589,7 +662,7 @@ impl PgGate {
         else {
             // Not ours to judge (a portal the server will not know either, or a
             // statement refused at Parse): the server answers it.
-            return raw.clone();
+            return (raw.clone(), None);
         };
         let st = &prepared.statement;
         let has_reasoning = state
@@ -604,8 +677,14 @@ impl PgGate {
         let approval = prepared.approval.as_deref().map(|id| ("approved", id));
         match d.effect {
             Effect::Allow => {
-                self.audit(session, &st.text, Some(st), &d, state, approval, started);
-                raw.clone()
+                let id = self.audit(session, &st.text, Some(st), &d, state, approval, started);
+                (
+                    raw.clone(),
+                    Some(Pending {
+                        command_id: id,
+                        started: Instant::now(),
+                    }),
+                )
             }
             _ => {
                 let d = if d.effect == Effect::Review {
@@ -622,11 +701,11 @@ impl PgGate {
                 b.extend_from_slice(nonce.as_bytes());
                 b.put_u8(0);
                 b.extend_from_slice(body.get(pos..).unwrap_or_default());
-                codec::Message {
+                let msg = codec::Message {
                     tag: b'E',
                     body: b.freeze(),
-                }
-                .encode()
+                };
+                (msg.encode(), None)
             }
         }
     }
@@ -638,7 +717,7 @@ impl PgGate {
         session: &OpenSession,
         state: &GateState,
         markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
-    ) -> Bytes {
+    ) -> (Bytes, Option<Pending>) {
         let started = Instant::now();
         let oid = body
             .get(..4)
@@ -662,11 +741,15 @@ impl PgGate {
         if d.effect == Effect::Review {
             d = Decision::deny(d.rule, "function calls cannot be held for approval");
         }
-        self.audit(session, &st.text, Some(&st), &d, state, None, started);
+        let id = self.audit(session, &st.text, Some(&st), &d, state, None, started);
         if d.effect == Effect::Allow {
-            raw.clone()
+            let pending = Pending {
+                command_id: id,
+                started: Instant::now(),
+            };
+            (raw.clone(), Some(pending))
         } else {
-            self.refuse(b'Q', body, None, &d, markers)
+            (self.refuse(b'Q', body, None, &d, markers), None)
         }
     }
 
@@ -692,10 +775,18 @@ impl PgGate {
         state: &GateState,
         approval: Option<(&str, &str)>,
         started: Instant,
-    ) {
-        for (st, d) in statements.iter().zip(decisions) {
-            self.audit(session, &st.text, Some(st), d, state, approval, started);
-        }
+    ) -> VecDeque<Option<Pending>> {
+        statements
+            .iter()
+            .zip(decisions)
+            .map(|(st, d)| {
+                let id = self.audit(session, &st.text, Some(st), d, state, approval, started);
+                Some(Pending {
+                    command_id: id,
+                    started: Instant::now(),
+                })
+            })
+            .collect()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -708,7 +799,7 @@ impl PgGate {
         state: &GateState,
         approval: Option<(&str, &str)>,
         started: Instant,
-    ) {
+    ) -> String {
         let mut e = session.event(AuditKind::Command);
         e.command = Some(Command {
             text: text.to_string(),
@@ -734,6 +825,32 @@ impl PgGate {
         if let Err(err) = self.sidecar.record(&e) {
             tracing::error!(error = %err, "cannot record a statement");
         }
+        e.id
+    }
+
+    /// Records how a statement ended.
+    fn record_result(&self, session: &OpenSession, o: Outcome) {
+        let mut e = session.event(AuditKind::CommandResult);
+        let d = &mut e.details;
+        d.insert("command_id".into(), o.pending.command_id);
+        d.insert("duration_us".into(), o.duration_us.to_string());
+        if let Some(rows) = o.rows {
+            d.insert("rows".into(), rows.to_string());
+        }
+        let status = match o.status {
+            Status::Ok => "ok",
+            Status::Suspended => "suspended",
+            Status::Skipped => "skipped",
+            Status::Error { code, message } => {
+                d.insert("sqlstate".into(), code);
+                d.insert("error".into(), message);
+                "error"
+            }
+        };
+        d.insert("status".into(), status.into());
+        if let Err(err) = self.sidecar.record(&e) {
+            tracing::error!(error = %err, "cannot record a statement result");
+        }
     }
 
     /// The in-place replacement of a refused `Query` or `Parse`.
@@ -745,10 +862,30 @@ impl PgGate {
         d: &Decision,
         markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
     ) -> Bytes {
+        self.refuse_guarded(tag, body, name, d, markers, None).0
+    }
+
+    /// [`Self::refuse`], optionally with the client's `text` after the
+    /// guard statement; returns the bytes, the guard's length in characters
+    /// and the marker.
+    fn refuse_guarded(
+        &self,
+        tag: u8,
+        body: &Bytes,
+        name: Option<&str>,
+        d: &Decision,
+        markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
+        text: Option<&str>,
+    ) -> (Bytes, usize, String) {
         let nonce = mark_refusal(markers, d);
-        let sql = format!("SELECT 1 FROM \"{nonce}\"");
+        let guard = format!("SELECT 1 FROM \"{nonce}\"");
+        let shift = guard.len() + 1;
+        let sql = match text {
+            Some(t) => format!("{guard};{t}"),
+            None => guard,
+        };
         if tag == b'Q' {
-            return build::query(&sql);
+            return (build::query(&sql), shift, nonce);
         }
         // Parse: keep the statement name and the declared parameter types.
         let mut pos = 0;
@@ -761,12 +898,35 @@ impl PgGate {
         b.extend_from_slice(sql.as_bytes());
         b.put_u8(0);
         b.extend_from_slice(rest);
-        codec::Message {
+        let msg = codec::Message {
             tag: b'P',
             body: b.freeze(),
-        }
-        .encode()
+        };
+        (msg.encode(), shift, nonce)
     }
+}
+
+/// What startup ended with.
+#[allow(clippy::large_enum_variant)] // built once per connection, moved once
+enum Startup {
+    /// The client asked for TLS and gets it: start over on the TLS stream.
+    Tls,
+    /// A session (or `None`: the connection ended, already answered).
+    Done(Option<(OpenSession, Stream, Option<String>)>),
+}
+
+/// The client's half for writing, shared by the relay and approval notices.
+type ClientWriter = Arc<tokio::sync::Mutex<WriteHalf<Stream>>>;
+
+/// [`send`] on the shared client writer.
+async fn send_locked(w: &ClientWriter, bytes: &[u8]) -> std::io::Result<()> {
+    send(&mut *w.lock().await, bytes).await
+}
+
+/// Writes `bytes` and flushes (TLS buffers records until flushed).
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }
 
 struct GateState {
@@ -823,63 +983,130 @@ fn command(st: &Statement) -> Command {
     }
 }
 
-/// Takes the whole messages out of `buf` and returns them, with the server's
-/// errors for refused statements replaced by ours.
-fn rewrite_errors(buf: &mut BytesMut, markers: &Mutex<HashMap<String, (String, String)>>) -> Bytes {
-    let mut out = BytesMut::with_capacity(buf.len());
-    let pending = !markers.lock().expect("markers").is_empty();
-    loop {
-        if buf.len() < 5 {
+/// Takes the whole server messages out of `buf` and returns what the client
+/// gets: the same bytes, but for errors answering refused statements, which
+/// become ours (42501 naming the rule), and the server's own syntax errors
+/// for guarded statements, whose position is put back. Every message also
+/// goes through the result tracker; finished statements land in `done`.
+fn downstream(
+    buf: &mut BytesMut,
+    markers: &Mutex<HashMap<String, (String, String)>>,
+    tracker: &Mutex<Tracker>,
+    done: &mut Vec<Outcome>,
+) -> Bytes {
+    let mut t = tracker.lock().expect("tracker");
+    let mut m = markers.lock().expect("markers");
+    let mut out = BytesMut::new();
+    let (mut run, mut at) = (0, 0);
+    while buf.len() >= at + 5 {
+        let len = i32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize;
+        if len < 4 || buf.len() < at + 1 + len {
             break;
         }
-        let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-        if buf.len() < 1 + len {
-            break;
-        }
-        if pending && buf[0] == b'E' {
-            let msg = buf.split_to(1 + len).freeze();
-            let fields = codec::error_fields(&msg[5..]);
-            let text = fields
-                .iter()
-                .find(|(c, _)| *c == b'M')
-                .map(|(_, m)| m.clone())
-                .unwrap_or_default();
-            let hit = {
-                let mut m = markers.lock().expect("markers");
-                let key = m.keys().find(|k| text.contains(k.as_str())).cloned();
-                key.and_then(|k| m.remove(&k))
-            };
-            match hit {
-                Some((code, message)) => out.extend_from_slice(&build::error(
-                    b'E',
-                    "ERROR",
-                    &code,
-                    &message,
-                    None,
-                    Some("ask an approver, or see `wicket policy explain`"),
-                )),
-                None => out.extend_from_slice(&msg),
+        let tag = buf[at];
+        let body = &buf[at + 5..at + 1 + len];
+        let guarded = t.on_server(tag, body, done);
+        if tag == b'E'
+            && (guarded.is_some() || !m.is_empty())
+            && let Some(replacement) = rewrite_error(body, guarded, &mut m)
+        {
+            if out.is_empty() {
+                out.reserve(buf.len());
             }
-        } else if pending {
-            let msg = buf.split_to(1 + len);
-            out.extend_from_slice(&msg);
-        } else {
-            // Fast path: forward every whole message at once.
-            let mut end = 0;
-            while buf.len() >= end + 5 {
-                let l = i32::from_be_bytes([buf[end + 1], buf[end + 2], buf[end + 3], buf[end + 4]])
-                    as usize;
-                if buf.len() < end + 1 + l {
-                    break;
-                }
-                end += 1 + l;
-            }
-            out.extend_from_slice(&buf.split_to(end));
-            break;
+            out.extend_from_slice(&buf[run..at]);
+            out.extend_from_slice(&replacement);
+            run = at + 1 + len;
         }
+        at += 1 + len;
     }
+    let whole = buf.split_to(at);
+    let fwd = if run == 0 {
+        whole.freeze()
+    } else {
+        out.extend_from_slice(&whole[run..]);
+        out.freeze()
+    };
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(64 * 1024);
     }
-    out.freeze()
+    fwd
+}
+
+/// The client's version of a server error, if it differs.
+fn rewrite_error(
+    body: &[u8],
+    guarded: Option<GuardedError>,
+    markers: &mut HashMap<String, (String, String)>,
+) -> Option<Bytes> {
+    let fields = codec::error_fields(body);
+    let get = |c: u8| {
+        fields
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map(|(_, v)| v.as_str())
+    };
+    let text = get(b'M').unwrap_or("");
+    let refusal = |code: &str, message: &str| {
+        build::error(
+            b'E',
+            "ERROR",
+            code,
+            message,
+            None,
+            Some("ask an approver, or see `wicket policy explain`"),
+        )
+    };
+    // A refused statement's marker failed: our refusal instead.
+    if let Some(key) = markers.keys().find(|k| text.contains(k.as_str())).cloned() {
+        let (code, message) = markers.remove(&key)?;
+        return Some(refusal(&code, &message));
+    }
+    let g = guarded?;
+    let refused = markers.remove(&g.nonce);
+    let position = get(b'P').and_then(|p| p.parse::<usize>().ok());
+    // A Query's guard only fails by naming its marker (handled above): any
+    // other error is the server's parser rejecting the client's text. A
+    // Parse that the server could parse fails for holding two statements,
+    // an error without a position.
+    match position.or(g.query.then_some(0)) {
+        Some(0) => Some(
+            codec::Message {
+                tag: b'E',
+                body: Bytes::copy_from_slice(body),
+            }
+            .encode(),
+        ),
+        // The server's parser rejected the client's text: its own error,
+        // with the position in the client's text.
+        Some(p) => {
+            let mut b = BytesMut::new();
+            for (k, v) in &fields {
+                b.put_u8(*k);
+                if *k == b'P' {
+                    b.extend_from_slice(p.saturating_sub(g.shift).max(1).to_string().as_bytes());
+                } else {
+                    b.extend_from_slice(v.as_bytes());
+                }
+                b.put_u8(0);
+            }
+            b.put_u8(0);
+            Some(
+                codec::Message {
+                    tag: b'E',
+                    body: b.freeze(),
+                }
+                .encode(),
+            )
+        }
+        // Anything else (the server parsed what we could not): refused.
+        None => {
+            let (code, message) = refused.unwrap_or_else(|| {
+                (
+                    "42501".into(),
+                    "refused: the gate could not parse this statement".into(),
+                )
+            });
+            Some(refusal(&code, &message))
+        }
+    }
 }

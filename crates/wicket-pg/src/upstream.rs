@@ -6,8 +6,9 @@ use std::num::NonZeroU32;
 use aws_lc_rs::{digest, hmac, pbkdf2};
 use base64::Engine as _;
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use wicket_sidecar::tls::Stream;
 
 use crate::codec::{self, build};
 
@@ -20,6 +21,20 @@ pub struct UpstreamConfig {
     pub user: String,
     /// Its password (never logged).
     pub password: String,
+    /// TLS to the server; `None` for plain TCP.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS to the upstream server. The server's certificate is always verified
+/// (chain and name) when TLS is used.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// Trust roots and protocol settings.
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    /// Name the certificate must carry (DNS name or IP address).
+    pub server_name: String,
+    /// Fail when the server does not offer TLS (otherwise fall back to plain).
+    pub required: bool,
 }
 
 impl std::fmt::Debug for UpstreamConfig {
@@ -28,6 +43,10 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("addr", &self.addr)
             .field("user", &self.user)
             .field("password", &"<redacted>")
+            .field(
+                "tls",
+                &self.tls.as_ref().map(|t| (&t.server_name, t.required)),
+            )
             .finish()
     }
 }
@@ -56,6 +75,9 @@ pub enum UpstreamError {
         /// Server message.
         message: String,
     },
+    /// TLS to the server failed or was not offered when required.
+    #[error("TLS to the database server failed: {0}")]
+    Tls(String),
     /// Something else.
     #[error("database server login failed: {0}")]
     Protocol(String),
@@ -178,16 +200,43 @@ impl Scram {
     }
 }
 
+/// Opens a connection to the server, negotiating TLS (SSLRequest) when
+/// configured. Used for logins and for cancel requests alike.
+pub async fn open(cfg: &UpstreamConfig) -> Result<Stream, UpstreamError> {
+    let mut tcp = TcpStream::connect(&cfg.addr)
+        .await
+        .map_err(UpstreamError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = &cfg.tls else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let mut req = BytesMut::with_capacity(8);
+    req.put_i32(8);
+    req.put_i32(codec::SSL_REQUEST);
+    tcp.write_all(&req).await.map_err(UpstreamError::Connect)?;
+    let answer = tcp.read_u8().await.map_err(UpstreamError::Connect)?;
+    match answer {
+        b'S' => Stream::Plain(tcp)
+            .connect(tls.config.clone(), &tls.server_name)
+            .await
+            .map_err(|e| UpstreamError::Tls(e.to_string())),
+        b'N' if !tls.required => Ok(Stream::Plain(tcp)),
+        b'N' => Err(UpstreamError::Tls(
+            "the database server does not accept TLS connections".into(),
+        )),
+        other => Err(UpstreamError::Tls(format!(
+            "unexpected answer {other:#04x} to SSLRequest"
+        ))),
+    }
+}
+
 /// Connects and logs in to `database`, forwarding `extra` startup parameters.
 pub async fn connect(
     cfg: &UpstreamConfig,
     database: &str,
     extra: &[(String, String)],
-) -> Result<(TcpStream, Hello), UpstreamError> {
-    let mut s = TcpStream::connect(&cfg.addr)
-        .await
-        .map_err(UpstreamError::Connect)?;
-    let _ = s.set_nodelay(true);
+) -> Result<(Stream, Hello), UpstreamError> {
+    let mut s = open(cfg).await?;
     let mut params: Vec<(&str, &str)> = vec![("user", &cfg.user), ("database", database)];
     params.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     s.write_all(&build::startup(&params))

@@ -234,6 +234,7 @@ pub fn audit_kind(k: core::AuditKind) -> v1::AuditKind {
         core::AuditKind::Approval => v1::AuditKind::Approval,
         core::AuditKind::Output => v1::AuditKind::Output,
         core::AuditKind::Notice => v1::AuditKind::Notice,
+        core::AuditKind::CommandResult => v1::AuditKind::CommandResult,
     }
 }
 
@@ -271,6 +272,7 @@ impl TryFrom<&v1::AuditEvent> for core::AuditEvent {
             Ok(v1::AuditKind::Approval) => core::AuditKind::Approval,
             Ok(v1::AuditKind::Output) => core::AuditKind::Output,
             Ok(v1::AuditKind::Notice) => core::AuditKind::Notice,
+            Ok(v1::AuditKind::CommandResult) => core::AuditKind::CommandResult,
             _ => return Err("kind: unspecified or unknown".into()),
         };
         let time = from_ts(e.time.as_ref()).ok_or("time: missing or out of range")?;

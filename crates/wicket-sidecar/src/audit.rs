@@ -29,7 +29,7 @@ const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 /// Events per report batch.
 const BATCH: usize = 256;
 /// How long a new event waits for others to share its report.
-const LINGER: Duration = Duration::from_millis(5);
+const LINGER: Duration = Duration::from_millis(10);
 /// Unacknowledged batches at once.
 const MAX_INFLIGHT: usize = 4;
 
@@ -313,14 +313,24 @@ impl Spool {
 
     /// `fsync`s the current segment if anything was written since the last call.
     pub fn sync(&self) {
-        let mut g = self.inner.lock().expect("spool lock");
-        if g.dirty {
-            g.dirty = false;
-            if let Some((_, f)) = &g.current
-                && let Err(e) = f.sync_data()
-            {
-                tracing::error!(error = %e, "audit spool fsync failed");
+        // fsync a duplicate of the handle outside the lock: a slow disk must
+        // not stall the data path, whose appends take the same lock.
+        let file = {
+            let mut g = self.inner.lock().expect("spool lock");
+            if !g.dirty {
+                return;
             }
+            g.dirty = false;
+            g.current.as_ref().map(|(_, f)| f.try_clone())
+        };
+        match file {
+            Some(Ok(f)) => {
+                if let Err(e) = f.sync_data() {
+                    tracing::error!(error = %e, "audit spool fsync failed");
+                }
+            }
+            Some(Err(e)) => tracing::error!(error = %e, "audit spool fsync failed"),
+            None => {}
         }
     }
 

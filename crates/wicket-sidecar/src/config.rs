@@ -97,6 +97,15 @@ pub struct SidecarConfig {
     )]
     pub admin_listen: SocketAddr,
 
+    /// Certificate chain (PEM, leaf first) the sidecar presents to its
+    /// clients; with `--tls-key`, turns client TLS on.
+    #[arg(long = "tls-cert", env = "WICKET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of `--tls-cert`.
+    #[arg(long = "tls-key", env = "WICKET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Seconds to let live sessions finish after SIGTERM.
     #[arg(
         long = "drain-seconds",
@@ -122,6 +131,18 @@ impl SidecarConfig {
                 "no sidecar credential: set WICKET_SIDECAR_TOKEN or WICKET_SIDECAR_TOKEN_FILE"
                     .into(),
             ),
+        }
+    }
+
+    /// The client-facing TLS settings, if `--tls-cert` and `--tls-key` are set.
+    pub fn server_tls(
+        &self,
+        alpn: &[&[u8]],
+    ) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => crate::tls::server_config(c, k, alpn).map(Some),
+            (None, None) => Ok(None),
+            _ => Err("--tls-cert and --tls-key go together".into()),
         }
     }
 

@@ -23,6 +23,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod session;
+pub mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -144,6 +144,8 @@ fn config(idp: &TestIdp, control: SocketAddr, token: &str, state: &Path) -> Side
         token_grace_seconds: 0,
         admin_listen: free_addr(),
         drain_seconds: 1,
+        tls_cert: None,
+        tls_key: None,
     }
 }
 

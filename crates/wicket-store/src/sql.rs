@@ -98,6 +98,10 @@ macro_rules! sidecar_from_row {
 const SESSION_COLS: &str = "id, connection, principal, started_at, ended_at, state, end_reason, \
                             command_count, client_addr, client_app";
 
+/// Events per multi-row insert (7 parameters each, well under the
+/// backends' bind-parameter limits).
+const INSERT_CHUNK: usize = 64;
+
 impl SqlStore {
     /// Opens `sqlite:PATH` (created if missing; WAL, synchronous=FULL),
     /// `sqlite::memory:` or `postgres://…`, and migrates it.
@@ -285,24 +289,32 @@ impl Store for SqlStore {
             // insert-if-missing and one counter update per session.
             let mut sessions: Vec<(&AuditEvent, i64)> = Vec::new();
             let mut lifecycle: Vec<&AuditEvent> = Vec::new();
+            // One multi-row insert per chunk (not one round trip per event);
+            // RETURNING names the rows that were new, so a replayed event is
+            // acknowledged again but counted once.
+            let mut fresh = std::collections::HashSet::with_capacity(events.len());
+            for chunk in events.chunks(INSERT_CHUNK) {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "INSERT INTO events (id, session_id, seq, time, kind, connection, body) ",
+                );
+                qb.push_values(chunk, |mut b, e| {
+                    b.push_bind(e.id.as_str())
+                        .push_bind(e.session_id.as_str())
+                        .push_bind(e.seq as i64)
+                        .push_bind(ms(e.time))
+                        .push_bind(e.kind.as_str())
+                        .push_bind(e.connection.as_str())
+                        .push_bind(json(e));
+                });
+                qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+                for r in qb.build().fetch_all(&mut *tx).await? {
+                    fresh.insert(r.try_get::<String, _>("id")?);
+                }
+            }
             for e in events {
-                let inserted = sqlx::query(
-                    "INSERT INTO events (id, session_id, seq, time, kind, connection, body) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(&e.id)
-                .bind(&e.session_id)
-                .bind(e.seq as i64)
-                .bind(ms(e.time))
-                .bind(e.kind.as_str())
-                .bind(&e.connection)
-                .bind(json(e))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1;
                 ids.push(e.id.clone());
-                if !inserted {
+                // `remove`: an id twice in one batch counts once.
+                if !fresh.remove(&e.id) {
                     continue;
                 }
                 let commands = i64::from(e.kind == AuditKind::Command);

@@ -33,3 +33,10 @@ pub fn postgres_database_url(name: &str) -> String {
         _ => format!("{base}/{name}"),
     }
 }
+
+/// Directory with the test PKI `cargo xtask test` made: `ca.pem`, and
+/// `server.pem` / `server.key` for `localhost` and `127.0.0.1` (the test
+/// PostgreSQL server presents them too).
+pub fn tls_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(require("WICKET_TEST_TLS_DIR"))
+}
