@@ -95,6 +95,37 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let (user, system) = cpu_split_us(pid);
+    user + system
+}
+
+/// The process doing the work: `pid`'s first child when `pid` is a
+/// wrapper such as `runuser`, else `pid`.
+fn worker(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(pid)
+}
+
+/// User and system CPU time a process has used, in microseconds.
+fn cpu_split_us(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at state.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of stat, in clock ticks (100 Hz).
+    (
+        f.get(11).copied().unwrap_or(0) * 10_000,
+        f.get(12).copied().unwrap_or(0) * 10_000,
+    )
+}
+
 /// Opens a client connection and logs in (the token is the password); returns it idle.
 fn login(port: u16, token: &str, db: &str) -> Result<TcpStream, String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
@@ -255,21 +286,20 @@ pub fn pg() -> Result<(), String> {
     let get = |k: &str| env_get(&env, k);
     let control_port = free_port()?;
     std::fs::write(dir.join("policy.yaml"), policy()).map_err(|e| e.to_string())?;
-    kids.push(
-        "wicket-control",
-        Command::new(bin.join("wicket-control"))
-            .env("WICKET_LISTEN", format!("127.0.0.1:{control_port}"))
-            .env(
-                "WICKET_DATABASE_URL",
-                format!("sqlite:{}", dir.join("control.db").display()),
-            )
-            .env("WICKET_OIDC_ISSUER", get("WICKET_OIDC_ISSUER"))
-            .env("WICKET_POLICY_FILE", dir.join("policy.yaml"))
-            .env("WICKET_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| e.to_string())?,
-    );
+    let control = Command::new(bin.join("wicket-control"))
+        .env("WICKET_LISTEN", format!("127.0.0.1:{control_port}"))
+        .env(
+            "WICKET_DATABASE_URL",
+            format!("sqlite:{}", dir.join("control.db").display()),
+        )
+        .env("WICKET_OIDC_ISSUER", get("WICKET_OIDC_ISSUER"))
+        .env("WICKET_POLICY_FILE", dir.join("policy.yaml"))
+        .env("WICKET_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let control_pid = control.id();
+    kids.push("wicket-control", control);
     wait_for(30, "wicket-control", || port_open(control_port))?;
     let out = Command::new(bin.join("wicket"))
         .args([
@@ -296,8 +326,8 @@ pub fn pg() -> Result<(), String> {
     let gate = Command::new(bin.join("wicket-pg"))
         .env("WICKET_PG_LISTEN", format!("127.0.0.1:{gate_port}"))
         .env(
-            "TOKIO_WORKER_THREADS",
-            std::env::var("WICKET_BENCH_PG_THREADS").unwrap_or_else(|_| "2".into()),
+            "WICKET_WORKER_THREADS",
+            std::env::var("WICKET_BENCH_PG_THREADS").unwrap_or_else(|_| "0".into()),
         )
         .env("WICKET_PG_UPSTREAM", format!("127.0.0.1:{}", pg.port))
         .env("WICKET_PG_UPSTREAM_USER", "postgres")
@@ -317,6 +347,7 @@ pub fn pg() -> Result<(), String> {
     kids.push("wicket-pg", gate);
     wait_for(30, "wicket-pg", || port_open(gate_port))?;
     let (bouncer, bouncer_port) = start_pgbouncer(&dir, &pg)?;
+    let bouncer_pid = worker(bouncer.id());
     kids.push("pgbouncer", bouncer);
     let agent = get("WICKET_AGENT_TOKEN");
     // Warm up (connections, the bundle, caches).
@@ -329,6 +360,7 @@ pub fn pg() -> Result<(), String> {
         "run", "direct tps", "pgbouncer", "wicket-pg", "wicket/dir", "wicket/pgb"
     );
     let mut c1_added = Vec::new();
+    let mut cpu = Vec::new();
     for mode in ["simple", "prepared"] {
         for clients in [1u32, 4] {
             let d = pgbench(
@@ -340,6 +372,7 @@ pub fn pg() -> Result<(), String> {
                 mode,
                 10,
             )?;
+            let bouncer_cpu = cpu_us(bouncer_pid);
             let b = pgbench(
                 bouncer_port,
                 "postgres",
@@ -349,7 +382,17 @@ pub fn pg() -> Result<(), String> {
                 mode,
                 10,
             )?;
+            let bouncer_cpu = (cpu_us(bouncer_pid) - bouncer_cpu) as f64 / (b.tps * 10.0).max(1.0);
+            let (gate_cpu, control_cpu) = (cpu_split_us(gate_pid), cpu_us(control_pid));
             let w = pgbench(gate_port, "bench", &agent, "bench", clients, mode, 10)?;
+            let txs = (w.tps * 10.0).max(1.0);
+            cpu.push((
+                format!("-M {mode} -c{clients}"),
+                bouncer_cpu,
+                (cpu_split_us(gate_pid).0 - gate_cpu.0) as f64 / txs,
+                (cpu_split_us(gate_pid).1 - gate_cpu.1) as f64 / txs,
+                (cpu_us(control_pid) - control_cpu) as f64 / txs,
+            ));
             println!(
                 "{:<22} {:>12.0} {:>12.0} {:>12.0} {:>10.2} {:>10.2}",
                 format!("-M {mode} -c{clients}"),
@@ -372,6 +415,12 @@ pub fn pg() -> Result<(), String> {
     for (mode, added_us, d, w) in c1_added {
         println!(
             "added latency at -c1 ({mode}): {added_us:.0} µs (direct {d:.3} ms, wicket-pg {w:.3} ms; target <= 50 µs)"
+        );
+    }
+    for (run, bouncer, user, system, control) in cpu {
+        println!(
+            "CPU per transaction ({run}): pgbouncer {bouncer:.0} µs, wicket-pg {:.0} µs ({user:.0} user, {system:.0} system), wicket-control (audit ingest) {control:.0} µs",
+            user + system
         );
     }
     util::step("sidecar memory");

@@ -46,6 +46,10 @@ struct Args {
     /// Largest client message, in bytes.
     #[arg(long, env = "WICKET_PG_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024 * 1024)]
     max_message_bytes: usize,
+    /// Threads serving connections: 0 for one per core; 1 runs everything
+    /// on a single-threaded runtime, which costs the least CPU per statement.
+    #[arg(long, env = "WICKET_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
     /// Log format: `text` or `json`.
     #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -53,10 +57,31 @@ struct Args {
     sidecar: SidecarConfig,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Args::parse();
+    let runtime = match args.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b.enable_all().build()
+        }
+    };
+    match runtime {
+        Ok(rt) => rt.block_on(serve_main(args)),
+        Err(e) => {
+            eprintln!("wicket-pg: cannot start the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_main(args: Args) -> std::process::ExitCode {
     let filter = EnvFilter::try_from_env("WICKET_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let sub = tracing_subscriber::fmt()
         .with_env_filter(filter)

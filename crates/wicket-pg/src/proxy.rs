@@ -300,7 +300,7 @@ impl PgGate {
     fn end(&self, session: &OpenSession, reason: &str) {
         let mut e = session.event(AuditKind::SessionEnd);
         e.end_reason = reason.to_string();
-        if let Err(err) = self.sidecar.record(&e) {
+        if let Err(err) = self.sidecar.record(e) {
             tracing::error!(error = %err, "cannot record session end");
         }
     }
@@ -822,15 +822,16 @@ impl PgGate {
             "decide_us".into(),
             started.elapsed().as_micros().to_string(),
         );
-        if let Err(err) = self.sidecar.record(&e) {
+        let id = e.id.clone();
+        if let Err(err) = self.sidecar.record(e) {
             tracing::error!(error = %err, "cannot record a statement");
         }
-        e.id
+        id
     }
 
     /// Records how a statement ended.
     fn record_result(&self, session: &OpenSession, o: Outcome) {
-        let mut e = session.event(AuditKind::CommandResult);
+        let mut e = session.bare_event(AuditKind::CommandResult);
         let d = &mut e.details;
         d.insert("command_id".into(), o.pending.command_id);
         d.insert("duration_us".into(), o.duration_us.to_string());
@@ -848,7 +849,7 @@ impl PgGate {
             }
         };
         d.insert("status".into(), status.into());
-        if let Err(err) = self.sidecar.record(&e) {
+        if let Err(err) = self.sidecar.record(e) {
             tracing::error!(error = %err, "cannot record a statement result");
         }
     }

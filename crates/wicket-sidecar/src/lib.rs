@@ -91,6 +91,21 @@ pub struct OpenSession {
 }
 
 impl OpenSession {
+    /// A new event of this session that carries no copy of the session's
+    /// principal and client (the session's `session_start` has them): for
+    /// high-volume events such as command results.
+    pub fn bare_event(&self, kind: AuditKind) -> AuditEvent {
+        AuditEvent {
+            id: uuid::Uuid::now_v7().to_string(),
+            session_id: self.id.clone(),
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            time: Utc::now(),
+            kind,
+            connection: self.connection.clone(),
+            ..Default::default()
+        }
+    }
+
     /// A new event of this session with the next sequence number.
     pub fn event(&self, kind: AuditKind) -> AuditEvent {
         AuditEvent {
@@ -237,7 +252,7 @@ impl Sidecar {
                 details: [("reason".to_string(), e.to_string())].into(),
                 ..Default::default()
             };
-            if let Err(e) = self.spool.append(&event) {
+            if let Err(e) = self.spool.append(event) {
                 tracing::error!(error = %e, "cannot record an authentication failure");
             }
         }
@@ -299,7 +314,7 @@ impl Sidecar {
         };
         let mut start = session.event(AuditKind::SessionStart);
         start.details.insert("grant".into(), session.grant.clone());
-        if let Err(e) = self.spool.append(&start) {
+        if let Err(e) = self.spool.append(start) {
             return refuse(Decision::deny("audit-unavailable", e.to_string()));
         }
         self.metrics
@@ -350,7 +365,7 @@ impl Sidecar {
     }
 
     /// Writes an audit event to the spool (and from there to the control service).
-    pub fn record(&self, event: &AuditEvent) -> Result<(), SpoolError> {
+    pub fn record(&self, event: AuditEvent) -> Result<(), SpoolError> {
         self.spool.append(event)
     }
 
