@@ -316,7 +316,7 @@ impl PgGate {
         let (mut client_r, client_w) = tokio::io::split(client);
         let (mut up_r, mut up_w) = tokio::io::split(upstream);
         let client_w = Arc::new(tokio::sync::Mutex::new(client_w));
-        let markers: Arc<Mutex<HashMap<String, (String, String)>>> = Arc::default();
+        let markers: Arc<Markers> = Arc::default();
         let tracker: Arc<Mutex<Tracker>> = Arc::default();
 
         // Server → client, rewriting the errors of refused statements.
@@ -486,7 +486,7 @@ impl PgGate {
         session: &OpenSession,
         state: &mut GateState,
         client_w: &ClientWriter,
-        markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
+        markers: &Arc<Markers>,
     ) -> (Bytes, Expect) {
         let refused = || {
             if tag == b'P' {
@@ -650,7 +650,7 @@ impl PgGate {
         raw: &Bytes,
         session: &OpenSession,
         state: &GateState,
-        markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
+        markers: &Arc<Markers>,
     ) -> (Bytes, Option<Pending>) {
         let started = Instant::now();
         let mut pos = 0;
@@ -716,7 +716,7 @@ impl PgGate {
         raw: &Bytes,
         session: &OpenSession,
         state: &GateState,
-        markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
+        markers: &Arc<Markers>,
     ) -> (Bytes, Option<Pending>) {
         let started = Instant::now();
         let oid = body
@@ -861,7 +861,7 @@ impl PgGate {
         body: &Bytes,
         name: Option<&str>,
         d: &Decision,
-        markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
+        markers: &Arc<Markers>,
     ) -> Bytes {
         self.refuse_guarded(tag, body, name, d, markers, None).0
     }
@@ -875,7 +875,7 @@ impl PgGate {
         body: &Bytes,
         name: Option<&str>,
         d: &Decision,
-        markers: &Arc<Mutex<HashMap<String, (String, String)>>>,
+        markers: &Arc<Markers>,
         text: Option<&str>,
     ) -> (Bytes, usize, String) {
         let nonce = mark_refusal(markers, d);
@@ -967,13 +967,32 @@ fn remember(state: &mut GateState, name: &str, statements: &[Statement], approva
 
 /// Registers a one-off marker whose server error is to be rewritten into
 /// `42501` naming the rule of `d`; returns the marker.
-fn mark_refusal(markers: &Mutex<HashMap<String, (String, String)>>, d: &Decision) -> String {
+/// A refusal waiting for its server error: SQLSTATE and message to put in
+/// its place, and when it was made.
+struct Marker {
+    code: String,
+    message: String,
+    at: Instant,
+}
+
+/// Refusals in flight, by marker.
+type Markers = Mutex<HashMap<String, Marker>>;
+
+/// Markers older than this are dropped whenever no reply is awaited (their
+/// statement was discarded by an earlier error and will never answer).
+const STALE_MARKER: Duration = Duration::from_secs(10);
+
+fn mark_refusal(markers: &Markers, d: &Decision) -> String {
     let nonce = format!("wicket_refused_{}", uuid::Uuid::new_v4().simple());
     let message = format!("refused by rule `{}`: {}", d.rule, d.reason);
-    markers
-        .lock()
-        .expect("markers")
-        .insert(nonce.clone(), ("42501".into(), message));
+    markers.lock().expect("markers").insert(
+        nonce.clone(),
+        Marker {
+            code: "42501".into(),
+            message,
+            at: Instant::now(),
+        },
+    );
     nonce
 }
 
@@ -991,7 +1010,7 @@ fn command(st: &Statement) -> Command {
 /// goes through the result tracker; finished statements land in `done`.
 fn downstream(
     buf: &mut BytesMut,
-    markers: &Mutex<HashMap<String, (String, String)>>,
+    markers: &Markers,
     tracker: &Mutex<Tracker>,
     done: &mut Vec<Outcome>,
 ) -> Bytes {
@@ -1007,6 +1026,9 @@ fn downstream(
         let tag = buf[at];
         let body = &buf[at + 5..at + 1 + len];
         let guarded = t.on_server(tag, body, done);
+        if tag == b'Z' && t.is_idle() && !m.is_empty() {
+            m.retain(|_, mk| mk.at.elapsed() < STALE_MARKER);
+        }
         if tag == b'E'
             && (guarded.is_some() || !m.is_empty())
             && let Some(replacement) = rewrite_error(body, guarded, &mut m)
@@ -1037,7 +1059,7 @@ fn downstream(
 fn rewrite_error(
     body: &[u8],
     guarded: Option<GuardedError>,
-    markers: &mut HashMap<String, (String, String)>,
+    markers: &mut HashMap<String, Marker>,
 ) -> Option<Bytes> {
     let fields = codec::error_fields(body);
     let get = |c: u8| {
@@ -1059,8 +1081,8 @@ fn rewrite_error(
     };
     // A refused statement's marker failed: our refusal instead.
     if let Some(key) = markers.keys().find(|k| text.contains(k.as_str())).cloned() {
-        let (code, message) = markers.remove(&key)?;
-        return Some(refusal(&code, &message));
+        let m = markers.remove(&key)?;
+        return Some(refusal(&m.code, &m.message));
     }
     let g = guarded?;
     let refused = markers.remove(&g.nonce);
@@ -1101,7 +1123,7 @@ fn rewrite_error(
         }
         // Anything else (the server parsed what we could not): refused.
         None => {
-            let (code, message) = refused.unwrap_or_else(|| {
+            let (code, message) = refused.map(|m| (m.code, m.message)).unwrap_or_else(|| {
                 (
                     "42501".into(),
                     "refused: the gate could not parse this statement".into(),

@@ -107,6 +107,11 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// No reply is awaited.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty()
+    }
+
     /// Records what a forwarded message will be answered with.
     pub fn push(&mut self, e: Expect) {
         if self.queue.len() >= MAX_EXPECTED {
