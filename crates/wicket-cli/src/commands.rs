@@ -976,14 +976,20 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
                     );
                     println!();
                     // Each command's result (rows, duration, error) on its own row.
+                    // (A result reported together with its command is inside it.)
                     let results: std::collections::HashMap<&str, String> = events
                         .iter()
-                        .filter(|e| e.kind == v1::AuditKind::CommandResult as i32)
                         .filter_map(|e| {
-                            Some((
-                                e.details.get("command_id")?.as_str(),
-                                result_cell(&e.details),
-                            ))
+                            if e.kind == v1::AuditKind::CommandResult as i32 {
+                                Some((
+                                    e.details.get("command_id")?.as_str(),
+                                    result_cell(&e.details),
+                                ))
+                            } else if e.details.contains_key("status") {
+                                Some((e.id.as_str(), result_cell(&e.details)))
+                            } else {
+                                None
+                            }
                         })
                         .collect();
                     let rows = events

@@ -377,6 +377,18 @@ async fn approvals_and_sessions_from_the_cli() {
                 v1::AuditKind::Command,
                 "SELECT count(*) FROM carts",
             ),
+            v1::AuditEvent {
+                details: [
+                    ("command_id".to_string(), "e2".to_string()),
+                    ("status".to_string(), "ok".to_string()),
+                    ("rows".to_string(), "1".to_string()),
+                    ("duration_us".to_string(), "1500".to_string()),
+                ]
+                .into(),
+                principal: None,
+                reasoning: None,
+                ..ev("e3", 3, v1::AuditKind::CommandResult, "")
+            },
         ],
     }]));
     bearer(&mut r, &sc);
@@ -385,7 +397,7 @@ async fn approvals_and_sessions_from_the_cli() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(acks.next().await.unwrap().unwrap().acked_ids.len(), 2);
+    assert_eq!(acks.next().await.unwrap().unwrap().acked_ids.len(), 3);
 
     let hold = |rid: &str| {
         let mut r = tonic::Request::new(v1::ApprovalRequest {
@@ -499,11 +511,38 @@ async fn approvals_and_sessions_from_the_cli() {
         show.contains("SELECT count(*) FROM carts") && show.contains("nightly cleanup"),
         "{show}"
     );
+    // The result sits on its command's row.
+    let row = show
+        .lines()
+        .find(|l| l.contains("SELECT count(*)"))
+        .unwrap();
+    assert!(row.contains("ok, 1 rows, 1.5 ms"), "{show}");
+    assert!(!show.contains("command_result"), "{show}");
+    // The recording as JSON Lines: one event per line, in order.
+    let jsonl = ok(&e
+        .wicket(
+            Some(&admin),
+            &["sessions", "show", "sess-42", "-o", "jsonl"],
+        )
+        .await);
+    let lines: Vec<serde_json::Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["kind"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["session_start", "command", "command_result"]
+    );
+    assert_eq!(lines[2]["details"]["rows"], "1");
+    assert_eq!(lines[1]["session_id"], "sess-42");
     let show = ok(&e
         .wicket(Some(&admin), &["sessions", "show", "sess-42", "-o", "json"])
         .await);
     let v: serde_json::Value = serde_json::from_str(&show).unwrap();
-    assert_eq!(v["events"].as_array().unwrap().len(), 2);
+    assert_eq!(v["events"].as_array().unwrap().len(), 3);
     let out = e.wicket(Some(&admin), &["sessions", "show", "nope"]).await;
     assert_eq!(out.status.code(), Some(1));
     let _ = Path::new("");

@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use wicket_core::AuditEvent;
+use wicket_core::{AuditEvent, AuditKind};
 use wicket_proto::v1;
 use wicket_proto::v1::audit_service_client::AuditServiceClient;
 
@@ -73,6 +73,8 @@ struct Inner {
     segments: BTreeMap<u64, Segment>,
     pending: VecDeque<Entry>,
     inflight: HashMap<String, Entry>,
+    /// Command id → the ids of result events sent inside it (acked with it).
+    merged: HashMap<String, Vec<String>>,
     total_bytes: u64,
     next_segment: u64,
     dirty: bool,
@@ -83,6 +85,11 @@ impl Inner {
         let Some(Entry { seg, .. }) = self.inflight.remove(id) else {
             return;
         };
+        if let Some(results) = self.merged.remove(id) {
+            for r in results {
+                self.ack(&r);
+            }
+        }
         let remove = match self.segments.get_mut(&seg) {
             Some(s) => {
                 s.unacked = s.unacked.saturating_sub(1);
@@ -213,6 +220,7 @@ impl Spool {
                 segments,
                 pending,
                 inflight: HashMap::new(),
+                merged: HashMap::new(),
                 total_bytes,
                 next_segment,
                 dirty: false,
@@ -308,7 +316,8 @@ impl Spool {
     fn take_batch(&self) -> Vec<v1::AuditEvent> {
         let mut g = self.inner.lock().expect("spool lock");
         let n = g.pending.len().min(BATCH);
-        let mut out = Vec::with_capacity(n);
+        let mut out: Vec<v1::AuditEvent> = Vec::with_capacity(n);
+        let mut commands: HashMap<String, usize> = HashMap::new();
         for _ in 0..n {
             let mut entry = g.pending.pop_front().expect("counted");
             let event = match entry.event.take() {
@@ -324,7 +333,31 @@ impl Spool {
                     }
                 },
             };
-            out.push(v1::AuditEvent::from(&event));
+            // A result whose command goes in this same report travels inside
+            // it: one stored row per statement instead of two. It is
+            // acknowledged with its command.
+            let into = (event.kind == AuditKind::CommandResult)
+                .then(|| event.details.get("command_id"))
+                .flatten()
+                .and_then(|c| commands.get(c).map(|&i| (c.clone(), i)));
+            match into {
+                Some((command, i)) => {
+                    let details = &mut out[i].details;
+                    for (k, v) in &event.details {
+                        if k != "command_id" {
+                            details.insert(k.clone(), v.clone());
+                        }
+                    }
+                    details.insert("result_id".into(), event.id.clone());
+                    g.merged.entry(command).or_default().push(event.id.clone());
+                }
+                None => {
+                    if event.kind == AuditKind::Command {
+                        commands.insert(event.id.clone(), out.len());
+                    }
+                    out.push(v1::AuditEvent::from(&event));
+                }
+            }
             // In flight it is kept whole, for a resend after a disconnect
             // (bounded by BATCH × MAX_INFLIGHT).
             entry.event = Some(event);
@@ -336,6 +369,7 @@ impl Spool {
     /// Puts every in-flight event back in front of the queue (after a disconnect).
     fn requeue_inflight(&self) {
         let mut g = self.inner.lock().expect("spool lock");
+        g.merged.clear();
         let mut back: Vec<Entry> = g.inflight.drain().map(|(_, e)| e).collect();
         back.sort_by_key(|e| (e.seg, e.offset));
         for item in back.into_iter().rev() {
@@ -502,6 +536,41 @@ mod tests {
             spool.ack(&got);
             ids.extend(got);
         }
+    }
+
+    #[test]
+    fn a_result_reported_with_its_command_travels_inside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let cmd = event(1);
+        let mut result = event(2);
+        result.kind = AuditKind::CommandResult;
+        result.details.insert("command_id".into(), cmd.id.clone());
+        result.details.insert("rows".into(), "3".into());
+        spool.append(cmd.clone()).unwrap();
+        spool.append(result.clone()).unwrap();
+        let batch = spool.take_batch();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].details["rows"], "3");
+        assert_eq!(batch[0].details["result_id"], result.id);
+        assert_eq!(spool.unacked(), 2);
+        spool.ack(std::slice::from_ref(&cmd.id));
+        assert_eq!(
+            spool.unacked(),
+            0,
+            "the result is acknowledged with its command"
+        );
+
+        // A result whose command went out earlier travels alone.
+        let mut late = event(4);
+        late.kind = AuditKind::CommandResult;
+        late.details.insert("command_id".into(), event(3).id);
+        spool.append(event(3)).unwrap();
+        assert_eq!(spool.take_batch().len(), 1);
+        spool.append(late).unwrap();
+        let batch = spool.take_batch();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].details["command_id"], event(3).id);
     }
 
     #[test]

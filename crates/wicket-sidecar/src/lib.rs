@@ -70,6 +70,32 @@ impl std::fmt::Debug for Sidecar {
     }
 }
 
+/// A new event id: a UUIDv7 (time-ordered) whose random part is a random
+/// per-process prefix and a counter, so ids stay unique without a system
+/// call for fresh randomness per event (one per statement on the hot path).
+pub fn event_id() -> String {
+    static PREFIX: std::sync::OnceLock<[u8; 6]> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut p = [0u8; 6];
+        if aws_lc_rs::rand::fill(&mut p).is_err() {
+            // No randomness at all: fall back on time and pid, still unique per process.
+            let t = Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64
+                ^ u64::from(std::process::id());
+            p.copy_from_slice(&t.to_be_bytes()[2..]);
+        }
+        p
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut tail = [0u8; 10];
+    tail[..6].copy_from_slice(prefix);
+    tail[6..].copy_from_slice(&(n as u32).to_be_bytes());
+    let ms = Utc::now().timestamp_millis().max(0) as u64;
+    uuid::Builder::from_unix_timestamp_millis(ms, &tail)
+        .into_uuid()
+        .to_string()
+}
+
 /// A session that passed authentication and the grant check.
 pub struct OpenSession {
     /// Session id (UUID v7).
@@ -96,7 +122,7 @@ impl OpenSession {
     /// high-volume events such as command results.
     pub fn bare_event(&self, kind: AuditKind) -> AuditEvent {
         AuditEvent {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: event_id(),
             session_id: self.id.clone(),
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             time: Utc::now(),
@@ -109,7 +135,7 @@ impl OpenSession {
     /// A new event of this session with the next sequence number.
     pub fn event(&self, kind: AuditKind) -> AuditEvent {
         AuditEvent {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: event_id(),
             session_id: self.id.clone(),
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             time: Utc::now(),
@@ -449,5 +475,17 @@ impl Sidecar {
     /// Whether the sidecar is draining.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    #[test]
+    fn event_ids_are_unique_uuid_v7() {
+        let ids: Vec<String> = (0..100_000).map(|_| super::event_id()).collect();
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        let u = uuid::Uuid::parse_str(&ids[0]).unwrap();
+        assert_eq!(u.get_version_num(), 7);
     }
 }
