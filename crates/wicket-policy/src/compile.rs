@@ -25,6 +25,29 @@ pub const BUILTIN_DETECTORS: &[&str] = &[
     "private_key",
 ];
 
+/// Names that macros bind (`list.exists(x, …)`, `all`, `exists_one`, `map`,
+/// `filter`): not unknown variables. A name only looking bound (inside a
+/// string) merely skips this check; at run time an unknown variable is a
+/// CEL error, which denies.
+fn macro_variables(src: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    for m in ["all(", "exists(", "exists_one(", "map(", "filter("] {
+        let mut rest = src;
+        while let Some(i) = rest.find(m) {
+            let after = &rest[i + m.len()..];
+            let preceded_by_dot = rest[..i].trim_end().ends_with('.');
+            if preceded_by_dot && let Some((name, _)) = after.split_once(',') {
+                let name = name.trim();
+                if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    out.push(name);
+                }
+            }
+            rest = after;
+        }
+    }
+    out
+}
+
 /// A compiled rule.
 pub(crate) struct CompiledRule {
     pub(crate) condition: Option<cel::Program>,
@@ -40,6 +63,9 @@ pub struct Policy {
     /// For each connection (by index), the rules that can match it, in order.
     pub(crate) candidates: Vec<Vec<usize>>,
     pub(crate) env: Arc<cel::Env>,
+    /// Top-level variables any condition reads: only these are put in a
+    /// condition's context (building the others costs time per decision).
+    pub(crate) cel_vars: std::collections::HashSet<String>,
     sha256: String,
 }
 
@@ -150,10 +176,11 @@ impl Checker<'_> {
             }
             Ok(program) => {
                 let refs = program.references();
+                let bound = macro_variables(src);
                 let unknown: Vec<&str> = refs
                     .variables()
                     .into_iter()
-                    .filter(|v| !crate::CEL_VARIABLES.contains(v))
+                    .filter(|v| !crate::CEL_VARIABLES.contains(v) && !bound.contains(v))
                     .collect();
                 if !unknown.is_empty() {
                     self.err(
@@ -384,12 +411,24 @@ impl Policy {
             .collect();
         let json = serde_json::to_vec(&doc).expect("policy documents serialize");
         let sha256 = hex::encode(digest::digest(&digest::SHA256, &json));
+        let cel_vars = rules
+            .iter()
+            .filter_map(|r| r.condition.as_ref())
+            .flat_map(|p| {
+                p.references()
+                    .variables()
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         Ok(Policy {
             doc,
             rules,
             connections,
             candidates,
             env,
+            cel_vars,
             sha256,
         })
     }

@@ -105,38 +105,49 @@ fn context<'a>(policy: &Policy, req: &Request<'_>, conn: &ConnectionSpec) -> cel
     let p = req.principal;
     let cls = &req.command.classification;
     let mut ctx = cel::Context::with_env(policy.env.clone());
-    let principal: HashMap<String, cel::Value> = HashMap::from([
-        ("subject".to_string(), p.subject.as_str().into()),
-        ("issuer".to_string(), p.issuer.as_str().into()),
-        ("kind".to_string(), p.kind.as_str().into()),
-        ("groups".to_string(), strings(&p.groups)),
-        ("name".to_string(), p.label().into()),
-        ("client_id".to_string(), p.client_id.as_str().into()),
-    ]);
-    let labels: HashMap<String, cel::Value> = conn
-        .labels
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().into()))
-        .collect();
-    let connection: HashMap<String, cel::Value> = HashMap::from([
-        ("name".to_string(), conn.name.as_str().into()),
-        ("protocol".to_string(), conn.protocol.as_str().into()),
-        ("labels".to_string(), labels.into()),
-    ]);
-    let command: HashMap<String, cel::Value> = HashMap::from([
-        ("kind".to_string(), cls.kind.as_str().into()),
-        ("verb".to_string(), cls.verb.as_str().into()),
-        ("objects".to_string(), strings(&cls.objects)),
-        ("argv".to_string(), strings(&cls.argv)),
-        ("risk".to_string(), cel::Value::Int(i64::from(cls.risk))),
-        ("text".to_string(), req.command.text.as_str().into()),
-        ("fingerprint".to_string(), cls.fingerprint.as_str().into()),
-    ]);
-    ctx.add_variable_from_value("principal", principal);
-    ctx.add_variable_from_value("connection", connection);
-    ctx.add_variable_from_value("command", command);
-    ctx.add_variable_from_value("has_reasoning", req.has_reasoning);
-    ctx.add_variable_from_value("now", cel::Value::Timestamp(req.now.fixed_offset()));
+    let wants = |v: &str| policy.cel_vars.contains(v);
+    if wants("principal") {
+        let principal: HashMap<String, cel::Value> = HashMap::from([
+            ("subject".to_string(), p.subject.as_str().into()),
+            ("issuer".to_string(), p.issuer.as_str().into()),
+            ("kind".to_string(), p.kind.as_str().into()),
+            ("groups".to_string(), strings(&p.groups)),
+            ("name".to_string(), p.label().into()),
+            ("client_id".to_string(), p.client_id.as_str().into()),
+        ]);
+        ctx.add_variable_from_value("principal", principal);
+    }
+    if wants("connection") {
+        let labels: HashMap<String, cel::Value> = conn
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().into()))
+            .collect();
+        let connection: HashMap<String, cel::Value> = HashMap::from([
+            ("name".to_string(), conn.name.as_str().into()),
+            ("protocol".to_string(), conn.protocol.as_str().into()),
+            ("labels".to_string(), labels.into()),
+        ]);
+        ctx.add_variable_from_value("connection", connection);
+    }
+    if wants("command") {
+        let command: HashMap<String, cel::Value> = HashMap::from([
+            ("kind".to_string(), cls.kind.as_str().into()),
+            ("verb".to_string(), cls.verb.as_str().into()),
+            ("objects".to_string(), strings(&cls.objects)),
+            ("argv".to_string(), strings(&cls.argv)),
+            ("risk".to_string(), cel::Value::Int(i64::from(cls.risk))),
+            ("text".to_string(), req.command.text.as_str().into()),
+            ("fingerprint".to_string(), cls.fingerprint.as_str().into()),
+        ]);
+        ctx.add_variable_from_value("command", command);
+    }
+    if wants("has_reasoning") {
+        ctx.add_variable_from_value("has_reasoning", req.has_reasoning);
+    }
+    if wants("now") {
+        ctx.add_variable_from_value("now", cel::Value::Timestamp(req.now.fixed_offset()));
+    }
     ctx
 }
 

@@ -433,3 +433,42 @@ fn bundles_keep_decisions_identical() {
         assert_eq!(p.decide(&req), b.decide(&req));
     }
 }
+
+/// Conditions see every variable, also inside macros (the evaluator only
+/// builds the variables some condition reads).
+#[test]
+fn conditions_see_every_variable_they_name() {
+    for (condition, expect) in [
+        (
+            "connection.labels.env == 'prod' && connection.protocol == 'postgres'",
+            true,
+        ),
+        ("has_reasoning", true),
+        (
+            "principal.groups.exists(g, g == 'dba') && principal.name == 'alice'",
+            true,
+        ),
+        (
+            "command.objects.exists(o, o == 'public.t') && command.risk == 5",
+            true,
+        ),
+        ("now.getHours() == 12", true),
+        ("[1, 2].all(x, principal.kind == 'agent')", false),
+    ] {
+        let doc = format!(
+            "version: 1\nconnections:\n  - name: db\n    protocol: postgres\n    labels: {{env: prod}}\n\
+             grants:\n  - id: g\n    groups: [dba]\nrules:\n  - id: c\n    effect: allow\n    condition: \"{condition}\"\n"
+        );
+        let p = parse_and_compile(&doc, "t.yaml").unwrap();
+        let mut command = cmd("select", "SELECT", 5);
+        command.classification.objects = vec!["public.t".into()];
+        let d = p.decide(&Request {
+            principal: &human("alice", &["dba"]),
+            connection: "db",
+            command: &command,
+            has_reasoning: true,
+            now: at(12),
+        });
+        assert_eq!(d.effect == Effect::Allow, expect, "{condition}: {d:?}");
+    }
+}
