@@ -381,7 +381,8 @@ impl PgGate {
                     let raw = buf.split_to(1 + len as usize).freeze();
                     let tag = raw[0];
                     let body = raw.slice(5..);
-                    match tag {
+                    // What to forward, and the reply it will get (for the results).
+                    let (fwd, expect) = match tag {
                         b'Q' | b'P' => {
                             // Flush what came before, so held statements never delay it.
                             if !out.is_empty() && send(&mut up_w, &out).await.is_err() {
@@ -391,8 +392,7 @@ impl PgGate {
                             let (fwd, expect) = self
                                 .gate(tag, &body, &raw, &session, &mut state, &client_w, &markers)
                                 .await;
-                            tracker.lock().expect("tracker").push(expect);
-                            out.extend_from_slice(&fwd);
+                            (fwd, Some(expect))
                         }
                         b'B' => {
                             let mut pos = 0;
@@ -402,17 +402,12 @@ impl PgGate {
                                 state.portals.clear();
                             }
                             state.portals.insert(portal, stmt);
-                            tracker.lock().expect("tracker").push(Expect::Ack);
-                            out.extend_from_slice(&raw);
+                            (raw, Some(Expect::Ack))
                         }
                         b'E' => {
                             let (fwd, pending) =
                                 self.gate_execute(&body, &raw, &session, &state, &markers);
-                            tracker
-                                .lock()
-                                .expect("tracker")
-                                .push(Expect::Execute(pending));
-                            out.extend_from_slice(&fwd);
+                            (fwd, Some(Expect::Execute(pending)))
                         }
                         b'C' => {
                             let mut pos = 1;
@@ -426,35 +421,29 @@ impl PgGate {
                                 }
                                 _ => {}
                             }
-                            tracker.lock().expect("tracker").push(Expect::Ack);
-                            out.extend_from_slice(&raw);
+                            (raw, Some(Expect::Ack))
                         }
                         b'F' => {
                             // FunctionCall reaches any function by OID: decided like a
                             // statement of kind `function_call`, refused unless allowed.
                             let (fwd, pending) =
                                 self.gate_function_call(&body, &raw, &session, &state, &markers);
-                            tracker
-                                .lock()
-                                .expect("tracker")
-                                .push(Expect::Query([pending].into()));
-                            out.extend_from_slice(&fwd);
+                            (fwd, Some(Expect::Query([pending].into())))
                         }
                         b'X' => {
                             out.extend_from_slice(&raw);
                             let _ = send(&mut up_w, &out).await;
                             return "client_quit";
                         }
-                        b'D' => {
-                            tracker.lock().expect("tracker").push(Expect::Describe);
-                            out.extend_from_slice(&raw);
-                        }
-                        b'S' => {
-                            tracker.lock().expect("tracker").push(Expect::Sync);
-                            out.extend_from_slice(&raw);
-                        }
-                        _ => out.extend_from_slice(&raw),
+                        b'D' => (raw, Some(Expect::Describe)),
+                        b'S' => (raw, Some(Expect::Sync)),
+                        // Flush, CopyData, CopyDone, CopyFail: no reply of their own.
+                        _ => (raw, None),
+                    };
+                    if let Some(e) = expect {
+                        tracker.lock().expect("tracker").push(e);
                     }
+                    out.extend_from_slice(&fwd);
                 }
                 if !out.is_empty() && send(&mut up_w, &out).await.is_err() {
                     return "upstream_closed";
