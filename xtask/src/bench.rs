@@ -327,7 +327,7 @@ pub fn pg() -> Result<(), String> {
         .env("WICKET_PG_LISTEN", format!("127.0.0.1:{gate_port}"))
         .env(
             "WICKET_WORKER_THREADS",
-            std::env::var("WICKET_BENCH_PG_THREADS").unwrap_or_else(|_| "0".into()),
+            std::env::var("WICKET_BENCH_PG_THREADS").unwrap_or_else(|_| "1".into()),
         )
         .env("WICKET_PG_UPSTREAM", format!("127.0.0.1:{}", pg.port))
         .env("WICKET_PG_UPSTREAM_USER", "postgres")

@@ -1,7 +1,11 @@
 //! Statement classification with the real PostgreSQL parser (`pg_query`),
 //! so the gate and the server can never disagree on what a statement is.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use pg_query::NodeEnum;
+use pg_query::protobuf::Token;
 use wicket_core::Classification;
 
 /// Functions that read or write server files, run programs or reach other servers.
@@ -199,6 +203,120 @@ pub fn classify(sql: &str) -> Result<Vec<Statement>, String> {
     Ok(out)
 }
 
+/// Statement shapes remembered by a [`Classifier`].
+const SHAPES: usize = 4096;
+/// Statements longer than this are parsed every time (their keys would cost
+/// more memory than the parse costs time).
+const MAX_SHAPE_BYTES: usize = 8 * 1024;
+
+/// [`classify`] with a cache by statement shape.
+///
+/// Applications send the same statements again and again with other
+/// constants (`SELECT … WHERE id = 42`, then `= 43`). PostgreSQL's grammar
+/// works on tokens, and a constant's value never changes which rule a token
+/// sequence reduces by; so two single statements whose tokens are equal but
+/// for the values of their constants (and their comments) have the same kind,
+/// objects, functions, flags and risk. The key is that token sequence, read
+/// with PostgreSQL's own scanner (`pg_query::scan_tokens`, no parse and no
+/// protobuf), with each constant reduced to its token type and every other
+/// token kept with its exact text. Only the statement text differs between
+/// two statements of one shape, and it is taken from the statement itself.
+/// Multi-statement queries, statements the scanner rejects and very long
+/// statements are always parsed.
+#[derive(Default)]
+pub struct Classifier {
+    shapes: Mutex<HashMap<Vec<u8>, Statement>>,
+}
+
+impl std::fmt::Debug for Classifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Classifier")
+    }
+}
+
+impl Classifier {
+    /// Splits and classifies a query string, as [`classify`] does.
+    pub fn classify(&self, sql: &str) -> Result<Vec<Statement>, String> {
+        let Some((key, text)) = shape(sql) else {
+            return classify(sql);
+        };
+        if let Some(hit) = self.shapes.lock().expect("shapes").get(&key) {
+            let mut st = hit.clone();
+            st.text = text.to_string();
+            return Ok(vec![st]);
+        }
+        let out = classify(sql)?;
+        // Remembered only when the parse agrees on what the statement is.
+        if let [st] = out.as_slice()
+            && st.text == text
+        {
+            let mut shapes = self.shapes.lock().expect("shapes");
+            if shapes.len() >= SHAPES {
+                shapes.clear();
+            }
+            shapes.insert(key, st.clone());
+        }
+        Ok(out)
+    }
+
+    /// Shapes remembered now.
+    pub fn len(&self) -> usize {
+        self.shapes.lock().expect("shapes").len()
+    }
+
+    /// Whether no shape is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The shape key of a single statement and its text (what [`classify`]
+/// would give as the statement's text), or `None` when `sql` is not one
+/// statement the cache may serve.
+fn shape(sql: &str) -> Option<(Vec<u8>, &str)> {
+    if sql.len() > MAX_SHAPE_BYTES {
+        return None;
+    }
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let mut key = Vec::with_capacity(sql.len() + 4 * tokens.len());
+    let mut end = None;
+    let mut start = None;
+    for t in &tokens {
+        let token = Token::try_from(t.token).ok()?;
+        if matches!(token, Token::SqlComment | Token::CComment) {
+            continue;
+        }
+        if end.is_some() {
+            return None; // something after the `;`: several statements
+        }
+        if token == Token::Ascii59 {
+            end = Some(usize::try_from(t.start).ok()?);
+            continue;
+        }
+        start.get_or_insert(usize::try_from(t.start).ok()?);
+        key.extend_from_slice(&t.token.to_le_bytes());
+        match token {
+            Token::Iconst
+            | Token::Fconst
+            | Token::Sconst
+            | Token::Usconst
+            | Token::Bconst
+            | Token::Xconst => {}
+            _ => {
+                let (a, b) = (usize::try_from(t.start).ok()?, usize::try_from(t.end).ok()?);
+                key.extend_from_slice(sql.get(a..b)?.as_bytes());
+                key.push(0);
+            }
+        }
+    }
+    if key.is_empty() {
+        return None;
+    }
+    // The statement starts at its first token (a leading comment is not
+    // part of it) and ends at its `;` or at the end of the string.
+    Some((key, sql.get(start?..end.unwrap_or(sql.len()))?.trim()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::classify;
@@ -327,5 +445,48 @@ mod tests {
         assert!(s[1].flags.iter().any(|f| f == "multi_statement"));
         assert!(classify("SELEC 1").is_err());
         assert!(classify("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn shapes_serve_statements_that_differ_only_in_constants() {
+        let c = super::Classifier::default();
+        let a = c
+            .classify("SELECT abalance FROM pgbench_accounts WHERE aid = 1")
+            .unwrap();
+        assert_eq!(c.len(), 1);
+        let b = c
+            .classify("/* reasoning='x' */ SELECT abalance FROM pgbench_accounts WHERE aid = 99;")
+            .unwrap();
+        assert_eq!(c.len(), 1, "served from the cache");
+        assert_eq!(a[0].class, b[0].class);
+        assert_eq!(
+            b[0].text,
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 99"
+        );
+        // Same result as a parse, whatever the cache holds.
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 'x'",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1; DROP TABLE t",
+            "select abalance FROM pgbench_accounts WHERE aid = 1",
+            "SELECT pg_read_file('/etc/passwd')",
+            "SELECT pg_read_file('/etc/shadow')",
+            "DELETE FROM t WHERE id = 1",
+            "DELETE FROM t",
+            "COPY t TO PROGRAM 'curl x'",
+            "COPY t TO PROGRAM 'wget y';",
+            "SET wicket.reasoning = 'why'",
+            "SELECT 'a;b'",
+            "SELECT 1;;",
+            ";",
+            "SELECT 1 /* trailing */",
+            "SELECT 2 /* trailing */ ; -- after",
+            "-- only a comment",
+        ] {
+            assert_eq!(c.classify(sql), classify(sql), "{sql}");
+            assert_eq!(c.classify(sql), classify(sql), "{sql} (cached)");
+        }
+        // Unparseable stays unparseable.
+        assert!(c.classify("SELEC 1").is_err());
+        assert!(c.classify("SELECT 'unterminated").is_err());
     }
 }

@@ -46,9 +46,11 @@ struct Args {
     /// Largest client message, in bytes.
     #[arg(long, env = "WICKET_PG_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024 * 1024)]
     max_message_bytes: usize,
-    /// Threads serving connections: 0 for one per core; 1 runs everything
-    /// on a single-threaded runtime, which costs the least CPU per statement.
-    #[arg(long, env = "WICKET_WORKER_THREADS", default_value_t = 0)]
+    /// Threads serving connections. 1 (the default) runs everything on one
+    /// thread, as pgbouncer does: the least CPU per statement, and enough
+    /// for a sidecar's share of a node. N > 1 spreads connections over N
+    /// threads; 0 uses one per core.
+    #[arg(long, env = "WICKET_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
     /// Log format: `text` or `json`.
     #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]

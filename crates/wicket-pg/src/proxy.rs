@@ -55,6 +55,7 @@ pub struct PgGate {
     /// Settings.
     pub cfg: PgConfig,
     cancels: CancelMap,
+    classifier: classify::Classifier,
 }
 
 impl PgGate {
@@ -64,6 +65,7 @@ impl PgGate {
             sidecar,
             cfg,
             cancels: CancelMap::default(),
+            classifier: classify::Classifier::default(),
         })
     }
 
@@ -499,7 +501,7 @@ impl PgGate {
                 _ => {}
             }
         }
-        let statements = match classify::classify(&sql) {
+        let statements = match self.classifier.classify(&sql) {
             Ok(s) => s,
             Err(e) => {
                 let d = Decision::deny(

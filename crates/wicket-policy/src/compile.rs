@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use aws_lc_rs::digest;
+use chrono::{DateTime, Utc};
 use wicket_core::{Effect, ReviewSpec};
 
 use crate::error::{PolicyError, PolicyErrors};
@@ -66,7 +67,39 @@ pub struct Policy {
     /// Top-level variables any condition reads: only these are put in a
     /// condition's context (building the others costs time per decision).
     pub(crate) cel_vars: std::collections::HashSet<String>,
+    /// Whether some condition may read `command.text` (names it, or uses
+    /// `command` other than as `command.<field>`).
+    reads_command_text: bool,
     sha256: String,
+}
+
+/// Whether a CEL source may read `command.text`: every use of the name
+/// `command` is `command.<field>` with another field, or it may. Conservative
+/// (a `command` inside a string literal counts too).
+fn reads_command_text(src: &str) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    for (i, _) in src.match_indices("command") {
+        let prev = src[..i].trim_end().chars().next_back();
+        let after = &src[i + "command".len()..];
+        let glued = src[..i].chars().next_back().is_some_and(word);
+        if glued || prev == Some('.') || after.starts_with(word) {
+            continue; // part of another name, or a field called `command`
+        }
+        let Some(field) = after.trim_start().strip_prefix('.') else {
+            return true; // the whole map: `command == …`, `command[…]`, macros
+        };
+        let name: String = field
+            .trim_start()
+            .chars()
+            .take_while(|c| word(*c))
+            .collect();
+        // Macros over the map (`command.exists(k, …)`) count as whole reads.
+        let macros = ["all", "exists", "exists_one", "map", "filter", "text"];
+        if name.is_empty() || macros.contains(&name.as_str()) {
+            return true;
+        }
+    }
+    false
 }
 
 impl std::fmt::Debug for Policy {
@@ -422,6 +455,11 @@ impl Policy {
                     .collect::<Vec<_>>()
             })
             .collect();
+        let reads_command_text = doc
+            .rules
+            .iter()
+            .filter_map(|r| r.condition.as_deref())
+            .any(reads_command_text);
         Ok(Policy {
             doc,
             rules,
@@ -429,8 +467,35 @@ impl Policy {
             candidates,
             env,
             cel_vars,
+            reads_command_text,
             sha256,
         })
+    }
+
+    /// Whether a decision may depend on the command's text (some condition
+    /// reads `command.text`); when not, commands that differ only in their
+    /// text are decided alike.
+    pub fn reads_command_text(&self) -> bool {
+        self.reads_command_text
+    }
+
+    /// Until when every decision taken at `now` stays the same for the same
+    /// request under this policy: `None` when a condition reads the clock
+    /// (`now`), else the next moment a grant expires (grants are the only
+    /// other thing time changes).
+    pub fn decisions_stable_until(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if self.cel_vars.contains("now") {
+            return None;
+        }
+        Some(
+            self.doc
+                .grants
+                .iter()
+                .filter_map(|g| g.expires)
+                .filter(|e| *e > now)
+                .min()
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        )
     }
 
     /// The document this policy was compiled from.
@@ -483,5 +548,35 @@ impl Policy {
             })
             .collect();
         Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reads_command_text;
+
+    #[test]
+    fn command_text_reads_are_found() {
+        for src in [
+            "command.text.contains('x')",
+            "command . text == ''",
+            "command == {}",
+            "command['text'] == ''",
+            "command.exists(k, k == 'text')",
+            "has(command.text)",
+            "x && command",
+        ] {
+            assert!(reads_command_text(src), "{src}");
+        }
+        for src in [
+            "command.risk < 50",
+            "command.kind == 'select' && 'x' in command.objects",
+            "principal.groups.exists(g, g == 'dba')",
+            "subcommand.text == ''",
+            "x.command == 1",
+            "has_reasoning",
+        ] {
+            assert!(!reads_command_text(src), "{src}");
+        }
     }
 }

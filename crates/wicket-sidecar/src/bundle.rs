@@ -40,8 +40,10 @@ impl std::fmt::Debug for Bundle {
 impl Bundle {
     /// Whether `(issuer, subject)` is revoked.
     pub fn is_revoked(&self, issuer: &str, subject: &str) -> bool {
-        self.revoked
-            .contains(&(issuer.to_string(), subject.to_string()))
+        !self.revoked.is_empty()
+            && self
+                .revoked
+                .contains(&(issuer.to_string(), subject.to_string()))
     }
 }
 

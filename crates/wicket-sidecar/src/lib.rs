@@ -21,6 +21,7 @@ pub mod bundle;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod memo;
 pub mod metrics;
 pub mod session;
 pub mod tls;
@@ -114,6 +115,7 @@ pub struct OpenSession {
     pub client_app: String,
     connection: String,
     seq: AtomicU64,
+    memo: memo::DecisionMemo,
 }
 
 impl OpenSession {
@@ -337,6 +339,7 @@ impl Sidecar {
             client_app: client_app.to_string(),
             connection: self.cfg.connection.clone(),
             seq: AtomicU64::new(0),
+            memo: memo::DecisionMemo::default(),
         };
         let mut start = session.event(AuditKind::SessionStart);
         start.details.insert("grant".into(), session.grant.clone());
@@ -363,13 +366,24 @@ impl Sidecar {
         if bundle.is_revoked(&session.principal.issuer, &session.principal.subject) {
             return Decision::deny("revoked", "your access was revoked");
         }
-        let mut d = bundle.policy.decide(&Request {
-            principal: &session.principal,
-            connection: &self.cfg.connection,
-            command,
-            has_reasoning,
-            now: Utc::now(),
-        });
+        let now = Utc::now();
+        let (mut d, counter) = match session.memo.get(&bundle, command, has_reasoning, now) {
+            Some(hit) => hit,
+            None => {
+                let d = bundle.policy.decide(&Request {
+                    principal: &session.principal,
+                    connection: &self.cfg.connection,
+                    command,
+                    has_reasoning,
+                    now,
+                });
+                let counter = self.commands_counter(&d);
+                session
+                    .memo
+                    .put(&bundle, command, has_reasoning, now, &d, &counter);
+                (d, counter)
+            }
+        };
         let refuse_full = bundle
             .policy
             .connection(&self.cfg.connection)
@@ -379,15 +393,21 @@ impl Sidecar {
                 "audit-spool-full",
                 "the audit spool is full; commands are refused until it drains",
             );
+            self.commands_counter(&d).inc();
+        } else {
+            counter.inc();
         }
+        d
+    }
+
+    fn commands_counter(&self, d: &Decision) -> prometheus_client::metrics::counter::Counter {
         self.metrics
             .commands
             .get_or_create(&metrics::labels(&[
                 ("effect", d.effect.as_str()),
                 ("rule", &d.rule),
             ]))
-            .inc();
-        d
+            .clone()
     }
 
     /// Writes an audit event to the spool (and from there to the control service).

@@ -100,7 +100,7 @@ const SESSION_COLS: &str = "id, connection, principal, started_at, ended_at, sta
 
 /// Events per multi-row insert (7 parameters each, well under the
 /// backends' bind-parameter limits).
-const INSERT_CHUNK: usize = 64;
+const INSERT_CHUNK: usize = 256;
 
 impl SqlStore {
     /// Opens `sqlite:PATH` (created if missing; WAL, synchronous=FULL),
