@@ -6,7 +6,7 @@
 //! - `cargo xtask demo`  — the control service on SQLite with a demo policy and a
 //!   local identity provider; writes `target/demo/env`.
 //! - `cargo xtask peers` — start the test peers and print their environment.
-//! - `cargo xtask bench [policy]` — benchmarks, with their reference figures.
+//! - `cargo xtask bench [policy|mask|pg]` — benchmarks, with their reference figures.
 
 mod bench;
 mod demo;
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(rest),
         "help" | "--help" | "-h" => {
             println!(
-                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|pg] | fuzz [pg] [SECONDS]>"
+                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|mask|pg] | fuzz [pg|mask] [SECONDS]>"
             );
             Ok(())
         }
@@ -128,6 +128,7 @@ fn bench(args: &[String]) -> Result<(), String> {
     let which = args.first().map(String::as_str).unwrap_or("all");
     if which == "all" {
         bench(&["policy".to_string()])?;
+        bench(&["mask".to_string()])?;
         return bench(&["pg".to_string()]);
     }
     match which {
@@ -139,35 +140,44 @@ fn bench(args: &[String]) -> Result<(), String> {
                 &[],
             )
         }
+        "mask" => {
+            util::step("masking throughput, every detector on; target >= 200 MB/s per core");
+            util::run(
+                "cargo",
+                &["bench", "-p", "wicket-mask", "--bench", "mask"],
+                &[],
+            )
+        }
         "pg" => bench::pg(),
         other => Err(format!(
-            "unknown benchmark `{other}` (available: policy, pg)"
+            "unknown benchmark `{other}` (available: policy, mask, pg)"
         )),
     }
 }
 
-/// `cargo xtask fuzz pg [SECONDS]`: the wire-codec fuzz target under cargo fuzz.
+/// `cargo xtask fuzz [pg|mask] [SECONDS]`: the PostgreSQL wire-codec or the
+/// masking-engine fuzz target under cargo fuzz.
 fn fuzz(args: &[String]) -> Result<(), String> {
     let target = args.first().map(String::as_str).unwrap_or("pg");
-    if target != "pg" {
-        return Err(format!("unknown fuzz target `{target}` (available: pg)"));
-    }
+    let (dir, bin, what) = match target {
+        "pg" => ("crates/wicket-pg", "codec", "the PostgreSQL wire codec"),
+        "mask" => ("crates/wicket-mask", "mask", "the masking engine"),
+        _ => {
+            return Err(format!(
+                "unknown fuzz target `{target}` (available: pg, mask)"
+            ));
+        }
+    };
     let secs = args.get(1).map(String::as_str).unwrap_or("60");
     if !util::have("cargo-fuzz") {
         util::step("cargo install cargo-fuzz");
         util::run("cargo", &["install", "--locked", "cargo-fuzz"], &[])?;
     }
-    util::step(&format!("fuzzing the PostgreSQL wire codec for {secs} s"));
+    util::step(&format!("fuzzing {what} for {secs} s"));
     // cargo fuzz needs nightly features; the stable toolchain provides them on request.
     let status = std::process::Command::new("cargo")
-        .args([
-            "fuzz",
-            "run",
-            "codec",
-            "--",
-            &format!("-max_total_time={secs}"),
-        ])
-        .current_dir(util::root().join("crates/wicket-pg"))
+        .args(["fuzz", "run", bin, "--", &format!("-max_total_time={secs}")])
+        .current_dir(util::root().join(dir))
         .env("RUSTC_BOOTSTRAP", "1")
         .status()
         .map_err(|e| format!("cargo fuzz: {e}"))?;

@@ -1,0 +1,657 @@
+//! The built-in detectors, run together in one pass over the bytes.
+//!
+//! The scanner walks the text once. Bytes that cannot start a value
+//! (spaces, most punctuation) cost one table lookup; at the start of a run of
+//! letters and digits it tries the detectors that can start with that byte,
+//! then jumps over the run. `@` looks back for an e-mail's local part, `+`
+//! and `(` start phone numbers, `-` starts a PEM block, `:` an IPv6 address.
+//! Every candidate is validated (Luhn for cards, the SSA's ranges for SSNs,
+//! mod 97 for IBANs, the address parsers for IPs), so random numbers and
+//! words rarely match.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+/// What a built-in detector finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Entity {
+    /// An e-mail address.
+    Email,
+    /// A payment card number (known issuer prefix, 13 to 19 digits, Luhn-valid).
+    CreditCard,
+    /// A US social security number in `AAA-GG-SSSS` or `AAA GG SSSS` form, in the valid ranges.
+    UsSsn,
+    /// An IBAN (country code, check digits valid by mod 97).
+    Iban,
+    /// A phone number: international (`+` and 8 to 15 digits) or North American with separators.
+    Phone,
+    /// An IPv4 address.
+    Ipv4,
+    /// An IPv6 address.
+    Ipv6,
+    /// A JSON Web Token (`eyJ….eyJ….sig`).
+    Jwt,
+    /// A cloud or SaaS access key (AWS, Google, GitHub, Slack, Stripe).
+    CloudKey,
+    /// A PEM private key block.
+    PrivateKey,
+}
+
+impl Entity {
+    /// Every built-in entity.
+    pub const ALL: [Entity; 10] = [
+        Entity::Email,
+        Entity::CreditCard,
+        Entity::UsSsn,
+        Entity::Iban,
+        Entity::Phone,
+        Entity::Ipv4,
+        Entity::Ipv6,
+        Entity::Jwt,
+        Entity::CloudKey,
+        Entity::PrivateKey,
+    ];
+
+    /// The entity's name in policy and audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Entity::Email => "email",
+            Entity::CreditCard => "credit_card",
+            Entity::UsSsn => "us_ssn",
+            Entity::Iban => "iban",
+            Entity::Phone => "phone",
+            Entity::Ipv4 => "ipv4",
+            Entity::Ipv6 => "ipv6",
+            Entity::Jwt => "jwt",
+            Entity::CloudKey => "cloud_key",
+            Entity::PrivateKey => "private_key",
+        }
+    }
+
+    /// Whether the value is a credential (partial masking keeps its start, not its end).
+    pub fn is_secret(self) -> bool {
+        matches!(self, Entity::Jwt | Entity::CloudKey | Entity::PrivateKey)
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl FromStr for Entity {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Entity::ALL
+            .into_iter()
+            .find(|e| e.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Entity::ALL.iter().map(|e| e.as_str()).collect();
+                format!("unknown detector `{s}` (known: {})", names.join(", "))
+            })
+    }
+}
+
+/// Which built-in detectors run.
+pub(crate) type Enabled = [bool; Entity::ALL.len()];
+
+const ALNUM: u8 = 1;
+const DIGIT: u8 = 2;
+const UPPER: u8 = 4;
+const HEX: u8 = 8;
+const LOCAL: u8 = 16; // e-mail local part
+const TRIGGER: u8 = 32; // `@`, `+`, `(`, `-`, `:`
+
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        let mut v = 0;
+        if b.is_ascii_alphanumeric() {
+            v |= ALNUM | LOCAL;
+        }
+        if b.is_ascii_digit() {
+            v |= DIGIT | HEX;
+        }
+        if b.is_ascii_uppercase() {
+            v |= UPPER;
+        }
+        if matches!(b, b'a'..=b'f' | b'A'..=b'F') {
+            v |= HEX;
+        }
+        if matches!(b, b'.' | b'_' | b'%' | b'+' | b'-') {
+            v |= LOCAL;
+        }
+        if matches!(b, b'@' | b'+' | b'(' | b'-' | b':') {
+            v |= TRIGGER;
+        }
+        t[c] = v;
+        c += 1;
+    }
+    t
+};
+
+#[inline]
+fn class(b: &[u8], i: usize) -> u8 {
+    b.get(i).map_or(0, |&c| CLASS[c as usize])
+}
+
+#[inline]
+fn is(b: &[u8], i: usize, flag: u8) -> bool {
+    class(b, i) & flag != 0
+}
+
+/// Finds every enabled entity; pushes `(entity, start, end)` in text order
+/// (spans may overlap; the caller merges them).
+pub(crate) fn scan(text: &str, on: &Enabled, out: &mut Vec<(Entity, usize, usize)>) {
+    let b = text.as_bytes();
+    let n = b.len();
+    let mut i = 0;
+    while i < n {
+        let c = CLASS[b[i] as usize];
+        if c & ALNUM != 0 {
+            let run_end = run(b, i, ALNUM);
+            if let Some((e, end)) = at_word(b, i, on) {
+                out.push((e, i, end));
+                i = end.max(i + 1);
+            } else {
+                i = run_end;
+            }
+            continue;
+        }
+        if c & TRIGGER != 0 {
+            let found = match b[i] {
+                b'@' if on[Entity::Email.index()] => email(b, i),
+                b'+' | b'(' if on[Entity::Phone.index()] => phone(b, i).map(|end| (i, end)),
+                b'-' if on[Entity::PrivateKey.index()] => pem(b, i).map(|end| (i, end)),
+                b':' if on[Entity::Ipv6.index()] => ipv6(b, i).map(|end| (i, end)),
+                _ => None,
+            };
+            if let Some((start, end)) = found {
+                let e = match b[i] {
+                    b'@' => Entity::Email,
+                    b'+' | b'(' => Entity::Phone,
+                    b'-' => Entity::PrivateKey,
+                    _ => Entity::Ipv6,
+                };
+                out.push((e, start, end));
+                i = end.max(i + 1);
+                continue;
+            }
+        }
+        i += 1;
+    }
+}
+
+/// End of the run of bytes of class `flag` starting at `i`.
+#[inline]
+fn run(b: &[u8], mut i: usize, flag: u8) -> usize {
+    while i < b.len() && CLASS[b[i] as usize] & flag != 0 {
+        i += 1;
+    }
+    i
+}
+
+/// The detectors that start with a letter or digit, at the start of a word.
+fn at_word(b: &[u8], i: usize, on: &Enabled) -> Option<(Entity, usize)> {
+    let first = b[i];
+    if first.is_ascii_digit() {
+        if on[Entity::Ipv4.index()]
+            && let Some(end) = ipv4(b, i)
+        {
+            return Some((Entity::Ipv4, end));
+        }
+        if on[Entity::UsSsn.index()]
+            && let Some(end) = ssn(b, i)
+        {
+            return Some((Entity::UsSsn, end));
+        }
+        if on[Entity::CreditCard.index()]
+            && let Some(end) = card(b, i)
+        {
+            return Some((Entity::CreditCard, end));
+        }
+        if on[Entity::Phone.index()]
+            && let Some(end) = phone(b, i)
+        {
+            return Some((Entity::Phone, end));
+        }
+    } else {
+        if on[Entity::Jwt.index()]
+            && b[i..].starts_with(b"eyJ")
+            && let Some(end) = jwt(b, i)
+        {
+            return Some((Entity::Jwt, end));
+        }
+        if on[Entity::CloudKey.index()]
+            && let Some(end) = cloud_key(b, i)
+        {
+            return Some((Entity::CloudKey, end));
+        }
+        if on[Entity::Iban.index()]
+            && is(b, i, UPPER)
+            && let Some(end) = iban(b, i)
+        {
+            return Some((Entity::Iban, end));
+        }
+    }
+    if on[Entity::Ipv6.index()]
+        && is(b, i, HEX)
+        && let Some(end) = ipv6(b, i)
+    {
+        return Some((Entity::Ipv6, end));
+    }
+    None
+}
+
+/// Whether the byte at `i` ends a value (not a letter or digit).
+#[inline]
+fn ends(b: &[u8], i: usize) -> bool {
+    !is(b, i, ALNUM)
+}
+
+fn email(b: &[u8], at: usize) -> Option<(usize, usize)> {
+    // Local part: back over [A-Za-z0-9._%+-], at most 64 bytes, not starting with a dot.
+    let mut start = at;
+    while start > 0 && at - start < 64 && is(b, start - 1, LOCAL) {
+        start -= 1;
+    }
+    while start < at && matches!(b[start], b'.' | b'-' | b'+') {
+        start += 1;
+    }
+    if start == at {
+        return None;
+    }
+    // Domain: labels of [A-Za-z0-9-] separated by dots, a last label of two or more letters.
+    let mut i = at + 1;
+    let mut end = None;
+    let mut labels = 0;
+    loop {
+        let label_start = i;
+        while i < b.len() && (is(b, i, ALNUM) || b[i] == b'-') && i - at <= 255 {
+            i += 1;
+        }
+        if i == label_start {
+            break;
+        }
+        labels += 1;
+        let label = &b[label_start..i];
+        if labels >= 2 && label.len() >= 2 && label.iter().all(u8::is_ascii_alphabetic) {
+            end = Some(i);
+        }
+        if i + 1 < b.len() && b[i] == b'.' && is(b, i + 1, ALNUM) {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    end.map(|e| (start, e))
+}
+
+fn ipv4(b: &[u8], i: usize) -> Option<usize> {
+    // Not the tail of a longer dotted number (`1.2.3.4.5`, `v1.2.3.4`).
+    if i >= 2 && b[i - 1] == b'.' && is(b, i - 2, ALNUM) {
+        return None;
+    }
+    let mut j = i;
+    for part in 0..4 {
+        let s = j;
+        while j < b.len() && j - s < 3 && b[j].is_ascii_digit() {
+            j += 1;
+        }
+        if j == s {
+            return None;
+        }
+        if part < 3 {
+            if b.get(j) != Some(&b'.') {
+                return None;
+            }
+            j += 1;
+        }
+    }
+    if !ends(b, j) || (b.get(j) == Some(&b'.') && is(b, j + 1, DIGIT)) {
+        return None;
+    }
+    Ipv4Addr::from_str(std::str::from_utf8(&b[i..j]).ok()?).ok()?;
+    Some(j)
+}
+
+fn digits_at(b: &[u8], i: usize, n: usize) -> Option<u32> {
+    let s = b.get(i..i + n)?;
+    s.iter().try_fold(0u32, |acc, &c| {
+        c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0'))
+    })
+}
+
+fn ssn(b: &[u8], i: usize) -> Option<usize> {
+    let sep = *b.get(i + 3)?;
+    if !matches!(sep, b'-' | b' ') || b.get(i + 6) != Some(&sep) {
+        return None;
+    }
+    let area = digits_at(b, i, 3)?;
+    let group = digits_at(b, i + 4, 2)?;
+    let serial = digits_at(b, i + 7, 4)?;
+    let end = i + 11;
+    if !ends(b, end) || (b.get(end) == Some(&sep) && is(b, end + 1, DIGIT)) {
+        return None;
+    }
+    let valid = area != 0 && area != 666 && area < 900 && group != 0 && serial != 0;
+    valid.then_some(end)
+}
+
+fn luhn(digits: &[u8]) -> bool {
+    let mut sum = 0u32;
+    for (k, d) in digits.iter().rev().enumerate() {
+        let mut v = u32::from(*d);
+        if k % 2 == 1 {
+            v *= 2;
+            if v > 9 {
+                v -= 9;
+            }
+        }
+        sum += v;
+    }
+    sum.is_multiple_of(10)
+}
+
+fn known_issuer(d: &[u8]) -> bool {
+    let n = |k: usize| d[..k].iter().fold(0u32, |a, &x| a * 10 + u32::from(x));
+    match d[0] {
+        4 => true,                                                                    // Visa
+        5 => (51..=55).contains(&n(2)),                                               // Mastercard
+        2 => (2221..=2720).contains(&n(4)), // Mastercard 2-series
+        3 => matches!(n(2), 34 | 37 | 35 | 36 | 38 | 39 | 30), // Amex, JCB, Diners
+        6 => n(4) == 6011 || n(2) == 65 || (644..=649).contains(&n(3)) || n(2) == 62, // Discover, UnionPay
+        _ => false,
+    }
+}
+
+fn card(b: &[u8], i: usize) -> Option<usize> {
+    // Digits in groups separated by single spaces or dashes.
+    let mut digits = [0u8; 19];
+    let mut count = 0;
+    let mut j = i;
+    let mut best = None;
+    let mut sep: Option<u8> = None;
+    loop {
+        while j < b.len() && b[j].is_ascii_digit() {
+            if count == 19 {
+                return best;
+            }
+            digits[count] = b[j] - b'0';
+            count += 1;
+            j += 1;
+        }
+        // A group ends here: a card if the digits so far are one and nothing glued follows.
+        if (13..=19).contains(&count)
+            && ends(b, j)
+            && known_issuer(&digits[..count])
+            && luhn(&digits[..count])
+        {
+            best = Some(j);
+        }
+        match b.get(j) {
+            Some(&s @ (b' ' | b'-'))
+                if sep.is_none_or(|x| x == s) && is(b, j + 1, DIGIT) && count < 19 =>
+            {
+                sep = Some(s);
+                j += 1;
+            }
+            _ => return best,
+        }
+    }
+}
+
+fn phone(b: &[u8], i: usize) -> Option<usize> {
+    match b[i] {
+        b'+' => {
+            // +CC then digits with spaces, dashes, dots or parentheses: 8 to 15 digits.
+            if !is(b, i + 1, DIGIT) || (i > 0 && is(b, i - 1, ALNUM)) {
+                return None;
+            }
+            let mut j = i + 1;
+            let mut count = 0;
+            let mut last_digit = j;
+            while j < b.len() && j - i < 24 {
+                match b[j] {
+                    c if c.is_ascii_digit() => {
+                        count += 1;
+                        last_digit = j + 1;
+                    }
+                    b' ' | b'-' | b'.' | b'(' | b')' if is(b, j + 1, DIGIT) || b[j] == b')' => {}
+                    _ => break,
+                }
+                j += 1;
+            }
+            ((8..=15).contains(&count) && ends(b, last_digit)).then_some(last_digit)
+        }
+        b'(' => {
+            // (ddd) ddd-dddd
+            if b.get(i + 4) != Some(&b')') {
+                return None;
+            }
+            digits_at(b, i + 1, 3)?;
+            let mut j = i + 5;
+            if b.get(j) == Some(&b' ') {
+                j += 1;
+            }
+            nanp_tail(b, j)
+        }
+        _ => {
+            // ddd-ddd-dddd, ddd.ddd.dddd, ddd ddd dddd
+            let sep = *b.get(i + 3)?;
+            if !matches!(sep, b'-' | b'.' | b' ') {
+                return None;
+            }
+            digits_at(b, i, 3)?;
+            nanp_tail(b, i + 4)
+        }
+    }
+}
+
+/// `ddd[-. ]dddd` at `j`, not followed by more digits.
+fn nanp_tail(b: &[u8], j: usize) -> Option<usize> {
+    digits_at(b, j, 3)?;
+    if !matches!(b.get(j + 3), Some(b'-' | b'.' | b' ')) {
+        return None;
+    }
+    digits_at(b, j + 4, 4)?;
+    let end = j + 8;
+    ends(b, end).then_some(end)
+}
+
+fn ipv6(b: &[u8], i: usize) -> Option<usize> {
+    if i > 0 && (is(b, i - 1, ALNUM) || b[i - 1] == b':') {
+        return None;
+    }
+    let mut j = i;
+    let mut colons = 0;
+    while j < b.len() && j - i < 45 {
+        match b[j] {
+            b':' => colons += 1,
+            b'.' => {}
+            c if CLASS[c as usize] & HEX != 0 => {}
+            _ => break,
+        }
+        j += 1;
+    }
+    if colons < 2 {
+        return None;
+    }
+    // The longest prefix that is an address and ends before a dot or a colon
+    // (`::1.` ends a sentence; `…:0.a` is followed by a word).
+    let mut end = j;
+    while end > i {
+        if end == j || matches!(b[end], b'.' | b':') {
+            let s = std::str::from_utf8(&b[i..end]).ok()?;
+            if Ipv6Addr::from_str(s).is_ok() {
+                return Some(end);
+            }
+        }
+        end -= 1;
+    }
+    None
+}
+
+#[inline]
+fn is_b64url(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'-' || c == b'_'
+}
+
+fn b64url_run(b: &[u8], mut j: usize) -> usize {
+    while j < b.len() && is_b64url(b[j]) {
+        j += 1;
+    }
+    j
+}
+
+fn jwt(b: &[u8], i: usize) -> Option<usize> {
+    let h = b64url_run(b, i);
+    if h - i < 10 || b.get(h) != Some(&b'.') || !b[h + 1..].starts_with(b"eyJ") {
+        return None;
+    }
+    let p = b64url_run(b, h + 1);
+    if b.get(p) != Some(&b'.') {
+        return None;
+    }
+    let s = b64url_run(b, p + 1);
+    Some(s)
+}
+
+fn cloud_key(b: &[u8], i: usize) -> Option<usize> {
+    let token_end = b64url_run(b, i);
+    let t = &b[i..token_end];
+    let rest_alnum = |from: usize| t[from..].iter().all(u8::is_ascii_alphanumeric);
+    let ok = match t.first()? {
+        b'A' => {
+            // AWS access key ids: a 4-letter prefix and 16 upper-case letters or digits.
+            const AWS: [&[u8]; 10] = [
+                b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"AIPA", b"ANPA", b"ANVA", b"ABIA",
+                b"ACCA",
+            ];
+            (t.len() == 20
+                && AWS.iter().any(|p| t.starts_with(p))
+                && t[4..]
+                    .iter()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()))
+                || (t.len() == 39 && t.starts_with(b"AIza"))
+        }
+        b'g' => {
+            (t.len() == 40
+                && t.starts_with(b"gh")
+                && matches!(t.get(2), Some(b'p' | b'o' | b'u' | b's' | b'r'))
+                && t.get(3) == Some(&b'_')
+                && rest_alnum(4))
+                || (t.starts_with(b"github_pat_") && t.len() >= 40)
+        }
+        b'x' => {
+            t.starts_with(b"xox")
+                && matches!(t.get(3), Some(b'a' | b'b' | b'p' | b'r' | b's'))
+                && t.get(4) == Some(&b'-')
+                && t.len() >= 15
+        }
+        b's' | b'r' => {
+            (t.starts_with(b"sk_live_") || t.starts_with(b"rk_live_"))
+                && t.len() >= 24
+                && rest_alnum(8)
+        }
+        _ => false,
+    };
+    ok.then_some(token_end)
+}
+
+fn iban(b: &[u8], i: usize) -> Option<usize> {
+    // CC dd then upper-case letters and digits, in print groups of four or not.
+    if !(is(b, i + 1, UPPER) && is(b, i + 2, DIGIT) && is(b, i + 3, DIGIT)) {
+        return None;
+    }
+    let mut chars = [0u8; 34];
+    let mut count = 0;
+    let mut j = i;
+    let mut best = None;
+    loop {
+        while j < b.len() && (b[j].is_ascii_digit() || b[j].is_ascii_uppercase()) {
+            if count == 34 {
+                return best;
+            }
+            chars[count] = b[j];
+            count += 1;
+            j += 1;
+        }
+        if count >= 15 && ends(b, j) && mod97(&chars[..count]) {
+            best = Some(j);
+        }
+        if b.get(j) == Some(&b' ') && is(b, j + 1, ALNUM) && count.is_multiple_of(4) {
+            j += 1;
+        } else {
+            return best;
+        }
+    }
+}
+
+fn mod97(s: &[u8]) -> bool {
+    // Move the first four characters to the end; letters count as 10..35.
+    let mut r = 0u32;
+    for &c in s[4..].iter().chain(&s[..4]) {
+        let v = if c.is_ascii_digit() {
+            u32::from(c - b'0')
+        } else {
+            u32::from(c - b'A') + 10
+        };
+        r = if v >= 10 {
+            (r * 100 + v) % 97
+        } else {
+            (r * 10 + v) % 97
+        };
+    }
+    r == 1
+}
+
+fn pem(b: &[u8], i: usize) -> Option<usize> {
+    const BEGIN: &[u8] = b"-----BEGIN ";
+    if !b[i..].starts_with(BEGIN) {
+        return None;
+    }
+    let line_end = b[i..]
+        .iter()
+        .position(|&c| c == b'\n')
+        .map_or(b.len(), |p| i + p);
+    let header = &b[i..line_end];
+    if !contains(header, b"PRIVATE KEY-----") {
+        return None;
+    }
+    // Up to the end of the matching END line; no END means the rest of the text.
+    let Some(p) = find(&b[line_end..], b"-----END ") else {
+        return Some(b.len());
+    };
+    let end_start = line_end + p + b"-----END ".len();
+    match find(&b[end_start..], b"-----") {
+        Some(q) => Some(end_start + q + 5),
+        None => Some(b.len()),
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    find(hay, needle).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{luhn, mod97};
+
+    #[test]
+    fn checksums() {
+        let d: Vec<u8> = b"4111111111111111".iter().map(|c| c - b'0').collect();
+        assert!(luhn(&d));
+        let d: Vec<u8> = b"4111111111111112".iter().map(|c| c - b'0').collect();
+        assert!(!luhn(&d));
+        assert!(mod97(b"GB82WEST12345698765432"));
+        assert!(!mod97(b"GB82WEST12345698765433"));
+        assert!(mod97(b"DE89370400440532013000"));
+    }
+}
