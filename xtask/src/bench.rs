@@ -41,8 +41,24 @@ fn pgbench(
     mode: &str,
     secs: u32,
 ) -> Result<Run, String> {
+    pgbench_run(&["-S"], port, user, password, db, clients, mode, secs)
+}
+
+/// pgbench with `workload` (`-S`, or `-f SCRIPT`).
+#[allow(clippy::too_many_arguments)]
+fn pgbench_run(
+    workload: &[&str],
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+    clients: u32,
+    mode: &str,
+    secs: u32,
+) -> Result<Run, String> {
     let out = Command::new("pgbench")
-        .args(["-S", "-n", "-M", mode, "-h", "127.0.0.1", "-U", user])
+        .args(workload)
+        .args(["-n", "-M", mode, "-h", "127.0.0.1", "-U", user])
         .args([
             "-p",
             &port.to_string(),
@@ -204,16 +220,8 @@ fn start_pgbouncer(dir: &Path, pg: &Postgres) -> Result<(Child, u16), String> {
     Ok((child, port))
 }
 
-/// Runs the PostgreSQL benchmark.
-pub fn pg() -> Result<(), String> {
-    if !util::have("pgbouncer") {
-        util::step("apt-get install pgbouncer (the reference pooler)");
-        util::run(
-            "apt-get",
-            &["install", "-y", "-qq", "pgbouncer"],
-            &[("DEBIAN_FRONTEND".into(), "noninteractive".into())],
-        )?;
-    }
+/// Builds the release binaries the benchmarks run; returns their directory.
+fn build_release() -> Result<std::path::PathBuf, String> {
     util::step("building release binaries");
     util::run(
         "cargo",
@@ -233,7 +241,20 @@ pub fn pg() -> Result<(), String> {
         ],
         &[],
     )?;
-    let bin = root().join("target/release");
+    Ok(root().join("target/release"))
+}
+
+/// Runs the PostgreSQL benchmark.
+pub fn pg() -> Result<(), String> {
+    if !util::have("pgbouncer") {
+        util::step("apt-get install pgbouncer (the reference pooler)");
+        util::run(
+            "apt-get",
+            &["install", "-y", "-qq", "pgbouncer"],
+            &[("DEBIAN_FRONTEND".into(), "noninteractive".into())],
+        )?;
+    }
+    let bin = build_release()?;
     let dir = std::env::temp_dir().join(format!("wicket-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -266,90 +287,14 @@ pub fn pg() -> Result<(), String> {
             String::from_utf8_lossy(&init.stderr)
         ));
     }
-    let mut kids = Children::default();
-    // Identity provider, control service, policy, sidecar credential.
-    let idp_port = free_port()?;
-    let env_file = dir.join("idp.env");
-    kids.push(
-        "wicket-demo-idp",
-        Command::new(bin.join("wicket-demo-idp"))
-            .args(["--listen", &format!("127.0.0.1:{idp_port}"), "--env-file"])
-            .arg(&env_file)
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| e.to_string())?,
-    );
-    wait_for(20, "identity provider", || {
-        env_file.exists() && port_open(idp_port)
-    })?;
-    let env = read_env_file(&env_file)?;
-    let get = |k: &str| env_get(&env, k);
-    let control_port = free_port()?;
-    std::fs::write(dir.join("policy.yaml"), policy()).map_err(|e| e.to_string())?;
-    let control = Command::new(bin.join("wicket-control"))
-        .env("WICKET_LISTEN", format!("127.0.0.1:{control_port}"))
-        .env(
-            "WICKET_DATABASE_URL",
-            format!("sqlite:{}", dir.join("control.db").display()),
-        )
-        .env("WICKET_OIDC_ISSUER", get("WICKET_OIDC_ISSUER"))
-        .env("WICKET_POLICY_FILE", dir.join("policy.yaml"))
-        .env("WICKET_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let control_pid = control.id();
-    kids.push("wicket-control", control);
-    wait_for(30, "wicket-control", || port_open(control_port))?;
-    let out = Command::new(bin.join("wicket"))
-        .args([
-            "sidecars",
-            "create",
-            "--name",
-            "bench",
-            "--connection",
-            "bench-db",
-        ])
-        .env("WICKET_CONTROL", format!("http://127.0.0.1:{control_port}"))
-        .env("WICKET_TOKEN", get("WICKET_ADMIN_TOKEN"))
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(format!(
-            "cannot create a sidecar credential: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let sidecar_token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    std::fs::write(dir.join("pw"), pg.password()).map_err(|e| e.to_string())?;
-    let gate_port = free_port()?;
-    let gate = Command::new(bin.join("wicket-pg"))
-        .env("WICKET_PG_LISTEN", format!("127.0.0.1:{gate_port}"))
-        .env(
-            "WICKET_WORKER_THREADS",
-            std::env::var("WICKET_BENCH_PG_THREADS").unwrap_or_else(|_| "1".into()),
-        )
-        .env("WICKET_PG_UPSTREAM", format!("127.0.0.1:{}", pg.port))
-        .env("WICKET_PG_UPSTREAM_USER", "postgres")
-        .env("WICKET_PG_UPSTREAM_PASSWORD_FILE", dir.join("pw"))
-        .env("WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK", "true")
-        .env("WICKET_CONTROL", format!("http://127.0.0.1:{control_port}"))
-        .env("WICKET_SIDECAR_TOKEN", &sidecar_token)
-        .env("WICKET_CONNECTION", "bench-db")
-        .env("WICKET_STATE_DIR", dir.join("state"))
-        .env("WICKET_OIDC_ISSUER", get("WICKET_OIDC_ISSUER"))
-        .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()?))
-        .env("WICKET_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let gate_pid = gate.id();
-    kids.push("wicket-pg", gate);
-    wait_for(30, "wicket-pg", || port_open(gate_port))?;
+    let mut stack = Stack::start(&bin, &dir, &policy())?;
+    let (gate_port, gate_pid) = stack.gate(&pg, "bench-db")?;
+    let control_pid = stack.control_pid;
+    let mut kids = std::mem::take(&mut stack.kids);
     let (bouncer, bouncer_port) = start_pgbouncer(&dir, &pg)?;
     let bouncer_pid = worker(bouncer.id());
     kids.push("pgbouncer", bouncer);
-    let agent = get("WICKET_AGENT_TOKEN");
+    let agent = stack.agent.clone();
     // Warm up (connections, the bundle, caches).
     pgbench(gate_port, "bench", &agent, "bench", 1, "simple", 2)?;
     let idle_rss = rss_kb(gate_pid);
@@ -444,6 +389,228 @@ pub fn pg() -> Result<(), String> {
     );
     drop(idle);
     drop(kids);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// The identity provider, the control service with a policy, and gates.
+struct Stack {
+    kids: Children,
+    bin: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    env: Vec<(String, String)>,
+    control_port: u16,
+    control_pid: u32,
+    /// The demo agent's token.
+    agent: String,
+}
+
+impl Stack {
+    /// Starts the identity provider and the control service with `policy`.
+    fn start(bin: &Path, dir: &Path, policy: &str) -> Result<Stack, String> {
+        let mut kids = Children::default();
+        let idp_port = free_port()?;
+        let env_file = dir.join("idp.env");
+        kids.push(
+            "wicket-demo-idp",
+            Command::new(bin.join("wicket-demo-idp"))
+                .args(["--listen", &format!("127.0.0.1:{idp_port}"), "--env-file"])
+                .arg(&env_file)
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?,
+        );
+        wait_for(20, "identity provider", || {
+            env_file.exists() && port_open(idp_port)
+        })?;
+        let env = read_env_file(&env_file)?;
+        let control_port = free_port()?;
+        std::fs::write(dir.join("policy.yaml"), policy).map_err(|e| e.to_string())?;
+        let control = Command::new(bin.join("wicket-control"))
+            .env("WICKET_LISTEN", format!("127.0.0.1:{control_port}"))
+            .env(
+                "WICKET_DATABASE_URL",
+                format!("sqlite:{}", dir.join("control.db").display()),
+            )
+            .env("WICKET_OIDC_ISSUER", env_get(&env, "WICKET_OIDC_ISSUER"))
+            .env("WICKET_POLICY_FILE", dir.join("policy.yaml"))
+            .env("WICKET_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let control_pid = control.id();
+        kids.push("wicket-control", control);
+        wait_for(30, "wicket-control", || port_open(control_port))?;
+        let agent = env_get(&env, "WICKET_AGENT_TOKEN");
+        Ok(Stack {
+            kids,
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            env,
+            control_port,
+            control_pid,
+            agent,
+        })
+    }
+
+    /// Starts a wicket-pg (release build, audit on) for `connection` in
+    /// front of `pg`; returns its port and pid.
+    fn gate(&mut self, pg: &Postgres, connection: &str) -> Result<(u16, u32), String> {
+        let get = |k: &str| env_get(&self.env, k);
+        let out = Command::new(self.bin.join("wicket"))
+            .args([
+                "sidecars",
+                "create",
+                "--name",
+                connection,
+                "--connection",
+                connection,
+            ])
+            .env(
+                "WICKET_CONTROL",
+                format!("http://127.0.0.1:{}", self.control_port),
+            )
+            .env("WICKET_TOKEN", get("WICKET_ADMIN_TOKEN"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "cannot create a sidecar credential: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let sidecar_token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        std::fs::write(self.dir.join("pw"), pg.password()).map_err(|e| e.to_string())?;
+        let gate_port = free_port()?;
+        let gate = Command::new(self.bin.join("wicket-pg"))
+            .env("WICKET_PG_LISTEN", format!("127.0.0.1:{gate_port}"))
+            .env(
+                "WICKET_WORKER_THREADS",
+                std::env::var("WICKET_BENCH_PG_THREADS").unwrap_or_else(|_| "1".into()),
+            )
+            .env("WICKET_PG_UPSTREAM", format!("127.0.0.1:{}", pg.port))
+            .env("WICKET_PG_UPSTREAM_USER", "postgres")
+            .env("WICKET_PG_UPSTREAM_PASSWORD_FILE", self.dir.join("pw"))
+            .env("WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK", "true")
+            .env(
+                "WICKET_CONTROL",
+                format!("http://127.0.0.1:{}", self.control_port),
+            )
+            .env("WICKET_SIDECAR_TOKEN", &sidecar_token)
+            .env("WICKET_CONNECTION", connection)
+            .env(
+                "WICKET_STATE_DIR",
+                self.dir.join(format!("state-{connection}")),
+            )
+            .env("WICKET_OIDC_ISSUER", get("WICKET_OIDC_ISSUER"))
+            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()?))
+            .env("WICKET_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let gate_pid = gate.id();
+        self.kids.push("wicket-pg", gate);
+        wait_for(30, "wicket-pg", || port_open(gate_port))?;
+        Ok((gate_port, gate_pid))
+    }
+}
+
+/// The masking benchmark's policy: one connection masks, one does not.
+const MASK_POLICY: &str = "version: 1
+connections:
+  - name: bench-plain
+    protocol: postgres
+  - name: bench-masked
+    protocol: postgres
+    masking:
+      columns:
+        - {column: public.people.ssn, style: redact}
+        - {column: public.people.card, style: partial}
+      detectors: [email, ssn, card, phone, jwt, cloud_key]
+grants:
+  - id: agents
+    groups: [agents]
+rules:
+  - id: reads
+    effect: allow
+    match: {commands: [select]}
+";
+
+/// `cargo xtask bench pg-mask`: pgbench selecting ten rows of personal data
+/// per transaction, direct, through wicket-pg without masking and through
+/// wicket-pg masking them, in one run.
+pub fn pg_mask() -> Result<(), String> {
+    let bin = build_release()?;
+    let dir = std::env::temp_dir().join(format!("wicket-bench-mask-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    util::step("starting PostgreSQL with 10,000 rows of personal data");
+    let pg = Postgres::start_with(0, &["-c", "shared_buffers=256MB"])?;
+    pg.psql("postgres", "CREATE DATABASE bench")?;
+    pg.psql(
+        "bench",
+        "CREATE TABLE people (id int PRIMARY KEY, name text, email text, ssn text, card text, note text); \
+         INSERT INTO people SELECT g, 'Customer ' || g, 'user' || g || '@example.com', \
+         lpad((100 + g % 700)::text, 3, '0') || '-' || lpad((1 + g % 98)::text, 2, '0') || '-' || lpad((1 + g % 9998)::text, 4, '0'), \
+         '4111 1111 1111 1111', 'prefers e-mail; account opened in branch ' || (g % 40) \
+         FROM generate_series(1, 10000) g",
+    )?;
+    let script = dir.join("select.sql");
+    std::fs::write(
+        &script,
+        "\\set id random(1, 9990)\nSELECT id, name, email, ssn, card, note FROM people WHERE id BETWEEN :id AND :id + 9;\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let mut stack = Stack::start(&bin, &dir, MASK_POLICY)?;
+    let (plain, _) = stack.gate(&pg, "bench-plain")?;
+    let (masked, _) = stack.gate(&pg, "bench-masked")?;
+    let agent = stack.agent.clone();
+    let f = script.display().to_string();
+    let workload = ["-f", f.as_str()];
+    // Warm up both gates (connections, bundles, the catalog lookup).
+    pgbench_run(&workload, plain, "bench", &agent, "bench", 1, "simple", 2)?;
+    pgbench_run(&workload, masked, "bench", &agent, "bench", 1, "simple", 2)?;
+    util::step("pgbench, ten rows of personal data per transaction, 10 s per run");
+    println!(
+        "{:<22} {:>12} {:>12} {:>12} {:>14}",
+        "run", "direct tps", "unmasked", "masked", "masked/unmasked"
+    );
+    let mut worst: f64 = f64::MAX;
+    for mode in ["simple", "prepared"] {
+        for clients in [1u32, 4] {
+            let d = pgbench_run(
+                &workload,
+                pg.port,
+                "postgres",
+                pg.password(),
+                "bench",
+                clients,
+                mode,
+                10,
+            )?;
+            let u = pgbench_run(
+                &workload, plain, "bench", &agent, "bench", clients, mode, 10,
+            )?;
+            let m = pgbench_run(
+                &workload, masked, "bench", &agent, "bench", clients, mode, 10,
+            )?;
+            worst = worst.min(m.tps / u.tps);
+            println!(
+                "{:<22} {:>12.0} {:>12.0} {:>12.0} {:>14.2}",
+                format!("-M {mode} -c{clients}"),
+                d.tps,
+                u.tps,
+                m.tps,
+                m.tps / u.tps
+            );
+        }
+    }
+    println!(
+        "masked throughput, worst run: {worst:.2}x unmasked (target >= 0.8: {})",
+        if worst >= 0.8 { "met" } else { "MISSED" }
+    );
+    drop(stack);
     drop(pg);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

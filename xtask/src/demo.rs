@@ -226,6 +226,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "  PGOPTIONS='-c wicket.reasoning=counting\\ customers' psql \"$WICKET_PG_URL\" -c 'SELECT count(*) FROM customers'"
     );
     println!(
+        "  PGOPTIONS='-c wicket.reasoning=looking' psql \"$WICKET_PG_URL\" -c 'SELECT * FROM customers'   # masked"
+    );
+    println!(
         "  PGOPTIONS='-c wicket.reasoning=cleanup' psql \"$WICKET_PG_URL\" -c 'DROP TABLE customers'   # refused"
     );
     println!(
@@ -273,6 +276,23 @@ pub fn run(args: &[String]) -> Result<(), String> {
             return Err(format!(
                 "demo check: SELECT through wicket-pg failed: {}",
                 String::from_utf8_lossy(&read.stderr)
+            ));
+        }
+        let all = psql("SELECT * FROM customers ORDER BY id", "demo")?;
+        let rows = String::from_utf8_lossy(&all.stdout).to_string();
+        let raw = [
+            "ada@example.com",
+            "078-05-1120",
+            "4111 1111 1111 1111",
+            "219-09-9999",
+        ];
+        if !all.status.success()
+            || raw.iter().any(|v| rows.contains(v))
+            || !rows.contains("a***@example.com")
+        {
+            return Err(format!(
+                "demo check: SELECT * was not masked: {rows}{}",
+                String::from_utf8_lossy(&all.stderr)
             ));
         }
         let drop = psql("DROP TABLE customers", "demo")?;

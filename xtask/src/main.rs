@@ -6,7 +6,7 @@
 //! - `cargo xtask demo`  — the control service on SQLite with a demo policy and a
 //!   local identity provider; writes `target/demo/env`.
 //! - `cargo xtask peers` — start the test peers and print their environment.
-//! - `cargo xtask bench [policy|mask|pg]` — benchmarks, with their reference figures.
+//! - `cargo xtask bench [policy|mask|pg|pg-mask]` — benchmarks, with their reference figures.
 
 mod bench;
 mod demo;
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(rest),
         "help" | "--help" | "-h" => {
             println!(
-                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|mask|pg] | fuzz [pg|mask] [SECONDS]>"
+                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|mask|pg|pg-mask] | fuzz [pg|mask] [SECONDS]>"
             );
             Ok(())
         }
@@ -129,7 +129,8 @@ fn bench(args: &[String]) -> Result<(), String> {
     if which == "all" {
         bench(&["policy".to_string()])?;
         bench(&["mask".to_string()])?;
-        return bench(&["pg".to_string()]);
+        bench(&["pg".to_string()])?;
+        return bench(&["pg-mask".to_string()]);
     }
     match which {
         "policy" => {
@@ -149,8 +150,9 @@ fn bench(args: &[String]) -> Result<(), String> {
             )
         }
         "pg" => bench::pg(),
+        "pg-mask" => bench::pg_mask(),
         other => Err(format!(
-            "unknown benchmark `{other}` (available: policy, mask, pg)"
+            "unknown benchmark `{other}` (available: policy, mask, pg, pg-mask)"
         )),
     }
 }

@@ -56,8 +56,8 @@ impl Entity {
     pub fn as_str(self) -> &'static str {
         match self {
             Entity::Email => "email",
-            Entity::CreditCard => "credit_card",
-            Entity::UsSsn => "us_ssn",
+            Entity::CreditCard => "card",
+            Entity::UsSsn => "ssn",
             Entity::Iban => "iban",
             Entity::Phone => "phone",
             Entity::Ipv4 => "ipv4",

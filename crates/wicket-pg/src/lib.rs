@@ -14,6 +14,7 @@
 
 pub mod classify;
 pub mod codec;
+pub mod mask;
 pub mod proxy;
 pub mod reasoning;
 pub mod results;

@@ -40,6 +40,11 @@ struct Args {
     /// Name the server's certificate must carry (default: the host of `--upstream`).
     #[arg(long, env = "WICKET_PG_UPSTREAM_SERVER_NAME")]
     upstream_server_name: Option<String>,
+    /// File holding the key of keyed-hash masking (any bytes; give every
+    /// gate of a connection the same file so hashes agree). Without it a
+    /// random key is drawn at start: hashes then agree within this process.
+    #[arg(long, env = "WICKET_MASK_KEY_FILE")]
+    mask_key_file: Option<PathBuf>,
     /// Accept tokens as cleartext passwords from loopback clients without TLS.
     #[arg(long, env = "WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK")]
     allow_cleartext_loopback: bool,
@@ -127,6 +132,14 @@ async fn run(args: Args) -> Result<(), String> {
             })
         }
     };
+    let mask_key = match &args.mask_key_file {
+        Some(f) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+        None => {
+            let mut k = vec![0u8; 32];
+            aws_lc_rs::rand::fill(&mut k).map_err(|_| "no random source")?;
+            k
+        }
+    };
     let client_tls = args.sidecar.server_tls(&[b"postgresql"])?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -145,6 +158,7 @@ async fn run(args: Args) -> Result<(), String> {
             allow_cleartext_loopback: args.allow_cleartext_loopback,
             max_message_bytes: args.max_message_bytes,
             startup_timeout: Duration::from_secs(10),
+            mask_key,
         },
     );
     tracing::info!(listen = %args.listen, "wicket-pg serving");

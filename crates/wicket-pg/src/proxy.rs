@@ -23,8 +23,9 @@ use wicket_sidecar::{ApprovalOutcome, OpenSession, Sidecar};
 
 use crate::classify::{self, Statement};
 use crate::codec::{self, CodecError, build};
+use crate::mask;
 use crate::reasoning;
-use crate::results::{Expect, GuardedError, Outcome, Pending, Status, Tracker};
+use crate::results::{self, Expect, GuardedError, Outcome, Pending, Status, Tracker};
 use crate::upstream::{self, UpstreamConfig};
 
 /// Settings of the PostgreSQL gate.
@@ -40,6 +41,8 @@ pub struct PgConfig {
     pub max_message_bytes: usize,
     /// Time a client has to finish startup and authentication.
     pub startup_timeout: Duration,
+    /// Key of keyed-hash masking.
+    pub mask_key: Vec<u8>,
 }
 
 /// Cancel keys handed to clients, mapped to the upstream backend's.
@@ -56,17 +59,26 @@ pub struct PgGate {
     pub cfg: PgConfig,
     cancels: CancelMap,
     classifier: classify::Classifier,
+    masking: mask::Masking,
 }
 
 impl PgGate {
     /// A gate over `sidecar`.
     pub fn new(sidecar: Arc<Sidecar>, cfg: PgConfig) -> Arc<PgGate> {
+        let cfg_mask_key = cfg.mask_key.clone();
         Arc::new(PgGate {
             sidecar,
             cfg,
             cancels: CancelMap::default(),
             classifier: classify::Classifier::default(),
+            masking: mask::Masking::new(cfg_mask_key),
         })
+    }
+
+    /// The masking plan of the current bundle, if it masks anything.
+    fn mask_plan(&self) -> Option<Arc<mask::Plan>> {
+        self.masking
+            .plan(self.sidecar.bundles.current(), &self.sidecar.cfg.connection)
     }
 
     /// Serves one client connection to the end.
@@ -75,7 +87,7 @@ impl PgGate {
         let mut client = Some(Stream::Plain(tcp));
         let started =
             tokio::time::timeout(self.cfg.startup_timeout, self.negotiate(&mut client, peer)).await;
-        let (session, upstream, reasoning) = match started {
+        let (session, upstream, reasoning, database) = match started {
             Ok(Ok(Some(s))) => s,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
@@ -90,7 +102,8 @@ impl PgGate {
             }
         };
         let Some(client) = client else { return };
-        self.relay(client, upstream, session, reasoning).await;
+        self.relay(client, upstream, session, reasoning, database)
+            .await;
     }
 
     /// TLS (on SSLRequest, or direct TLS as PostgreSQL 17 clients may open
@@ -99,7 +112,7 @@ impl PgGate {
         &self,
         client: &mut Option<Stream>,
         peer: SocketAddr,
-    ) -> Result<Option<(OpenSession, Stream, Option<String>)>, CodecError> {
+    ) -> Result<Option<(OpenSession, Stream, Option<String>, String)>, CodecError> {
         if let (Some(tls), Some(Stream::Plain(tcp))) = (&self.cfg.tls, client.as_ref()) {
             // A TLS record (handshake, 0x16) where a startup length would be.
             let mut first = [0u8; 1];
@@ -277,7 +290,9 @@ impl PgGate {
             .and_then(|o| reasoning::from_options(&o))
             .or_else(|| get("wicket.reasoning"));
         tracing::info!(session = %session.id, principal = %session.principal.label(), %peer, app = %app, "session opened");
-        Ok(Startup::Done(Some((session, upstream, reasoning))))
+        Ok(Startup::Done(Some((
+            session, upstream, reasoning, database,
+        ))))
     }
 
     async fn cancel(&self, pid: i32, key: i32) {
@@ -313,6 +328,7 @@ impl PgGate {
         upstream: Stream,
         session: OpenSession,
         reasoning: Option<String>,
+        database: String,
     ) {
         let end_signal = session.guard.end_signal();
         let (mut client_r, client_w) = tokio::io::split(client);
@@ -320,6 +336,8 @@ impl PgGate {
         let client_w = Arc::new(tokio::sync::Mutex::new(client_w));
         let markers: Arc<Markers> = Arc::default();
         let tracker: Arc<Mutex<Tracker>> = Arc::default();
+        // Row shapes by statement and result formats (masking only).
+        let shapes: Arc<mask::Shapes> = Arc::default();
 
         // Server → client, rewriting the errors of refused statements.
         let down = {
@@ -328,15 +346,34 @@ impl PgGate {
             let tracker = tracker.clone();
             let session = &session;
             let me = &self;
+            let database = &database;
+            let shapes = shapes.clone();
             async move {
                 let mut buf = BytesMut::with_capacity(64 * 1024);
                 let mut done = Vec::new();
+                let mut shape: Arc<mask::Shape> = Arc::default();
                 loop {
                     match up_r.read_buf(&mut buf).await {
                         Ok(0) | Err(_) => return,
                         Ok(_) => {}
                     }
-                    let out = downstream(&mut buf, &markers, &tracker, &mut done);
+                    let plan = me.mask_plan();
+                    if let Some(plan) = &plan {
+                        let tables = me.masking.unresolved(database, &buf);
+                        if !tables.is_empty() {
+                            me.masking
+                                .resolve(plan, &me.cfg.upstream, database, &tables)
+                                .await;
+                        }
+                    }
+                    let masking = plan.as_deref().map(|plan| Masker {
+                        plan,
+                        masking: &me.masking,
+                        database,
+                        shape: &mut shape,
+                        shapes: &shapes,
+                    });
+                    let out = downstream(&mut buf, &markers, &tracker, &mut done, masking);
                     if !out.is_empty() && send(&mut *client_w.lock().await, &out).await.is_err() {
                         return;
                     }
@@ -386,6 +423,11 @@ impl PgGate {
                     // What to forward, and the reply it will get (for the results).
                     let (fwd, expect) = match tag {
                         b'Q' | b'P' => {
+                            if tag == b'P' {
+                                // A statement parsed again may return other columns.
+                                let mut pos = 0;
+                                shapes.forget(&codec::cstr(&body, &mut pos).unwrap_or_default());
+                            }
                             // Flush what came before, so held statements never delay it.
                             if !out.is_empty() && send(&mut up_w, &out).await.is_err() {
                                 return "upstream_closed";
@@ -403,12 +445,34 @@ impl PgGate {
                             if state.portals.len() >= MAX_PREPARED {
                                 state.portals.clear();
                             }
-                            state.portals.insert(portal, stmt);
+                            let formats = bind_result_formats(&body).unwrap_or_default();
+                            state.portals.insert(portal, (stmt, formats));
                             (raw, Some(Expect::Ack))
                         }
                         b'E' => {
                             let (fwd, pending) =
                                 self.gate_execute(&body, &raw, &session, &state, &markers);
+                            // With masking on, the rows must be read in the
+                            // formats Bind asked for: a shape known for this
+                            // statement and formats, or else the server
+                            // describes the portal first (a reply the client
+                            // never sees).
+                            if self.mask_plan().is_some() && fwd == raw {
+                                let mut pos = 0;
+                                let portal = codec::cstr(&body, &mut pos).unwrap_or_default();
+                                let key = state.portals.get(&portal).cloned();
+                                let known = key
+                                    .as_ref()
+                                    .and_then(|k| shapes.get(k, self.masking.generation()));
+                                let expect = match (known, key) {
+                                    (Some(shape), _) => Expect::Shape(shape),
+                                    (None, key) => {
+                                        out.extend_from_slice(&describe_portal(&portal));
+                                        Expect::Describe(Some(key.unwrap_or_default()))
+                                    }
+                                };
+                                tracker.lock().expect("tracker").push(expect);
+                            }
                             (fwd, Some(Expect::Execute(pending)))
                         }
                         b'C' => {
@@ -417,6 +481,7 @@ impl PgGate {
                             match body.first() {
                                 Some(b'S') => {
                                     state.prepared.remove(&name);
+                                    shapes.forget(&name);
                                 }
                                 Some(b'P') => {
                                     state.portals.remove(&name);
@@ -437,7 +502,7 @@ impl PgGate {
                             let _ = send(&mut up_w, &out).await;
                             return "client_quit";
                         }
-                        b'D' => (raw, Some(Expect::Describe)),
+                        b'D' => (raw, Some(Expect::Describe(None))),
                         b'S' => (raw, Some(Expect::Sync)),
                         // Flush, CopyData, CopyDone, CopyFail: no reply of their own.
                         _ => (raw, None),
@@ -649,7 +714,7 @@ impl PgGate {
         let Some(prepared) = state
             .portals
             .get(&portal)
-            .and_then(|s| state.prepared.get(s))
+            .and_then(|(s, _)| state.prepared.get(s))
         else {
             // Not ours to judge (a portal the server will not know either, or a
             // statement refused at Parse): the server answers it.
@@ -792,8 +857,13 @@ impl PgGate {
         started: Instant,
     ) -> String {
         let mut e = session.event(AuditKind::Command);
+        // The record holds only masked values: detectors apply to the text.
+        let text = match self.mask_plan() {
+            Some(plan) => plan.mask_text(text),
+            None => text.to_string(),
+        };
         e.command = Some(Command {
-            text: text.to_string(),
+            text,
             classification: st.map(|s| s.class.clone()).unwrap_or_default(),
         });
         e.decision = Some(d.clone());
@@ -840,6 +910,7 @@ impl PgGate {
             }
         };
         d.insert("status".into(), status.into());
+        e.masked = o.masked.into_iter().collect();
         if let Err(err) = self.sidecar.record(e) {
             tracing::error!(error = %err, "cannot record a statement result");
         }
@@ -904,7 +975,7 @@ enum Startup {
     /// The client asked for TLS and gets it: start over on the TLS stream.
     Tls,
     /// A session (or `None`: the connection ended, already answered).
-    Done(Option<(OpenSession, Stream, Option<String>)>),
+    Done(Option<(OpenSession, Stream, Option<String>, String)>),
 }
 
 /// The client's half for writing, shared by the relay and approval notices.
@@ -927,7 +998,7 @@ struct GateState {
     /// Statements allowed at Parse, by name, for the decision and audit at Execute.
     prepared: HashMap<String, Prepared>,
     /// Portal name to statement name (from Bind).
-    portals: HashMap<String, String>,
+    portals: HashMap<String, results::ShapeKey>,
 }
 
 /// A statement the client parsed and the gate allowed.
@@ -999,16 +1070,27 @@ fn command(st: &Statement) -> Command {
 /// become ours (42501 naming the rule), and the server's own syntax errors
 /// for guarded statements, whose position is put back. Every message also
 /// goes through the result tracker; finished statements land in `done`.
+/// What the downstream relay needs to mask (when the policy masks anything).
+struct Masker<'a> {
+    plan: &'a mask::Plan,
+    masking: &'a mask::Masking,
+    database: &'a str,
+    shape: &'a mut Arc<mask::Shape>,
+    shapes: &'a mask::Shapes,
+}
+
 fn downstream(
     buf: &mut BytesMut,
     markers: &Markers,
     tracker: &Mutex<Tracker>,
     done: &mut Vec<Outcome>,
+    mut masking: Option<Masker<'_>>,
 ) -> Bytes {
     let mut t = tracker.lock().expect("tracker");
     let mut m = markers.lock().expect("markers");
     let mut out = BytesMut::new();
     let (mut run, mut at) = (0, 0);
+    let mut tally = mask::Tally::new();
     while buf.len() >= at + 5 {
         let len = i32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize;
         if len < 4 || buf.len() < at + 1 + len {
@@ -1016,14 +1098,59 @@ fn downstream(
         }
         let tag = buf[at];
         let body = &buf[at + 5..at + 1 + len];
+        let finished = done.len();
         let guarded = t.on_server(tag, body, done);
         if tag == b'Z' && t.is_idle() && !m.is_empty() {
             m.retain(|_, mk| mk.at.elapsed() < STALE_MARKER);
         }
+        // The answer to the gate's own Describe never reaches the client.
+        let swallow = if matches!(tag, b'T' | b'n') {
+            t.take_swallow()
+        } else {
+            None
+        };
+        let mut replacement = swallow.is_some().then(Bytes::new);
+        let announced = t.take_shape();
         if tag == b'E'
             && (guarded.is_some() || !m.is_empty())
-            && let Some(replacement) = rewrite_error(body, guarded, &mut m)
+            && let Some(r) = rewrite_error(body, guarded, &mut m)
         {
+            replacement = Some(r);
+        } else if let Some(mk) = masking.as_mut() {
+            if let Some(shape) = announced {
+                *mk.shape = shape;
+            }
+            let masked = match tag {
+                b'T' => {
+                    *mk.shape = Arc::new(mk.masking.shape(mk.plan, mk.database, body));
+                    if let Some(key) = swallow {
+                        mk.shapes
+                            .put(key, mk.shape.clone(), mk.masking.generation());
+                    }
+                    None
+                }
+                b'D' => mask::data_row(mk.plan, mk.shape, body, &mut tally),
+                b'E' | b'N' => mask::notice(mk.plan, tag, body, &mut tally),
+                b'A' => mask::notification(mk.plan, body, &mut tally),
+                b'd' => mask::copy_data(mk.plan, body, &mut tally),
+                b'C' => {
+                    // DDL may rename, move, add or drop masked columns.
+                    if [&b"ALTER"[..], b"CREATE", b"DROP"]
+                        .iter()
+                        .any(|p| body.starts_with(p))
+                    {
+                        mk.masking.invalidate();
+                    }
+                    None
+                }
+                _ => None,
+            };
+            replacement = replacement.or(masked);
+        }
+        if done.len() > finished && !tally.is_empty() {
+            done[finished].masked = std::mem::take(&mut tally).into_iter().collect();
+        }
+        if let Some(replacement) = replacement {
             if out.is_empty() {
                 out.reserve(buf.len());
             }
@@ -1044,6 +1171,40 @@ fn downstream(
         buf.reserve(64 * 1024);
     }
     fwd
+}
+
+/// The result-column format codes of a Bind message (the bytes after its
+/// parameters), which decide how rows come back.
+fn bind_result_formats(body: &[u8]) -> Option<Bytes> {
+    let mut pos = 0;
+    codec::cstr(body, &mut pos)?;
+    codec::cstr(body, &mut pos)?;
+    let be16 = |at: usize| {
+        body.get(at..at + 2)
+            .map(|b| i16::from_be_bytes([b[0], b[1]]))
+    };
+    let formats = be16(pos)?.max(0) as usize;
+    pos += 2 + 2 * formats;
+    let params = be16(pos)?.max(0) as usize;
+    pos += 2;
+    for _ in 0..params {
+        let len = body
+            .get(pos..pos + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))?;
+        pos += 4 + len.max(0) as usize;
+    }
+    Some(Bytes::copy_from_slice(body.get(pos..)?))
+}
+
+/// A Describe of `portal` (the gate's own, for masking).
+fn describe_portal(portal: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(portal.len() + 7);
+    b.put_u8(b'D');
+    b.put_i32((portal.len() + 6) as i32);
+    b.put_u8(b'P');
+    b.extend_from_slice(portal.as_bytes());
+    b.put_u8(0);
+    b.freeze()
 }
 
 /// The client's version of a server error, if it differs.

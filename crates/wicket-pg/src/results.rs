@@ -22,13 +22,21 @@ pub struct Pending {
     pub started: Instant,
 }
 
+/// A bound statement and the result formats Bind asked for.
+pub type ShapeKey = (String, bytes::Bytes);
+
 /// What a forwarded client message will be answered with.
 #[derive(Debug)]
 pub enum Expect {
     /// Parse, Bind or Close: one completion message.
     Ack,
-    /// Describe: ends with RowDescription or NoData.
-    Describe,
+    /// Describe: ends with RowDescription or NoData. `Some(key)`: the
+    /// gate's own (masking), whose reply the client never sees; the key
+    /// (statement, result formats) names the shape it describes.
+    Describe(Option<ShapeKey>),
+    /// No reply of its own: the rows of the Execute after it have this
+    /// shape (known from an earlier Describe of the same statement and formats).
+    Shape(std::sync::Arc<crate::mask::Shape>),
     /// Execute: ends with CommandComplete, EmptyQueryResponse or PortalSuspended.
     Execute(Option<Pending>),
     /// A simple Query (its statements in order) or a FunctionCall (one
@@ -91,6 +99,8 @@ pub struct Outcome {
     pub status: Status,
     /// Microseconds from forwarding to the end of its reply.
     pub duration_us: u64,
+    /// Values masked in its reply, per detector or column.
+    pub masked: Vec<(String, u64)>,
 }
 
 /// Most replies awaited at once; past it the tracker stops (results for
@@ -104,9 +114,24 @@ pub struct Tracker {
     /// DataRows seen for the statement in front.
     rows_seen: u64,
     overflowed: bool,
+    /// The last reply answered the gate's own Describe of this key.
+    swallow: Option<ShapeKey>,
+    /// A known shape for the rows that follow.
+    shape: Option<std::sync::Arc<crate::mask::Shape>>,
 }
 
 impl Tracker {
+    /// Whether the last message handed to [`Self::on_server`] answered the
+    /// gate's own Describe (and must not reach the client); resets.
+    pub fn take_swallow(&mut self) -> Option<ShapeKey> {
+        self.swallow.take()
+    }
+
+    /// The shape announced for the rows that follow, if one was reached.
+    pub fn take_shape(&mut self) -> Option<std::sync::Arc<crate::mask::Shape>> {
+        self.shape.take()
+    }
+
     /// No reply is awaited.
     pub fn is_idle(&self) -> bool {
         self.queue.is_empty()
@@ -145,6 +170,7 @@ impl Tracker {
                 pending,
                 rows,
                 status,
+                masked: Vec::new(),
             });
         }
     }
@@ -187,6 +213,12 @@ impl Tracker {
     }
 
     fn step(&mut self, tag: u8, body: &[u8], out: &mut Vec<Outcome>) {
+        // Shape markers have no reply: they apply from the next message on.
+        while let Some(Expect::Shape(_)) = self.queue.front() {
+            if let Some(Expect::Shape(s)) = self.queue.pop_front() {
+                self.shape = Some(s);
+            }
+        }
         match tag {
             b'D' => self.rows_seen += 1,
             b'1' | b'2' | b'3' => {
@@ -195,8 +227,10 @@ impl Tracker {
                 }
             }
             b'T' | b'n' => {
-                if matches!(self.queue.front(), Some(Expect::Describe)) {
-                    self.queue.pop_front();
+                if let Some(Expect::Describe(_)) = self.queue.front()
+                    && let Some(Expect::Describe(key)) = self.queue.pop_front()
+                {
+                    self.swallow = key;
                 }
             }
             b'C' | b'I' | b's' => {

@@ -217,6 +217,7 @@ async fn start_with(opts: Opts) -> Env {
             allow_cleartext_loopback: !opts.strict_cleartext,
             max_message_bytes: 64 << 20,
             startup_timeout: Duration::from_secs(5),
+            mask_key: b"test mask key".to_vec(),
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -262,6 +263,22 @@ impl Env {
             .await
             .unwrap();
         *self.control.lock().unwrap() = Some(spawn_control(self.control_cfg.clone(), listener));
+    }
+
+    /// Runs `tests/SCRIPT HOST PORT DB TOKEN` with the test Python (psycopg, asyncpg).
+    async fn python(&self, script: &str, token: &str) -> Output {
+        let python = wicket_testkit::env::require("WICKET_TEST_PYTHON");
+        let script = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+        let args = [
+            script,
+            "127.0.0.1".to_string(),
+            self.gate.port().to_string(),
+            self.db.clone(),
+            token.to_string(),
+        ];
+        tokio::task::spawn_blocking(move || Command::new(python).args(args).output().unwrap())
+            .await
+            .unwrap()
     }
 
     async fn psql(&self, token: &str, reasoning: Option<&str>, commands: &[&str]) -> Output {
@@ -693,20 +710,9 @@ async fn control_outage_during_pgbench_loses_no_event_and_keeps_enforcing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_and_asyncpg_work_through_the_gate() {
-    let python = wicket_testkit::env::require("WICKET_TEST_PYTHON");
     let e = start().await;
     let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/drivers.py");
-    let port = e.gate.port().to_string();
-    let db = e.db.clone();
-    let o = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args([script, "127.0.0.1", &port, &db, &agent])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let o = e.python("drivers.py", &agent).await;
     let (so, se) = out(&o);
     assert!(o.status.success(), "{so}\n{se}");
     assert!(
@@ -1143,4 +1149,128 @@ async fn postgres_regression_suite_passes_through_the_gate_as_direct() {
     drained(&e).await;
     let stored = e.sidecar.spool.appended();
     assert!(stored > 10_000, "only {stored} audit events");
+}
+
+/// Masked columns and detectors on everything else.
+const MASK_POLICY: &str = "
+agents: {require_reasoning: true}
+connections:
+  - name: pg
+    protocol: postgres
+    masking:
+      columns:
+        - {column: public.people.ssn, style: redact}
+        - {column: public.people.card, style: partial}
+        - {column: public.people.salary}
+        - {column: public.people.doc}
+      detectors: [email, ssn, card]
+grants:
+  - id: agents
+    groups: [agents]
+rules:
+  - id: reads
+    effect: allow
+    match: {commands: [select, show, set, transaction, explain, listen, notify, cursor, copy]}
+  - id: inserts
+    effect: allow
+    match: {commands: [insert]}
+";
+
+const PEOPLE: &str = "CREATE TABLE people (id int primary key, name text, email text unique, \
+     ssn text, card varchar(19), salary int, doc jsonb); \
+     INSERT INTO people VALUES \
+     (1, 'Ann', 'ann@example.com', '123-45-6789', '4111111111111111', 78000, '{\"pin\": \"s3cret\"}'), \
+     (2, 'Bob', 'bob@example.org', '078-05-1120', '5555555555554444', 65000, null)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masked_columns_and_detected_values_never_reach_the_client() {
+    let e = start_with(Opts {
+        policy: Some(MASK_POLICY),
+        ..Opts::default()
+    })
+    .await;
+    admin_psql(&wicket_testkit::env::postgres_url(), &e.db, PEOPLE);
+    let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    let secrets = [
+        "123-45-6789",
+        "4111111111111111",
+        "ann@example.com",
+        "bob@example.org",
+        "78000",
+        "s3cret",
+    ];
+    let o = e
+        .psql(
+            &agent,
+            Some("masking check"),
+            &[
+                "SELECT * FROM people ORDER BY id",
+                // Renamed, re-ordered, and through an expression.
+                "SELECT ssn AS x, card AS y, salary AS z FROM people WHERE id = 1",
+                "SELECT upper(email) || ' / ' || ssn FROM people WHERE id = 1",
+                // A unique violation's detail names the duplicated value.
+                "INSERT INTO people (id, email) VALUES (3, 'ann@example.com')",
+                "LISTEN ch",
+                "NOTIFY ch, 'reach me at ann@example.com'",
+                "COPY people (id, email) TO STDOUT",
+            ],
+        )
+        .await;
+    let (so, se) = out(&o);
+    for s in secrets {
+        assert!(
+            !so.contains(s) && !se.contains(s),
+            "{s} leaked:\n{so}\n{se}"
+        );
+    }
+    let lines: Vec<&str> = so.lines().collect();
+    assert_eq!(
+        lines[0], "1|Ann|[redacted:email]|[redacted:ssn]|****1111||\"[redacted:doc]\"",
+        "{so}"
+    );
+    assert_eq!(
+        lines[1], "2|Bob|[redacted:email]|[redacted:ssn]|****4444||",
+        "{so}"
+    );
+    assert_eq!(lines[2], "[redacted:ssn]|****1111|", "{so}");
+    assert_eq!(lines[3], "[redacted:email] / [redacted:ssn]", "{so}");
+    assert!(
+        se.contains("duplicate key") && se.contains("(email)=(…)"),
+        "{se}"
+    );
+    assert!(so.contains("reach me at [redacted:email]"), "{so}");
+    assert!(so.contains("1\t[redacted:email]"), "{so}");
+
+    // Binary and text clients decode every row and see no original value.
+    let py = e.python("masking.py", &agent).await;
+    let (po, pe) = out(&py);
+    assert!(
+        py.status.success() && po.contains("masking ok"),
+        "{po}\n{pe}"
+    );
+
+    // The audit record counts what was masked, and holds no original value.
+    drained(&e).await;
+    let events = all_events(&e).await;
+    let star = events
+        .iter()
+        .find(|ev| {
+            ev.command
+                .as_ref()
+                .is_some_and(|c| c.text.trim() == "SELECT * FROM people ORDER BY id")
+        })
+        .expect("the SELECT * is recorded");
+    let masked: std::collections::BTreeMap<String, u64> = match events
+        .iter()
+        .find(|r| r.details.get("command_id") == Some(&star.id))
+    {
+        Some(r) => r.masked.clone().into_iter().collect(),
+        None => star.masked.clone().into_iter().collect(),
+    };
+    assert_eq!(masked.get("public.people.ssn"), Some(&2), "{masked:?}");
+    assert_eq!(masked.get("email"), Some(&2), "{masked:?}");
+    let dump = format!("{events:?}");
+    for s in secrets {
+        assert!(!dump.contains(s) || s == "78000", "{s} in the audit record");
+    }
 }

@@ -16,11 +16,11 @@
 mod compile;
 mod error;
 mod eval;
-mod glob;
+pub mod glob;
 mod model;
 mod yaml;
 
-pub use compile::{Policy, parse, parse_and_compile};
+pub use compile::{BUILTIN_DETECTORS, Policy, parse, parse_and_compile};
 pub use error::{PolicyError, PolicyErrors};
 pub use eval::{Explanation, Request, RuleMatch, SessionDecision};
 pub use model::*;

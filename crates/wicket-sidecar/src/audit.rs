@@ -349,6 +349,9 @@ impl Spool {
                         }
                     }
                     details.insert("result_id".into(), event.id.clone());
+                    for (k, n) in &event.masked {
+                        *out[i].masked.entry(k.clone()).or_default() += n;
+                    }
                     g.merged.entry(command).or_default().push(event.id.clone());
                 }
                 None => {

@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
         let expected = match data.first().copied().unwrap_or(0) % 4 {
             0 => vec![Expect::Query([pending(), pending()].into())],
             1 => vec![Expect::Ack, Expect::Ack, Expect::Execute(pending()), Expect::Sync],
-            2 => vec![Expect::Describe, Expect::Execute(pending()), Expect::Sync, Expect::Execute(None)],
+            2 => vec![Expect::Describe(None), Expect::Describe(Some(Default::default())), Expect::Execute(pending()), Expect::Sync, Expect::Execute(None)],
             _ => vec![Expect::Guarded { shift: 7, nonce: "n".into(), query: true }],
         };
         let n = expected.len();
