@@ -148,13 +148,17 @@ pub(crate) fn scan(text: &str, on: &Enabled, out: &mut Vec<(Entity, usize, usize
     let b = text.as_bytes();
     let n = b.len();
     let mut i = 0;
+    // Where the last value ended: a boundary as good as a space, so that what
+    // follows a value is judged as it will be once the value is replaced.
+    let mut floor = 0;
     while i < n {
         let c = CLASS[b[i] as usize];
         if c & ALNUM != 0 {
             let run_end = run(b, i, ALNUM);
-            if let Some((e, end)) = at_word(b, i, on) {
+            if let Some((e, end)) = at_word(b, i, on, floor) {
                 out.push((e, i, end));
                 i = end.max(i + 1);
+                floor = i;
             } else {
                 i = run_end;
             }
@@ -163,9 +167,9 @@ pub(crate) fn scan(text: &str, on: &Enabled, out: &mut Vec<(Entity, usize, usize
         if c & TRIGGER != 0 {
             let found = match b[i] {
                 b'@' if on[Entity::Email.index()] => email(b, i),
-                b'+' | b'(' if on[Entity::Phone.index()] => phone(b, i).map(|end| (i, end)),
+                b'+' | b'(' if on[Entity::Phone.index()] => phone(b, i, floor).map(|end| (i, end)),
                 b'-' if on[Entity::PrivateKey.index()] => pem(b, i).map(|end| (i, end)),
-                b':' if on[Entity::Ipv6.index()] => ipv6(b, i).map(|end| (i, end)),
+                b':' if on[Entity::Ipv6.index()] => ipv6(b, i, floor).map(|end| (i, end)),
                 _ => None,
             };
             if let Some((start, end)) = found {
@@ -177,6 +181,7 @@ pub(crate) fn scan(text: &str, on: &Enabled, out: &mut Vec<(Entity, usize, usize
                 };
                 out.push((e, start, end));
                 i = end.max(i + 1);
+                floor = i;
                 continue;
             }
         }
@@ -194,11 +199,11 @@ fn run(b: &[u8], mut i: usize, flag: u8) -> usize {
 }
 
 /// The detectors that start with a letter or digit, at the start of a word.
-fn at_word(b: &[u8], i: usize, on: &Enabled) -> Option<(Entity, usize)> {
+fn at_word(b: &[u8], i: usize, on: &Enabled, floor: usize) -> Option<(Entity, usize)> {
     let first = b[i];
     if first.is_ascii_digit() {
         if on[Entity::Ipv4.index()]
-            && let Some(end) = ipv4(b, i)
+            && let Some(end) = ipv4(b, i, floor)
         {
             return Some((Entity::Ipv4, end));
         }
@@ -213,7 +218,7 @@ fn at_word(b: &[u8], i: usize, on: &Enabled) -> Option<(Entity, usize)> {
             return Some((Entity::CreditCard, end));
         }
         if on[Entity::Phone.index()]
-            && let Some(end) = phone(b, i)
+            && let Some(end) = phone(b, i, floor)
         {
             return Some((Entity::Phone, end));
         }
@@ -238,7 +243,7 @@ fn at_word(b: &[u8], i: usize, on: &Enabled) -> Option<(Entity, usize)> {
     }
     if on[Entity::Ipv6.index()]
         && is(b, i, HEX)
-        && let Some(end) = ipv6(b, i)
+        && let Some(end) = ipv6(b, i, floor)
     {
         return Some((Entity::Ipv6, end));
     }
@@ -289,9 +294,9 @@ fn email(b: &[u8], at: usize) -> Option<(usize, usize)> {
     end.map(|e| (start, e))
 }
 
-fn ipv4(b: &[u8], i: usize) -> Option<usize> {
+fn ipv4(b: &[u8], i: usize, floor: usize) -> Option<usize> {
     // Not the tail of a longer dotted number (`1.2.3.4.5`, `v1.2.3.4`).
-    if i >= 2 && b[i - 1] == b'.' && is(b, i - 2, ALNUM) {
+    if i >= floor + 2 && b[i - 1] == b'.' && is(b, i - 2, ALNUM) {
         return None;
     }
     let mut j = i;
@@ -403,11 +408,11 @@ fn card(b: &[u8], i: usize) -> Option<usize> {
     }
 }
 
-fn phone(b: &[u8], i: usize) -> Option<usize> {
+fn phone(b: &[u8], i: usize, floor: usize) -> Option<usize> {
     match b[i] {
         b'+' => {
             // +CC then digits with spaces, dashes, dots or parentheses: 8 to 15 digits.
-            if !is(b, i + 1, DIGIT) || (i > 0 && is(b, i - 1, ALNUM)) {
+            if !is(b, i + 1, DIGIT) || (i > floor && is(b, i - 1, ALNUM)) {
                 return None;
             }
             let mut j = i + 1;
@@ -461,8 +466,8 @@ fn nanp_tail(b: &[u8], j: usize) -> Option<usize> {
     ends(b, end).then_some(end)
 }
 
-fn ipv6(b: &[u8], i: usize) -> Option<usize> {
-    if i > 0 && (is(b, i - 1, ALNUM) || b[i - 1] == b':') {
+fn ipv6(b: &[u8], i: usize, floor: usize) -> Option<usize> {
+    if i > floor && (is(b, i - 1, ALNUM) || b[i - 1] == b':') {
         return None;
     }
     let mut j = i;
@@ -476,7 +481,8 @@ fn ipv6(b: &[u8], i: usize) -> Option<usize> {
         }
         j += 1;
     }
-    if colons < 2 {
+    // `::` alone (the unspecified address) says nothing about anyone.
+    if colons < 2 || !b[i..j].iter().any(u8::is_ascii_hexdigit) {
         return None;
     }
     // The longest prefix that is an address and ends before a dot or a colon

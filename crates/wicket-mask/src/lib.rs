@@ -251,6 +251,10 @@ pub struct Finding {
     pub end: usize,
 }
 
+/// Bytes before a replacement scanned again: longer than any value whose
+/// end a neighbour decides (an e-mail address is at most 64 + 1 + 255 bytes).
+const LOOKBACK: usize = 330;
+
 /// Compiled detectors and styles. Cheap to share (`Arc`); `Send + Sync`.
 pub struct Masker {
     detectors: Vec<Detector>,
@@ -326,17 +330,97 @@ impl Masker {
         if found.is_empty() {
             return (Cow::Borrowed(text), counts);
         }
+        let (mut out, mut spans) = self.replace_all(text, &found, &mut counts);
+        // A replacement changes what the text before it is followed by: a
+        // number glued by a dash to a card number is no SSN, but followed by
+        // `-[redacted:card]` it is. So the few bytes before each replacement
+        // are scanned again (what follows a replacement is already judged
+        // as if it stood alone), until nothing more is found: the output
+        // holds nothing a detector would find.
+        for _ in 0..4 {
+            let mut more = Vec::new();
+            let mut prev_end = 0;
+            for &(start, end) in &spans {
+                // Only a value ending right before it, or before a character
+                // some detector reads on (not a space after a word, a quote,
+                // a bracket or a comma), can have been judged by what was there.
+                let b = out.as_bytes();
+                let glued = start >= 1
+                    && match b[start - 1] {
+                        b' ' => {
+                            start >= 2
+                                && !b[start - 2].is_ascii_alphabetic()
+                                && !b[start - 2].is_ascii_whitespace()
+                        }
+                        b'\t' | b'\n' | b'\r' | b'"' | b'\'' | b'[' | b'{' | b'<' | b'>' | b'='
+                        | b',' | b';' | b'|' => false,
+                        _ => true,
+                    };
+                if !glued {
+                    prev_end = end;
+                    continue;
+                }
+                let mut from = start.saturating_sub(LOOKBACK).max(prev_end);
+                while !out.is_char_boundary(from) {
+                    from += 1;
+                }
+                for f in self.find(&out[from..start]) {
+                    more.push(Finding {
+                        detector: f.detector,
+                        start: from + f.start,
+                        end: from + f.end,
+                    });
+                }
+                prev_end = end;
+            }
+            if more.is_empty() {
+                break;
+            }
+            let (again, new_spans) = self.replace_all(&out, &more, &mut counts);
+            // Old spans move by what the new replacements added before them.
+            let mut moved = Vec::with_capacity(spans.len() + new_spans.len());
+            let mut shift: isize = 0;
+            let mut k = 0;
+            for &(start, end) in &spans {
+                while k < more.len() && more[k].end <= start {
+                    let (ns, ne) = new_spans[k];
+                    shift += (ne - ns) as isize - (more[k].end - more[k].start) as isize;
+                    moved.push((ns, ne));
+                    k += 1;
+                }
+                moved.push((
+                    (start as isize + shift) as usize,
+                    (end as isize + shift) as usize,
+                ));
+            }
+            moved.extend_from_slice(&new_spans[k..]);
+            out = again;
+            spans = moved;
+        }
+        (Cow::Owned(out), counts)
+    }
+
+    /// `text` with `found` replaced; the spans of the replacements in the result.
+    fn replace_all(
+        &self,
+        text: &str,
+        found: &[Finding],
+        counts: &mut Counts,
+    ) -> (String, Vec<(usize, usize)>) {
         let mut out = String::with_capacity(text.len() + 16);
+        let mut spans = Vec::with_capacity(found.len());
         let mut at = 0;
         for f in found {
             out.push_str(&text[at..f.start]);
             let d = &self.detectors[f.detector];
+            let start = out.len();
             self.replace_into(&mut out, d, &text[f.start..f.end]);
+            spans.push((start, out.len()));
             counts.bump(self, f.detector);
             at = f.end;
         }
         out.push_str(&text[at..]);
-        (Cow::Owned(out), counts)
+        (out, spans)
     }
 
     /// The whole of `value` masked as detector `name` would mask it, in

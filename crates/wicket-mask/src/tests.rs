@@ -285,6 +285,19 @@ proptest! {
         prop_assert!(counts.total() >= 1);
     }
 
+    /// Values glued to each other by any separator: what comes out holds
+    /// nothing a detector would still find.
+    #[test]
+    fn masking_glued_values_leaves_nothing_to_find(
+        parts in prop::collection::vec((value(), "[-. ,:;()/+@]{0,2}"), 1..5),
+    ) {
+        let m = masker();
+        let text: String = parts.iter().map(|(v, sep)| format!("{v}{sep}")).collect();
+        let (out, _) = m.mask(&text);
+        let (again, _) = m.mask(&out);
+        prop_assert_eq!(&again, &out, "from {:?}", text);
+    }
+
     /// Any input: no panic, spans on char boundaries, masking idempotent in length terms.
     #[test]
     fn any_text_is_handled(text in "\\PC{0,200}") {
