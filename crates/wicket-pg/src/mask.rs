@@ -922,3 +922,380 @@ mod tests {
         );
     }
 }
+
+/// How COPY rows are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFormat {
+    /// Tab-separated text with backslash escapes.
+    Text,
+    /// Comma-separated values with quotes.
+    Csv,
+    /// PostgreSQL's binary COPY format.
+    Binary,
+}
+
+/// A `COPY table [(columns)] TO STDOUT`, as far as masking needs it.
+#[derive(Debug, Clone)]
+pub struct CopyOut {
+    schema: String,
+    table: String,
+    columns: Vec<String>,
+    format: CopyFormat,
+    delimiter: u8,
+    quote: u8,
+    null: String,
+    header: bool,
+}
+
+/// The COPY of a table to the client in `sql`, if that is what it is.
+pub fn copy_out(sql: &str) -> Option<CopyOut> {
+    use pg_query::NodeEnum;
+    let parsed = pg_query::parse(sql, 0).ok()?;
+    let raw = parsed.protobuf.stmts.first()?;
+    let NodeEnum::CopyStmt(c) = raw.stmt.as_ref()?.node.as_ref()? else {
+        return None;
+    };
+    if c.is_from || !c.filename.is_empty() || c.is_program {
+        return None;
+    }
+    let rel = c.relation.as_ref()?;
+    let name = |n: &pg_query::protobuf::Node| match n.node.as_ref() {
+        Some(NodeEnum::String(s)) => Some(s.sval.clone()),
+        _ => None,
+    };
+    let mut out = CopyOut {
+        schema: rel.schemaname.clone(),
+        table: rel.relname.clone(),
+        columns: c.attlist.iter().filter_map(name).collect(),
+        format: CopyFormat::Text,
+        delimiter: b'\t',
+        quote: b'"',
+        null: "\\N".into(),
+        header: false,
+    };
+    let mut delimiter = None;
+    let mut null = None;
+    for o in &c.options {
+        let Some(NodeEnum::DefElem(d)) = o.node.as_ref() else {
+            continue;
+        };
+        let arg = d.arg.as_deref().and_then(name).unwrap_or_default();
+        match d.defname.as_str() {
+            "format" => {
+                out.format = match arg.to_ascii_lowercase().as_str() {
+                    "csv" => CopyFormat::Csv,
+                    "binary" => CopyFormat::Binary,
+                    _ => CopyFormat::Text,
+                }
+            }
+            "delimiter" => delimiter = arg.bytes().next(),
+            "quote" => out.quote = arg.bytes().next().unwrap_or(b'"'),
+            "null" => null = Some(arg),
+            "header" => {
+                out.header = match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+                    None => true,
+                    Some(NodeEnum::Boolean(b)) => b.boolval,
+                    Some(NodeEnum::Integer(i)) => i.ival != 0,
+                    Some(NodeEnum::String(s)) => {
+                        !matches!(s.sval.to_ascii_lowercase().as_str(), "false" | "off" | "0")
+                    }
+                    _ => true,
+                }
+            }
+            _ => {}
+        }
+    }
+    if out.format == CopyFormat::Csv {
+        out.delimiter = b',';
+        out.null = String::new();
+    }
+    out.delimiter = delimiter.unwrap_or(out.delimiter);
+    out.null = null.unwrap_or(out.null);
+    Some(out)
+}
+
+/// How a COPY's rows are masked, column by column.
+#[derive(Debug)]
+pub struct CopyPlan {
+    cols: Vec<Col>,
+    out: CopyOut,
+    /// The layout could not be resolved: every field is withheld.
+    withhold_all: bool,
+    /// A header line is still to come (CSV `HEADER`): column names, passed as they are.
+    header_pending: std::sync::atomic::AtomicBool,
+}
+
+impl Masking {
+    /// The masking of `copy`'s rows, from `database`'s catalog.
+    pub async fn copy_plan(
+        &self,
+        plan: &Plan,
+        upstream: &UpstreamConfig,
+        database: &str,
+        copy: CopyOut,
+    ) -> CopyPlan {
+        let ident = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+        let qualified = if copy.schema.is_empty() {
+            ident(&copy.table)
+        } else {
+            format!("{}.{}", ident(&copy.schema), ident(&copy.table))
+        };
+        let literal = qualified.replace('\'', "''");
+        let sql = format!(
+            "SELECT a.attnum, a.atttypid, n.nspname, c.relname, a.attname \
+             FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE a.attrelid = pg_catalog.to_regclass('{literal}') AND a.attnum > 0 \
+             AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum"
+        );
+        let rows = match catalog_query(upstream, database, &sql).await {
+            Ok(r) if !r.is_empty() => r,
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                tracing::error!(error = %e, database, "cannot resolve a COPY's columns; its rows are withheld");
+                Vec::new()
+            }
+        };
+        let col = |r: &[String; 5]| {
+            let rule = plan.column_rule(&r[2], &r[3], &r[4]);
+            let qualified = format!("{}.{}.{}", r[2], r[3], r[4]);
+            Col {
+                rule: rule.map_or(Rule::None, Rule::Column),
+                label: r[4].clone(),
+                qualified,
+                type_oid: r[1].parse().unwrap_or(0),
+                binary: copy.format == CopyFormat::Binary,
+            }
+        };
+        let cols: Vec<Col> = if copy.columns.is_empty() {
+            rows.iter().map(col).collect()
+        } else {
+            copy.columns
+                .iter()
+                .map(|name| match rows.iter().find(|r| &r[4] == name) {
+                    Some(r) => col(r),
+                    None => Col {
+                        rule: Rule::Unresolved,
+                        label: name.clone(),
+                        qualified: "unresolved".into(),
+                        type_oid: 0,
+                        binary: copy.format == CopyFormat::Binary,
+                    },
+                })
+                .collect()
+        };
+        CopyPlan {
+            header_pending: std::sync::atomic::AtomicBool::new(
+                copy.header && copy.format == CopyFormat::Csv,
+            ),
+            withhold_all: rows.is_empty(),
+            cols,
+            out: copy,
+        }
+    }
+}
+
+/// One COPY row (a CopyData body) masked under `cp`; `None` when unchanged.
+pub fn copy_row(plan: &Plan, cp: &CopyPlan, body: &[u8], counts: &mut Tally) -> Option<Bytes> {
+    let row = match cp.out.format {
+        CopyFormat::Binary => copy_binary_row(plan, cp, body, counts)?,
+        CopyFormat::Text | CopyFormat::Csv => copy_text_row(plan, cp, body, counts)?,
+    };
+    let mut out = BytesMut::with_capacity(row.len() + 5);
+    out.put_u8(b'd');
+    out.put_i32((row.len() + 4) as i32);
+    out.extend_from_slice(&row);
+    Some(out.freeze())
+}
+
+fn copy_binary_row(plan: &Plan, cp: &CopyPlan, body: &[u8], counts: &mut Tally) -> Option<Vec<u8>> {
+    const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+    // The header comes with the first row: signature, flags, extension.
+    let mut pos = 0;
+    if body.starts_with(SIGNATURE) {
+        let ext = body.get(15..19)?;
+        pos = 19 + i32::from_be_bytes(ext.try_into().ok()?).max(0) as usize;
+    }
+    let mut out = body.get(..pos)?.to_vec();
+    let mut changed = false;
+    while pos < body.len() {
+        let n = i16::from_be_bytes([*body.get(pos)?, *body.get(pos + 1)?]);
+        out.extend_from_slice(&body[pos..pos + 2]);
+        pos += 2;
+        if n < 0 {
+            continue; // the trailer
+        }
+        for i in 0..n as usize {
+            let len = i32::from_be_bytes(body.get(pos..pos + 4)?.try_into().ok()?);
+            pos += 4;
+            if len < 0 {
+                out.extend_from_slice(&len.to_be_bytes());
+                continue;
+            }
+            let v = body.get(pos..pos + len as usize)?;
+            pos += len as usize;
+            let new = if cp.withhold_all {
+                Some(None)
+            } else {
+                cp.cols.get(i).and_then(|c| mask_value(plan, c, v, counts))
+            };
+            match new {
+                None => {
+                    out.extend_from_slice(&len.to_be_bytes());
+                    out.extend_from_slice(v);
+                }
+                Some(None) => {
+                    changed = true;
+                    out.extend_from_slice(&(-1i32).to_be_bytes());
+                }
+                Some(Some(m)) => {
+                    changed = true;
+                    out.extend_from_slice(&(m.len() as i32).to_be_bytes());
+                    out.extend_from_slice(&m);
+                }
+            }
+        }
+    }
+    changed.then_some(out)
+}
+
+/// Splits a text or CSV COPY line into raw fields (quotes kept).
+fn split_fields(line: &[u8], delimiter: u8, quote: Option<u8>) -> Vec<&[u8]> {
+    let mut fields = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, &c) in line.iter().enumerate() {
+        if Some(c) == quote {
+            quoted = !quoted;
+        } else if c == delimiter && !quoted {
+            fields.push(&line[start..i]);
+            start = i + 1;
+        }
+    }
+    fields.push(&line[start..]);
+    fields
+}
+
+/// A text-format field's value: `None` for NULL.
+fn text_field(raw: &[u8], cp: &CopyPlan) -> Option<Vec<u8>> {
+    if raw == cp.out.null.as_bytes() {
+        return None;
+    }
+    match cp.out.format {
+        CopyFormat::Csv => {
+            let q = cp.out.quote;
+            if raw.len() >= 2 && raw[0] == q && raw[raw.len() - 1] == q {
+                let inner = &raw[1..raw.len() - 1];
+                let mut v = Vec::with_capacity(inner.len());
+                let mut i = 0;
+                while i < inner.len() {
+                    v.push(inner[i]);
+                    i += if inner[i] == q && inner.get(i + 1) == Some(&q) {
+                        2
+                    } else {
+                        1
+                    };
+                }
+                Some(v)
+            } else {
+                Some(raw.to_vec())
+            }
+        }
+        _ => {
+            let mut v = Vec::with_capacity(raw.len());
+            let mut i = 0;
+            while i < raw.len() {
+                if raw[i] == b'\\' && i + 1 < raw.len() {
+                    v.push(match raw[i + 1] {
+                        b't' => b'\t',
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        c => c,
+                    });
+                    i += 2;
+                } else {
+                    v.push(raw[i]);
+                    i += 1;
+                }
+            }
+            Some(v)
+        }
+    }
+}
+
+/// A value written back as a text or CSV field (`None`: NULL).
+fn write_field(out: &mut Vec<u8>, v: Option<&[u8]>, cp: &CopyPlan) {
+    let Some(v) = v else {
+        out.extend_from_slice(cp.out.null.as_bytes());
+        return;
+    };
+    match cp.out.format {
+        CopyFormat::Csv => {
+            let q = cp.out.quote;
+            out.push(q);
+            for &c in v {
+                if c == q {
+                    out.push(q);
+                }
+                out.push(c);
+            }
+            out.push(q);
+        }
+        _ => {
+            for &c in v {
+                match c {
+                    b'\\' => out.extend_from_slice(b"\\\\"),
+                    b'\n' => out.extend_from_slice(b"\\n"),
+                    b'\r' => out.extend_from_slice(b"\\r"),
+                    b'\t' => out.extend_from_slice(b"\\t"),
+                    c if c == cp.out.delimiter => {
+                        out.push(b'\\');
+                        out.push(c);
+                    }
+                    c => out.push(c),
+                }
+            }
+        }
+    }
+}
+
+fn copy_text_row(plan: &Plan, cp: &CopyPlan, body: &[u8], counts: &mut Tally) -> Option<Vec<u8>> {
+    if cp.header_pending.swap(false, Ordering::Relaxed) {
+        return None;
+    }
+    let line = body.strip_suffix(b"\n").unwrap_or(body);
+    let quote = (cp.out.format == CopyFormat::Csv).then_some(cp.out.quote);
+    let fields = split_fields(line, cp.out.delimiter, quote);
+    let mut out = Vec::with_capacity(body.len() + 16);
+    let mut changed = false;
+    for (i, raw) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(cp.out.delimiter);
+        }
+        let value = text_field(raw, cp);
+        let new = match (&value, cp.withhold_all) {
+            (_, true) => Some(None),
+            (None, false) => None,
+            (Some(v), false) => cp.cols.get(i).and_then(|c| {
+                // Text fields are text whatever the type; the type decides
+                // what a masked one becomes.
+                let text_col = Col {
+                    binary: false,
+                    ..c.clone()
+                };
+                mask_value(plan, &text_col, v, counts)
+            }),
+        };
+        match new {
+            None => out.extend_from_slice(raw),
+            Some(v) => {
+                changed = true;
+                write_field(&mut out, v.as_deref(), cp);
+            }
+        }
+    }
+    if body.ends_with(b"\n") {
+        out.push(b'\n');
+    }
+    changed.then_some(out)
+}

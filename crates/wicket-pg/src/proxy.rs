@@ -352,6 +352,7 @@ impl PgGate {
                 let mut buf = BytesMut::with_capacity(64 * 1024);
                 let mut done = Vec::new();
                 let mut shape: Arc<mask::Shape> = Arc::default();
+                let mut copy: Option<Arc<mask::CopyPlan>> = None;
                 loop {
                     match up_r.read_buf(&mut buf).await {
                         Ok(0) | Err(_) => return,
@@ -372,6 +373,7 @@ impl PgGate {
                         database,
                         shape: &mut shape,
                         shapes: &shapes,
+                        copy: &mut copy,
                     });
                     let out = downstream(&mut buf, &markers, &tracker, &mut done, masking);
                     if !out.is_empty() && send(&mut *client_w.lock().await, &out).await.is_err() {
@@ -433,6 +435,21 @@ impl PgGate {
                                 return "upstream_closed";
                             }
                             out.clear();
+                            // A COPY of a table to the client: its rows are
+                            // masked by column, from the table's layout.
+                            if tag == b'Q'
+                                && let Some(plan) = self.mask_plan()
+                                && let Some(copy) = copy_of(&body)
+                            {
+                                let cp = self
+                                    .masking
+                                    .copy_plan(&plan, &self.cfg.upstream, &database, copy)
+                                    .await;
+                                tracker
+                                    .lock()
+                                    .expect("tracker")
+                                    .push(Expect::Copy(Arc::new(cp)));
+                            }
                             let (fwd, expect) = self
                                 .gate(tag, &body, &raw, &session, &mut state, &client_w, &markers)
                                 .await;
@@ -1077,6 +1094,7 @@ struct Masker<'a> {
     database: &'a str,
     shape: &'a mut Arc<mask::Shape>,
     shapes: &'a mask::Shapes,
+    copy: &'a mut Option<Arc<mask::CopyPlan>>,
 }
 
 fn downstream(
@@ -1111,6 +1129,7 @@ fn downstream(
         };
         let mut replacement = swallow.is_some().then(Bytes::new);
         let announced = t.take_shape();
+        let announced_copy = t.take_copy();
         if tag == b'E'
             && (guarded.is_some() || !m.is_empty())
             && let Some(r) = rewrite_error(body, guarded, &mut m)
@@ -1119,6 +1138,9 @@ fn downstream(
         } else if let Some(mk) = masking.as_mut() {
             if let Some(shape) = announced {
                 *mk.shape = shape;
+            }
+            if announced_copy.is_some() {
+                *mk.copy = announced_copy;
             }
             let masked = match tag {
                 b'T' => {
@@ -1132,7 +1154,14 @@ fn downstream(
                 b'D' => mask::data_row(mk.plan, mk.shape, body, &mut tally),
                 b'E' | b'N' => mask::notice(mk.plan, tag, body, &mut tally),
                 b'A' => mask::notification(mk.plan, body, &mut tally),
-                b'd' => mask::copy_data(mk.plan, body, &mut tally),
+                b'd' => match mk.copy.as_deref() {
+                    Some(cp) => mask::copy_row(mk.plan, cp, body, &mut tally),
+                    None => mask::copy_data(mk.plan, body, &mut tally),
+                },
+                b'c' | b'Z' => {
+                    *mk.copy = None;
+                    None
+                }
                 b'C' => {
                     // DDL may rename, move, add or drop masked columns.
                     if [&b"ALTER"[..], b"CREATE", b"DROP"]
@@ -1194,6 +1223,17 @@ fn bind_result_formats(body: &[u8]) -> Option<Bytes> {
         pos += 4 + len.max(0) as usize;
     }
     Some(Bytes::copy_from_slice(body.get(pos..)?))
+}
+
+/// The COPY of a table to the client a Query starts with, if any.
+fn copy_of(body: &[u8]) -> Option<mask::CopyOut> {
+    let mut pos = 0;
+    let sql = codec::cstr(body, &mut pos)?;
+    let head = sql.trim_start().get(..4)?;
+    if !head.eq_ignore_ascii_case("copy") {
+        return None;
+    }
+    mask::copy_out(&sql)
 }
 
 /// A Describe of `portal` (the gate's own, for masking).

@@ -37,6 +37,8 @@ pub enum Expect {
     /// No reply of its own: the rows of the Execute after it have this
     /// shape (known from an earlier Describe of the same statement and formats).
     Shape(std::sync::Arc<crate::mask::Shape>),
+    /// No reply of its own: the COPY rows of the Query after it are masked so.
+    Copy(std::sync::Arc<crate::mask::CopyPlan>),
     /// Execute: ends with CommandComplete, EmptyQueryResponse or PortalSuspended.
     Execute(Option<Pending>),
     /// A simple Query (its statements in order) or a FunctionCall (one
@@ -118,6 +120,8 @@ pub struct Tracker {
     swallow: Option<ShapeKey>,
     /// A known shape for the rows that follow.
     shape: Option<std::sync::Arc<crate::mask::Shape>>,
+    /// The masking of the COPY rows that follow.
+    copy: Option<std::sync::Arc<crate::mask::CopyPlan>>,
 }
 
 impl Tracker {
@@ -125,6 +129,11 @@ impl Tracker {
     /// gate's own Describe (and must not reach the client); resets.
     pub fn take_swallow(&mut self) -> Option<ShapeKey> {
         self.swallow.take()
+    }
+
+    /// The COPY masking announced for the rows that follow, if one was reached.
+    pub fn take_copy(&mut self) -> Option<std::sync::Arc<crate::mask::CopyPlan>> {
+        self.copy.take()
     }
 
     /// The shape announced for the rows that follow, if one was reached.
@@ -214,9 +223,11 @@ impl Tracker {
 
     fn step(&mut self, tag: u8, body: &[u8], out: &mut Vec<Outcome>) {
         // Shape markers have no reply: they apply from the next message on.
-        while let Some(Expect::Shape(_)) = self.queue.front() {
-            if let Some(Expect::Shape(s)) = self.queue.pop_front() {
-                self.shape = Some(s);
+        while let Some(Expect::Shape(_) | Expect::Copy(_)) = self.queue.front() {
+            match self.queue.pop_front() {
+                Some(Expect::Shape(s)) => self.shape = Some(s),
+                Some(Expect::Copy(c)) => self.copy = Some(c),
+                _ => {}
             }
         }
         match tag {

@@ -1170,7 +1170,7 @@ grants:
 rules:
   - id: reads
     effect: allow
-    match: {commands: [select, show, set, transaction, explain, listen, notify, cursor, copy]}
+    match: {commands: [select, show, set, transaction, explain, listen, notify, cursor, copy, lock, prepare, execute]}
   - id: inserts
     effect: allow
     match: {commands: [insert]}
@@ -1240,6 +1240,55 @@ async fn masked_columns_and_detected_values_never_reach_the_client() {
     );
     assert!(so.contains("reach me at [redacted:email]"), "{so}");
     assert!(so.contains("1\t[redacted:email]"), "{so}");
+
+    // COPY of the table, every format: masked by column as rows are.
+    let o = e
+        .psql(
+            &agent,
+            Some("export"),
+            &[
+                "COPY people TO STDOUT",
+                "COPY people (ssn, card, email) TO STDOUT WITH (FORMAT csv, HEADER)",
+                "COPY people TO STDOUT WITH (FORMAT binary)",
+            ],
+        )
+        .await;
+    let (so, se) = out(&o);
+    assert!(o.status.success(), "{se}");
+    for s in secrets {
+        assert!(!so.contains(s), "{s} leaked by COPY:\n{so}");
+    }
+    assert!(
+        so.contains("1\tAnn\t[redacted:email]\t[redacted:ssn]\t****1111\t\\N\t\"[redacted:doc]\""),
+        "{so}"
+    );
+    assert!(
+        so.contains("ssn,card,email\n\"[redacted:ssn]\",\"****1111\",\"[redacted:email]\""),
+        "{so}"
+    );
+
+    // pg_dump through the gate completes, and the dump holds no original value.
+    let dump = Command::new("pg_dump")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &e.gate.port().to_string(),
+            "-U",
+            "bot",
+            "-d",
+            &e.db,
+        ])
+        .env("PGPASSWORD", &agent)
+        .env("PGOPTIONS", "-c wicket.reasoning=backup")
+        .output()
+        .unwrap();
+    let (dump_out, dump_err) = out(&dump);
+    assert!(dump.status.success(), "pg_dump failed: {dump_err}");
+    assert!(dump_out.contains("COPY public.people"), "{dump_out}");
+    for s in secrets {
+        assert!(!dump_out.contains(s), "{s} in the dump:\n{dump_out}");
+    }
 
     // Binary and text clients decode every row and see no original value.
     let py = e.python("masking.py", &agent).await;
