@@ -144,9 +144,55 @@ pub fn classify(sql: &str) -> Result<Vec<Statement>, String> {
         let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
             continue;
         };
-        let (kind, verb) = kind_of(node);
-        let mut risk = base_risk(kind, verb);
+        let (mut kind, mut verb) = kind_of(node);
         let mut flags = Vec::new();
+        // A statement that carries another one is what it carries: a
+        // data-modifying CTE (`WITH d AS (DELETE …) SELECT …`), `EXPLAIN
+        // ANALYZE DELETE …` (which runs it), `PREPARE p AS DELETE …`,
+        // `COPY (DELETE … RETURNING …) TO …`. The riskiest carried write wins.
+        let mut node = node;
+        if let NodeEnum::PrepareStmt(p) = node {
+            flags.push(format!("prepare:{}", p.name));
+            if let Some(inner) = p.query.as_ref().and_then(|q| q.node.as_ref()) {
+                node = inner;
+                (kind, verb) = kind_of(node);
+            }
+        }
+        if let NodeEnum::ExecuteStmt(x) = node {
+            flags.push(format!("execute:{}", x.name));
+        }
+        let carried = node
+            .nodes()
+            .into_iter()
+            .filter_map(|(n, _, _, _)| match n {
+                pg_query::NodeRef::DeleteStmt(d) => {
+                    Some((2, "delete", "DELETE", d.where_clause.is_none()))
+                }
+                pg_query::NodeRef::UpdateStmt(u) => {
+                    Some((1, "update", "UPDATE", u.where_clause.is_none()))
+                }
+                pg_query::NodeRef::MergeStmt(_) => Some((1, "merge", "MERGE", false)),
+                pg_query::NodeRef::InsertStmt(_) => Some((0, "insert", "INSERT", false)),
+                _ => None,
+            })
+            .max_by_key(|c| c.0);
+        let top_is_write = matches!(kind, "insert" | "update" | "delete" | "merge");
+        let mut carried_no_where = false;
+        if let Some((_, k, v, no_where)) = carried
+            && (!top_is_write || base_risk(k, v) > base_risk(kind, verb))
+            && kind != "ddl"
+        {
+            if (kind, verb) != (k, v) {
+                flags.push(format!("carries:{k}"));
+            }
+            (kind, verb) = (k, v);
+            carried_no_where = no_where;
+        }
+        let mut risk = base_risk(kind, verb);
+        if carried_no_where && !matches!(node, NodeEnum::UpdateStmt(_) | NodeEnum::DeleteStmt(_)) {
+            flags.push("no_where".to_string());
+            risk += 30;
+        }
         match node {
             NodeEnum::UpdateStmt(u) if u.where_clause.is_none() => {
                 flags.push("no_where".to_string());
@@ -435,6 +481,42 @@ mod tests {
             }
             assert_eq!(super::fingerprint(sql).len(), 16, "{sql}");
         }
+    }
+
+    #[test]
+    fn statements_carried_inside_others_are_what_they_carry() {
+        for (sql, kind) in [
+            (
+                "WITH d AS (DELETE FROM t WHERE id = 1 RETURNING *) SELECT * FROM d",
+                "delete",
+            ),
+            ("EXPLAIN ANALYZE DELETE FROM t WHERE id = 1", "delete"),
+            ("PREPARE p AS DELETE FROM t WHERE id = $1", "delete"),
+            ("PREPARE q AS SELECT 1", "select"),
+            (
+                "COPY (UPDATE t SET a = 1 WHERE id = 2 RETURNING *) TO STDOUT",
+                "update",
+            ),
+            (
+                "WITH i AS (INSERT INTO t VALUES (1) RETURNING *) SELECT * FROM i",
+                "insert",
+            ),
+            ("INSERT INTO t SELECT * FROM s", "insert"),
+            (
+                "WITH d AS (DELETE FROM t RETURNING *) INSERT INTO s SELECT * FROM d",
+                "delete",
+            ),
+            ("SELECT * FROM t", "select"),
+        ] {
+            let s = &classify(sql).unwrap()[0];
+            assert_eq!(s.class.kind, kind, "{sql}: {:?}", s.flags);
+        }
+        let p = &classify("PREPARE p AS DELETE FROM t").unwrap()[0];
+        assert!(
+            p.flags.iter().any(|f| f == "prepare:p") && p.flags.iter().any(|f| f == "no_where")
+        );
+        let x = &classify("EXECUTE p(1)").unwrap()[0];
+        assert!(x.flags.iter().any(|f| f == "execute:p"), "{:?}", x.flags);
     }
 
     #[test]

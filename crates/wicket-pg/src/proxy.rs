@@ -391,6 +391,7 @@ impl PgGate {
             reasoning,
             traceparent: None,
             prepared: HashMap::new(),
+            sql_prepared: HashMap::new(),
             portals: HashMap::new(),
         };
         let up = async {
@@ -584,7 +585,26 @@ impl PgGate {
             }
         }
         let statements = match self.classifier.classify(&sql) {
-            Ok(s) => s,
+            Ok(mut s) => {
+                // `EXECUTE p` is what `PREPARE p AS …` prepared.
+                for st in &mut s {
+                    let prepared = st
+                        .flags
+                        .iter()
+                        .find_map(|f| f.strip_prefix("execute:"))
+                        .and_then(|name| state.sql_prepared.get(name));
+                    if let Some(p) = prepared {
+                        st.class = p.class.clone();
+                        st.flags.extend(
+                            p.flags
+                                .iter()
+                                .filter(|f| !f.starts_with("prepare:"))
+                                .cloned(),
+                        );
+                    }
+                }
+                s
+            }
             Err(e) => {
                 let d = Decision::deny(
                     "unparseable",
@@ -618,8 +638,15 @@ impl PgGate {
             }
             decisions.push(d);
         }
-        // SET wicket.reasoning lasts for the session.
+        // SET wicket.reasoning lasts for the session; PREPARE names what a
+        // later EXECUTE runs (that EXECUTE is decided as what it runs).
         for st in &statements {
+            if let Some(name) = st.flags.iter().find_map(|f| f.strip_prefix("prepare:")) {
+                if state.sql_prepared.len() >= MAX_PREPARED {
+                    state.sql_prepared.clear();
+                }
+                state.sql_prepared.insert(name.to_string(), st.clone());
+            }
             if st.class.kind == "set"
                 && let Some(r) = reasoning::from_set(&st.text)
             {
@@ -1014,6 +1041,8 @@ struct GateState {
     traceparent: Option<String>,
     /// Statements allowed at Parse, by name, for the decision and audit at Execute.
     prepared: HashMap<String, Prepared>,
+    /// SQL-level prepared statements (`PREPARE name AS …`), by name.
+    sql_prepared: HashMap<String, Statement>,
     /// Portal name to statement name (from Bind).
     portals: HashMap<String, results::ShapeKey>,
 }

@@ -1323,3 +1323,58 @@ async fn masked_columns_and_detected_values_never_reach_the_client() {
         assert!(!dump.contains(s) || s == "78000", "{s} in the audit record");
     }
 }
+
+/// Reads allowed, deletes never.
+const CARRIED_POLICY: &str = "
+connections:
+  - name: pg
+    protocol: postgres
+grants:
+  - id: agents
+    groups: [agents]
+rules:
+  - id: reads
+    effect: allow
+    match: {commands: [select, prepare, execute, explain]}
+  - id: no-deletes
+    effect: deny
+    match: {commands: [delete]}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_carried_inside_reads_are_decided_as_writes() {
+    let e = start_with(Opts {
+        policy: Some(CARRIED_POLICY),
+        ..Opts::default()
+    })
+    .await;
+    let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    for sql in [
+        "WITH d AS (DELETE FROM customers WHERE id = 1 RETURNING *) SELECT * FROM d",
+        "EXPLAIN ANALYZE DELETE FROM customers WHERE id = 1",
+        "PREPARE p AS DELETE FROM customers WHERE id = $1",
+        "COPY (DELETE FROM customers RETURNING *) TO STDOUT",
+    ] {
+        let o = e.psql(&agent, None, &[sql]).await;
+        let (_, se) = out(&o);
+        assert!(se.contains("refused by rule `no-deletes`"), "{sql}: {se}");
+    }
+    // A prepared read runs; EXECUTE is decided as what it runs.
+    let o = e
+        .psql(
+            &agent,
+            None,
+            &[
+                "PREPARE q AS SELECT name FROM customers WHERE id = $1",
+                "EXECUTE q(1)",
+            ],
+        )
+        .await;
+    let (so, se) = out(&o);
+    assert!(o.status.success() && so.contains("Ada"), "{so}{se}");
+    // Nothing was deleted.
+    let o = e
+        .psql(&agent, None, &["SELECT count(*) FROM customers"])
+        .await;
+    assert_eq!(out(&o).0.trim(), "2");
+}
