@@ -18,6 +18,7 @@ pub mod mask;
 pub mod proxy;
 pub mod reasoning;
 pub mod results;
+pub mod strict;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -80,6 +80,8 @@ pub struct Plan {
     /// `(schema, table, column)` globs and their style.
     columns: Vec<([String; 3], Style)>,
     detectors: bool,
+    /// Refuse statements that derive results from masked columns.
+    pub strict: bool,
 }
 
 impl std::fmt::Debug for Plan {
@@ -135,6 +137,7 @@ impl Plan {
             masker,
             columns,
             detectors: !spec.detectors.is_empty(),
+            strict: spec.strict,
         }))
     }
 
@@ -145,6 +148,25 @@ impl Plan {
         } else {
             text.to_string()
         }
+    }
+
+    /// Whether any column rule exists.
+    pub fn has_columns(&self) -> bool {
+        !self.columns.is_empty()
+    }
+
+    /// Whether `schema.table.column` is masked by a column rule.
+    pub fn masks(&self, schema: &str, table: &str, column: &str) -> bool {
+        self.column_rule(schema, table, column).is_some()
+    }
+
+    /// A masked column of `schema.table` (its rule's column pattern), if any.
+    pub fn masked_column_of(&self, schema: &str, table: &str) -> Option<String> {
+        use wicket_policy::glob::matches;
+        self.columns
+            .iter()
+            .find(|([s, t, _], _)| matches(s, schema) && matches(t, table))
+            .map(|([_, _, c], _)| c.clone())
     }
 
     fn column_rule(&self, schema: &str, table: &str, column: &str) -> Option<usize> {
@@ -285,6 +307,7 @@ impl Masking {
                         .expect("built-in detectors build"),
                     columns: vec![(["*".into(), "*".into(), "*".into()], Style::Redact)],
                     detectors: true,
+                    strict: true,
                 }))
             }
         };

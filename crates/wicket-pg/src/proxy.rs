@@ -630,9 +630,23 @@ impl PgGate {
         // The most restrictive decision over the statements wins.
         let mut worst: Option<(Decision, usize)> = None;
         let mut decisions = Vec::with_capacity(statements.len());
+        let strict = self.mask_plan().filter(|p| p.strict);
         for (i, st) in statements.iter().enumerate() {
             let cmd = command(st);
-            let d = self.sidecar.decide(session, &cmd, has_reasoning);
+            let mut d = self.sidecar.decide(session, &cmd, has_reasoning);
+            if d.effect != Effect::Deny
+                && let Some(plan) = &strict
+                && let Some(col) = crate::strict::leak(plan, &st.text)
+            {
+                d = Decision::deny(
+                    "masking-strict",
+                    format!(
+                        "the result would derive from masked column {col}; strict masking allows it \
+                         only as the column itself (not in expressions, whole rows, subqueries, CTEs, \
+                         set operations or functions)"
+                    ),
+                );
+            }
             if worst.as_ref().is_none_or(|(w, _)| d.effect > w.effect) {
                 worst = Some((d.clone(), i));
             }

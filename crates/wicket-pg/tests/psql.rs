@@ -1378,3 +1378,55 @@ async fn writes_carried_inside_reads_are_decided_as_writes() {
         .await;
     assert_eq!(out(&o).0.trim(), "2");
 }
+
+const STRICT_POLICY: &str = "
+agents: {require_reasoning: false}
+connections:
+  - name: pg
+    protocol: postgres
+    masking:
+      strict: true
+      columns:
+        - {column: public.people.ssn}
+grants:
+  - id: agents
+    groups: [agents]
+rules:
+  - id: reads
+    effect: allow
+    match: {commands: [select]}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_masking_refuses_derivations_and_names_the_column() {
+    let e = start_with(Opts {
+        policy: Some(STRICT_POLICY),
+        ..Opts::default()
+    })
+    .await;
+    admin_psql(&wicket_testkit::env::postgres_url(), &e.db, PEOPLE);
+    let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    for sql in [
+        "SELECT upper(ssn) FROM people",
+        "SELECT row_to_json(p) FROM people p",
+        "WITH c AS (SELECT ssn FROM people) SELECT * FROM c",
+        "SELECT ssn FROM people UNION ALL SELECT 'x'",
+    ] {
+        let o = e.psql(&agent, None, &[sql, "SELECT 1"]).await;
+        let (so, se) = out(&o);
+        assert!(
+            se.contains("refused by rule `masking-strict`") && se.contains("public.people.ssn"),
+            "{sql}: {se}"
+        );
+        assert!(
+            !so.contains("123-45-6789") && so.trim().ends_with('1'),
+            "{sql}: {so}"
+        );
+    }
+    let o = e
+        .psql(&agent, None, &["SELECT id, ssn FROM people ORDER BY id"])
+        .await;
+    let (so, se) = out(&o);
+    assert!(o.status.success(), "{se}");
+    assert_eq!(so.lines().next(), Some("1|[redacted:ssn]"), "{so}");
+}

@@ -130,6 +130,11 @@ pub struct MaskingSpec {
     /// Style for detector hits.
     #[serde(default)]
     pub style: MaskStyle,
+    /// Refuse statements whose results derive from a masked column other
+    /// than as the column itself (expressions, whole rows, subqueries, set
+    /// operations…), naming the column.
+    #[serde(default)]
+    pub strict: bool,
 }
 
 /// A column masking rule.
