@@ -252,6 +252,9 @@ struct Catalog {
     generation: u64,
 }
 
+/// A cached view lookup: the catalog generation and the definition.
+type ViewEntry = (u64, Option<String>);
+
 /// A bundle and the plan compiled from it.
 type PlanFor = (Arc<Bundle>, Option<Arc<Plan>>);
 
@@ -265,6 +268,8 @@ pub struct Masking {
     catalogs: Mutex<HashMap<String, Catalog>>,
     /// Bumped by DDL: every cached column is resolved again.
     generation: AtomicU64,
+    /// `(database, schema, name)` → the view's definition (None: not a view).
+    views: Mutex<HashMap<(String, String, String), ViewEntry>>,
     key: Vec<u8>,
 }
 
@@ -313,6 +318,46 @@ impl Masking {
         };
         *g = Some((bundle, plan.clone()));
         plan
+    }
+
+    /// The definition of `schema.name` in `database` if it is a view
+    /// (`Ok(None)` for anything else); cached until DDL.
+    pub async fn view_definition(
+        &self,
+        upstream: &UpstreamConfig,
+        database: &str,
+        schema: &str,
+        name: &str,
+    ) -> Result<Option<String>, String> {
+        let generation = self.generation();
+        let key = (database.to_string(), schema.to_string(), name.to_string());
+        if let Some((g, def)) = self.views.lock().expect("views").get(&key)
+            && *g == generation
+        {
+            return Ok(def.clone());
+        }
+        let ident = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+        let qualified = if schema.is_empty() {
+            ident(name)
+        } else {
+            format!("{}.{}", ident(schema), ident(name))
+        };
+        let sql = format!(
+            "SELECT c.relkind::text, pg_catalog.pg_get_viewdef(c.oid), '', '', '' \
+             FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('{}')",
+            qualified.replace('\'', "''")
+        );
+        let rows = catalog_query(upstream, database, &sql).await?;
+        let def = rows
+            .into_iter()
+            .find(|r| r[0] == "v" || r[0] == "m")
+            .map(|r| r[1].clone());
+        let mut views = self.views.lock().expect("views");
+        if views.len() >= 4096 {
+            views.clear();
+        }
+        views.insert(key, (generation, def.clone()));
+        Ok(def)
     }
 
     /// Forgets every resolved column (after DDL).

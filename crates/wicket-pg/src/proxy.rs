@@ -452,7 +452,10 @@ impl PgGate {
                                     .push(Expect::Copy(Arc::new(cp)));
                             }
                             let (fwd, expect) = self
-                                .gate(tag, &body, &raw, &session, &mut state, &client_w, &markers)
+                                .gate(
+                                    tag, &body, &raw, &session, &mut state, &client_w, &markers,
+                                    &database,
+                                )
                                 .await;
                             (fwd, Some(expect))
                         }
@@ -550,6 +553,45 @@ impl PgGate {
         self.end(&session, &reason);
     }
 
+    /// The masked column a statement would leak under strict masking,
+    /// directly or through views (followed four deep); a view that cannot
+    /// be looked up counts as a leak (fail closed).
+    async fn strict_leak(&self, plan: &mask::Plan, database: &str, sql: &str) -> Option<String> {
+        if let Some(col) = crate::strict::leak(plan, sql) {
+            return Some(col);
+        }
+        let mut todo: Vec<(String, String, u8)> = crate::strict::relations(sql)
+            .into_iter()
+            .map(|(s, n)| (s, n, 0))
+            .collect();
+        while let Some((schema, name, depth)) = todo.pop() {
+            match self
+                .masking
+                .view_definition(&self.cfg.upstream, database, &schema, &name)
+                .await
+            {
+                Ok(Some(def)) => {
+                    if let Some(col) = crate::strict::leak_in_view(plan, &def) {
+                        return Some(format!("{col} (through view {name})"));
+                    }
+                    if depth < 4 {
+                        todo.extend(
+                            crate::strict::relations(&def)
+                                .into_iter()
+                                .map(|(s, n)| (s, n, depth + 1)),
+                        );
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot look up a relation for strict masking");
+                    return Some(format!("(relation {name} could not be checked)"));
+                }
+            }
+        }
+        None
+    }
+
     /// Decides a `Query` or `Parse` and returns the bytes to forward.
     #[allow(clippy::too_many_arguments)]
     async fn gate(
@@ -561,6 +603,7 @@ impl PgGate {
         state: &mut GateState,
         client_w: &ClientWriter,
         markers: &Arc<Markers>,
+        database: &str,
     ) -> (Bytes, Expect) {
         let refused = || {
             if tag == b'P' {
@@ -634,10 +677,13 @@ impl PgGate {
         for (i, st) in statements.iter().enumerate() {
             let cmd = command(st);
             let mut d = self.sidecar.decide(session, &cmd, has_reasoning);
-            if d.effect != Effect::Deny
-                && let Some(plan) = &strict
-                && let Some(col) = crate::strict::leak(plan, &st.text)
-            {
+            let leak = match &strict {
+                Some(plan) if d.effect != Effect::Deny => {
+                    self.strict_leak(plan, database, &st.text).await
+                }
+                _ => None,
+            };
+            if let Some(col) = leak {
                 d = Decision::deny(
                     "masking-strict",
                     format!(
@@ -676,8 +722,13 @@ impl PgGate {
             Effect::Review => {
                 let mut classification = statements[0].class.clone();
                 classification.fingerprint = classify::fingerprint(&statements[0].text);
+                // The approval record, like the audit record, holds masked text.
+                let text = match self.mask_plan() {
+                    Some(plan) => plan.mask_text(&sql),
+                    None => sql.clone(),
+                };
                 let cmd = Command {
-                    text: sql.clone(),
+                    text,
                     classification,
                 };
                 let trace = self.trace(state);

@@ -9,11 +9,13 @@
 //! computed column that only the content detectors see. In strict mode the
 //! gate reads the parse tree and refuses such statements, naming the column.
 //!
-//! It judges names, not the catalog: an unqualified column counts as masked
-//! when any table in scope has a masked column of that name, and a relation
-//! alias used as a value (a whole row) when its table has any. Views over
-//! masked tables are not seen through (the view's own columns are not the
-//! table's); mask the view's columns too.
+//! It judges names: an unqualified column counts as masked when any table
+//! in scope has a masked column of that name, and a relation alias used as
+//! a value (a whole row) when its table has any. Views are seen through: the
+//! gate reads each relation's definition from the catalog
+//! ([`leak_in_view`]; four views deep), and a view that selects a masked
+//! column in any form is refused, since through a view even the plain
+//! column loses its table.
 
 use pg_query::NodeEnum;
 use pg_query::protobuf::{self, Node};
@@ -39,6 +41,35 @@ pub fn leak(plan: &Plan, sql: &str) -> Option<String> {
         .iter()
         .filter_map(|s| s.stmt.as_ref()?.node.as_ref())
         .find_map(|n| stmt(plan, n, true))
+}
+
+/// The masked column a view's definition (`pg_get_viewdef`) selects in any
+/// form: through a view, even the plain column loses its table.
+pub fn leak_in_view(plan: &Plan, definition: &str) -> Option<String> {
+    let parsed = pg_query::parse(definition, 0).ok()?;
+    parsed
+        .protobuf
+        .stmts
+        .iter()
+        .filter_map(|s| s.stmt.as_ref()?.node.as_ref())
+        .find_map(|n| stmt(plan, n, false))
+}
+
+/// Every relation `sql` names, as `(schema or "", name)`.
+pub fn relations(sql: &str) -> Vec<(String, String)> {
+    let Ok(parsed) = pg_query::parse(sql, 0) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (n, _, _, _) in parsed.protobuf.nodes() {
+        if let pg_query::NodeRef::RangeVar(r) = n {
+            let key = (r.schemaname.clone(), r.relname.clone());
+            if !out.contains(&key) {
+                out.push(key);
+            }
+        }
+    }
+    out
 }
 
 fn stmt(plan: &Plan, n: &NodeEnum, top: bool) -> Option<String> {

@@ -1405,8 +1405,15 @@ async fn strict_masking_refuses_derivations_and_names_the_column() {
     })
     .await;
     admin_psql(&wicket_testkit::env::postgres_url(), &e.db, PEOPLE);
+    admin_psql(
+        &wicket_testkit::env::postgres_url(),
+        &e.db,
+        "CREATE VIEW v AS SELECT id, ssn FROM people; CREATE VIEW vv AS SELECT * FROM v",
+    );
     let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
     for sql in [
+        "SELECT * FROM v",
+        "SELECT * FROM vv",
         "SELECT upper(ssn) FROM people",
         "SELECT row_to_json(p) FROM people p",
         "WITH c AS (SELECT ssn FROM people) SELECT * FROM c",
