@@ -295,6 +295,23 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 String::from_utf8_lossy(&all.stderr)
             ));
         }
+        // The same through psycopg 3 (text and binary) and asyncpg, where the
+        // test venv exists (`cargo xtask test` makes it).
+        let python = crate::peers::python();
+        if python.exists() {
+            let drivers = Command::new(&python)
+                .arg(root.join("deploy/demo/check_drivers.py"))
+                .arg(&agent_url)
+                .output()
+                .map_err(|e| format!("python: {e}"))?;
+            if !drivers.status.success() {
+                return Err(format!(
+                    "demo check: drivers saw unmasked rows: {}{}",
+                    String::from_utf8_lossy(&drivers.stdout),
+                    String::from_utf8_lossy(&drivers.stderr)
+                ));
+            }
+        }
         let drop = psql("DROP TABLE customers", "demo")?;
         if !String::from_utf8_lossy(&drop.stderr).contains("refused by rule `no-ddl-for-agents`") {
             return Err(format!(
