@@ -193,6 +193,8 @@ struct Col {
     rule: Rule,
     label: String,
     qualified: String,
+    /// The replacement when it does not depend on the value (redaction).
+    fixed: Option<Vec<u8>>,
     type_oid: u32,
     binary: bool,
 }
@@ -457,9 +459,28 @@ impl Masking {
                         None => (Rule::Unresolved, "unresolved".to_string()),
                     }
                 };
+                let label = last_part(&qualified);
+                let fixed = match rule {
+                    Rule::Column(i) if plan.columns[i].1 == Style::Redact => {
+                        let r = plan.masker.mask_whole("", &label, Style::Redact);
+                        match f.type_oid {
+                            t if text_like(t) => Some(r.into_bytes()),
+                            JSON => Some(json_string(&r).into_bytes()),
+                            JSONB if f.format == 1 => {
+                                let mut v = vec![1u8];
+                                v.extend_from_slice(json_string(&r).as_bytes());
+                                Some(v)
+                            }
+                            JSONB => Some(json_string(&r).into_bytes()),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
                 Col {
                     rule,
-                    label: last_part(&qualified),
+                    label,
+                    fixed,
                     qualified,
                     type_oid: f.type_oid,
                     binary: f.format == 1,
@@ -538,6 +559,7 @@ fn mask_value(plan: &Plan, col: &Col, v: &[u8], counts: &mut Tally) -> NewValue 
     }
     match col.rule {
         Rule::Unresolved => return Some(None),
+        Rule::Column(_) if col.fixed.is_some() => return Some(col.fixed.clone()),
         Rule::Column(i) => {
             let style = plan.columns[i].1;
             let text = String::from_utf8_lossy(v);
@@ -646,45 +668,51 @@ fn binary_text_array(plan: &Plan, v: &[u8], counts: &mut Tally) -> NewValue {
 pub fn data_row(plan: &Plan, shape: &Shape, body: &[u8], counts: &mut Tally) -> Option<Bytes> {
     let n = i16::from_be_bytes([*body.first()?, *body.get(1)?]);
     let mut pos = 2;
-    let mut values: Vec<(usize, usize, NewValue)> = Vec::with_capacity(n as usize);
-    let mut changed = false;
+    // Written only from the first changed value on (what came before is
+    // copied as it is).
+    let mut out: Option<BytesMut> = None;
     for i in 0..n.max(0) as usize {
+        let field = pos;
         let len = i32::from_be_bytes(body.get(pos..pos + 4)?.try_into().ok()?);
         pos += 4;
-        if len < 0 {
-            values.push((pos, 0, None));
-            continue;
-        }
-        let v = body.get(pos..pos + len as usize)?;
-        let new = shape
-            .cols
-            .get(i)
-            .and_then(|col| mask_value(plan, col, v, counts));
-        changed |= new.is_some();
-        values.push((pos, len as usize, new));
-        pos += len as usize;
-    }
-    if !changed {
-        return None;
-    }
-    let mut out = BytesMut::with_capacity(body.len() + 5 + 16 * values.len());
-    out.put_u8(b'D');
-    out.put_i32(0);
-    out.put_i16(n);
-    for (start, len, new) in values {
-        match new {
-            Some(Some(v)) => {
-                out.put_i32(v.len() as i32);
-                out.extend_from_slice(&v);
+        let value = if len < 0 {
+            None
+        } else {
+            let v = body.get(pos..pos + len as usize)?;
+            pos += len as usize;
+            Some(v)
+        };
+        let new = value.and_then(|v| {
+            shape
+                .cols
+                .get(i)
+                .and_then(|col| mask_value(plan, col, v, counts))
+        });
+        match (new, out.as_mut()) {
+            (None, None) => {}
+            (None, Some(o)) => o.extend_from_slice(&body[field..pos]),
+            (Some(new), o) => {
+                let o = match o {
+                    Some(o) => o,
+                    None => {
+                        let mut b = BytesMut::with_capacity(body.len() + 64);
+                        b.put_u8(b'D');
+                        b.put_i32(0);
+                        b.extend_from_slice(&body[..field]);
+                        out.insert(b)
+                    }
+                };
+                match new {
+                    Some(v) => {
+                        o.put_i32(v.len() as i32);
+                        o.extend_from_slice(&v);
+                    }
+                    None => o.put_i32(-1),
+                }
             }
-            Some(None) => out.put_i32(-1),
-            None if len == 0 && body[start - 4..start] == (-1i32).to_be_bytes() => out.put_i32(-1),
-            None => {
-                out.put_i32(len as i32);
-                out.extend_from_slice(&body[start..start + len]);
-            }
         }
     }
+    let mut out = out?;
     let total = (out.len() - 1) as i32;
     out[1..5].copy_from_slice(&total.to_be_bytes());
     Some(out.freeze())
@@ -867,6 +895,7 @@ mod tests {
 
     fn col(rule: Rule, type_oid: u32, binary: bool) -> Col {
         Col {
+            fixed: None,
             rule,
             label: "secret".into(),
             qualified: if rule == Rule::Unresolved {
@@ -1129,6 +1158,7 @@ impl Masking {
             let rule = plan.column_rule(&r[2], &r[3], &r[4]);
             let qualified = format!("{}.{}.{}", r[2], r[3], r[4]);
             Col {
+                fixed: None,
                 rule: rule.map_or(Rule::None, Rule::Column),
                 label: r[4].clone(),
                 qualified,
@@ -1144,6 +1174,7 @@ impl Masking {
                 .map(|name| match rows.iter().find(|r| &r[4] == name) {
                     Some(r) => col(r),
                     None => Col {
+                        fixed: None,
                         rule: Rule::Unresolved,
                         label: name.clone(),
                         qualified: "unresolved".into(),
