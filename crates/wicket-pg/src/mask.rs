@@ -338,16 +338,10 @@ impl Masking {
         {
             return Ok(def.clone());
         }
-        let ident = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-        let qualified = if schema.is_empty() {
-            ident(name)
-        } else {
-            format!("{}.{}", ident(schema), ident(name))
-        };
         let sql = format!(
             "SELECT c.relkind::text, pg_catalog.pg_get_viewdef(c.oid), '', '', '' \
-             FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('{}')",
-            qualified.replace('\'', "''")
+             FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass({})",
+            relation_literal(schema, name)
         );
         let rows = catalog_query(upstream, database, &sql).await?;
         let def = rows
@@ -462,18 +456,9 @@ impl Masking {
                 let label = last_part(&qualified);
                 let fixed = match rule {
                     Rule::Column(i) if plan.columns[i].1 == Style::Redact => {
-                        let r = plan.masker.mask_whole("", &label, Style::Redact);
-                        match f.type_oid {
-                            t if text_like(t) => Some(r.into_bytes()),
-                            JSON => Some(json_string(&r).into_bytes()),
-                            JSONB if f.format == 1 => {
-                                let mut v = vec![1u8];
-                                v.extend_from_slice(json_string(&r).as_bytes());
-                                Some(v)
-                            }
-                            JSONB => Some(json_string(&r).into_bytes()),
-                            _ => None,
-                        }
+                        encode_replacement(f.type_oid, f.format == 1, || {
+                            plan.masker.mask_whole("", &label, Style::Redact)
+                        })
                     }
                     _ => None,
                 };
@@ -489,6 +474,18 @@ impl Masking {
             .collect();
         Shape { cols }
     }
+}
+
+/// A relation's name as an SQL string literal for `to_regclass`: each part
+/// double-quoted (so its case and characters are kept), the whole quoted.
+fn relation_literal(schema: &str, name: &str) -> String {
+    let ident = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let qualified = if schema.is_empty() {
+        ident(name)
+    } else {
+        format!("{}.{}", ident(schema), ident(name))
+    };
+    format!("'{}'", qualified.replace('\'', "''"))
 }
 
 fn last_part(name: &str) -> String {
@@ -552,6 +549,26 @@ fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_string()).to_string()
 }
 
+/// A masked column's replacement as a value of its type and format: the
+/// text for text-like types, a JSON string for `json`/`jsonb` (binary `jsonb`
+/// with its version byte), and `None` (NULL) for any other type.
+fn encode_replacement(
+    type_oid: u32,
+    binary: bool,
+    replacement: impl FnOnce() -> String,
+) -> Option<Vec<u8>> {
+    match type_oid {
+        t if text_like(t) => Some(replacement().into_bytes()),
+        JSONB if binary => {
+            let mut v = vec![1u8];
+            v.extend_from_slice(json_string(&replacement()).as_bytes());
+            Some(v)
+        }
+        JSON | JSONB => Some(json_string(&replacement()).into_bytes()),
+        _ => None,
+    }
+}
+
 /// The new value of one column, or `None` to keep it as is; `Some(None)` is NULL.
 fn mask_value(plan: &Plan, col: &Col, v: &[u8], counts: &mut Tally) -> NewValue {
     if col.rule != Rule::None {
@@ -562,20 +579,14 @@ fn mask_value(plan: &Plan, col: &Col, v: &[u8], counts: &mut Tally) -> NewValue 
         Rule::Column(_) if col.fixed.is_some() => return Some(col.fixed.clone()),
         Rule::Column(i) => {
             let style = plan.columns[i].1;
-            let text = String::from_utf8_lossy(v);
-            let replaced = |t: &str| plan.masker.mask_whole(t, &col.label, style);
-            return Some(match col.type_oid {
-                t if text_like(t) => Some(replaced(&text).into_bytes()),
-                JSON => Some(json_string(&replaced(&text)).into_bytes()),
-                JSONB if col.binary => {
-                    let inner = String::from_utf8_lossy(v.get(1..).unwrap_or_default());
-                    let mut out = vec![1u8];
-                    out.extend_from_slice(json_string(&replaced(&inner)).as_bytes());
-                    Some(out)
-                }
-                JSONB => Some(json_string(&replaced(&text)).into_bytes()),
-                _ => None,
-            });
+            // Binary jsonb starts with its version byte; the rest is the text.
+            let text = match (col.type_oid, col.binary) {
+                (JSONB, true) => String::from_utf8_lossy(v.get(1..).unwrap_or_default()),
+                _ => String::from_utf8_lossy(v),
+            };
+            return Some(encode_replacement(col.type_oid, col.binary, || {
+                plan.masker.mask_whole(&text, &col.label, style)
+            }));
         }
         Rule::None => {}
     }
@@ -664,6 +675,17 @@ fn binary_text_array(plan: &Plan, v: &[u8], counts: &mut Tally) -> NewValue {
     changed.then_some(Some(out))
 }
 
+/// A length-prefixed value as DataRow and binary COPY carry it (`None`: NULL).
+fn put_value(out: &mut impl BufMut, v: Option<&[u8]>) {
+    match v {
+        Some(v) => {
+            out.put_i32(v.len() as i32);
+            out.put_slice(v);
+        }
+        None => out.put_i32(-1),
+    }
+}
+
 /// A DataRow rewritten under `shape`, or `None` when nothing changes.
 pub fn data_row(plan: &Plan, shape: &Shape, body: &[u8], counts: &mut Tally) -> Option<Bytes> {
     let n = i16::from_be_bytes([*body.first()?, *body.get(1)?]);
@@ -702,13 +724,7 @@ pub fn data_row(plan: &Plan, shape: &Shape, body: &[u8], counts: &mut Tally) -> 
                         out.insert(b)
                     }
                 };
-                match new {
-                    Some(v) => {
-                        o.put_i32(v.len() as i32);
-                        o.extend_from_slice(&v);
-                    }
-                    None => o.put_i32(-1),
-                }
+                put_value(o, new.as_deref());
             }
         }
     }
@@ -1131,19 +1147,13 @@ impl Masking {
         database: &str,
         copy: CopyOut,
     ) -> CopyPlan {
-        let ident = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
-        let qualified = if copy.schema.is_empty() {
-            ident(&copy.table)
-        } else {
-            format!("{}.{}", ident(&copy.schema), ident(&copy.table))
-        };
-        let literal = qualified.replace('\'', "''");
+        let literal = relation_literal(&copy.schema, &copy.table);
         let sql = format!(
             "SELECT a.attnum, a.atttypid, n.nspname, c.relname, a.attname \
              FROM pg_catalog.pg_attribute a \
              JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE a.attrelid = pg_catalog.to_regclass('{literal}') AND a.attnum > 0 \
+             WHERE a.attrelid = pg_catalog.to_regclass({literal}) AND a.attnum > 0 \
              AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum"
         );
         let rows = match catalog_query(upstream, database, &sql).await {
@@ -1240,18 +1250,10 @@ fn copy_binary_row(plan: &Plan, cp: &CopyPlan, body: &[u8], counts: &mut Tally) 
                 cp.cols.get(i).and_then(|c| mask_value(plan, c, v, counts))
             };
             match new {
-                None => {
-                    out.extend_from_slice(&len.to_be_bytes());
-                    out.extend_from_slice(v);
-                }
-                Some(None) => {
+                None => put_value(&mut out, Some(v)),
+                Some(m) => {
                     changed = true;
-                    out.extend_from_slice(&(-1i32).to_be_bytes());
-                }
-                Some(Some(m)) => {
-                    changed = true;
-                    out.extend_from_slice(&(m.len() as i32).to_be_bytes());
-                    out.extend_from_slice(&m);
+                    put_value(&mut out, m.as_deref());
                 }
             }
         }

@@ -557,13 +557,12 @@ impl PgGate {
     /// directly or through views (followed four deep); a view that cannot
     /// be looked up counts as a leak (fail closed).
     async fn strict_leak(&self, plan: &mask::Plan, database: &str, sql: &str) -> Option<String> {
-        if let Some(col) = crate::strict::leak(plan, sql) {
-            return Some(col);
+        let (leak, relations) = crate::strict::analyze(plan, sql, true);
+        if leak.is_some() {
+            return leak;
         }
-        let mut todo: Vec<(String, String, u8)> = crate::strict::relations(sql)
-            .into_iter()
-            .map(|(s, n)| (s, n, 0))
-            .collect();
+        let mut todo: Vec<(String, String, u8)> =
+            relations.into_iter().map(|(s, n)| (s, n, 0)).collect();
         while let Some((schema, name, depth)) = todo.pop() {
             match self
                 .masking
@@ -571,15 +570,12 @@ impl PgGate {
                 .await
             {
                 Ok(Some(def)) => {
-                    if let Some(col) = crate::strict::leak_in_view(plan, &def) {
+                    let (leak, relations) = crate::strict::analyze(plan, &def, false);
+                    if let Some(col) = leak {
                         return Some(format!("{col} (through view {name})"));
                     }
                     if depth < 4 {
-                        todo.extend(
-                            crate::strict::relations(&def)
-                                .into_iter()
-                                .map(|(s, n)| (s, n, depth + 1)),
-                        );
+                        todo.extend(relations.into_iter().map(|(s, n)| (s, n, depth + 1)));
                     }
                 }
                 Ok(None) => {}

@@ -13,7 +13,7 @@
 //! in scope has a masked column of that name, and a relation alias used as
 //! a value (a whole row) when its table has any. Views are seen through: the
 //! gate reads each relation's definition from the catalog
-//! ([`leak_in_view`]; four views deep), and a view that selects a masked
+//! ([`analyze`]; four views deep), and a view that selects a masked
 //! column in any form is refused, since through a view even the plain
 //! column loses its table.
 
@@ -31,45 +31,39 @@ struct Rel {
 
 /// The masked column `sql` would leak, if any (`schema.table.column`).
 pub fn leak(plan: &Plan, sql: &str) -> Option<String> {
+    analyze(plan, sql, true).0
+}
+
+/// One parse of `sql`: the masked column it would leak, if any, and every
+/// relation it names (`(schema or "", name)`), for the views among them to
+/// be looked at too. `top`: `sql` is what the client sent (its plain
+/// columns are masked on the way out); else it is a view's definition
+/// (`pg_get_viewdef`), through which even the plain column loses its table.
+pub fn analyze(plan: &Plan, sql: &str, top: bool) -> (Option<String>, Vec<(String, String)>) {
     if !plan.has_columns() {
-        return None;
+        return (None, Vec::new());
     }
-    let parsed = pg_query::parse(sql, 0).ok()?;
-    parsed
-        .protobuf
-        .stmts
-        .iter()
-        .filter_map(|s| s.stmt.as_ref()?.node.as_ref())
-        .find_map(|n| stmt(plan, n, true))
-}
-
-/// The masked column a view's definition (`pg_get_viewdef`) selects in any
-/// form: through a view, even the plain column loses its table.
-pub fn leak_in_view(plan: &Plan, definition: &str) -> Option<String> {
-    let parsed = pg_query::parse(definition, 0).ok()?;
-    parsed
-        .protobuf
-        .stmts
-        .iter()
-        .filter_map(|s| s.stmt.as_ref()?.node.as_ref())
-        .find_map(|n| stmt(plan, n, false))
-}
-
-/// Every relation `sql` names, as `(schema or "", name)`.
-pub fn relations(sql: &str) -> Vec<(String, String)> {
     let Ok(parsed) = pg_query::parse(sql, 0) else {
-        return Vec::new();
+        return (None, Vec::new());
     };
-    let mut out: Vec<(String, String)> = Vec::new();
-    for (n, _, _, _) in parsed.protobuf.nodes() {
-        if let pg_query::NodeRef::RangeVar(r) = n {
-            let key = (r.schemaname.clone(), r.relname.clone());
-            if !out.contains(&key) {
-                out.push(key);
+    let leak = parsed
+        .protobuf
+        .stmts
+        .iter()
+        .filter_map(|s| s.stmt.as_ref()?.node.as_ref())
+        .find_map(|n| stmt(plan, n, top));
+    let mut relations: Vec<(String, String)> = Vec::new();
+    if leak.is_none() {
+        for (n, _, _, _) in parsed.protobuf.nodes() {
+            if let pg_query::NodeRef::RangeVar(r) = n {
+                let key = (r.schemaname.clone(), r.relname.clone());
+                if !relations.contains(&key) {
+                    relations.push(key);
+                }
             }
         }
     }
-    out
+    (leak, relations)
 }
 
 fn stmt(plan: &Plan, n: &NodeEnum, top: bool) -> Option<String> {
