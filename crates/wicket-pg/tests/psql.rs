@@ -121,6 +121,15 @@ async fn start() -> Env {
     start_with(Opts::default()).await
 }
 
+/// A gate under `policy` instead of [`POLICY`].
+async fn start_policy(policy: &'static str) -> Env {
+    start_with(Opts {
+        policy: Some(policy),
+        ..Opts::default()
+    })
+    .await
+}
+
 async fn start_with(opts: Opts) -> Env {
     wicket_testkit::init_crypto();
     let url = wicket_testkit::env::postgres_url();
@@ -1097,11 +1106,7 @@ async fn pg_regress(
 /// server's release and builds its test modules).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_regression_suite_passes_through_the_gate_as_direct() {
-    let e = start_with(Opts {
-        policy: Some(REGRESS_POLICY),
-        ..Opts::default()
-    })
-    .await;
+    let e = start_policy(REGRESS_POLICY).await;
     let token = e.idp.mint(&TokenSpec::human("regress", &["regress"]));
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(
@@ -1184,11 +1189,7 @@ const PEOPLE: &str = "CREATE TABLE people (id int primary key, name text, email 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn masked_columns_and_detected_values_never_reach_the_client() {
-    let e = start_with(Opts {
-        policy: Some(MASK_POLICY),
-        ..Opts::default()
-    })
-    .await;
+    let e = start_policy(MASK_POLICY).await;
     admin_psql(&wicket_testkit::env::postgres_url(), &e.db, PEOPLE);
     let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
     let secrets = [
@@ -1343,11 +1344,7 @@ rules:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_carried_inside_reads_are_decided_as_writes() {
-    let e = start_with(Opts {
-        policy: Some(CARRIED_POLICY),
-        ..Opts::default()
-    })
-    .await;
+    let e = start_policy(CARRIED_POLICY).await;
     let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
     for sql in [
         "WITH d AS (DELETE FROM customers WHERE id = 1 RETURNING *) SELECT * FROM d",
@@ -1399,11 +1396,7 @@ rules:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_masking_refuses_derivations_and_names_the_column() {
-    let e = start_with(Opts {
-        policy: Some(STRICT_POLICY),
-        ..Opts::default()
-    })
-    .await;
+    let e = start_policy(STRICT_POLICY).await;
     admin_psql(&wicket_testkit::env::postgres_url(), &e.db, PEOPLE);
     admin_psql(
         &wicket_testkit::env::postgres_url(),
