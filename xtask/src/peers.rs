@@ -1,4 +1,5 @@
-//! Real peers for the test suite: PostgreSQL and the npm `oidc-provider`.
+//! Real peers for the test suite: PostgreSQL, the npm `oidc-provider`, and
+//! the packages the SSH tests run (each test starts its own `sshd`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -110,6 +111,20 @@ pub fn ensure_installed() -> Result<(), String> {
     }
     if !have("psql") || !have("pgbench") {
         apt.push("postgresql-client");
+    }
+    // The SSH gate's tests: OpenSSH's server and client tools, rsync, and
+    // asciinema (whose reader checks the recordings).
+    if !Path::new("/usr/sbin/sshd").exists() {
+        apt.push("openssh-server");
+    }
+    for (tool, pkg) in [
+        ("ssh", "openssh-client"),
+        ("rsync", "rsync"),
+        ("asciinema", "asciinema"),
+    ] {
+        if !have(tool) {
+            apt.push(pkg);
+        }
     }
     // pg_query (the PostgreSQL parser wicket-pg classifies with) generates
     // its bindings with bindgen, which needs libclang.

@@ -48,7 +48,6 @@ fn bump(t: &mut Tally, k: &str, n: u64) {
         }
     }
 }
-use wicket_policy::MaskStyle;
 use wicket_policy::Policy;
 use wicket_sidecar::bundle::Bundle;
 
@@ -66,13 +65,7 @@ const JSONB: u32 = 3802;
 /// element is replaced (the replacement has no quote, comma, brace or space).
 const TEXT_ARRAYS: [u32; 4] = [1009, 1015, 1014, 1003];
 
-fn style(s: MaskStyle) -> Style {
-    match s {
-        MaskStyle::Redact => Style::Redact,
-        MaskStyle::Partial => Style::Partial,
-        MaskStyle::Hash => Style::Hash,
-    }
-}
+use wicket_sidecar::masking::style;
 
 /// The compiled masking of one connection under one bundle.
 pub struct Plan {
@@ -103,22 +96,7 @@ impl Plan {
         if spec.columns.is_empty() && spec.detectors.is_empty() {
             return Ok(None);
         }
-        let hit_style = style(spec.style);
-        let mut b = Masker::builder().hash_key(key);
-        for name in &spec.detectors {
-            match name.parse::<wicket_mask::Entity>() {
-                Ok(e) => b = b.detector(e, hit_style),
-                Err(_) => {
-                    let custom = policy
-                        .document()
-                        .detectors
-                        .iter()
-                        .find(|d| &d.name == name)
-                        .ok_or_else(|| format!("unknown detector `{name}`"))?;
-                    b = b.custom(&custom.name, &custom.regex, hit_style);
-                }
-            }
-        }
+        let b = wicket_sidecar::masking::builder(policy, connection, key)?;
         let masker = b.build().map_err(|e| e.to_string())?;
         let columns = spec
             .columns

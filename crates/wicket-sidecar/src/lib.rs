@@ -21,6 +21,7 @@ pub mod bundle;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod masking;
 pub mod memo;
 pub mod metrics;
 pub mod session;

@@ -1,0 +1,1324 @@
+//! The SSH server the clients see, the SSH client the gate is to the host,
+//! and the relay between their channels.
+//!
+//! One client connection is one Wicket session and one upstream connection
+//! (opened at the first channel). Each client channel is relayed by its own
+//! task to its own upstream channel. Channel requests are answered to the
+//! client at once, in order (SSH needs the replies in request order); what
+//! a request does is decided in the channel's task, so a command held for
+//! approval holds only its own channel.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh::server::{self, Auth, Msg, Session};
+use russh::{
+    Channel, ChannelId, ChannelMsg, ChannelOpenFailure, Disconnect, MethodKind, MethodSet,
+};
+use tokio::sync::{OnceCell, Semaphore};
+use wicket_core::{AuditKind, Classification, Command, Decision, Effect, ReasoningTrace};
+use wicket_mask::Masker;
+use wicket_sidecar::{ApprovalOutcome, OpenSession, Sidecar};
+
+use crate::classify;
+use crate::line::{LineEditor, Piece};
+use crate::record::{self, Recorder};
+use crate::sftp;
+
+/// How the gate logs in upstream.
+#[derive(Clone)]
+pub enum UpstreamAuth {
+    /// A private key (OpenSSH format).
+    Key(Arc<PrivateKey>),
+    /// A password.
+    Password(String),
+}
+
+impl std::fmt::Debug for UpstreamAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UpstreamAuth::Key(_) => "Key(***)",
+            UpstreamAuth::Password(_) => "Password(***)",
+        })
+    }
+}
+
+/// The host behind the gate.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `host:port`.
+    pub addr: String,
+    /// The account the gate logs in as.
+    pub user: String,
+    /// Its credential (only the gate holds it).
+    pub auth: UpstreamAuth,
+    /// known_hosts file that pins the host's key (`[host]:port` entries for
+    /// ports other than 22). A host key not in it is refused.
+    pub known_hosts: PathBuf,
+}
+
+/// Settings of an SSH gate.
+#[derive(Debug, Clone)]
+pub struct SshConfig {
+    /// The host.
+    pub upstream: UpstreamConfig,
+    /// The gate's own host keys.
+    pub host_keys: Vec<PrivateKey>,
+    /// CA keys whose user certificates are accepted (empty: none).
+    pub user_cas: Vec<PublicKey>,
+    /// Key of keyed-hash masking.
+    pub mask_key: Vec<u8>,
+    /// Time a client has to authenticate (key exchange included).
+    pub login_grace: Duration,
+    /// Connections that may be authenticating at once.
+    pub max_startups: usize,
+    /// Channels one connection may hold open.
+    pub max_channels: usize,
+}
+
+impl SshConfig {
+    /// Settings with the defaults for everything but the host and keys.
+    pub fn new(upstream: UpstreamConfig, host_keys: Vec<PrivateKey>) -> SshConfig {
+        SshConfig {
+            upstream,
+            host_keys,
+            user_cas: Vec::new(),
+            mask_key: Vec::new(),
+            login_grace: Duration::from_secs(30),
+            max_startups: 64,
+            max_channels: 32,
+        }
+    }
+}
+
+/// The gate: shared by every connection.
+pub struct SshGate {
+    sidecar: Arc<Sidecar>,
+    cfg: SshConfig,
+    server: Arc<server::Config>,
+    client: Arc<russh::client::Config>,
+    startups: Arc<Semaphore>,
+    masker: std::sync::Mutex<Option<(Arc<wicket_sidecar::Bundle>, Option<Arc<Masker>>)>>,
+}
+
+impl std::fmt::Debug for SshGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshGate")
+            .field("upstream", &self.cfg.upstream.addr)
+            .finish()
+    }
+}
+
+impl SshGate {
+    /// A gate over `sidecar`.
+    pub fn new(sidecar: Arc<Sidecar>, cfg: SshConfig) -> Arc<SshGate> {
+        let mut methods = vec![MethodKind::Password, MethodKind::KeyboardInteractive];
+        if !cfg.user_cas.is_empty() {
+            methods.insert(0, MethodKind::PublicKey);
+        }
+        let server = server::Config {
+            server_id: russh::SshId::Standard(std::borrow::Cow::Owned(format!(
+                "SSH-2.0-Wicket_{}",
+                env!("CARGO_PKG_VERSION")
+            ))),
+            methods: MethodSet::from(&methods[..]),
+            auth_rejection_time: Duration::from_millis(500),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            keys: cfg.host_keys.clone(),
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_max: 4,
+            nodelay: true,
+            max_auth_attempts: 6,
+            window_size: 8 << 20,
+            channel_buffer_size: 64,
+            ..Default::default()
+        };
+        let client = russh::client::Config {
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_max: 4,
+            nodelay: true,
+            window_size: 8 << 20,
+            channel_buffer_size: 64,
+            ..Default::default()
+        };
+        Arc::new(SshGate {
+            startups: Arc::new(Semaphore::new(cfg.max_startups.max(1))),
+            sidecar,
+            cfg,
+            server: Arc::new(server),
+            client: Arc::new(client),
+            masker: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The detectors' masker under the current bundle (`None`: none set).
+    fn masker(&self) -> Option<Arc<Masker>> {
+        let bundle = self.sidecar.bundles.current()?;
+        let mut g = self.masker.lock().expect("masker");
+        if let Some((b, m)) = g.as_ref()
+            && Arc::ptr_eq(b, &bundle)
+        {
+            return m.clone();
+        }
+        let m = match wicket_sidecar::masking::detectors(
+            &bundle.policy,
+            &self.sidecar.cfg.connection,
+            &self.cfg.mask_key,
+        ) {
+            Ok(m) => m.map(Arc::new),
+            Err(e) => {
+                tracing::error!(error = %e, "masking policy does not compile in the gate; masking everything");
+                Some(Arc::new(
+                    Masker::builder()
+                        .all(wicket_mask::Style::Redact)
+                        .build()
+                        .expect("built-in detectors build"),
+                ))
+            }
+        };
+        *g = Some((bundle, m.clone()));
+        m
+    }
+
+    fn recording(&self) -> (bool, bool) {
+        let Some(b) = self.sidecar.bundles.current() else {
+            return (true, true);
+        };
+        match b.policy.connection(&self.sidecar.cfg.connection) {
+            Some(c) => (c.recording.enabled, c.recording.capture_output),
+            None => (true, true),
+        }
+    }
+}
+
+/// Serves clients from `listener` until `shutdown` resolves.
+pub async fn serve(
+    gate: Arc<SshGate>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if gate.sidecar.is_draining() {
+            drop(stream);
+            continue;
+        }
+        let Ok(permit) = gate.startups.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many connections authenticating; refusing one");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            let authed = Arc::new(AtomicBool::new(false));
+            let conn = Conn {
+                gate: gate.clone(),
+                peer,
+                authed: authed.clone(),
+                permit: Some(permit),
+                session: None,
+                upstream: Arc::new(OnceCell::new()),
+                channels: Arc::new(AtomicUsize::new(0)),
+                trace: Arc::default(),
+                user: String::new(),
+                kbd_tries: 0,
+            };
+            let run = async {
+                match server::run_stream(gate.server.clone(), stream, conn).await {
+                    Ok(session) => {
+                        if let Err(e) = session.await {
+                            tracing::debug!(%peer, error = %e, "ssh connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "ssh handshake failed"),
+                }
+            };
+            let grace = gate.cfg.login_grace;
+            let watchdog = async {
+                tokio::time::sleep(grace).await;
+                if authed.load(Ordering::Acquire) {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                _ = run => {}
+                _ = watchdog => tracing::info!(%peer, "no authentication within {}s; disconnected", grace.as_secs()),
+            }
+        });
+    }
+}
+
+/// The upstream connection's handler: checks the host key against the pin.
+struct Upstream {
+    host: String,
+    port: u16,
+    known_hosts: PathBuf,
+}
+
+impl russh::client::Handler for Upstream {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            tracing::error!("the host presented a certificate; only pinned keys are accepted");
+            return Ok(false);
+        };
+        match russh::keys::check_known_hosts_path(&self.host, self.port, key, &self.known_hosts) {
+            Ok(true) => Ok(true),
+            Ok(false) => {
+                tracing::error!(host = %self.host, port = self.port, file = %self.known_hosts.display(),
+                    "the host's key is not pinned in the known_hosts file; refusing to connect");
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::error!(host = %self.host, error = %e, "the host's key does not match its pin; refusing to connect");
+                Ok(false)
+            }
+        }
+    }
+}
+
+type UpHandle = russh::client::Handle<Upstream>;
+
+async fn connect_upstream(gate: &SshGate) -> Result<UpHandle, String> {
+    let u = &gate.cfg.upstream;
+    let (host, port) = match u.addr.rsplit_once(':') {
+        Some((h, p)) => (
+            h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            p.parse::<u16>()
+                .map_err(|_| format!("bad upstream port in {}", u.addr))?,
+        ),
+        None => (u.addr.clone(), 22),
+    };
+    let handler = Upstream {
+        host: host.clone(),
+        port,
+        known_hosts: u.known_hosts.clone(),
+    };
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("cannot reach the host {}: {e}", u.addr))?;
+        let _ = tcp.set_nodelay(true);
+        let mut h = russh::client::connect_stream(gate.client.clone(), tcp, handler)
+            .await
+            .map_err(|e| format!("SSH handshake with the host failed: {e}"))?;
+        let ok = match &u.auth {
+            UpstreamAuth::Key(k) => {
+                let hash = h.best_supported_rsa_hash().await.ok().flatten().flatten();
+                h.authenticate_publickey(&u.user, PrivateKeyWithHashAlg::new(k.clone(), hash))
+                    .await
+            }
+            UpstreamAuth::Password(p) => h.authenticate_password(&u.user, p).await,
+        }
+        .map_err(|e| format!("login to the host failed: {e}"))?;
+        if !ok.success() {
+            return Err(format!(
+                "the host refused the gate's credentials for {}",
+                u.user
+            ));
+        }
+        Ok(h)
+    };
+    tokio::time::timeout(Duration::from_secs(20), connect)
+        .await
+        .map_err(|_| "the host did not answer within 20s".to_string())?
+}
+
+/// One client connection.
+struct Conn {
+    gate: Arc<SshGate>,
+    peer: SocketAddr,
+    authed: Arc<AtomicBool>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    session: Option<Arc<OpenSession>>,
+    upstream: Arc<OnceCell<Result<UpHandle, String>>>,
+    channels: Arc<AtomicUsize>,
+    trace: Arc<std::sync::Mutex<Trace>>,
+    user: String,
+    kbd_tries: u32,
+}
+
+impl Conn {
+    /// Validates a token and opens the session.
+    async fn login_token(&mut self, user: &str, token: &str) -> Auth {
+        let token = token.trim();
+        let addr = self.peer.to_string();
+        let identity = match self.gate.sidecar.authenticate(token, &addr).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::info!(peer = %self.peer, error = %e, "ssh login refused");
+                return Auth::reject();
+            }
+        };
+        self.open(user, identity)
+    }
+
+    fn open(&mut self, user: &str, identity: wicket_identity::Identity) -> Auth {
+        let app = format!("ssh:{user}");
+        match self
+            .gate
+            .sidecar
+            .open_session(&identity, &self.peer.to_string(), &app)
+        {
+            Ok(s) => {
+                self.user = user.to_string();
+                self.session = Some(Arc::new(s));
+                self.authed.store(true, Ordering::Release);
+                self.permit.take();
+                Auth::Accept
+            }
+            Err(d) => {
+                tracing::info!(peer = %self.peer, rule = %d.rule, "ssh session refused: {}", d.reason);
+                Auth::reject()
+            }
+        }
+    }
+
+    fn session(&self) -> Result<Arc<OpenSession>, russh::Error> {
+        self.session.clone().ok_or(russh::Error::NotAuthenticated)
+    }
+
+    async fn upstream(&self) -> Result<&UpHandle, String> {
+        let gate = self.gate.clone();
+        self.upstream
+            .get_or_init(|| async move { connect_upstream(&gate).await })
+            .await
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn ctx(&self, session: &Session) -> Result<Arc<Ctx>, russh::Error> {
+        Ok(Arc::new(Ctx {
+            gate: self.gate.clone(),
+            session: self.session()?,
+            handle: session.handle(),
+            trace: self.trace.clone(),
+        }))
+    }
+
+    /// Takes a channel slot, or `None` when the connection holds too many.
+    fn slot(&self) -> Option<Slot> {
+        let n = self.channels.fetch_add(1, Ordering::AcqRel);
+        if n >= self.gate.cfg.max_channels {
+            self.channels.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(self.channels.clone()))
+    }
+}
+
+/// A held channel slot, released on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(s) = &self.session {
+            let reason = s
+                .guard
+                .end_reason()
+                .map(|r| r.as_str().to_string())
+                .unwrap_or_else(|| "client_closed".into());
+            let mut e = s.event(AuditKind::SessionEnd);
+            e.end_reason = reason;
+            if let Err(err) = self.gate.sidecar.record(e) {
+                tracing::error!(error = %err, "cannot record session end");
+            }
+        }
+    }
+}
+
+const TOKEN_PROMPT: &str = "Wicket access token: ";
+
+impl server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(Auth::reject())
+    }
+
+    async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        Ok(self.login_token(user, password).await)
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        response: Option<server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        match response {
+            None => {
+                self.kbd_tries += 1;
+                if self.kbd_tries > 3 {
+                    return Ok(Auth::reject());
+                }
+                Ok(Auth::Partial {
+                    name: "Wicket".into(),
+                    instructions: "Sign in with an OIDC access token (`wicket login`).".into(),
+                    prompts: vec![(TOKEN_PROMPT.into(), false)].into(),
+                })
+            }
+            Some(mut r) => {
+                let answer = r.next().map(|b| String::from_utf8_lossy(&b).into_owned());
+                match answer {
+                    Some(token) if !token.trim().is_empty() => {
+                        Ok(self.login_token(user, &token).await)
+                    }
+                    _ => Ok(Auth::reject()),
+                }
+            }
+        }
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        _offer: server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Plain keys are never accepted; certificates go through
+        // `auth_openssh_certificate`.
+        Ok(Auth::Reject {
+            proceed_with_methods: None,
+            partial_success: false,
+        })
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &russh::keys::Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        match crate::cert::verify(certificate, &self.gate.cfg.user_cas, now) {
+            Ok(identity) => {
+                let p = &identity.principal;
+                if self
+                    .gate
+                    .sidecar
+                    .bundles
+                    .current()
+                    .is_some_and(|b| b.is_revoked(&p.issuer, &p.subject))
+                {
+                    tracing::info!(peer = %self.peer, subject = %p.subject, "certificate of a revoked principal");
+                    return Ok(Auth::reject());
+                }
+                Ok(self.open(user, identity))
+            }
+            Err(e) => {
+                tracing::info!(peer = %self.peer, error = %e, "ssh certificate refused");
+                let mut ev = wicket_core::AuditEvent {
+                    id: wicket_sidecar::event_id(),
+                    session_id: format!("auth-{}", uuid::Uuid::now_v7()),
+                    seq: 1,
+                    time: chrono::Utc::now(),
+                    kind: AuditKind::AuthFailure,
+                    connection: self.gate.sidecar.cfg.connection.clone(),
+                    client_addr: self.peer.to_string(),
+                    ..Default::default()
+                };
+                ev.details.insert("reason".into(), e);
+                let _ = self.gate.sidecar.record(ev);
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        // End the connection when the session is ended from outside.
+        let s = self.session()?;
+        let end = s.guard.end_signal();
+        let handle = session.handle();
+        tokio::spawn(async move {
+            let reason = end.await;
+            let _ = handle
+                .disconnect(
+                    Disconnect::ByApplication,
+                    format!("wicket: {}", reason.message()),
+                    "en".into(),
+                )
+                .await;
+        });
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(slot) = self.slot() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        let ctx = self.ctx(session)?;
+        let up = match self.upstream().await {
+            Ok(h) => h.channel_open_session().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match up {
+            Ok(up) => {
+                reply.accept().await;
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    session_channel(ctx, channel, up).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open a channel on the host");
+                reply
+                    .reject(ChannelOpenFailure::Other {
+                        code: 2,
+                        reason: format!("wicket: {e}"),
+                    })
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(slot) = self.slot() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        let ctx = self.ctx(session)?;
+        let dest = format!("{host}:{port}");
+        let class = Classification {
+            kind: "forward".into(),
+            verb: "direct-tcpip".into(),
+            objects: vec![dest.clone()],
+            risk: 40,
+            ..Default::default()
+        };
+        let trace = ctx.trace.lock().expect("trace").clone();
+        let (d, _) = ctx
+            .decide(&format!("forward {dest}"), class, &trace, None, None)
+            .await;
+        if d.effect != Effect::Allow {
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: 1,
+                    reason: format!("wicket: {} (rule {})", d.reason, d.rule),
+                })
+                .await;
+            return Ok(());
+        }
+        let up = match self.upstream().await {
+            Ok(h) => h
+                .channel_open_direct_tcpip(host, port, originator_address, originator_port)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match up {
+            Ok(up) => {
+                reply.accept().await;
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    pipe_channel(channel, up).await;
+                });
+            }
+            Err(e) => {
+                reply
+                    .reject(ChannelOpenFailure::Other {
+                        code: 2,
+                        reason: format!("wicket: {e}"),
+                    })
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _w: u32,
+        _h: u32,
+        _pw: u32,
+        _ph: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if name == "sftp" {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+
+    async fn window_change_request(
+        &mut self,
+        _channel: ChannelId,
+        _w: u32,
+        _h: u32,
+        _pw: u32,
+        _ph: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single: bool,
+        _proto: &str,
+        _cookie: &str,
+        _screen: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // Agent forwarding would hand the host the caller's keys; refused.
+        let ctx = match self.session() {
+            Ok(s) => s,
+            Err(_) => return Ok(false),
+        };
+        let mut e = ctx.event(AuditKind::Notice);
+        e.details
+            .insert("refused".into(), "agent forwarding".into());
+        e.details.insert("channel".into(), channel.to_string());
+        let _ = self.gate.sidecar.record(e);
+        Ok(false)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // Remote forwarding would open a door from the host's network to the
+        // caller's; refused.
+        if let Ok(s) = self.session() {
+            let mut e = s.event(AuditKind::Notice);
+            e.details
+                .insert("refused".into(), "remote forwarding".into());
+            e.details
+                .insert("listen".into(), format!("{address}:{port}"));
+            let _ = self.gate.sidecar.record(e);
+        }
+        Ok(false)
+    }
+}
+
+/// What a channel's task needs of its connection.
+struct Ctx {
+    gate: Arc<SshGate>,
+    session: Arc<OpenSession>,
+    handle: server::Handle,
+    /// The connection's latest reasoning (for channels that carry no env).
+    trace: Arc<std::sync::Mutex<Trace>>,
+}
+
+/// The caller's reasoning for a channel (`WICKET_REASONING`, `TRACEPARENT`).
+#[derive(Debug, Default, Clone)]
+struct Trace {
+    reasoning: Option<String>,
+    traceparent: Option<String>,
+}
+
+impl Trace {
+    fn reasoning_trace(&self) -> Option<ReasoningTrace> {
+        let trace_id = self
+            .traceparent
+            .as_deref()
+            .and_then(|t| t.split('-').nth(1))
+            .filter(|t| ReasoningTrace::valid_trace_id(t))
+            .unwrap_or("")
+            .to_string();
+        if self.reasoning.is_none() && trace_id.is_empty() {
+            return None;
+        }
+        Some(ReasoningTrace {
+            trace_id,
+            reasoning: self.reasoning.clone().unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+}
+
+impl Ctx {
+    /// Decides a command (holding it for approval when policy says so),
+    /// records the decision, and returns it with the command event's id.
+    /// `notify` tells the caller about a hold.
+    async fn decide(
+        &self,
+        text: &str,
+        class: Classification,
+        trace: &Trace,
+        notify: Option<&Channel<Msg>>,
+        extra: Option<(&str, String)>,
+    ) -> (Decision, String) {
+        let masker = self.gate.masker();
+        let text = match &masker {
+            Some(m) => m.mask(text).0.into_owned(),
+            None => text.to_string(),
+        };
+        let cmd = Command {
+            text,
+            classification: class,
+        };
+        let has_reasoning = trace
+            .reasoning
+            .as_deref()
+            .is_some_and(|r| !r.trim().is_empty());
+        let mut d = self.gate.sidecar.decide(&self.session, &cmd, has_reasoning);
+        let mut approval = None;
+        if d.effect == Effect::Review {
+            let reasoning = trace.reasoning_trace();
+            let rule = d.rule.clone();
+            let wait_note = |id: &str| {
+                if let Some(ch) = notify {
+                    let msg = format!(
+                        "wicket: waiting for approval {id} (rule {rule}); an approver can allow or deny it\r\n"
+                    );
+                    let ch = ch.make_writer_ext(Some(1));
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let mut ch = ch;
+                        let _ = ch.write_all(msg.as_bytes()).await;
+                        let _ = ch.flush().await;
+                    });
+                }
+            };
+            let outcome = self
+                .gate
+                .sidecar
+                .request_approval(&self.session, &cmd, &d, reasoning.as_ref(), wait_note)
+                .await;
+            d = match outcome {
+                ApprovalOutcome::Approved { id } => {
+                    approval = Some(("approved", id));
+                    Decision {
+                        effect: Effect::Allow,
+                        ..d
+                    }
+                }
+                ApprovalOutcome::Denied { id, reason } => {
+                    approval = Some(("denied", id));
+                    Decision::deny(
+                        d.rule,
+                        if reason.is_empty() {
+                            "an approver denied this command".to_string()
+                        } else {
+                            format!("an approver denied this command: {reason}")
+                        },
+                    )
+                }
+                ApprovalOutcome::Expired { id } => {
+                    approval = Some(("expired", id));
+                    Decision::deny(d.rule, "nobody approved this command in time")
+                }
+                ApprovalOutcome::Unavailable(e) => {
+                    Decision::deny(d.rule, format!("approval unavailable: {e}"))
+                }
+            };
+        }
+        let mut e = self.session.event(AuditKind::Command);
+        e.command = Some(cmd);
+        e.decision = Some(d.clone());
+        e.reasoning = trace.reasoning_trace();
+        e.traceparent = trace.traceparent.clone().unwrap_or_default();
+        if let Some((outcome, id)) = approval {
+            e.details.insert("approval".into(), id);
+            e.details.insert("approval_outcome".into(), outcome.into());
+        }
+        if let Some((k, v)) = extra {
+            e.details.insert(k.into(), v);
+        }
+        let id = e.id.clone();
+        if let Err(err) = self.gate.sidecar.record(e) {
+            tracing::error!(error = %err, "cannot record a command");
+            if d.effect == Effect::Allow {
+                return (
+                    Decision::deny(
+                        "audit-unavailable",
+                        format!("the audit trail is unavailable: {err}"),
+                    ),
+                    id,
+                );
+            }
+        }
+        (d, id)
+    }
+
+    fn result(&self, command_id: &str, details: &[(&str, String)]) {
+        let mut e = self.session.bare_event(AuditKind::CommandResult);
+        e.details
+            .insert("command_id".into(), command_id.to_string());
+        for (k, v) in details {
+            e.details.insert((*k).into(), v.clone());
+        }
+        if let Err(err) = self.gate.sidecar.record(e) {
+            tracing::error!(error = %err, "cannot record a result");
+        }
+    }
+
+    fn record_cast(
+        &self,
+        channel: ChannelId,
+        key: &str,
+        value: String,
+        masked: &wicket_mask::Counts,
+    ) {
+        let mut e = self.session.bare_event(AuditKind::Output);
+        e.details
+            .insert("channel".into(), u32::from(channel).to_string());
+        e.details.insert(key.into(), value);
+        for (k, n) in masked.iter() {
+            e.masked.insert(k.to_string(), n);
+        }
+        if let Err(err) = self.gate.sidecar.record(e) {
+            tracing::error!(error = %err, "cannot record terminal output");
+        }
+    }
+}
+
+/// Refuses a channel's command: message on stderr, exit status 126.
+async fn refuse(ch: &Channel<Msg>, d: &Decision) {
+    let msg = format!("wicket: denied by rule {}: {}\r\n", d.rule, d.reason);
+    let _ = ch.extended_data_bytes(1, Bytes::from(msg)).await;
+    let _ = ch.exit_status(126).await;
+    let _ = ch.eof().await;
+    let _ = ch.close().await;
+}
+
+/// Relays a forwarded TCP channel.
+async fn pipe_channel(client: Channel<Msg>, up: Channel<russh::client::Msg>) {
+    let (mut cr, cw) = client.split();
+    let (mut ur, uw) = up.split();
+    loop {
+        tokio::select! {
+            m = cr.wait() => match m {
+                Some(ChannelMsg::Data { data }) => { if uw.data_bytes(data).await.is_err() { break } }
+                Some(ChannelMsg::Eof) => { let _ = uw.eof().await; }
+                Some(ChannelMsg::Close) | None => break,
+                _ => {}
+            },
+            m = ur.wait() => match m {
+                Some(ChannelMsg::Data { data }) => { if cw.data_bytes(data).await.is_err() { break } }
+                Some(ChannelMsg::Eof) => { let _ = cw.eof().await; }
+                Some(ChannelMsg::Close) | None => break,
+                _ => {}
+            },
+        }
+    }
+    let _ = uw.close().await;
+    let _ = cw.close().await;
+}
+
+/// What a session channel runs.
+enum Mode {
+    /// Nothing yet (pty and env requests only).
+    Setup,
+    /// An exec command.
+    Exec {
+        command_id: String,
+        /// Its bytes are a file transfer: not recorded.
+        transfer: bool,
+    },
+    /// A shell: lines are checked.
+    Shell { editor: LineEditor },
+    /// The sftp subsystem.
+    Sftp {
+        tracker: sftp::Tracker,
+        from_client: sftp::Framer,
+        from_host: sftp::Framer,
+        command_id: String,
+    },
+    /// Refused: the channel is closing.
+    Refused,
+}
+
+/// Whether an exec command is a file transfer's server side.
+fn is_transfer(class: &Classification) -> bool {
+    let argv = &class.argv;
+    let prog = argv.first().map(|p| p.rsplit('/').next().unwrap_or(p));
+    match prog {
+        Some("scp") => argv.iter().any(|a| a == "-t" || a == "-f"),
+        Some("rsync") => argv.iter().any(|a| a == "--server"),
+        Some("sftp-server") => true,
+        _ => false,
+    }
+}
+
+/// Most of a non-terminal command's output that is recorded.
+const CAPTURE_LIMIT: u64 = 1 << 20;
+
+async fn session_channel(ctx: Arc<Ctx>, client: Channel<Msg>, up: Channel<russh::client::Msg>) {
+    let id = client.id();
+    let mut trace = Trace::default();
+    let mut mode = Mode::Setup;
+    let mut pty: Option<(String, u32, u32)> = None;
+    let mut recorder: Option<Recorder> = None;
+    let mut exit_status: Option<u32> = None;
+    let mut exit_signal: Option<String> = None;
+    let mut out_bytes: u64 = 0;
+    let mut in_bytes: u64 = 0;
+    let started = Instant::now();
+    let (record_on, capture_output) = ctx.gate.recording();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client = client;
+    let mut up = up;
+    loop {
+        tokio::select! {
+            m = client.wait() => {
+                let Some(m) = m else { break };
+                match m {
+                    ChannelMsg::RequestPty { term, col_width, row_height, pix_width, pix_height, terminal_modes, .. } => {
+                        pty = Some((term.clone(), col_width, row_height));
+                        let _ = up.request_pty(true, &term, col_width, row_height, pix_width, pix_height, &terminal_modes).await;
+                    }
+                    ChannelMsg::SetEnv { variable_name, variable_value, .. } => {
+                        match variable_name.as_str() {
+                            "WICKET_REASONING" => trace.reasoning = Some(variable_value),
+                            "TRACEPARENT" => trace.traceparent = Some(variable_value),
+                            _ => { let _ = up.set_env(false, variable_name, variable_value).await; continue }
+                        }
+                        *ctx.trace.lock().expect("trace") = trace.clone();
+                    }
+                    ChannelMsg::Exec { command, .. } => {
+                        if !matches!(mode, Mode::Setup) { continue }
+                        let text = String::from_utf8_lossy(&command).into_owned();
+                        let class = classify::classify(&text);
+                        let transfer = is_transfer(&class);
+                        let (d, cid) = ctx.decide(&text, class, &trace, Some(&client), None).await;
+                        if d.effect != Effect::Allow {
+                            refuse(&client, &d).await;
+                            ctx.result(&cid, &[("exit_status", "126".into())]);
+                            mode = Mode::Refused;
+                            continue;
+                        }
+                        if record_on && capture_output && !transfer {
+                            let (term, w, h) = pty.clone().unwrap_or_else(|| ("dumb".into(), 80, 24));
+                            ctx.record_cast(id, "asciicast_header", record::header(w, h, &term, Some(&text)), &Default::default());
+                            recorder = Some(Recorder::new(ctx.gate.masker()));
+                        }
+                        if up.exec(true, command).await.is_err() { break }
+                        mode = Mode::Exec { command_id: cid, transfer };
+                    }
+                    ChannelMsg::RequestShell { .. } => {
+                        if !matches!(mode, Mode::Setup) { continue }
+                        let class = Classification { kind: "shell".into(), verb: "shell".into(), risk: 30, ..Default::default() };
+                        let (d, _) = ctx.decide("<interactive shell>", class, &trace, Some(&client), None).await;
+                        if d.effect != Effect::Allow {
+                            refuse(&client, &d).await;
+                            mode = Mode::Refused;
+                            continue;
+                        }
+                        if record_on {
+                            let (term, w, h) = pty.clone().unwrap_or_else(|| ("dumb".into(), 80, 24));
+                            ctx.record_cast(id, "asciicast_header", record::header(w, h, &term, None), &Default::default());
+                            recorder = Some(Recorder::new(ctx.gate.masker()));
+                        }
+                        if up.request_shell(true).await.is_err() { break }
+                        mode = Mode::Shell { editor: LineEditor::new(pty.is_some()) };
+                    }
+                    ChannelMsg::RequestSubsystem { name, .. } => {
+                        if !matches!(mode, Mode::Setup) || name != "sftp" { continue }
+                        let class = Classification { kind: "sftp".into(), verb: "subsystem".into(), risk: 30, ..Default::default() };
+                        let (d, cid) = ctx.decide("<sftp session>", class, &trace, None, None).await;
+                        if d.effect != Effect::Allow {
+                            refuse(&client, &d).await;
+                            mode = Mode::Refused;
+                            continue;
+                        }
+                        if up.request_subsystem(true, "sftp").await.is_err() { break }
+                        mode = Mode::Sftp { tracker: sftp::Tracker::default(), from_client: sftp::Framer::default(), from_host: sftp::Framer::default(), command_id: cid };
+                    }
+                    ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height } => {
+                        if let Some(r) = recorder.as_mut() { r.resize(col_width, row_height) }
+                        let _ = up.window_change(col_width, row_height, pix_width, pix_height).await;
+                    }
+                    ChannelMsg::Signal { signal } => {
+                        let _ = up.signal(signal).await;
+                    }
+                    ChannelMsg::Data { data } => {
+                        in_bytes += data.len() as u64;
+                        match &mut mode {
+                            Mode::Shell { editor } => {
+                                let secret = !editor.checking();
+                                let pieces = editor.feed(&data);
+                                for p in pieces {
+                                    match p {
+                                        Piece::Bytes(a, b) => {
+                                            if let Some(r) = recorder.as_mut() { r.input(&data[a..b], secret) }
+                                            if up.data_bytes(data.slice(a..b)).await.is_err() { break }
+                                        }
+                                        Piece::Line { text, uncertain, enter } => {
+                                            let enter_key = data.slice(enter..enter + 1);
+                                            if let Some(r) = recorder.as_mut() { r.input(&enter_key, false) }
+                                            if text.trim().is_empty() {
+                                                let _ = up.data_bytes(enter_key).await;
+                                                continue;
+                                            }
+                                            let class = classify::classify(&text);
+                                            let extra = uncertain.then(|| ("uncertain", "true".to_string()));
+                                            let (d, _) = ctx.decide(&text, class, &trace, Some(&client), extra).await;
+                                            if d.effect == Effect::Allow {
+                                                let _ = up.data_bytes(enter_key).await;
+                                            } else {
+                                                // Kill the typed line in the shell, and say why.
+                                                let msg = format!("\r\nwicket: denied by rule {}: {}\r\n", d.rule, d.reason);
+                                                let _ = client.data_bytes(Bytes::from(msg.clone())).await;
+                                                if let Some(r) = recorder.as_mut() { r.output(msg.as_bytes()) }
+                                                let kill: &[u8] = if pty.is_some() { b"\x15\r" } else { b"\n" };
+                                                let _ = up.data_bytes(Bytes::from_static(kill)).await;
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                            Mode::Sftp { tracker, from_client, .. } => {
+                                let pkts = match from_client.push(&data) {
+                                    Ok(p) => p,
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "malformed SFTP from the client; closing the channel");
+                                        break;
+                                    }
+                                };
+                                for pkt in pkts {
+                                    let mut cid = None;
+                                    if let Some(op) = tracker.operation(&pkt) {
+                                        let class = Classification {
+                                            kind: "sftp".into(),
+                                            verb: op.verb.into(),
+                                            objects: op.paths.clone(),
+                                            risk: if op.writes { 40 } else { 15 },
+                                            ..Default::default()
+                                        };
+                                        let text = format!("{} {}", op.verb, op.paths.join(" "));
+                                        let extra = (op.verb == "open").then(|| ("mode", if op.writes { "write".to_string() } else { "read".to_string() }));
+                                        let (d, id) = ctx.decide(&text, class, &trace, None, extra).await;
+                                        if d.effect != Effect::Allow {
+                                            let msg = format!("wicket: denied by rule {}: {}", d.rule, d.reason);
+                                            if client.data_bytes(sftp::permission_denied(op.id, &msg)).await.is_err() { break }
+                                            continue;
+                                        }
+                                        cid = Some(id);
+                                    }
+                                    tracker.request(&pkt, cid.as_deref());
+                                    if up.data_bytes(pkt).await.is_err() { break }
+                                }
+                            }
+                            Mode::Exec { .. } | Mode::Setup => {
+                                if up.data_bytes(data).await.is_err() { break }
+                            }
+                            Mode::Refused => {}
+                        }
+                    }
+                    ChannelMsg::ExtendedData { data, ext } => {
+                        let _ = up.extended_data_bytes(ext, data).await;
+                    }
+                    ChannelMsg::Eof => { let _ = up.eof().await; }
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            m = up.wait() => {
+                let Some(m) = m else { break };
+                match m {
+                    ChannelMsg::Data { data } => {
+                        out_bytes += data.len() as u64;
+                        match &mut mode {
+                            Mode::Sftp { tracker, from_host, .. } => {
+                                let pkts = match from_host.push(&data) {
+                                    Ok(p) => p,
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "malformed SFTP from the host; closing the channel");
+                                        break;
+                                    }
+                                };
+                                for pkt in pkts {
+                                    if let Some(c) = tracker.reply(&pkt) {
+                                        ctx.result(&c.command_id, &[("path", c.path), ("bytes_read", c.read.to_string()), ("bytes_written", c.written.to_string())]);
+                                    }
+                                    if client.data_bytes(pkt).await.is_err() { break }
+                                }
+                                continue;
+                            }
+                            Mode::Shell { editor } => editor.saw_output(&data),
+                            _ => {}
+                        }
+                        if client.data_bytes(data.clone()).await.is_err() { break }
+                        if let Some(r) = recorder.as_mut()
+                            && (pty.is_some() || r.output_bytes < CAPTURE_LIMIT)
+                        {
+                            r.output(&data);
+                        }
+                    }
+                    ChannelMsg::ExtendedData { data, ext } => {
+                        out_bytes += data.len() as u64;
+                        if let Some(r) = recorder.as_mut()
+                            && (pty.is_some() || r.output_bytes < CAPTURE_LIMIT)
+                        {
+                            r.output(&data);
+                        }
+                        if client.extended_data_bytes(ext, data).await.is_err() { break }
+                    }
+                    ChannelMsg::ExitStatus { exit_status: code } => {
+                        exit_status = Some(code);
+                        let _ = client.exit_status(code).await;
+                    }
+                    ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag } => {
+                        exit_signal = Some(format!("{signal_name:?}"));
+                        let _ = ctx.handle.exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag).await;
+                    }
+                    ChannelMsg::Eof => { let _ = client.eof().await; }
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            _ = tick.tick(), if recorder.is_some() => {
+                if let Some(r) = recorder.as_mut() {
+                    r.tick(Duration::from_millis(200));
+                    if let Some(batch) = r.take_batch(false) {
+                        let counts = std::mem::take(&mut r.counts);
+                        ctx.record_cast(id, "asciicast", batch, &counts);
+                    }
+                }
+            }
+        }
+        if let Some(r) = recorder.as_mut()
+            && let Some(batch) = r.take_batch(false)
+        {
+            let counts = std::mem::take(&mut r.counts);
+            ctx.record_cast(id, "asciicast", batch, &counts);
+        }
+    }
+    if let Some(r) = recorder.as_mut() {
+        r.finish();
+        if let Some(batch) = r.take_batch(true) {
+            let counts = std::mem::take(&mut r.counts);
+            ctx.record_cast(id, "asciicast", batch, &counts);
+        }
+    }
+    let mut details = vec![
+        ("bytes_in", in_bytes.to_string()),
+        ("bytes_out", out_bytes.to_string()),
+        ("duration_ms", started.elapsed().as_millis().to_string()),
+    ];
+    if let Some(c) = exit_status {
+        details.push(("exit_status", c.to_string()));
+    }
+    if let Some(s) = exit_signal {
+        details.push(("exit_signal", s));
+    }
+    match mode {
+        Mode::Exec {
+            command_id,
+            transfer,
+        } => {
+            if transfer {
+                details.push(("transfer", "true".into()));
+            }
+            ctx.result(&command_id, &details);
+        }
+        Mode::Sftp {
+            mut tracker,
+            command_id,
+            ..
+        } => {
+            for c in tracker.open_handles() {
+                ctx.result(
+                    &c.command_id,
+                    &[
+                        ("path", c.path),
+                        ("bytes_read", c.read.to_string()),
+                        ("bytes_written", c.written.to_string()),
+                        ("unclosed", "true".into()),
+                    ],
+                );
+            }
+            ctx.result(&command_id, &details);
+        }
+        _ => {}
+    }
+    let _ = up.close().await;
+    let _ = client.close().await;
+}

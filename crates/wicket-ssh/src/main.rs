@@ -1,0 +1,215 @@
+//! `wicket-ssh`: the SSH gate binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use russh::keys::{PrivateKey, PublicKey};
+use tracing_subscriber::EnvFilter;
+use wicket_sidecar::{Sidecar, SidecarConfig};
+use wicket_ssh::{SshConfig, SshGate, UpstreamAuth, UpstreamConfig};
+
+/// Gate in front of one SSH server: OIDC identity, policy, approvals, recording, audit.
+#[derive(Debug, Parser)]
+#[command(name = "wicket-ssh", version)]
+struct Args {
+    /// Address clients connect to.
+    #[arg(long, env = "WICKET_SSH_LISTEN", default_value = "127.0.0.1:2222")]
+    listen: SocketAddr,
+    /// The SSH server (`host:port`).
+    #[arg(long, env = "WICKET_SSH_UPSTREAM", default_value = "127.0.0.1:22")]
+    upstream: String,
+    /// Account the gate logs in as on the host.
+    #[arg(long, env = "WICKET_SSH_UPSTREAM_USER")]
+    upstream_user: String,
+    /// The gate's private key for the host (OpenSSH format; e.g. a mounted Secret).
+    #[arg(long, env = "WICKET_SSH_UPSTREAM_KEY_FILE")]
+    upstream_key_file: Option<PathBuf>,
+    /// File holding the account's password, when no key is used.
+    #[arg(long, env = "WICKET_SSH_UPSTREAM_PASSWORD_FILE")]
+    upstream_password_file: Option<PathBuf>,
+    /// known_hosts file pinning the host's key (`[host]:port` for ports
+    /// other than 22). Required: a host whose key is not pinned is refused.
+    #[arg(long, env = "WICKET_SSH_KNOWN_HOSTS")]
+    known_hosts: PathBuf,
+    /// The gate's own host key (OpenSSH format). Created (Ed25519) when the
+    /// file does not exist; default `<state-dir>/ssh_host_ed25519_key`.
+    #[arg(long, env = "WICKET_SSH_HOST_KEY")]
+    host_key: Option<PathBuf>,
+    /// File of CA public keys (one per line, OpenSSH format) whose user
+    /// certificates are accepted (`wicket ssh login`).
+    #[arg(long, env = "WICKET_SSH_USER_CA")]
+    user_ca: Option<PathBuf>,
+    /// File holding the key of keyed-hash masking.
+    #[arg(long, env = "WICKET_MASK_KEY_FILE")]
+    mask_key_file: Option<PathBuf>,
+    /// Seconds a client has to authenticate.
+    #[arg(long, env = "WICKET_SSH_LOGIN_GRACE_SECONDS", default_value_t = 30)]
+    login_grace_seconds: u64,
+    /// Channels one connection may hold open.
+    #[arg(long, env = "WICKET_SSH_MAX_CHANNELS", default_value_t = 32)]
+    max_channels: usize,
+    /// Connections that may be authenticating at once (more are dropped).
+    #[arg(long, env = "WICKET_SSH_MAX_STARTUPS", default_value_t = 64)]
+    max_startups: usize,
+    /// Threads serving connections (0: one per core).
+    #[arg(long, env = "WICKET_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    #[command(flatten)]
+    sidecar: SidecarConfig,
+}
+
+fn main() -> std::process::ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let args = Args::parse();
+    let runtime = match args.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b.enable_all().build()
+        }
+    };
+    match runtime {
+        Ok(rt) => rt.block_on(serve_main(args)),
+        Err(e) => {
+            eprintln!("wicket-ssh: cannot start the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_main(args: Args) -> std::process::ExitCode {
+    let filter = EnvFilter::try_from_env("WICKET_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let sub = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        sub.json().init();
+    } else {
+        sub.init();
+    }
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wicket-ssh: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_secret_text(f: &Path) -> Result<String, String> {
+    std::fs::read_to_string(f)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+        .map_err(|e| format!("cannot read {}: {e}", f.display()))
+}
+
+/// Loads the host key, creating it (mode 0600) when missing.
+fn host_key(path: &Path) -> Result<PrivateKey, String> {
+    if path.exists() {
+        return russh::keys::load_secret_key(path, None)
+            .map_err(|e| format!("cannot load the host key {}: {e}", path.display()));
+    }
+    let key = PrivateKey::random(
+        &mut russh::keys::key::safe_rng(),
+        russh::keys::Algorithm::Ed25519,
+    )
+    .map_err(|e| format!("cannot create a host key: {e}"))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    key.write_openssh_file(path, russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| format!("cannot write the host key {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), "created a host key");
+    Ok(key)
+}
+
+/// CA keys, one OpenSSH public key per line (blank lines and `#` comments skipped).
+fn user_cas(path: &Path) -> Result<Vec<PublicKey>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            PublicKey::from_openssh(l).map_err(|e| format!("bad CA key in {}: {e}", path.display()))
+        })
+        .collect()
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let auth = match (&args.upstream_key_file, &args.upstream_password_file) {
+        (Some(k), _) => UpstreamAuth::Key(Arc::new(
+            russh::keys::load_secret_key(k, None)
+                .map_err(|e| format!("cannot load the upstream key {}: {e}", k.display()))?,
+        )),
+        (None, Some(p)) => UpstreamAuth::Password(read_secret_text(p)?),
+        (None, None) => {
+            return Err(
+                "give the gate a credential for the host: --upstream-key-file or --upstream-password-file"
+                    .into(),
+            );
+        }
+    };
+    if !args.known_hosts.exists() {
+        return Err(format!(
+            "the known_hosts file {} does not exist; pin the host's key there (ssh-keyscan -p PORT HOST)",
+            args.known_hosts.display()
+        ));
+    }
+    let key_path = args
+        .host_key
+        .clone()
+        .unwrap_or_else(|| args.sidecar.state_dir.join("ssh_host_ed25519_key"));
+    let mut cfg = SshConfig::new(
+        UpstreamConfig {
+            addr: args.upstream.clone(),
+            user: args.upstream_user.clone(),
+            auth,
+            known_hosts: args.known_hosts.clone(),
+        },
+        vec![host_key(&key_path)?],
+    );
+    if let Some(f) = &args.user_ca {
+        cfg.user_cas = user_cas(f)?;
+    }
+    cfg.mask_key = match &args.mask_key_file {
+        Some(f) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+        None => {
+            let mut k = vec![0u8; 32];
+            aws_lc_rs::rand::fill(&mut k).map_err(|_| "no random source")?;
+            k
+        }
+    };
+    cfg.login_grace = Duration::from_secs(args.login_grace_seconds.max(1));
+    cfg.max_channels = args.max_channels.max(1);
+    cfg.max_startups = args.max_startups.max(1);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let sidecar = Sidecar::start(args.sidecar).await?;
+    let gate = SshGate::new(sidecar.clone(), cfg);
+    tracing::info!(listen = %args.listen, upstream = %args.upstream, "wicket-ssh serving");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    wicket_ssh::serve(gate, listener, shutdown).await;
+    tracing::info!("draining");
+    sidecar.drain().await;
+    Ok(())
+}

@@ -1,0 +1,571 @@
+//! OpenSSH's own client tools through wicket-ssh to a real `sshd` (each
+//! test starts its own, on a free port, with keys made by `ssh-keygen`).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wicket_proto::v1;
+use wicket_ssh::{SshConfig, SshGate, UpstreamAuth, UpstreamConfig};
+use wicket_testkit::idp::TokenSpec;
+use wicket_teststack::Stack;
+
+const POLICY: &str = "
+agents: {require_reasoning: true}
+connections:
+  - name: ssh
+    protocol: ssh
+    masking: {detectors: [email, card]}
+grants:
+  - id: people
+    groups: [ops]
+  - id: agents
+    groups: [agents]
+rules:
+  - id: no-destroy
+    description: nobody wipes system paths or disks through the gate
+    effect: deny
+    match: {commands: [destroy, disk, firewall]}
+  - id: hold-touch
+    effect: review
+    match: {verbs: [touch]}
+    review: {approvers: [sre], timeout: 30s}
+  - id: no-protected-removal
+    effect: deny
+    match: {commands: [sftp], verbs: [remove]}
+    condition: \"command.objects.exists(o, o.contains('protected'))\"
+  - id: forwards-stay-local
+    effect: deny
+    match: {commands: [forward]}
+    condition: \"!command.objects.all(o, o.startsWith('127.0.0.1:'))\"
+  - id: everything-else
+    effect: allow
+    match: {protocols: [ssh]}
+";
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn keygen(path: &Path) {
+    let o = run(Command::new("ssh-keygen").args([
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        path.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{:?}", text(&o));
+}
+
+/// A real `sshd` on a free port, logging in the user running the tests.
+struct Sshd {
+    child: Child,
+    port: u16,
+    user: String,
+    /// The gate's key (authorized on the host).
+    gate_key: PathBuf,
+    /// A key for direct logins (the reference).
+    direct_key: PathBuf,
+    known_hosts: PathBuf,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_sshd(dir: &Path) -> Sshd {
+    let user = String::from_utf8(run(Command::new("id").arg("-un")).stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let host = dir.join("host_key");
+    let gate_key = dir.join("gate_key");
+    let direct_key = dir.join("direct_key");
+    for k in [&host, &gate_key, &direct_key] {
+        keygen(k);
+    }
+    let pubkey = |k: &Path| std::fs::read_to_string(k.with_extension("pub")).unwrap();
+    std::fs::write(
+        dir.join("authorized_keys"),
+        format!("{}{}", pubkey(&gate_key), pubkey(&direct_key)),
+    )
+    .unwrap();
+    let port = free_port();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {dir}/sshd.pid\n\
+             AuthorizedKeysFile {dir}/authorized_keys\nStrictModes no\nUsePAM no\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+             PermitRootLogin yes\nSubsystem sftp internal-sftp\nAllowTcpForwarding yes\n\
+             AcceptEnv LANG LC_* WICKET_TEST_*\nLogLevel ERROR\nMaxSessions 64\nMaxStartups 100\n",
+            host = host.display(),
+            dir = dir.display(),
+        ),
+    )
+    .unwrap();
+    let child = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f", config.to_str().unwrap()])
+        .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+        .spawn()
+        .expect("sshd (openssh-server) runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "sshd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let known_hosts = dir.join("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        format!("[127.0.0.1]:{port} {}", pubkey(&host)),
+    )
+    .unwrap();
+    Sshd {
+        child,
+        port,
+        user,
+        gate_key,
+        direct_key,
+        known_hosts,
+    }
+}
+
+struct Env {
+    stack: Stack,
+    sshd: Sshd,
+    gate_port: u16,
+    dir: PathBuf,
+}
+
+async fn start() -> Env {
+    start_with(|_| {}).await
+}
+
+async fn start_with(tune: impl FnOnce(&mut SshConfig)) -> Env {
+    let stack = Stack::start("ssh", POLICY).await;
+    let dir = stack.dir.path().join("ssh");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sshd = start_sshd(&dir);
+    let mut cfg = SshConfig::new(
+        UpstreamConfig {
+            addr: format!("127.0.0.1:{}", sshd.port),
+            user: sshd.user.clone(),
+            auth: UpstreamAuth::Key(Arc::new(
+                russh::keys::load_secret_key(&sshd.gate_key, None).unwrap(),
+            )),
+            known_hosts: sshd.known_hosts.clone(),
+        },
+        vec![
+            russh::keys::PrivateKey::random(
+                &mut russh::keys::key::safe_rng(),
+                russh::keys::Algorithm::Ed25519,
+            )
+            .unwrap(),
+        ],
+    );
+    cfg.mask_key = b"test mask key".to_vec();
+    tune(&mut cfg);
+    let gate = SshGate::new(stack.sidecar.clone(), cfg);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gate_port = listener.local_addr().unwrap().port();
+    tokio::spawn(wicket_ssh::serve(gate, listener, std::future::pending()));
+    let askpass = dir.join("askpass");
+    std::fs::write(&askpass, "#!/bin/sh\ncat \"$WICKET_TEST_TOKEN_FILE\"\n").unwrap();
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    Env {
+        stack,
+        sshd,
+        gate_port,
+        dir,
+    }
+}
+
+/// Options every client tool gets (`-o` form, for ssh, scp, sftp and rsync).
+fn client_opts() -> Vec<String> {
+    [
+        "StrictHostKeyChecking=no",
+        "UserKnownHostsFile=/dev/null",
+        "LogLevel=ERROR",
+        "PubkeyAuthentication=no",
+        "PreferredAuthentications=password",
+        "NumberOfPasswordPrompts=1",
+        "SendEnv=WICKET_REASONING",
+        "SendEnv=TRACEPARENT",
+        "ConnectTimeout=20",
+    ]
+    .iter()
+    .flat_map(|o| ["-o".to_string(), o.to_string()])
+    .collect()
+}
+
+impl Env {
+    fn token(&self, spec: &TokenSpec) -> PathBuf {
+        let t = self.stack.idp.mint(spec);
+        let f = self.dir.join(format!("token-{}", free_port()));
+        std::fs::write(&f, t).unwrap();
+        f
+    }
+
+    fn human(&self) -> PathBuf {
+        self.token(&TokenSpec::human("ada", &["ops"]))
+    }
+
+    fn agent(&self) -> PathBuf {
+        self.token(&TokenSpec::agent("deploy-bot", &["agents"]))
+    }
+
+    /// A client tool with the token answered at the password prompt.
+    fn tool(&self, program: &str, token: &Path) -> Command {
+        let mut c = Command::new(program);
+        c.env("SSH_ASKPASS", self.dir.join("askpass"))
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .env("WICKET_TEST_TOKEN_FILE", token)
+            .env_remove("WICKET_REASONING")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn ssh(&self, token: &Path, args: &[&str]) -> Command {
+        let mut c = self.tool("ssh", token);
+        c.args(["-p", &self.gate_port.to_string()])
+            .args(client_opts())
+            .args(args.iter().copied().take_while(|a| *a != "--"))
+            .arg("bot@127.0.0.1")
+            .args(args.iter().copied().skip_while(|a| *a != "--").skip(1));
+        c
+    }
+
+    /// ssh straight to the host with the direct key (the reference).
+    fn direct(&self, command: &str) -> Output {
+        run(Command::new("ssh")
+            .args(["-p", &self.sshd.port.to_string(), "-i"])
+            .arg(&self.sshd.direct_key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "BatchMode=yes",
+            ])
+            .arg(format!("{}@127.0.0.1", self.sshd.user))
+            .arg(command)
+            .stdin(Stdio::null()))
+    }
+
+    fn remote(&self) -> String {
+        "bot@127.0.0.1".to_string()
+    }
+}
+
+fn sha256(path: &Path) -> String {
+    let o = run(Command::new("sha256sum").arg(path));
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn random_file(path: &Path, mb: usize) {
+    let o = run(Command::new("head")
+        .args(["-c", &format!("{}", mb << 20), "/dev/urandom"])
+        .stdout(std::fs::File::create(path).unwrap()));
+    assert!(o.status.success());
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn kinds(events: &[v1::AuditEvent], kind: v1::AuditKind) -> Vec<&v1::AuditEvent> {
+    events.iter().filter(|e| e.kind == kind as i32).collect()
+}
+
+fn command_text(e: &v1::AuditEvent) -> &str {
+    e.command.as_ref().map(|c| c.text.as_str()).unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn openssh_tools_work_whole_through_the_gate() {
+    let e = Arc::new(start().await);
+    let token = e.human();
+
+    // exec: output and exit codes.
+    let o = {
+        let e = e.clone();
+        let t = token.clone();
+        blocking(move || run(&mut e.ssh(&t, &["--", "echo hello; echo oops >&2; exit 3"]))).await
+    };
+    let (so, se) = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{so}\n{se}");
+    assert_eq!(so, "hello\n");
+    assert_eq!(se, "oops\n");
+
+    // A command killed by a signal ends the same way as on a direct login.
+    let (gated, direct) = {
+        let e = e.clone();
+        let t = token.clone();
+        blocking(move || {
+            (
+                run(&mut e.ssh(&t, &["--", "kill -TERM $$"])),
+                e.direct("kill -TERM $$"),
+            )
+        })
+        .await
+    };
+    assert_eq!(
+        gated.status.code(),
+        direct.status.code(),
+        "{:?} vs {:?}",
+        text(&gated),
+        text(&direct)
+    );
+
+    // An interactive shell under a pty.
+    let o = {
+        let e = e.clone();
+        let t = token.clone();
+        blocking(move || {
+            let mut c = e.ssh(&t, &["-tt", "--"]);
+            c.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = c.spawn().unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            stdin.write_all(b"tty; echo answer=$((6*7))\n").unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            stdin.write_all(b"exit 0\n").unwrap();
+            child.wait_with_output().unwrap()
+        })
+        .await
+    };
+    let (so, se) = text(&o);
+    assert!(so.contains("answer=42"), "{so}\n{se}");
+    assert!(so.contains("/dev/pts/"), "{so}");
+    assert_eq!(o.status.code(), Some(0), "{so}\n{se}");
+
+    // scp (SFTP and legacy), sftp batch mode, rsync: a 24 MB file, both ways.
+    let work = e.dir.join("files");
+    std::fs::create_dir_all(&work).unwrap();
+    let src = work.join("src.bin");
+    random_file(&src, 24);
+    let want = sha256(&src);
+    let remote_dir = e.dir.join("remote");
+    std::fs::create_dir_all(&remote_dir).unwrap();
+    let port = e.gate_port.to_string();
+    for (i, legacy) in [false, true].into_iter().enumerate() {
+        let up = remote_dir.join(format!("up{i}.bin"));
+        let back = work.join(format!("back{i}.bin"));
+        let (o1, o2) = {
+            let e = e.clone();
+            let t = token.clone();
+            let (src, up, back, port) = (src.clone(), up.clone(), back.clone(), port.clone());
+            blocking(move || {
+                let scp = |from: String, to: String| {
+                    let mut c = e.tool("scp", &t);
+                    c.args(["-P", &port, "-q"]).args(client_opts());
+                    if legacy {
+                        c.arg("-O");
+                    }
+                    run(c.arg(from).arg(to))
+                };
+                let o1 = scp(
+                    src.display().to_string(),
+                    format!("{}:{}", e.remote(), up.display()),
+                );
+                let o2 = scp(
+                    format!("{}:{}", e.remote(), up.display()),
+                    back.display().to_string(),
+                );
+                (o1, o2)
+            })
+            .await
+        };
+        assert!(
+            o1.status.success(),
+            "scp up (legacy {legacy}): {:?}",
+            text(&o1)
+        );
+        assert!(
+            o2.status.success(),
+            "scp down (legacy {legacy}): {:?}",
+            text(&o2)
+        );
+        assert_eq!(sha256(&up), want);
+        assert_eq!(sha256(&back), want);
+    }
+    let batch = work.join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "mkdir {r}/d\nput {src} {r}/d/s.bin\nrename {r}/d/s.bin {r}/d/t.bin\nls {r}/d\nget {r}/d/t.bin {w}/t.bin\nrm {r}/d/t.bin\nrmdir {r}/d\n",
+            r = remote_dir.display(),
+            src = src.display(),
+            w = work.display()
+        ),
+    )
+    .unwrap();
+    let o = {
+        let e = e.clone();
+        let t = token.clone();
+        let (batch, port) = (batch.clone(), port.clone());
+        blocking(move || {
+            let mut c = e.tool("sftp", &t);
+            // `-b` turns on BatchMode (no prompts); the token is the password.
+            c.args(["-P", &port, "-o", "BatchMode=no"])
+                .args(client_opts())
+                .arg("-b")
+                .arg(&batch)
+                .arg(e.remote());
+            run(&mut c)
+        })
+        .await
+    };
+    assert!(o.status.success(), "sftp: {:?}", text(&o));
+    assert_eq!(sha256(&work.join("t.bin")), want);
+    assert!(!remote_dir.join("d").exists());
+    let o = {
+        let e = e.clone();
+        let t = token.clone();
+        let (src, dst, port) = (src.clone(), remote_dir.join("rsynced.bin"), port.clone());
+        blocking(move || {
+            let rsh = format!("ssh -p {port} {}", client_opts().join(" "));
+            let mut c = e.tool("rsync", &t);
+            c.args(["-a", "-e", &rsh])
+                .arg(&src)
+                .arg(format!("{}:{}", e.remote(), dst.display()));
+            run(&mut c)
+        })
+        .await
+    };
+    assert!(o.status.success(), "rsync: {:?}", text(&o));
+    assert_eq!(sha256(&remote_dir.join("rsynced.bin")), want);
+
+    // ssh -N -L carries traffic to a local service; other destinations are refused.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let local = free_port();
+    let mut fwd = e
+        .ssh(
+            &token,
+            &["-N", "-L", &format!("{local}:127.0.0.1:{echo_port}"), "--"],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let got = {
+        let payload = payload.clone();
+        blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", local)) {
+                    let p = payload.clone();
+                    let mut w = s.try_clone().unwrap();
+                    let writer = std::thread::spawn(move || {
+                        w.write_all(&p).unwrap();
+                        w.shutdown(std::net::Shutdown::Write).unwrap();
+                    });
+                    let mut got = Vec::new();
+                    let _ = s.read_to_end(&mut got);
+                    writer.join().unwrap();
+                    if !got.is_empty() {
+                        return got;
+                    }
+                }
+                if std::time::Instant::now() > deadline {
+                    return Vec::new();
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+        .await
+    };
+    let _ = fwd.kill();
+    let fwd_out = fwd.wait_with_output().unwrap();
+
+    assert_eq!(got.len(), payload.len(), "{:?}", text(&fwd_out));
+    assert!(got == payload);
+
+    let events = e.stack.events().await;
+    let cmds = kinds(&events, v1::AuditKind::Command);
+    assert!(
+        cmds.iter()
+            .any(|c| command_text(c) == "echo hello; echo oops >&2; exit 3")
+    );
+    assert!(
+        cmds.iter()
+            .any(|c| command_text(c).starts_with("forward 127.0.0.1:"))
+    );
+    assert!(
+        cmds.iter()
+            .any(|c| command_text(c).starts_with("rename ") && command_text(c).ends_with("t.bin"))
+    );
+    assert!(cmds.iter().any(|c| command_text(c).starts_with("remove ")));
+    let results = kinds(&events, v1::AuditKind::CommandResult);
+    assert!(
+        results
+            .iter()
+            .any(|r| r.details.get("exit_status").map(String::as_str) == Some("3")),
+        "exit status recorded"
+    );
+    assert!(
+        results
+            .iter()
+            .any(|r| r.details.get("bytes_written").map(String::as_str)
+                == Some(&(24u64 << 20).to_string())),
+        "sftp byte counts recorded"
+    );
+    let starts = kinds(&events, v1::AuditKind::SessionStart);
+    assert!(
+        starts
+            .iter()
+            .all(|s| s.principal.as_ref().unwrap().subject == "ada")
+    );
+}

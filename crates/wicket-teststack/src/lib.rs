@@ -1,0 +1,256 @@
+//! A gate's surroundings for its end-to-end tests: the test identity
+//! provider, a control service on SQLite with a policy applied, a sidecar
+//! credential, and a started sidecar runtime for one connection. The gate
+//! itself (PostgreSQL, SSH, …) is the test's own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use wicket_proto::v1;
+use wicket_sidecar::{Sidecar, SidecarConfig};
+use wicket_testkit::idp::{TestIdp, TokenSpec};
+
+/// `msg` with a bearer token.
+pub fn auth<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).expect("token is ASCII"),
+    );
+    r
+}
+
+/// A running control service, identity provider and sidecar runtime.
+pub struct Stack {
+    /// The identity provider.
+    pub idp: TestIdp,
+    /// A channel to the control service.
+    pub channel: Channel,
+    /// The sidecar runtime (for the gate under test).
+    pub sidecar: Arc<Sidecar>,
+    /// The control service's settings.
+    pub control_cfg: wicket_control::Config,
+    /// The control service's task (abort it to take the service down).
+    pub control: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Scratch directory (database, state); removed on drop.
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts the control service on `listener` with `cfg`.
+pub fn spawn_control(
+    cfg: wicket_control::Config,
+    listener: tokio::net::TcpListener,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let _ = wicket_control::run(cfg, listener, std::future::pending()).await;
+    })
+}
+
+/// Connects to `addr`, retrying until the service listens.
+pub async fn connect(addr: &str) -> Channel {
+    loop {
+        if let Ok(c) = Channel::from_shared(format!("http://{addr}"))
+            .expect("address")
+            .connect()
+            .await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Stack {
+    /// Everything for a gate of `connection` under `policy`; returns once
+    /// the sidecar holds the policy bundle.
+    pub async fn start(connection: &str, policy: &str) -> Stack {
+        wicket_testkit::init_crypto();
+        let idp = TestIdp::start("wicket").await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let control_addr = listener.local_addr().expect("addr");
+        let cfg = wicket_control::Config {
+            max_message_bytes: 4 << 20,
+            agent_rules: vec!["client-credentials".into()],
+            ..wicket_control::Config::defaults(
+                &idp.issuer(),
+                &format!("sqlite:{}", dir.path().join("c.db").display()),
+                control_addr,
+            )
+        };
+        let control_cfg = cfg.clone();
+        let control = spawn_control(cfg, listener);
+        let channel = connect(&control_addr.to_string()).await;
+        let admin = idp.mint(&TokenSpec::human("root", &["wicket-admins"]));
+        v1::policy_admin_service_client::PolicyAdminServiceClient::new(channel.clone())
+            .apply_policy(auth(
+                v1::ApplyPolicyRequest {
+                    document: policy.into(),
+                    source_name: "p".into(),
+                },
+                &admin,
+            ))
+            .await
+            .expect("policy applies");
+        let token =
+            v1::sidecar_admin_service_client::SidecarAdminServiceClient::new(channel.clone())
+                .create_sidecar_credential(auth(
+                    v1::CreateSidecarCredentialRequest {
+                        name: connection.into(),
+                        connections: vec![connection.into()],
+                    },
+                    &admin,
+                ))
+                .await
+                .expect("sidecar credential")
+                .into_inner()
+                .token;
+        let sidecar = Sidecar::start(SidecarConfig {
+            control: format!("http://{control_addr}"),
+            control_ca_cert: None,
+            sidecar_token: Some(token),
+            sidecar_token_file: None,
+            connection: connection.into(),
+            state_dir: dir.path().join("state"),
+            spool_max_bytes: 512 << 20,
+            oidc_issuer: idp.issuer(),
+            oidc_audience: "wicket".into(),
+            groups_claim: "groups".into(),
+            agent_rules: vec!["client-credentials".into()],
+            token_grace_seconds: 0,
+            admin_listen: "127.0.0.1:0".parse().expect("addr"),
+            drain_seconds: 1,
+            tls_cert: None,
+            tls_key: None,
+        })
+        .await
+        .expect("sidecar starts");
+        while sidecar.bundles.current().is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Stack {
+            idp,
+            channel,
+            sidecar,
+            control_cfg,
+            control: std::sync::Mutex::new(Some(control)),
+            dir,
+        }
+    }
+
+    /// A token of an administrator.
+    pub fn admin(&self) -> String {
+        self.idp.mint(&TokenSpec::human("root", &["wicket-admins"]))
+    }
+
+    /// Waits (up to 30 s) until every audit event reached the control service.
+    pub async fn drained(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.sidecar.spool.unacked() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the audit spool did not drain"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every audit event of every session, in order per session.
+    pub async fn events(&self) -> Vec<v1::AuditEvent> {
+        self.drained().await;
+        let admin = self.admin();
+        let mut sessions =
+            v1::session_admin_service_client::SessionAdminServiceClient::new(self.channel.clone());
+        let list = sessions
+            .list_sessions(auth(
+                v1::ListSessionsRequest {
+                    limit: 1000,
+                    ..Default::default()
+                },
+                &admin,
+            ))
+            .await
+            .expect("sessions")
+            .into_inner()
+            .sessions;
+        let mut all = Vec::new();
+        for s in &list {
+            let mut after = 0;
+            loop {
+                let page = sessions
+                    .list_session_events(auth(
+                        v1::ListSessionEventsRequest {
+                            session_id: s.id.clone(),
+                            after_seq: after,
+                            limit: 1000,
+                        },
+                        &admin,
+                    ))
+                    .await
+                    .expect("events")
+                    .into_inner()
+                    .events;
+                let n = page.len();
+                after = page.last().map(|l| l.seq).unwrap_or(after);
+                all.extend(page);
+                if n < 1000 {
+                    break;
+                }
+            }
+        }
+        all
+    }
+
+    /// Waits for the next pending approval (as `approver`), checks it with
+    /// `check`, and approves or denies it.
+    pub async fn decide_next(
+        &self,
+        approver: &str,
+        approve: bool,
+        check: impl FnOnce(&v1::Approval),
+    ) {
+        let mut api = v1::approval_admin_service_client::ApprovalAdminServiceClient::new(
+            self.channel.clone(),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let approval = loop {
+            let list = api
+                .list_approvals(auth(
+                    v1::ListApprovalsRequest {
+                        state: v1::ApprovalState::Pending as i32,
+                        limit: 10,
+                    },
+                    approver,
+                ))
+                .await
+                .expect("approvals")
+                .into_inner()
+                .approvals;
+            if let Some(a) = list.into_iter().next() {
+                break a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no approval request arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        check(&approval);
+        let req = auth(
+            v1::DecideRequest {
+                id: approval.id.clone(),
+                comment: "not today".into(),
+            },
+            approver,
+        );
+        if approve {
+            api.approve(req).await.expect("approve");
+        } else {
+            api.deny(req).await.expect("deny");
+        }
+    }
+}
