@@ -463,13 +463,13 @@ fn kind_of(
         _ => "exec",
     };
     // A download piped into an interpreter runs code nobody reviewed.
-    if (prog == "curl" || prog == "wget") && s.piped {
-        if let Some(n) = next
-            && let (Some(ni), _) = program(&n.argv)
-            && INTERPRETERS.contains(&base(&n.argv[ni]))
-        {
-            kind = "remote_code";
-        }
+    if (prog == "curl" || prog == "wget")
+        && s.piped
+        && let Some(n) = next
+        && let (Some(ni), _) = program(&n.argv)
+        && INTERPRETERS.contains(&base(&n.argv[ni]))
+    {
+        kind = "remote_code";
     }
     if INTERPRETERS.contains(&prog.as_str())
         && (prev_piped_from_download
@@ -633,11 +633,13 @@ mod tests {
 
     #[test]
     fn verb_names_the_program_that_decided() {
+        // sudo makes it a privileged command; the verb is what it runs.
         let c = classify("ls /tmp; sudo systemctl restart nginx");
-        assert_eq!(c.kind, "service");
+        assert_eq!(c.kind, "privilege");
         assert_eq!(c.verb, "systemctl");
         assert_eq!(c.argv, ["ls", "/tmp"]);
-        assert!(c.risk > risk_of("service"));
+        assert!(c.risk > risk_of("privilege"));
+        assert_eq!(classify("systemctl restart nginx").kind, "service");
         assert_eq!(classify("exit 3").verb, "exit");
         assert_eq!(classify("").kind, "exec");
     }

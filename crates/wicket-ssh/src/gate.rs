@@ -96,6 +96,9 @@ impl SshConfig {
     }
 }
 
+/// The detectors' masker, and the bundle it was compiled from.
+type MaskerCache = Option<(Arc<wicket_sidecar::Bundle>, Option<Arc<Masker>>)>;
+
 /// The gate: shared by every connection.
 pub struct SshGate {
     sidecar: Arc<Sidecar>,
@@ -103,7 +106,7 @@ pub struct SshGate {
     server: Arc<server::Config>,
     client: Arc<russh::client::Config>,
     startups: Arc<Semaphore>,
-    masker: std::sync::Mutex<Option<(Arc<wicket_sidecar::Bundle>, Option<Arc<Masker>>)>>,
+    masker: std::sync::Mutex<MaskerCache>,
 }
 
 impl std::fmt::Debug for SshGate {
@@ -974,13 +977,13 @@ async fn pipe_channel(client: Channel<Msg>, up: Channel<russh::client::Msg>) {
     loop {
         tokio::select! {
             m = cr.wait() => match m {
-                Some(ChannelMsg::Data { data }) => { if uw.data_bytes(data).await.is_err() { break } }
+                Some(ChannelMsg::Data { data }) => match uw.data_bytes(data).await { Ok(()) => {} Err(_) => break },
                 Some(ChannelMsg::Eof) => { let _ = uw.eof().await; }
                 Some(ChannelMsg::Close) | None => break,
                 _ => {}
             },
             m = ur.wait() => match m {
-                Some(ChannelMsg::Data { data }) => { if cw.data_bytes(data).await.is_err() { break } }
+                Some(ChannelMsg::Data { data }) => match cw.data_bytes(data).await { Ok(()) => {} Err(_) => break },
                 Some(ChannelMsg::Eof) => { let _ = cw.eof().await; }
                 Some(ChannelMsg::Close) | None => break,
                 _ => {}
@@ -1051,7 +1054,9 @@ async fn session_channel(ctx: Arc<Ctx>, client: Channel<Msg>, up: Channel<russh:
                 let Some(m) = m else { break };
                 match m {
                     ChannelMsg::RequestPty { term, col_width, row_height, pix_width, pix_height, terminal_modes, .. } => {
-                        pty = Some((term.clone(), col_width, row_height));
+                        // A client without a terminal of its own (`ssh -tt < file`) sends 0x0.
+                        let (w, h) = if col_width == 0 || row_height == 0 { (80, 24) } else { (col_width, row_height) };
+                        pty = Some((term.clone(), w, h));
                         let _ = up.request_pty(true, &term, col_width, row_height, pix_width, pix_height, &terminal_modes).await;
                     }
                     ChannelMsg::SetEnv { variable_name, variable_value, .. } => {

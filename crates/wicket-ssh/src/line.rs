@@ -105,7 +105,12 @@ impl LineEditor {
                 b'\n' => !self.last_cr,
                 _ => false,
             };
+            let after_cr = self.last_cr;
             self.last_cr = b == b'\r';
+            if b == b'\n' && after_cr && self.esc == Esc::None {
+                // The LF of a CR LF: part of the Enter already seen.
+                continue;
+            }
             if enter && self.esc == Esc::None {
                 if start < i {
                     out.push(Piece::Bytes(start, i));

@@ -569,3 +569,228 @@ async fn openssh_tools_work_whole_through_the_gate() {
             .all(|s| s.principal.as_ref().unwrap().subject == "ada")
     );
 }
+
+/// The asciicast of each recorded channel of the session, assembled from
+/// its `output` events.
+fn casts(events: &[v1::AuditEvent]) -> Vec<String> {
+    let mut by_channel: std::collections::BTreeMap<(String, String), String> = Default::default();
+    for ev in kinds(events, v1::AuditKind::Output) {
+        let key = (ev.session_id.clone(), ev.details["channel"].clone());
+        let cast = by_channel.entry(key).or_default();
+        if let Some(h) = ev.details.get("asciicast_header") {
+            cast.insert_str(0, &format!("{h}\n"));
+        }
+        if let Some(lines) = ev.details.get("asciicast") {
+            cast.push_str(lines);
+        }
+    }
+    by_channel.into_values().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_decides_commands_lines_and_files_and_everything_is_recorded() {
+    let e = Arc::new(start().await);
+    let agent = e.agent();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let ssh = {
+        let e = e.clone();
+        let agent = agent.clone();
+        move |reasoning: Option<&str>, args: &[&str]| {
+            let mut c = e.ssh(&agent, args);
+            if let Some(r) = reasoning {
+                c.env("WICKET_REASONING", r).env("TRACEPARENT", traceparent);
+            }
+            c
+        }
+    };
+
+    // An agent without reasoning is refused; with it, the command runs.
+    let o = run(&mut ssh(None, &["--", "uptime"]));
+    let (_, se) = text(&o);
+    assert_eq!(o.status.code(), Some(126), "{se}");
+    assert!(se.contains("reasoning"), "{se}");
+    let o = run(&mut ssh(
+        Some("check the load before the deploy"),
+        &["--", "uptime"],
+    ));
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+
+    // A destructive command is denied: message on stderr, exit status 126.
+    let o = run(&mut ssh(
+        Some("clean up"),
+        &["--", "rm -rf /boot/wicket-test-nonexistent"],
+    ));
+    let (_, se) = text(&o);
+    assert_eq!(o.status.code(), Some(126), "{se}");
+    assert!(se.contains("denied by rule no-destroy"), "{se}");
+
+    // A held command runs once approved, and is refused when denied.
+    let approver = e
+        .stack
+        .idp
+        .mint(&TokenSpec::human("lead", &["wicket-approvers", "sre"]));
+    for approve in [true, false] {
+        let target = e.dir.join(format!("touched-{approve}"));
+        let mut cmd = ssh(
+            Some("mark the host as drained"),
+            &["--", &format!("touch {}", target.display())],
+        );
+        let held = tokio::task::spawn_blocking(move || run(&mut cmd));
+        e.stack
+            .decide_next(&approver, approve, |a| {
+                let r = a.request.as_ref().unwrap();
+                assert_eq!(
+                    r.reasoning.as_ref().unwrap().reasoning,
+                    "mark the host as drained"
+                );
+                assert!(r.command.as_ref().unwrap().text.starts_with("touch "));
+            })
+            .await;
+        let o = held.await.unwrap();
+        let (_, se) = text(&o);
+        assert!(se.contains("waiting for approval"), "{se}");
+        assert_eq!(target.exists(), approve, "{se}");
+        assert_eq!(o.status.code(), Some(if approve { 0 } else { 126 }), "{se}");
+    }
+
+    // In an interactive shell a denied line never reaches the host; the
+    // session goes on.
+    let o = {
+        let mut c = ssh(Some("inspect the host"), &["-tt", "--"]);
+        blocking(move || {
+            c.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = c.spawn().unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            for line in [
+                "echo mail ada@example.com\n",
+                "rm -rf /boot/wicket-test-nonexistent\n",
+                "echo after=$((1+1))\n",
+                "exit\n",
+            ] {
+                std::thread::sleep(Duration::from_millis(400));
+                stdin.write_all(line.as_bytes()).unwrap();
+            }
+            child.wait_with_output().unwrap()
+        })
+        .await
+    };
+    let (so, se) = text(&o);
+    assert!(so.contains("denied by rule no-destroy"), "{so}\n{se}");
+    assert!(so.contains("after=2"), "{so}\n{se}");
+
+    // A protected file cannot be removed over SFTP; the refusal names the rule.
+    let remote = e.dir.join("remote");
+    std::fs::create_dir_all(&remote).unwrap();
+    std::fs::write(remote.join("protected.txt"), "keep me").unwrap();
+    let batch = e.dir.join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "-rm {}/protected.txt\nls {}\n",
+            remote.display(),
+            remote.display()
+        ),
+    )
+    .unwrap();
+    let o = {
+        let e = e.clone();
+        let human = e.human();
+        blocking(move || {
+            let mut c = e.tool("sftp", &human);
+            c.args(["-P", &e.gate_port.to_string(), "-o", "BatchMode=no"])
+                .args(client_opts())
+                .arg("-b")
+                .arg(&batch)
+                .arg(e.remote());
+            run(&mut c)
+        })
+        .await
+    };
+    let (so, se) = text(&o);
+    assert!(remote.join("protected.txt").exists(), "{so}\n{se}");
+    assert!(se.contains("Permission denied"), "{so}\n{se}");
+
+    let events = e.stack.events().await;
+    let cmds = kinds(&events, v1::AuditKind::Command);
+    let find = |t: &str| {
+        cmds.iter()
+            .find(|c| command_text(c).contains(t))
+            .unwrap_or_else(|| panic!("no command {t}"))
+    };
+    let up = find("uptime");
+    let decision = |c: &v1::AuditEvent| c.decision.as_ref().unwrap().rule.clone();
+    let reasoned = cmds
+        .iter()
+        .find(|c| command_text(c) == "uptime" && c.reasoning.is_some())
+        .unwrap();
+    let r = reasoned.reasoning.as_ref().unwrap();
+    assert_eq!(r.reasoning, "check the load before the deploy");
+    assert_eq!(r.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(reasoned.traceparent, traceparent);
+    assert_eq!(reasoned.principal.as_ref().unwrap().subject, "deploy-bot");
+    assert!(decision(up).contains("reasoning") || up.reasoning.is_some());
+    let rm = find("rm -rf /boot/wicket-test-nonexistent");
+    assert_eq!(decision(rm), "no-destroy");
+    assert_eq!(
+        rm.command
+            .as_ref()
+            .unwrap()
+            .classification
+            .as_ref()
+            .unwrap()
+            .kind,
+        "destroy"
+    );
+    assert!(
+        cmds.iter()
+            .any(|c| command_text(c) == "echo mail [redacted:email]"),
+        "typed lines are recorded, masked"
+    );
+    assert!(
+        cmds.iter()
+            .all(|c| !command_text(c).contains("ada@example.com"))
+    );
+    assert!(
+        cmds.iter()
+            .any(|c| c.details.get("approval_outcome").map(String::as_str) == Some("approved"))
+    );
+    assert!(
+        cmds.iter()
+            .any(|c| c.details.get("approval_outcome").map(String::as_str) == Some("denied"))
+    );
+    assert_eq!(decision(find("remove ")), "no-protected-removal");
+
+    // The terminal recording plays in asciinema, masked.
+    let shell_cast = casts(&events)
+        .into_iter()
+        .find(|c| c.contains("after=2"))
+        .expect("a recording of the shell");
+    assert!(!shell_cast.contains("ada@example.com"), "{shell_cast}");
+    let file = e.dir.join("shell.cast");
+    std::fs::write(&file, &shell_cast).unwrap();
+    // asciinema's own reader (Debian's asciinema package) loads it.
+    let reader = [
+        "import sys",
+        "from asciinema.asciicast import open_from_url",
+        "with open_from_url(sys.argv[1]) as cast:",
+        "    assert cast.v2_header['width'] > 0",
+        "    last = 0",
+        "    for t, code, data in cast.events():",
+        "        assert t >= last and code in 'oir'",
+        "        last = t",
+        "        if code == 'o':",
+        "            sys.stdout.write(data)",
+    ]
+    .join("\n");
+    let o = run(Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(reader)
+        .arg(&file));
+    let (so, se) = text(&o);
+    assert!(o.status.success(), "asciinema cat: {se}\n{shell_cast}");
+    assert!(so.contains("after=2"), "{so}");
+    assert!(so.contains("[redacted:email]"), "{so}");
+    assert!(so.contains("denied by rule no-destroy"), "{so}");
+}
