@@ -245,28 +245,141 @@ pub async fn serve(
                 user: String::new(),
                 kbd_tries: 0,
             };
-            let run = async {
-                match server::run_stream(gate.server.clone(), stream, conn).await {
-                    Ok(session) => {
-                        if let Err(e) = session.await {
-                            tracing::debug!(%peer, error = %e, "ssh connection ended");
-                        }
-                    }
-                    Err(e) => tracing::debug!(%peer, error = %e, "ssh handshake failed"),
+            let grace = gate.cfg.login_grace;
+            let deadline = tokio::time::Instant::now() + grace;
+            let kill = Arc::new(Kill::default());
+            // The version exchange, within the grace time.
+            let session = tokio::select! {
+                r = server::run_stream(gate.server.clone(), Killable::new(stream, kill.clone()), conn) => r,
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::info!(%peer, "no SSH version line within {}s; disconnected", grace.as_secs());
+                    return;
                 }
             };
-            let grace = gate.cfg.login_grace;
+            let session = match session {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "ssh handshake failed");
+                    return;
+                }
+            };
+            // Key exchange and authentication, within the grace time too.
+            let handle = session.handle();
             let watchdog = async {
-                tokio::time::sleep(grace).await;
+                tokio::time::sleep_until(deadline).await;
                 if authed.load(Ordering::Acquire) {
                     std::future::pending::<()>().await;
                 }
             };
+            tokio::pin!(session);
             tokio::select! {
-                _ = run => {}
-                _ = watchdog => tracing::info!(%peer, "no authentication within {}s; disconnected", grace.as_secs()),
+                r = &mut session => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "ssh connection ended");
+                    }
+                }
+                _ = watchdog => {
+                    tracing::info!(%peer, "no authentication within {}s; disconnected", grace.as_secs());
+                    let _ = handle
+                        .disconnect(Disconnect::ByApplication, "authentication timed out".into(), "en".into())
+                        .await;
+                    // A peer that stopped reading cannot hold the session past a short wait.
+                    if tokio::time::timeout(Duration::from_secs(1), &mut session).await.is_err() {
+                        kill.kill();
+                    }
+                }
             }
         });
+    }
+}
+
+/// Ends a connection from outside the SSH session's own task.
+#[derive(Default)]
+struct Kill {
+    killed: AtomicBool,
+    wakers: std::sync::Mutex<Vec<std::task::Waker>>,
+}
+
+impl Kill {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        for w in self.wakers.lock().expect("wakers").drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Whether killed; otherwise remembers who to wake.
+    fn check(&self, cx: &std::task::Context<'_>) -> bool {
+        if self.killed.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut w = self.wakers.lock().expect("wakers");
+        if w.len() >= 8 {
+            w.clear();
+        }
+        if !w.iter().any(|x| x.will_wake(cx.waker())) {
+            w.push(cx.waker().clone());
+        }
+        self.killed.load(Ordering::Acquire)
+    }
+}
+
+/// A TCP stream that reads end and writes fail once its [`Kill`] fires.
+struct Killable {
+    inner: tokio::net::TcpStream,
+    kill: Arc<Kill>,
+}
+
+impl Killable {
+    fn new(inner: tokio::net::TcpStream, kill: Arc<Kill>) -> Killable {
+        Killable { inner, kill }
+    }
+}
+
+fn killed() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "connection ended by the gate",
+    )
+}
+
+impl tokio::io::AsyncRead for Killable {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.kill.check(cx) {
+            return std::task::Poll::Ready(Err(killed()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Killable {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.kill.check(cx) {
+            return std::task::Poll::Ready(Err(killed()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -502,18 +615,9 @@ impl server::Handler for Conn {
         }
     }
 
-    async fn auth_publickey_offered(
-        &mut self,
-        _user: &str,
-        _offer: server::PublicKeyOffer<'_>,
-    ) -> Result<Auth, Self::Error> {
-        // Plain keys are never accepted; certificates go through
-        // `auth_openssh_certificate`.
-        Ok(Auth::Reject {
-            proceed_with_methods: None,
-            partial_success: false,
-        })
-    }
+    // Plain public keys are never credentials (the default
+    // `auth_publickey` refuses them); certificates signed by a trusted CA
+    // are, through `auth_openssh_certificate`.
 
     async fn auth_openssh_certificate(
         &mut self,

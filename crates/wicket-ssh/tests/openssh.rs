@@ -794,3 +794,247 @@ async fn policy_decides_commands_lines_and_files_and_everything_is_recorded() {
     assert!(so.contains("[redacted:email]"), "{so}");
     assert!(so.contains("denied by rule no-destroy"), "{so}");
 }
+
+/// Accepts any host key (the test's own gate).
+struct AnyHost;
+
+impl russh::client::Handler for AnyHost {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// Reads from `s` until the peer closes, or fails after `limit`.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_is_refused_cleanly_and_sessions_end_from_outside() {
+    use tokio::io::AsyncWriteExt;
+    let e = Arc::new(
+        start_with(|c| {
+            c.login_grace = Duration::from_secs(2);
+            c.max_channels = 4;
+        })
+        .await,
+    );
+    let addr = ("127.0.0.1", e.gate_port);
+
+    // Wrong, expired and foreign tokens: refused, and audited.
+    for bad in [
+        "not-a-token".to_string(),
+        e.stack.idp.mint(&TokenSpec {
+            ttl_seconds: -60,
+            ..TokenSpec::human("ada", &["ops"])
+        }),
+        e.stack
+            .idp
+            .mint_with_foreign_key(&TokenSpec::human("ada", &["ops"])),
+    ] {
+        let f = e.dir.join("bad-token");
+        std::fs::write(&f, bad).unwrap();
+        let o = run(&mut e.ssh(&f, &["--", "true"]));
+        let (_, se) = text(&o);
+        assert_eq!(o.status.code(), Some(255), "{se}");
+        assert!(se.contains("Permission denied"), "{se}");
+    }
+    assert!(e.stack.sidecar.metrics.encode().contains("auth_failures"));
+
+    // A client that stalls in the key exchange is disconnected after the grace time.
+    let mut stall = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(closed_within(&mut stall, Duration::from_secs(6)).await);
+    let mut stall = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stall.write_all(b"SSH-2.0-staller\r\n").await.unwrap();
+    assert!(closed_within(&mut stall, Duration::from_secs(6)).await);
+    // Garbage after the version line ends the connection, nothing else.
+    let mut junk = tokio::net::TcpStream::connect(addr).await.unwrap();
+    junk.write_all(b"SSH-2.0-junk\r\n").await.unwrap();
+    let noise: Vec<u8> = (0..65_536u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let _ = junk.write_all(&noise).await;
+    assert!(closed_within(&mut junk, Duration::from_secs(6)).await);
+
+    // A flood of channel opens: a bounded number is served, the rest refused.
+    let token = e.stack.idp.mint(&TokenSpec::human("ada", &["ops"]));
+    let mut h = russh::client::connect(Arc::new(russh::client::Config::default()), addr, AnyHost)
+        .await
+        .unwrap();
+    assert!(
+        h.authenticate_password("bot", &token)
+            .await
+            .unwrap()
+            .success()
+    );
+    let mut opened = Vec::new();
+    let mut refused = 0;
+    for _ in 0..40 {
+        match h.channel_open_session().await {
+            Ok(c) => opened.push(c),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(opened.len(), 4);
+    assert_eq!(refused, 36);
+    drop(opened);
+    let _ = h
+        .disconnect(russh::Disconnect::ByApplication, "", "en")
+        .await;
+
+    // The gate still serves.
+    let human = e.human();
+    let o = run(&mut e.ssh(&human, &["--", "echo still here"]));
+    assert_eq!(text(&o).0, "still here\n", "{:?}", text(&o));
+
+    // A live session ends when its token expires…
+    let short = e.token(&TokenSpec {
+        ttl_seconds: 3,
+        ..TokenSpec::human("ada", &["ops"])
+    });
+    let started = std::time::Instant::now();
+    let o = {
+        let mut c = e.ssh(&short, &["--", "sleep 30"]);
+        blocking(move || run(&mut c)).await
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        text(&o)
+    );
+    assert!(text(&o).1.contains("expired"), "{:?}", text(&o));
+
+    // …and when its principal is revoked.
+    let mut c = e.ssh(&human, &["--", "sleep 30"]);
+    let live = tokio::task::spawn_blocking(move || run(&mut c));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    v1::principal_admin_service_client::PrincipalAdminServiceClient::new(e.stack.channel.clone())
+        .revoke_principal(wicket_teststack::auth(
+            v1::RevokePrincipalRequest {
+                issuer: e.stack.idp.issuer(),
+                subject: "ada".into(),
+                reason: "left the team".into(),
+                duration_seconds: 0,
+            },
+            &e.stack.admin(),
+        ))
+        .await
+        .unwrap();
+    let o = tokio::time::timeout(Duration::from_secs(20), live)
+        .await
+        .expect("the revoked session ended")
+        .unwrap();
+    assert!(text(&o).1.contains("revoked"), "{:?}", text(&o));
+    let o = run(&mut e.ssh(&human, &["--", "true"]));
+    assert_eq!(o.status.code(), Some(255), "{:?}", text(&o));
+
+    let events = e.stack.events().await;
+    let ends: Vec<&str> = kinds(&events, v1::AuditKind::SessionEnd)
+        .iter()
+        .map(|e| e.end_reason.as_str())
+        .collect();
+    assert!(ends.contains(&"token_expired"), "{ends:?}");
+    assert!(ends.contains(&"revoked"), "{ends:?}");
+}
+
+/// Signs `user_key`'s public key with `ca` using OpenSSH's `ssh-keygen`.
+fn sign_cert(ca: &Path, user_key: &Path, principal: &str, validity: &str) {
+    let o = run(Command::new("ssh-keygen").args([
+        "-q",
+        "-s",
+        ca.to_str().unwrap(),
+        "-I",
+        "ada",
+        "-n",
+        "bot",
+        "-V",
+        validity,
+        "-O",
+        &format!("extension:wicket-principal@wicket.dev={principal}"),
+        user_key.with_extension("pub").to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{:?}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn user_certificates_from_the_trusted_ca_log_in_and_others_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let other_ca = dir.path().join("other_ca");
+    keygen(&ca);
+    keygen(&other_ca);
+    let ca_pub = russh::keys::load_public_key(ca.with_extension("pub")).unwrap();
+    let e = Arc::new(start_with(move |c| c.user_cas = vec![ca_pub]).await);
+    let principal = serde_json::json!({
+        "subject": "ada", "issuer": e.stack.idp.issuer(), "kind": "human",
+        "groups": ["ops"], "display_name": "ada@example.test", "client_id": "wicket-cli",
+    })
+    .to_string();
+    let login = |key: &Path| {
+        let mut c = Command::new("ssh");
+        c.args(["-p", &e.gate_port.to_string(), "-i"])
+            .arg(key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .arg("bot@127.0.0.1")
+            .arg("echo certified")
+            .stdin(Stdio::null());
+        run(&mut c)
+    };
+    let cases = [
+        ("good", &ca, "-5m:+1h", true),
+        ("expired", &ca, "20200101:20200102", false),
+        ("foreign", &other_ca, "-5m:+1h", false),
+    ];
+    for (name, signer, validity, ok) in cases {
+        let key = dir.path().join(name);
+        keygen(&key);
+        sign_cert(signer, &key, &principal, validity);
+        let o = login(&key);
+        let (so, se) = text(&o);
+        if ok {
+            assert_eq!(so, "certified\n", "{name}: {se}");
+        } else {
+            assert_eq!(o.status.code(), Some(255), "{name}: {so}{se}");
+            assert!(se.contains("Permission denied"), "{name}: {se}");
+        }
+    }
+    // A plain key (no certificate) is not a credential.
+    let o = login(&e.sshd.direct_key);
+    assert_eq!(o.status.code(), Some(255));
+    let events = e.stack.events().await;
+    let starts = kinds(&events, v1::AuditKind::SessionStart);
+    assert_eq!(starts.len(), 1);
+    assert_eq!(starts[0].principal.as_ref().unwrap().subject, "ada");
+    assert!(
+        kinds(&events, v1::AuditKind::Command)
+            .iter()
+            .any(|c| command_text(c) == "echo certified")
+    );
+}
