@@ -173,6 +173,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let admin_url = pg_url("demo-admin", &get(&env, "WICKET_ADMIN_TOKEN"));
     env.push(("WICKET_PG_URL".into(), agent_url.clone()));
     env.push(("WICKET_PG_ADMIN_URL".into(), admin_url));
+    let ssh = if std::path::Path::new("/usr/sbin/sshd").exists() {
+        util::step("starting the demo OpenSSH server and wicket-ssh in front of it");
+        let s = start_ssh(&dir, &bin, &env, &control_url, check, &mut kids)?;
+        env.push(("WICKET_SSH_HOST".into(), "127.0.0.1".into()));
+        env.push(("WICKET_SSH_PORT".into(), s.port.to_string()));
+        env.push(("WICKET_SSH_USER".into(), "demo".into()));
+        Some(s)
+    } else {
+        println!("(no OpenSSH server here: apt-get install openssh-server for the SSH gate demo)");
+        None
+    };
     let mut file =
         String::from("# Written by `cargo xtask demo`. Use with: source target/demo/env\n");
     for (k, v) in &env {
@@ -220,6 +231,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
     println!(
         "  PostgreSQL gate          127.0.0.1:{pg_port} (wicket-pg; metrics on 127.0.0.1:{pg_admin_port})\n"
     );
+    if let Some(s) = &ssh {
+        println!(
+            "  SSH gate                 127.0.0.1:{} (wicket-ssh; metrics on 127.0.0.1:{}) -> OpenSSH on 127.0.0.1:{}\n",
+            s.port, s.admin_port, s.sshd_port
+        );
+    }
     println!("Try it yourself:");
     println!("  source {}", env_path.display());
     println!(
@@ -241,6 +258,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
     println!(
         "  wicket policy explain -c demo-db --principal demo-agent --agent --group agents --kind select"
     );
+    if ssh.is_some() {
+        println!(
+            "  SSH_ASKPASS={} SSH_ASKPASS_REQUIRE=force WICKET_REASONING='checking load' ssh -o SendEnv=WICKET_REASONING -p $WICKET_SSH_PORT $WICKET_SSH_USER@$WICKET_SSH_HOST uptime",
+            dir.join("ssh/askpass-agent").display()
+        );
+    }
     println!("  wicket approvals list");
     println!("  wicket sessions list\n");
     if check {
@@ -319,6 +342,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 String::from_utf8_lossy(&drop.stderr)
             ));
         }
+        if let Some(s) = &ssh {
+            check_ssh(&dir, s)?;
+        }
         wait_for(15, "the demo session in `wicket sessions list`", || {
             wicket(
                 &bin,
@@ -342,4 +368,203 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
         }
     }
+}
+
+/// The demo host: an OpenSSH server and the gate in front of it.
+struct DemoSsh {
+    port: u16,
+    admin_port: u16,
+    sshd_port: u16,
+}
+
+fn keygen(path: &Path) -> Result<(), String> {
+    if path.exists() {
+        return Ok(());
+    }
+    util::run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            &path.display().to_string(),
+        ],
+        &[],
+    )
+}
+
+fn start_ssh(
+    dir: &Path,
+    bin: &Path,
+    env: &[(String, String)],
+    control_url: &str,
+    check: bool,
+    kids: &mut Children,
+) -> Result<DemoSsh, String> {
+    let sdir = dir.join("ssh");
+    std::fs::create_dir_all(&sdir).map_err(|e| e.to_string())?;
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let (host, gate_key) = (sdir.join("host_key"), sdir.join("gate_key"));
+    keygen(&host)?;
+    keygen(&gate_key)?;
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
+    std::fs::write(
+        sdir.join("authorized_keys"),
+        read(&gate_key.with_extension("pub"))?,
+    )
+    .map_err(|e| e.to_string())?;
+    let (sshd_port, port, admin_port) = if check {
+        (free_port()?, free_port()?, free_port()?)
+    } else {
+        (7422, 2222, 9471)
+    };
+    for p in [sshd_port, port, admin_port] {
+        if port_open(p) {
+            return Err(format!("port {p} (for the SSH demo) is already in use"));
+        }
+    }
+    let config = sdir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {h}\nPidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin yes\n\
+             Subsystem sftp internal-sftp\nLogLevel ERROR\n",
+            h = host.display(),
+            d = sdir.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(dir.join("sshd.log")).map_err(|e| e.to_string())?;
+    let child = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f", &config.display().to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start sshd: {e}"))?;
+    kids.push("sshd", child);
+    wait_for(15, "sshd", || port_open(sshd_port))?;
+    let known_hosts = sdir.join("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        format!(
+            "[127.0.0.1]:{sshd_port} {}",
+            read(&host.with_extension("pub"))?
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let user = String::from_utf8_lossy(
+        &Command::new("id")
+            .arg("-un")
+            .output()
+            .map_err(|e| e.to_string())?
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    let token = wicket(
+        bin,
+        env,
+        &[
+            "sidecars",
+            "create",
+            "--name",
+            "demo-ssh",
+            "--connection",
+            "demo-host",
+        ],
+    )?
+    .trim()
+    .to_string();
+    let log = std::fs::File::create(dir.join("wicket-ssh.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(bin.join("wicket-ssh"))
+        .env("WICKET_SSH_LISTEN", format!("127.0.0.1:{port}"))
+        .env("WICKET_SSH_UPSTREAM", format!("127.0.0.1:{sshd_port}"))
+        .env("WICKET_SSH_UPSTREAM_USER", &user)
+        .env("WICKET_SSH_UPSTREAM_KEY_FILE", &gate_key)
+        .env("WICKET_SSH_KNOWN_HOSTS", &known_hosts)
+        .env("WICKET_CONTROL", control_url)
+        .env("WICKET_SIDECAR_TOKEN", &token)
+        .env("WICKET_CONNECTION", "demo-host")
+        .env("WICKET_STATE_DIR", dir.join("ssh-state"))
+        .env("WICKET_OIDC_ISSUER", env_get(env, "WICKET_OIDC_ISSUER"))
+        .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start wicket-ssh: {e}"))?;
+    kids.push("wicket-ssh", child);
+    if let Err(e) = wait_for(30, "wicket-ssh", || port_open(port)) {
+        let log = std::fs::read_to_string(dir.join("wicket-ssh.log")).unwrap_or_default();
+        return Err(format!("{e}\n{log}"));
+    }
+    // Password prompts answered with the demo tokens (as an agent's SSH_ASKPASS would).
+    for (who, var) in [
+        ("agent", "WICKET_AGENT_TOKEN"),
+        ("admin", "WICKET_ADMIN_TOKEN"),
+    ] {
+        let f = sdir.join(format!("askpass-{who}"));
+        std::fs::write(&f, format!("#!/bin/sh\necho '{}'\n", env_get(env, var)))
+            .map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(DemoSsh {
+        port,
+        admin_port,
+        sshd_port,
+    })
+}
+
+/// The demo agent's commands through wicket-ssh: one allowed, one refused.
+fn check_ssh(dir: &Path, s: &DemoSsh) -> Result<(), String> {
+    let ssh = |cmd: &str| {
+        Command::new("ssh")
+            .args(["-p", &s.port.to_string()])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                "PreferredAuthentications=password",
+                "-o",
+                "SendEnv=WICKET_REASONING",
+            ])
+            .arg("demo@127.0.0.1")
+            .arg(cmd)
+            .env("SSH_ASKPASS", dir.join("ssh/askpass-agent"))
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("WICKET_REASONING", "demo check")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("ssh: {e}"))
+    };
+    let ok = ssh("echo hello from the demo host")?;
+    if String::from_utf8_lossy(&ok.stdout).trim() != "hello from the demo host" {
+        return Err(format!(
+            "demo check: ssh through wicket-ssh failed: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        ));
+    }
+    let denied = ssh("rm -rf /etc/wicket-demo-nonexistent")?;
+    if denied.status.code() != Some(126)
+        || !String::from_utf8_lossy(&denied.stderr).contains("denied by rule")
+    {
+        return Err(format!(
+            "demo check: a destructive command was not refused: {}",
+            String::from_utf8_lossy(&denied.stderr)
+        ));
+    }
+    Ok(())
 }
