@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use wicket_pg::upstream::{UpstreamConfig, UpstreamTls};
 use wicket_pg::{PgConfig, PgGate};
 use wicket_sidecar::{Sidecar, SidecarConfig};
@@ -65,46 +64,9 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args = Args::parse();
-    let runtime = match args.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            if n > 0 {
-                b.worker_threads(n);
-            }
-            b.enable_all().build()
-        }
-    };
-    match runtime {
-        Ok(rt) => rt.block_on(serve_main(args)),
-        Err(e) => {
-            eprintln!("wicket-pg: cannot start the runtime: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-async fn serve_main(args: Args) -> std::process::ExitCode {
-    let filter = EnvFilter::try_from_env("WICKET_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let sub = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        sub.json().init();
-    } else {
-        sub.init();
-    }
-    match run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("wicket-pg: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let (threads, format) = (args.worker_threads, args.log_format.clone());
+    wicket_sidecar::process::main("wicket-pg", threads, &format, move || run(args))
 }
 
 async fn run(args: Args) -> Result<(), String> {

@@ -24,6 +24,7 @@ pub mod http;
 pub mod masking;
 pub mod memo;
 pub mod metrics;
+pub mod process;
 pub mod session;
 pub mod tls;
 
