@@ -441,6 +441,99 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Approvals(a) => approvals(&cli, fmt, a).await,
         Cmd::Sessions(s) => sessions(&cli, fmt, s).await,
         Cmd::Sidecars(s) => sidecars(&cli, fmt, s).await,
+        Cmd::Ssh(s) => ssh(&cli, fmt, s).await,
+    }
+}
+
+/// `wicket ssh …`.
+#[derive(Debug, Subcommand)]
+pub enum SshCmd {
+    /// Get a short-lived SSH certificate for your key, signed by the control
+    /// service's CA, so plain `ssh -i KEY` reaches any wicket-ssh gate. It
+    /// carries who you are (from your `wicket login` token) and expires with
+    /// that token. The key is created (Ed25519) when missing.
+    Login {
+        /// Private key to certify; the certificate is written next to it as
+        /// `<KEY>-cert.pub`, where `ssh` finds it.
+        #[arg(long, default_value = "~/.wicket/ssh/id_ed25519")]
+        key: String,
+    },
+}
+
+fn expand_home(path: &str) -> std::path::PathBuf {
+    match path.strip_prefix("~/") {
+        Some(rest) => {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(rest)
+        }
+        None => std::path::PathBuf::from(path),
+    }
+}
+
+/// The public half of the key at `key`, creating the key (Ed25519, mode
+/// 0600) when the file does not exist.
+fn ssh_key_pair(key: &std::path::Path) -> Result<String, CliError> {
+    let public = key.with_extension(match key.extension() {
+        Some(e) => format!("{}.pub", e.to_string_lossy()),
+        None => "pub".into(),
+    });
+    if !key.exists() {
+        if let Some(dir) = key.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| CliError::usage(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let mut seed = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut seed).map_err(|_| CliError::usage("no random source"))?;
+        let private = ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&seed));
+        private
+            .write_openssh_file(key, ssh_key::LineEnding::LF)
+            .map_err(|e| CliError::usage(format!("cannot write {}: {e}", key.display())))?;
+        let line = private
+            .public_key()
+            .to_openssh()
+            .map_err(|e| CliError::usage(e.to_string()))?;
+        std::fs::write(&public, format!("{line} wicket\n"))
+            .map_err(|e| CliError::usage(format!("cannot write {}: {e}", public.display())))?;
+        eprintln!("Created the key {}", key.display());
+    }
+    std::fs::read_to_string(&public).map_err(|e| {
+        CliError::usage(format!(
+            "cannot read the public key {}: {e} (give --key a key whose .pub file is next to it)",
+            public.display()
+        ))
+    })
+}
+
+async fn ssh(cli: &Cli, fmt: Format, cmd: &SshCmd) -> Result<(), CliError> {
+    use wicket_proto::v1::credential_service_client::CredentialServiceClient;
+    match cmd {
+        SshCmd::Login { key } => {
+            let key = expand_home(key);
+            let public_key = ssh_key_pair(&key)?;
+            let c = Client::connect(cli).await?;
+            let r = CredentialServiceClient::new(c.channel.clone())
+                .sign_ssh_key(c.req(v1::SignSshKeyRequest { public_key }))
+                .await?
+                .into_inner();
+            let cert = {
+                let mut name = key.clone().into_os_string();
+                name.push("-cert.pub");
+                std::path::PathBuf::from(name)
+            };
+            std::fs::write(&cert, format!("{}\n", r.certificate.trim()))
+                .map_err(|e| CliError::usage(format!("cannot write {}: {e}", cert.display())))?;
+            let until = time(r.valid_before.as_ref());
+            match fmt {
+                Format::Json | Format::Jsonl => output::json(
+                    fmt,
+                    &json!({"key": key.display().to_string(), "certificate": cert.display().to_string(), "valid_before": until, "ca_public_key": r.ca_public_key}),
+                ),
+                Format::Table => {
+                    println!("Certificate {} valid until {until}.", cert.display());
+                    println!("Connect with: ssh -i {} -p PORT USER@GATE", key.display());
+                }
+            }
+            Ok(())
+        }
     }
 }
 

@@ -130,6 +130,9 @@ pub enum Cmd {
     /// Sidecar credentials.
     #[command(subcommand)]
     Sidecars(commands::SidecarsCmd),
+    /// SSH through the SSH gate.
+    #[command(subcommand)]
+    Ssh(commands::SshCmd),
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -547,3 +547,61 @@ async fn approvals_and_sessions_from_the_cli() {
     assert_eq!(out.status.code(), Some(1));
     let _ = Path::new("");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_login_writes_a_certificate_signed_by_the_control_ca() {
+    let e = start().await;
+    let token = e.idp.mint(&TokenSpec {
+        ttl_seconds: 600,
+        ..TokenSpec::human("ada", &["dba"])
+    });
+    let key = e.dir.path().join("ssh/id_ed25519");
+    let key_arg = key.display().to_string();
+    let o = e
+        .wicket(
+            Some(&token),
+            &["ssh", "login", "--key", &key_arg, "-o", "json"],
+        )
+        .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let cert = e.dir.path().join("ssh/id_ed25519-cert.pub");
+    assert_eq!(out["certificate"], cert.display().to_string());
+    // OpenSSH's own tool reads it: a user certificate for ada, with her
+    // principal, valid no longer than her token.
+    let listed = std::process::Command::new("ssh-keygen")
+        .arg("-L")
+        .arg("-f")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{text}");
+    assert!(text.contains("user certificate"), "{text}");
+    assert!(text.contains("wicket-principal@wicket.dev"), "{text}");
+    assert!(text.contains("ada"), "{text}");
+    let ca = out["ca_public_key"].as_str().unwrap();
+    assert!(ca.starts_with("ssh-ed25519 "), "{ca}");
+    assert!(
+        text.contains(&ca.split_whitespace().nth(1).unwrap()[..20])
+            || text.contains("ED25519-CERT"),
+        "{text}"
+    );
+    // The key stays private; a second login reuses it.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o077,
+        0
+    );
+    let before = std::fs::read(&key).unwrap();
+    let o = e
+        .wicket(Some(&token), &["ssh", "login", "--key", &key_arg])
+        .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+    // Without a token: a clear refusal.
+    let o = e
+        .wicket(Some("not-a-token"), &["ssh", "login", "--key", &key_arg])
+        .await;
+    assert!(!o.status.success());
+}

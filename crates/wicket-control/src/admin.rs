@@ -566,3 +566,29 @@ impl SidecarAdminService for AdminApi {
         Ok(Response::new(sidecar(&s)))
     }
 }
+
+#[tonic::async_trait]
+impl wicket_proto::v1::credential_service_server::CredentialService for AdminApi {
+    async fn sign_ssh_key(
+        &self,
+        req: Request<v1::SignSshKeyRequest>,
+    ) -> Result<Response<v1::SignSshKeyResponse>, Status> {
+        let identity = self.control.auth.user(req.metadata()).await?;
+        let (certificate, until) = self.control.ssh_ca.sign(
+            &req.get_ref().public_key,
+            &identity.principal,
+            identity.expires_at,
+            self.control.ssh_cert_max_seconds,
+        )?;
+        tracing::info!(
+            principal = %identity.principal.label(),
+            valid_before = %until,
+            "signed an SSH user certificate"
+        );
+        Ok(Response::new(v1::SignSshKeyResponse {
+            certificate,
+            ca_public_key: self.control.ssh_ca.public().to_string(),
+            valid_before: Some(convert::ts(until)),
+        }))
+    }
+}

@@ -77,34 +77,7 @@ impl Authenticator {
 
     /// Authenticates an admin-facing call and checks its permission.
     pub async fn admin(&self, md: &MetadataMap, need: Permission) -> Result<Principal, Status> {
-        let token = bearer(md)?;
-        if token.starts_with("wks_") {
-            return Err(Status::permission_denied(
-                "sidecar credentials cannot call the admin API",
-            ));
-        }
-        let identity = self.validator.validate(token).await.map_err(|e| match e {
-            AuthError::Unavailable(ref detail) => {
-                tracing::warn!(%detail, "token validation: identity provider unavailable");
-                Status::unavailable(e.to_string())
-            }
-            other => Status::unauthenticated(other.to_string()),
-        })?;
-        let p = identity.principal;
-        let revoked = self
-            .store
-            .is_revoked(&p.issuer, &p.subject, chrono::Utc::now())
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "revocation lookup failed");
-                Status::unavailable("storage unavailable")
-            })?;
-        if revoked {
-            return Err(Status::permission_denied(format!(
-                "{} has been revoked",
-                p.label()
-            )));
-        }
+        let p = self.user(md).await?.principal;
         let r = &self.roles;
         let ok = p.in_group(&r.admin)
             || match need {
@@ -124,6 +97,39 @@ impl Authenticator {
             )));
         }
         Ok(p)
+    }
+
+    /// Authenticates any signed-in, unrevoked principal (no role needed).
+    pub async fn user(&self, md: &MetadataMap) -> Result<wicket_identity::Identity, Status> {
+        let token = bearer(md)?;
+        if token.starts_with("wks_") {
+            return Err(Status::permission_denied(
+                "sidecar credentials cannot call the admin API",
+            ));
+        }
+        let identity = self.validator.validate(token).await.map_err(|e| match e {
+            AuthError::Unavailable(ref detail) => {
+                tracing::warn!(%detail, "token validation: identity provider unavailable");
+                Status::unavailable(e.to_string())
+            }
+            other => Status::unauthenticated(other.to_string()),
+        })?;
+        let p = &identity.principal;
+        let revoked = self
+            .store
+            .is_revoked(&p.issuer, &p.subject, chrono::Utc::now())
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "revocation lookup failed");
+                Status::unavailable("storage unavailable")
+            })?;
+        if revoked {
+            return Err(Status::permission_denied(format!(
+                "{} has been revoked",
+                p.label()
+            )));
+        }
+        Ok(identity)
     }
 
     /// Authenticates a sidecar and, when given, checks it serves `connection`.

@@ -70,6 +70,16 @@ pub struct Config {
     #[arg(long, env = "WICKET_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// The SSH user CA's private key (OpenSSH format). Without it the CA key
+    /// is created once and kept in the database, shared by the replicas.
+    #[arg(long, env = "WICKET_SSH_CA_KEY_FILE")]
+    pub ssh_ca_key_file: Option<PathBuf>,
+
+    /// Longest lifetime of an SSH user certificate, in seconds (it never
+    /// outlives the token it was issued for).
+    #[arg(long, env = "WICKET_SSH_CERT_MAX_SECONDS", default_value_t = 8 * 3600)]
+    pub ssh_cert_max_seconds: u64,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

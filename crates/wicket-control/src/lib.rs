@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod sidecar;
+pub mod ssh_ca;
 pub mod state;
 
 use std::future::Future;
@@ -23,6 +24,7 @@ use wicket_proto::v1::approval_gate_service_server::ApprovalGateServiceServer;
 use wicket_proto::v1::audit_service_server::AuditServiceServer;
 use wicket_proto::v1::bundle_service_server::BundleServiceServer;
 use wicket_proto::v1::connection_admin_service_server::ConnectionAdminServiceServer;
+use wicket_proto::v1::credential_service_server::CredentialServiceServer;
 use wicket_proto::v1::policy_admin_service_server::PolicyAdminServiceServer;
 use wicket_proto::v1::principal_admin_service_server::PrincipalAdminServiceServer;
 use wicket_proto::v1::session_admin_service_server::SessionAdminServiceServer;
@@ -59,7 +61,8 @@ pub async fn run(
         auditor: cfg.auditor_group.clone(),
     };
     let authn = auth::Authenticator::new(validator, roles, store.clone());
-    let control = state::Control::new(store, authn).await?;
+    let ssh_ca = ssh_ca::SshCa::load(store.as_ref(), cfg.ssh_ca_key_file.as_deref()).await?;
+    let control = state::Control::new(store, authn, ssh_ca, cfg.ssh_cert_max_seconds).await?;
     if let Some(path) = &cfg.policy_file {
         let doc = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read policy file {}: {e}", path.display()))?;
@@ -115,6 +118,9 @@ pub async fn run(
     health
         .set_serving::<SidecarAdminServiceServer<admin::AdminApi>>()
         .await;
+    health
+        .set_serving::<CredentialServiceServer<admin::AdminApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(wicket_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -156,6 +162,7 @@ pub async fn run(
         .add_service(limited!(SessionAdminServiceServer, adm))
         .add_service(limited!(PrincipalAdminServiceServer, adm))
         .add_service(limited!(SidecarAdminServiceServer, adm))
+        .add_service(limited!(CredentialServiceServer, adm))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(|e| format!("server: {e}"))

@@ -34,6 +34,10 @@ pub struct Control {
     policy: RwLock<Option<Arc<Current>>>,
     changes: watch::Sender<u64>,
     approvals: broadcast::Sender<Approval>,
+    /// The SSH user CA.
+    pub ssh_ca: crate::ssh_ca::SshCa,
+    /// Longest SSH certificate lifetime, in seconds.
+    pub ssh_cert_max_seconds: u64,
 }
 
 /// A policy connection on the wire.
@@ -66,7 +70,12 @@ pub fn storage(e: StoreError) -> Status {
 
 impl Control {
     /// Loads the current policy from the store.
-    pub async fn new(store: Arc<dyn Store>, auth: Authenticator) -> Result<Arc<Control>, String> {
+    pub async fn new(
+        store: Arc<dyn Store>,
+        auth: Authenticator,
+        ssh_ca: crate::ssh_ca::SshCa,
+        ssh_cert_max_seconds: u64,
+    ) -> Result<Arc<Control>, String> {
         let (changes, _) = watch::channel(Utc::now().timestamp_millis() as u64);
         let (approvals, _) = broadcast::channel(1024);
         let control = Arc::new(Control {
@@ -75,6 +84,8 @@ impl Control {
             policy: RwLock::new(None),
             changes,
             approvals,
+            ssh_ca,
+            ssh_cert_max_seconds,
         });
         control.reload_policy().await?;
         Ok(control)
@@ -193,6 +204,7 @@ impl Control {
             revocations,
             terminated_sessions: terminated,
             issued_at: Some(convert::ts(now)),
+            ssh_user_cas: vec![self.ssh_ca.public().to_string()],
         })
     }
 

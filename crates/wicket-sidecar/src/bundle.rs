@@ -27,6 +27,8 @@ pub struct Bundle {
     pub revoked: HashSet<(String, String)>,
     /// Sessions an admin terminated.
     pub terminated: HashSet<String>,
+    /// Public keys (OpenSSH form) of the SSH user CAs to trust.
+    pub ssh_user_cas: Vec<String>,
 }
 
 impl std::fmt::Debug for Bundle {
@@ -55,6 +57,8 @@ struct Stored {
     policy: PolicyDocument,
     revoked: Vec<(String, String)>,
     terminated: Vec<String>,
+    #[serde(default)]
+    ssh_user_cas: Vec<String>,
 }
 
 fn compile(stored: Stored) -> Result<Bundle, String> {
@@ -66,6 +70,7 @@ fn compile(stored: Stored) -> Result<Bundle, String> {
         policy,
         revoked: stored.revoked.into_iter().collect(),
         terminated: stored.terminated.into_iter().collect(),
+        ssh_user_cas: stored.ssh_user_cas,
     })
 }
 
@@ -89,6 +94,7 @@ fn from_wire(b: &v1::PolicyBundle) -> Result<(Stored, Bundle), String> {
             .map(|r| (r.issuer.clone(), r.subject.clone()))
             .collect(),
         terminated: b.terminated_sessions.clone(),
+        ssh_user_cas: b.ssh_user_cas.clone(),
     };
     let bundle = compile(stored.clone())?;
     Ok((stored, bundle))

@@ -150,6 +150,7 @@ mod tests {
             policy: wicket_policy::parse_and_compile(&src, "test").expect("policy"),
             revoked: Default::default(),
             terminated: Default::default(),
+            ssh_user_cas: Vec::new(),
         })
     }
 

@@ -120,10 +120,13 @@ impl std::fmt::Debug for SshGate {
 impl SshGate {
     /// A gate over `sidecar`.
     pub fn new(sidecar: Arc<Sidecar>, cfg: SshConfig) -> Arc<SshGate> {
-        let mut methods = vec![MethodKind::Password, MethodKind::KeyboardInteractive];
-        if !cfg.user_cas.is_empty() {
-            methods.insert(0, MethodKind::PublicKey);
-        }
+        // Certificates first (OpenSSH then tries the user's keys and
+        // certificates before asking for a password).
+        let methods = [
+            MethodKind::PublicKey,
+            MethodKind::Password,
+            MethodKind::KeyboardInteractive,
+        ];
         let server = server::Config {
             server_id: russh::SshId::Standard(std::borrow::Cow::Owned(format!(
                 "SSH-2.0-Wicket_{}",
@@ -625,7 +628,16 @@ impl server::Handler for Conn {
         certificate: &russh::keys::Certificate,
     ) -> Result<Auth, Self::Error> {
         let now = chrono::Utc::now().timestamp().max(0) as u64;
-        match crate::cert::verify(certificate, &self.gate.cfg.user_cas, now) {
+        // The CAs configured here, and the control service's own (from the bundle).
+        let mut cas = self.gate.cfg.user_cas.clone();
+        if let Some(b) = self.gate.sidecar.bundles.current() {
+            cas.extend(
+                b.ssh_user_cas
+                    .iter()
+                    .filter_map(|k| PublicKey::from_openssh(k).ok()),
+            );
+        }
+        match crate::cert::verify(certificate, &cas, now) {
             Ok(identity) => {
                 let p = &identity.principal;
                 if self

@@ -1028,9 +1028,39 @@ async fn user_certificates_from_the_trusted_ca_log_in_and_others_do_not() {
     // A plain key (no certificate) is not a credential.
     let o = login(&e.sshd.direct_key);
     assert_eq!(o.status.code(), Some(255));
+    // `wicket ssh login`'s path: the control service signs the key for the
+    // token's principal; the gate trusts that CA through its bundle.
+    let key = dir.path().join("from-control");
+    keygen(&key);
+    let token = e.stack.idp.mint(&TokenSpec {
+        ttl_seconds: 300,
+        ..TokenSpec::human("ada", &["ops"])
+    });
+    let signed =
+        v1::credential_service_client::CredentialServiceClient::new(e.stack.channel.clone())
+            .sign_ssh_key(wicket_teststack::auth(
+                v1::SignSshKeyRequest {
+                    public_key: std::fs::read_to_string(key.with_extension("pub")).unwrap(),
+                },
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+    let valid_before = signed.valid_before.unwrap().seconds;
+    let now = chrono::Utc::now().timestamp();
+    assert!(
+        valid_before <= now + 300 && valid_before > now + 200,
+        "expires with the token"
+    );
+    let mut cert_path = key.clone().into_os_string();
+    cert_path.push("-cert.pub");
+    std::fs::write(&cert_path, signed.certificate).unwrap();
+    let o = login(&key);
+    assert_eq!(text(&o).0, "certified\n", "{:?}", text(&o));
     let events = e.stack.events().await;
     let starts = kinds(&events, v1::AuditKind::SessionStart);
-    assert_eq!(starts.len(), 1);
+    assert_eq!(starts.len(), 2);
     assert_eq!(starts[0].principal.as_ref().unwrap().subject, "ada");
     assert!(
         kinds(&events, v1::AuditKind::Command)

@@ -112,6 +112,10 @@ pub trait Store: Send + Sync + 'static {
     /// A stored trace.
     async fn get_trace(&self, trace_id: &str) -> Result<Option<ReasoningTrace>>;
 
+    /// The secret stored under `name`, storing `candidate` first when there
+    /// is none (so replicas racing to create a key all end up with one).
+    async fn key_or_insert(&self, name: &str, candidate: &str) -> Result<String>;
+
     /// Whether the database answers.
     async fn ping(&self) -> Result<()>;
 }

@@ -1,10 +1,16 @@
 //! Embedded, ordered migrations per backend, applied once each.
 
 /// `(version, sql)` for SQLite.
-pub const SQLITE: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+pub const SQLITE: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../migrations/sqlite/0002_keys.sql")),
+];
 
 /// `(version, sql)` for PostgreSQL.
-pub const POSTGRES: &[(i64, &str)] = &[(1, include_str!("../migrations/postgres/0001_init.sql"))];
+pub const POSTGRES: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/postgres/0001_init.sql")),
+    (2, include_str!("../migrations/postgres/0002_keys.sql")),
+];
 
 /// Splits a migration into statements (our migrations hold no `;` in literals).
 pub fn statements(sql: &str) -> impl Iterator<Item = &str> {

@@ -683,6 +683,25 @@ impl Store for SqlStore {
         })
     }
 
+    async fn key_or_insert(&self, name: &str, candidate: &str) -> Result<String> {
+        with_pool!(self, |p| {
+            sqlx::query(
+                "INSERT INTO keys (name, secret, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .bind(candidate)
+            .bind(ms(Utc::now()))
+            .execute(p)
+            .await?;
+            let r = sqlx::query("SELECT secret FROM keys WHERE name = $1")
+                .bind(name)
+                .fetch_one(p)
+                .await?;
+            Ok(r.try_get::<String, _>("secret")?)
+        })
+    }
+
     async fn ping(&self) -> Result<()> {
         with_pool!(self, |p| {
             sqlx::query("SELECT 1").execute(p).await?;
