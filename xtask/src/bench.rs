@@ -99,7 +99,7 @@ fn pgbench_run(
     })
 }
 
-fn rss_kb(pid: u32) -> u64 {
+pub(crate) fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -112,7 +112,7 @@ fn rss_kb(pid: u32) -> u64 {
 }
 
 /// CPU time (user + system) a process has used, in microseconds.
-fn cpu_us(pid: u32) -> u64 {
+pub(crate) fn cpu_us(pid: u32) -> u64 {
     let (user, system) = cpu_split_us(pid);
     user + system
 }
@@ -221,7 +221,7 @@ fn start_pgbouncer(dir: &Path, pg: &Postgres) -> Result<(Child, u16), String> {
 }
 
 /// Builds the release binaries the benchmarks run; returns their directory.
-fn build_release() -> Result<std::path::PathBuf, String> {
+pub(crate) fn build_release() -> Result<std::path::PathBuf, String> {
     util::step("building release binaries");
     util::run(
         "cargo",
@@ -231,6 +231,8 @@ fn build_release() -> Result<std::path::PathBuf, String> {
             "--quiet",
             "-p",
             "wicket-pg",
+            "-p",
+            "wicket-ssh",
             "-p",
             "wicket-control",
             "-p",
@@ -395,20 +397,20 @@ pub fn pg() -> Result<(), String> {
 }
 
 /// The identity provider, the control service with a policy, and gates.
-struct Stack {
-    kids: Children,
+pub(crate) struct Stack {
+    pub(crate) kids: Children,
     bin: std::path::PathBuf,
     dir: std::path::PathBuf,
     env: Vec<(String, String)>,
     control_port: u16,
     control_pid: u32,
     /// The demo agent's token.
-    agent: String,
+    pub(crate) agent: String,
 }
 
 impl Stack {
     /// Starts the identity provider and the control service with `policy`.
-    fn start(bin: &Path, dir: &Path, policy: &str) -> Result<Stack, String> {
+    pub(crate) fn start(bin: &Path, dir: &Path, policy: &str) -> Result<Stack, String> {
         let mut kids = Children::default();
         let idp_port = free_port()?;
         let env_file = dir.join("idp.env");
@@ -457,6 +459,59 @@ impl Stack {
     /// Starts a wicket-pg (release build, audit on) for `connection` in
     /// front of `pg`; returns its port and pid.
     fn gate(&mut self, pg: &Postgres, connection: &str) -> Result<(u16, u32), String> {
+        let sidecar_token = self.sidecar_token(connection)?;
+        std::fs::write(self.dir.join("pw"), pg.password()).map_err(|e| e.to_string())?;
+        let gate_port = free_port()?;
+        let gate = self
+            .sidecar_command("wicket-pg", connection, &sidecar_token)?
+            .env("WICKET_PG_LISTEN", format!("127.0.0.1:{gate_port}"))
+            .env(
+                "WICKET_WORKER_THREADS",
+                std::env::var("WICKET_BENCH_PG_THREADS").unwrap_or_else(|_| "1".into()),
+            )
+            .env("WICKET_PG_UPSTREAM", format!("127.0.0.1:{}", pg.port))
+            .env("WICKET_PG_UPSTREAM_USER", "postgres")
+            .env("WICKET_PG_UPSTREAM_PASSWORD_FILE", self.dir.join("pw"))
+            .env("WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK", "true")
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let gate_pid = gate.id();
+        self.kids.push("wicket-pg", gate);
+        wait_for(30, "wicket-pg", || port_open(gate_port))?;
+        Ok((gate_port, gate_pid))
+    }
+
+    /// A command for the sidecar binary `program` of `connection`, with the
+    /// runtime's settings (control service, credential, state, issuer) set.
+    pub(crate) fn sidecar_command(
+        &self,
+        program: &str,
+        connection: &str,
+        sidecar_token: &str,
+    ) -> Result<Command, String> {
+        let mut c = Command::new(self.bin.join(program));
+        c.env(
+            "WICKET_CONTROL",
+            format!("http://127.0.0.1:{}", self.control_port),
+        )
+        .env("WICKET_SIDECAR_TOKEN", sidecar_token)
+        .env("WICKET_CONNECTION", connection)
+        .env(
+            "WICKET_STATE_DIR",
+            self.dir.join(format!("state-{connection}")),
+        )
+        .env(
+            "WICKET_OIDC_ISSUER",
+            env_get(&self.env, "WICKET_OIDC_ISSUER"),
+        )
+        .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()?))
+        .env("WICKET_LOG", "warn")
+        .stderr(Stdio::null());
+        Ok(c)
+    }
+
+    /// A new sidecar credential for `connection`.
+    pub(crate) fn sidecar_token(&self, connection: &str) -> Result<String, String> {
         let get = |k: &str| env_get(&self.env, k);
         let out = Command::new(self.bin.join("wicket"))
             .args([
@@ -480,39 +535,7 @@ impl Stack {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        let sidecar_token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        std::fs::write(self.dir.join("pw"), pg.password()).map_err(|e| e.to_string())?;
-        let gate_port = free_port()?;
-        let gate = Command::new(self.bin.join("wicket-pg"))
-            .env("WICKET_PG_LISTEN", format!("127.0.0.1:{gate_port}"))
-            .env(
-                "WICKET_WORKER_THREADS",
-                std::env::var("WICKET_BENCH_PG_THREADS").unwrap_or_else(|_| "1".into()),
-            )
-            .env("WICKET_PG_UPSTREAM", format!("127.0.0.1:{}", pg.port))
-            .env("WICKET_PG_UPSTREAM_USER", "postgres")
-            .env("WICKET_PG_UPSTREAM_PASSWORD_FILE", self.dir.join("pw"))
-            .env("WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK", "true")
-            .env(
-                "WICKET_CONTROL",
-                format!("http://127.0.0.1:{}", self.control_port),
-            )
-            .env("WICKET_SIDECAR_TOKEN", &sidecar_token)
-            .env("WICKET_CONNECTION", connection)
-            .env(
-                "WICKET_STATE_DIR",
-                self.dir.join(format!("state-{connection}")),
-            )
-            .env("WICKET_OIDC_ISSUER", get("WICKET_OIDC_ISSUER"))
-            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()?))
-            .env("WICKET_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let gate_pid = gate.id();
-        self.kids.push("wicket-pg", gate);
-        wait_for(30, "wicket-pg", || port_open(gate_port))?;
-        Ok((gate_port, gate_pid))
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 }
 

@@ -377,25 +377,6 @@ struct DemoSsh {
     sshd_port: u16,
 }
 
-fn keygen(path: &Path) -> Result<(), String> {
-    if path.exists() {
-        return Ok(());
-    }
-    util::run(
-        "ssh-keygen",
-        &[
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-f",
-            &path.display().to_string(),
-        ],
-        &[],
-    )
-}
-
 fn start_ssh(
     dir: &Path,
     bin: &Path,
@@ -405,68 +386,18 @@ fn start_ssh(
     kids: &mut Children,
 ) -> Result<DemoSsh, String> {
     let sdir = dir.join("ssh");
-    std::fs::create_dir_all(&sdir).map_err(|e| e.to_string())?;
-    let _ = std::fs::create_dir_all("/run/sshd");
-    let (host, gate_key) = (sdir.join("host_key"), sdir.join("gate_key"));
-    keygen(&host)?;
-    keygen(&gate_key)?;
-    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
-    std::fs::write(
-        sdir.join("authorized_keys"),
-        read(&gate_key.with_extension("pub"))?,
-    )
-    .map_err(|e| e.to_string())?;
     let (sshd_port, port, admin_port) = if check {
         (free_port()?, free_port()?, free_port()?)
     } else {
         (7422, 2222, 9471)
     };
-    for p in [sshd_port, port, admin_port] {
+    for p in [port, admin_port] {
         if port_open(p) {
             return Err(format!("port {p} (for the SSH demo) is already in use"));
         }
     }
-    let config = sdir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {h}\nPidFile {d}/sshd.pid\n\
-             AuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin yes\n\
-             Subsystem sftp internal-sftp\nLogLevel ERROR\n",
-            h = host.display(),
-            d = sdir.display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let log = std::fs::File::create(dir.join("sshd.log")).map_err(|e| e.to_string())?;
-    let child = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f", &config.display().to_string()])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot start sshd: {e}"))?;
-    kids.push("sshd", child);
-    wait_for(15, "sshd", || port_open(sshd_port))?;
-    let known_hosts = sdir.join("known_hosts");
-    std::fs::write(
-        &known_hosts,
-        format!(
-            "[127.0.0.1]:{sshd_port} {}",
-            read(&host.with_extension("pub"))?
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let user = String::from_utf8_lossy(
-        &Command::new("id")
-            .arg("-un")
-            .output()
-            .map_err(|e| e.to_string())?
-            .stdout,
-    )
-    .trim()
-    .to_string();
+    let sshd = crate::sshd::start(&sdir, sshd_port, kids)?;
+    let (gate_key, known_hosts, user) = (&sshd.gate_key, &sshd.known_hosts, &sshd.user);
     let token = wicket(
         bin,
         env,
@@ -485,9 +416,9 @@ fn start_ssh(
     let child = Command::new(bin.join("wicket-ssh"))
         .env("WICKET_SSH_LISTEN", format!("127.0.0.1:{port}"))
         .env("WICKET_SSH_UPSTREAM", format!("127.0.0.1:{sshd_port}"))
-        .env("WICKET_SSH_UPSTREAM_USER", &user)
-        .env("WICKET_SSH_UPSTREAM_KEY_FILE", &gate_key)
-        .env("WICKET_SSH_KNOWN_HOSTS", &known_hosts)
+        .env("WICKET_SSH_UPSTREAM_USER", user)
+        .env("WICKET_SSH_UPSTREAM_KEY_FILE", gate_key)
+        .env("WICKET_SSH_KNOWN_HOSTS", known_hosts)
         .env("WICKET_CONTROL", control_url)
         .env("WICKET_SIDECAR_TOKEN", &token)
         .env("WICKET_CONNECTION", "demo-host")
@@ -509,11 +440,7 @@ fn start_ssh(
         ("agent", "WICKET_AGENT_TOKEN"),
         ("admin", "WICKET_ADMIN_TOKEN"),
     ] {
-        let f = sdir.join(format!("askpass-{who}"));
-        std::fs::write(&f, format!("#!/bin/sh\necho '{}'\n", env_get(env, var)))
-            .map_err(|e| e.to_string())?;
-        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(|e| e.to_string())?;
+        crate::sshd::askpass(&sdir.join(format!("askpass-{who}")), &env_get(env, var))?;
     }
     Ok(DemoSsh {
         port,

@@ -6,12 +6,14 @@
 //! - `cargo xtask demo`  — the control service on SQLite with a demo policy and a
 //!   local identity provider; writes `target/demo/env`.
 //! - `cargo xtask peers` — start the test peers and print their environment.
-//! - `cargo xtask bench [policy|mask|pg|pg-mask]` — benchmarks, with their reference figures.
+//! - `cargo xtask bench [policy|mask|pg|pg-mask|ssh]` — benchmarks, with their reference figures.
 
 mod bench;
+mod bench_ssh;
 mod demo;
 mod peers;
 mod regress;
+mod sshd;
 mod util;
 
 use std::process::ExitCode;
@@ -28,7 +30,7 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(rest),
         "help" | "--help" | "-h" => {
             println!(
-                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|mask|pg|pg-mask] | fuzz [pg|mask] [SECONDS]>"
+                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|mask|pg|pg-mask|ssh] | fuzz [pg|mask] [SECONDS]>"
             );
             Ok(())
         }
@@ -130,7 +132,8 @@ fn bench(args: &[String]) -> Result<(), String> {
         bench(&["policy".to_string()])?;
         bench(&["mask".to_string()])?;
         bench(&["pg".to_string()])?;
-        return bench(&["pg-mask".to_string()]);
+        bench(&["pg-mask".to_string()])?;
+        return bench(&["ssh".to_string()]);
     }
     match which {
         "policy" => {
@@ -151,8 +154,14 @@ fn bench(args: &[String]) -> Result<(), String> {
         }
         "pg" => bench::pg(),
         "pg-mask" => bench::pg_mask(),
+        "ssh" => {
+            util::step(
+                "SSH: 200 MB scp and 10,000-line echo, direct vs ProxyJump vs wicket-ssh; targets >= 0.7x direct throughput, <= 1 ms added p99 echo",
+            );
+            bench_ssh::ssh()
+        }
         other => Err(format!(
-            "unknown benchmark `{other}` (available: policy, mask, pg, pg-mask)"
+            "unknown benchmark `{other}` (available: policy, mask, pg, pg-mask, ssh)"
         )),
     }
 }

@@ -949,7 +949,7 @@ impl Ctx {
         text: &str,
         class: Classification,
         trace: &Trace,
-        notify: Option<&Channel<Msg>>,
+        notify: Option<&ClientW>,
         extra: Option<(&str, String)>,
     ) -> (Decision, String) {
         let masker = self.gate.masker();
@@ -1077,8 +1077,13 @@ impl Ctx {
     }
 }
 
+/// The client side of a channel, for writing.
+type ClientW = russh::ChannelWriteHalf<Msg>;
+/// The host side of a channel, for writing.
+type UpW = russh::ChannelWriteHalf<russh::client::Msg>;
+
 /// Refuses a channel's command: message on stderr, exit status 126.
-async fn refuse(ch: &Channel<Msg>, d: &Decision) {
+async fn refuse(ch: &ClientW, d: &Decision) {
     let msg = format!("wicket: denied by rule {}: {}\r\n", d.rule, d.reason);
     let _ = ch.extended_data_bytes(1, Bytes::from(msg)).await;
     let _ = ch.exit_status(126).await;
@@ -1086,28 +1091,75 @@ async fn refuse(ch: &Channel<Msg>, d: &Decision) {
     let _ = ch.close().await;
 }
 
-/// Relays a forwarded TCP channel.
+/// Runs both directions of a channel; when one ends, the other side is
+/// closed and the other direction gets a few seconds to finish.
+async fn both_ways(
+    a: impl std::future::Future<Output = ()>,
+    b: impl std::future::Future<Output = ()>,
+    close_up: impl std::future::Future<Output = ()>,
+    close_client: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(a, b);
+    tokio::select! {
+        _ = &mut a => {
+            close_up.await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), b).await;
+        }
+        _ = &mut b => {
+            close_client.await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), a).await;
+        }
+    }
+}
+
+/// Relays a forwarded TCP channel, each direction on its own so a full
+/// window one way never stalls the other.
 async fn pipe_channel(client: Channel<Msg>, up: Channel<russh::client::Msg>) {
     let (mut cr, cw) = client.split();
     let (mut ur, uw) = up.split();
-    loop {
-        tokio::select! {
-            m = cr.wait() => match m {
-                Some(ChannelMsg::Data { data }) => match uw.data_bytes(data).await { Ok(()) => {} Err(_) => break },
-                Some(ChannelMsg::Eof) => { let _ = uw.eof().await; }
-                Some(ChannelMsg::Close) | None => break,
+    let a = async {
+        while let Some(m) = cr.wait().await {
+            match m {
+                ChannelMsg::Data { data } => {
+                    if uw.data_bytes(data).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::Eof => {
+                    let _ = uw.eof().await;
+                }
+                ChannelMsg::Close => break,
                 _ => {}
-            },
-            m = ur.wait() => match m {
-                Some(ChannelMsg::Data { data }) => match cw.data_bytes(data).await { Ok(()) => {} Err(_) => break },
-                Some(ChannelMsg::Eof) => { let _ = cw.eof().await; }
-                Some(ChannelMsg::Close) | None => break,
-                _ => {}
-            },
+            }
         }
-    }
-    let _ = uw.close().await;
-    let _ = cw.close().await;
+    };
+    let b = async {
+        while let Some(m) = ur.wait().await {
+            match m {
+                ChannelMsg::Data { data } => {
+                    if cw.data_bytes(data).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::Eof => {
+                    let _ = cw.eof().await;
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+    };
+    both_ways(
+        a,
+        b,
+        async {
+            let _ = uw.close().await;
+        },
+        async {
+            let _ = cw.close().await;
+        },
+    )
+    .await;
 }
 
 /// What a session channel runs.
@@ -1148,269 +1200,370 @@ fn is_transfer(class: &Classification) -> bool {
 /// Most of a non-terminal command's output that is recorded.
 const CAPTURE_LIMIT: u64 = 1 << 20;
 
+/// A session channel's state, shared by its two directions (locked only
+/// between awaits).
+struct Chan {
+    mode: Mode,
+    pty: Option<(String, u32, u32)>,
+    recorder: Option<Recorder>,
+    exit_status: Option<u32>,
+    exit_signal: Option<String>,
+    out_bytes: u64,
+    in_bytes: u64,
+}
+
+impl Chan {
+    fn record_batch(&mut self, ctx: &Ctx, id: ChannelId, force: bool) {
+        if let Some(r) = self.recorder.as_mut() {
+            if force {
+                r.finish();
+            }
+            if let Some(batch) = r.take_batch(force) {
+                let counts = std::mem::take(&mut r.counts);
+                ctx.record_cast(id, "asciicast", batch, &counts);
+            }
+        }
+    }
+}
+
+/// What the client→host direction does with a piece of input.
+enum Step {
+    Forward(Bytes),
+    Line {
+        text: String,
+        uncertain: bool,
+        enter: Bytes,
+    },
+}
+
 async fn session_channel(ctx: Arc<Ctx>, client: Channel<Msg>, up: Channel<russh::client::Msg>) {
     let id = client.id();
-    let mut trace = Trace::default();
-    let mut mode = Mode::Setup;
-    let mut pty: Option<(String, u32, u32)> = None;
-    let mut recorder: Option<Recorder> = None;
-    let mut exit_status: Option<u32> = None;
-    let mut exit_signal: Option<String> = None;
-    let mut out_bytes: u64 = 0;
-    let mut in_bytes: u64 = 0;
+    let (mut cr, cw) = client.split();
+    let (mut ur, uw) = up.split();
+    let state = std::sync::Mutex::new(Chan {
+        mode: Mode::Setup,
+        pty: None,
+        recorder: None,
+        exit_status: None,
+        exit_signal: None,
+        out_bytes: 0,
+        in_bytes: 0,
+    });
+    // Whole SFTP packets and messages must not interleave on the client side.
+    let client_write = tokio::sync::Mutex::new(());
     let started = Instant::now();
     let (record_on, capture_output) = ctx.gate.recording();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut client = client;
-    let mut up = up;
-    loop {
-        tokio::select! {
-            m = client.wait() => {
-                let Some(m) = m else { break };
-                match m {
-                    ChannelMsg::RequestPty { term, col_width, row_height, pix_width, pix_height, terminal_modes, .. } => {
-                        // A client without a terminal of its own (`ssh -tt < file`) sends 0x0.
-                        let (w, h) = if col_width == 0 || row_height == 0 { (80, 24) } else { (col_width, row_height) };
-                        pty = Some((term.clone(), w, h));
-                        let _ = up.request_pty(true, &term, col_width, row_height, pix_width, pix_height, &terminal_modes).await;
-                    }
-                    ChannelMsg::SetEnv { variable_name, variable_value, .. } => {
-                        match variable_name.as_str() {
-                            "WICKET_REASONING" => trace.reasoning = Some(variable_value),
-                            "TRACEPARENT" => trace.traceparent = Some(variable_value),
-                            _ => { let _ = up.set_env(false, variable_name, variable_value).await; continue }
-                        }
-                        *ctx.trace.lock().expect("trace") = trace.clone();
-                    }
-                    ChannelMsg::Exec { command, .. } => {
-                        if !matches!(mode, Mode::Setup) { continue }
-                        let text = String::from_utf8_lossy(&command).into_owned();
-                        let class = classify::classify(&text);
-                        let transfer = is_transfer(&class);
-                        let (d, cid) = ctx.decide(&text, class, &trace, Some(&client), None).await;
-                        if d.effect != Effect::Allow {
-                            refuse(&client, &d).await;
-                            ctx.result(&cid, &[("exit_status", "126".into())]);
-                            mode = Mode::Refused;
+    let lock = || state.lock().expect("channel state");
+
+    // Client → host: requests, decisions, input.
+    let a = async {
+        let mut trace = Trace::default();
+        while let Some(m) = cr.wait().await {
+            match m {
+                ChannelMsg::RequestPty {
+                    term,
+                    col_width,
+                    row_height,
+                    pix_width,
+                    pix_height,
+                    terminal_modes,
+                    ..
+                } => {
+                    // A client without a terminal of its own (`ssh -tt < file`) sends 0x0.
+                    let (w, h) = if col_width == 0 || row_height == 0 {
+                        (80, 24)
+                    } else {
+                        (col_width, row_height)
+                    };
+                    lock().pty = Some((term.clone(), w, h));
+                    let _ = uw
+                        .request_pty(
+                            true,
+                            &term,
+                            col_width,
+                            row_height,
+                            pix_width,
+                            pix_height,
+                            &terminal_modes,
+                        )
+                        .await;
+                }
+                ChannelMsg::SetEnv {
+                    variable_name,
+                    variable_value,
+                    ..
+                } => {
+                    match variable_name.as_str() {
+                        "WICKET_REASONING" => trace.reasoning = Some(variable_value),
+                        "TRACEPARENT" => trace.traceparent = Some(variable_value),
+                        _ => {
+                            let _ = uw.set_env(false, variable_name, variable_value).await;
                             continue;
                         }
+                    }
+                    *ctx.trace.lock().expect("trace") = trace.clone();
+                }
+                ChannelMsg::Exec { command, .. } => {
+                    if !matches!(lock().mode, Mode::Setup) {
+                        continue;
+                    }
+                    let text = String::from_utf8_lossy(&command).into_owned();
+                    let class = classify::classify(&text);
+                    let transfer = is_transfer(&class);
+                    let (d, cid) = ctx.decide(&text, class, &trace, Some(&cw), None).await;
+                    if d.effect != Effect::Allow {
+                        lock().mode = Mode::Refused;
+                        refuse(&cw, &d).await;
+                        ctx.result(&cid, &[("exit_status", "126".into())]);
+                        continue;
+                    }
+                    {
+                        let mut st = lock();
                         if record_on && capture_output && !transfer {
-                            let (term, w, h) = pty.clone().unwrap_or_else(|| ("dumb".into(), 80, 24));
-                            ctx.record_cast(id, "asciicast_header", record::header(w, h, &term, Some(&text)), &Default::default());
-                            recorder = Some(Recorder::new(ctx.gate.masker()));
+                            let (term, w, h) =
+                                st.pty.clone().unwrap_or_else(|| ("dumb".into(), 80, 24));
+                            ctx.record_cast(
+                                id,
+                                "asciicast_header",
+                                record::header(w, h, &term, Some(&text)),
+                                &Default::default(),
+                            );
+                            st.recorder = Some(Recorder::new(ctx.gate.masker()));
                         }
-                        if up.exec(true, command).await.is_err() { break }
-                        mode = Mode::Exec { command_id: cid, transfer };
+                        st.mode = Mode::Exec {
+                            command_id: cid,
+                            transfer,
+                        };
                     }
-                    ChannelMsg::RequestShell { .. } => {
-                        if !matches!(mode, Mode::Setup) { continue }
-                        let class = Classification { kind: "shell".into(), verb: "shell".into(), risk: 30, ..Default::default() };
-                        let (d, _) = ctx.decide("<interactive shell>", class, &trace, Some(&client), None).await;
-                        if d.effect != Effect::Allow {
-                            refuse(&client, &d).await;
-                            mode = Mode::Refused;
-                            continue;
-                        }
+                    if uw.exec(true, command).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::RequestShell { .. } => {
+                    if !matches!(lock().mode, Mode::Setup) {
+                        continue;
+                    }
+                    let class = Classification {
+                        kind: "shell".into(),
+                        verb: "shell".into(),
+                        risk: 30,
+                        ..Default::default()
+                    };
+                    let (d, _) = ctx
+                        .decide("<interactive shell>", class, &trace, Some(&cw), None)
+                        .await;
+                    if d.effect != Effect::Allow {
+                        lock().mode = Mode::Refused;
+                        refuse(&cw, &d).await;
+                        continue;
+                    }
+                    {
+                        let mut st = lock();
                         if record_on {
-                            let (term, w, h) = pty.clone().unwrap_or_else(|| ("dumb".into(), 80, 24));
-                            ctx.record_cast(id, "asciicast_header", record::header(w, h, &term, None), &Default::default());
-                            recorder = Some(Recorder::new(ctx.gate.masker()));
+                            let (term, w, h) =
+                                st.pty.clone().unwrap_or_else(|| ("dumb".into(), 80, 24));
+                            ctx.record_cast(
+                                id,
+                                "asciicast_header",
+                                record::header(w, h, &term, None),
+                                &Default::default(),
+                            );
+                            st.recorder = Some(Recorder::new(ctx.gate.masker()));
                         }
-                        if up.request_shell(true).await.is_err() { break }
-                        mode = Mode::Shell { editor: LineEditor::new(pty.is_some()) };
+                        let pty = st.pty.is_some();
+                        st.mode = Mode::Shell {
+                            editor: LineEditor::new(pty),
+                        };
                     }
-                    ChannelMsg::RequestSubsystem { name, .. } => {
-                        if !matches!(mode, Mode::Setup) || name != "sftp" { continue }
-                        let class = Classification { kind: "sftp".into(), verb: "subsystem".into(), risk: 30, ..Default::default() };
-                        let (d, cid) = ctx.decide("<sftp session>", class, &trace, None, None).await;
-                        if d.effect != Effect::Allow {
-                            refuse(&client, &d).await;
-                            mode = Mode::Refused;
-                            continue;
-                        }
-                        if up.request_subsystem(true, "sftp").await.is_err() { break }
-                        mode = Mode::Sftp { tracker: sftp::Tracker::default(), from_client: sftp::Framer::default(), from_host: sftp::Framer::default(), command_id: cid };
+                    if uw.request_shell(true).await.is_err() {
+                        break;
                     }
-                    ChannelMsg::WindowChange { col_width, row_height, pix_width, pix_height } => {
-                        if let Some(r) = recorder.as_mut() { r.resize(col_width, row_height) }
-                        let _ = up.window_change(col_width, row_height, pix_width, pix_height).await;
+                }
+                ChannelMsg::RequestSubsystem { name, .. } => {
+                    if !matches!(lock().mode, Mode::Setup) || name != "sftp" {
+                        continue;
                     }
-                    ChannelMsg::Signal { signal } => {
-                        let _ = up.signal(signal).await;
+                    let class = Classification {
+                        kind: "sftp".into(),
+                        verb: "subsystem".into(),
+                        risk: 30,
+                        ..Default::default()
+                    };
+                    let (d, cid) = ctx
+                        .decide("<sftp session>", class, &trace, None, None)
+                        .await;
+                    if d.effect != Effect::Allow {
+                        lock().mode = Mode::Refused;
+                        refuse(&cw, &d).await;
+                        continue;
                     }
-                    ChannelMsg::Data { data } => {
-                        in_bytes += data.len() as u64;
-                        match &mut mode {
-                            Mode::Shell { editor } => {
-                                let secret = !editor.checking();
-                                let pieces = editor.feed(&data);
-                                for p in pieces {
-                                    match p {
-                                        Piece::Bytes(a, b) => {
-                                            if let Some(r) = recorder.as_mut() { r.input(&data[a..b], secret) }
-                                            if up.data_bytes(data.slice(a..b)).await.is_err() { break }
-                                        }
-                                        Piece::Line { text, uncertain, enter } => {
-                                            let enter_key = data.slice(enter..enter + 1);
-                                            if let Some(r) = recorder.as_mut() { r.input(&enter_key, false) }
-                                            if text.trim().is_empty() {
-                                                let _ = up.data_bytes(enter_key).await;
-                                                continue;
+                    lock().mode = Mode::Sftp {
+                        tracker: sftp::Tracker::default(),
+                        from_client: sftp::Framer::default(),
+                        from_host: sftp::Framer::default(),
+                        command_id: cid,
+                    };
+                    if uw.request_subsystem(true, "sftp").await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::WindowChange {
+                    col_width,
+                    row_height,
+                    pix_width,
+                    pix_height,
+                } => {
+                    if let Some(r) = lock().recorder.as_mut() {
+                        r.resize(col_width, row_height)
+                    }
+                    let _ = uw
+                        .window_change(col_width, row_height, pix_width, pix_height)
+                        .await;
+                }
+                ChannelMsg::Signal { signal } => {
+                    let _ = uw.signal(signal).await;
+                }
+                ChannelMsg::Data { data } => {
+                    if !client_data(&ctx, &state, &trace, (&cw, &client_write), &uw, data).await {
+                        break;
+                    }
+                }
+                ChannelMsg::ExtendedData { data, ext } => {
+                    let _ = uw.extended_data_bytes(ext, data).await;
+                }
+                ChannelMsg::Eof => {
+                    let _ = uw.eof().await;
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+    };
+
+    // Host → client: output, exit status, and the recording.
+    let b = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                m = ur.wait() => {
+                    let Some(m) = m else { break };
+                    match m {
+                        ChannelMsg::Data { data } => {
+                            let packets = {
+                                let mut st = lock();
+                                st.out_bytes += data.len() as u64;
+                                let capture = st.pty.is_some();
+                                match &mut st.mode {
+                                    Mode::Sftp { tracker, from_host, .. } => {
+                                        let pkts = match from_host.push(&data) {
+                                            Ok(p) => p,
+                                            Err(e) => {
+                                                tracing::warn!(error = %e, "malformed SFTP from the host; closing the channel");
+                                                break;
                                             }
-                                            let class = classify::classify(&text);
-                                            let extra = uncertain.then(|| ("uncertain", "true".to_string()));
-                                            let (d, _) = ctx.decide(&text, class, &trace, Some(&client), extra).await;
-                                            if d.effect == Effect::Allow {
-                                                let _ = up.data_bytes(enter_key).await;
-                                            } else {
-                                                // Kill the typed line in the shell, and say why.
-                                                let msg = format!("\r\nwicket: denied by rule {}: {}\r\n", d.rule, d.reason);
-                                                let _ = client.data_bytes(Bytes::from(msg.clone())).await;
-                                                if let Some(r) = recorder.as_mut() { r.output(msg.as_bytes()) }
-                                                let kill: &[u8] = if pty.is_some() { b"\x15\r" } else { b"\n" };
-                                                let _ = up.data_bytes(Bytes::from_static(kill)).await;
-                                            }
-                                        }
-                                    }
-                                }
-                            }
-                            Mode::Sftp { tracker, from_client, .. } => {
-                                let pkts = match from_client.push(&data) {
-                                    Ok(p) => p,
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "malformed SFTP from the client; closing the channel");
-                                        break;
-                                    }
-                                };
-                                for pkt in pkts {
-                                    let mut cid = None;
-                                    if let Some(op) = tracker.operation(&pkt) {
-                                        let class = Classification {
-                                            kind: "sftp".into(),
-                                            verb: op.verb.into(),
-                                            objects: op.paths.clone(),
-                                            risk: if op.writes { 40 } else { 15 },
-                                            ..Default::default()
                                         };
-                                        let text = format!("{} {}", op.verb, op.paths.join(" "));
-                                        let extra = (op.verb == "open").then(|| ("mode", if op.writes { "write".to_string() } else { "read".to_string() }));
-                                        let (d, id) = ctx.decide(&text, class, &trace, None, extra).await;
-                                        if d.effect != Effect::Allow {
-                                            let msg = format!("wicket: denied by rule {}: {}", d.rule, d.reason);
-                                            if client.data_bytes(sftp::permission_denied(op.id, &msg)).await.is_err() { break }
-                                            continue;
+                                        for pkt in &pkts {
+                                            if let Some(c) = tracker.reply(pkt) {
+                                                ctx.result(&c.command_id, &[("path", c.path), ("bytes_read", c.read.to_string()), ("bytes_written", c.written.to_string())]);
+                                            }
                                         }
-                                        cid = Some(id);
+                                        Some(pkts)
                                     }
-                                    tracker.request(&pkt, cid.as_deref());
-                                    if up.data_bytes(pkt).await.is_err() { break }
+                                    mode => {
+                                        if let Mode::Shell { editor } = mode {
+                                            editor.saw_output(&data);
+                                        }
+                                        if let Some(r) = st.recorder.as_mut()
+                                            && (capture || r.output_bytes < CAPTURE_LIMIT)
+                                        {
+                                            r.output(&data);
+                                        }
+                                        None
+                                    }
+                                }
+                            };
+                            match packets {
+                                Some(pkts) => {
+                                    for pkt in pkts {
+                                        if !to_client(&client_write, &cw, pkt).await {
+                                            return;
+                                        }
+                                    }
+                                }
+                                None => {
+                                    if !to_client(&client_write, &cw, data).await {
+                                        return;
+                                    }
                                 }
                             }
-                            Mode::Exec { .. } | Mode::Setup => {
-                                if up.data_bytes(data).await.is_err() { break }
-                            }
-                            Mode::Refused => {}
                         }
-                    }
-                    ChannelMsg::ExtendedData { data, ext } => {
-                        let _ = up.extended_data_bytes(ext, data).await;
-                    }
-                    ChannelMsg::Eof => { let _ = up.eof().await; }
-                    ChannelMsg::Close => break,
-                    _ => {}
-                }
-            }
-            m = up.wait() => {
-                let Some(m) = m else { break };
-                match m {
-                    ChannelMsg::Data { data } => {
-                        out_bytes += data.len() as u64;
-                        match &mut mode {
-                            Mode::Sftp { tracker, from_host, .. } => {
-                                let pkts = match from_host.push(&data) {
-                                    Ok(p) => p,
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "malformed SFTP from the host; closing the channel");
-                                        break;
-                                    }
-                                };
-                                for pkt in pkts {
-                                    if let Some(c) = tracker.reply(&pkt) {
-                                        ctx.result(&c.command_id, &[("path", c.path), ("bytes_read", c.read.to_string()), ("bytes_written", c.written.to_string())]);
-                                    }
-                                    if client.data_bytes(pkt).await.is_err() { break }
+                        ChannelMsg::ExtendedData { data, ext } => {
+                            {
+                                let mut st = lock();
+                                st.out_bytes += data.len() as u64;
+                                let capture = st.pty.is_some();
+                                if let Some(r) = st.recorder.as_mut()
+                                    && (capture || r.output_bytes < CAPTURE_LIMIT)
+                                {
+                                    r.output(&data);
                                 }
-                                continue;
                             }
-                            Mode::Shell { editor } => editor.saw_output(&data),
-                            _ => {}
+                            if cw.extended_data_bytes(ext, data).await.is_err() {
+                                break;
+                            }
                         }
-                        if client.data_bytes(data.clone()).await.is_err() { break }
-                        if let Some(r) = recorder.as_mut()
-                            && (pty.is_some() || r.output_bytes < CAPTURE_LIMIT)
-                        {
-                            r.output(&data);
+                        ChannelMsg::ExitStatus { exit_status: code } => {
+                            lock().exit_status = Some(code);
+                            let _ = cw.exit_status(code).await;
                         }
-                    }
-                    ChannelMsg::ExtendedData { data, ext } => {
-                        out_bytes += data.len() as u64;
-                        if let Some(r) = recorder.as_mut()
-                            && (pty.is_some() || r.output_bytes < CAPTURE_LIMIT)
-                        {
-                            r.output(&data);
+                        ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag } => {
+                            lock().exit_signal = Some(format!("{signal_name:?}"));
+                            let _ = ctx.handle.exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag).await;
                         }
-                        if client.extended_data_bytes(ext, data).await.is_err() { break }
+                        ChannelMsg::Eof => {
+                            let _ = cw.eof().await;
+                        }
+                        ChannelMsg::Close => break,
+                        _ => {}
                     }
-                    ChannelMsg::ExitStatus { exit_status: code } => {
-                        exit_status = Some(code);
-                        let _ = client.exit_status(code).await;
-                    }
-                    ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag } => {
-                        exit_signal = Some(format!("{signal_name:?}"));
-                        let _ = ctx.handle.exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag).await;
-                    }
-                    ChannelMsg::Eof => { let _ = client.eof().await; }
-                    ChannelMsg::Close => break,
-                    _ => {}
                 }
-            }
-            _ = tick.tick(), if recorder.is_some() => {
-                if let Some(r) = recorder.as_mut() {
-                    r.tick(Duration::from_millis(200));
-                    if let Some(batch) = r.take_batch(false) {
-                        let counts = std::mem::take(&mut r.counts);
-                        ctx.record_cast(id, "asciicast", batch, &counts);
+                _ = tick.tick() => {
+                    let mut st = lock();
+                    if let Some(r) = st.recorder.as_mut() {
+                        r.tick(Duration::from_millis(200));
                     }
+                    st.record_batch(&ctx, id, false);
                 }
             }
         }
-        if let Some(r) = recorder.as_mut()
-            && let Some(batch) = r.take_batch(false)
-        {
-            let counts = std::mem::take(&mut r.counts);
-            ctx.record_cast(id, "asciicast", batch, &counts);
-        }
-    }
-    if let Some(r) = recorder.as_mut() {
-        r.finish();
-        if let Some(batch) = r.take_batch(true) {
-            let counts = std::mem::take(&mut r.counts);
-            ctx.record_cast(id, "asciicast", batch, &counts);
-        }
-    }
+    };
+    both_ways(
+        a,
+        b,
+        async {
+            let _ = uw.close().await;
+        },
+        async {
+            let _ = cw.close().await;
+        },
+    )
+    .await;
+
+    let mut st = state.into_inner().unwrap_or_else(|e| e.into_inner());
+    st.record_batch(&ctx, id, true);
     let mut details = vec![
-        ("bytes_in", in_bytes.to_string()),
-        ("bytes_out", out_bytes.to_string()),
+        ("bytes_in", st.in_bytes.to_string()),
+        ("bytes_out", st.out_bytes.to_string()),
         ("duration_ms", started.elapsed().as_millis().to_string()),
     ];
-    if let Some(c) = exit_status {
+    if let Some(c) = st.exit_status {
         details.push(("exit_status", c.to_string()));
     }
-    if let Some(s) = exit_signal {
+    if let Some(s) = st.exit_signal.take() {
         details.push(("exit_signal", s));
     }
-    match mode {
+    match st.mode {
         Mode::Exec {
             command_id,
             transfer,
@@ -1440,6 +1593,155 @@ async fn session_channel(ctx: Arc<Ctx>, client: Channel<Msg>, up: Channel<russh:
         }
         _ => {}
     }
-    let _ = up.close().await;
-    let _ = client.close().await;
+    let _ = uw.close().await;
+    let _ = cw.close().await;
+}
+
+/// Writes whole to the client (SFTP packets and gate messages never
+/// interleave with the host's output).
+async fn to_client(serial: &tokio::sync::Mutex<()>, cw: &ClientW, data: Bytes) -> bool {
+    let _g = serial.lock().await;
+    cw.data_bytes(data).await.is_ok()
+}
+
+/// Handles input from the client; false when the channel should end.
+async fn client_data(
+    ctx: &Ctx,
+    state: &std::sync::Mutex<Chan>,
+    trace: &Trace,
+    (cw, serial): (&ClientW, &tokio::sync::Mutex<()>),
+    uw: &UpW,
+    data: Bytes,
+) -> bool {
+    let lock = || state.lock().expect("channel state");
+    enum Plan {
+        Steps(Vec<Step>, bool),
+        Sftp(Vec<Bytes>),
+        Raw,
+        Drop,
+    }
+    let plan = {
+        let mut st = lock();
+        st.in_bytes += data.len() as u64;
+        match &mut st.mode {
+            Mode::Shell { editor } => {
+                let secret = !editor.checking();
+                let steps = editor
+                    .feed(&data)
+                    .into_iter()
+                    .map(|p| match p {
+                        Piece::Bytes(a, b) => Step::Forward(data.slice(a..b)),
+                        Piece::Line {
+                            text,
+                            uncertain,
+                            enter,
+                        } => Step::Line {
+                            text,
+                            uncertain,
+                            enter: data.slice(enter..enter + 1),
+                        },
+                    })
+                    .collect();
+                Plan::Steps(steps, secret)
+            }
+            Mode::Sftp { from_client, .. } => match from_client.push(&data) {
+                Ok(p) => Plan::Sftp(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "malformed SFTP from the client; closing the channel");
+                    return false;
+                }
+            },
+            Mode::Exec { .. } | Mode::Setup => Plan::Raw,
+            Mode::Refused => Plan::Drop,
+        }
+    };
+    match plan {
+        Plan::Drop => true,
+        Plan::Raw => uw.data_bytes(data).await.is_ok(),
+        Plan::Steps(steps, secret) => {
+            for step in steps {
+                match step {
+                    Step::Forward(b) => {
+                        if let Some(r) = lock().recorder.as_mut() {
+                            r.input(&b, secret)
+                        }
+                        if uw.data_bytes(b).await.is_err() {
+                            return false;
+                        }
+                    }
+                    Step::Line {
+                        text,
+                        uncertain,
+                        enter,
+                    } => {
+                        if let Some(r) = lock().recorder.as_mut() {
+                            r.input(&enter, false)
+                        }
+                        if text.trim().is_empty() {
+                            let _ = uw.data_bytes(enter).await;
+                            continue;
+                        }
+                        let class = classify::classify(&text);
+                        let extra = uncertain.then(|| ("uncertain", "true".to_string()));
+                        let (d, _) = ctx.decide(&text, class, trace, Some(cw), extra).await;
+                        if d.effect == Effect::Allow {
+                            let _ = uw.data_bytes(enter).await;
+                        } else {
+                            // Kill the typed line in the shell, and say why.
+                            let msg =
+                                format!("\r\nwicket: denied by rule {}: {}\r\n", d.rule, d.reason);
+                            let pty = {
+                                let mut st = lock();
+                                if let Some(r) = st.recorder.as_mut() {
+                                    r.output(msg.as_bytes())
+                                }
+                                st.pty.is_some()
+                            };
+                            let _ = to_client(serial, cw, Bytes::from(msg)).await;
+                            let kill: &[u8] = if pty { b"\x15\r" } else { b"\n" };
+                            let _ = uw.data_bytes(Bytes::from_static(kill)).await;
+                        }
+                    }
+                }
+            }
+            true
+        }
+        Plan::Sftp(pkts) => {
+            for pkt in pkts {
+                let op = match &lock().mode {
+                    Mode::Sftp { tracker, .. } => tracker.operation(&pkt),
+                    _ => None,
+                };
+                let mut cid = None;
+                if let Some(op) = op {
+                    let class = Classification {
+                        kind: "sftp".into(),
+                        verb: op.verb.into(),
+                        objects: op.paths.clone(),
+                        risk: if op.writes { 40 } else { 15 },
+                        ..Default::default()
+                    };
+                    let text = format!("{} {}", op.verb, op.paths.join(" "));
+                    let extra = (op.verb == "open")
+                        .then(|| ("mode", if op.writes { "write" } else { "read" }.to_string()));
+                    let (d, id) = ctx.decide(&text, class, trace, None, extra).await;
+                    if d.effect != Effect::Allow {
+                        let msg = format!("wicket: denied by rule {}: {}", d.rule, d.reason);
+                        if !to_client(serial, cw, sftp::permission_denied(op.id, &msg)).await {
+                            return false;
+                        }
+                        continue;
+                    }
+                    cid = Some(id);
+                }
+                if let Mode::Sftp { tracker, .. } = &mut lock().mode {
+                    tracker.request(&pkt, cid.as_deref());
+                }
+                if uw.data_bytes(pkt).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+    }
 }

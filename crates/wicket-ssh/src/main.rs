@@ -53,8 +53,11 @@ struct Args {
     /// Connections that may be authenticating at once (more are dropped).
     #[arg(long, env = "WICKET_SSH_MAX_STARTUPS", default_value_t = 64)]
     max_startups: usize,
-    /// Threads serving connections (0: one per core).
-    #[arg(long, env = "WICKET_WORKER_THREADS", default_value_t = 0)]
+    /// Threads serving connections. 1 (the default) runs everything on one
+    /// thread: the lowest keystroke latency (no cross-thread wake-ups on
+    /// each packet). N > 1 spreads connections over N threads; 0 uses one
+    /// per core.
+    #[arg(long, env = "WICKET_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
     /// Log format: `text` or `json`.
     #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]

@@ -1,0 +1,327 @@
+//! `cargo xtask bench ssh`: a 200 MB scp (up and down) and a 10,000-line
+//! interactive echo, directly to an OpenSSH server, through an OpenSSH
+//! ProxyJump hop, and through wicket-ssh (release build, recording and
+//! audit on), in one run, with ratios.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::bench::{Stack, build_release, cpu_us};
+use crate::util::{self, free_port, port_open, wait_for};
+
+const POLICY: &str = "version: 1
+connections:
+  - name: bench-ssh
+    protocol: ssh
+    masking: {detectors: [email, card, jwt, cloud_key, private_key]}
+grants:
+  - id: agents
+    groups: [agents]
+rules:
+  - id: no-destroy
+    effect: deny
+    match: {commands: [destroy, disk, firewall]}
+  - id: everything-else
+    effect: allow
+    match: {protocols: [ssh]}
+";
+
+/// Measures keystroke echo through `ssh -tt … cat` under a pty: argv[1]
+/// lines of one key and Enter; prints p50, p99 and max in µs.
+const ECHO: &str = r#"
+import os, pty, select, sys, time
+n = int(sys.argv[1]); cmd = sys.argv[2:]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp(cmd[0], cmd)
+buf = b''
+def wait_for(want, timeout):
+    global buf
+    deadline = time.monotonic() + timeout
+    while want not in buf:
+        left = deadline - time.monotonic()
+        r, _, _ = select.select([fd], [], [], max(0.0, left))
+        if not r:
+            sys.exit('timed out waiting for %r; got %r' % (want, buf[-300:]))
+        buf += os.read(fd, 65536)
+    buf = buf[buf.index(want) + len(want):]
+os.write(fd, b'ready\r')
+wait_for(b'ready\r\n', 60)
+wait_for(b'ready\r\n', 60)
+keys = []
+for i in range(n):
+    t = time.perf_counter()
+    os.write(fd, b'k')
+    wait_for(b'k', 10)
+    keys.append(time.perf_counter() - t)
+    os.write(fd, b'\r')
+    wait_for(b'k\r\n', 10)
+os.write(fd, b'\x04')
+try:
+    os.waitpid(pid, 0)
+except ChildProcessError:
+    pass
+keys.sort()
+us = lambda q: int(keys[min(len(keys) - 1, int(q * len(keys)))] * 1e6)
+print(us(0.5), us(0.99), int(keys[-1] * 1e6))
+"#;
+
+struct Route {
+    name: &'static str,
+    /// `ssh`/`scp` options that reach the host this way.
+    opts: Vec<String>,
+    env: Vec<(String, String)>,
+    target: String,
+}
+
+fn common() -> Vec<String> {
+    [
+        "StrictHostKeyChecking=no",
+        "UserKnownHostsFile=/dev/null",
+        "LogLevel=ERROR",
+    ]
+    .iter()
+    .flat_map(|o| ["-o".to_string(), o.to_string()])
+    .collect()
+}
+
+fn timed(mut c: Command) -> Result<f64, String> {
+    let t = Instant::now();
+    let o = c
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{c:?}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "{c:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn scp(r: &Route, from: &str, to: &str) -> Command {
+    let mut c = Command::new("scp");
+    c.arg("-q").args(&r.opts).arg(from).arg(to);
+    c.envs(r.env.iter().map(|(k, v)| (k, v)));
+    c
+}
+
+fn sha(path: &Path) -> String {
+    Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split(' ')
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs the SSH benchmark.
+pub fn ssh() -> Result<(), String> {
+    if !Path::new("/usr/sbin/sshd").exists() {
+        return Err(
+            "the SSH benchmark needs OpenSSH's server (apt-get install openssh-server)".into(),
+        );
+    }
+    let bin = build_release()?;
+    let dir = std::env::temp_dir().join(format!("wicket-bench-ssh-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let result = run(&bin, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run(bin: &Path, dir: &Path) -> Result<(), String> {
+    let mb: usize = std::env::var("WICKET_BENCH_SSH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let lines: usize = std::env::var("WICKET_BENCH_SSH_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let mut stack = Stack::start(bin, dir, POLICY)?;
+    let sshd = crate::sshd::start(&dir.join("sshd"), free_port()?, &mut stack.kids)?;
+    let token = stack.sidecar_token("bench-ssh")?;
+    let gate_port = free_port()?;
+    let gate = stack
+        .sidecar_command("wicket-ssh", "bench-ssh", &token)?
+        .env("WICKET_SSH_LISTEN", format!("127.0.0.1:{gate_port}"))
+        .env(
+            "WICKET_WORKER_THREADS",
+            std::env::var("WICKET_BENCH_SSH_THREADS").unwrap_or_else(|_| "1".into()),
+        )
+        .env("WICKET_SSH_UPSTREAM", format!("127.0.0.1:{}", sshd.port))
+        .env("WICKET_SSH_UPSTREAM_USER", &sshd.user)
+        .env("WICKET_SSH_UPSTREAM_KEY_FILE", &sshd.gate_key)
+        .env("WICKET_SSH_KNOWN_HOSTS", &sshd.known_hosts)
+        .spawn()
+        .map_err(|e| format!("cannot start wicket-ssh: {e}"))?;
+    let gate_pid = gate.id();
+    stack.kids.push("wicket-ssh", gate);
+    wait_for(30, "wicket-ssh", || port_open(gate_port))?;
+    let askpass = dir.join("askpass");
+    crate::sshd::askpass(&askpass, &stack.agent)?;
+    let key = sshd.direct_key.display().to_string();
+    let direct = Route {
+        name: "direct",
+        opts: [
+            common(),
+            vec![
+                "-i".into(),
+                key.clone(),
+                "-o".into(),
+                "IdentitiesOnly=yes".into(),
+                "-o".into(),
+                "BatchMode=yes".into(),
+                "-P".into(),
+                sshd.port.to_string(),
+            ],
+        ]
+        .concat(),
+        env: vec![],
+        target: format!("{}@127.0.0.1", sshd.user),
+    };
+    let jump = Route {
+        name: "OpenSSH ProxyJump",
+        opts: [
+            direct.opts.clone(),
+            vec![
+                "-o".into(),
+                format!(
+                    "ProxyCommand=ssh -i {key} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -p {} -W %h:%p {}@127.0.0.1",
+                    sshd.port, sshd.user
+                ),
+            ],
+        ]
+        .concat(),
+        env: vec![],
+        target: direct.target.clone(),
+    };
+    let gated = Route {
+        name: "wicket-ssh",
+        opts: [
+            common(),
+            vec![
+                "-o".into(),
+                "PubkeyAuthentication=no".into(),
+                "-o".into(),
+                "PreferredAuthentications=password".into(),
+                "-P".into(),
+                gate_port.to_string(),
+            ],
+        ]
+        .concat(),
+        env: vec![
+            ("SSH_ASKPASS".into(), askpass.display().to_string()),
+            ("SSH_ASKPASS_REQUIRE".into(), "force".into()),
+        ],
+        target: "bench@127.0.0.1".into(),
+    };
+    let src = dir.join("payload.bin");
+    util::run(
+        "sh",
+        &[
+            "-c",
+            &format!("head -c {}M /dev/urandom > {}", mb, src.display()),
+        ],
+        &[],
+    )?;
+    let want = sha(&src);
+    util::step(&format!("scp of {mb} MB, up and down, three ways"));
+    let mut rows = Vec::new();
+    for r in [&direct, &jump, &gated] {
+        let remote = dir.join(format!("up-{}.bin", r.name.replace(' ', "-")));
+        let back = dir.join(format!("down-{}.bin", r.name.replace(' ', "-")));
+        let cpu0 = cpu_us(gate_pid);
+        let up = timed(scp(
+            r,
+            &src.display().to_string(),
+            &format!("{}:{}", r.target, remote.display()),
+        ))?;
+        let down = timed(scp(
+            r,
+            &format!("{}:{}", r.target, remote.display()),
+            &back.display().to_string(),
+        ))?;
+        let cpu = cpu_us(gate_pid) - cpu0;
+        if sha(&remote) != want || sha(&back) != want {
+            return Err(format!("{}: the copy differs from the original", r.name));
+        }
+        let _ = std::fs::remove_file(&remote);
+        let _ = std::fs::remove_file(&back);
+        rows.push((r.name, mb as f64 / up, mb as f64 / down, cpu));
+    }
+    util::step(&format!(
+        "interactive echo: {lines} lines (a key and Enter) under a pty, three ways"
+    ));
+    let script = dir.join("echo.py");
+    std::fs::write(&script, ECHO).map_err(|e| e.to_string())?;
+    let mut echoes = Vec::new();
+    for r in [&direct, &jump, &gated] {
+        let mut c = Command::new("python3");
+        c.arg(&script).arg(lines.to_string()).arg("ssh").arg("-tt");
+        // scp's -P is ssh's -p.
+        let opts: Vec<String> = r
+            .opts
+            .iter()
+            .map(|o| if o == "-P" { "-p".into() } else { o.clone() })
+            .collect();
+        c.args(&opts).arg(&r.target).arg("cat");
+        c.envs(r.env.iter().map(|(k, v)| (k, v)));
+        let o = c.output().map_err(|e| e.to_string())?;
+        if !o.status.success() {
+            return Err(format!(
+                "echo through {}: {}{}",
+                r.name,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        let text = String::from_utf8_lossy(&o.stdout);
+        let v: Vec<u64> = text
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if v.len() != 3 {
+            return Err(format!("echo through {}: unexpected output {text}", r.name));
+        }
+        echoes.push((r.name, v[0], v[1], v[2]));
+    }
+    println!("\nscp {mb} MB (MB/s; wicket-ssh CPU during its own run)");
+    println!("{:<20} {:>10} {:>10}", "route", "up", "down");
+    for (name, up, down, _) in &rows {
+        println!("{name:<20} {up:>10.1} {down:>10.1}");
+    }
+    let (d, j, g) = (&rows[0], &rows[1], &rows[2]);
+    println!(
+        "wicket-ssh ÷ direct: up {:.2}, down {:.2} (target ≥ 0.7); ÷ ProxyJump: up {:.2}, down {:.2}",
+        g.1 / d.1,
+        g.2 / d.2,
+        g.1 / j.1,
+        g.2 / j.2
+    );
+    println!(
+        "wicket-ssh CPU for {} MB moved twice: {:.2} s",
+        mb,
+        g.3 as f64 / 1e6
+    );
+    println!("\nkeystroke echo under a pty ({lines} keys; µs)");
+    println!("{:<20} {:>8} {:>8} {:>8}", "route", "p50", "p99", "max");
+    for (name, p50, p99, max) in &echoes {
+        println!("{name:<20} {p50:>8} {p99:>8} {max:>8}");
+    }
+    println!(
+        "added p99 by wicket-ssh: {} µs over direct (target ≤ 1000), {} µs over ProxyJump",
+        echoes[2].2 as i64 - echoes[0].2 as i64,
+        echoes[2].2 as i64 - echoes[1].2 as i64
+    );
+    Ok(())
+}
