@@ -1121,7 +1121,8 @@ async fn pipe_channel(client: Channel<Msg>, up: Channel<russh::client::Msg>) {
         while let Some(m) = cr.wait().await {
             match m {
                 ChannelMsg::Data { data } => {
-                    if uw.data_bytes(data).await.is_err() {
+                    let sent = uw.data_bytes(data).await;
+                    if sent.is_err() {
                         break;
                     }
                 }
@@ -1137,7 +1138,8 @@ async fn pipe_channel(client: Channel<Msg>, up: Channel<russh::client::Msg>) {
         while let Some(m) = ur.wait().await {
             match m {
                 ChannelMsg::Data { data } => {
-                    if cw.data_bytes(data).await.is_err() {
+                    let sent = cw.data_bytes(data).await;
+                    if sent.is_err() {
                         break;
                     }
                 }
@@ -1424,7 +1426,9 @@ async fn session_channel(ctx: Arc<Ctx>, client: Channel<Msg>, up: Channel<russh:
                     let _ = uw.signal(signal).await;
                 }
                 ChannelMsg::Data { data } => {
-                    if !client_data(&ctx, &state, &trace, (&cw, &client_write), &uw, data).await {
+                    let go_on =
+                        client_data(&ctx, &state, &trace, (&cw, &client_write), &uw, data).await;
+                    if !go_on {
                         break;
                     }
                 }
