@@ -245,6 +245,7 @@ pub async fn serve(
                 upstream: Arc::new(OnceCell::new()),
                 channels: Arc::new(AtomicUsize::new(0)),
                 trace: Arc::default(),
+                agent: Arc::default(),
                 user: String::new(),
                 kbd_tries: 0,
             };
@@ -391,10 +392,75 @@ struct Upstream {
     host: String,
     port: u16,
     known_hosts: PathBuf,
+    /// The client's connection, for channels the host opens (remote
+    /// forwards and agent requests, both opened only when policy allowed).
+    client: server::Handle,
+    /// The session, to audit those channels.
+    session: Arc<OpenSession>,
+    sidecar: Arc<Sidecar>,
 }
 
 impl russh::client::Handler for Upstream {
     type Error = russh::Error;
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<russh::client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        // The host only opens these for a remote forward policy allowed.
+        let mut e = self.session.bare_event(AuditKind::Notice);
+        e.details.insert(
+            "forwarded_connection".into(),
+            format!(
+                "{originator_address}:{originator_port} -> {connected_address}:{connected_port}"
+            ),
+        );
+        let _ = self.sidecar.record(e);
+        let client = self.client.clone();
+        let (ca, op) = (
+            connected_address.to_string(),
+            originator_address.to_string(),
+        );
+        tokio::spawn(async move {
+            match client
+                .channel_open_forwarded_tcpip(ca, connected_port, op, originator_port)
+                .await
+            {
+                Ok(c) => {
+                    reply.accept().await;
+                    pipe_channel(c, channel).await;
+                }
+                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+            }
+        });
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: Channel<russh::client::Msg>,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        // The host only opens these after an agent request policy allowed.
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            match client.channel_open_agent().await {
+                Ok(c) => {
+                    reply.accept().await;
+                    pipe_channel(c, channel).await;
+                }
+                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+            }
+        });
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,
@@ -421,7 +487,11 @@ impl russh::client::Handler for Upstream {
 
 type UpHandle = russh::client::Handle<Upstream>;
 
-async fn connect_upstream(gate: &SshGate) -> Result<UpHandle, String> {
+async fn connect_upstream(
+    gate: &SshGate,
+    client: server::Handle,
+    session: Arc<OpenSession>,
+) -> Result<UpHandle, String> {
     let u = &gate.cfg.upstream;
     let (host, port) = match u.addr.rsplit_once(':') {
         Some((h, p)) => (
@@ -435,6 +505,9 @@ async fn connect_upstream(gate: &SshGate) -> Result<UpHandle, String> {
         host: host.clone(),
         port,
         known_hosts: u.known_hosts.clone(),
+        client,
+        session,
+        sidecar: gate.sidecar.clone(),
     };
     let connect = async {
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
@@ -476,9 +549,13 @@ struct Conn {
     upstream: Arc<OnceCell<Result<UpHandle, String>>>,
     channels: Arc<AtomicUsize>,
     trace: Arc<std::sync::Mutex<Trace>>,
+    agent: AgentGrants,
     user: String,
     kbd_tries: u32,
 }
+
+/// Channels whose agent-forwarding request was decided, and how.
+type AgentGrants = Arc<std::sync::Mutex<std::collections::HashMap<ChannelId, bool>>>;
 
 impl Conn {
     /// Validates a token and opens the session.
@@ -520,10 +597,11 @@ impl Conn {
         self.session.clone().ok_or(russh::Error::NotAuthenticated)
     }
 
-    async fn upstream(&self) -> Result<&UpHandle, String> {
+    async fn upstream(&self, handle: server::Handle) -> Result<&UpHandle, String> {
         let gate = self.gate.clone();
+        let s = self.session.clone().ok_or("not signed in")?;
         self.upstream
-            .get_or_init(|| async move { connect_upstream(&gate).await })
+            .get_or_init(|| async move { connect_upstream(&gate, handle, s).await })
             .await
             .as_ref()
             .map_err(Clone::clone)
@@ -535,6 +613,7 @@ impl Conn {
             session: self.session()?,
             handle: session.handle(),
             trace: self.trace.clone(),
+            agent: self.agent.clone(),
         }))
     }
 
@@ -700,7 +779,7 @@ impl server::Handler for Conn {
             return Ok(());
         };
         let ctx = self.ctx(session)?;
-        let up = match self.upstream().await {
+        let up = match self.upstream(session.handle()).await {
             Ok(h) => h.channel_open_session().await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
@@ -761,7 +840,7 @@ impl server::Handler for Conn {
                 .await;
             return Ok(());
         }
-        let up = match self.upstream().await {
+        let up = match self.upstream(session.handle()).await {
             Ok(h) => h
                 .channel_open_direct_tcpip(host, port, originator_address, originator_port)
                 .await
@@ -869,38 +948,76 @@ impl server::Handler for Conn {
     async fn agent_request(
         &mut self,
         channel: ChannelId,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        // Agent forwarding would hand the host the caller's keys; refused.
-        let ctx = match self.session() {
-            Ok(s) => s,
-            Err(_) => return Ok(false),
+        // Agent forwarding lets the host use the caller's keys: only when
+        // policy allows it (never held). The channel's task passes an
+        // allowed request on to the host.
+        let ctx = self.ctx(session)?;
+        let class = Classification {
+            kind: "forward".into(),
+            verb: "agent".into(),
+            risk: 60,
+            ..Default::default()
         };
-        let mut e = ctx.event(AuditKind::Notice);
-        e.details
-            .insert("refused".into(), "agent forwarding".into());
-        e.details.insert("channel".into(), channel.to_string());
-        let _ = self.gate.sidecar.record(e);
-        Ok(false)
+        let trace = ctx.trace.lock().expect("trace").clone();
+        let d = ctx.decide_now("agent forwarding", class, &trace).await;
+        let ok = d.effect == Effect::Allow;
+        self.agent.lock().expect("agent").insert(channel, ok);
+        Ok(ok)
     }
 
     async fn tcpip_forward(
         &mut self,
         address: &str,
         port: &mut u32,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        // Remote forwarding would open a door from the host's network to the
-        // caller's; refused.
-        if let Ok(s) = self.session() {
-            let mut e = s.event(AuditKind::Notice);
-            e.details
-                .insert("refused".into(), "remote forwarding".into());
-            e.details
-                .insert("listen".into(), format!("{address}:{port}"));
-            let _ = self.gate.sidecar.record(e);
+        // A remote forward opens a door from the host's network to the
+        // caller's: only when policy allows it (never held).
+        let ctx = self.ctx(session)?;
+        let listen = format!("{address}:{port}");
+        let class = Classification {
+            kind: "forward".into(),
+            verb: "tcpip-forward".into(),
+            objects: vec![listen.clone()],
+            risk: 60,
+            ..Default::default()
+        };
+        let trace = ctx.trace.lock().expect("trace").clone();
+        let d = ctx
+            .decide_now(&format!("remote forward {listen}"), class, &trace)
+            .await;
+        if d.effect != Effect::Allow {
+            return Ok(false);
         }
-        Ok(false)
+        match self.upstream(session.handle()).await {
+            Ok(h) => match h.tcpip_forward(address, *port).await {
+                Ok(bound) => {
+                    if *port == 0 {
+                        *port = bound;
+                    }
+                    Ok(true)
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "the host refused a remote forward");
+                    Ok(false)
+                }
+            },
+            Err(_) => Ok(false),
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.upstream(session.handle()).await {
+            Ok(h) => Ok(h.cancel_tcpip_forward(address, port).await.is_ok()),
+            Err(_) => Ok(false),
+        }
     }
 }
 
@@ -911,6 +1028,8 @@ struct Ctx {
     handle: server::Handle,
     /// The connection's latest reasoning (for channels that carry no env).
     trace: Arc<std::sync::Mutex<Trace>>,
+    /// Agent-forwarding decisions per channel.
+    agent: AgentGrants,
 }
 
 /// The caller's reasoning for a channel (`WICKET_REASONING`, `TRACEPARENT`).
@@ -1017,6 +1136,37 @@ impl Ctx {
                 }
             };
         }
+        self.audit(cmd, d, trace, approval, extra)
+    }
+
+    /// Decides a command that cannot wait for an approver (forwarding
+    /// requests answered on the spot): a hold is a refusal. Recorded.
+    async fn decide_now(&self, text: &str, class: Classification, trace: &Trace) -> Decision {
+        let cmd = Command {
+            text: text.to_string(),
+            classification: class,
+        };
+        let has_reasoning = trace
+            .reasoning
+            .as_deref()
+            .is_some_and(|r| !r.trim().is_empty());
+        let mut d = self.gate.sidecar.decide(&self.session, &cmd, has_reasoning);
+        if d.effect == Effect::Review {
+            d = Decision::deny(d.rule, "forwarding requests cannot be held for approval");
+        }
+        self.audit(cmd, d, trace, None, None).0
+    }
+
+    /// Records a command's decision; an allowed command whose record
+    /// cannot be written is refused.
+    fn audit(
+        &self,
+        cmd: Command,
+        d: Decision,
+        trace: &Trace,
+        approval: Option<(&str, String)>,
+        extra: Option<(&str, String)>,
+    ) -> (Decision, String) {
         let mut e = self.session.event(AuditKind::Command);
         e.command = Some(cmd);
         e.decision = Some(d.clone());
@@ -1424,6 +1574,21 @@ async fn session_channel(ctx: Arc<Ctx>, client: Channel<Msg>, up: Channel<russh:
                 }
                 ChannelMsg::Signal { signal } => {
                     let _ = uw.signal(signal).await;
+                }
+                ChannelMsg::AgentForward { .. } => {
+                    // The connection's handler decides (and answers); pass
+                    // an allowed request on to the host.
+                    let mut allowed = None;
+                    for _ in 0..200 {
+                        allowed = ctx.agent.lock().expect("agent").get(&id).copied();
+                        if allowed.is_some() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    if allowed == Some(true) {
+                        let _ = uw.agent_forward(false).await;
+                    }
                 }
                 ChannelMsg::Data { data } => {
                     let go_on =

@@ -38,8 +38,12 @@ rules:
     condition: \"command.objects.exists(o, o.contains('protected'))\"
   - id: forwards-stay-local
     effect: deny
-    match: {commands: [forward]}
+    match: {commands: [forward], verbs: [direct-tcpip]}
     condition: \"!command.objects.all(o, o.startsWith('127.0.0.1:'))\"
+  - id: agents-keep-to-their-side
+    description: agents may not forward the host's ports back or lend their keys
+    effect: deny
+    match: {commands: [forward], verbs: [tcpip-forward, agent], kinds: [agent]}
   - id: everything-else
     effect: allow
     match: {protocols: [ssh]}
@@ -1075,5 +1079,163 @@ async fn user_certificates_from_the_trusted_ca_log_in_and_others_do_not() {
         kinds(&events, v1::AuditKind::Command)
             .iter()
             .any(|c| command_text(c) == "echo certified")
+    );
+}
+
+/// A TCP echo service on a free loopback port.
+async fn echo_service() -> u16 {
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+/// Sends `payload` to `port` (retrying until something listens) and returns the echo.
+fn round_trip(port: u16, payload: &[u8], limit: Duration) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.write_all(payload).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            if !got.is_empty() {
+                return got;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Vec::new();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remote_and_agent_forwarding_follow_policy() {
+    let e = Arc::new(start().await);
+    let human = e.human();
+    let agent = e.agent();
+
+    // ssh -R: allowed for people, carries traffic from the host's side back.
+    let echo = echo_service().await;
+    let remote = free_port();
+    let mut fwd = e
+        .ssh(
+            &human,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("{remote}:127.0.0.1:{echo}"),
+                "--",
+            ],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let got =
+        blocking(move || round_trip(remote, b"through the back door", Duration::from_secs(15)))
+            .await;
+    let _ = fwd.kill();
+    let out = fwd.wait_with_output().unwrap();
+    assert_eq!(got, b"through the back door", "{:?}", text(&out));
+    // …and refused for agents.
+    let o = {
+        let mut c = e.ssh(
+            &agent,
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("{}:127.0.0.1:{echo}", free_port()),
+                "--",
+            ],
+        );
+        blocking(move || run(&mut c)).await
+    };
+    assert_eq!(o.status.code(), Some(255), "{:?}", text(&o));
+    assert!(text(&o).1.contains("forwarding failed"), "{:?}", text(&o));
+
+    // ssh -A: the host reaches the caller's agent only when policy allows.
+    let sock = e.dir.join("agent.sock");
+    let mut ssh_agent = Command::new("ssh-agent")
+        .args(["-D", "-a"])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ssh-agent did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = run(Command::new("ssh-add")
+        .arg(&e.sshd.direct_key)
+        .env("SSH_AUTH_SOCK", &sock));
+    assert!(o.status.success(), "{:?}", text(&o));
+    let listed = |token: &Path, reasoning: bool| {
+        let mut c = e.ssh(token, &["-A", "--", "ssh-add -l"]);
+        c.env("SSH_AUTH_SOCK", &sock);
+        if reasoning {
+            c.env("WICKET_REASONING", "deploy from the host");
+        }
+        run(&mut c)
+    };
+    let o = listed(&human, false);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).0.contains("ED25519"), "{:?}", text(&o));
+    let o = listed(&agent, true);
+    assert!(!o.status.success(), "{:?}", text(&o));
+    assert!(!text(&o).0.contains("ED25519"), "{:?}", text(&o));
+    let _ = ssh_agent.kill();
+    let _ = ssh_agent.wait();
+
+    let events = e.stack.events().await;
+    let cmds = kinds(&events, v1::AuditKind::Command);
+    let decided = |t: &str, who: &str| {
+        cmds.iter()
+            .filter(|c| command_text(c).starts_with(t))
+            .filter(|c| {
+                events.iter().any(|s| {
+                    s.session_id == c.session_id
+                        && s.principal.as_ref().is_some_and(|p| p.subject == who)
+                })
+            })
+            .map(|c| c.decision.as_ref().unwrap().effect)
+            .collect::<Vec<_>>()
+    };
+    let allow = v1::Effect::Allow as i32;
+    assert!(decided("remote forward", "ada").iter().all(|e| *e == allow));
+    assert!(!decided("remote forward", "ada").is_empty());
+    assert!(
+        decided("remote forward", "deploy-bot")
+            .iter()
+            .all(|e| *e != allow)
+    );
+    assert!(
+        decided("agent forwarding", "ada")
+            .iter()
+            .all(|e| *e == allow)
+    );
+    assert_eq!(decided("agent forwarding", "deploy-bot").len(), 1);
+    assert!(
+        decided("agent forwarding", "deploy-bot")
+            .iter()
+            .all(|e| *e != allow)
     );
 }
