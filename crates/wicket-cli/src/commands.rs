@@ -184,6 +184,45 @@ pub enum SessionsCmd {
         /// Session id.
         id: String,
     },
+    /// Write a session's terminal recording as asciicast v2 (play it with
+    /// `asciinema play FILE`).
+    Recording {
+        /// Session id.
+        id: String,
+        /// The channel to write, when the session recorded several.
+        #[arg(long)]
+        channel: Option<String>,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Every event of session `id`, in order.
+async fn session_events(
+    c: &Client,
+    api: &mut wicket_proto::v1::session_admin_service_client::SessionAdminServiceClient<Channel>,
+    id: &str,
+) -> Result<Vec<v1::AuditEvent>, CliError> {
+    let mut events = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = api
+            .list_session_events(c.req(v1::ListSessionEventsRequest {
+                session_id: id.to_string(),
+                after_seq: after,
+                limit: 1000,
+            }))
+            .await?
+            .into_inner()
+            .events;
+        let done = page.len() < 1000;
+        after = page.last().map(|e| e.seq).unwrap_or(after);
+        events.extend(page);
+        if done {
+            return Ok(events);
+        }
+    }
 }
 
 fn read_file(path: &PathBuf) -> Result<(String, String), CliError> {
@@ -994,30 +1033,58 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
                 Value::Array(list.iter().map(session_json).collect()),
             );
         }
+        SessionsCmd::Recording { id, channel, out } => {
+            let events = session_events(&c, &mut api, id).await?;
+            // Each recorded channel: its header, then its event lines, in order.
+            let mut casts: std::collections::BTreeMap<String, (Option<String>, String)> =
+                Default::default();
+            for e in events
+                .iter()
+                .filter(|e| e.kind == v1::AuditKind::Output as i32)
+            {
+                let Some(ch) = e.details.get("channel") else {
+                    continue;
+                };
+                let cast = casts.entry(ch.clone()).or_default();
+                if let Some(h) = e.details.get("asciicast_header") {
+                    cast.0 = Some(h.clone());
+                }
+                if let Some(lines) = e.details.get("asciicast") {
+                    cast.1.push_str(lines);
+                }
+            }
+            casts.retain(|_, (h, _)| h.is_some());
+            let pick = match channel {
+                Some(ch) => casts.remove(ch).ok_or_else(|| {
+                    CliError::usage(format!("session {id} has no recording of channel {ch}"))
+                })?,
+                None if casts.len() == 1 => casts.pop_first().map(|(_, c)| c).unwrap_or_default(),
+                None if casts.is_empty() => {
+                    return Err(CliError::usage(format!(
+                        "session {id} has no terminal recording"
+                    )));
+                }
+                None => {
+                    return Err(CliError::usage(format!(
+                        "session {id} recorded several channels ({}); pick one with --channel",
+                        casts.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                }
+            };
+            let text = format!("{}\n{}", pick.0.unwrap_or_default(), pick.1);
+            match out {
+                Some(path) => std::fs::write(path, text).map_err(|e| {
+                    CliError::usage(format!("cannot write {}: {e}", path.display()))
+                })?,
+                None => print!("{text}"),
+            }
+        }
         SessionsCmd::Show { id } => {
             let s = api
                 .get_session(c.req(v1::GetSessionRequest { id: id.clone() }))
                 .await?
                 .into_inner();
-            let mut events = Vec::new();
-            let mut after = 0;
-            loop {
-                let page = api
-                    .list_session_events(c.req(v1::ListSessionEventsRequest {
-                        session_id: id.clone(),
-                        after_seq: after,
-                        limit: 1000,
-                    }))
-                    .await?
-                    .into_inner()
-                    .events;
-                let done = page.len() < 1000;
-                after = page.last().map(|e| e.seq).unwrap_or(after);
-                events.extend(page);
-                if done {
-                    break;
-                }
-            }
+            let events = session_events(&c, &mut api, id).await?;
             let kind = |k: i32| {
                 v1::AuditKind::try_from(k)
                     .map(|k| {

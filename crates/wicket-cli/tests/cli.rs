@@ -605,3 +605,97 @@ async fn ssh_login_writes_a_certificate_signed_by_the_control_ca() {
         .await;
     assert!(!o.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_recording_writes_an_asciicast_file() {
+    let e = start().await;
+    let admin = e.admin();
+    let apply = e
+        .wicket(Some(&admin), &["policy", "apply", "-f", "policy.yaml"])
+        .await;
+    assert!(
+        apply.status.success(),
+        "{}",
+        String::from_utf8_lossy(&apply.stderr)
+    );
+    let sc = e.sidecar_token().await;
+    let now = wicket_proto::convert::ts(chrono::Utc::now());
+    let ev = |id: &str, seq, kind: v1::AuditKind, details: &[(&str, &str)]| v1::AuditEvent {
+        id: id.into(),
+        session_id: "sess-tty".into(),
+        seq,
+        time: Some(now),
+        kind: kind as i32,
+        connection: "orders-db".into(),
+        principal: (seq == 1).then(|| v1::Principal {
+            subject: "ada".into(),
+            issuer: e.idp.issuer(),
+            ..Default::default()
+        }),
+        details: details
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    let header = r#"{"version":2,"width":80,"height":24,"env":{"TERM":"xterm"}}"#;
+    let mut r = tonic::Request::new(tokio_stream::iter(vec![v1::ReportRequest {
+        events: vec![
+            ev("r1", 1, v1::AuditKind::SessionStart, &[]),
+            ev(
+                "r2",
+                2,
+                v1::AuditKind::Output,
+                &[("channel", "0"), ("asciicast_header", header)],
+            ),
+            ev(
+                "r3",
+                3,
+                v1::AuditKind::Output,
+                &[
+                    ("channel", "0"),
+                    ("asciicast", "[0.1,\"o\",\"$ \"]\n[0.5,\"i\",\"ls\\r\"]\n"),
+                ],
+            ),
+            ev(
+                "r4",
+                4,
+                v1::AuditKind::Output,
+                &[
+                    ("channel", "0"),
+                    ("asciicast", "[0.6,\"o\",\"ls\\r\\nnotes.txt\\r\\n\"]\n"),
+                ],
+            ),
+        ],
+    }]));
+    bearer(&mut r, &sc);
+    let mut acks = v1::audit_service_client::AuditServiceClient::new(e.channel.clone())
+        .report(r)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.next().await.unwrap().unwrap().acked_ids.len(), 4);
+    let cast = e.dir.path().join("s.cast");
+    let cast_arg = cast.display().to_string();
+    let o = e
+        .wicket(
+            Some(&admin),
+            &["sessions", "recording", "sess-tty", "--out", &cast_arg],
+        )
+        .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&cast).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(lines[0], header);
+    for l in &lines[1..] {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v[0].is_f64() && v[1].is_string() && v[2].is_string(), "{l}");
+    }
+    assert!(text.contains("notes.txt"));
+    // A session without a recording says so.
+    let o = e
+        .wicket(Some(&admin), &["sessions", "recording", "no-such-session"])
+        .await;
+    assert!(!o.status.success());
+}
