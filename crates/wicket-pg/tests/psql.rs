@@ -5,13 +5,11 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 use wicket_pg::upstream::{UpstreamConfig, UpstreamTls};
 use wicket_pg::{PgConfig, PgGate};
 use wicket_proto::v1;
-use wicket_sidecar::{Sidecar, SidecarConfig};
-use wicket_testkit::idp::{TestIdp, TokenSpec};
+use wicket_testkit::idp::TokenSpec;
+use wicket_teststack::Stack;
 
 const POLICY: &str = "
 agents: {require_reasoning: true}
@@ -38,33 +36,19 @@ rules:
     review: {approvers: [dba], timeout: 20s}
 ";
 
-fn auth<T>(msg: T, token: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-    );
-    r
-}
+use wicket_teststack::auth;
 
 struct Env {
-    idp: TestIdp,
-    channel: Channel,
+    stack: Stack,
     gate: SocketAddr,
     db: String,
-    sidecar: Arc<Sidecar>,
-    control_cfg: wicket_control::Config,
-    control: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    _dir: tempfile::TempDir,
 }
 
-fn spawn_control(
-    cfg: wicket_control::Config,
-    listener: tokio::net::TcpListener,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let _ = wicket_control::run(cfg, listener, std::future::pending()).await;
-    })
+impl std::ops::Deref for Env {
+    type Target = Stack;
+    fn deref(&self) -> &Stack {
+        &self.stack
+    }
 }
 
 fn upstream_from_url(url: &str) -> (String, String, String) {
@@ -141,80 +125,10 @@ async fn start_with(opts: Opts) -> Env {
         "CREATE TABLE customers (id int primary key, name text, email text); \
          INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com'), (2, 'Bob', 'bob@example.com')",
     );
-    let idp = TestIdp::start("wicket").await;
-    let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let control_addr = listener.local_addr().unwrap();
-    let cfg = wicket_control::Config {
-        max_message_bytes: 4 << 20,
-        agent_rules: vec!["client-credentials".into()],
-        ..wicket_control::Config::defaults(
-            &idp.issuer(),
-            &format!("sqlite:{}", dir.path().join("c.db").display()),
-            control_addr,
-        )
-    };
-    let control_cfg = cfg.clone();
-    let control = spawn_control(cfg, listener);
-    let channel = loop {
-        if let Ok(c) = Channel::from_shared(format!("http://{control_addr}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let admin = idp.mint(&TokenSpec::human("root", &["wicket-admins"]));
-    v1::policy_admin_service_client::PolicyAdminServiceClient::new(channel.clone())
-        .apply_policy(auth(
-            v1::ApplyPolicyRequest {
-                document: opts.policy.unwrap_or(POLICY).into(),
-                source_name: "p".into(),
-            },
-            &admin,
-        ))
-        .await
-        .unwrap();
-    let token = v1::sidecar_admin_service_client::SidecarAdminServiceClient::new(channel.clone())
-        .create_sidecar_credential(auth(
-            v1::CreateSidecarCredentialRequest {
-                name: "pg".into(),
-                connections: vec!["pg".into()],
-            },
-            &admin,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let sc = Sidecar::start(SidecarConfig {
-        control: format!("http://{control_addr}"),
-        control_ca_cert: None,
-        sidecar_token: Some(token),
-        sidecar_token_file: None,
-        connection: "pg".into(),
-        state_dir: dir.path().join("state"),
-        spool_max_bytes: 512 << 20,
-        oidc_issuer: idp.issuer(),
-        oidc_audience: "wicket".into(),
-        groups_claim: "groups".into(),
-        agent_rules: vec!["client-credentials".into()],
-        token_grace_seconds: 0,
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        drain_seconds: 1,
-        tls_cert: None,
-        tls_key: None,
-    })
-    .await
-    .unwrap();
-    while sc.bundles.current().is_none() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stack = Stack::start("pg", opts.policy.unwrap_or(POLICY)).await;
     let (addr, user, password) = upstream_from_url(&url);
     let gate = PgGate::new(
-        sc.clone(),
+        stack.sidecar.clone(),
         PgConfig {
             upstream: UpstreamConfig {
                 addr,
@@ -233,14 +147,9 @@ async fn start_with(opts: Opts) -> Env {
     let gate_addr = listener.local_addr().unwrap();
     tokio::spawn(wicket_pg::serve(gate, listener, std::future::pending()));
     Env {
-        idp,
-        channel,
+        stack,
         gate: gate_addr,
         db,
-        sidecar: sc,
-        control_cfg,
-        control: std::sync::Mutex::new(Some(control)),
-        _dir: dir,
     }
 }
 
@@ -271,7 +180,10 @@ impl Env {
         let listener = tokio::net::TcpListener::bind(self.control_cfg.listen)
             .await
             .unwrap();
-        *self.control.lock().unwrap() = Some(spawn_control(self.control_cfg.clone(), listener));
+        *self.control.lock().unwrap() = Some(wicket_teststack::spawn_control(
+            self.control_cfg.clone(),
+            listener,
+        ));
     }
 
     /// Runs `tests/SCRIPT HOST PORT DB TOKEN` with the test Python (psycopg, asyncpg).
@@ -732,64 +644,11 @@ async fn psycopg_and_asyncpg_work_through_the_gate() {
 
 /// Every audit event the control service stored, over all sessions.
 async fn all_events(e: &Env) -> Vec<v1::AuditEvent> {
-    let admin = e.idp.mint(&TokenSpec::human("root", &["wicket-admins"]));
-    let ch = loop {
-        if let Ok(c) = Channel::from_shared(format!("http://{}", e.control_cfg.listen))
-            .unwrap()
-            .connect()
-            .await
-        {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut sessions = v1::session_admin_service_client::SessionAdminServiceClient::new(ch);
-    let list = sessions
-        .list_sessions(auth(
-            v1::ListSessionsRequest {
-                limit: 1000,
-                ..Default::default()
-            },
-            &admin,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .sessions;
-    let mut all = Vec::new();
-    for s in &list {
-        let mut after = 0;
-        loop {
-            let page = sessions
-                .list_session_events(auth(
-                    v1::ListSessionEventsRequest {
-                        session_id: s.id.clone(),
-                        after_seq: after,
-                        limit: 1000,
-                    },
-                    &admin,
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .events;
-            let n = page.len();
-            after = page.last().map(|l| l.seq).unwrap_or(after);
-            all.extend(page);
-            if n < 1000 {
-                break;
-            }
-        }
-    }
-    all
+    e.stack.events().await
 }
 
 async fn drained(e: &Env) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while e.sidecar.spool.unacked() > 0 {
-        assert!(std::time::Instant::now() < deadline, "spool did not drain");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    e.stack.drained().await
 }
 
 /// `pgbench -i -s 1` into `db`, directly on the upstream server.
