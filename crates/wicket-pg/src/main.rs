@@ -50,23 +50,18 @@ struct Args {
     /// Largest client message, in bytes.
     #[arg(long, env = "WICKET_PG_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024 * 1024)]
     max_message_bytes: usize,
-    /// Threads serving connections. 1 (the default) runs everything on one
-    /// thread, as pgbouncer does: the least CPU per statement, and enough
-    /// for a sidecar's share of a node. N > 1 spreads connections over N
-    /// threads; 0 uses one per core.
-    #[arg(long, env = "WICKET_WORKER_THREADS", default_value_t = 1)]
-    worker_threads: usize,
-    /// Log format: `text` or `json`.
-    #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
-    log_format: String,
+    #[command(flatten)]
+    process: wicket_sidecar::process::ProcessArgs,
     #[command(flatten)]
     sidecar: SidecarConfig,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let (threads, format) = (args.worker_threads, args.log_format.clone());
-    wicket_sidecar::process::main("wicket-pg", threads, &format, move || run(args))
+    let p = args.process.clone();
+    wicket_sidecar::process::main("wicket-pg", p.worker_threads, &p.log_format, move || {
+        run(args)
+    })
 }
 
 async fn run(args: Args) -> Result<(), String> {

@@ -6,6 +6,21 @@ use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
+/// The process flags every gate binary shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProcessArgs {
+    /// Threads serving connections. 1 (the default) runs everything on one
+    /// thread, as pgbouncer does: the least CPU per message and the lowest
+    /// latency (no cross-thread wake-ups), and enough for a sidecar's share
+    /// of a node. N > 1 spreads connections over N threads; 0 uses one per
+    /// core.
+    #[arg(long, env = "WICKET_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
 /// Runs a gate binary's `run` on a runtime of `worker_threads` threads (1:
 /// the current thread only; 0: one per core), with logs (`WICKET_LOG`
 /// filter, `text` or `json` format) on stderr. An error is printed as

@@ -1262,45 +1262,36 @@ async fn both_ways(
     }
 }
 
+/// Copies one direction of a channel until EOF is passed on and the channel
+/// closes, or a write fails.
+async fn one_way<S>(from: &mut russh::ChannelReadHalf, to: &russh::ChannelWriteHalf<S>)
+where
+    S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+{
+    while let Some(m) = from.wait().await {
+        match m {
+            ChannelMsg::Data { data } => {
+                let sent = to.data_bytes(data).await;
+                if sent.is_err() {
+                    break;
+                }
+            }
+            ChannelMsg::Eof => {
+                let _ = to.eof().await;
+            }
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+}
+
 /// Relays a forwarded TCP channel, each direction on its own so a full
 /// window one way never stalls the other.
 async fn pipe_channel(client: Channel<Msg>, up: Channel<russh::client::Msg>) {
     let (mut cr, cw) = client.split();
     let (mut ur, uw) = up.split();
-    let a = async {
-        while let Some(m) = cr.wait().await {
-            match m {
-                ChannelMsg::Data { data } => {
-                    let sent = uw.data_bytes(data).await;
-                    if sent.is_err() {
-                        break;
-                    }
-                }
-                ChannelMsg::Eof => {
-                    let _ = uw.eof().await;
-                }
-                ChannelMsg::Close => break,
-                _ => {}
-            }
-        }
-    };
-    let b = async {
-        while let Some(m) = ur.wait().await {
-            match m {
-                ChannelMsg::Data { data } => {
-                    let sent = cw.data_bytes(data).await;
-                    if sent.is_err() {
-                        break;
-                    }
-                }
-                ChannelMsg::Eof => {
-                    let _ = cw.eof().await;
-                }
-                ChannelMsg::Close => break,
-                _ => {}
-            }
-        }
-    };
+    let a = one_way(&mut cr, &uw);
+    let b = one_way(&mut ur, &cw);
     both_ways(
         a,
         b,

@@ -53,23 +53,18 @@ struct Args {
     /// Connections that may be authenticating at once (more are dropped).
     #[arg(long, env = "WICKET_SSH_MAX_STARTUPS", default_value_t = 64)]
     max_startups: usize,
-    /// Threads serving connections. 1 (the default) runs everything on one
-    /// thread: the lowest keystroke latency (no cross-thread wake-ups on
-    /// each packet). N > 1 spreads connections over N threads; 0 uses one
-    /// per core.
-    #[arg(long, env = "WICKET_WORKER_THREADS", default_value_t = 1)]
-    worker_threads: usize,
-    /// Log format: `text` or `json`.
-    #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
-    log_format: String,
+    #[command(flatten)]
+    process: wicket_sidecar::process::ProcessArgs,
     #[command(flatten)]
     sidecar: SidecarConfig,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let (threads, format) = (args.worker_threads, args.log_format.clone());
-    wicket_sidecar::process::main("wicket-ssh", threads, &format, move || run(args))
+    let p = args.process.clone();
+    wicket_sidecar::process::main("wicket-ssh", p.worker_threads, &p.log_format, move || {
+        run(args)
+    })
 }
 
 fn read_secret_text(f: &Path) -> Result<String, String> {
