@@ -542,15 +542,55 @@ async fn openssh_tools_work_whole_through_the_gate() {
     };
     let _ = fwd.kill();
     let fwd_out = fwd.wait_with_output().unwrap();
-
     assert_eq!(got.len(), payload.len(), "{:?}", text(&fwd_out));
     assert!(got == payload);
+    // A destination policy does not allow is refused at the channel open.
+    let elsewhere = free_port();
+    let mut fwd = e
+        .ssh(
+            &token,
+            &[
+                "-N",
+                "-L",
+                &format!("{elsewhere}:localhost:{echo_port}"),
+                "--",
+            ],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let got = blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", elsewhere)) {
+                let _ = s.write_all(b"hello");
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                let mut got = Vec::new();
+                let _ = s.read_to_end(&mut got);
+                return got;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ssh -L never listened"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await;
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    assert!(got.is_empty(), "a refused forward carried data");
 
     let events = e.stack.events().await;
     let cmds = kinds(&events, v1::AuditKind::Command);
     assert!(
         cmds.iter()
             .any(|c| command_text(c) == "echo hello; echo oops >&2; exit 3")
+    );
+    assert!(
+        cmds.iter()
+            .any(|c| command_text(c).starts_with("forward localhost:")
+                && c.decision.as_ref().unwrap().rule == "forwards-stay-local")
     );
     assert!(
         cmds.iter()
@@ -1238,4 +1278,32 @@ async fn remote_and_agent_forwarding_follow_policy() {
             .iter()
             .all(|e| *e != allow)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_key_is_not_the_pinned_one_is_refused() {
+    let e = start_with(|c| {
+        // Pin another key for the host.
+        let other = c.upstream.known_hosts.with_file_name("other_known_hosts");
+        let fake = c.upstream.known_hosts.with_file_name("fake_host_key");
+        keygen(&fake);
+        let line = std::fs::read_to_string(&c.upstream.known_hosts).unwrap();
+        let host = line.split_whitespace().next().unwrap().to_string();
+        let key = std::fs::read_to_string(fake.with_extension("pub")).unwrap();
+        std::fs::write(&other, format!("{host} {key}")).unwrap();
+        c.upstream.known_hosts = other;
+    })
+    .await;
+    let token = e.human();
+    // At the default log level, ssh prints why the channel did not open.
+    let mut c = e.tool("ssh", &token);
+    c.args(["-p", &e.gate_port.to_string(), "-o", "LogLevel=INFO"])
+        .args(client_opts())
+        .arg(e.remote())
+        .arg("echo should not run");
+    let o = run(&mut c);
+    let (so, se) = text(&o);
+    assert_ne!(o.status.code(), Some(0), "{so}{se}");
+    assert!(!so.contains("should not run"));
+    assert!(se.contains("SSH handshake with the host failed"), "{se}");
 }
