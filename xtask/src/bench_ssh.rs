@@ -27,44 +27,59 @@ rules:
     match: {protocols: [ssh]}
 ";
 
-/// Measures keystroke echo through `ssh -tt … cat` under a pty: argv[1]
-/// lines of one key and Enter; prints p50, p99 and max in µs.
+/// Measures keystroke echo through `ssh -tt … cat` under a pty for each
+/// route (commands separated by `---`), interleaved key by key so every
+/// route sees the same machine: argv[1] lines of one key and Enter each;
+/// prints `p50 p99 max` in µs per route, one line each.
 const ECHO: &str = r#"
 import os, pty, select, sys, time
-n = int(sys.argv[1]); cmd = sys.argv[2:]
-pid, fd = pty.fork()
-if pid == 0:
-    os.execvp(cmd[0], cmd)
-buf = b''
-def wait_for(want, timeout):
-    global buf
+n = int(sys.argv[1])
+cmds, cur = [], []
+for a in sys.argv[2:]:
+    if a == '---':
+        cmds.append(cur); cur = []
+    else:
+        cur.append(a)
+cmds.append(cur)
+ttys = []
+for cmd in cmds:
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvp(cmd[0], cmd)
+    ttys.append([pid, fd, b''])
+def wait_for(t, want, timeout):
     deadline = time.monotonic() + timeout
-    while want not in buf:
+    while want not in t[2]:
         left = deadline - time.monotonic()
-        r, _, _ = select.select([fd], [], [], max(0.0, left))
+        r, _, _ = select.select([t[1]], [], [], max(0.0, left))
         if not r:
-            sys.exit('timed out waiting for %r; got %r' % (want, buf[-300:]))
-        buf += os.read(fd, 65536)
-    buf = buf[buf.index(want) + len(want):]
-os.write(fd, b'ready\r')
-wait_for(b'ready\r\n', 60)
-wait_for(b'ready\r\n', 60)
-keys = []
+            sys.exit('timed out waiting for %r; got %r' % (want, t[2][-300:]))
+        t[2] += os.read(t[1], 65536)
+    t[2] = t[2][t[2].index(want) + len(want):]
+for t in ttys:
+    os.write(t[1], b'ready\r')
+for t in ttys:
+    wait_for(t, b'ready\r\n', 60)
+    wait_for(t, b'ready\r\n', 60)
+keys = [[] for _ in ttys]
 for i in range(n):
-    t = time.perf_counter()
-    os.write(fd, b'k')
-    wait_for(b'k', 10)
-    keys.append(time.perf_counter() - t)
-    os.write(fd, b'\r')
-    wait_for(b'k\r\n', 10)
-os.write(fd, b'\x04')
-try:
-    os.waitpid(pid, 0)
-except ChildProcessError:
-    pass
-keys.sort()
-us = lambda q: int(keys[min(len(keys) - 1, int(q * len(keys)))] * 1e6)
-print(us(0.5), us(0.99), int(keys[-1] * 1e6))
+    for j, t in enumerate(ttys):
+        s = time.perf_counter()
+        os.write(t[1], b'k')
+        wait_for(t, b'k', 10)
+        keys[j].append(time.perf_counter() - s)
+        os.write(t[1], b'\r')
+        wait_for(t, b'k\r\n', 10)
+for t in ttys:
+    os.write(t[1], b'\x04')
+    try:
+        os.waitpid(t[0], 0)
+    except ChildProcessError:
+        pass
+for k in keys:
+    k.sort()
+    us = lambda q: int(k[min(len(k) - 1, int(q * len(k)))] * 1e6)
+    print(us(0.5), us(0.99), int(k[-1] * 1e6))
 "#;
 
 struct Route {
@@ -260,14 +275,17 @@ fn run(bin: &Path, dir: &Path) -> Result<(), String> {
         rows.push((r.name, mb as f64 / up, mb as f64 / down, cpu));
     }
     util::step(&format!(
-        "interactive echo: {lines} lines (a key and Enter) under a pty, three ways"
+        "interactive echo: {lines} lines (a key and Enter) under a pty, three ways, interleaved key by key"
     ));
     let script = dir.join("echo.py");
     std::fs::write(&script, ECHO).map_err(|e| e.to_string())?;
-    let mut echoes = Vec::new();
-    for r in [&direct, &jump, &gated] {
-        let mut c = Command::new("python3");
-        c.arg(&script).arg(lines.to_string()).arg("ssh").arg("-tt");
+    let mut c = Command::new("python3");
+    c.arg(&script).arg(lines.to_string());
+    for (i, r) in [&direct, &jump, &gated].into_iter().enumerate() {
+        if i > 0 {
+            c.arg("---");
+        }
+        c.arg("ssh").arg("-tt");
         // scp's -P is ssh's -p.
         let opts: Vec<String> = r
             .opts
@@ -276,24 +294,32 @@ fn run(bin: &Path, dir: &Path) -> Result<(), String> {
             .collect();
         c.args(&opts).arg(&r.target).arg("cat");
         c.envs(r.env.iter().map(|(k, v)| (k, v)));
-        let o = c.output().map_err(|e| e.to_string())?;
-        if !o.status.success() {
-            return Err(format!(
-                "echo through {}: {}{}",
-                r.name,
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
-        let text = String::from_utf8_lossy(&o.stdout);
-        let v: Vec<u64> = text
+    }
+    let o = c.output().map_err(|e| e.to_string())?;
+    if !o.status.success() {
+        return Err(format!(
+            "echo: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let mut echoes = Vec::new();
+    for (name, line) in ["direct", "OpenSSH ProxyJump", "wicket-ssh"]
+        .into_iter()
+        .zip(text.lines())
+    {
+        let v: Vec<u64> = line
             .split_whitespace()
             .filter_map(|x| x.parse().ok())
             .collect();
         if v.len() != 3 {
-            return Err(format!("echo through {}: unexpected output {text}", r.name));
+            return Err(format!("echo: unexpected output {text}"));
         }
-        echoes.push((r.name, v[0], v[1], v[2]));
+        echoes.push((name, v[0], v[1], v[2]));
+    }
+    if echoes.len() != 3 {
+        return Err(format!("echo: unexpected output {text}"));
     }
     println!("\nscp {mb} MB (MB/s; wicket-ssh CPU during its own run)");
     println!("{:<20} {:>10} {:>10}", "route", "up", "down");
