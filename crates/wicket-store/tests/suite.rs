@@ -275,6 +275,29 @@ async fn revocations_sidecars_traces(s: Arc<dyn Store>) {
     s.ping().await.unwrap();
 }
 
+async fn keys_are_created_once(s: Arc<dyn Store>) {
+    assert_eq!(
+        s.key_or_insert("ssh_user_ca", "first").await.unwrap(),
+        "first"
+    );
+    // A later (or racing) candidate loses to the stored key.
+    assert_eq!(
+        s.key_or_insert("ssh_user_ca", "second").await.unwrap(),
+        "first"
+    );
+    let racers: Vec<_> = (0..8)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.key_or_insert("other", &format!("k{i}")).await.unwrap() })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for r in racers {
+        got.push(r.await.unwrap());
+    }
+    assert!(got.windows(2).all(|w| w[0] == w[1]), "{got:?}");
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod on_sqlite {
@@ -293,6 +316,7 @@ suite!(
     events_are_idempotent_and_drive_sessions,
     approvals_are_idempotent_and_optimistic,
     revocations_sidecars_traces,
+    keys_are_created_once,
 );
 
 #[tokio::test]
