@@ -1078,6 +1078,38 @@ async fn user_certificates_from_the_trusted_ca_log_in_and_others_do_not() {
             assert!(se.contains("Permission denied"), "{name}: {se}");
         }
     }
+    // A session on a certificate ends when the certificate expires.
+    let short = dir.path().join("short");
+    keygen(&short);
+    sign_cert(&ca, &short, &principal, "-1m:+4s");
+    let started = std::time::Instant::now();
+    let o = {
+        let mut c = Command::new("ssh");
+        c.args(["-p", &e.gate_port.to_string(), "-i"])
+            .arg(&short)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .arg("bot@127.0.0.1")
+            .arg("sleep 30")
+            .stdin(Stdio::null());
+        blocking(move || run(&mut c)).await
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        text(&o)
+    );
+    assert!(text(&o).1.contains("expired"), "{:?}", text(&o));
     // A plain key (no certificate) is not a credential.
     let o = login(&e.sshd.direct_key);
     assert_eq!(o.status.code(), Some(255));
@@ -1113,7 +1145,7 @@ async fn user_certificates_from_the_trusted_ca_log_in_and_others_do_not() {
     assert_eq!(text(&o).0, "certified\n", "{:?}", text(&o));
     let events = e.stack.events().await;
     let starts = kinds(&events, v1::AuditKind::SessionStart);
-    assert_eq!(starts.len(), 2);
+    assert_eq!(starts.len(), 3);
     assert_eq!(starts[0].principal.as_ref().unwrap().subject, "ada");
     assert!(
         kinds(&events, v1::AuditKind::Command)
