@@ -242,24 +242,29 @@ struct Client {
     token: String,
 }
 
+/// The caller's token: `--token`/`WICKET_TOKEN`, else the login cache.
+fn caller_token(cli: &Cli) -> Result<String, CliError> {
+    match &cli.token {
+        Some(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        _ => {
+            let cached = login::load(std::env::var("WICKET_OIDC_ISSUER").ok().as_deref())
+                .ok_or_else(|| {
+                    CliError::auth("not logged in: run `wicket login` or set WICKET_TOKEN")
+                })?;
+            if cached.expires_at != 0 && cached.expires_at <= Utc::now().timestamp() {
+                return Err(CliError::auth(format!(
+                    "your token from {} has expired: run `wicket login` again",
+                    cached.issuer
+                )));
+            }
+            Ok(cached.access_token)
+        }
+    }
+}
+
 impl Client {
     async fn connect(cli: &Cli) -> Result<Client, CliError> {
-        let token = match &cli.token {
-            Some(t) if !t.trim().is_empty() => t.trim().to_string(),
-            _ => {
-                let cached = login::load(std::env::var("WICKET_OIDC_ISSUER").ok().as_deref())
-                    .ok_or_else(|| {
-                        CliError::auth("not logged in: run `wicket login` or set WICKET_TOKEN")
-                    })?;
-                if cached.expires_at != 0 && cached.expires_at <= Utc::now().timestamp() {
-                    return Err(CliError::auth(format!(
-                        "your token from {} has expired: run `wicket login` again",
-                        cached.issuer
-                    )));
-                }
-                cached.access_token
-            }
-        };
+        let token = caller_token(cli)?;
         let mut ep = Endpoint::from_shared(cli.control.clone())
             .map_err(|e| CliError::usage(format!("invalid --control URL `{}`: {e}", cli.control)))?
             .connect_timeout(std::time::Duration::from_secs(5));
@@ -497,6 +502,64 @@ pub enum SshCmd {
         #[arg(long, default_value = "~/.wicket/ssh/id_ed25519")]
         key: String,
     },
+    /// Answer the SSH gate's password prompt with your token, for
+    /// `SSH_ASKPASS=wicket-askpass` style use (set `SSH_ASKPASS` to a script
+    /// running `wicket ssh askpass "$1"`, and `SSH_ASKPASS_REQUIRE=force`).
+    /// OpenSSH reads at most 1,023 bytes per prompt, so a longer token is
+    /// given in parts: the gate asks `… part N:` and this prints part N.
+    /// Any other prompt (a host key question) is not answered.
+    Askpass {
+        /// The prompt ssh shows.
+        prompt: String,
+    },
+}
+
+/// The part of `token` a gate prompt asks for (`None`: not a token prompt).
+fn askpass_part(token: &str, prompt: &str) -> Option<String> {
+    const PART: usize = 1023;
+    if !prompt.contains("Wicket access token") && !prompt.to_lowercase().contains("password") {
+        return None;
+    }
+    let n = prompt
+        .split("part ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|d| d.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let bytes = token.as_bytes();
+    let start = (n - 1) * PART;
+    if start > bytes.len() {
+        return Some(String::new());
+    }
+    let end = (start + PART).min(bytes.len());
+    Some(String::from_utf8_lossy(&bytes[start..end]).into_owned())
+}
+
+#[cfg(test)]
+mod askpass_tests {
+    #[test]
+    fn long_tokens_are_given_in_parts_and_other_prompts_unanswered() {
+        let token: String = (0..2500)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let p1 = super::askpass_part(&token, "Password (Wicket access token): ").unwrap();
+        let p2 = super::askpass_part(&token, "Password (Wicket access token, part 2): ").unwrap();
+        let p3 = super::askpass_part(&token, "Password (Wicket access token, part 3): ").unwrap();
+        assert_eq!((p1.len(), p2.len(), p3.len()), (1023, 1023, 454));
+        assert_eq!(format!("{p1}{p2}{p3}"), token);
+        assert_eq!(
+            super::askpass_part(&token, "bot@gate's password: ").unwrap(),
+            p1
+        );
+        assert!(
+            super::askpass_part(
+                &token,
+                "Are you sure you want to continue connecting (yes/no)? "
+            )
+            .is_none()
+        );
+    }
 }
 
 fn expand_home(path: &str) -> std::path::PathBuf {
@@ -545,6 +608,18 @@ fn ssh_key_pair(key: &std::path::Path) -> Result<String, CliError> {
 async fn ssh(cli: &Cli, fmt: Format, cmd: &SshCmd) -> Result<(), CliError> {
     use wicket_proto::v1::credential_service_client::CredentialServiceClient;
     match cmd {
+        SshCmd::Askpass { prompt } => {
+            let token = caller_token(cli)?;
+            match askpass_part(&token, prompt) {
+                Some(part) => {
+                    println!("{part}");
+                    Ok(())
+                }
+                None => Err(CliError::usage(format!(
+                    "not a Wicket token prompt: {prompt}"
+                ))),
+            }
+        }
         SshCmd::Login { key } => {
             let key = expand_home(key);
             let public_key = ssh_key_pair(&key)?;

@@ -248,6 +248,8 @@ pub async fn serve(
                 agent: Arc::default(),
                 user: String::new(),
                 kbd_tries: 0,
+                kbd_token: String::new(),
+                kbd_parts: 0,
             };
             let grace = gate.cfg.login_grace;
             let deadline = tokio::time::Instant::now() + grace;
@@ -552,6 +554,9 @@ struct Conn {
     agent: AgentGrants,
     user: String,
     kbd_tries: u32,
+    /// A long token's parts so far (keyboard-interactive).
+    kbd_token: String,
+    kbd_parts: usize,
 }
 
 /// Channels whose agent-forwarding request was decided, and how.
@@ -654,7 +659,22 @@ impl Drop for Conn {
     }
 }
 
-const TOKEN_PROMPT: &str = "Wicket access token: ";
+/// The keyboard-interactive prompt. It says "Password" so tools that answer
+/// password prompts (sshpass, expect scripts) recognise it.
+pub const TOKEN_PROMPT: &str = "Password (Wicket access token): ";
+
+/// OpenSSH's client reads at most this many bytes at a prompt (and from
+/// SSH_ASKPASS); longer tokens arrive in parts.
+pub const PART_BYTES: usize = 1023;
+
+/// Most parts one token may come in.
+const MAX_PARTS: usize = 16;
+
+/// The prompt for part `n` (2, 3, …) of a long token (`wicket ssh askpass`
+/// answers it with that part).
+pub fn part_prompt(n: usize) -> String {
+    format!("Password (Wicket access token, part {n}): ")
+}
 
 impl server::Handler for Conn {
     type Error = russh::Error;
@@ -664,6 +684,10 @@ impl server::Handler for Conn {
     }
 
     async fn auth_password(&mut self, user: &str, password: &str) -> Result<Auth, Self::Error> {
+        if password.len() == PART_BYTES {
+            tracing::info!(peer = %self.peer, "a 1,023-byte password: likely a token cut by the client; \
+                keyboard-interactive with `wicket ssh askpass` takes long tokens in parts");
+        }
         Ok(self.login_token(user, password).await)
     }
 
@@ -686,13 +710,28 @@ impl server::Handler for Conn {
                 })
             }
             Some(mut r) => {
-                let answer = r.next().map(|b| String::from_utf8_lossy(&b).into_owned());
-                match answer {
-                    Some(token) if !token.trim().is_empty() => {
-                        Ok(self.login_token(user, &token).await)
-                    }
-                    _ => Ok(Auth::reject()),
+                let answer = r
+                    .next()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                // OpenSSH cuts answers at 1,023 bytes: a part that long
+                // may be followed by more (asked for with numbered prompts).
+                let full = answer.len() == PART_BYTES;
+                self.kbd_token.push_str(&answer);
+                self.kbd_parts += 1;
+                if full && self.kbd_parts < MAX_PARTS {
+                    return Ok(Auth::Partial {
+                        name: "Wicket".into(),
+                        instructions: "".into(),
+                        prompts: vec![(part_prompt(self.kbd_parts + 1).into(), false)].into(),
+                    });
                 }
+                let token = std::mem::take(&mut self.kbd_token);
+                self.kbd_parts = 0;
+                if token.trim().is_empty() {
+                    return Ok(Auth::reject());
+                }
+                Ok(self.login_token(user, &token).await)
             }
         }
     }

@@ -1339,3 +1339,37 @@ async fn a_host_whose_key_is_not_the_pinned_one_is_refused() {
     assert!(!so.contains("should not run"));
     assert!(se.contains("SSH handshake with the host failed"), "{se}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_tokens_arrive_in_parts_at_the_keyboard_interactive_prompt() {
+    let e = start().await;
+    // Many groups make a token longer than the 1,023 bytes OpenSSH reads at
+    // a prompt (tokens of real identity providers often are).
+    let mut groups: Vec<String> = (0..60)
+        .map(|i| format!("team-with-a-long-name-{i:03}"))
+        .collect();
+    groups.push("ops".into());
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+    let token = e.token(&TokenSpec::human("ada", &groups));
+    assert!(std::fs::read_to_string(&token).unwrap().len() > 2 * 1023);
+    // What `wicket ssh askpass PROMPT` does: part N for "… part N: ".
+    let parts = e.dir.join("askpass-parts");
+    std::fs::write(
+        &parts,
+        "#!/bin/sh\nt=$(cat \"$WICKET_TEST_TOKEN_FILE\")\ncase \"$1\" in\n  *'part '*) n=$(printf '%s' \"$1\" | sed 's/.*part \\([0-9]*\\).*/\\1/') ;;\n  *) n=1 ;;\nesac\nprintf '%s\\n' \"$t\" | cut -c \"$(( (n - 1) * 1023 + 1 ))-$(( n * 1023 ))\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&parts, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut c = e.tool("ssh", &token);
+    c.env("SSH_ASKPASS", &parts)
+        .args(["-p", &e.gate_port.to_string()])
+        .args(["-o", "PreferredAuthentications=keyboard-interactive"])
+        .args(client_opts())
+        .arg(e.remote())
+        .arg("echo in");
+    let o = blocking(move || run(&mut c)).await;
+    assert_eq!(text(&o).0, "in\n", "{:?}", text(&o));
+    // Through the password method the client cuts it: refused, not mangled into a login.
+    let o = run(&mut e.ssh(&token, &["--", "echo in"]));
+    assert_eq!(o.status.code(), Some(255), "{:?}", text(&o));
+}
