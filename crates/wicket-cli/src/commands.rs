@@ -536,32 +536,6 @@ fn askpass_part(token: &str, prompt: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&bytes[start..end]).into_owned())
 }
 
-#[cfg(test)]
-mod askpass_tests {
-    #[test]
-    fn long_tokens_are_given_in_parts_and_other_prompts_unanswered() {
-        let token: String = (0..2500)
-            .map(|i| char::from(b'a' + (i % 26) as u8))
-            .collect();
-        let p1 = super::askpass_part(&token, "Password (Wicket access token): ").unwrap();
-        let p2 = super::askpass_part(&token, "Password (Wicket access token, part 2): ").unwrap();
-        let p3 = super::askpass_part(&token, "Password (Wicket access token, part 3): ").unwrap();
-        assert_eq!((p1.len(), p2.len(), p3.len()), (1023, 1023, 454));
-        assert_eq!(format!("{p1}{p2}{p3}"), token);
-        assert_eq!(
-            super::askpass_part(&token, "bot@gate's password: ").unwrap(),
-            p1
-        );
-        assert!(
-            super::askpass_part(
-                &token,
-                "Are you sure you want to continue connecting (yes/no)? "
-            )
-            .is_none()
-        );
-    }
-}
-
 fn expand_home(path: &str) -> std::path::PathBuf {
     match path.strip_prefix("~/") {
         Some(rest) => {
@@ -1313,5 +1287,31 @@ fn result_cell(d: &std::collections::HashMap<String, String>) -> String {
             parts.join(", ")
         }
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod askpass_tests {
+    #[test]
+    fn long_tokens_are_given_in_parts_and_other_prompts_unanswered() {
+        let token: String = (0..2500)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let p1 = super::askpass_part(&token, "Password (Wicket access token): ").unwrap();
+        let p2 = super::askpass_part(&token, "Password (Wicket access token, part 2): ").unwrap();
+        let p3 = super::askpass_part(&token, "Password (Wicket access token, part 3): ").unwrap();
+        assert_eq!((p1.len(), p2.len(), p3.len()), (1023, 1023, 454));
+        assert_eq!(format!("{p1}{p2}{p3}"), token);
+        assert_eq!(
+            super::askpass_part(&token, "bot@gate's password: ").unwrap(),
+            p1
+        );
+        assert!(
+            super::askpass_part(
+                &token,
+                "Are you sure you want to continue connecting (yes/no)? "
+            )
+            .is_none()
+        );
     }
 }
