@@ -51,7 +51,8 @@ fn libclang_installed() -> bool {
     direct || llvm
 }
 
-/// The Python interpreter of the test venv (drivers: psycopg 3, asyncpg).
+/// The Python interpreter of the test venv (drivers: psycopg 3, asyncpg;
+/// the SSH library paramiko).
 pub fn python() -> PathBuf {
     root().join("target/py-venv/bin/python")
 }
@@ -60,14 +61,14 @@ pub fn python() -> PathBuf {
 fn ensure_python() -> Result<(), String> {
     let py = python();
     let ready = Command::new(&py)
-        .args(["-c", "import psycopg, asyncpg"])
+        .args(["-c", "import psycopg, asyncpg, paramiko"])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if ready {
         return Ok(());
     }
-    util::step("python venv with psycopg 3 and asyncpg (target/py-venv)");
+    util::step("python venv with psycopg 3, asyncpg and paramiko (target/py-venv)");
     let venv = root().join("target/py-venv");
     util::run("python3", &["-m", "venv", &venv.display().to_string()], &[])?;
     util::run(
@@ -78,6 +79,7 @@ fn ensure_python() -> Result<(), String> {
             "--disable-pip-version-check",
             "psycopg[binary]==3.3.9",
             "asyncpg==0.32.0",
+            "paramiko==5.1.0",
         ],
         &[],
     )

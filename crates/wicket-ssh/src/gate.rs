@@ -1439,7 +1439,8 @@ async fn session_channel(ctx: Arc<Ctx>, client: Channel<Msg>, up: Channel<russh:
 
     // Client → host: requests, decisions, input.
     let a = async {
-        let mut trace = Trace::default();
+        // The connection's latest reasoning until this channel sends its own.
+        let mut trace = ctx.trace.lock().expect("trace").clone();
         while let Some(m) = cr.wait().await {
             match m {
                 ChannelMsg::RequestPty {

@@ -1373,3 +1373,35 @@ async fn long_tokens_arrive_in_parts_at_the_keyboard_interactive_prompt() {
     let o = run(&mut e.ssh(&token, &["--", "echo in"]));
     assert_eq!(o.status.code(), Some(255), "{:?}", text(&o));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paramiko_works_through_the_gate() {
+    let e = start().await;
+    let python = wicket_testkit::env::require("WICKET_TEST_PYTHON");
+    let token = e
+        .stack
+        .idp
+        .mint(&TokenSpec::agent("deploy-bot", &["agents"]));
+    let script = format!("{}/tests/paramiko_client.py", env!("CARGO_MANIFEST_DIR"));
+    let target = e.dir.join("from-paramiko.bin");
+    let mut c = Command::new(python);
+    c.arg(script)
+        .arg("127.0.0.1")
+        .arg(e.gate_port.to_string())
+        .arg(token)
+        .arg(&target);
+    let o = blocking(move || run(&mut c)).await;
+    let (so, se) = text(&o);
+    assert!(o.status.success(), "{so}{se}");
+    let seen: serde_json::Value = serde_json::from_str(so.trim()).unwrap();
+    assert_eq!(seen["exec_out"], "hello\n");
+    assert_eq!(seen["exec_status"], 4);
+    assert_eq!(seen["denied_status"], 126);
+    assert!(
+        seen["denied_err"].as_str().unwrap().contains("no-destroy"),
+        "{seen}"
+    );
+    assert_eq!(seen["sftp_size"], 300_000);
+    assert_eq!(seen["sftp_back"], 300_000);
+    assert_eq!(seen["shell"], true);
+}
