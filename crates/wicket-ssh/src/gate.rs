@@ -1392,6 +1392,8 @@ struct Chan {
     exit_signal: Option<String>,
     out_bytes: u64,
     in_bytes: u64,
+    /// A shell without a terminal: the line typed so far, not yet sent.
+    held_line: Vec<u8>,
 }
 
 impl Chan {
@@ -1430,6 +1432,7 @@ async fn session_channel(ctx: Arc<Ctx>, client: Channel<Msg>, up: Channel<russh:
         exit_signal: None,
         out_bytes: 0,
         in_bytes: 0,
+        held_line: Vec::new(),
     });
     // Whole SFTP packets and messages must not interleave on the client side.
     let client_write = tokio::sync::Mutex::new(());
@@ -1632,6 +1635,24 @@ async fn session_channel(ctx: Arc<Ctx>, client: Channel<Msg>, up: Channel<russh:
                     let _ = uw.extended_data_bytes(ext, data).await;
                 }
                 ChannelMsg::Eof => {
+                    // A shell runs a last line that has no newline at EOF.
+                    let last = std::mem::take(&mut lock().held_line);
+                    if !last.is_empty() {
+                        let text = String::from_utf8_lossy(&last).into_owned();
+                        if decide_line(
+                            &ctx,
+                            &state,
+                            &trace,
+                            (&cw, &client_write),
+                            &text,
+                            false,
+                            false,
+                        )
+                        .await
+                        {
+                            let _ = uw.data_bytes(Bytes::from(last)).await;
+                        }
+                    }
                     let _ = uw.eof().await;
                 }
                 ChannelMsg::Close => break,
@@ -1804,6 +1825,44 @@ async fn to_client(serial: &tokio::sync::Mutex<()>, cw: &ClientW, data: Bytes) -
     cw.data_bytes(data).await.is_ok()
 }
 
+/// The longest line held back from a shell without a terminal; a longer one
+/// is decided as it stands (uncertain).
+const HELD_LINE_MAX: usize = 64 * 1024;
+
+/// Decides a line typed in a shell; when it is refused, says so to the
+/// client (on the terminal, or on stderr without one). True: let it run.
+async fn decide_line(
+    ctx: &Ctx,
+    state: &std::sync::Mutex<Chan>,
+    trace: &Trace,
+    (cw, serial): (&ClientW, &tokio::sync::Mutex<()>),
+    text: &str,
+    uncertain: bool,
+    pty: bool,
+) -> bool {
+    let class = classify::classify(text);
+    let extra = uncertain.then(|| ("uncertain", "true".to_string()));
+    let (d, _) = ctx.decide(text, class, trace, Some(cw), extra).await;
+    if d.effect == Effect::Allow {
+        return true;
+    }
+    let msg = if pty {
+        format!("\r\nwicket: denied by rule {}: {}\r\n", d.rule, d.reason)
+    } else {
+        format!("wicket: denied by rule {}: {}\n", d.rule, d.reason)
+    };
+    if let Some(r) = state.lock().expect("channel state").recorder.as_mut() {
+        r.output(msg.as_bytes());
+    }
+    if pty {
+        let _ = to_client(serial, cw, Bytes::from(msg)).await;
+    } else {
+        let _g = serial.lock().await;
+        let _ = cw.extended_data_bytes(1, Bytes::from(msg)).await;
+    }
+    false
+}
+
 /// Handles input from the client; false when the channel should end.
 async fn client_data(
     ctx: &Ctx,
@@ -1859,14 +1918,34 @@ async fn client_data(
         Plan::Drop => true,
         Plan::Raw => uw.data_bytes(data).await.is_ok(),
         Plan::Steps(steps, secret) => {
+            let pty = lock().pty.is_some();
             for step in steps {
                 match step {
                     Step::Forward(b) => {
-                        if let Some(r) = lock().recorder.as_mut() {
-                            r.input(&b, secret)
-                        }
-                        if uw.data_bytes(b).await.is_err() {
-                            return false;
+                        let held = {
+                            let mut st = lock();
+                            if let Some(r) = st.recorder.as_mut() {
+                                r.input(&b, secret)
+                            }
+                            if !pty {
+                                // Without a terminal, bytes sent are bytes the
+                                // shell runs: the line waits for its decision.
+                                st.held_line.extend_from_slice(&b);
+                            }
+                            st.held_line.len()
+                        };
+                        if pty {
+                            if uw.data_bytes(b).await.is_err() {
+                                return false;
+                            }
+                        } else if held > HELD_LINE_MAX {
+                            let line = std::mem::take(&mut lock().held_line);
+                            let text = String::from_utf8_lossy(&line).into_owned();
+                            let go = decide_line(ctx, state, trace, (cw, serial), &text, true, pty)
+                                .await;
+                            if go && uw.data_bytes(Bytes::from(line)).await.is_err() {
+                                return false;
+                            }
                         }
                     }
                     Step::Line {
@@ -1874,32 +1953,26 @@ async fn client_data(
                         uncertain,
                         enter,
                     } => {
-                        if let Some(r) = lock().recorder.as_mut() {
-                            r.input(&enter, false)
-                        }
-                        if text.trim().is_empty() {
-                            let _ = uw.data_bytes(enter).await;
-                            continue;
-                        }
-                        let class = classify::classify(&text);
-                        let extra = uncertain.then(|| ("uncertain", "true".to_string()));
-                        let (d, _) = ctx.decide(&text, class, trace, Some(cw), extra).await;
-                        if d.effect == Effect::Allow {
-                            let _ = uw.data_bytes(enter).await;
-                        } else {
-                            // Kill the typed line in the shell, and say why.
-                            let msg =
-                                format!("\r\nwicket: denied by rule {}: {}\r\n", d.rule, d.reason);
-                            let pty = {
-                                let mut st = lock();
-                                if let Some(r) = st.recorder.as_mut() {
-                                    r.output(msg.as_bytes())
-                                }
-                                st.pty.is_some()
-                            };
-                            let _ = to_client(serial, cw, Bytes::from(msg)).await;
-                            let kill: &[u8] = if pty { b"\x15\r" } else { b"\n" };
-                            let _ = uw.data_bytes(Bytes::from_static(kill)).await;
+                        let held = {
+                            let mut st = lock();
+                            if let Some(r) = st.recorder.as_mut() {
+                                r.input(&enter, false)
+                            }
+                            std::mem::take(&mut st.held_line)
+                        };
+                        let go = text.trim().is_empty()
+                            || decide_line(ctx, state, trace, (cw, serial), &text, uncertain, pty)
+                                .await;
+                        if go {
+                            let mut out = held;
+                            out.extend_from_slice(&enter);
+                            if uw.data_bytes(Bytes::from(out)).await.is_err() {
+                                return false;
+                            }
+                        } else if pty {
+                            // Kill the typed line in the shell (end of line,
+                            // then kill to its start), without an Enter.
+                            let _ = uw.data_bytes(Bytes::from_static(b"\x05\x15")).await;
                         }
                     }
                 }

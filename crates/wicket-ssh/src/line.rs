@@ -100,14 +100,17 @@ impl LineEditor {
         let mut start = 0;
         for (i, &b) in data.iter().enumerate() {
             let enter = match b {
+                // Without a terminal the shell reads lines ending in LF, and
+                // every other byte is part of the line as it is.
+                _ if !self.pty => b == b'\n',
                 b'\r' => true,
-                // CR LF is one Enter; a lone LF (a pasted or piped line) is one too.
+                // CR LF is one Enter; a lone LF (a pasted line) is one too.
                 b'\n' => !self.last_cr,
                 _ => false,
             };
             let after_cr = self.last_cr;
             self.last_cr = b == b'\r';
-            if b == b'\n' && after_cr && self.esc == Esc::None {
+            if self.pty && b == b'\n' && after_cr && self.esc == Esc::None {
                 // The LF of a CR LF: part of the Enter already seen.
                 continue;
             }
@@ -143,6 +146,10 @@ impl LineEditor {
     }
 
     fn key(&mut self, b: u8) {
+        if !self.pty {
+            self.push(b);
+            return;
+        }
         match self.esc {
             Esc::Start => {
                 self.esc = match b {
@@ -331,9 +338,10 @@ mod tests {
             [("echo a".into(), false), ("rm -rf /".into(), false)]
         );
         let mut ed = LineEditor::new(false);
+        // Without a terminal nothing is an editing key: the line is the bytes.
         assert_eq!(
-            lines(&mut ed, b"echo a\r\nid\r\n"),
-            [("echo a".into(), false), ("id".into(), false)]
+            lines(&mut ed, b"echo a\r\nrm x\x7f\n"),
+            [("echo a\r".into(), false), ("rm x\u{7f}".into(), false)]
         );
     }
 }

@@ -28,6 +28,10 @@ rules:
     description: nobody wipes system paths or disks through the gate
     effect: deny
     match: {commands: [destroy, disk, firewall]}
+  - id: no-forbidden-files
+    effect: deny
+    match: {verbs: [touch]}
+    condition: \"command.objects.exists(o, o.contains('forbidden'))\"
   - id: hold-touch
     effect: review
     match: {verbs: [touch]}
@@ -708,7 +712,9 @@ async fn policy_decides_commands_lines_and_files_and_everything_is_recorded() {
 
     // In an interactive shell a denied line never reaches the host; the
     // session goes on.
+    let forbidden_pty = e.dir.join("forbidden-pty");
     let o = {
+        let forbidden_pty = forbidden_pty.clone();
         let mut c = ssh(Some("inspect the host"), &["-tt", "--"]);
         blocking(move || {
             c.stdin(Stdio::piped())
@@ -717,10 +723,11 @@ async fn policy_decides_commands_lines_and_files_and_everything_is_recorded() {
             let mut child = c.spawn().unwrap();
             let mut stdin = child.stdin.take().unwrap();
             for line in [
-                "echo mail ada@example.com\n",
-                "rm -rf /boot/wicket-test-nonexistent\n",
-                "echo after=$((1+1))\n",
-                "exit\n",
+                "echo mail ada@example.com\n".to_string(),
+                "rm -rf /boot/wicket-test-nonexistent\n".to_string(),
+                format!("touch {}\n", forbidden_pty.display()),
+                "echo after=$((1+1))\n".to_string(),
+                "exit\n".to_string(),
             ] {
                 std::thread::sleep(Duration::from_millis(400));
                 stdin.write_all(line.as_bytes()).unwrap();
@@ -731,7 +738,47 @@ async fn policy_decides_commands_lines_and_files_and_everything_is_recorded() {
     };
     let (so, se) = text(&o);
     assert!(so.contains("denied by rule no-destroy"), "{so}\n{se}");
+    assert!(
+        so.contains("denied by rule no-forbidden-files"),
+        "{so}\n{se}"
+    );
     assert!(so.contains("after=2"), "{so}\n{se}");
+    assert!(!forbidden_pty.exists(), "a denied line ran");
+
+    // Without a terminal (`ssh host < script`), a line is held until it is
+    // decided: bytes sent to a shell's stdin cannot be taken back. A last
+    // line without a newline is decided at EOF.
+    let (f1, f2) = (e.dir.join("forbidden-piped"), e.dir.join("forbidden-last"));
+    let script = format!(
+        "echo one\ntouch {}\necho two\ntouch {}",
+        f1.display(),
+        f2.display()
+    );
+    let o = {
+        let mut c = ssh(Some("scripted check"), &["-T", "--"]);
+        blocking(move || {
+            c.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = c.spawn().unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(script.as_bytes())
+                .unwrap();
+            child.wait_with_output().unwrap()
+        })
+        .await
+    };
+    let (so, se) = text(&o);
+    assert_eq!(so, "one\ntwo\n", "{se}");
+    assert_eq!(
+        se.matches("denied by rule no-forbidden-files").count(),
+        2,
+        "{se}"
+    );
+    assert!(!f1.exists() && !f2.exists(), "a denied line ran");
 
     // A protected file cannot be removed over SFTP; the refusal names the rule.
     let remote = e.dir.join("remote");
