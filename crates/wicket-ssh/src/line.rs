@@ -52,6 +52,11 @@ pub struct LineEditor {
     csi: Vec<u8>,
     /// A full-screen program holds the terminal.
     alternate: bool,
+    /// The program asked the terminal for bracketed paste (`ESC [?2004h`).
+    paste_enabled: bool,
+    /// Between the paste markers: line ends are part of the line (the
+    /// program inserts them and runs nothing until the real Enter).
+    in_paste: bool,
     /// The host asked for a password: the next line is not a command.
     secret: bool,
     /// The terminal is a pty (Enter is CR); without one, lines end with LF.
@@ -83,6 +88,15 @@ impl LineEditor {
                 self.alternate = on;
             }
         }
+        // The last switch in the chunk wins.
+        let on = out.windows(8).rposition(|w| w == b"\x1b[?2004h");
+        let off = out.windows(8).rposition(|w| w == b"\x1b[?2004l");
+        match (on, off) {
+            (Some(a), Some(b)) => self.paste_enabled = a > b,
+            (Some(_), None) => self.paste_enabled = true,
+            (None, Some(_)) => self.paste_enabled = false,
+            (None, None) => {}
+        }
         if !out.is_empty() {
             self.secret = secret_prompt(out);
         }
@@ -112,6 +126,11 @@ impl LineEditor {
             self.last_cr = b == b'\r';
             if self.pty && b == b'\n' && after_cr && self.esc == Esc::None {
                 // The LF of a CR LF: part of the Enter already seen.
+                continue;
+            }
+            if enter && self.in_paste && self.esc == Esc::None {
+                // A pasted line end: part of the line, run at the real Enter.
+                self.push(b'\n');
                 continue;
             }
             if enter && self.esc == Esc::None {
@@ -169,8 +188,12 @@ impl LineEditor {
             Esc::Csi => {
                 if (0x40..=0x7e).contains(&b) {
                     self.esc = Esc::None;
-                    // Bracketed-paste markers change nothing.
-                    if !(b == b'~' && (self.csi == b"200" || self.csi == b"201")) {
+                    // Bracketed-paste markers (when the program asked for
+                    // them) change nothing but what a line end means.
+                    let marker = b == b'~' && (self.csi == b"200" || self.csi == b"201");
+                    if marker && self.paste_enabled {
+                        self.in_paste = self.csi == b"200";
+                    } else {
                         self.uncertain = true;
                     }
                 } else if self.csi.len() < 32 {
@@ -292,10 +315,22 @@ mod tests {
             [("rm -rf /e".into(), true)]
         );
         assert_eq!(lines(&mut ed, b"ls\r"), [("ls".into(), false)]);
-        // Bracketed paste is not an edit.
+        // Bracketed paste, when the program asked for it, is not an edit,
+        // and a pasted line end is part of the line the real Enter runs.
+        ed.saw_output(b"\x1b[?2004h$ ");
         assert_eq!(
             lines(&mut ed, b"\x1b[200~id\x1b[201~\r"),
             [("id".into(), false)]
+        );
+        assert_eq!(
+            lines(&mut ed, b"\x1b[200~rm -rf /etc\necho hi\x1b[201~\r"),
+            [("rm -rf /etc\necho hi".into(), false)]
+        );
+        // Markers the program did not ask for do not hide line ends.
+        ed.saw_output(b"\x1b[?2004l");
+        assert_eq!(
+            lines(&mut ed, b"\x1b[200~\nrm -rf /etc\n"),
+            [(String::new(), true), ("rm -rf /etc".into(), false)]
         );
     }
 

@@ -713,8 +713,10 @@ async fn policy_decides_commands_lines_and_files_and_everything_is_recorded() {
     // In an interactive shell a denied line never reaches the host; the
     // session goes on.
     let forbidden_pty = e.dir.join("forbidden-pty");
+    let forbidden_paste = e.dir.join("forbidden-paste");
     let o = {
         let forbidden_pty = forbidden_pty.clone();
+        let forbidden_paste = forbidden_paste.clone();
         let mut c = ssh(Some("inspect the host"), &["-tt", "--"]);
         blocking(move || {
             c.stdin(Stdio::piped())
@@ -726,6 +728,11 @@ async fn policy_decides_commands_lines_and_files_and_everything_is_recorded() {
                 "echo mail ada@example.com\n".to_string(),
                 "rm -rf /boot/wicket-test-nonexistent\n".to_string(),
                 format!("touch {}\n", forbidden_pty.display()),
+                // A bracketed paste of two lines runs (or not) as one.
+                format!(
+                    "\x1b[200~touch {}\necho pasted-ran\x1b[201~\r",
+                    forbidden_paste.display()
+                ),
                 "echo after=$((1+1))\n".to_string(),
                 "exit\n".to_string(),
             ] {
@@ -744,6 +751,8 @@ async fn policy_decides_commands_lines_and_files_and_everything_is_recorded() {
     );
     assert!(so.contains("after=2"), "{so}\n{se}");
     assert!(!forbidden_pty.exists(), "a denied line ran");
+    assert!(!forbidden_paste.exists(), "a denied paste ran");
+    assert!(!so.contains("\rpasted-ran\r\n"), "a denied paste ran: {so}");
 
     // Without a terminal (`ssh host < script`), a line is held until it is
     // decided: bytes sent to a shell's stdin cannot be taken back. A last
