@@ -117,7 +117,8 @@ impl LineEditor {
                 // Without a terminal the shell reads lines ending in LF, and
                 // every other byte is part of the line as it is.
                 _ if !self.pty => b == b'\n',
-                b'\r' => true,
+                // Ctrl-O (readline's operate-and-get-next) runs the line too.
+                b'\r' | 0x0f => true,
                 // CR LF is one Enter; a lone LF (a pasted line) is one too.
                 b'\n' => !self.last_cr,
                 _ => false,
@@ -304,6 +305,8 @@ mod tests {
             lines(&mut ed, "échoé\x7f\r".as_bytes()),
             [("écho".into(), false)]
         );
+        // Every key that runs the line ends it: CR, LF, Ctrl-O.
+        assert_eq!(lines(&mut ed, b"id\x0f"), [("id".into(), false)]);
     }
 
     #[test]
