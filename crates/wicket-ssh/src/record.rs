@@ -19,8 +19,10 @@ use wicket_mask::{Counts, Masker};
 /// Output held longer than this is masked and recorded without waiting for
 /// its line to end.
 const HOLD_BYTES: usize = 64 * 1024;
-/// A batch is handed over once it holds this many bytes.
+/// A batch is handed over once it holds this many bytes…
 const BATCH_BYTES: usize = 32 * 1024;
+/// …or once its first line is this old.
+const BATCH_AGE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Records one terminal channel.
 pub struct Recorder {
@@ -33,6 +35,7 @@ pub struct Recorder {
     input: Vec<u8>,
     input_at: Option<Instant>,
     batch: String,
+    batch_at: Option<Instant>,
     /// Values masked so far.
     pub counts: Counts,
     /// Output bytes seen.
@@ -75,6 +78,7 @@ impl Recorder {
             input: Vec::new(),
             input_at: None,
             batch: String::new(),
+            batch_at: None,
             counts: Counts::default(),
             output_bytes: 0,
             finishing: false,
@@ -132,11 +136,15 @@ impl Recorder {
         self.flush_input();
     }
 
-    /// The recorded event lines so far, if a batch is due (`force`: any).
+    /// The recorded event lines so far, if a batch is due: it is large, or
+    /// its first line waited [`BATCH_AGE`] (so an idle session's recording
+    /// reaches the spool too), or `force`.
     pub fn take_batch(&mut self, force: bool) -> Option<String> {
-        if self.batch.is_empty() || !force && self.batch.len() < BATCH_BYTES {
+        let old = self.batch_at.is_some_and(|t| t.elapsed() >= BATCH_AGE);
+        if self.batch.is_empty() || !force && !old && self.batch.len() < BATCH_BYTES {
             return None;
         }
+        self.batch_at = None;
         Some(std::mem::take(&mut self.batch))
     }
 
@@ -208,6 +216,9 @@ impl Recorder {
 
     fn push_event(&mut self, t: f64, code: &str, data: &str) {
         let line = serde_json::json!([(t * 1e6).round() / 1e6, code, data]).to_string();
+        if self.batch.is_empty() {
+            self.batch_at = Some(Instant::now());
+        }
         self.batch.push_str(&line);
         self.batch.push('\n');
     }
@@ -297,6 +308,16 @@ mod tests {
         assert_eq!(evs[3][2], "100x40");
         let times: Vec<f64> = evs.iter().map(|e| e[0].as_f64().unwrap()).collect();
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    }
+
+    #[test]
+    fn small_batches_are_handed_over_once_they_are_old() {
+        let mut r = Recorder::new(None);
+        r.output(b"one line\n");
+        assert!(r.take_batch(false).is_none(), "small and fresh");
+        r.batch_at = Some(Instant::now() - BATCH_AGE);
+        assert!(r.take_batch(false).unwrap().contains("one line"));
+        assert!(r.take_batch(false).is_none());
     }
 
     #[test]
