@@ -345,6 +345,29 @@ async fn openssh_tools_work_whole_through_the_gate() {
     assert_eq!(so, "hello\n");
     assert_eq!(se, "oops\n");
 
+    // Other env requests reach the host (its AcceptEnv decides); the
+    // reasoning variables stay with the gate.
+    let o = {
+        let e = e.clone();
+        let t = token.clone();
+        blocking(move || {
+            let mut c = e.ssh(
+                &t,
+                &[
+                    "-o",
+                    "SendEnv=WICKET_TEST_COLOR",
+                    "--",
+                    "echo color=$WICKET_TEST_COLOR reason=$WICKET_REASONING",
+                ],
+            );
+            c.env("WICKET_TEST_COLOR", "teal")
+                .env("WICKET_REASONING", "kept by the gate");
+            run(&mut c)
+        })
+        .await
+    };
+    assert_eq!(text(&o).0, "color=teal reason=\n", "{:?}", text(&o));
+
     // A command killed by a signal ends the same way as on a direct login.
     let (gated, direct) = {
         let e = e.clone();
