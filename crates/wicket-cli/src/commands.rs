@@ -618,6 +618,11 @@ async fn ssh(cli: &Cli, fmt: Format, cmd: &SshCmd) -> Result<(), CliError> {
                 Format::Table => {
                     println!("Certificate {} valid until {until}.", cert.display());
                     println!("Connect with: ssh -i {} -p PORT USER@GATE", key.display());
+                    println!(
+                        "For plain `ssh`, add `IdentityFile {}` under your gates' Host entries in \
+                         ~/.ssh/config, or certify ssh's own key: wicket ssh login --key ~/.ssh/id_ed25519",
+                        key.display()
+                    );
                 }
             }
             Ok(())
