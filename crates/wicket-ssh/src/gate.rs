@@ -398,7 +398,7 @@ struct Upstream {
     /// forwards and agent requests, both opened only when policy allowed).
     client: server::Handle,
     /// The session, to audit those channels.
-    session: Arc<OpenSession>,
+    session: Arc<Live>,
     sidecar: Arc<Sidecar>,
 }
 
@@ -492,7 +492,7 @@ type UpHandle = russh::client::Handle<Upstream>;
 async fn connect_upstream(
     gate: &SshGate,
     client: server::Handle,
-    session: Arc<OpenSession>,
+    session: Arc<Live>,
 ) -> Result<UpHandle, String> {
     let u = &gate.cfg.upstream;
     let (host, port) = match u.addr.rsplit_once(':') {
@@ -547,7 +547,7 @@ struct Conn {
     peer: SocketAddr,
     authed: Arc<AtomicBool>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    session: Option<Arc<OpenSession>>,
+    session: Option<Arc<Live>>,
     upstream: Arc<OnceCell<Result<UpHandle, String>>>,
     channels: Arc<AtomicUsize>,
     trace: Arc<std::sync::Mutex<Trace>>,
@@ -586,7 +586,10 @@ impl Conn {
         {
             Ok(s) => {
                 self.user = user.to_string();
-                self.session = Some(Arc::new(s));
+                self.session = Some(Arc::new(Live {
+                    session: s,
+                    sidecar: self.gate.sidecar.clone(),
+                }));
                 self.authed.store(true, Ordering::Release);
                 self.permit.take();
                 Auth::Accept
@@ -598,7 +601,7 @@ impl Conn {
         }
     }
 
-    fn session(&self) -> Result<Arc<OpenSession>, russh::Error> {
+    fn session(&self) -> Result<Arc<Live>, russh::Error> {
         self.session.clone().ok_or(russh::Error::NotAuthenticated)
     }
 
@@ -642,19 +645,33 @@ impl Drop for Slot {
     }
 }
 
-impl Drop for Conn {
+/// A live session, shared by the connection, its channels' tasks and the
+/// upstream connection; `session_end` is recorded when the last of them is
+/// done, so it comes after every event of the session.
+pub(crate) struct Live {
+    session: OpenSession,
+    sidecar: Arc<Sidecar>,
+}
+
+impl std::ops::Deref for Live {
+    type Target = OpenSession;
+    fn deref(&self) -> &OpenSession {
+        &self.session
+    }
+}
+
+impl Drop for Live {
     fn drop(&mut self) {
-        if let Some(s) = &self.session {
-            let reason = s
-                .guard
-                .end_reason()
-                .map(|r| r.as_str().to_string())
-                .unwrap_or_else(|| "client_closed".into());
-            let mut e = s.event(AuditKind::SessionEnd);
-            e.end_reason = reason;
-            if let Err(err) = self.gate.sidecar.record(e) {
-                tracing::error!(error = %err, "cannot record session end");
-            }
+        let reason = self
+            .session
+            .guard
+            .end_reason()
+            .map(|r| r.as_str().to_string())
+            .unwrap_or_else(|| "client_closed".into());
+        let mut e = self.session.event(AuditKind::SessionEnd);
+        e.end_reason = reason;
+        if let Err(err) = self.sidecar.record(e) {
+            tracing::error!(error = %err, "cannot record session end");
         }
     }
 }
@@ -1063,7 +1080,7 @@ impl server::Handler for Conn {
 /// What a channel's task needs of its connection.
 struct Ctx {
     gate: Arc<SshGate>,
-    session: Arc<OpenSession>,
+    session: Arc<Live>,
     handle: server::Handle,
     /// The connection's latest reasoning (for channels that carry no env).
     trace: Arc<std::sync::Mutex<Trace>>,

@@ -1076,13 +1076,21 @@ async fn bad_input_is_refused_cleanly_and_sessions_end_from_outside() {
     let o = run(&mut e.ssh(&human, &["--", "true"]));
     assert_eq!(o.status.code(), Some(255), "{:?}", text(&o));
 
-    let events = e.stack.events().await;
-    let ends: Vec<&str> = kinds(&events, v1::AuditKind::SessionEnd)
-        .iter()
-        .map(|e| e.end_reason.as_str())
-        .collect();
-    assert!(ends.contains(&"token_expired"), "{ends:?}");
-    assert!(ends.contains(&"revoked"), "{ends:?}");
+    // A session's end is recorded once its channels are done (the host may
+    // take a few seconds to close a channel whose command still runs).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = e.stack.events().await;
+        let ends: Vec<String> = kinds(&events, v1::AuditKind::SessionEnd)
+            .iter()
+            .map(|e| e.end_reason.clone())
+            .collect();
+        if ends.iter().any(|r| r == "token_expired") && ends.iter().any(|r| r == "revoked") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ends:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Signs `user_key`'s public key with `ca` using OpenSSH's `ssh-keygen`.
@@ -1483,4 +1491,22 @@ async fn paramiko_works_through_the_gate() {
     assert_eq!(seen["sftp_size"], 300_000);
     assert_eq!(seen["sftp_back"], 300_000);
     assert_eq!(seen["shell"], true);
+    assert_eq!(seen["resized"], true, "{seen}");
+    // The recording has the resize (written when the channel's task ends,
+    // a moment after the client left).
+    let recorded = |events: &[v1::AuditEvent]| {
+        kinds(events, v1::AuditKind::Output).iter().any(|o| {
+            o.details
+                .get("asciicast")
+                .is_some_and(|l| l.contains("\"r\",\"101x41\""))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !recorded(&e.stack.events().await) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no resize event recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -42,6 +42,17 @@ while "shell=42" not in out and time.time() < deadline:
     else:
         time.sleep(0.05)
 seen["shell"] = "shell=42" in out
+# A window change reaches the host's terminal.
+ch.resize_pty(width=101, height=41)
+time.sleep(0.3)
+ch.send("stty size\n")
+out, deadline = "", time.time() + 10
+while "41 101" not in out and time.time() < deadline:
+    if ch.recv_ready():
+        out += ch.recv(65536).decode(errors="replace")
+    else:
+        time.sleep(0.05)
+seen["resized"] = "41 101" in out
 ch.close()
 c.close()
 print(json.dumps(seen))
