@@ -66,9 +66,7 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let password = match (&args.upstream_password_file, &args.upstream_password) {
-        (Some(f), _) => std::fs::read_to_string(f)
-            .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-            .map_err(|e| format!("cannot read {}: {e}", f.display()))?,
+        (Some(f), _) => wicket_sidecar::process::read_secret_file(f)?,
         (None, Some(p)) => p.clone(),
         (None, None) => String::new(),
     };
@@ -89,14 +87,7 @@ async fn run(args: Args) -> Result<(), String> {
             })
         }
     };
-    let mask_key = match &args.mask_key_file {
-        Some(f) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
-        None => {
-            let mut k = vec![0u8; 32];
-            aws_lc_rs::rand::fill(&mut k).map_err(|_| "no random source")?;
-            k
-        }
-    };
+    let mask_key = wicket_sidecar::process::mask_key(args.mask_key_file.as_deref())?;
     let client_tls = args.sidecar.server_tls(&[b"postgresql"])?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -119,15 +110,7 @@ async fn run(args: Args) -> Result<(), String> {
         },
     );
     tracing::info!(listen = %args.listen, "wicket-pg serving");
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    };
-    wicket_pg::serve(gate, listener, shutdown).await;
+    wicket_pg::serve(gate, listener, wicket_sidecar::process::shutdown_signal()).await;
     tracing::info!("draining");
     sidecar.drain().await;
     Ok(())

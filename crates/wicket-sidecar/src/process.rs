@@ -70,3 +70,33 @@ where
         }
     })
 }
+
+/// Resolves on Ctrl-C or SIGTERM (the gate then drains).
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// A secret kept in a file (a mounted Secret), without its trailing newline.
+pub fn read_secret_file(f: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(f)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+        .map_err(|e| format!("cannot read {}: {e}", f.display()))
+}
+
+/// The keyed-hash masking key: the file's bytes, or 32 random bytes drawn
+/// now (hashes then agree within this process only).
+pub fn mask_key(file: Option<&std::path::Path>) -> Result<Vec<u8>, String> {
+    match file {
+        Some(f) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display())),
+        None => {
+            let mut k = vec![0u8; 32];
+            aws_lc_rs::rand::fill(&mut k).map_err(|_| "no random source")?;
+            Ok(k)
+        }
+    }
+}

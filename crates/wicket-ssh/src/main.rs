@@ -67,12 +67,6 @@ fn main() -> std::process::ExitCode {
     })
 }
 
-fn read_secret_text(f: &Path) -> Result<String, String> {
-    std::fs::read_to_string(f)
-        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-        .map_err(|e| format!("cannot read {}: {e}", f.display()))
-}
-
 /// Loads the host key, creating it (mode 0600) when missing.
 fn host_key(path: &Path) -> Result<PrivateKey, String> {
     if path.exists() {
@@ -113,7 +107,7 @@ async fn run(args: Args) -> Result<(), String> {
             russh::keys::load_secret_key(k, None)
                 .map_err(|e| format!("cannot load the upstream key {}: {e}", k.display()))?,
         )),
-        (None, Some(p)) => UpstreamAuth::Password(read_secret_text(p)?),
+        (None, Some(p)) => UpstreamAuth::Password(wicket_sidecar::process::read_secret_file(p)?),
         (None, None) => {
             return Err(
                 "give the gate a credential for the host: --upstream-key-file or --upstream-password-file"
@@ -143,14 +137,7 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(f) = &args.user_ca {
         cfg.user_cas = user_cas(f)?;
     }
-    cfg.mask_key = match &args.mask_key_file {
-        Some(f) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
-        None => {
-            let mut k = vec![0u8; 32];
-            aws_lc_rs::rand::fill(&mut k).map_err(|_| "no random source")?;
-            k
-        }
-    };
+    cfg.mask_key = wicket_sidecar::process::mask_key(args.mask_key_file.as_deref())?;
     cfg.login_grace = Duration::from_secs(args.login_grace_seconds.max(1));
     cfg.max_channels = args.max_channels.max(1);
     cfg.max_startups = args.max_startups.max(1);
@@ -160,15 +147,7 @@ async fn run(args: Args) -> Result<(), String> {
     let sidecar = Sidecar::start(args.sidecar).await?;
     let gate = SshGate::new(sidecar.clone(), cfg);
     tracing::info!(listen = %args.listen, upstream = %args.upstream, "wicket-ssh serving");
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    };
-    wicket_ssh::serve(gate, listener, shutdown).await;
+    wicket_ssh::serve(gate, listener, wicket_sidecar::process::shutdown_signal()).await;
     tracing::info!("draining");
     sidecar.drain().await;
     Ok(())
