@@ -883,10 +883,7 @@ impl server::Handler for Conn {
             risk: 40,
             ..Default::default()
         };
-        let trace = ctx.trace.lock().expect("trace").clone();
-        let (d, _) = ctx
-            .decide(&format!("forward {dest}"), class, &trace, None, None)
-            .await;
+        let d = ctx.decide_now(&format!("forward {dest}"), class);
         if d.effect != Effect::Allow {
             reply
                 .reject(ChannelOpenFailure::Other {
@@ -1016,8 +1013,7 @@ impl server::Handler for Conn {
             risk: 60,
             ..Default::default()
         };
-        let trace = ctx.trace.lock().expect("trace").clone();
-        let d = ctx.decide_now("agent forwarding", class, &trace).await;
+        let d = ctx.decide_now("agent forwarding", class);
         let ok = d.effect == Effect::Allow;
         self.agent.lock().expect("agent").insert(channel, ok);
         Ok(ok)
@@ -1040,10 +1036,7 @@ impl server::Handler for Conn {
             risk: 60,
             ..Default::default()
         };
-        let trace = ctx.trace.lock().expect("trace").clone();
-        let d = ctx
-            .decide_now(&format!("remote forward {listen}"), class, &trace)
-            .await;
+        let d = ctx.decide_now(&format!("remote forward {listen}"), class);
         if d.effect != Effect::Allow {
             return Ok(false);
         }
@@ -1096,6 +1089,12 @@ struct Trace {
 }
 
 impl Trace {
+    fn has_reasoning(&self) -> bool {
+        self.reasoning
+            .as_deref()
+            .is_some_and(|r| !r.trim().is_empty())
+    }
+
     fn reasoning_trace(&self) -> Option<ReasoningTrace> {
         let trace_id = self
             .traceparent
@@ -1127,20 +1126,11 @@ impl Ctx {
         notify: Option<&ClientW>,
         extra: Option<(&str, String)>,
     ) -> (Decision, String) {
-        let masker = self.gate.masker();
-        let text = match &masker {
-            Some(m) => m.mask(text).0.into_owned(),
-            None => text.to_string(),
-        };
-        let cmd = Command {
-            text,
-            classification: class,
-        };
-        let has_reasoning = trace
-            .reasoning
-            .as_deref()
-            .is_some_and(|r| !r.trim().is_empty());
-        let mut d = self.gate.sidecar.decide(&self.session, &cmd, has_reasoning);
+        let cmd = self.command(text, class);
+        let mut d = self
+            .gate
+            .sidecar
+            .decide(&self.session, &cmd, trace.has_reasoning());
         let mut approval = None;
         if d.effect == Effect::Review {
             let reasoning = trace.reasoning_trace();
@@ -1195,22 +1185,31 @@ impl Ctx {
         self.audit(cmd, d, trace, approval, extra)
     }
 
-    /// Decides a command that cannot wait for an approver (forwarding
-    /// requests answered on the spot): a hold is a refusal. Recorded.
-    async fn decide_now(&self, text: &str, class: Classification, trace: &Trace) -> Decision {
-        let cmd = Command {
-            text: text.to_string(),
-            classification: class,
+    /// The command as recorded: its text with the detectors applied.
+    fn command(&self, text: &str, class: Classification) -> Command {
+        let text = match self.gate.masker() {
+            Some(m) => m.mask(text).0.into_owned(),
+            None => text.to_string(),
         };
-        let has_reasoning = trace
-            .reasoning
-            .as_deref()
-            .is_some_and(|r| !r.trim().is_empty());
-        let mut d = self.gate.sidecar.decide(&self.session, &cmd, has_reasoning);
+        Command {
+            text,
+            classification: class,
+        }
+    }
+
+    /// Decides a forwarding request, which is answered on the spot (under
+    /// the connection's latest reasoning): a hold is a refusal. Recorded.
+    fn decide_now(&self, text: &str, class: Classification) -> Decision {
+        let trace = self.trace.lock().expect("trace").clone();
+        let cmd = self.command(text, class);
+        let mut d = self
+            .gate
+            .sidecar
+            .decide(&self.session, &cmd, trace.has_reasoning());
         if d.effect == Effect::Review {
             d = Decision::deny(d.rule, "forwarding requests cannot be held for approval");
         }
-        self.audit(cmd, d, trace, None, None).0
+        self.audit(cmd, d, &trace, None, None).0
     }
 
     /// Records a command's decision; an allowed command whose record
