@@ -636,6 +636,39 @@ impl Conn {
     }
 }
 
+/// Answers a client's channel open as the host answered the gate's: on
+/// success accepts it and runs `relay` (holding `slot` until it ends), else
+/// refuses it with the reason.
+async fn answer_open<F, Fut>(
+    reply: server::ChannelOpenHandle,
+    up: Result<Channel<russh::client::Msg>, String>,
+    slot: Slot,
+    relay: F,
+) where
+    F: FnOnce(Channel<russh::client::Msg>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    match up {
+        Ok(up) => {
+            reply.accept().await;
+            let run = relay(up);
+            tokio::spawn(async move {
+                let _slot = slot;
+                run.await;
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a channel on the host");
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: 2,
+                    reason: format!("wicket: {e}"),
+                })
+                .await;
+        }
+    }
+}
+
 /// A held channel slot, released on drop.
 struct Slot(Arc<AtomicUsize>);
 
@@ -839,24 +872,7 @@ impl server::Handler for Conn {
             Ok(h) => h.channel_open_session().await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
-        match up {
-            Ok(up) => {
-                reply.accept().await;
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    session_channel(ctx, channel, up).await;
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot open a channel on the host");
-                reply
-                    .reject(ChannelOpenFailure::Other {
-                        code: 2,
-                        reason: format!("wicket: {e}"),
-                    })
-                    .await;
-            }
-        }
+        answer_open(reply, up, slot, move |up| session_channel(ctx, channel, up)).await;
         Ok(())
     }
 
@@ -900,23 +916,7 @@ impl server::Handler for Conn {
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
-        match up {
-            Ok(up) => {
-                reply.accept().await;
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    pipe_channel(channel, up).await;
-                });
-            }
-            Err(e) => {
-                reply
-                    .reject(ChannelOpenFailure::Other {
-                        code: 2,
-                        reason: format!("wicket: {e}"),
-                    })
-                    .await;
-            }
-        }
+        answer_open(reply, up, slot, move |up| pipe_channel(channel, up)).await;
         Ok(())
     }
 
