@@ -429,17 +429,10 @@ impl russh::client::Handler for Upstream {
             connected_address.to_string(),
             originator_address.to_string(),
         );
-        tokio::spawn(async move {
-            match client
+        bridge_to_client(channel, reply, async move {
+            client
                 .channel_open_forwarded_tcpip(ca, connected_port, op, originator_port)
                 .await
-            {
-                Ok(c) => {
-                    reply.accept().await;
-                    pipe_channel(c, channel).await;
-                }
-                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
-            }
         });
         Ok(())
     }
@@ -452,15 +445,11 @@ impl russh::client::Handler for Upstream {
     ) -> Result<(), Self::Error> {
         // The host only opens these after an agent request policy allowed.
         let client = self.client.clone();
-        tokio::spawn(async move {
-            match client.channel_open_agent().await {
-                Ok(c) => {
-                    reply.accept().await;
-                    pipe_channel(c, channel).await;
-                }
-                Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
-            }
-        });
+        bridge_to_client(
+            channel,
+            reply,
+            async move { client.channel_open_agent().await },
+        );
         Ok(())
     }
 
@@ -485,6 +474,25 @@ impl russh::client::Handler for Upstream {
             }
         }
     }
+}
+
+/// Bridges a channel the host opened to the one `open` opens to the client
+/// (in its own task): accepted and relayed when the client's opens, refused
+/// otherwise.
+fn bridge_to_client(
+    channel: Channel<russh::client::Msg>,
+    reply: russh::client::ChannelOpenHandle,
+    open: impl std::future::Future<Output = Result<Channel<Msg>, russh::Error>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        match open.await {
+            Ok(c) => {
+                reply.accept().await;
+                pipe_channel(c, channel).await;
+            }
+            Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+        }
+    });
 }
 
 type UpHandle = russh::client::Handle<Upstream>;

@@ -276,27 +276,41 @@ impl Env {
 
     /// ssh straight to the host with the direct key (the reference).
     fn direct(&self, command: &str) -> Output {
-        run(Command::new("ssh")
-            .args(["-p", &self.sshd.port.to_string(), "-i"])
-            .arg(&self.sshd.direct_key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-            ])
-            .arg(format!("{}@127.0.0.1", self.sshd.user))
-            .arg(command)
-            .stdin(Stdio::null()))
+        let user = format!("{}@127.0.0.1", self.sshd.user);
+        run(&mut key_ssh(
+            self.sshd.port,
+            &self.sshd.direct_key,
+            &user,
+            command,
+        ))
     }
 
     fn remote(&self) -> String {
         "bot@127.0.0.1".to_string()
     }
+}
+
+/// `ssh` with only the key at `key` (and the certificate beside it), no prompts.
+fn key_ssh(port: u16, key: &Path, target: &str, command: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.args(["-p", &port.to_string(), "-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .arg(target)
+        .arg(command)
+        .stdin(Stdio::null());
+    c
 }
 
 fn sha256(path: &Path) -> String {
@@ -1127,25 +1141,12 @@ async fn user_certificates_from_the_trusted_ca_log_in_and_others_do_not() {
     })
     .to_string();
     let login = |key: &Path| {
-        let mut c = Command::new("ssh");
-        c.args(["-p", &e.gate_port.to_string(), "-i"])
-            .arg(key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-            ])
-            .arg("bot@127.0.0.1")
-            .arg("echo certified")
-            .stdin(Stdio::null());
-        run(&mut c)
+        run(&mut key_ssh(
+            e.gate_port,
+            key,
+            "bot@127.0.0.1",
+            "echo certified",
+        ))
     };
     let cases = [
         ("good", &ca, "-5m:+1h", true),
@@ -1171,24 +1172,7 @@ async fn user_certificates_from_the_trusted_ca_log_in_and_others_do_not() {
     sign_cert(&ca, &short, &principal, "-1m:+4s");
     let started = std::time::Instant::now();
     let o = {
-        let mut c = Command::new("ssh");
-        c.args(["-p", &e.gate_port.to_string(), "-i"])
-            .arg(&short)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-            ])
-            .arg("bot@127.0.0.1")
-            .arg("sleep 30")
-            .stdin(Stdio::null());
+        let mut c = key_ssh(e.gate_port, &short, "bot@127.0.0.1", "sleep 30");
         blocking(move || run(&mut c)).await
     };
     assert!(
