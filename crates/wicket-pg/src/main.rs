@@ -39,11 +39,6 @@ struct Args {
     /// Name the server's certificate must carry (default: the host of `--upstream`).
     #[arg(long, env = "WICKET_PG_UPSTREAM_SERVER_NAME")]
     upstream_server_name: Option<String>,
-    /// File holding the key of keyed-hash masking (any bytes; give every
-    /// gate of a connection the same file so hashes agree). Without it a
-    /// random key is drawn at start: hashes then agree within this process.
-    #[arg(long, env = "WICKET_MASK_KEY_FILE")]
-    mask_key_file: Option<PathBuf>,
     /// Accept tokens as cleartext passwords from loopback clients without TLS.
     #[arg(long, env = "WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK")]
     allow_cleartext_loopback: bool,
@@ -59,9 +54,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let p = args.process.clone();
-    wicket_sidecar::process::main("wicket-pg", p.worker_threads, &p.log_format, move || {
-        run(args)
-    })
+    wicket_sidecar::process::main("wicket-pg", &p, move || run(args))
 }
 
 async fn run(args: Args) -> Result<(), String> {
@@ -87,7 +80,7 @@ async fn run(args: Args) -> Result<(), String> {
             })
         }
     };
-    let mask_key = wicket_sidecar::process::mask_key(args.mask_key_file.as_deref())?;
+    let mask_key = args.process.mask_key()?;
     let client_tls = args.sidecar.server_tls(&[b"postgresql"])?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -19,19 +19,38 @@ pub struct ProcessArgs {
     /// Log format: `text` or `json`.
     #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// File holding the key of keyed-hash masking (any bytes; give every
+    /// gate of a connection the same file so hashes agree). Without it a
+    /// random key is drawn at start: hashes then agree within this process.
+    #[arg(long, env = "WICKET_MASK_KEY_FILE")]
+    pub mask_key_file: Option<std::path::PathBuf>,
 }
 
-/// Runs a gate binary's `run` on a runtime of `worker_threads` threads (1:
-/// the current thread only; 0: one per core), with logs (`WICKET_LOG`
+impl ProcessArgs {
+    /// The keyed-hash masking key: the file's bytes, or 32 random bytes.
+    pub fn mask_key(&self) -> Result<Vec<u8>, String> {
+        match &self.mask_key_file {
+            Some(f) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display())),
+            None => {
+                let mut k = vec![0u8; 32];
+                aws_lc_rs::rand::fill(&mut k).map_err(|_| "no random source")?;
+                Ok(k)
+            }
+        }
+    }
+}
+
+/// Runs a gate binary's `run` on a runtime of `--worker-threads` threads
+/// (1: the current thread only; 0: one per core), with logs (`WICKET_LOG`
 /// filter, `text` or `json` format) on stderr. An error is printed as
 /// `name: error` and exits with failure.
-pub fn main<F, Fut>(name: &str, worker_threads: usize, log_format: &str, run: F) -> ExitCode
+pub fn main<F, Fut>(name: &str, args: &ProcessArgs, run: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match worker_threads {
+    let runtime = match args.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
@@ -56,7 +75,7 @@ where
         let sub = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr);
-        if log_format == "json" {
+        if args.log_format == "json" {
             sub.json().init();
         } else {
             sub.init();
@@ -86,17 +105,4 @@ pub fn read_secret_file(f: &std::path::Path) -> Result<String, String> {
     std::fs::read_to_string(f)
         .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
         .map_err(|e| format!("cannot read {}: {e}", f.display()))
-}
-
-/// The keyed-hash masking key: the file's bytes, or 32 random bytes drawn
-/// now (hashes then agree within this process only).
-pub fn mask_key(file: Option<&std::path::Path>) -> Result<Vec<u8>, String> {
-    match file {
-        Some(f) => std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display())),
-        None => {
-            let mut k = vec![0u8; 32];
-            aws_lc_rs::rand::fill(&mut k).map_err(|_| "no random source")?;
-            Ok(k)
-        }
-    }
 }

@@ -41,9 +41,6 @@ struct Args {
     /// certificates are accepted (`wicket ssh login`).
     #[arg(long, env = "WICKET_SSH_USER_CA")]
     user_ca: Option<PathBuf>,
-    /// File holding the key of keyed-hash masking.
-    #[arg(long, env = "WICKET_MASK_KEY_FILE")]
-    mask_key_file: Option<PathBuf>,
     /// Seconds a client has to authenticate.
     #[arg(long, env = "WICKET_SSH_LOGIN_GRACE_SECONDS", default_value_t = 30)]
     login_grace_seconds: u64,
@@ -62,9 +59,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let p = args.process.clone();
-    wicket_sidecar::process::main("wicket-ssh", p.worker_threads, &p.log_format, move || {
-        run(args)
-    })
+    wicket_sidecar::process::main("wicket-ssh", &p, move || run(args))
 }
 
 /// Loads the host key, creating it (mode 0600) when missing.
@@ -137,7 +132,7 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(f) = &args.user_ca {
         cfg.user_cas = user_cas(f)?;
     }
-    cfg.mask_key = wicket_sidecar::process::mask_key(args.mask_key_file.as_deref())?;
+    cfg.mask_key = args.process.mask_key()?;
     cfg.login_grace = Duration::from_secs(args.login_grace_seconds.max(1));
     cfg.max_channels = args.max_channels.max(1);
     cfg.max_startups = args.max_startups.max(1);
