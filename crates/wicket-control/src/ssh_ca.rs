@@ -17,8 +17,8 @@ use tonic::Status;
 use wicket_core::Principal;
 use wicket_store::Store;
 
-/// The extension that carries the principal (JSON), as the gate reads it.
-pub const PRINCIPAL_EXTENSION: &str = "wicket-principal@wicket.dev";
+/// The extension that carries the principal (JSON).
+pub use wicket_core::SSH_PRINCIPAL_EXTENSION as PRINCIPAL_EXTENSION;
 
 /// The CA.
 pub struct SshCa {

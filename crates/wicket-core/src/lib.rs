@@ -16,3 +16,8 @@ pub use types::{
     Classification, Command, Connection, Decision, Effect, Principal, PrincipalKind, Protocol,
     ReasoningStep, ReasoningTrace, ReviewSpec,
 };
+
+/// The OpenSSH certificate extension that carries a [`Principal`] (as JSON)
+/// in the SSH user certificates the control service signs and the SSH gate
+/// accepts.
+pub const SSH_PRINCIPAL_EXTENSION: &str = "wicket-principal@wicket.dev";

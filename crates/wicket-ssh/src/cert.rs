@@ -13,8 +13,8 @@ use russh::keys::{Certificate, PublicKey};
 use wicket_core::Principal;
 use wicket_identity::Identity;
 
-/// The certificate extension that carries the principal.
-pub const PRINCIPAL_EXTENSION: &str = "wicket-principal@wicket.dev";
+/// The extension that carries the principal (JSON).
+pub use wicket_core::SSH_PRINCIPAL_EXTENSION as PRINCIPAL_EXTENSION;
 
 /// Checks a user certificate against the trusted CA keys at `now` (unix
 /// seconds) and returns the identity it carries.
