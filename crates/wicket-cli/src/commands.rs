@@ -243,7 +243,7 @@ struct Client {
 }
 
 /// The caller's token: `--token`/`WICKET_TOKEN`, else the login cache.
-fn caller_token(cli: &Cli) -> Result<String, CliError> {
+pub(crate) fn caller_token(cli: &Cli) -> Result<String, CliError> {
     match &cli.token {
         Some(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
         _ => {
@@ -486,6 +486,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Sessions(s) => sessions(&cli, fmt, s).await,
         Cmd::Sidecars(s) => sidecars(&cli, fmt, s).await,
         Cmd::Ssh(s) => ssh(&cli, fmt, s).await,
+        Cmd::Kube(crate::kube::KubeCmd::Config(a)) => crate::kube::config(a),
+        Cmd::KubeCredential(a) => crate::kube::credential(&cli, a),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `wicket`: the command-line client of the Wicket control service.
 
 mod commands;
+mod kube;
 mod login;
 mod output;
 
@@ -133,6 +134,13 @@ pub enum Cmd {
     /// SSH through the SSH gate.
     #[command(subcommand)]
     Ssh(commands::SshCmd),
+    /// kubectl through the Kubernetes gate.
+    #[command(subcommand)]
+    Kube(kube::KubeCmd),
+    /// kubectl exec credential plugin: prints an ExecCredential holding your
+    /// token (with WICKET_REASONING and TRACEPARENT from the environment
+    /// attached for the gate). `wicket kube config` sets kubectl up to run it.
+    KubeCredential(kube::CredentialArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]

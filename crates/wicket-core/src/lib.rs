@@ -6,6 +6,7 @@
 
 mod approval;
 mod audit;
+pub mod carried;
 mod error;
 mod types;
 

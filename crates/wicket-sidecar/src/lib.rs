@@ -25,8 +25,10 @@ pub mod masking;
 pub mod memo;
 pub mod metrics;
 pub mod process;
+pub mod recording;
 pub mod session;
 pub mod tls;
+pub mod websocket;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -175,6 +177,125 @@ pub enum ApprovalOutcome {
     },
     /// The control service could not be asked (fail closed: refuse).
     Unavailable(String),
+}
+
+/// What a caller said about why it acts: free-text reasoning and a W3C
+/// `traceparent`, however its protocol carries them.
+#[derive(Debug, Default, Clone)]
+pub struct CallerTrace {
+    /// The reasoning text.
+    pub reasoning: Option<String>,
+    /// The W3C `traceparent` value.
+    pub traceparent: Option<String>,
+}
+
+impl CallerTrace {
+    /// Whether non-blank reasoning was given.
+    pub fn has_reasoning(&self) -> bool {
+        self.reasoning
+            .as_deref()
+            .is_some_and(|r| !r.trim().is_empty())
+    }
+
+    /// The trace as recorded (`None` when the caller gave neither part).
+    pub fn reasoning_trace(&self) -> Option<ReasoningTrace> {
+        let trace_id = self
+            .traceparent
+            .as_deref()
+            .and_then(|t| t.split('-').nth(1))
+            .filter(|t| ReasoningTrace::valid_trace_id(t))
+            .unwrap_or("")
+            .to_string();
+        if self.reasoning.is_none() && trace_id.is_empty() {
+            return None;
+        }
+        Some(ReasoningTrace {
+            trace_id,
+            reasoning: self.reasoning.clone().unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+}
+
+impl ApprovalOutcome {
+    /// The decision a held command ends with (`held` is the review decision
+    /// that held it), and the approval's outcome and id for the audit event.
+    pub fn into_decision(self, held: Decision) -> (Decision, Option<(&'static str, String)>) {
+        match self {
+            ApprovalOutcome::Approved { id } => (
+                Decision {
+                    effect: Effect::Allow,
+                    ..held
+                },
+                Some(("approved", id)),
+            ),
+            ApprovalOutcome::Denied { id, reason } => (
+                Decision::deny(
+                    held.rule,
+                    if reason.is_empty() {
+                        "an approver denied this command".to_string()
+                    } else {
+                        format!("an approver denied this command: {reason}")
+                    },
+                ),
+                Some(("denied", id)),
+            ),
+            ApprovalOutcome::Expired { id } => (
+                Decision::deny(held.rule, "nobody approved this command in time"),
+                Some(("expired", id)),
+            ),
+            ApprovalOutcome::Unavailable(e) => (
+                Decision::deny(held.rule, format!("approval unavailable: {e}")),
+                None,
+            ),
+        }
+    }
+}
+
+/// An open session shared by everything that serves it (channels, requests,
+/// streams); `session_end` is recorded when the last holder lets go, so it
+/// comes after every event of the session.
+pub struct LiveSession {
+    session: OpenSession,
+    sidecar: Arc<Sidecar>,
+}
+
+impl LiveSession {
+    /// Wraps a session opened on `sidecar`.
+    pub fn new(session: OpenSession, sidecar: Arc<Sidecar>) -> LiveSession {
+        LiveSession { session, sidecar }
+    }
+}
+
+impl std::fmt::Debug for LiveSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveSession")
+            .field("id", &self.session.id)
+            .finish()
+    }
+}
+
+impl std::ops::Deref for LiveSession {
+    type Target = OpenSession;
+    fn deref(&self) -> &OpenSession {
+        &self.session
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        let reason = self
+            .session
+            .guard
+            .end_reason()
+            .map(|r| r.as_str().to_string())
+            .unwrap_or_else(|| "client_closed".into());
+        let mut e = self.session.event(AuditKind::SessionEnd);
+        e.end_reason = reason;
+        if let Err(err) = self.sidecar.record(e) {
+            tracing::error!(error = %err, "cannot record session end");
+        }
+    }
 }
 
 impl Sidecar {

@@ -59,3 +59,51 @@ pub fn builder(
     }
     Ok(b)
 }
+
+/// The connection's detectors compiled once per policy bundle: gates ask
+/// for the current masker on every session and recompile only when a new
+/// bundle arrived.
+#[derive(Default)]
+pub struct MaskerCache {
+    cached: std::sync::Mutex<
+        Option<(
+            std::sync::Arc<crate::Bundle>,
+            Option<std::sync::Arc<Masker>>,
+        )>,
+    >,
+}
+
+impl std::fmt::Debug for MaskerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MaskerCache").finish_non_exhaustive()
+    }
+}
+
+impl MaskerCache {
+    /// The detectors' masker under the sidecar's current bundle (`None`: the
+    /// connection names none). A masking policy that does not compile masks
+    /// everything (fail closed).
+    pub fn current(&self, sidecar: &crate::Sidecar, key: &[u8]) -> Option<std::sync::Arc<Masker>> {
+        let bundle = sidecar.bundles.current()?;
+        let mut g = self.cached.lock().expect("masker cache");
+        if let Some((b, m)) = g.as_ref()
+            && std::sync::Arc::ptr_eq(b, &bundle)
+        {
+            return m.clone();
+        }
+        let m = match detectors(&bundle.policy, &sidecar.cfg.connection, key) {
+            Ok(m) => m.map(std::sync::Arc::new),
+            Err(e) => {
+                tracing::error!(error = %e, "masking policy does not compile in the gate; masking everything");
+                Some(std::sync::Arc::new(
+                    Masker::builder()
+                        .all(wicket_mask::Style::Redact)
+                        .build()
+                        .expect("built-in detectors build"),
+                ))
+            }
+        };
+        *g = Some((bundle, m.clone()));
+        m
+    }
+}

@@ -54,6 +54,16 @@ pub fn server_config(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<Arc<Serv
 /// The client side, verifying the server against `ca` (PEM, one or more
 /// certificates) or, without it, the system's trust store.
 pub fn client_config(ca: Option<&Path>, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, String> {
+    client_config_with_identity(ca, None, alpn)
+}
+
+/// [`client_config`] that also presents a client certificate: `identity`
+/// is the chain (leaf first) and its private key, as PEM files.
+pub fn client_config_with_identity(
+    ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, String> {
     let mut roots = RootCertStore::empty();
     match ca {
         Some(path) => {
@@ -73,11 +83,20 @@ pub fn client_config(ca: Option<&Path>, alpn: &[&[u8]]) -> Result<Arc<ClientConf
             }
         }
     }
-    let mut cfg = ClientConfig::builder_with_provider(provider())
+    let cfg = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut cfg = match identity {
+        None => cfg.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = certs(cert)?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
+            cfg.with_client_auth_cert(chain, key)
+                .map_err(|e| format!("the client certificate and key do not fit together: {e}"))?
+        }
+    };
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }

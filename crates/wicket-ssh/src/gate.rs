@@ -21,14 +21,14 @@ use russh::{
     Channel, ChannelId, ChannelMsg, ChannelOpenFailure, Disconnect, MethodKind, MethodSet,
 };
 use tokio::sync::{OnceCell, Semaphore};
-use wicket_core::{AuditKind, Classification, Command, Decision, Effect, ReasoningTrace};
+use wicket_core::{AuditKind, Classification, Command, Decision, Effect};
 use wicket_mask::Masker;
-use wicket_sidecar::{ApprovalOutcome, OpenSession, Sidecar};
+use wicket_sidecar::Sidecar;
 
 use crate::classify;
 use crate::line::{LineEditor, Piece};
-use crate::record::{self, Recorder};
 use crate::sftp;
+use wicket_sidecar::recording::{self as record, Recorder};
 
 /// How the gate logs in upstream.
 #[derive(Clone)]
@@ -96,9 +96,6 @@ impl SshConfig {
     }
 }
 
-/// The detectors' masker, and the bundle it was compiled from.
-type MaskerCache = Option<(Arc<wicket_sidecar::Bundle>, Option<Arc<Masker>>)>;
-
 /// The gate: shared by every connection.
 pub struct SshGate {
     sidecar: Arc<Sidecar>,
@@ -106,7 +103,7 @@ pub struct SshGate {
     server: Arc<server::Config>,
     client: Arc<russh::client::Config>,
     startups: Arc<Semaphore>,
-    masker: std::sync::Mutex<MaskerCache>,
+    masker: wicket_sidecar::masking::MaskerCache,
 }
 
 impl std::fmt::Debug for SshGate {
@@ -160,37 +157,13 @@ impl SshGate {
             cfg,
             server: Arc::new(server),
             client: Arc::new(client),
-            masker: std::sync::Mutex::new(None),
+            masker: Default::default(),
         })
     }
 
     /// The detectors' masker under the current bundle (`None`: none set).
     fn masker(&self) -> Option<Arc<Masker>> {
-        let bundle = self.sidecar.bundles.current()?;
-        let mut g = self.masker.lock().expect("masker");
-        if let Some((b, m)) = g.as_ref()
-            && Arc::ptr_eq(b, &bundle)
-        {
-            return m.clone();
-        }
-        let m = match wicket_sidecar::masking::detectors(
-            &bundle.policy,
-            &self.sidecar.cfg.connection,
-            &self.cfg.mask_key,
-        ) {
-            Ok(m) => m.map(Arc::new),
-            Err(e) => {
-                tracing::error!(error = %e, "masking policy does not compile in the gate; masking everything");
-                Some(Arc::new(
-                    Masker::builder()
-                        .all(wicket_mask::Style::Redact)
-                        .build()
-                        .expect("built-in detectors build"),
-                ))
-            }
-        };
-        *g = Some((bundle, m.clone()));
-        m
+        self.masker.current(&self.sidecar, &self.cfg.mask_key)
     }
 
     fn recording(&self) -> (bool, bool) {
@@ -594,10 +567,7 @@ impl Conn {
         {
             Ok(s) => {
                 self.user = user.to_string();
-                self.session = Some(Arc::new(Live {
-                    session: s,
-                    sidecar: self.gate.sidecar.clone(),
-                }));
+                self.session = Some(Arc::new(Live::new(s, self.gate.sidecar.clone())));
                 self.authed.store(true, Ordering::Release);
                 self.permit.take();
                 Auth::Accept
@@ -686,36 +656,8 @@ impl Drop for Slot {
     }
 }
 
-/// A live session, shared by the connection, its channels' tasks and the
-/// upstream connection; `session_end` is recorded when the last of them is
-/// done, so it comes after every event of the session.
-pub(crate) struct Live {
-    session: OpenSession,
-    sidecar: Arc<Sidecar>,
-}
-
-impl std::ops::Deref for Live {
-    type Target = OpenSession;
-    fn deref(&self) -> &OpenSession {
-        &self.session
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        let reason = self
-            .session
-            .guard
-            .end_reason()
-            .map(|r| r.as_str().to_string())
-            .unwrap_or_else(|| "client_closed".into());
-        let mut e = self.session.event(AuditKind::SessionEnd);
-        e.end_reason = reason;
-        if let Err(err) = self.sidecar.record(e) {
-            tracing::error!(error = %err, "cannot record session end");
-        }
-    }
-}
+/// The connection's session.
+pub(crate) type Live = wicket_sidecar::LiveSession;
 
 /// The keyboard-interactive prompt. It says "Password" so tools that answer
 /// password prompts (sshpass, expect scripts) recognise it.
@@ -1090,37 +1032,7 @@ struct Ctx {
 }
 
 /// The caller's reasoning for a channel (`WICKET_REASONING`, `TRACEPARENT`).
-#[derive(Debug, Default, Clone)]
-struct Trace {
-    reasoning: Option<String>,
-    traceparent: Option<String>,
-}
-
-impl Trace {
-    fn has_reasoning(&self) -> bool {
-        self.reasoning
-            .as_deref()
-            .is_some_and(|r| !r.trim().is_empty())
-    }
-
-    fn reasoning_trace(&self) -> Option<ReasoningTrace> {
-        let trace_id = self
-            .traceparent
-            .as_deref()
-            .and_then(|t| t.split('-').nth(1))
-            .filter(|t| ReasoningTrace::valid_trace_id(t))
-            .unwrap_or("")
-            .to_string();
-        if self.reasoning.is_none() && trace_id.is_empty() {
-            return None;
-        }
-        Some(ReasoningTrace {
-            trace_id,
-            reasoning: self.reasoning.clone().unwrap_or_default(),
-            ..Default::default()
-        })
-    }
-}
+type Trace = wicket_sidecar::CallerTrace;
 
 impl Ctx {
     /// Decides a command (holding it for approval when policy says so),
@@ -1162,33 +1074,7 @@ impl Ctx {
                 .sidecar
                 .request_approval(&self.session, &cmd, &d, reasoning.as_ref(), wait_note)
                 .await;
-            d = match outcome {
-                ApprovalOutcome::Approved { id } => {
-                    approval = Some(("approved", id));
-                    Decision {
-                        effect: Effect::Allow,
-                        ..d
-                    }
-                }
-                ApprovalOutcome::Denied { id, reason } => {
-                    approval = Some(("denied", id));
-                    Decision::deny(
-                        d.rule,
-                        if reason.is_empty() {
-                            "an approver denied this command".to_string()
-                        } else {
-                            format!("an approver denied this command: {reason}")
-                        },
-                    )
-                }
-                ApprovalOutcome::Expired { id } => {
-                    approval = Some(("expired", id));
-                    Decision::deny(d.rule, "nobody approved this command in time")
-                }
-                ApprovalOutcome::Unavailable(e) => {
-                    Decision::deny(d.rule, format!("approval unavailable: {e}"))
-                }
-            };
+            (d, approval) = outcome.into_decision(d);
         }
         self.audit(cmd, d, trace, approval, extra)
     }

@@ -32,7 +32,6 @@ pub mod cert;
 pub mod classify;
 pub mod gate;
 pub mod line;
-pub mod record;
 pub mod sftp;
 
 pub use gate::{SshConfig, SshGate, UpstreamAuth, UpstreamConfig, serve};

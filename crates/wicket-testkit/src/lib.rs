@@ -8,6 +8,8 @@
 
 pub mod env;
 pub mod idp;
+pub mod kube;
+pub mod tls;
 
 /// Installs aws-lc-rs as the process's rustls provider (idempotent).
 /// Call at the top of every test that touches TLS.

@@ -3,6 +3,8 @@
 //! credential, and a started sidecar runtime for one connection. The gate
 //! itself (PostgreSQL, SSH, …) is the test's own.
 
+pub mod kube;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,0 +1,705 @@
+//! exec, attach and port-forward over WebSocket.
+//!
+//! The client's upgrade is accepted at once (so a held command can say it
+//! waits, on the caller's terminal); then the request is decided, and only
+//! when allowed does the gate open its own WebSocket to the API server and
+//! relay. exec and attach frames are decoded both ways: the channel byte
+//! of the Kubernetes channel protocol (`v4.channel.k8s.io`,
+//! `v5.channel.k8s.io`: 0 stdin, 1 stdout, 2 stderr, 3 status, 4 resize,
+//! 255 close) says what each frame carries. stdin, stdout and stderr are
+//! recorded as asciicast v2 (masked by the connection's detectors), the
+//! status frame gives the exit code, and text output is masked on its way
+//! to the client too (binary output, such as `kubectl cp`'s tar stream, is
+//! masked only in the recording, so files arrive intact).
+//!
+//! A refusal reaches kubectl as a status frame, which it prints as an
+//! error: a WebSocket that was accepted is not retried over SPDY.
+//! port-forward's streams (`SPDY/3.1+portforward.k8s.io` tunnels SPDY
+//! frames inside WebSocket messages) are relayed as they are, counted but
+//! not recorded: they carry arbitrary TCP, not a terminal.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wicket_core::{AuditKind, Decision, Effect};
+use wicket_sidecar::recording::{self, Recorder};
+use wicket_sidecar::websocket::{self as ws, Frame, Opcode, Sender};
+use wicket_sidecar::{CallerTrace, LiveSession};
+
+use crate::classify::ApiRequest;
+use crate::gate::{Body, KubeGate, denial_message, forwardable, status};
+
+/// Channel subprotocols the gate relays for exec and attach, best first.
+const EXEC_PROTOCOLS: &[&str] = &["v5.channel.k8s.io", "v4.channel.k8s.io"];
+/// Subprotocols relayed (opaquely) for port-forward.
+const FORWARD_PROTOCOLS: &[&str] = &[
+    "SPDY/3.1+portforward.k8s.io",
+    "v4.channel.k8s.io",
+    "portforward.k8s.io",
+];
+
+fn offered(h: &hyper::HeaderMap) -> Vec<String> {
+    h.get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// Accepts a WebSocket exec, attach or port-forward and serves it in a task.
+pub(crate) fn upgrade(
+    gate: Arc<KubeGate>,
+    live: Arc<LiveSession>,
+    api: ApiRequest,
+    trace: CallerTrace,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let h = req.headers();
+    let Some(key) = h.get("sec-websocket-key").and_then(|v| v.to_str().ok()) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "wicket: a WebSocket upgrade needs Sec-WebSocket-Key",
+        );
+    };
+    if h.get("sec-websocket-version").and_then(|v| v.to_str().ok()) != Some("13") {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "wicket: only WebSocket version 13 is supported",
+        );
+    }
+    let forward = api.kind() == "port_forward";
+    let supported = if forward {
+        FORWARD_PROTOCOLS
+    } else {
+        EXEC_PROTOCOLS
+    };
+    let offers = offered(h);
+    let Some(proto) = offers
+        .iter()
+        .find(|o| supported.contains(&o.as_str()))
+        .cloned()
+    else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!(
+                "wicket: none of the offered subprotocols ({}) is relayed; this gate speaks {}",
+                offers.join(", "),
+                supported.join(", ")
+            ),
+        );
+    };
+    let accept = ws::accept_key(key);
+    let mut headers = forwardable(h);
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let proto_reply = proto.clone();
+    tokio::spawn(async move {
+        let Ok(client) = hyper::upgrade::on(req).await else {
+            return;
+        };
+        let client = TokioIo::new(client);
+        if let Err(e) = gate.upstream_headers(&live, &mut headers) {
+            tracing::error!(error = %e, "cannot build the upstream request");
+            return;
+        }
+        let s = Stream {
+            gate,
+            live,
+            api,
+            trace,
+            proto,
+            path,
+            headers,
+        };
+        s.run(client).await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", accept)
+        .header("sec-websocket-protocol", proto_reply)
+        .body(
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .expect("static response")
+}
+
+type ClientIo = TokioIo<hyper::upgrade::Upgraded>;
+
+struct Stream {
+    gate: Arc<KubeGate>,
+    live: Arc<LiveSession>,
+    api: ApiRequest,
+    trace: CallerTrace,
+    proto: String,
+    path: String,
+    headers: hyper::HeaderMap,
+}
+
+/// A status frame (channel 3) carrying a `Status` failure.
+fn failure_frame(reason: &str, message: &str, code: u16) -> Frame {
+    let body = json!({"metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code});
+    let mut p = vec![3u8];
+    p.extend_from_slice(body.to_string().as_bytes());
+    Frame::binary(p)
+}
+
+/// Writes frames to the client as a server (unmasked).
+async fn send(w: &mut tokio::io::WriteHalf<ClientIo>, frames: &[Frame]) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    for f in frames {
+        ws::encode(f, None, &mut buf);
+    }
+    w.write_all(&buf).await?;
+    w.flush().await
+}
+
+impl Stream {
+    fn tty_channel(&self) -> u8 {
+        if self.api.tty { 1 } else { 2 }
+    }
+
+    async fn run(self, client: ClientIo) {
+        let started = Instant::now();
+        let (mut client_r, mut client_w) = tokio::io::split(client);
+        // A hold says so on the caller's terminal while it waits.
+        let (note_tx, mut note_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let rule_ch = self.tty_channel();
+        let details = [("subprotocol", self.proto.clone())];
+        let decide = self
+            .gate
+            .decide(&self.live, &self.api, &self.trace, &details, {
+                move |id: &str| {
+                    let _ = note_tx.send(id.to_string());
+                }
+            });
+        tokio::pin!(decide);
+        let (d, id) = loop {
+            tokio::select! {
+                r = &mut decide => break r,
+                Some(approval) = note_rx.recv() => {
+                    if self.api.kind() == "exec" {
+                        let msg = format!("wicket: waiting for approval {approval}; an approver can allow or deny it\r\n");
+                        let mut p = vec![rule_ch];
+                        p.extend_from_slice(msg.as_bytes());
+                        let _ = send(&mut client_w, &[Frame::binary(p)]).await;
+                    }
+                }
+            }
+        };
+        if d.effect != Effect::Allow {
+            self.refuse(&mut client_w, &d).await;
+            return;
+        }
+        let upstream = match self.connect().await {
+            Ok(u) => u,
+            Err(msg) => {
+                tracing::warn!(error = %msg, "exec upstream failed");
+                let _ = send(
+                    &mut client_w,
+                    &[
+                        failure_frame("InternalError", &format!("wicket: {msg}"), 502),
+                        Frame::close(1000, ""),
+                    ],
+                )
+                .await;
+                self.gate.result(&self.live, &id, &[("error", msg)], &[]);
+                return;
+            }
+        };
+        let (mut up_r, mut up_w) = tokio::io::split(upstream);
+        if self.api.kind() == "port_forward" {
+            let ended = self.live.guard.end_signal();
+            let a = tokio::io::copy(&mut client_r, &mut up_w);
+            let b = tokio::io::copy(&mut up_r, &mut client_w);
+            let (mut sent, mut received) = (0, 0);
+            tokio::select! {
+                r = async { tokio::join!(a, b) } => {
+                    sent = r.0.unwrap_or(0);
+                    received = r.1.unwrap_or(0);
+                }
+                _ = ended => {}
+            }
+            self.gate.result(
+                &self.live,
+                &id,
+                &[
+                    ("bytes_in", sent.to_string()),
+                    ("bytes_out", received.to_string()),
+                    ("duration_ms", started.elapsed().as_millis().to_string()),
+                ],
+                &[],
+            );
+            return;
+        }
+        self.relay(id, started, (client_r, client_w), (up_r, up_w))
+            .await;
+    }
+
+    async fn refuse(&self, w: &mut tokio::io::WriteHalf<ClientIo>, d: &Decision) {
+        let _ = send(
+            w,
+            &[
+                failure_frame("Forbidden", &denial_message(d), 403),
+                Frame::close(1000, ""),
+            ],
+        )
+        .await;
+    }
+
+    /// Opens the gate's own WebSocket to the API server.
+    async fn connect(&self) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
+        let tls = self.gate.dial().await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("HTTP with the API server failed: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let mut nonce = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| "no random source")?;
+        let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+        let mut req = Request::builder()
+            .method("GET")
+            .uri(&self.path)
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .map_err(|e| e.to_string())?;
+        let h = req.headers_mut();
+        *h = self.headers.clone();
+        let v = |s: &str| hyper::header::HeaderValue::from_str(s).map_err(|e| e.to_string());
+        h.insert("connection", v("Upgrade")?);
+        h.insert("upgrade", v("websocket")?);
+        h.insert("sec-websocket-version", v("13")?);
+        h.insert("sec-websocket-key", v(&key)?);
+        h.insert("sec-websocket-protocol", v(&self.proto)?);
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("the API server did not answer the upgrade: {e}"))?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let code = resp.status();
+            let body = Limited::new(resp.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(300).collect());
+            return Err(format!(
+                "the API server refused the stream ({code}): {message}"
+            ));
+        }
+        let accept = resp
+            .headers()
+            .get("sec-websocket-accept")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if accept != ws::accept_key(&key) {
+            return Err("the API server's WebSocket accept key is wrong".into());
+        }
+        let up = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| format!("the API server's upgrade failed: {e}"))?;
+        Ok(TokioIo::new(up))
+    }
+
+    /// Relays exec or attach frames both ways, recording and masking.
+    async fn relay(
+        &self,
+        id: String,
+        started: Instant,
+        client: (
+            tokio::io::ReadHalf<ClientIo>,
+            tokio::io::WriteHalf<ClientIo>,
+        ),
+        up: (
+            tokio::io::ReadHalf<ClientIo>,
+            tokio::io::WriteHalf<ClientIo>,
+        ),
+    ) {
+        let (mut client_r, mut client_w) = client;
+        let (mut up_r, mut up_w) = up;
+        let masker = self.gate.masker();
+        let recording = self.gate.recording_enabled();
+        let recorder = Arc::new(Mutex::new(recording.then(|| Recorder::new(masker.clone()))));
+        let max = self.gate.cfg.max_frame_bytes;
+        let header_sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stats = Arc::new(Mutex::new(Stats::default()));
+
+        let to_up = async {
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            let mut channel = 0u8;
+            loop {
+                loop {
+                    match ws::decode(&mut buf, Sender::Client, max) {
+                        Ok(Some(f)) => {
+                            if matches!(f.opcode, Opcode::Binary | Opcode::Text) {
+                                channel = f.payload.first().copied().unwrap_or(0);
+                                self.client_data(
+                                    channel,
+                                    &f.payload[1.min(f.payload.len())..],
+                                    &recorder,
+                                    &header_sent,
+                                    &stats,
+                                );
+                            } else if f.opcode == Opcode::Continuation {
+                                self.client_data(
+                                    channel,
+                                    &f.payload,
+                                    &recorder,
+                                    &header_sent,
+                                    &stats,
+                                );
+                            }
+                            let mut out = BytesMut::with_capacity(f.payload.len() + 14);
+                            ws::encode(&f, Some(ws::new_mask()), &mut out);
+                            if up_w.write_all(&out).await.is_err() {
+                                return Err("the API server closed the stream".to_string());
+                            }
+                            if f.opcode == Opcode::Close {
+                                return Ok(());
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => return Err(format!("bad frame from the client: {e}")),
+                    }
+                }
+                match client_r.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => {}
+                }
+            }
+        };
+        let to_client = async {
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            let mut channel = 1u8;
+            loop {
+                let mut out = BytesMut::new();
+                let mut closed = false;
+                loop {
+                    match ws::decode(&mut buf, Sender::Server, max) {
+                        Ok(Some(f)) => {
+                            let f = match f.opcode {
+                                Opcode::Binary | Opcode::Text => {
+                                    channel = f.payload.first().copied().unwrap_or(0);
+                                    let data = f.payload.slice(1.min(f.payload.len())..);
+                                    let data = self.server_data(
+                                        channel,
+                                        data,
+                                        masker.as_deref(),
+                                        &recorder,
+                                        &header_sent,
+                                        &stats,
+                                    );
+                                    let mut p = BytesMut::with_capacity(data.len() + 1);
+                                    p.extend_from_slice(&[channel]);
+                                    p.extend_from_slice(&data);
+                                    Frame {
+                                        payload: p.freeze(),
+                                        ..f
+                                    }
+                                }
+                                Opcode::Continuation => {
+                                    let data = self.server_data(
+                                        channel,
+                                        f.payload.clone(),
+                                        masker.as_deref(),
+                                        &recorder,
+                                        &header_sent,
+                                        &stats,
+                                    );
+                                    Frame { payload: data, ..f }
+                                }
+                                Opcode::Close => {
+                                    closed = true;
+                                    f
+                                }
+                                _ => f,
+                            };
+                            ws::encode(&f, None, &mut out);
+                            if closed {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => return Err(format!("bad frame from the API server: {e}")),
+                    }
+                }
+                if !out.is_empty()
+                    && (client_w.write_all(&out).await.is_err() || client_w.flush().await.is_err())
+                {
+                    return Err("the client went away".to_string());
+                }
+                if closed {
+                    return Ok(());
+                }
+                match up_r.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => {}
+                }
+            }
+        };
+        let mut end_note = None;
+        let mut error = None;
+        {
+            tokio::pin!(to_up);
+            tokio::pin!(to_client);
+            let ended = self.live.guard.end_signal();
+            tokio::pin!(ended);
+            let mut ticker = tokio::time::interval(Duration::from_millis(500));
+            let mut up_done = false;
+            loop {
+                tokio::select! {
+                    // stdin may end first; the output runs on until the command ends.
+                    r = &mut to_up, if !up_done => {
+                        up_done = true;
+                        if let Err(e) = r {
+                            error = Some(e);
+                            break;
+                        }
+                    }
+                    r = &mut to_client => {
+                        if let Err(e) = r {
+                            error = Some(e);
+                        }
+                        break;
+                    }
+                    reason = &mut ended => {
+                        end_note = Some(reason.message());
+                        break;
+                    }
+                    _ = ticker.tick() => self.flush_recording(&recorder, &id, false),
+                }
+            }
+        }
+        if let Some(e) = &error {
+            tracing::debug!(error = %e, "exec stream ended");
+        }
+        if let Some(note) = end_note {
+            let _ = send(
+                &mut client_w,
+                &[
+                    failure_frame("Forbidden", &format!("wicket: {note}"), 403),
+                    Frame::close(1000, ""),
+                ],
+            )
+            .await;
+        }
+        let _ = client_w.shutdown().await;
+        let _ = up_w.shutdown().await;
+        self.flush_recording(&recorder, &id, true);
+        let st = stats.lock().expect("stats").clone();
+        let mut details = vec![
+            ("bytes_in", st.bytes_in.to_string()),
+            ("bytes_out", st.bytes_out.to_string()),
+            ("duration_ms", started.elapsed().as_millis().to_string()),
+        ];
+        if let Some(code) = st.exit_code {
+            details.push(("exit_code", code.to_string()));
+        }
+        if let Some(e) = error {
+            details.push(("error", e));
+        }
+        if let Some(n) = end_note {
+            details.push(("ended", n.to_string()));
+        }
+        self.gate.result(&self.live, &id, &details, &st.masked);
+    }
+
+    fn start_recording(
+        &self,
+        recorder: &Mutex<Option<Recorder>>,
+        header_sent: &std::sync::atomic::AtomicBool,
+        cols: u32,
+        rows: u32,
+    ) {
+        if header_sent.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        if recorder.lock().expect("recorder").is_none() {
+            return;
+        }
+        let header = recording::header(
+            cols,
+            rows,
+            if self.api.tty { "xterm" } else { "none" },
+            Some(&self.api.command.join(" ")),
+        );
+        self.record_output_event("asciicast_header", header, &[]);
+    }
+
+    fn record_output_event(&self, key: &str, value: String, masked: &[(String, u64)]) {
+        let mut e = self.live.bare_event(AuditKind::Output);
+        e.details.insert("channel".into(), self.channel_name());
+        e.details.insert(key.into(), value);
+        for (k, n) in masked {
+            e.masked.insert(k.clone(), *n);
+        }
+        if let Err(err) = self.gate.sidecar.record(e) {
+            tracing::error!(error = %err, "cannot record exec output");
+        }
+    }
+
+    fn channel_name(&self) -> String {
+        format!("{} {}/{}", self.api.verb, self.api.namespace, self.api.name)
+    }
+
+    fn flush_recording(&self, recorder: &Mutex<Option<Recorder>>, _id: &str, force: bool) {
+        let mut g = recorder.lock().expect("recorder");
+        let Some(r) = g.as_mut() else { return };
+        if force {
+            r.finish();
+        } else {
+            r.tick(Duration::from_millis(500));
+        }
+        if let Some(batch) = r.take_batch(force) {
+            let counts: Vec<(String, u64)> = std::mem::take(&mut r.counts)
+                .iter()
+                .map(|(k, n)| (k.to_string(), n))
+                .collect();
+            drop(g);
+            self.record_output_event("asciicast", batch, &counts);
+        }
+    }
+
+    /// What the client sent on `channel`.
+    fn client_data(
+        &self,
+        channel: u8,
+        data: &[u8],
+        recorder: &Mutex<Option<Recorder>>,
+        header_sent: &std::sync::atomic::AtomicBool,
+        stats: &Mutex<Stats>,
+    ) {
+        match channel {
+            0 => {
+                stats.lock().expect("stats").bytes_in += data.len() as u64;
+                self.start_recording(recorder, header_sent, 80, 24);
+                if let Some(r) = recorder.lock().expect("recorder").as_mut() {
+                    r.input(data, false);
+                }
+            }
+            4 => {
+                #[derive(serde::Deserialize)]
+                struct Size {
+                    #[serde(rename = "Width")]
+                    width: u32,
+                    #[serde(rename = "Height")]
+                    height: u32,
+                }
+                if let Ok(s) = serde_json::from_slice::<Size>(data) {
+                    if !header_sent.load(std::sync::atomic::Ordering::Acquire) {
+                        self.start_recording(recorder, header_sent, s.width, s.height);
+                    } else if let Some(r) = recorder.lock().expect("recorder").as_mut() {
+                        r.resize(s.width, s.height);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// What the API server sent on `channel`; returns what the client gets.
+    fn server_data(
+        &self,
+        channel: u8,
+        data: Bytes,
+        masker: Option<&wicket_mask::Masker>,
+        recorder: &Mutex<Option<Recorder>>,
+        header_sent: &std::sync::atomic::AtomicBool,
+        stats: &Mutex<Stats>,
+    ) -> Bytes {
+        match channel {
+            1 | 2 => {
+                self.start_recording(recorder, header_sent, 80, 24);
+                if let Some(r) = recorder.lock().expect("recorder").as_mut() {
+                    r.output(&data);
+                }
+                let mut st = stats.lock().expect("stats");
+                st.bytes_out += data.len() as u64;
+                // Text is masked live; binary (NUL bytes, invalid UTF-8) is
+                // left intact for the client and masked in the recording.
+                if let Some(m) = masker
+                    && !data.contains(&0)
+                    && let Ok(text) = std::str::from_utf8(&data)
+                {
+                    let (masked, counts) = m.mask(text);
+                    if counts.total() > 0 {
+                        for (k, n) in counts.iter() {
+                            match st.masked.iter_mut().find(|(name, _)| name == k) {
+                                Some((_, c)) => *c += n,
+                                None => st.masked.push((k.to_string(), n)),
+                            }
+                        }
+                        return Bytes::from(masked.into_owned());
+                    }
+                }
+                data
+            }
+            3 => {
+                let mut st = stats.lock().expect("stats");
+                st.status_seen = true;
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) {
+                    st.exit_code = Some(match v["status"].as_str() {
+                        Some("Success") => 0,
+                        _ => v["details"]["causes"]
+                            .as_array()
+                            .and_then(|c| c.iter().find(|c| c["reason"] == "ExitCode"))
+                            .and_then(|c| c["message"].as_str())
+                            .and_then(|m| m.parse().ok())
+                            .unwrap_or(-1),
+                    });
+                }
+                data
+            }
+            _ => data,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Stats {
+    bytes_in: u64,
+    bytes_out: u64,
+    exit_code: Option<i64>,
+    status_seen: bool,
+    masked: Vec<(String, u64)>,
+}
+
+impl KubeGate {
+    /// Whether the connection records terminal output.
+    pub(crate) fn recording_enabled(&self) -> bool {
+        let Some(b) = self.sidecar.bundles.current() else {
+            return true;
+        };
+        b.policy
+            .connection(&self.sidecar.cfg.connection)
+            .is_none_or(|c| c.recording.enabled && c.recording.capture_output)
+    }
+}

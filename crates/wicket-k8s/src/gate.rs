@@ -1,0 +1,1191 @@
+//! The gate: TLS listener, authentication, sessions, decisions, and the
+//! forwarding of ordinary (non-upgrade) requests.
+//!
+//! Sessions are per caller token: every request carrying the same token
+//! shares one audit session (kubectl opens several connections per
+//! command), which ends when the token expires, the caller is revoked, an
+//! admin terminates it, or it sits idle for `idle_session`. Requests and
+//! streams in flight end with it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use wicket_core::{AuditKind, Command, Decision, Effect};
+use wicket_mask::Masker;
+use wicket_sidecar::{CallerTrace, LiveSession, Sidecar};
+
+use crate::classify::{ApiRequest, classify};
+use crate::redact::{self, JsonSplitter};
+use crate::{CarriedReasoning, exec};
+
+/// Errors inside bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of every request and response the gate builds.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Where the gate's own credential for the API server comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// No bearer token (a client certificate in the upstream TLS config).
+    None,
+    /// A fixed token.
+    Static(String),
+    /// A file re-read every minute (projected service-account tokens rotate).
+    File(PathBuf),
+}
+
+/// The API server.
+#[derive(Clone)]
+pub struct Upstream {
+    /// `host:port` to dial.
+    pub addr: String,
+    /// Name its certificate is checked against.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+    /// `Host` header value.
+    pub authority: String,
+    /// TLS settings (CA, optional client certificate).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Bearer token.
+    pub token: TokenSource,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Gate settings.
+#[derive(Debug, Clone)]
+pub struct K8sConfig {
+    /// The API server.
+    pub upstream: Upstream,
+    /// The gate's serving certificate.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Key for hashed masking.
+    pub mask_key: Vec<u8>,
+    /// Largest request body forwarded (the API server's own limit is 3 MiB).
+    pub max_request_bytes: usize,
+    /// Largest Secret response buffered for redaction (lists of Secrets).
+    pub max_redact_bytes: usize,
+    /// Largest WebSocket frame relayed on exec and attach.
+    pub max_frame_bytes: usize,
+    /// A session with no request for this long ends.
+    pub idle_session: Duration,
+    /// Prefix of the impersonated user name (`oidc:` to match an API
+    /// server's own OIDC settings, for example).
+    pub username_prefix: String,
+    /// Prefix of impersonated group names.
+    pub group_prefix: String,
+}
+
+impl K8sConfig {
+    /// Settings with defaults for everything but the upstream and the certificate.
+    pub fn new(upstream: Upstream, tls: Arc<rustls::ServerConfig>) -> K8sConfig {
+        K8sConfig {
+            upstream,
+            tls,
+            mask_key: Vec::new(),
+            max_request_bytes: 3 * 1024 * 1024,
+            max_redact_bytes: 64 * 1024 * 1024,
+            max_frame_bytes: 4 * 1024 * 1024,
+            idle_session: Duration::from_secs(15 * 60),
+            username_prefix: String::new(),
+            group_prefix: String::new(),
+        }
+    }
+}
+
+/// A session and when it last served a request.
+struct Cached {
+    live: Arc<LiveSession>,
+    last_used: AtomicI64,
+}
+
+/// The gate, shared by every connection.
+pub struct KubeGate {
+    pub(crate) sidecar: Arc<Sidecar>,
+    pub(crate) cfg: K8sConfig,
+    sessions: std::sync::Mutex<HashMap<[u8; 32], Arc<Cached>>>,
+    masker: wicket_sidecar::masking::MaskerCache,
+    token: std::sync::Mutex<(Option<Instant>, String)>,
+}
+
+impl std::fmt::Debug for KubeGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeGate")
+            .field("upstream", &self.cfg.upstream)
+            .finish()
+    }
+}
+
+/// Per client connection: its address and its upstream connection (HTTP/1.1
+/// serves one request at a time, so one upstream connection suffices).
+struct Conn {
+    client_addr: String,
+    upstream: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Body>>>,
+}
+
+pub(crate) fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A full response.
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(
+            Full::new(body.into())
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .expect("static response")
+}
+
+/// A Kubernetes `Status` failure, which kubectl prints as
+/// `Error from server (REASON): MESSAGE`.
+pub fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16()});
+    reply(code, "application/json", body.to_string())
+}
+
+/// The refusal of a denied request.
+pub(crate) fn forbidden(d: &Decision) -> Response<Body> {
+    status(StatusCode::FORBIDDEN, "Forbidden", &denial_message(d))
+}
+
+pub(crate) fn denial_message(d: &Decision) -> String {
+    format!("wicket: denied by rule {}: {}", d.rule, d.reason)
+}
+
+/// Headers that are about one hop and never forwarded.
+const HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+    "authorization",
+    "wicket-reasoning",
+];
+
+/// Copies the end-to-end headers of a request.
+pub(crate) fn forwardable(h: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(h.len() + 4);
+    for (k, v) in h {
+        let n = k.as_str();
+        if HOP.contains(&n) || n.starts_with("impersonate-") || n.starts_with("sec-websocket-") {
+            continue;
+        }
+        out.append(k.clone(), v.clone());
+    }
+    out
+}
+
+/// Asks for JSON where the client accepts protobuf, so the gate can read
+/// what comes back.
+fn json_accept(h: &mut HeaderMap) {
+    let Some(v) = h.get("accept").and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    if !v.contains("protobuf") {
+        return;
+    }
+    let kept: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.contains("protobuf"))
+        .collect();
+    let value = if kept.is_empty() {
+        "application/json".to_string()
+    } else {
+        kept.join(",")
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert("accept", v);
+    }
+}
+
+/// The caller's reasoning: `Wicket-Reasoning` and `traceparent` headers,
+/// else what the credential plugin carried on the token.
+fn caller_trace(h: &HeaderMap, carried: Option<CarriedReasoning>) -> CallerTrace {
+    let header = |n: &str| {
+        h.get(n).map(|v| {
+            let s = String::from_utf8_lossy(v.as_bytes()).into_owned();
+            if s.contains('%') {
+                url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or(s)
+            } else {
+                s
+            }
+        })
+    };
+    let carried = carried.unwrap_or_default();
+    CallerTrace {
+        reasoning: header("wicket-reasoning")
+            .or_else(|| Some(carried.reasoning.clone()).filter(|r| !r.is_empty())),
+        traceparent: header("traceparent")
+            .or_else(|| Some(carried.traceparent.clone()).filter(|r| !r.is_empty())),
+    }
+}
+
+/// Serves `listener` until `shutdown`; then stops accepting (the caller drains).
+pub async fn serve(
+    gate: Arc<KubeGate>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(gate.cfg.tls.clone());
+    let sweeper = tokio::spawn({
+        let gate = gate.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(15)).await;
+                gate.sweep();
+            }
+        }
+    });
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if gate.sidecar.is_draining() {
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        let gate = gate.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let conn = Arc::new(Conn {
+                client_addr: peer.to_string(),
+                upstream: tokio::sync::Mutex::new(None),
+            });
+            let svc = service_fn(move |req| {
+                let gate = gate.clone();
+                let conn = conn.clone();
+                async move { Ok::<_, std::convert::Infallible>(gate.handle(conn, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(tls), svc)
+                .with_upgrades()
+                .await;
+        });
+    }
+    sweeper.abort();
+}
+
+impl KubeGate {
+    /// A gate over `sidecar`.
+    pub fn new(sidecar: Arc<Sidecar>, cfg: K8sConfig) -> Arc<KubeGate> {
+        Arc::new(KubeGate {
+            sidecar,
+            cfg,
+            sessions: Default::default(),
+            masker: Default::default(),
+            token: std::sync::Mutex::new((None, String::new())),
+        })
+    }
+
+    /// The detectors' masker under the current bundle.
+    pub(crate) fn masker(&self) -> Option<Arc<Masker>> {
+        self.masker.current(&self.sidecar, &self.cfg.mask_key)
+    }
+
+    /// Ends idle sessions and forgets ended ones.
+    fn sweep(&self) {
+        let idle = self.cfg.idle_session.as_secs() as i64;
+        let now = now_secs();
+        let mut g = self.sessions.lock().expect("sessions");
+        g.retain(|_, c| {
+            c.live.guard.end_reason().is_none() && now - c.last_used.load(Ordering::Relaxed) < idle
+        });
+    }
+
+    /// Number of sessions the gate holds.
+    pub fn sessions(&self) -> usize {
+        self.sessions.lock().expect("sessions").len()
+    }
+
+    /// The session of a token: the cached one, or a new one once the token
+    /// validates and a grant admits it.
+    async fn session_for(
+        &self,
+        token: &str,
+        client_addr: &str,
+        client_app: &str,
+    ) -> Result<Arc<LiveSession>, Response<Body>> {
+        let key: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("sha-256 is 32 bytes");
+        let now = now_secs();
+        {
+            let mut g = self.sessions.lock().expect("sessions");
+            if let Some(c) = g.get(&key) {
+                if c.live.guard.end_reason().is_none() && c.live.token_expires.timestamp() > now {
+                    c.last_used.store(now, Ordering::Relaxed);
+                    return Ok(c.live.clone());
+                }
+                g.remove(&key);
+            }
+        }
+        let identity = self
+            .sidecar
+            .authenticate(token, client_addr)
+            .await
+            .map_err(|e| {
+                status(
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthorized",
+                    &format!("wicket: {e}"),
+                )
+            })?;
+        let session = self
+            .sidecar
+            .open_session(&identity, client_addr, client_app)
+            .map_err(|d| forbidden(&d))?;
+        let live = Arc::new(LiveSession::new(session, self.sidecar.clone()));
+        self.sessions.lock().expect("sessions").insert(
+            key,
+            Arc::new(Cached {
+                live: live.clone(),
+                last_used: AtomicI64::new(now),
+            }),
+        );
+        Ok(live)
+    }
+
+    /// The gate's bearer token for the API server.
+    pub(crate) fn upstream_token(&self) -> Option<String> {
+        match &self.cfg.upstream.token {
+            TokenSource::None => None,
+            TokenSource::Static(t) => Some(t.clone()),
+            TokenSource::File(path) => {
+                let mut g = self.token.lock().expect("token");
+                let fresh = g.0.is_some_and(|at| at.elapsed() < Duration::from_secs(60));
+                if !fresh {
+                    match std::fs::read_to_string(path) {
+                        Ok(t) => *g = (Some(Instant::now()), t.trim().to_string()),
+                        Err(e) => {
+                            tracing::error!(path = %path.display(), error = %e, "cannot read the upstream token")
+                        }
+                    }
+                }
+                Some(g.1.clone()).filter(|t| !t.is_empty())
+            }
+        }
+    }
+
+    /// The user and groups the API server is told the caller is.
+    pub(crate) fn impersonation(&self, live: &LiveSession) -> (String, Vec<String>) {
+        let p = &live.principal;
+        let user = format!("{}{}", self.cfg.username_prefix, p.subject);
+        let groups = p
+            .groups
+            .iter()
+            .map(|g| format!("{}{g}", self.cfg.group_prefix))
+            .collect();
+        (user, groups)
+    }
+
+    /// Adds the gate's credential and the caller's impersonation headers.
+    pub(crate) fn upstream_headers(
+        &self,
+        live: &LiveSession,
+        h: &mut HeaderMap,
+    ) -> Result<(), String> {
+        if let Some(t) = self.upstream_token() {
+            h.insert(
+                "authorization",
+                HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|_| "the upstream token is not a valid header value")?,
+            );
+        }
+        let (user, groups) = self.impersonation(live);
+        let bad = |what: &str| format!("the caller's {what} cannot be sent as a header");
+        h.insert(
+            "impersonate-user",
+            HeaderValue::from_str(&user).map_err(|_| bad("name"))?,
+        );
+        for g in groups {
+            h.append(
+                "impersonate-group",
+                HeaderValue::from_str(&g).map_err(|_| bad("group"))?,
+            );
+        }
+        h.insert(
+            "impersonate-extra-wicket-session",
+            HeaderValue::from_str(&live.id).map_err(|_| bad("session id"))?,
+        );
+        h.insert(
+            "host",
+            HeaderValue::from_str(&self.cfg.upstream.authority)
+                .map_err(|_| "bad upstream authority")?,
+        );
+        Ok(())
+    }
+
+    /// A new TLS connection to the API server.
+    pub(crate) async fn dial(
+        &self,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+        let up = &self.cfg.upstream;
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&up.addr),
+        )
+        .await
+        .map_err(|_| format!("connecting to the API server {} timed out", up.addr))?
+        .map_err(|e| format!("cannot reach the API server {}: {e}", up.addr))?;
+        let _ = tcp.set_nodelay(true);
+        tokio_rustls::TlsConnector::from(up.tls.clone())
+            .connect(up.server_name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS with the API server {} failed: {e}", up.addr))
+    }
+
+    async fn send_upstream(
+        &self,
+        conn: &Conn,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, String> {
+        let mut slot = conn.upstream.lock().await;
+        let reused = match slot.take() {
+            Some(mut s) => s.ready().await.is_ok().then_some(s),
+            None => None,
+        };
+        let mut sender = match reused {
+            Some(s) => s,
+            None => {
+                let tls = self.dial().await?;
+                let (s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(|e| format!("HTTP with the API server failed: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = c.await;
+                });
+                s
+            }
+        };
+        let resp = sender.send_request(req).await;
+        *slot = Some(sender);
+        resp.map_err(|e| {
+            let limited = std::error::Error::source(&e).is_some_and(|s| {
+                s.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+            });
+            if limited {
+                "request body too large".to_string()
+            } else {
+                format!("the API server did not answer: {e}")
+            }
+        })
+    }
+
+    /// Decides a request (holding it for approval when policy says so) and
+    /// records the decision; returns it with the command event's id.
+    pub(crate) async fn decide(
+        &self,
+        live: &LiveSession,
+        api: &ApiRequest,
+        trace: &CallerTrace,
+        details: &[(&str, String)],
+        on_pending: impl FnOnce(&str),
+    ) -> (Decision, String) {
+        let text = api.text();
+        let text = match self.masker() {
+            Some(m) => m.mask(&text).0.into_owned(),
+            None => text,
+        };
+        let cmd = Command {
+            text,
+            classification: api.classification(),
+        };
+        let mut d = self.sidecar.decide(live, &cmd, trace.has_reasoning());
+        let mut approval = None;
+        if d.effect == Effect::Review {
+            let reasoning = trace.reasoning_trace();
+            let outcome = self
+                .sidecar
+                .request_approval(live, &cmd, &d, reasoning.as_ref(), on_pending)
+                .await;
+            (d, approval) = outcome.into_decision(d);
+        }
+        let mut e = live.event(AuditKind::Command);
+        e.command = Some(cmd);
+        e.decision = Some(d.clone());
+        e.reasoning = trace.reasoning_trace();
+        e.traceparent = trace.traceparent.clone().unwrap_or_default();
+        if let Some((outcome, id)) = approval {
+            e.details.insert("approval".into(), id);
+            e.details.insert("approval_outcome".into(), outcome.into());
+        }
+        let (user, groups) = self.impersonation(live);
+        e.details.insert("impersonate_user".into(), user);
+        e.details
+            .insert("impersonate_groups".into(), groups.join(","));
+        for (k, v) in [
+            ("group", &api.group),
+            ("resource", &api.resource),
+            ("subresource", &api.subresource),
+            ("namespace", &api.namespace),
+            ("name", &api.name),
+        ] {
+            if !v.is_empty() {
+                e.details.insert(k.into(), v.clone());
+            }
+        }
+        for (k, v) in details {
+            e.details.insert((*k).into(), v.clone());
+        }
+        let id = e.id.clone();
+        if let Err(err) = self.sidecar.record(e) {
+            tracing::error!(error = %err, "cannot record a request");
+            if d.effect == Effect::Allow {
+                return (
+                    Decision::deny(
+                        "audit-unavailable",
+                        format!("the audit trail is unavailable: {err}"),
+                    ),
+                    id,
+                );
+            }
+        }
+        (d, id)
+    }
+
+    /// Records how a request ended.
+    pub(crate) fn result(
+        &self,
+        live: &LiveSession,
+        command_id: &str,
+        details: &[(&str, String)],
+        masked: &[(String, u64)],
+    ) {
+        let mut e = live.bare_event(AuditKind::CommandResult);
+        e.details
+            .insert("command_id".into(), command_id.to_string());
+        for (k, v) in details {
+            e.details.insert((*k).into(), v.clone());
+        }
+        for (k, n) in masked {
+            if *n > 0 {
+                e.masked.insert(k.clone(), *n);
+            }
+        }
+        if let Err(err) = self.sidecar.record(e) {
+            tracing::error!(error = %err, "cannot record a result");
+        }
+    }
+
+    /// Whether policy lets this caller see Secret values (a rule allowing
+    /// the command kind `secret_values`).
+    fn may_reveal(&self, live: &LiveSession, api: &ApiRequest, trace: &CallerTrace) -> bool {
+        let cmd = Command {
+            text: format!("reveal {}", api.object()),
+            classification: wicket_core::Classification {
+                kind: "secret_values".into(),
+                verb: api.verb.clone(),
+                objects: vec![api.object()],
+                risk: 60,
+                ..Default::default()
+            },
+        };
+        self.sidecar
+            .decide(live, &cmd, trace.has_reasoning())
+            .effect
+            == Effect::Allow
+    }
+
+    async fn handle(self: Arc<Self>, conn: Arc<Conn>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        // Everything read from the headers is taken before the first await.
+        let (bearer, client_app, trace, impersonate, upgrade) = {
+            let h = req.headers();
+            let bearer = h
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+                .map(|b| b.trim().to_string())
+                .filter(|b| !b.is_empty());
+            let client_app = h
+                .get("user-agent")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .chars()
+                .take(200)
+                .collect::<String>();
+            let carried = bearer.as_deref().and_then(|b| CarriedReasoning::split(b).1);
+            let trace = caller_trace(h, carried);
+            let impersonate = h
+                .keys()
+                .find(|k| k.as_str().starts_with("impersonate-"))
+                .map(|k| k.as_str().to_string());
+            let upgrade = h
+                .get("upgrade")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.to_ascii_lowercase());
+            (bearer, client_app, trace, impersonate, upgrade)
+        };
+        let Some(bearer) = bearer else {
+            return status(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "wicket: send an OIDC access token as a bearer token (kubectl: use `wicket kube-credential`, see `wicket kube config`)",
+            );
+        };
+        let token = CarriedReasoning::split(&bearer).0;
+        let live = match self
+            .session_for(token, &conn.client_addr, &client_app)
+            .await
+        {
+            Ok(l) => l,
+            Err(resp) => return resp,
+        };
+        let api = classify(req.method(), req.uri().path(), req.uri().query());
+        if let Some(name) = impersonate {
+            let d = Decision::deny(
+                "impersonation",
+                format!(
+                    "the gate impersonates the verified caller itself; a request may not carry {name} (kubectl --as is not supported)"
+                ),
+            );
+            let (d, _) = self.decide_fixed(&live, &api, &trace, d).await;
+            return forbidden(&d);
+        }
+        if api.kind() == "discovery" {
+            // Discovery is metadata every client needs before anything else;
+            // it is forwarded (under the caller's identity) without a decision.
+            return match self.forward(&conn, &live, &api, req, None).await {
+                Ok((resp, _)) => resp,
+                Err(resp) => resp,
+            };
+        }
+        match upgrade.as_deref() {
+            Some("websocket") if matches!(api.kind(), "exec" | "port_forward") => {
+                return exec::upgrade(self.clone(), live, api, trace, req);
+            }
+            Some(u) if u.starts_with("spdy/") => {
+                return self.refuse_spdy(&live, &api, &trace).await;
+            }
+            Some(_) | None if matches!(api.kind(), "exec" | "port_forward") => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "wicket: exec, attach and port-forward need a WebSocket upgrade",
+                );
+            }
+            _ => {}
+        }
+        let reveal = api.resource == "secrets" && self.may_reveal(&live, &api, &trace);
+        let mut extra = Vec::new();
+        if api.resource == "secrets" {
+            extra.push((
+                "secret_values",
+                if reveal { "shown" } else { "redacted" }.to_string(),
+            ));
+        }
+        let (d, id) = self.decide(&live, &api, &trace, &extra, no_note).await;
+        if d.effect != Effect::Allow {
+            return forbidden(&d);
+        }
+        let transform = if api.resource == "secrets" && !reveal {
+            Some(Transform::Redact {
+                watch: api.verb == "watch",
+            })
+        } else if api.subresource == "log" {
+            self.masker().map(Transform::MaskLines)
+        } else {
+            None
+        };
+        match self.forward(&conn, &live, &api, req, transform).await {
+            Ok((resp, redacted)) => {
+                let code = resp.status().as_u16();
+                let gate = self.clone();
+                let live2 = live.clone();
+                let done = move |bytes: u64, complete: bool| {
+                    gate.result(
+                        &live2,
+                        &id,
+                        &[
+                            ("status", code.to_string()),
+                            ("bytes_out", bytes.to_string()),
+                            ("duration_ms", started.elapsed().as_millis().to_string()),
+                            ("complete", complete.to_string()),
+                        ],
+                        &[("secret_value".to_string(), redacted)],
+                    );
+                };
+                let (parts, body) = resp.into_parts();
+                let tracked = Tracked {
+                    inner: body,
+                    bytes: 0,
+                    ended: Box::pin(live.guard.end_signal()),
+                    done: Some(Box::new(done)),
+                };
+                Response::from_parts(parts, tracked.boxed_unsync())
+            }
+            Err(resp) => {
+                self.result(
+                    &live,
+                    &id,
+                    &[
+                        ("status", resp.status().as_u16().to_string()),
+                        ("duration_ms", started.elapsed().as_millis().to_string()),
+                    ],
+                    &[],
+                );
+                resp
+            }
+        }
+    }
+
+    /// Records a decision taken by the gate itself (no policy lookup).
+    async fn decide_fixed(
+        &self,
+        live: &LiveSession,
+        api: &ApiRequest,
+        trace: &CallerTrace,
+        d: Decision,
+    ) -> (Decision, String) {
+        let mut e = live.event(AuditKind::Command);
+        e.command = Some(Command {
+            text: api.text(),
+            classification: api.classification(),
+        });
+        e.decision = Some(d.clone());
+        e.reasoning = trace.reasoning_trace();
+        let id = e.id.clone();
+        if let Err(err) = self.sidecar.record(e) {
+            tracing::error!(error = %err, "cannot record a refusal");
+        }
+        (d, id)
+    }
+
+    /// SPDY streams cannot be recorded by this gate: refuse them, with the
+    /// policy's own refusal when there is one, else with what to do instead.
+    async fn refuse_spdy(
+        &self,
+        live: &LiveSession,
+        api: &ApiRequest,
+        trace: &CallerTrace,
+    ) -> Response<Body> {
+        let cmd = Command {
+            text: api.text(),
+            classification: api.classification(),
+        };
+        let policy = self.sidecar.decide(live, &cmd, trace.has_reasoning());
+        let d = if policy.effect == Effect::Deny {
+            policy
+        } else {
+            Decision::deny(
+                "spdy-refused",
+                "this gate records exec, attach and port-forward, which it can only do over WebSocket; \
+                 use kubectl 1.30 or newer (kubectl 1.29: set KUBECTL_REMOTE_COMMAND_WEBSOCKETS=true; \
+                 port-forward on 1.30: KUBECTL_PORT_FORWARD_WEBSOCKETS=true), and do not set \
+                 KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false",
+            )
+        };
+        let (d, _) = self.decide_fixed(live, api, trace, d).await;
+        forbidden(&d)
+    }
+
+    /// Forwards a request and returns the response with its body (transformed
+    /// as asked), or a `Status` when the API server cannot be reached.
+    async fn forward(
+        &self,
+        conn: &Conn,
+        live: &LiveSession,
+        api: &ApiRequest,
+        req: Request<Incoming>,
+        transform: Option<Transform>,
+    ) -> Result<(Response<Body>, u64), Response<Body>> {
+        let (parts, body) = req.into_parts();
+        if let Some(n) = parts
+            .headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            && n > self.cfg.max_request_bytes as u64
+        {
+            return Err(too_large(self.cfg.max_request_bytes));
+        }
+        let mut headers = forwardable(&parts.headers);
+        if transform.is_some() {
+            json_accept(&mut headers);
+            if matches!(transform, Some(Transform::Redact { .. })) {
+                headers.insert("accept", HeaderValue::from_static("application/json"));
+                headers.remove("accept-encoding");
+            }
+        }
+        self.upstream_headers(live, &mut headers).map_err(|e| {
+            status(
+                StatusCode::BAD_GATEWAY,
+                "InternalError",
+                &format!("wicket: {e}"),
+            )
+        })?;
+        let uri = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let body: Body = if parts.method == Method::GET || parts.method == Method::HEAD {
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        } else {
+            Limited::new(body, self.cfg.max_request_bytes).boxed_unsync()
+        };
+        let mut up = Request::builder()
+            .method(parts.method.clone())
+            .uri(uri)
+            .body(body)
+            .map_err(|e| {
+                status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &format!("wicket: {e}"),
+                )
+            })?;
+        *up.headers_mut() = headers;
+        let resp = match self.send_upstream(conn, up).await {
+            Ok(r) => r,
+            Err(e) if e == "request body too large" => {
+                return Err(too_large(self.cfg.max_request_bytes));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, object = %api.object(), "upstream request failed");
+                return Err(status(
+                    StatusCode::BAD_GATEWAY,
+                    "InternalError",
+                    &format!("wicket: {e}"),
+                ));
+            }
+        };
+        let (mut rparts, rbody) = resp.into_parts();
+        for n in [
+            "connection",
+            "keep-alive",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+        ] {
+            rparts.headers.remove(n);
+        }
+        let body = rbody.map_err(box_error).boxed_unsync();
+        let (body, counts) = match transform {
+            None => (body, 0),
+            Some(t) => {
+                if t.is_redact() && !is_json(&rparts.headers) && rparts.status.is_success() {
+                    return Err(status(
+                        StatusCode::BAD_GATEWAY,
+                        "InternalError",
+                        "wicket: the API server answered a Secret request with something other than JSON; refusing to pass it unredacted",
+                    ));
+                }
+                if let Transform::Redact { watch: false } = &t {
+                    rparts.headers.remove("content-length");
+                    redact_whole(body, self.cfg.max_redact_bytes).await?
+                } else {
+                    rparts.headers.remove("content-length");
+                    (stream_transform(body, t, self.cfg.max_redact_bytes), 0)
+                }
+            }
+        };
+        Ok((Response::from_parts(rparts, body), counts))
+    }
+}
+
+fn too_large(max: usize) -> Response<Body> {
+    status(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "RequestEntityTooLarge",
+        &format!("wicket: the request body is over the gate's limit of {max} bytes"),
+    )
+}
+
+fn is_json(h: &HeaderMap) -> bool {
+    h.get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// How a response body is changed on its way back.
+enum Transform {
+    /// Redact Secret values (`watch`: a stream of events).
+    Redact { watch: bool },
+    /// Mask each line with the detectors (`pods/log`).
+    MaskLines(Arc<Masker>),
+}
+
+impl Transform {
+    fn is_redact(&self) -> bool {
+        matches!(self, Transform::Redact { .. })
+    }
+}
+
+async fn redact_whole(mut body: Body, max: usize) -> Result<(Body, u64), Response<Body>> {
+    let unreadable = |why: String| {
+        status(
+            StatusCode::BAD_GATEWAY,
+            "InternalError",
+            &format!("wicket: cannot read the API server's answer for redaction: {why}"),
+        )
+    };
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| unreadable(e.to_string()))?;
+        if let Ok(d) = frame.into_data() {
+            if bytes.len() + d.len() > max {
+                return Err(unreadable(format!("it is over {max} bytes")));
+            }
+            bytes.extend_from_slice(&d);
+        }
+    }
+    let mut v: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(_) => {
+            return Err(status(
+                StatusCode::BAD_GATEWAY,
+                "InternalError",
+                "wicket: the API server's answer is not JSON; refusing to pass a Secret unredacted",
+            ));
+        }
+    };
+    let n = redact::redact(&mut v);
+    let out = serde_json::to_vec(&v).unwrap_or_default();
+    Ok((
+        Full::new(Bytes::from(out))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+        n,
+    ))
+}
+
+/// Transforms a streamed body chunk by chunk in a task; ends the output
+/// with an error (the client sees a cut stream) when the input is bad.
+fn stream_transform(mut body: Body, t: Transform, max: usize) -> Body {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(8);
+    tokio::spawn(async move {
+        let mut splitter = JsonSplitter::default();
+        let mut line: Vec<u8> = Vec::new();
+        loop {
+            let frame = match body.frame().await {
+                None => break,
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Some(Ok(f)) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let out: Result<Vec<u8>, String> = match &t {
+                Transform::Redact { .. } => splitter.push(&data, max).map(|values| {
+                    let mut out = Vec::new();
+                    for v in values {
+                        match serde_json::from_slice::<serde_json::Value>(&v) {
+                            Ok(mut v) => {
+                                redact::redact(&mut v);
+                                out.extend_from_slice(&serde_json::to_vec(&v).unwrap_or_default());
+                                out.push(b'\n');
+                            }
+                            Err(_) => return Vec::new(),
+                        }
+                    }
+                    out
+                }),
+                Transform::MaskLines(m) => {
+                    line.extend_from_slice(&data);
+                    let cut = line
+                        .iter()
+                        .rposition(|b| *b == b'\n')
+                        .map(|i| i + 1)
+                        .unwrap_or(0);
+                    let whole: Vec<u8> = if cut > 0 {
+                        line.drain(..cut).collect()
+                    } else if line.len() > 64 * 1024 {
+                        std::mem::take(&mut line)
+                    } else {
+                        Vec::new()
+                    };
+                    let text = String::from_utf8_lossy(&whole);
+                    Ok(m.mask(&text).0.into_owned().into_bytes())
+                }
+            };
+            match out {
+                Ok(o) if o.is_empty() => {}
+                Ok(o) => {
+                    if tx.send(Ok(Frame::data(Bytes::from(o)))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+        if let Transform::MaskLines(m) = &t
+            && !line.is_empty()
+        {
+            let text = String::from_utf8_lossy(&line);
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from(m.mask(&text).0.into_owned()))))
+                .await;
+        }
+    });
+    futures_stream(move |cx| rx.poll_recv(cx)).boxed_unsync()
+}
+
+/// A stream from a poll function (no extra crate for one adapter).
+fn futures_stream<T>(
+    f: impl FnMut(&mut Context<'_>) -> Poll<Option<T>> + Send + Unpin,
+) -> impl hyper::body::Body<Data = Bytes, Error = BoxError> + Send
+where
+    T: Into<Result<Frame<Bytes>, BoxError>>,
+{
+    struct S<F>(F);
+    impl<F, T> hyper::body::Body for S<F>
+    where
+        F: FnMut(&mut Context<'_>) -> Poll<Option<T>> + Unpin,
+        T: Into<Result<Frame<Bytes>, BoxError>>,
+    {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            (self.get_mut().0)(cx).map(|o| o.map(Into::into))
+        }
+    }
+    S(f)
+}
+
+/// Callback run once when a response body ends: bytes sent, and whether it
+/// ran to its end.
+type Done = Box<dyn FnOnce(u64, bool) + Send>;
+
+/// A response body that counts what it sends, ends when the session ends,
+/// and reports once when done.
+struct Tracked {
+    inner: Body,
+    bytes: u64,
+    ended: Pin<Box<dyn Future<Output = wicket_sidecar::EndReason> + Send>>,
+    done: Option<Done>,
+}
+
+impl Tracked {
+    fn finish(&mut self, complete: bool) {
+        if let Some(done) = self.done.take() {
+            done(self.bytes, complete);
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(reason) = this.ended.as_mut().poll(cx) {
+            this.finish(false);
+            return Poll::Ready(Some(Err(format!("wicket: {}", reason.message()).into())));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(None) => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// No note while a plain request is held (HTTP has nowhere to say it).
+fn no_note(_approval: &str) {}
+
+fn box_error(e: hyper::Error) -> BoxError {
+    Box::new(e)
+}
