@@ -692,6 +692,34 @@ impl KubeGate {
             Err(resp) => return resp,
         };
         let api = classify(req.method(), req.uri().path(), req.uri().query());
+        if let Some(n) = req
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            && n > self.cfg.max_request_bytes as u64
+        {
+            let d = Decision::deny(
+                "request-too-large",
+                format!(
+                    "the request body is over the gate's limit of {} bytes",
+                    self.cfg.max_request_bytes
+                ),
+            );
+            self.decide_fixed(&live, &api, &trace, d).await;
+            return too_large(self.cfg.max_request_bytes);
+        }
+        if api.kind() == "discovery" {
+            // Discovery is metadata every client needs before anything else;
+            // it is forwarded (under the caller's identity, never a claimed
+            // one) without a decision. kubectl shows no message for a refused
+            // discovery, so a forged impersonation is refused on the request
+            // that follows.
+            return match self.forward(&conn, &live, &api, req, None).await {
+                Ok((resp, _)) => resp,
+                Err(resp) => resp,
+            };
+        }
         if let Some(name) = impersonate {
             let d = Decision::deny(
                 "impersonation",
@@ -701,14 +729,6 @@ impl KubeGate {
             );
             let (d, _) = self.decide_fixed(&live, &api, &trace, d).await;
             return forbidden(&d);
-        }
-        if api.kind() == "discovery" {
-            // Discovery is metadata every client needs before anything else;
-            // it is forwarded (under the caller's identity) without a decision.
-            return match self.forward(&conn, &live, &api, req, None).await {
-                Ok((resp, _)) => resp,
-                Err(resp) => resp,
-            };
         }
         match upgrade.as_deref() {
             Some("websocket") if matches!(api.kind(), "exec" | "port_forward") => {
@@ -885,7 +905,32 @@ impl KubeGate {
                 .map_err(|never| match never {})
                 .boxed_unsync()
         } else {
-            Limited::new(body, self.cfg.max_request_bytes).boxed_unsync()
+            // Request bodies (objects, patches) are read whole before
+            // anything reaches the API server, so an oversized one, declared
+            // or chunked, is refused there and then; the bound is the API
+            // server's own.
+            let bytes = match Limited::new(body, self.cfg.max_request_bytes)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e)
+                    if e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some() =>
+                {
+                    return Err(too_large(self.cfg.max_request_bytes));
+                }
+                Err(e) => {
+                    return Err(status(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        &format!("wicket: cannot read the request body: {e}"),
+                    ));
+                }
+            };
+            Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync()
         };
         let mut up = Request::builder()
             .method(parts.method.clone())

@@ -35,6 +35,14 @@ rules:
     effect: deny
     match: {commands: [exec]}
     condition: \"command.argv.exists(a, a == 'rm' || a.startsWith('rm '))\"
+  - id: restarts-need-approval
+    effect: review
+    match: {commands: [exec]}
+    condition: \"command.argv.exists(a, a.contains('restart'))\"
+    review: {approvers: [sre], timeout: 30s}
+  - id: admins-write
+    effect: allow
+    match: {commands: [write], groups: [admins]}
   - id: deletes-need-approval
     effect: review
     match: {commands: [delete]}
@@ -271,4 +279,320 @@ async fn watches_and_followed_logs_stream_without_buffering() {
         "{late}"
     );
     let _ = logs.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_denied_and_unexplained_requests_are_recorded_with_identity_and_trace() {
+    let ks = KubeStack::start(POLICY).await;
+    let ops = ks.stack.idp.mint(&TokenSpec::human("olivia", &["ops"]));
+    let sre = ks
+        .stack
+        .idp
+        .mint(&TokenSpec::human("sam", &["sre", "wicket-approvers"]));
+    let agent = ks.stack.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    let ops_cfg = ks.token_kubeconfig("ops", &ops);
+
+    // An agent without reasoning is refused; with it (carried on the token
+    // the way `wicket kube-credential` does), it gets through.
+    let bare = ks.token_kubeconfig("agent-bare", &agent);
+    let err = fails(ks.kubectl("1.33", &bare).args(["get", "pods"]));
+    assert!(
+        err.contains("Forbidden") && err.contains("require-reasoning"),
+        "{err}"
+    );
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let carried = wicket_k8s::CarriedReasoning {
+        reasoning: "checking why web-0 restarts".into(),
+        traceparent: traceparent.into(),
+    };
+    let explained = ks.token_kubeconfig("agent", &carried.attach(&agent));
+    let out = ok(ks.kubectl("1.33", &explained).args(["get", "pods"]));
+    assert!(out.contains("web-0"));
+
+    // A held delete, approved: kubectl waits, then the pod is gone.
+    let mut delete = ks.kubectl("1.33", &ops_cfg);
+    delete.args(["delete", "pod", "db-0", "--wait=false"]);
+    let run = blocking(move || delete.output().unwrap());
+    let approve = ks.stack.decide_next(&sre, true, |a| {
+        let cmd = a
+            .request
+            .as_ref()
+            .and_then(|r| r.command.as_ref())
+            .expect("command");
+        assert_eq!(cmd.text, "delete pods/db-0 -n default");
+    });
+    let (o, ()) = tokio::join!(run, approve);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(!ks.kube.pods("default").contains(&"db-0".to_string()));
+
+    // A held delete, denied: kubectl says why.
+    let mut delete = ks.kubectl("1.33", &ops_cfg);
+    delete.args(["delete", "pod", "web-0", "--wait=false"]);
+    let run = blocking(move || delete.output().unwrap());
+    let deny = ks.stack.decide_next(&sre, false, |_| {});
+    let (o, ()) = tokio::join!(run, deny);
+    let err = text(&o).1;
+    assert!(
+        !o.status.success() && err.contains("deletes-need-approval") && err.contains("denied"),
+        "{err}"
+    );
+    assert!(ks.kube.pods("default").contains(&"web-0".to_string()));
+
+    // A held exec says it waits on the caller's terminal, then runs.
+    let mut exec = ks.kubectl("1.33", &ops_cfg);
+    exec.args(["exec", "web-0", "--", "sh", "-c", "echo restarted"]);
+    let run = blocking(move || exec.output().unwrap());
+    let approve = ks.stack.decide_next(&sre, true, |_| {});
+    let (o, ()) = tokio::join!(run, approve);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(out, "restarted\n");
+    assert!(err.contains("waiting for approval"), "{err}");
+
+    // The audit trail: who (as impersonated), what, the decision, the trace.
+    let events = ks.stack.events().await;
+    let commands: Vec<&v1::AuditEvent> = events
+        .iter()
+        .filter(|e| e.kind == v1::AuditKind::Command as i32)
+        .collect();
+    let rule = |e: &v1::AuditEvent| {
+        e.decision
+            .as_ref()
+            .map(|d| d.rule.clone())
+            .unwrap_or_default()
+    };
+    assert!(commands.iter().any(|e| rule(e) == "require-reasoning"));
+    let traced = commands
+        .iter()
+        .find(|e| {
+            e.reasoning
+                .as_ref()
+                .is_some_and(|r| r.reasoning == "checking why web-0 restarts")
+        })
+        .expect("the agent's reasoning is recorded");
+    assert_eq!(
+        traced.reasoning.as_ref().unwrap().trace_id,
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+    assert_eq!(
+        traced.details.get("impersonate_user").map(String::as_str),
+        Some("bot")
+    );
+    let deletes: Vec<_> = commands
+        .iter()
+        .filter(|e| rule(e) == "deletes-need-approval")
+        .collect();
+    let outcomes: Vec<&str> = deletes
+        .iter()
+        .filter_map(|e| e.details.get("approval_outcome").map(String::as_str))
+        .collect();
+    assert_eq!(outcomes, ["approved", "denied"]);
+    assert!(
+        deletes
+            .iter()
+            .all(|e| e.details.get("impersonate_user").map(String::as_str) == Some("olivia"))
+    );
+    // The API server saw the agent as itself.
+    assert!(ks.kube.seen().iter().any(
+        |s| s.impersonate_user.as_deref() == Some("bot") && s.impersonate_groups == ["agents"]
+    ));
+}
+
+/// A raw TLS connection to the gate.
+async fn connect(ks: &KubeStack) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let cfg = wicket_sidecar::tls::client_config(Some(&ks.ca_file), &[b"http/1.1"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(ks.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(
+            rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
+/// Everything the gate sends until it closes (or 10 s pass).
+async fn read_all(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+/// Opens an exec WebSocket through the gate and sends `frames` raw.
+async fn exec_with_frames(ks: &KubeStack, token: &str, frames: &[u8]) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut s = connect(ks).await;
+    let req = format!(
+        "GET /api/v1/namespaces/default/pods/web-0/exec?command=cat&stdin=true&stdout=true HTTP/1.1\r\n\
+         Host: {}\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n",
+        ks.addr
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(frames).await.unwrap();
+    String::from_utf8_lossy(&read_all(&mut s).await).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
+    let ks = KubeStack::start(POLICY).await;
+    let ops = ks.stack.idp.mint(&TokenSpec::human("olivia", &["ops"]));
+    let admin = ks
+        .stack
+        .idp
+        .mint(&TokenSpec::human("ada", &["ops", "admins"]));
+    let ops_cfg = ks.token_kubeconfig("ops", &ops);
+
+    // Forged impersonation: kubectl --as sends Impersonate-User.
+    let err = fails(
+        ks.kubectl("1.33", &ops_cfg)
+            .args(["get", "pods", "--as", "system:admin"]),
+    );
+    assert!(
+        err.contains("impersonation") && err.contains("Forbidden"),
+        "{err}"
+    );
+    assert!(
+        ks.kube
+            .seen()
+            .iter()
+            .all(|s| s.impersonate_user.as_deref() != Some("system:admin"))
+    );
+
+    // Bad and expired tokens.
+    let bad = ks.token_kubeconfig("bad", "not-a-token");
+    let err = fails(ks.kubectl("1.33", &bad).args(["get", "pods"]));
+    assert!(
+        err.contains("Unauthorized") || err.contains("logged in"),
+        "{err}"
+    );
+    let expired = ks.stack.idp.mint(&TokenSpec {
+        ttl_seconds: -60,
+        ..TokenSpec::human("olivia", &["ops"])
+    });
+    let err = fails(
+        ks.kubectl("1.33", &ks.token_kubeconfig("expired", &expired))
+            .args(["get", "pods"]),
+    );
+    assert!(
+        err.contains("Unauthorized") || err.contains("logged in"),
+        "{err}"
+    );
+
+    // A huge body: refused before the API server sees it, declared or chunked.
+    let big = ks.dir.join("big.json");
+    std::fs::write(
+        &big,
+        format!("{{\"kind\":\"Pod\",\"x\":\"{}\"}}", "a".repeat(5 << 20)),
+    )
+    .unwrap();
+    for chunked in [false, true] {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--cacert"]).arg(&ks.ca_file).args([
+            "-H",
+            &format!("Authorization: Bearer {admin}"),
+            "-H",
+            "Content-Type: application/json",
+        ]);
+        if chunked {
+            curl.args(["-H", "Transfer-Encoding: chunked"]);
+        }
+        curl.args(["--data-binary", &format!("@{}", big.display())])
+            .arg(format!("{}/api/v1/namespaces/default/pods", ks.url()));
+        let out = ok(&mut curl);
+        assert!(
+            out.contains("\"code\":413") && out.contains("limit"),
+            "chunked={chunked}: {out}"
+        );
+    }
+    assert!(!ks.kube.seen().iter().any(|s| s.method == "POST"));
+
+    // Malformed WebSocket frames: an unmasked client frame, reserved bits,
+    // and a length of 2^40 bytes are refused without reading on.
+    for frames in [
+        vec![0x82u8, 0x03, 0, b'h', b'i'],
+        vec![0xf2, 0x80, 1, 2, 3, 4],
+        vec![0x82, 0xff, 0, 0, 1, 0, 0, 0, 0, 0, 1, 2, 3, 4],
+    ] {
+        let reply = exec_with_frames(&ks, &ops, &frames).await;
+        assert!(reply.starts_with("HTTP/1.1 101"), "{reply}");
+    }
+    // A good frame still works on a fresh stream: stdin "hi", then close stdin.
+    let mut good = Vec::new();
+    for payload in [&[0u8, b'h', b'i'][..], &[255, 0][..]] {
+        let mut f = bytes::BytesMut::new();
+        wicket_sidecar::websocket::encode(
+            &wicket_sidecar::websocket::Frame::binary(payload.to_vec()),
+            Some([7, 7, 7, 7]),
+            &mut f,
+        );
+        good.extend_from_slice(&f);
+    }
+    let reply = exec_with_frames(&ks, &ops, &good).await;
+    assert!(reply.contains("\u{1}hi"), "{reply:?}");
+    // And the gate carries on.
+    let out = ok(ks.kubectl("1.33", &ops_cfg).args(["get", "pods"]));
+    assert!(out.contains("web-0"));
+    let events = ks.stack.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == v1::AuditKind::AuthFailure as i32)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_session_ends_its_exec_and_watch() {
+    let ks = KubeStack::start(POLICY).await;
+    let ops = ks.stack.idp.mint(&TokenSpec::human("olivia", &["ops"]));
+    let cfg = ks.token_kubeconfig("ops", &ops);
+    let mut exec = ks.kubectl("1.33", &cfg);
+    exec.args(["exec", "web-0", "--", "sleep", "30"]);
+    let started = std::time::Instant::now();
+    let run = blocking(move || exec.output().unwrap());
+    let terminate = async {
+        let mut sessions = v1::session_admin_service_client::SessionAdminServiceClient::new(
+            ks.stack.channel.clone(),
+        );
+        let admin = ks.stack.admin();
+        let id = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let list = sessions
+                .list_sessions(wicket_teststack::auth(
+                    v1::ListSessionsRequest {
+                        limit: 10,
+                        ..Default::default()
+                    },
+                    &admin,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .sessions;
+            if let Some(s) = list.into_iter().next() {
+                // Let the exec start before ending its session.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                break s.id;
+            }
+        };
+        sessions
+            .terminate_session(wicket_teststack::auth(
+                v1::TerminateSessionRequest {
+                    id,
+                    reason: "incident response".into(),
+                },
+                &admin,
+            ))
+            .await
+            .unwrap();
+    };
+    let (o, ()) = tokio::join!(run, terminate);
+    assert!(!o.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the exec ended with its session"
+    );
+    assert!(text(&o).1.contains("wicket"), "{}", text(&o).1);
 }
