@@ -596,3 +596,69 @@ async fn a_terminated_session_ends_its_exec_and_watch() {
     );
     assert!(text(&o).1.contains("wicket"), "{}", text(&o).1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_exec_is_recorded_as_asciicast() {
+    let ks = KubeStack::start(POLICY).await;
+    let ops = ks.stack.idp.mint(&TokenSpec::human("olivia", &["ops"]));
+    let cfg = ks.token_kubeconfig("ops", &ops);
+    let kubectl = wicket_teststack::kube::kubectl_path("1.33");
+    // `script` gives kubectl a terminal, so `-it` asks for a tty.
+    let line = format!(
+        "{} exec -it web-0 -- sh -c 'echo tty-ok; read x; echo got:$x; echo mail dave@example.com'",
+        kubectl.display()
+    );
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"])
+        .env("KUBECONFIG", &cfg)
+        .env("HOME", ks.dir.join("home"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let o = blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        child.stdin.take().unwrap().write_all(b"abc\n").unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}{out}");
+    assert!(out.contains("tty-ok") && out.contains("got:abc"), "{out}");
+    assert!(
+        !out.contains("dave@example.com"),
+        "output is masked on the terminal too: {out}"
+    );
+    let events = ks.stack.events().await;
+    let outputs: Vec<&v1::AuditEvent> = events
+        .iter()
+        .filter(|e| e.kind == v1::AuditKind::Output as i32)
+        .collect();
+    let header = outputs
+        .iter()
+        .find_map(|e| e.details.get("asciicast_header"))
+        .expect("an asciicast header");
+    let header: serde_json::Value = serde_json::from_str(header).unwrap();
+    assert_eq!(header["version"], 2);
+    assert!(header["width"].as_u64().unwrap() > 0);
+    let cast: String = outputs
+        .iter()
+        .filter_map(|e| e.details.get("asciicast"))
+        .cloned()
+        .collect();
+    let lines: Vec<serde_json::Value> = cast
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l[1] == "o" && l[2].as_str().unwrap().contains("tty-ok"))
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l[1] == "i" && l[2].as_str().unwrap().contains("abc"))
+    );
+    assert!(!cast.contains("dave@example.com"));
+}
