@@ -118,21 +118,6 @@ pub fn run(args: &[String]) -> Result<(), String> {
     )?;
     let upstream_pw = dir.join("upstream-password");
     std::fs::write(&upstream_pw, pg.password()).map_err(|e| e.to_string())?;
-    let admin_env: Vec<(String, String)> = env.clone();
-    let sidecar_token = wicket(
-        &bin,
-        &admin_env,
-        &[
-            "sidecars",
-            "create",
-            "--name",
-            "demo-pg",
-            "--connection",
-            "demo-db",
-        ],
-    )?
-    .trim()
-    .to_string();
     let (pg_port, pg_admin_port) = if check {
         (free_port()?, free_port()?)
     } else {
@@ -143,29 +128,25 @@ pub fn run(args: &[String]) -> Result<(), String> {
             return Err(format!("port {port} (for wicket-pg) is already in use"));
         }
     }
-    let pg_log = std::fs::File::create(dir.join("wicket-pg.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(bin.join("wicket-pg"))
-        .env("WICKET_PG_LISTEN", format!("127.0.0.1:{pg_port}"))
-        .env("WICKET_PG_UPSTREAM", format!("127.0.0.1:{}", pg.port))
-        .env("WICKET_PG_UPSTREAM_USER", "postgres")
-        .env("WICKET_PG_UPSTREAM_PASSWORD_FILE", &upstream_pw)
-        .env("WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK", "true")
-        .env("WICKET_CONTROL", &control_url)
-        .env("WICKET_SIDECAR_TOKEN", &sidecar_token)
-        .env("WICKET_CONNECTION", "demo-db")
-        .env("WICKET_STATE_DIR", dir.join("pg-state"))
-        .env("WICKET_OIDC_ISSUER", get(&env, "WICKET_OIDC_ISSUER"))
-        .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{pg_admin_port}"))
-        .stdin(Stdio::null())
-        .stdout(pg_log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(pg_log)
-        .spawn()
-        .map_err(|e| format!("cannot start wicket-pg: {e}"))?;
-    kids.push("wicket-pg", child);
-    if let Err(e) = wait_for(30, "wicket-pg", || port_open(pg_port)) {
-        let log = std::fs::read_to_string(dir.join("wicket-pg.log")).unwrap_or_default();
-        return Err(format!("{e}\n{log}"));
-    }
+    start_gate(
+        &dir,
+        &bin,
+        &env,
+        &control_url,
+        ("wicket-pg", "demo-db"),
+        (pg_port, pg_admin_port),
+        &[
+            ("WICKET_PG_LISTEN", format!("127.0.0.1:{pg_port}")),
+            ("WICKET_PG_UPSTREAM", format!("127.0.0.1:{}", pg.port)),
+            ("WICKET_PG_UPSTREAM_USER", "postgres".into()),
+            (
+                "WICKET_PG_UPSTREAM_PASSWORD_FILE",
+                upstream_pw.display().to_string(),
+            ),
+            ("WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK", "true".into()),
+        ],
+        &mut kids,
+    )?;
     let pg_url = |user: &str, token: &str| {
         format!("postgresql://{user}:{token}@127.0.0.1:{pg_port}/demo?sslmode=disable")
     };
@@ -184,6 +165,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
         println!("(no OpenSSH server here: apt-get install openssh-server for the SSH gate demo)");
         None
     };
+    util::step("starting the demo Kubernetes API (a fake apiserver) and wicket-k8s in front of it");
+    let k8s = crate::demo_k8s::start(&dir, &bin, &env, &control_url, check, &mut kids)?;
+    env.push((
+        "WICKET_KUBECONFIG".into(),
+        k8s.kubeconfig.display().to_string(),
+    ));
     let mut file =
         String::from("# Written by `cargo xtask demo`. Use with: source target/demo/env\n");
     for (k, v) in &env {
@@ -237,6 +224,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             s.port, s.admin_port, s.sshd_port
         );
     }
+    println!(
+        "  Kubernetes gate          127.0.0.1:{} (wicket-k8s; metrics on 127.0.0.1:{}) -> fake kube-apiserver on 127.0.0.1:{}\n",
+        k8s.port, k8s.admin_port, k8s.apiserver_port
+    );
     println!("Try it yourself:");
     println!("  source {}", env_path.display());
     println!(
@@ -262,6 +253,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
         println!(
             "  SSH_ASKPASS={} SSH_ASKPASS_REQUIRE=force WICKET_REASONING='checking load' ssh -o SendEnv=WICKET_REASONING -p $WICKET_SSH_PORT $WICKET_SSH_USER@$WICKET_SSH_HOST uptime",
             dir.join("ssh/askpass-agent").display()
+        );
+    }
+    if let Some(kubectl) = crate::demo_k8s::kubectl() {
+        let k = kubectl.display();
+        println!("  WICKET_REASONING='checking pods' {k} --kubeconfig $WICKET_KUBECONFIG get pods");
+        println!(
+            "  WICKET_REASONING='reading config' {k} --kubeconfig $WICKET_KUBECONFIG get secret db-creds -o yaml   # redacted"
+        );
+        println!(
+            "  WICKET_REASONING='cleanup' {k} --kubeconfig $WICKET_KUBECONFIG delete pod db-0   # held for approval"
         );
     }
     println!("  wicket approvals list");
@@ -345,6 +346,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         if let Some(s) = &ssh {
             check_ssh(&dir, s)?;
         }
+        crate::demo_k8s::check(&dir, &k8s)?;
         wait_for(15, "the demo session in `wicket sessions list`", || {
             wicket(
                 &bin,
@@ -398,43 +400,25 @@ fn start_ssh(
     }
     let sshd = crate::sshd::start(&sdir, sshd_port, kids)?;
     let (gate_key, known_hosts, user) = (&sshd.gate_key, &sshd.known_hosts, &sshd.user);
-    let token = wicket(
+    start_gate(
+        dir,
         bin,
         env,
+        control_url,
+        ("wicket-ssh", "demo-host"),
+        (port, admin_port),
         &[
-            "sidecars",
-            "create",
-            "--name",
-            "demo-ssh",
-            "--connection",
-            "demo-host",
+            ("WICKET_SSH_LISTEN", format!("127.0.0.1:{port}")),
+            ("WICKET_SSH_UPSTREAM", format!("127.0.0.1:{sshd_port}")),
+            ("WICKET_SSH_UPSTREAM_USER", user.to_string()),
+            (
+                "WICKET_SSH_UPSTREAM_KEY_FILE",
+                gate_key.display().to_string(),
+            ),
+            ("WICKET_SSH_KNOWN_HOSTS", known_hosts.display().to_string()),
         ],
-    )?
-    .trim()
-    .to_string();
-    let log = std::fs::File::create(dir.join("wicket-ssh.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(bin.join("wicket-ssh"))
-        .env("WICKET_SSH_LISTEN", format!("127.0.0.1:{port}"))
-        .env("WICKET_SSH_UPSTREAM", format!("127.0.0.1:{sshd_port}"))
-        .env("WICKET_SSH_UPSTREAM_USER", user)
-        .env("WICKET_SSH_UPSTREAM_KEY_FILE", gate_key)
-        .env("WICKET_SSH_KNOWN_HOSTS", known_hosts)
-        .env("WICKET_CONTROL", control_url)
-        .env("WICKET_SIDECAR_TOKEN", &token)
-        .env("WICKET_CONNECTION", "demo-host")
-        .env("WICKET_STATE_DIR", dir.join("ssh-state"))
-        .env("WICKET_OIDC_ISSUER", env_get(env, "WICKET_OIDC_ISSUER"))
-        .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot start wicket-ssh: {e}"))?;
-    kids.push("wicket-ssh", child);
-    if let Err(e) = wait_for(30, "wicket-ssh", || port_open(port)) {
-        let log = std::fs::read_to_string(dir.join("wicket-ssh.log")).unwrap_or_default();
-        return Err(format!("{e}\n{log}"));
-    }
+        kids,
+    )?;
     // Password prompts answered with the demo tokens (as an agent's SSH_ASKPASS would).
     for (who, var) in [
         ("agent", "WICKET_AGENT_TOKEN"),
@@ -447,6 +431,59 @@ fn start_ssh(
         admin_port,
         sshd_port,
     })
+}
+
+/// Starts gate `name` (a sidecar binary) for `connection` with the common
+/// settings (control service, a new sidecar credential, state directory,
+/// identity provider, admin listener) plus `extra`, logging to
+/// `DIR/NAME.log`, and waits until it listens on `port`.
+#[allow(clippy::too_many_arguments)]
+pub fn start_gate(
+    dir: &Path,
+    bin: &Path,
+    env: &[(String, String)],
+    control_url: &str,
+    (name, connection): (&str, &str),
+    (port, admin_port): (u16, u16),
+    extra: &[(&str, String)],
+    kids: &mut Children,
+) -> Result<(), String> {
+    let short = name.trim_start_matches("wicket-");
+    let token = wicket(
+        bin,
+        env,
+        &[
+            "sidecars",
+            "create",
+            "--name",
+            &format!("demo-{short}"),
+            "--connection",
+            connection,
+        ],
+    )?
+    .trim()
+    .to_string();
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    let child = Command::new(bin.join(name))
+        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("WICKET_CONTROL", control_url)
+        .env("WICKET_SIDECAR_TOKEN", &token)
+        .env("WICKET_CONNECTION", connection)
+        .env("WICKET_STATE_DIR", dir.join(format!("{short}-state")))
+        .env("WICKET_OIDC_ISSUER", env_get(env, "WICKET_OIDC_ISSUER"))
+        .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {name}: {e}"))?;
+    kids.push(name, child);
+    if let Err(e) = wait_for(30, name, || port_open(port)) {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        return Err(format!("{e}\n{log}"));
+    }
+    Ok(())
 }
 
 /// The demo agent's commands through wicket-ssh: one allowed, one refused.

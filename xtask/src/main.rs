@@ -6,11 +6,13 @@
 //! - `cargo xtask demo`  — the control service on SQLite with a demo policy and a
 //!   local identity provider; writes `target/demo/env`.
 //! - `cargo xtask peers` — start the test peers and print their environment.
-//! - `cargo xtask bench [policy|mask|pg|pg-mask|ssh]` — benchmarks, with their reference figures.
+//! - `cargo xtask bench [policy|mask|pg|pg-mask|ssh|k8s]` — benchmarks, with their reference figures.
 
 mod bench;
+mod bench_k8s;
 mod bench_ssh;
 mod demo;
+mod demo_k8s;
 mod peers;
 mod regress;
 mod sshd;
@@ -30,7 +32,7 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(rest),
         "help" | "--help" | "-h" => {
             println!(
-                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|mask|pg|pg-mask|ssh] | fuzz [pg|mask] [SECONDS]>"
+                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|mask|pg|pg-mask|ssh|k8s] | fuzz [pg|mask|k8s] [SECONDS]>"
             );
             Ok(())
         }
@@ -133,7 +135,8 @@ fn bench(args: &[String]) -> Result<(), String> {
         bench(&["mask".to_string()])?;
         bench(&["pg".to_string()])?;
         bench(&["pg-mask".to_string()])?;
-        return bench(&["ssh".to_string()]);
+        bench(&["ssh".to_string()])?;
+        return bench(&["k8s".to_string()]);
     }
     match which {
         "policy" => {
@@ -160,22 +163,33 @@ fn bench(args: &[String]) -> Result<(), String> {
             );
             bench_ssh::ssh()
         }
+        "k8s" => {
+            util::step(
+                "Kubernetes: GET pod latency and rate, and 100 MB exec stdout, direct vs wicket-k8s; targets <= 200 µs added p50, >= 0.8x exec throughput",
+            );
+            bench_k8s::k8s()
+        }
         other => Err(format!(
-            "unknown benchmark `{other}` (available: policy, mask, pg, pg-mask, ssh)"
+            "unknown benchmark `{other}` (available: policy, mask, pg, pg-mask, ssh, k8s)"
         )),
     }
 }
 
-/// `cargo xtask fuzz [pg|mask] [SECONDS]`: the PostgreSQL wire-codec or the
-/// masking-engine fuzz target under cargo fuzz.
+/// `cargo xtask fuzz [pg|mask|k8s] [SECONDS]`: the PostgreSQL wire-codec, the
+/// masking-engine or the exec channel-frame fuzz target under cargo fuzz.
 fn fuzz(args: &[String]) -> Result<(), String> {
     let target = args.first().map(String::as_str).unwrap_or("pg");
     let (dir, bin, what) = match target {
         "pg" => ("crates/wicket-pg", "codec", "the PostgreSQL wire codec"),
         "mask" => ("crates/wicket-mask", "mask", "the masking engine"),
+        "k8s" => (
+            "crates/wicket-k8s",
+            "frames",
+            "the exec channel-frame (WebSocket) decoder",
+        ),
         _ => {
             return Err(format!(
-                "unknown fuzz target `{target}` (available: pg, mask)"
+                "unknown fuzz target `{target}` (available: pg, mask, k8s)"
             ));
         }
     };

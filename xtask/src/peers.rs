@@ -128,6 +128,15 @@ pub fn ensure_installed() -> Result<(), String> {
             apt.push(pkg);
         }
     }
+    // The Kubernetes gate's tests: kubectl 1.27 … 1.33, which the `kubectl`
+    // package (Google's Cloud SDK repository) ships as kubectl.1.NN.
+    if !Path::new("/usr/lib/google-cloud-sdk/bin/kubectl.1.33").exists() {
+        apt.push("kubectl");
+    }
+    // `script` gives kubectl a terminal in the interactive exec test.
+    if !have("script") {
+        apt.push("bsdutils");
+    }
     // pg_query (the PostgreSQL parser wicket-pg classifies with) generates
     // its bindings with bindgen, which needs libclang.
     if !libclang_installed() {

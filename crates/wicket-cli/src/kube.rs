@@ -47,6 +47,10 @@ pub struct ConfigArgs {
     /// Leave the current context alone.
     #[arg(long)]
     pub no_switch: bool,
+    /// `NAME=VALUE` set for the credential plugin (e.g. `WICKET_CACHE_DIR`
+    /// for a second identity). Repeatable.
+    #[arg(long = "exec-env", value_name = "NAME=VALUE")]
+    pub exec_env: Vec<String>,
 }
 
 /// The `exp` claim of a JWT, if the token is one.
@@ -185,8 +189,20 @@ pub fn merged(existing: Option<&str>, args: &ConfigArgs, wicket: &Path) -> Resul
         "interactiveMode": "Never",
         "provideClusterInfo": false,
     });
+    let mut env = Vec::new();
     if let Ok(issuer) = std::env::var("WICKET_OIDC_ISSUER") {
-        exec["env"] = json!([{"name": "WICKET_OIDC_ISSUER", "value": issuer}]);
+        env.push(json!({"name": "WICKET_OIDC_ISSUER", "value": issuer}));
+    }
+    for pair in &args.exec_env {
+        let (name, value) = pair
+            .split_once('=')
+            .filter(|(n, _)| !n.is_empty())
+            .ok_or_else(|| CliError::usage(format!("--exec-env wants NAME=VALUE, not `{pair}`")))?;
+        env.retain(|e| e["name"] != name);
+        env.push(json!({"name": name, "value": value}));
+    }
+    if !env.is_empty() {
+        exec["env"] = Value::Array(env);
     }
     let mut context = json!({"cluster": args.name, "user": args.name});
     if let Some(ns) = &args.namespace {
@@ -282,6 +298,7 @@ mod tests {
             namespace: Some("default".into()),
             kubeconfig: None,
             no_switch: false,
+            exec_env: vec!["WICKET_CACHE_DIR=/tmp/agent".into()],
         }
     }
 
@@ -294,6 +311,13 @@ mod tests {
         assert_eq!(exec["args"][0], "kube-credential");
         assert_eq!(exec["apiVersion"], "client.authentication.k8s.io/v1");
         assert_eq!(doc["contexts"][0]["context"]["namespace"], "default");
+        assert!(
+            exec["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "WICKET_CACHE_DIR" && e["value"] == "/tmp/agent")
+        );
         assert!(!doc.to_string().contains("token\""));
     }
 

@@ -254,6 +254,7 @@ async fn watches_and_followed_logs_stream_without_buffering() {
     .await;
     assert!(found, "the watch delivers a new pod while it streams");
     let _ = watch.kill();
+    let _ = watch.wait();
 
     let mut logs = ks
         .kubectl("1.33", &cfg)
@@ -279,6 +280,7 @@ async fn watches_and_followed_logs_stream_without_buffering() {
         "{late}"
     );
     let _ = logs.kill();
+    let _ = logs.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

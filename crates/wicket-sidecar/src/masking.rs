@@ -60,17 +60,18 @@ pub fn builder(
     Ok(b)
 }
 
+/// A bundle and the masker compiled from it.
+type Compiled = (
+    std::sync::Arc<crate::Bundle>,
+    Option<std::sync::Arc<Masker>>,
+);
+
 /// The connection's detectors compiled once per policy bundle: gates ask
 /// for the current masker on every session and recompile only when a new
 /// bundle arrived.
 #[derive(Default)]
 pub struct MaskerCache {
-    cached: std::sync::Mutex<
-        Option<(
-            std::sync::Arc<crate::Bundle>,
-            Option<std::sync::Arc<Masker>>,
-        )>,
-    >,
+    cached: std::sync::Mutex<Option<Compiled>>,
 }
 
 impl std::fmt::Debug for MaskerCache {

@@ -69,11 +69,23 @@ struct Event {
     object: Value,
 }
 
+/// One resource's objects by (namespace, name).
+type Objects = BTreeMap<(String, String), Value>;
+
+/// A served resource: name, kind, namespaced, verbs, short names.
+type Resource = (
+    &'static str,
+    &'static str,
+    bool,
+    &'static [&'static str],
+    &'static [&'static str],
+);
+
 struct State {
     token: String,
     rv: AtomicU64,
     /// resource -> (namespace, name) -> object
-    objects: Mutex<BTreeMap<String, BTreeMap<(String, String), Value>>>,
+    objects: Mutex<BTreeMap<String, Objects>>,
     events: tokio::sync::broadcast::Sender<Event>,
     seen: Mutex<Vec<Seen>>,
     root: PathBuf,
@@ -321,7 +333,7 @@ fn truthy(v: Option<&str>) -> bool {
     matches!(v, Some("true" | "1"))
 }
 
-const RESOURCES: &[(&str, &str, bool, &[&str], &[&str])] = &[
+const RESOURCES: &[Resource] = &[
     (
         "pods",
         "Pod",

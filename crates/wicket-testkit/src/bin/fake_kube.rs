@@ -1,9 +1,10 @@
 //! `wicket-fake-kube`: the fake kube-apiserver of `wicket_testkit::kube`, as
 //! a process, for `cargo xtask demo` and `cargo xtask bench k8s`.
 //!
-//! `--dir DIR` receives `ca.crt` (the CA of its serving certificate) and
-//! `token` (the bearer token it accepts); it prints `ready https://…` once
-//! it listens. For demos and benchmarks only: exec runs commands on this host.
+//! `--dir DIR` receives `ca.crt` (the CA of its serving certificate),
+//! `token` (the bearer token it accepts) and `gate.crt` / `gate.key` (a
+//! certificate from the same CA for a gate in front of it, for `127.0.0.1`
+//! and `localhost`); it prints `ready https://…` once it listens. For demos and benchmarks only: exec runs commands on this host.
 
 use std::path::PathBuf;
 
@@ -37,6 +38,10 @@ async fn main() {
     std::fs::create_dir_all(&dir).expect("create --dir");
     std::fs::write(dir.join("ca.crt"), &kube.ca.cert_pem).expect("write ca.crt");
     std::fs::write(dir.join("token"), &token).expect("write token");
+    kube.ca
+        .issue(&[])
+        .write(&dir, "gate")
+        .expect("write gate.crt and gate.key");
     println!("ready {}", kube.url());
     let _ = tokio::signal::ctrl_c().await;
 }

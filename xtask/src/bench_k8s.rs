@@ -1,0 +1,229 @@
+//! `cargo xtask bench k8s`: `GET pod` latency and throughput (wrk) and a
+//! 100 MB `kubectl exec` stdout stream, directly to the fake kube-apiserver
+//! and through wicket-k8s (release builds; impersonation, policy, audit,
+//! recording and masking on), in one run, with ratios.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::bench::{Stack, build_release, cpu_us};
+use crate::util::{self, free_port, port_open, wait_for};
+
+const POLICY: &str = "version: 1
+connections:
+  - name: bench-kube
+    protocol: kubernetes
+    masking: {detectors: [email, card, jwt, cloud_key, private_key]}
+grants:
+  - id: agents
+    groups: [agents]
+rules:
+  - id: everything
+    effect: allow
+    match: {protocols: [kubernetes]}
+";
+
+/// One wrk run: (requests/s, p50 µs, p99 µs).
+fn wrk(url: &str, token: &str, conns: u32, secs: u32) -> Result<(f64, f64, f64), String> {
+    let threads = conns.clamp(1, 2).to_string();
+    let o = Command::new("wrk")
+        .args([
+            "--latency",
+            "-t",
+            &threads,
+            "-c",
+            &conns.to_string(),
+            "-d",
+            &format!("{secs}s"),
+        ])
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "-H",
+            "Accept: application/json",
+        ])
+        .arg(url)
+        .output()
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    if !o.status.success() || text.contains("Non-2xx") {
+        return Err(format!(
+            "wrk against {url} failed:\n{text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let micros = |v: &str| -> Option<f64> {
+        let (n, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+        let n: f64 = n.parse().ok()?;
+        Some(match unit {
+            "us" => n,
+            "ms" => n * 1e3,
+            "s" => n * 1e6,
+            _ => return None,
+        })
+    };
+    let pct = |p: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(p))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(micros)
+            .ok_or_else(|| format!("wrk printed no {p} latency:\n{text}"))
+    };
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("wrk printed no rate:\n{text}"))?;
+    Ok((rps, pct("50%")?, pct("99%")?))
+}
+
+fn kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> Result<(), String> {
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{server}\", certificate-authority: \"{}\"}}\nusers:\n- name: u\n  user: {{token: \"{token}\"}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u, namespace: default}}\ncurrent-context: c\n",
+        ca.display()
+    );
+    std::fs::write(path, text).map_err(|e| e.to_string())
+}
+
+/// Seconds for one `kubectl exec` that writes `bytes` of text to stdout.
+fn exec_once(kubectl: &Path, cfg: &Path, home: &Path, bytes: u64) -> Result<f64, String> {
+    let started = Instant::now();
+    let o = Command::new(kubectl)
+        .args(["exec", "web-0", "--", "sh", "-c"])
+        .arg(format!(
+            "yes 'kubectl exec benchmark line: the quick brown fox 0123456789' | head -c {bytes}"
+        ))
+        .env("KUBECONFIG", cfg)
+        .env("HOME", home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("kubectl: {e}"))?;
+    let secs = started.elapsed().as_secs_f64();
+    if !o.status.success() || o.stdout.len() as u64 != bytes {
+        return Err(format!(
+            "kubectl exec returned {} of {bytes} bytes: {}",
+            o.stdout.len(),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(secs)
+}
+
+/// Runs the benchmark.
+pub fn k8s() -> Result<(), String> {
+    let kubectl =
+        crate::demo_k8s::kubectl().ok_or("kubectl is not installed (apt-get install kubectl)")?;
+    if !util::have("wrk") {
+        return Err("wrk is not installed (apt-get install wrk)".into());
+    }
+    let bin = build_release()?;
+    let dir = util::root().join("target/bench-k8s");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("home")).map_err(|e| e.to_string())?;
+    let mut stack = Stack::start(&bin, &dir, POLICY)?;
+    let kdir = dir.join("kube");
+    let api_port = free_port()?;
+    stack.kids.push(
+        "wicket-fake-kube",
+        Command::new(bin.join("wicket-fake-kube"))
+            .args(["--listen", &format!("127.0.0.1:{api_port}"), "--dir"])
+            .arg(&kdir)
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?,
+    );
+    wait_for(20, "the fake kube-apiserver", || {
+        port_open(api_port) && kdir.join("gate.key").exists()
+    })?;
+    let token = stack.sidecar_token("bench-kube")?;
+    let gate_port = free_port()?;
+    let gate = stack
+        .sidecar_command("wicket-k8s", "bench-kube", &token)?
+        .env("WICKET_K8S_LISTEN", format!("127.0.0.1:{gate_port}"))
+        .env(
+            "WICKET_K8S_UPSTREAM",
+            format!("https://127.0.0.1:{api_port}"),
+        )
+        .env("WICKET_K8S_UPSTREAM_CA", kdir.join("ca.crt"))
+        .env("WICKET_K8S_UPSTREAM_TOKEN_FILE", kdir.join("token"))
+        .env("WICKET_TLS_CERT", kdir.join("gate.crt"))
+        .env("WICKET_TLS_KEY", kdir.join("gate.key"))
+        .spawn()
+        .map_err(|e| format!("cannot start wicket-k8s: {e}"))?;
+    let gate_pid = gate.id();
+    stack.kids.push("wicket-k8s", gate);
+    wait_for(30, "wicket-k8s", || port_open(gate_port))?;
+    let sa = std::fs::read_to_string(kdir.join("token")).map_err(|e| e.to_string())?;
+    let path = "/api/v1/namespaces/default/pods/web-0";
+    let direct_url = format!("https://127.0.0.1:{api_port}{path}");
+    let gate_url = format!("https://127.0.0.1:{gate_port}{path}");
+    // Warm both (connections, the gate's session and decision memo).
+    wrk(&direct_url, sa.trim(), 1, 1)?;
+    wrk(&gate_url, &stack.agent, 1, 1)?;
+    util::step(
+        "GET pod: one connection (latency), then eight (throughput), direct and through wicket-k8s",
+    );
+    let mut rows = Vec::new();
+    for conns in [1u32, 8] {
+        let d = wrk(&direct_url, sa.trim(), conns, 10)?;
+        let cpu0 = cpu_us(gate_pid);
+        let g = wrk(&gate_url, &stack.agent, conns, 10)?;
+        let cpu = cpu_us(gate_pid) - cpu0;
+        rows.push((conns, d, g, cpu as f64 / (g.0 * 10.0)));
+    }
+    let mb: u64 = std::env::var("WICKET_BENCH_EXEC_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let bytes = mb * 1024 * 1024;
+    let direct_cfg = dir.join("direct.kubeconfig");
+    let gate_cfg = dir.join("gate.kubeconfig");
+    kubeconfig(
+        &direct_cfg,
+        &format!("https://127.0.0.1:{api_port}"),
+        &kdir.join("ca.crt"),
+        sa.trim(),
+    )?;
+    kubeconfig(
+        &gate_cfg,
+        &format!("https://127.0.0.1:{gate_port}"),
+        &kdir.join("ca.crt"),
+        &stack.agent,
+    )?;
+    util::step(&format!(
+        "kubectl exec writing {mb} MB of text to stdout, three times each way, interleaved"
+    ));
+    let (mut best_d, mut best_g) = (f64::MAX, f64::MAX);
+    for _ in 0..3 {
+        best_d = best_d.min(exec_once(&kubectl, &direct_cfg, &dir.join("home"), bytes)?);
+        best_g = best_g.min(exec_once(&kubectl, &gate_cfg, &dir.join("home"), bytes)?);
+    }
+    println!("\nGET {path} (wrk, 10 s each)");
+    println!(
+        "{:<6} {:>12} {:>9} {:>9}   {:>12} {:>9} {:>9}   {:>10}",
+        "conns", "direct rps", "p50 µs", "p99 µs", "gate rps", "p50 µs", "p99 µs", "gate CPU/req"
+    );
+    for (c, d, g, cpu) in &rows {
+        println!(
+            "{c:<6} {:>12.0} {:>9.0} {:>9.0}   {:>12.0} {:>9.0} {:>9.0}   {:>8.0} µs",
+            d.0, d.1, d.2, g.0, g.1, g.2, cpu
+        );
+    }
+    let (_, d1, g1, _) = rows[0];
+    let (_, d8, g8, _) = rows[1];
+    println!(
+        "added p50 at one connection: {:.0} µs (target ≤ 200); throughput at eight: {:.2}× direct",
+        g1.1 - d1.1,
+        g8.0 / d8.0
+    );
+    let (md, mg) = (mb as f64 / best_d, mb as f64 / best_g);
+    println!("\nkubectl exec stdout, {mb} MB (best of three, whole command)");
+    println!(
+        "direct {md:>8.1} MB/s\nwicket-k8s {mg:>4.1} MB/s\nratio {:.2} (target ≥ 0.8)",
+        mg / md
+    );
+    Ok(())
+}
