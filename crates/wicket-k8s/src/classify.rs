@@ -95,7 +95,17 @@ impl ApiRequest {
             s.push_str(&self.namespace);
             s.push('/');
         }
-        s.push_str(&self.resource);
+        s.push_str(&self.reference());
+        if !self.subresource.is_empty() {
+            s.push('/');
+            s.push_str(&self.subresource);
+        }
+        s
+    }
+
+    /// `RESOURCE[.GROUP][/NAME]`.
+    fn reference(&self) -> String {
+        let mut s = self.resource.clone();
         if !self.group.is_empty() {
             s.push('.');
             s.push_str(&self.group);
@@ -103,10 +113,6 @@ impl ApiRequest {
         if !self.name.is_empty() {
             s.push('/');
             s.push_str(&self.name);
-        }
-        if !self.subresource.is_empty() {
-            s.push('/');
-            s.push_str(&self.subresource);
         }
         s
     }
@@ -117,15 +123,7 @@ impl ApiRequest {
         if self.non_resource {
             return format!("{} {}", self.verb.to_uppercase(), self.path);
         }
-        let mut s = format!("{} {}", self.verb, self.resource);
-        if !self.group.is_empty() {
-            s.push('.');
-            s.push_str(&self.group);
-        }
-        if !self.name.is_empty() {
-            s.push('/');
-            s.push_str(&self.name);
-        }
+        let mut s = format!("{} {}", self.verb, self.reference());
         if !self.subresource.is_empty()
             && !matches!(self.verb.as_str(), "exec" | "attach" | "portforward")
         {

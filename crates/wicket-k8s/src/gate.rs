@@ -272,22 +272,9 @@ pub async fn serve(
         }
     });
     tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        if gate.sidecar.is_draining() {
-            continue;
-        }
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, peer)) =
+        wicket_sidecar::process::next_connection(&listener, &mut shutdown, &gate.sidecar).await
+    {
         let gate = gate.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
@@ -585,19 +572,7 @@ impl KubeGate {
             e.details.insert((*k).into(), v.clone());
         }
         let id = e.id.clone();
-        if let Err(err) = self.sidecar.record(e) {
-            tracing::error!(error = %err, "cannot record a request");
-            if d.effect == Effect::Allow {
-                return (
-                    Decision::deny(
-                        "audit-unavailable",
-                        format!("the audit trail is unavailable: {err}"),
-                    ),
-                    id,
-                );
-            }
-        }
-        (d, id)
+        (self.sidecar.record_decision(e, d), id)
     }
 
     /// Records how a request ended.

@@ -74,6 +74,11 @@ fn fails(cmd: &mut Command) -> String {
     err
 }
 
+/// A person's token.
+fn human(ks: &KubeStack, name: &str, groups: &[&str]) -> String {
+    ks.stack.idp.mint(&TokenSpec::human(name, groups))
+}
+
 /// Runs a blocking kubectl off the runtime's threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
@@ -84,11 +89,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_verbs_work_through_the_gate() {
     let ks = KubeStack::start(POLICY).await;
-    let ops = ks.stack.idp.mint(&TokenSpec::human("olivia", &["ops"]));
-    let admin = ks
-        .stack
-        .idp
-        .mint(&TokenSpec::human("ada", &["ops", "admins"]));
+    let ops = human(&ks, "olivia", &["ops"]);
+    let admin = human(&ks, "ada", &["ops", "admins"]);
     let ops_cfg = ks.token_kubeconfig("ops", &ops);
     let admin_cfg = ks.token_kubeconfig("admin", &admin);
     let src = ks.dir.join("src.txt");
@@ -225,7 +227,7 @@ async fn kubectl_verbs_work_through_the_gate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_and_followed_logs_stream_without_buffering() {
     let ks = KubeStack::start(POLICY).await;
-    let ops = ks.stack.idp.mint(&TokenSpec::human("olivia", &["ops"]));
+    let ops = human(&ks, "olivia", &["ops"]);
     let cfg = ks.token_kubeconfig("ops", &ops);
     let mut watch = ks
         .kubectl("1.33", &cfg)
@@ -286,11 +288,8 @@ async fn watches_and_followed_logs_stream_without_buffering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_denied_and_unexplained_requests_are_recorded_with_identity_and_trace() {
     let ks = KubeStack::start(POLICY).await;
-    let ops = ks.stack.idp.mint(&TokenSpec::human("olivia", &["ops"]));
-    let sre = ks
-        .stack
-        .idp
-        .mint(&TokenSpec::human("sam", &["sre", "wicket-approvers"]));
+    let ops = human(&ks, "olivia", &["ops"]);
+    let sre = human(&ks, "sam", &["sre", "wicket-approvers"]);
     let agent = ks.stack.idp.mint(&TokenSpec::agent("bot", &["agents"]));
     let ops_cfg = ks.token_kubeconfig("ops", &ops);
 
@@ -440,11 +439,8 @@ async fn exec_with_frames(ks: &KubeStack, token: &str, frames: &[u8]) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
     let ks = KubeStack::start(POLICY).await;
-    let ops = ks.stack.idp.mint(&TokenSpec::human("olivia", &["ops"]));
-    let admin = ks
-        .stack
-        .idp
-        .mint(&TokenSpec::human("ada", &["ops", "admins"]));
+    let ops = human(&ks, "olivia", &["ops"]);
+    let admin = human(&ks, "ada", &["ops", "admins"]);
     let ops_cfg = ks.token_kubeconfig("ops", &ops);
 
     // Forged impersonation: kubectl --as sends Impersonate-User.
@@ -548,7 +544,7 @@ async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_session_ends_its_exec_and_watch() {
     let ks = KubeStack::start(POLICY).await;
-    let ops = ks.stack.idp.mint(&TokenSpec::human("olivia", &["ops"]));
+    let ops = human(&ks, "olivia", &["ops"]);
     let cfg = ks.token_kubeconfig("ops", &ops);
     let mut exec = ks.kubectl("1.33", &cfg);
     exec.args(["exec", "web-0", "--", "sleep", "30"]);
@@ -602,7 +598,7 @@ async fn a_terminated_session_ends_its_exec_and_watch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interactive_exec_is_recorded_as_asciicast() {
     let ks = KubeStack::start(POLICY).await;
-    let ops = ks.stack.idp.mint(&TokenSpec::human("olivia", &["ops"]));
+    let ops = human(&ks, "olivia", &["ops"]);
     let cfg = ks.token_kubeconfig("ops", &ops);
     let kubectl = wicket_teststack::kube::kubectl_path("1.33");
     // `script` gives kubectl a terminal, so `-it` asks for a tty.

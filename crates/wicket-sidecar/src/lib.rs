@@ -538,6 +538,25 @@ impl Sidecar {
         self.spool.append(event)
     }
 
+    /// Records a command's decision event; an allowed command whose record
+    /// cannot be written is refused (nothing runs unaudited).
+    pub fn record_decision(&self, event: AuditEvent, d: Decision) -> Decision {
+        match self.record(event) {
+            Ok(()) => d,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot record a command");
+                if d.effect == Effect::Allow {
+                    Decision::deny(
+                        "audit-unavailable",
+                        format!("the audit trail is unavailable: {err}"),
+                    )
+                } else {
+                    d
+                }
+            }
+        }
+    }
+
     /// Holds a command for approval: `on_pending` is called with the approval
     /// id once it exists; resolves when it is decided, expires, or cannot be asked.
     pub async fn request_approval(

@@ -106,3 +106,32 @@ pub fn read_secret_file(f: &std::path::Path) -> Result<String, String> {
         .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
         .map_err(|e| format!("cannot read {}: {e}", f.display()))
 }
+
+/// The next client connection of a gate, or `None` once `shutdown`
+/// resolves. Accept errors (out of descriptors, say) are logged and retried
+/// after a pause; connections that arrive while the sidecar drains are
+/// closed at once.
+pub async fn next_connection<F: std::future::Future<Output = ()>>(
+    listener: &tokio::net::TcpListener,
+    shutdown: &mut std::pin::Pin<&mut F>,
+    sidecar: &crate::Sidecar,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.as_mut() => return None,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if sidecar.is_draining() {
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        return Some((stream, peer));
+    }
+}

@@ -184,28 +184,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        if gate.sidecar.is_draining() {
-            drop(stream);
-            continue;
-        }
+    while let Some((stream, peer)) =
+        wicket_sidecar::process::next_connection(&listener, &mut shutdown, &gate.sidecar).await
+    {
         let Ok(permit) = gate.startups.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "too many connections authenticating; refusing one");
             drop(stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let gate = gate.clone();
         tokio::spawn(async move {
             let authed = Arc::new(AtomicBool::new(false));
@@ -1129,19 +1115,7 @@ impl Ctx {
             e.details.insert(k.into(), v);
         }
         let id = e.id.clone();
-        if let Err(err) = self.gate.sidecar.record(e) {
-            tracing::error!(error = %err, "cannot record a command");
-            if d.effect == Effect::Allow {
-                return (
-                    Decision::deny(
-                        "audit-unavailable",
-                        format!("the audit trail is unavailable: {err}"),
-                    ),
-                    id,
-                );
-            }
-        }
-        (d, id)
+        (self.gate.sidecar.record_decision(e, d), id)
     }
 
     fn result(&self, command_id: &str, details: &[(&str, String)]) {

@@ -576,16 +576,7 @@ impl State {
             ),
             (&Method::GET, ["api"]) => {
                 if let Some(v) = wants_aggregated(&accept) {
-                    let mut r = json_response(StatusCode::OK, &aggregated(v));
-                    r.headers_mut().insert(
-                        "content-type",
-                        format!(
-                            "application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList"
-                        )
-                        .parse()
-                        .expect("header"),
-                    );
-                    return r;
+                    return discovery_response(v, &aggregated(v));
                 }
                 json_response(
                     StatusCode::OK,
@@ -595,19 +586,9 @@ impl State {
             }
             (&Method::GET, ["apis"]) => {
                 if let Some(v) = wants_aggregated(&accept) {
-                    let mut r = json_response(
-                        StatusCode::OK,
-                        &json!({"kind": "APIGroupDiscoveryList", "apiVersion": format!("apidiscovery.k8s.io/{v}"), "metadata": {}, "items": []}),
-                    );
-                    r.headers_mut().insert(
-                        "content-type",
-                        format!(
-                            "application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList"
-                        )
-                        .parse()
-                        .expect("header"),
-                    );
-                    return r;
+                    let none = json!({"kind": "APIGroupDiscoveryList",
+                        "apiVersion": format!("apidiscovery.k8s.io/{v}"), "metadata": {}, "items": []});
+                    return discovery_response(v, &none);
                 }
                 json_response(
                     StatusCode::OK,
@@ -951,6 +932,18 @@ impl State {
             ))
             .expect("response")
     }
+}
+
+/// An aggregated discovery answer with the content type kubectl checks.
+fn discovery_response(version: &str, body: &Value) -> Response<Body> {
+    let mut r = json_response(StatusCode::OK, body);
+    r.headers_mut().insert(
+        "content-type",
+        format!("application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList")
+            .parse()
+            .expect("header"),
+    );
+    r
 }
 
 /// Which aggregated discovery version `accept` asks for, if any.
