@@ -229,60 +229,66 @@ async fn watches_and_followed_logs_stream_without_buffering() {
     let ks = KubeStack::start(POLICY).await;
     let ops = human(&ks, "olivia", &["ops"]);
     let cfg = ks.token_kubeconfig("ops", &ops);
-    let mut watch = ks
-        .kubectl("1.33", &cfg)
-        .args(["get", "pods", "-w", "--no-headers"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
-    let first = blocking(move || {
-        let l = lines.next();
-        (l, lines)
-    })
-    .await;
-    let (l, mut lines) = first;
-    assert!(l.unwrap().unwrap().contains("db-0"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    ks.kube.add_pod("default", "late-1");
-    let found = blocking(move || {
-        lines
-            .by_ref()
-            .take(5)
-            .map_while(Result::ok)
-            .any(|l| l.contains("late-1"))
-    })
-    .await;
-    assert!(found, "the watch delivers a new pod while it streams");
-    let _ = watch.kill();
-    let _ = watch.wait();
+    for v in KUBECTL_VERSIONS.iter().copied() {
+        let mut watch = ks
+            .kubectl(v, &cfg)
+            .args(["get", "pods", "-w", "--no-headers"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+        let first = blocking(move || {
+            let l = lines.next();
+            (l, lines)
+        })
+        .await;
+        let (l, mut lines) = first;
+        assert!(l.unwrap().unwrap().contains("db-0"), "{v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ks.kube.add_pod("default", &format!("late-{v}"));
+        let v2 = v.to_string();
+        let found = blocking(move || {
+            lines
+                .by_ref()
+                .take(5)
+                .map_while(Result::ok)
+                .any(|l| l.contains(&format!("late-{v2}")))
+        })
+        .await;
+        assert!(found, "the watch delivers a new pod while it streams");
+        let _ = watch.kill();
+        let _ = watch.wait();
 
-    let mut logs = ks
-        .kubectl("1.33", &cfg)
-        .args(["logs", "-f", "web-0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(logs.stdout.take().unwrap()).lines();
-    let (got, mut lines) = blocking(move || {
-        let got: Vec<String> = lines.by_ref().take(3).map_while(Result::ok).collect();
-        (got, lines)
-    })
-    .await;
-    assert_eq!(got.len(), 3);
-    assert!(!got.join("\n").contains("alice@example.com"));
-    ks.kube.log("late line for carol@example.net");
-    let late = blocking(move || lines.next().and_then(Result::ok))
+        let mut logs = ks
+            .kubectl(v, &cfg)
+            .args(["logs", "-f", "web-0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(logs.stdout.take().unwrap()).lines();
+        let (got, mut lines) = blocking(move || {
+            let got: Vec<String> = lines.by_ref().take(3).map_while(Result::ok).collect();
+            (got, lines)
+        })
+        .await;
+        assert_eq!(got.len(), 3, "{v}");
+        assert!(!got.join("\n").contains("alice@example.com"));
+        ks.kube.log(&format!("late line {v} for carol@example.net"));
+        let want = format!("late line {v} for");
+        let late = blocking(move || {
+            lines
+                .take(10)
+                .map_while(Result::ok)
+                .find(|l| l.starts_with(&want))
+        })
         .await
-        .unwrap();
-    assert!(
-        late.starts_with("late line for") && !late.contains("carol@"),
-        "{late}"
-    );
-    let _ = logs.kill();
-    let _ = logs.wait();
+        .expect("the followed log delivers a new line");
+        assert!(!late.contains("carol@"), "{late}");
+        let _ = logs.kill();
+        let _ = logs.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
