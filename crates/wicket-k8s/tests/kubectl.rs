@@ -666,3 +666,80 @@ async fn an_interactive_exec_is_recorded_as_asciicast() {
     );
     assert!(!cast.contains("dave@example.com"));
 }
+
+/// A free loopback port.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_runs_over_websocket_and_spdy_is_refused_with_advice() {
+    let ks = KubeStack::start(POLICY).await;
+    let ops = human(&ks, "olivia", &["ops"]);
+    let cfg = ks.token_kubeconfig("ops", &ops);
+    for (v, websockets) in [("1.33", None), ("1.30", Some("true"))] {
+        let local = free_port();
+        let mut pf = ks.kubectl(v, &cfg);
+        pf.args(["port-forward", "pod/web-0", &format!("{local}:8080")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(on) = websockets {
+            pf.env("KUBECTL_PORT_FORWARD_WEBSOCKETS", on);
+        }
+        let mut child = pf.spawn().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let echoed = blocking(move || {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert!(line.starts_with("Forwarding from"), "{line}");
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"through the gate").unwrap();
+            let mut got = [0u8; 16];
+            std::io::Read::read_exact(&mut s, &mut got).unwrap();
+            got
+        })
+        .await;
+        assert_eq!(&echoed, b"through the gate", "{v}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // kubectl 1.27 (and 1.30 by default) speak SPDY: refused, with advice.
+    let local = free_port();
+    let o = ks
+        .kubectl("1.27", &cfg)
+        .args(["port-forward", "pod/web-0", &format!("{local}:8080")])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).1.contains("kubectl 1.30 or newer"),
+        "{}",
+        text(&o).1
+    );
+    let events = ks.stack.events().await;
+    let forwards: Vec<&v1::AuditEvent> = events
+        .iter()
+        .filter(|e| {
+            e.command
+                .as_ref()
+                .and_then(|c| c.classification.as_ref())
+                .is_some_and(|c| c.kind == "port_forward")
+        })
+        .collect();
+    assert!(
+        forwards.len() >= 3,
+        "every port-forward is decided and recorded"
+    );
+    let moved: u64 = events
+        .iter()
+        .filter(|e| e.kind == v1::AuditKind::CommandResult as i32)
+        .filter_map(|e| e.details.get("bytes_out"))
+        .filter_map(|b| b.parse::<u64>().ok())
+        .sum();
+    assert!(moved > 0);
+}

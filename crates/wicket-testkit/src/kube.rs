@@ -12,7 +12,11 @@
 //! - `pods/exec` and `pods/attach` over WebSocket (`v5.channel.k8s.io`,
 //!   `v4.channel.k8s.io`). exec runs the command for real, on this host,
 //!   in the pod's directory: it is a test double, not a sandbox.
-//!   SPDY upgrades are answered 400, so a test sees if one gets through.
+//! - `pods/portforward` over WebSocket (`SPDY/3.1+portforward.k8s.io`, the
+//!   SPDY streams tunnelled in WebSocket messages, see [`crate::spdy`]):
+//!   every pod port is the fake's echo server ([`FakeKube::echo_addr`]).
+//!
+//! Plain SPDY upgrades are answered 400, so a test sees if one gets through.
 //!
 //! Every request is remembered with its impersonation headers
 //! ([`FakeKube::seen`]) so tests can assert who the server was told the
@@ -90,6 +94,8 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     root: PathBuf,
     log_lines: Mutex<Vec<String>>,
+    /// The echo server every forwarded pod port reaches.
+    echo: SocketAddr,
 }
 
 /// The running fake.
@@ -148,7 +154,9 @@ impl FakeKube {
             .expect("bind the fake apiserver");
         let addr = listener.local_addr().expect("address");
         let (events, _) = tokio::sync::broadcast::channel(1024);
+        let echo = echo_server().await;
         let state = Arc::new(State {
+            echo,
             token: opts.token,
             rv: AtomicU64::new(100),
             objects: Mutex::new(BTreeMap::new()),
@@ -243,6 +251,11 @@ impl FakeKube {
             .unwrap_or_default()
     }
 
+    /// The echo server behind every forwarded pod port.
+    pub fn echo_addr(&self) -> SocketAddr {
+        self.state.echo
+    }
+
     /// Appends a line to every pod's log (followers see it).
     pub fn log(&self, line: &str) {
         self.state
@@ -251,6 +264,23 @@ impl FakeKube {
             .expect("log")
             .push(line.to_string());
     }
+}
+
+/// A TCP server on loopback that sends back what it receives.
+async fn echo_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the echo server");
+    let addr = l.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = c.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
 }
 
 fn namespace(name: &str) -> Value {
@@ -608,11 +638,9 @@ impl State {
                     ["pods", name, sub @ ("exec" | "attach")] => {
                         self.stream(req, ns.unwrap_or("default"), name, sub, &qs)
                     }
-                    ["pods", _, "portforward"] => status(
-                        StatusCode::BAD_REQUEST,
-                        "BadRequest",
-                        "the fake apiserver does not serve port-forward",
-                    ),
+                    ["pods", name, "portforward"] => {
+                        self.stream(req, ns.unwrap_or("default"), name, "portforward", &qs)
+                    }
                     _ => status(
                         StatusCode::NOT_FOUND,
                         "NotFound",
@@ -872,8 +900,14 @@ impl State {
             .flat_map(|v| v.split(','))
             .map(|p| p.trim().to_string())
             .collect();
-        let Some(proto) = ["v5.channel.k8s.io", "v4.channel.k8s.io"]
-            .into_iter()
+        let protocols: &[&str] = if sub == "portforward" {
+            &[PORT_FORWARD_PROTOCOL]
+        } else {
+            &["v5.channel.k8s.io", "v4.channel.k8s.io"]
+        };
+        let Some(proto) = protocols
+            .iter()
+            .copied()
             .find(|p| offered.iter().any(|o| o == p))
         else {
             return status(
@@ -909,6 +943,8 @@ impl State {
         };
         let dir = self.root.join(ns).join(name);
         let v5 = proto.starts_with("v5");
+        let forward = sub == "portforward";
+        let echo = self.echo;
         tokio::spawn(async move {
             let Ok(io) = hyper::upgrade::on(req).await else {
                 return;
@@ -919,7 +955,11 @@ impl State {
                 None,
             )
             .await;
-            run_exec(ws, dir, command, tty, stdin, v5).await;
+            if forward {
+                crate::spdy::serve_port_forward(ws, echo).await;
+            } else {
+                run_exec(ws, dir, command, tty, stdin, v5).await;
+            }
         });
         Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -945,6 +985,10 @@ fn discovery_response(version: &str, body: &Value) -> Response<Body> {
     );
     r
 }
+
+/// The WebSocket subprotocol kubectl (1.31 and later) tunnels port-forward's
+/// SPDY streams in.
+pub const PORT_FORWARD_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
 
 /// Which aggregated discovery version `accept` asks for, if any.
 fn wants_aggregated(accept: &str) -> Option<&'static str> {
@@ -979,7 +1023,8 @@ async fn close<S: futures_util::Sink<Message> + Unpin>(sink: &mut S) {
     let _ = sink.close().await;
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+/// The server side of an upgraded WebSocket.
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Runs one exec (or attach) session over the channel protocol.
 async fn run_exec(

@@ -9,6 +9,7 @@
 pub mod env;
 pub mod idp;
 pub mod kube;
+pub mod spdy;
 pub mod tls;
 
 /// Installs aws-lc-rs as the process's rustls provider (idempotent).
