@@ -234,6 +234,8 @@ pub(crate) fn build_release() -> Result<std::path::PathBuf, String> {
             "-p",
             "wicket-ssh",
             "-p",
+            "wicket-k8s",
+            "-p",
             "wicket-control",
             "-p",
             "wicket-testkit",

@@ -123,7 +123,14 @@ pub fn k8s() -> Result<(), String> {
     let dir = util::root().join("target/bench-k8s");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("home")).map_err(|e| e.to_string())?;
-    let mut stack = Stack::start(&bin, &dir, POLICY)?;
+    // WICKET_BENCH_NO_MASK=1: the same connection without detectors, to see
+    // what masking costs.
+    let policy = if std::env::var_os("WICKET_BENCH_NO_MASK").is_some() {
+        POLICY.replace("    masking: {detectors: [email, card, jwt, cloud_key, private_key]}\n", "")
+    } else {
+        POLICY.to_string()
+    };
+    let mut stack = Stack::start(&bin, &dir, &policy)?;
     let kdir = dir.join("kube");
     let api_port = free_port()?;
     stack.kids.push(
@@ -169,9 +176,27 @@ pub fn k8s() -> Result<(), String> {
     let mut rows = Vec::new();
     for conns in [1u32, 8] {
         let d = wrk(&direct_url, sa.trim(), conns, 10)?;
+        // WICKET_BENCH_PERF=1: a perf profile of the gate under this load.
+        let perf = if std::env::var_os("WICKET_BENCH_PERF").is_some() {
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "perf record -g -o {} -p {gate_pid} -- sleep 8; timeout 3 strace -c -f -p {gate_pid} -o {}",
+                    dir.join(format!("perf-c{conns}.data")).display(),
+                    dir.join(format!("strace-c{conns}.txt")).display()
+                ))
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()
+        } else {
+            None
+        };
         let cpu0 = cpu_us(gate_pid);
         let g = wrk(&gate_url, &stack.agent, conns, 10)?;
         let cpu = cpu_us(gate_pid) - cpu0;
+        if let Some(mut p) = perf {
+            let _ = p.wait();
+        }
         rows.push((conns, d, g, cpu as f64 / (g.0 * 10.0)));
     }
     let mb: u64 = std::env::var("WICKET_BENCH_EXEC_MB")

@@ -7,7 +7,9 @@
 //! of the Kubernetes channel protocol (`v4.channel.k8s.io`,
 //! `v5.channel.k8s.io`: 0 stdin, 1 stdout, 2 stderr, 3 status, 4 resize,
 //! 255 close) says what each frame carries. stdin, stdout and stderr are
-//! recorded as asciicast v2 (masked by the connection's detectors), the
+//! recorded as asciicast v2 (masked by the connection's detectors; without
+//! a terminal, output past `CAPTURE_LIMIT` is counted, not recorded, as the
+//! SSH gate does), the
 //! status frame gives the exit code, and text output is masked on its way
 //! to the client too (binary output, such as `kubectl cp`'s tar stream, is
 //! masked only in the recording, so files arrive intact).
@@ -396,74 +398,88 @@ impl Stream {
                 }
             }
         };
-        let to_client = async {
+        // The API server's frames go through a pipeline: decoded as they
+        // arrive, masked on a blocking thread (masking is the costly step,
+        // and a second core can take it), then recorded and written to the
+        // client in order.
+        let (jobs_tx, mut jobs_rx) = tokio::sync::mpsc::channel::<Job>(4);
+        let read_up = async move {
             let mut buf = BytesMut::with_capacity(64 * 1024);
             let mut channel = 1u8;
             loop {
-                let mut out = BytesMut::new();
+                match up_r.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => {}
+                }
+                let mut outs = Vec::new();
                 let mut closed = false;
-                loop {
+                while !closed {
                     match ws::decode(&mut buf, Sender::Server, max) {
                         Ok(Some(f)) => {
-                            let f = match f.opcode {
+                            let data = match f.opcode {
                                 Opcode::Binary | Opcode::Text => {
                                     channel = f.payload.first().copied().unwrap_or(0);
-                                    let data = f.payload.slice(1.min(f.payload.len())..);
-                                    let data = self.server_data(
-                                        channel,
-                                        data,
-                                        masker.as_deref(),
-                                        &recorder,
-                                        &header_sent,
-                                        &stats,
-                                    );
-                                    let mut p = BytesMut::with_capacity(data.len() + 1);
-                                    p.extend_from_slice(&[channel]);
-                                    p.extend_from_slice(&data);
-                                    Frame {
-                                        payload: p.freeze(),
-                                        ..f
-                                    }
+                                    Some(f.payload.slice(1.min(f.payload.len())..))
                                 }
-                                Opcode::Continuation => {
-                                    let data = self.server_data(
-                                        channel,
-                                        f.payload.clone(),
-                                        masker.as_deref(),
-                                        &recorder,
-                                        &header_sent,
-                                        &stats,
-                                    );
-                                    Frame { payload: data, ..f }
-                                }
+                                Opcode::Continuation => Some(f.payload.clone()),
                                 Opcode::Close => {
                                     closed = true;
-                                    f
+                                    None
                                 }
-                                _ => f,
+                                _ => None,
                             };
-                            ws::encode(&f, None, &mut out);
-                            if closed {
-                                break;
-                            }
+                            outs.push(Out {
+                                frame: f,
+                                channel,
+                                raw: data,
+                                masked: Vec::new(),
+                            });
                         }
                         Ok(None) => break,
                         Err(e) => return Err(format!("bad frame from the API server: {e}")),
                     }
                 }
-                if !out.is_empty()
-                    && (client_w.write_all(&out).await.is_err() || client_w.flush().await.is_err())
-                {
+                if outs.is_empty() {
+                    continue;
+                }
+                let job = match masker.clone() {
+                    Some(m) if outs.iter().any(|o| o.raw.is_some() && matches!(o.channel, 1 | 2)) => {
+                        Job::Masking(tokio::task::spawn_blocking(move || mask_outs(outs, &m)))
+                    }
+                    _ => Job::Ready(outs),
+                };
+                if jobs_tx.send(job).await.is_err() || closed {
+                    return Ok(());
+                }
+            }
+        };
+        let write_client = async {
+            while let Some(job) = jobs_rx.recv().await {
+                let outs = match job {
+                    Job::Ready(o) => o,
+                    Job::Masking(h) => h.await.map_err(|e| format!("masking failed: {e}"))?,
+                };
+                let mut out = BytesMut::new();
+                let mut closed = false;
+                for o in outs {
+                    if let Some(raw) = &o.raw {
+                        self.server_data(o.channel, raw, &o.masked, &recorder, &header_sent, &stats);
+                    }
+                    closed |= o.frame.opcode == Opcode::Close;
+                    ws::encode(&o.frame, None, &mut out);
+                }
+                if client_w.write_all(&out).await.is_err() || client_w.flush().await.is_err() {
                     return Err("the client went away".to_string());
                 }
                 if closed {
                     return Ok(());
                 }
-                match up_r.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => return Ok(()),
-                    Ok(_) => {}
-                }
             }
+            Ok(())
+        };
+        let to_client = async {
+            let (r, w) = tokio::join!(read_up, write_client);
+            w.and(r)
         };
         let mut end_note = None;
         let mut error = None;
@@ -625,47 +641,39 @@ impl Stream {
         }
     }
 
-    /// What the API server sent on `channel`; returns what the client gets.
+    /// Accounts for what the API server sent on `channel` (`raw`, before
+    /// masking; `masked`, what live masking replaced): recording, byte
+    /// counts, and the exit status.
     fn server_data(
         &self,
         channel: u8,
-        data: Bytes,
-        masker: Option<&wicket_mask::Masker>,
+        raw: &Bytes,
+        masked: &[(String, u64)],
         recorder: &Mutex<Option<Recorder>>,
         header_sent: &std::sync::atomic::AtomicBool,
         stats: &Mutex<Stats>,
-    ) -> Bytes {
+    ) {
         match channel {
             1 | 2 => {
                 self.start_recording(recorder, header_sent, 80, 24);
-                if let Some(r) = recorder.lock().expect("recorder").as_mut() {
-                    r.output(&data);
+                if let Some(r) = recorder.lock().expect("recorder").as_mut()
+                    && (self.api.tty || r.output_bytes < recording::CAPTURE_LIMIT)
+                {
+                    r.output(raw);
                 }
                 let mut st = stats.lock().expect("stats");
-                st.bytes_out += data.len() as u64;
-                // Text is masked live; binary (NUL bytes, invalid UTF-8) is
-                // left intact for the client and masked in the recording.
-                if let Some(m) = masker
-                    && !data.contains(&0)
-                    && let Ok(text) = std::str::from_utf8(&data)
-                {
-                    let (masked, counts) = m.mask(text);
-                    if counts.total() > 0 {
-                        for (k, n) in counts.iter() {
-                            match st.masked.iter_mut().find(|(name, _)| name == k) {
-                                Some((_, c)) => *c += n,
-                                None => st.masked.push((k.to_string(), n)),
-                            }
-                        }
-                        return Bytes::from(masked.into_owned());
+                st.bytes_out += raw.len() as u64;
+                for (k, n) in masked {
+                    match st.masked.iter_mut().find(|(name, _)| name == k) {
+                        Some((_, c)) => *c += n,
+                        None => st.masked.push((k.clone(), *n)),
                     }
                 }
-                data
             }
             3 => {
                 let mut st = stats.lock().expect("stats");
                 st.status_seen = true;
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&data) {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) {
                     st.exit_code = Some(match v["status"].as_str() {
                         Some("Success") => 0,
                         _ => v["details"]["causes"]
@@ -676,11 +684,56 @@ impl Stream {
                             .unwrap_or(-1),
                     });
                 }
-                data
             }
-            _ => data,
+            _ => {}
         }
     }
+}
+
+/// A frame from the API server on its way to the client.
+struct Out {
+    /// The frame as it will be sent (masked once the job ran).
+    frame: Frame,
+    /// Its channel (a continuation carries its message's).
+    channel: u8,
+    /// Its data before masking (without the channel byte), for data frames.
+    raw: Option<Bytes>,
+    /// What masking replaced in it.
+    masked: Vec<(String, u64)>,
+}
+
+/// Frames ready to write, or being masked.
+enum Job {
+    Ready(Vec<Out>),
+    Masking(tokio::task::JoinHandle<Vec<Out>>),
+}
+
+/// Masks the text output frames of `outs` (stdout and stderr). Binary data
+/// (NUL bytes, invalid UTF-8) is left intact for the client and masked in
+/// the recording.
+fn mask_outs(mut outs: Vec<Out>, m: &wicket_mask::Masker) -> Vec<Out> {
+    for o in &mut outs {
+        let Some(raw) = &o.raw else { continue };
+        if !matches!(o.channel, 1 | 2) || raw.contains(&0) {
+            continue;
+        }
+        let Ok(text) = std::str::from_utf8(raw) else {
+            continue;
+        };
+        let (masked, counts) = m.mask(text);
+        if counts.total() == 0 {
+            continue;
+        }
+        o.masked = counts.iter().map(|(k, n)| (k.to_string(), n)).collect();
+        let first = o.frame.opcode != Opcode::Continuation;
+        let mut p = BytesMut::with_capacity(masked.len() + 1);
+        if first {
+            p.extend_from_slice(&[o.channel]);
+        }
+        p.extend_from_slice(masked.as_bytes());
+        o.frame.payload = p.freeze();
+    }
+    outs
 }
 
 #[derive(Debug, Default, Clone)]

@@ -176,6 +176,10 @@ pub(crate) fn denial_message(d: &Decision) -> String {
     format!("wicket: denied by rule {}: {}", d.rule, d.reason)
 }
 
+/// Answers up to this size (with a `Content-Length`) are read whole before
+/// they are sent on.
+const SMALL_BODY: usize = 256 * 1024;
+
 /// Headers that are about one hop and never forwarded.
 const HOP: &[&str] = &[
     "connection",
@@ -943,7 +947,27 @@ impl KubeGate {
         ] {
             rparts.headers.remove(n);
         }
-        let body = rbody.map_err(box_error).boxed_unsync();
+        let small = rparts
+            .headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n <= SMALL_BODY);
+        let body = match (small, &transform) {
+            // A small answer of known length is read whole, so the client
+            // gets headers and body in one write (and one TLS record).
+            (Some(_), None) => {
+                let bytes = rbody.collect().await.map(|b| b.to_bytes()).map_err(|e| {
+                    status(
+                        StatusCode::BAD_GATEWAY,
+                        "InternalError",
+                        &format!("wicket: the API server's answer broke off: {e}"),
+                    )
+                })?;
+                Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+            }
+            _ => rbody.map_err(box_error).boxed_unsync(),
+        };
         let (body, counts) = match transform {
             None => (body, 0),
             Some(t) => {

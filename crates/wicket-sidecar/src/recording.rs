@@ -24,6 +24,10 @@ const BATCH_BYTES: usize = 32 * 1024;
 /// …or once its first line is this old.
 const BATCH_AGE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Most of a non-terminal command's output that is recorded (file copies
+/// and bulk output are audited with byte counts beyond it).
+pub const CAPTURE_LIMIT: u64 = 1 << 20;
+
 /// Records one terminal channel.
 pub struct Recorder {
     started: Instant,

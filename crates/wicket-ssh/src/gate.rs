@@ -1263,8 +1263,7 @@ fn is_transfer(class: &Classification) -> bool {
     }
 }
 
-/// Most of a non-terminal command's output that is recorded.
-const CAPTURE_LIMIT: u64 = 1 << 20;
+use wicket_sidecar::recording::CAPTURE_LIMIT;
 
 /// A session channel's state, shared by its two directions (locked only
 /// between awaits).
