@@ -126,7 +126,10 @@ pub fn k8s() -> Result<(), String> {
     // WICKET_BENCH_NO_MASK=1: the same connection without detectors, to see
     // what masking costs.
     let policy = if std::env::var_os("WICKET_BENCH_NO_MASK").is_some() {
-        POLICY.replace("    masking: {detectors: [email, card, jwt, cloud_key, private_key]}\n", "")
+        POLICY.replace(
+            "    masking: {detectors: [email, card, jwt, cloud_key, private_key]}\n",
+            "",
+        )
     } else {
         POLICY.to_string()
     };

@@ -443,7 +443,11 @@ impl Stream {
                     continue;
                 }
                 let job = match masker.clone() {
-                    Some(m) if outs.iter().any(|o| o.raw.is_some() && matches!(o.channel, 1 | 2)) => {
+                    Some(m)
+                        if outs
+                            .iter()
+                            .any(|o| o.raw.is_some() && matches!(o.channel, 1 | 2)) =>
+                    {
                         Job::Masking(tokio::task::spawn_blocking(move || mask_outs(outs, &m)))
                     }
                     _ => Job::Ready(outs),
@@ -463,7 +467,14 @@ impl Stream {
                 let mut closed = false;
                 for o in outs {
                     if let Some(raw) = &o.raw {
-                        self.server_data(o.channel, raw, &o.masked, &recorder, &header_sent, &stats);
+                        self.server_data(
+                            o.channel,
+                            raw,
+                            &o.masked,
+                            &recorder,
+                            &header_sent,
+                            &stats,
+                        );
                     }
                     closed |= o.frame.opcode == Opcode::Close;
                     ws::encode(&o.frame, None, &mut out);

@@ -964,7 +964,9 @@ impl KubeGate {
                         &format!("wicket: the API server's answer broke off: {e}"),
                     )
                 })?;
-                Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+                Full::new(bytes)
+                    .map_err(|never| match never {})
+                    .boxed_unsync()
             }
             _ => rbody.map_err(box_error).boxed_unsync(),
         };

@@ -268,7 +268,7 @@ async fn watches_and_followed_logs_stream_without_buffering() {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(logs.stdout.take().unwrap()).lines();
-        let (got, mut lines) = blocking(move || {
+        let (got, lines) = blocking(move || {
             let got: Vec<String> = lines.by_ref().take(3).map_while(Result::ok).collect();
             (got, lines)
         })

@@ -149,11 +149,7 @@ pub async fn serve_port_forward(ws: Ws, target: std::net::SocketAddr) {
                         }
                     }
                 }
-                PING => {
-                    if tx.send(frame.clone()).await.is_err() {
-                        break 'read;
-                    }
-                }
+                PING if tx.send(frame.clone()).await.is_err() => break 'read,
                 RST_STREAM if body.len() >= 4 => {
                     let stream =
                         u32::from_be_bytes([body[0], body[1], body[2], body[3]]) & 0x7fff_ffff;
