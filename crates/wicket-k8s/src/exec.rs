@@ -20,6 +20,7 @@
 //! frames inside WebSocket messages) are relayed as they are, counted but
 //! not recorded: they carry arbitrary TCP, not a terminal.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -231,16 +232,17 @@ impl Stream {
         let (mut up_r, mut up_w) = tokio::io::split(upstream);
         if self.api.kind() == "port_forward" {
             let ended = self.live.guard.end_signal();
-            let a = tokio::io::copy(&mut client_r, &mut up_w);
-            let b = tokio::io::copy(&mut up_r, &mut client_w);
-            let (mut sent, mut received) = (0, 0);
+            let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
             tokio::select! {
-                r = async { tokio::join!(a, b) } => {
-                    sent = r.0.unwrap_or(0);
-                    received = r.1.unwrap_or(0);
-                }
+                _ = async {
+                    tokio::join!(
+                        pipe(&mut client_r, &mut up_w, &sent),
+                        pipe(&mut up_r, &mut client_w, &received)
+                    )
+                } => {}
                 _ = ended => {}
             }
+            let (sent, received) = (sent.into_inner(), received.into_inner());
             self.gate.result(
                 &self.live,
                 &id,
@@ -699,6 +701,28 @@ impl Stream {
             _ => {}
         }
     }
+}
+
+/// Copies `r` to `w` until `r` ends, counting bytes into `n`, then shuts
+/// `w` down so the far end sees the close (port-forward's opaque relay).
+async fn pipe<R, W>(r: &mut R, w: &mut W, n: &AtomicU64)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => {
+                if w.write_all(&buf[..k]).await.is_err() || w.flush().await.is_err() {
+                    break;
+                }
+                n.fetch_add(k as u64, Ordering::Relaxed);
+            }
+        }
+    }
+    let _ = w.shutdown().await;
 }
 
 /// A frame from the API server on its way to the client.

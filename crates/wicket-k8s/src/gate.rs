@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::service::service_fn;
@@ -888,25 +888,7 @@ impl KubeGate {
             // anything reaches the API server, so an oversized one, declared
             // or chunked, is refused there and then; the bound is the API
             // server's own.
-            let bytes = match Limited::new(body, self.cfg.max_request_bytes)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(e)
-                    if e.downcast_ref::<http_body_util::LengthLimitError>()
-                        .is_some() =>
-                {
-                    return Err(too_large(self.cfg.max_request_bytes));
-                }
-                Err(e) => {
-                    return Err(status(
-                        StatusCode::BAD_REQUEST,
-                        "BadRequest",
-                        &format!("wicket: cannot read the request body: {e}"),
-                    ));
-                }
-            };
+            let bytes = read_body(body, self.cfg.max_request_bytes).await?;
             Full::new(bytes)
                 .map_err(|never| match never {})
                 .boxed_unsync()
@@ -991,6 +973,46 @@ impl KubeGate {
         };
         Ok((Response::from_parts(rparts, body), counts))
     }
+}
+
+/// Bytes of an oversized request body read and dropped before the 413 is
+/// sent, so a client still uploading sees the answer rather than a reset.
+const DRAIN_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Reads a request body of at most `max` bytes. A longer one is refused
+/// (413) after the rest of it is read and dropped, up to [`DRAIN_BYTES`]
+/// or five seconds: memory stays bounded by `max` either way.
+async fn read_body(mut body: Incoming, max: usize) -> Result<Bytes, Response<Body>> {
+    let mut buf = bytes::BytesMut::new();
+    let mut over = false;
+    let mut seen: u64 = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &format!("wicket: cannot read the request body: {e}"),
+            )
+        })?;
+        let Ok(d) = frame.into_data() else { continue };
+        seen += d.len() as u64;
+        if !over && buf.len() + d.len() > max {
+            over = true;
+            buf = bytes::BytesMut::new();
+        }
+        if over {
+            if seen > max as u64 + DRAIN_BYTES || Instant::now() > deadline {
+                break;
+            }
+        } else {
+            buf.extend_from_slice(&d);
+        }
+    }
+    if over {
+        return Err(too_large(max));
+    }
+    Ok(buf.freeze())
 }
 
 fn too_large(max: usize) -> Response<Body> {

@@ -721,7 +721,19 @@ async fn port_forward_runs_over_websocket_and_spdy_is_refused_with_advice() {
         "{}",
         text(&o).1
     );
-    let events = ks.stack.events().await;
+    // Each relay records its byte counts once both ends have closed.
+    let mut events = ks.stack.events().await;
+    for _ in 0..50 {
+        let counted = events
+            .iter()
+            .filter(|e| e.kind == v1::AuditKind::CommandResult as i32)
+            .any(|e| e.details.get("bytes_out").is_some_and(|b| b != "0"));
+        if counted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        events = ks.stack.events().await;
+    }
     let forwards: Vec<&v1::AuditEvent> = events
         .iter()
         .filter(|e| {
