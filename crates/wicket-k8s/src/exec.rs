@@ -196,19 +196,32 @@ impl Stream {
                 }
             });
         tokio::pin!(decide);
+        let exec = self.api.kind() == "exec";
+        let note = |approval: &str| {
+            let msg = format!(
+                "wicket: waiting for approval {approval}; an approver can allow or deny it\r\n"
+            );
+            let mut p = vec![rule_ch];
+            p.extend_from_slice(msg.as_bytes());
+            Frame::binary(p)
+        };
         let (d, id) = loop {
             tokio::select! {
-                r = &mut decide => break r,
+                // The note first: a quick approval must not overtake it.
+                biased;
                 Some(approval) = note_rx.recv() => {
-                    if self.api.kind() == "exec" {
-                        let msg = format!("wicket: waiting for approval {approval}; an approver can allow or deny it\r\n");
-                        let mut p = vec![rule_ch];
-                        p.extend_from_slice(msg.as_bytes());
-                        let _ = send(&mut client_w, &[Frame::binary(p)]).await;
+                    if exec {
+                        let _ = send(&mut client_w, &[note(&approval)]).await;
                     }
                 }
+                r = &mut decide => break r,
             }
         };
+        while let Ok(approval) = note_rx.try_recv() {
+            if exec {
+                let _ = send(&mut client_w, &[note(&approval)]).await;
+            }
+        }
         if d.effect != Effect::Allow {
             self.refuse(&mut client_w, &d).await;
             return;
@@ -233,16 +246,27 @@ impl Stream {
         if self.api.kind() == "port_forward" {
             let ended = self.live.guard.end_signal();
             let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+            let a = pipe(&mut client_r, &mut up_w, &sent);
+            let b = pipe(&mut up_r, &mut client_w, &received);
+            tokio::pin!(a, b);
+            // Once one side has closed, the other gets a few seconds to
+            // finish, so a peer that never closes cannot hold the relay.
+            let grace = Duration::from_secs(5);
+            let both = async {
+                tokio::select! {
+                    _ = &mut a => { let _ = tokio::time::timeout(grace, &mut b).await; }
+                    _ = &mut b => { let _ = tokio::time::timeout(grace, &mut a).await; }
+                }
+            };
             tokio::select! {
-                _ = async {
-                    tokio::join!(
-                        pipe(&mut client_r, &mut up_w, &sent),
-                        pipe(&mut up_r, &mut client_w, &received)
-                    )
-                } => {}
+                _ = both => {}
                 _ = ended => {}
             }
-            let (sent, received) = (sent.into_inner(), received.into_inner());
+
+            let (sent, received) = (
+                sent.load(Ordering::Relaxed),
+                received.load(Ordering::Relaxed),
+            );
             self.gate.result(
                 &self.live,
                 &id,

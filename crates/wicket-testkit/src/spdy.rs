@@ -160,6 +160,9 @@ pub async fn serve_port_forward(ws: Ws, target: std::net::SocketAddr) {
             }
         }
     }
+    // Closing the pod-side connections ends their readers, which hold
+    // senders of `tx`; only then can the writer finish.
+    drop(targets);
     drop(tx);
     let _ = writer.await;
 }
