@@ -526,16 +526,29 @@ fn jwt(b: &[u8], i: usize) -> Option<usize> {
 }
 
 fn cloud_key(b: &[u8], i: usize) -> Option<usize> {
+    // Most words start with none of the prefixes: decide that before
+    // scanning the word (this runs at every word start).
+    const AWS: [&[u8]; 10] = [
+        b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"AIPA", b"ANPA", b"ANVA", b"ABIA", b"ACCA",
+    ];
+    let s = &b[i..];
+    let candidate = match s.first()? {
+        b'A' => AWS.iter().any(|p| s.starts_with(p)) || s.starts_with(b"AIza"),
+        b'g' => s.starts_with(b"gh"),
+        b'x' => s.starts_with(b"xox"),
+        b's' => s.starts_with(b"sk_live_"),
+        b'r' => s.starts_with(b"rk_live_"),
+        _ => false,
+    };
+    if !candidate {
+        return None;
+    }
     let token_end = b64url_run(b, i);
     let t = &b[i..token_end];
     let rest_alnum = |from: usize| t[from..].iter().all(u8::is_ascii_alphanumeric);
     let ok = match t.first()? {
         b'A' => {
             // AWS access key ids: a 4-letter prefix and 16 upper-case letters or digits.
-            const AWS: [&[u8]; 10] = [
-                b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"AIPA", b"ANPA", b"ANVA", b"ABIA",
-                b"ACCA",
-            ];
             (t.len() == 20
                 && AWS.iter().any(|p| t.starts_with(p))
                 && t[4..]
