@@ -68,16 +68,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut kids = Children::default();
     let idp_env = dir.join("idp.env");
     let _ = std::fs::remove_file(&idp_env);
-    let idp_log = std::fs::File::create(dir.join("idp.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(bin.join("wicket-demo-idp"))
-        .args(["--listen", &format!("127.0.0.1:{idp_port}"), "--env-file"])
-        .arg(&idp_env)
-        .stdin(Stdio::null())
-        .stdout(idp_log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(idp_log)
-        .spawn()
-        .map_err(|e| format!("cannot start wicket-demo-idp: {e}"))?;
-    kids.push("wicket-demo-idp", child);
+    kids.spawn_logged(
+        "wicket-demo-idp",
+        Command::new(bin.join("wicket-demo-idp"))
+            .args(["--listen", &format!("127.0.0.1:{idp_port}"), "--env-file"])
+            .arg(&idp_env),
+        &dir.join("idp.log"),
+    )?;
     wait_for(20, "the demo identity provider", || {
         idp_env.exists() && port_open(idp_port)
     })?;
@@ -85,18 +82,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let get = env_get;
     let control_url = format!("http://127.0.0.1:{control_port}");
     let db = dir.join("wicket.db");
-    let control_log = std::fs::File::create(dir.join("control.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(bin.join("wicket-control"))
-        .env("WICKET_LISTEN", format!("127.0.0.1:{control_port}"))
-        .env("WICKET_DATABASE_URL", format!("sqlite:{}", db.display()))
-        .env("WICKET_OIDC_ISSUER", get(&env, "WICKET_OIDC_ISSUER"))
-        .env("WICKET_POLICY_FILE", root.join("deploy/demo/policy.yaml"))
-        .stdin(Stdio::null())
-        .stdout(control_log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(control_log)
-        .spawn()
-        .map_err(|e| format!("cannot start wicket-control: {e}"))?;
-    kids.push("wicket-control", child);
+    kids.spawn_logged(
+        "wicket-control",
+        Command::new(bin.join("wicket-control"))
+            .env("WICKET_LISTEN", format!("127.0.0.1:{control_port}"))
+            .env("WICKET_DATABASE_URL", format!("sqlite:{}", db.display()))
+            .env("WICKET_OIDC_ISSUER", get(&env, "WICKET_OIDC_ISSUER"))
+            .env("WICKET_POLICY_FILE", root.join("deploy/demo/policy.yaml")),
+        &dir.join("control.log"),
+    )?;
     if let Err(e) = wait_for(30, "wicket-control", || port_open(control_port)) {
         let log = std::fs::read_to_string(dir.join("control.log")).unwrap_or_default();
         return Err(format!("{e}\n{log}"));
@@ -464,21 +458,18 @@ pub fn start_gate(
     .trim()
     .to_string();
     let log_path = dir.join(format!("{name}.log"));
-    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-    let child = Command::new(bin.join(name))
-        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("WICKET_CONTROL", control_url)
-        .env("WICKET_SIDECAR_TOKEN", &token)
-        .env("WICKET_CONNECTION", connection)
-        .env("WICKET_STATE_DIR", dir.join(format!("{short}-state")))
-        .env("WICKET_OIDC_ISSUER", env_get(env, "WICKET_OIDC_ISSUER"))
-        .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot start {name}: {e}"))?;
-    kids.push(name, child);
+    kids.spawn_logged(
+        name,
+        Command::new(bin.join(name))
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("WICKET_CONTROL", control_url)
+            .env("WICKET_SIDECAR_TOKEN", &token)
+            .env("WICKET_CONNECTION", connection)
+            .env("WICKET_STATE_DIR", dir.join(format!("{short}-state")))
+            .env("WICKET_OIDC_ISSUER", env_get(env, "WICKET_OIDC_ISSUER"))
+            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}")),
+        &log_path,
+    )?;
     if let Err(e) = wait_for(30, name, || port_open(port)) {
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         return Err(format!("{e}\n{log}"));

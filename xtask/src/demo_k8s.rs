@@ -52,16 +52,13 @@ pub fn start(
         }
     }
     let _ = std::fs::remove_file(kdir.join("gate.crt"));
-    let log = std::fs::File::create(dir.join("fake-kube.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(bin.join("wicket-fake-kube"))
-        .args(["--listen", &format!("127.0.0.1:{apiserver_port}"), "--dir"])
-        .arg(&kdir)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot start wicket-fake-kube: {e}"))?;
-    kids.push("wicket-fake-kube", child);
+    kids.spawn_logged(
+        "wicket-fake-kube",
+        Command::new(bin.join("wicket-fake-kube"))
+            .args(["--listen", &format!("127.0.0.1:{apiserver_port}"), "--dir"])
+            .arg(&kdir),
+        &dir.join("fake-kube.log"),
+    )?;
     wait_for(20, "the fake kube-apiserver", || {
         port_open(apiserver_port) && kdir.join("gate.crt").exists()
     })?;

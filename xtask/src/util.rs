@@ -175,6 +175,25 @@ impl Children {
     pub fn push(&mut self, name: &str, child: std::process::Child) {
         self.0.push((name.to_string(), child));
     }
+
+    /// Starts `cmd` as `name` with stdout and stderr in the file `log`.
+    pub fn spawn_logged(
+        &mut self,
+        name: &str,
+        cmd: &mut std::process::Command,
+        log: &std::path::Path,
+    ) -> Result<(), String> {
+        let f = std::fs::File::create(log)
+            .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(f.try_clone().map_err(|e| e.to_string())?)
+            .stderr(f)
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        self.push(name, child);
+        Ok(())
+    }
 }
 
 impl Drop for Children {
