@@ -363,23 +363,20 @@ fn truthy(v: Option<&str>) -> bool {
     matches!(v, Some("true" | "1"))
 }
 
+/// The verbs of an ordinary namespaced object.
+const OBJECT_VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+
 const RESOURCES: &[Resource] = &[
-    (
-        "pods",
-        "Pod",
-        true,
-        &[
-            "create",
-            "delete",
-            "deletecollection",
-            "get",
-            "list",
-            "patch",
-            "update",
-            "watch",
-        ],
-        &["po"],
-    ),
+    ("pods", "Pod", true, OBJECT_VERBS, &["po"]),
     ("pods/exec", "PodExecOptions", true, &["create", "get"], &[]),
     (
         "pods/attach",
@@ -396,22 +393,7 @@ const RESOURCES: &[Resource] = &[
         &["create", "get"],
         &[],
     ),
-    (
-        "secrets",
-        "Secret",
-        true,
-        &[
-            "create",
-            "delete",
-            "deletecollection",
-            "get",
-            "list",
-            "patch",
-            "update",
-            "watch",
-        ],
-        &[],
-    ),
+    ("secrets", "Secret", true, OBJECT_VERBS, &[]),
     (
         "namespaces",
         "Namespace",

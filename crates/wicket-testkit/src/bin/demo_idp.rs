@@ -6,17 +6,8 @@
 
 use std::io::Write as _;
 
+use wicket_testkit::arg;
 use wicket_testkit::idp::{TestIdp, TokenSpec};
-
-fn arg(name: &str) -> Option<String> {
-    let mut args = std::env::args();
-    while let Some(a) = args.next() {
-        if a == name {
-            return args.next();
-        }
-    }
-    None
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

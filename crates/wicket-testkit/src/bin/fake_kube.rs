@@ -8,17 +8,8 @@
 
 use std::path::PathBuf;
 
+use wicket_testkit::arg;
 use wicket_testkit::kube::{FakeKube, FakeKubeOptions};
-
-fn arg(name: &str) -> Option<String> {
-    let mut args = std::env::args();
-    while let Some(a) = args.next() {
-        if a == name {
-            return args.next();
-        }
-    }
-    None
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
