@@ -547,7 +547,7 @@ impl Stream {
                         end_note = Some(reason.message());
                         break;
                     }
-                    _ = ticker.tick() => self.flush_recording(&recorder, &id, false),
+                    _ = ticker.tick() => self.flush_recording(&recorder, false),
                 }
             }
         }
@@ -566,7 +566,7 @@ impl Stream {
         }
         let _ = client_w.shutdown().await;
         let _ = up_w.shutdown().await;
-        self.flush_recording(&recorder, &id, true);
+        self.flush_recording(&recorder, true);
         let st = stats.lock().expect("stats").clone();
         let mut details = vec![
             ("bytes_in", st.bytes_in.to_string()),
@@ -623,7 +623,7 @@ impl Stream {
         format!("{} {}/{}", self.api.verb, self.api.namespace, self.api.name)
     }
 
-    fn flush_recording(&self, recorder: &Mutex<Option<Recorder>>, _id: &str, force: bool) {
+    fn flush_recording(&self, recorder: &Mutex<Option<Recorder>>, force: bool) {
         let mut g = recorder.lock().expect("recorder");
         let Some(r) = g.as_mut() else { return };
         if force {
@@ -709,7 +709,6 @@ impl Stream {
             }
             3 => {
                 let mut st = stats.lock().expect("stats");
-                st.status_seen = true;
                 if let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) {
                     st.exit_code = Some(match v["status"].as_str() {
                         Some("Success") => 0,
@@ -800,7 +799,6 @@ struct Stats {
     bytes_in: u64,
     bytes_out: u64,
     exit_code: Option<i64>,
-    status_seen: bool,
     masked: Vec<(String, u64)>,
 }
 
