@@ -506,17 +506,7 @@ impl KubeGate {
         };
         let resp = sender.send_request(req).await;
         *slot = Some(sender);
-        resp.map_err(|e| {
-            let limited = std::error::Error::source(&e).is_some_and(|s| {
-                s.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-            });
-            if limited {
-                "request body too large".to_string()
-            } else {
-                format!("the API server did not answer: {e}")
-            }
-        })
+        resp.map_err(|e| format!("the API server did not answer: {e}"))
     }
 
     /// Decides a request (holding it for approval when policy says so) and
@@ -617,7 +607,7 @@ impl KubeGate {
             },
         };
         self.sidecar
-            .decide(live, &cmd, trace.has_reasoning())
+            .evaluate(live, &cmd, trace.has_reasoning())
             .effect
             == Effect::Allow
     }
@@ -849,15 +839,8 @@ impl KubeGate {
         transform: Option<Transform>,
     ) -> Result<(Response<Body>, u64), Response<Body>> {
         let (parts, body) = req.into_parts();
-        if let Some(n) = parts
-            .headers
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            && n > self.cfg.max_request_bytes as u64
-        {
-            return Err(too_large(self.cfg.max_request_bytes));
-        }
+        // A declared oversized body was refused in `handle`; a chunked one
+        // is caught by `read_body`.
         let mut headers = forwardable(&parts.headers);
         if transform.is_some() {
             json_accept(&mut headers);
@@ -907,9 +890,6 @@ impl KubeGate {
         *up.headers_mut() = headers;
         let resp = match self.send_upstream(conn, up).await {
             Ok(r) => r,
-            Err(e) if e == "request body too large" => {
-                return Err(too_large(self.cfg.max_request_bytes));
-            }
             Err(e) => {
                 tracing::warn!(error = %e, object = %api.object(), "upstream request failed");
                 return Err(status(

@@ -476,6 +476,53 @@ impl Sidecar {
         Ok(session)
     }
 
+    /// What policy says of `command` for this session, without counting
+    /// it as a command or remembering it: for a gate's own questions to
+    /// policy (may this caller see Secret values?), not for commands.
+    pub fn evaluate(
+        &self,
+        session: &OpenSession,
+        command: &Command,
+        has_reasoning: bool,
+    ) -> Decision {
+        let bundle = match self.bundle_for(session) {
+            Ok(b) => b,
+            Err(d) => return d,
+        };
+        self.ask(&bundle, session, command, has_reasoning, Utc::now())
+    }
+
+    /// The current bundle, unless there is none or the session's principal
+    /// has been revoked (then the refusal).
+    fn bundle_for(&self, session: &OpenSession) -> Result<Arc<Bundle>, Decision> {
+        let bundle = self
+            .bundles
+            .current()
+            .ok_or_else(|| Decision::deny("no-policy", "this gate has no policy"))?;
+        if bundle.is_revoked(&session.principal.issuer, &session.principal.subject) {
+            return Err(Decision::deny("revoked", "your access was revoked"));
+        }
+        Ok(bundle)
+    }
+
+    /// The policy's decision, uncounted and unremembered.
+    fn ask(
+        &self,
+        bundle: &Bundle,
+        session: &OpenSession,
+        command: &Command,
+        has_reasoning: bool,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        bundle.policy.decide(&Request {
+            principal: &session.principal,
+            connection: &self.cfg.connection,
+            command,
+            has_reasoning,
+            now,
+        })
+    }
+
     /// Decides a command locally.
     pub fn decide(
         &self,
@@ -483,23 +530,15 @@ impl Sidecar {
         command: &Command,
         has_reasoning: bool,
     ) -> Decision {
-        let Some(bundle) = self.bundles.current() else {
-            return Decision::deny("no-policy", "this gate has no policy");
+        let bundle = match self.bundle_for(session) {
+            Ok(b) => b,
+            Err(d) => return d,
         };
-        if bundle.is_revoked(&session.principal.issuer, &session.principal.subject) {
-            return Decision::deny("revoked", "your access was revoked");
-        }
         let now = Utc::now();
         let (mut d, counter) = match session.memo.get(&bundle, command, has_reasoning, now) {
             Some(hit) => hit,
             None => {
-                let d = bundle.policy.decide(&Request {
-                    principal: &session.principal,
-                    connection: &self.cfg.connection,
-                    command,
-                    has_reasoning,
-                    now,
-                });
+                let d = self.ask(&bundle, session, command, has_reasoning, now);
                 let counter = self.commands_counter(&d);
                 session
                     .memo
