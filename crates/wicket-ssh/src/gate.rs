@@ -642,6 +642,18 @@ impl Drop for Slot {
     }
 }
 
+/// A forwarding request as policy sees it: kind `forward`, its verb, and
+/// the address it opens (none for agent forwarding).
+fn forward_class(verb: &str, object: Option<&str>, risk: u32) -> Classification {
+    Classification {
+        kind: "forward".into(),
+        verb: verb.into(),
+        objects: object.map(str::to_string).into_iter().collect(),
+        risk,
+        ..Default::default()
+    }
+}
+
 /// The connection's session.
 pub(crate) type Live = wicket_sidecar::LiveSession;
 
@@ -828,14 +840,10 @@ impl server::Handler for Conn {
         };
         let ctx = self.ctx(session)?;
         let dest = format!("{host}:{port}");
-        let class = Classification {
-            kind: "forward".into(),
-            verb: "direct-tcpip".into(),
-            objects: vec![dest.clone()],
-            risk: 40,
-            ..Default::default()
-        };
-        let d = ctx.decide_now(&format!("forward {dest}"), class);
+        let d = ctx.decide_now(
+            &format!("forward {dest}"),
+            forward_class("direct-tcpip", Some(&dest), 40),
+        );
         if d.effect != Effect::Allow {
             reply
                 .reject(ChannelOpenFailure::Other {
@@ -943,13 +951,7 @@ impl server::Handler for Conn {
         // policy allows it (never held). The channel's task passes an
         // allowed request on to the host.
         let ctx = self.ctx(session)?;
-        let class = Classification {
-            kind: "forward".into(),
-            verb: "agent".into(),
-            risk: 60,
-            ..Default::default()
-        };
-        let d = ctx.decide_now("agent forwarding", class);
+        let d = ctx.decide_now("agent forwarding", forward_class("agent", None, 60));
         let ok = d.effect == Effect::Allow;
         self.agent.lock().expect("agent").insert(channel, ok);
         Ok(ok)
@@ -965,14 +967,10 @@ impl server::Handler for Conn {
         // caller's: only when policy allows it (never held).
         let ctx = self.ctx(session)?;
         let listen = format!("{address}:{port}");
-        let class = Classification {
-            kind: "forward".into(),
-            verb: "tcpip-forward".into(),
-            objects: vec![listen.clone()],
-            risk: 60,
-            ..Default::default()
-        };
-        let d = ctx.decide_now(&format!("remote forward {listen}"), class);
+        let d = ctx.decide_now(
+            &format!("remote forward {listen}"),
+            forward_class("tcpip-forward", Some(&listen), 60),
+        );
         if d.effect != Effect::Allow {
             return Ok(false);
         }
