@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::util::{self, Children, env_get, free_port, port_open, read_env_file, root, wait_for};
+use crate::util::{self, Children, env_get, port_open, read_env_file, root, wait_for};
 
 fn wicket(bin: &Path, env: &[(String, String)], args: &[&str]) -> Result<String, String> {
     let out = Command::new(bin.join("wicket"))
@@ -50,21 +50,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let (idp_port, control_port) = if check {
-        (free_port()?, free_port()?)
-    } else {
-        (7480, 7470)
-    };
-    for (port, what) in [
-        (idp_port, "the demo identity provider"),
-        (control_port, "wicket-control"),
-    ] {
-        if port_open(port) {
-            return Err(format!(
-                "port {port} (for {what}) is already in use: is another `cargo xtask demo` running?"
-            ));
-        }
-    }
+    let [idp_port, control_port] = util::demo_ports(
+        check,
+        [7480, 7470],
+        "the demo identity provider and wicket-control",
+    )?;
     let mut kids = Children::default();
     let idp_env = dir.join("idp.env");
     let _ = std::fs::remove_file(&idp_env);
@@ -112,16 +102,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     )?;
     let upstream_pw = dir.join("upstream-password");
     std::fs::write(&upstream_pw, pg.password()).map_err(|e| e.to_string())?;
-    let (pg_port, pg_admin_port) = if check {
-        (free_port()?, free_port()?)
-    } else {
-        (6432, 9470)
-    };
-    for port in [pg_port, pg_admin_port] {
-        if port_open(port) {
-            return Err(format!("port {port} (for wicket-pg) is already in use"));
-        }
-    }
+    let [pg_port, pg_admin_port] = util::demo_ports(check, [6432, 9470], "wicket-pg")?;
     start_gate(
         &dir,
         &bin,
@@ -382,16 +363,8 @@ fn start_ssh(
     kids: &mut Children,
 ) -> Result<DemoSsh, String> {
     let sdir = dir.join("ssh");
-    let (sshd_port, port, admin_port) = if check {
-        (free_port()?, free_port()?, free_port()?)
-    } else {
-        (7422, 2222, 9471)
-    };
-    for p in [port, admin_port] {
-        if port_open(p) {
-            return Err(format!("port {p} (for the SSH demo) is already in use"));
-        }
-    }
+    let [sshd_port, port, admin_port] =
+        util::demo_ports(check, [7422, 2222, 9471], "the SSH demo")?;
     let sshd = crate::sshd::start(&sdir, sshd_port, kids)?;
     let (gate_key, known_hosts, user) = (&sshd.gate_key, &sshd.known_hosts, &sshd.user);
     start_gate(

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::util::{Children, env_get, free_port, port_open, wait_for};
+use crate::util::{Children, env_get, port_open, wait_for};
 
 /// The demo cluster behind its gate.
 pub struct DemoK8s {
@@ -39,18 +39,8 @@ pub fn start(
 ) -> Result<DemoK8s, String> {
     let kdir = dir.join("kube");
     std::fs::create_dir_all(&kdir).map_err(|e| e.to_string())?;
-    let (apiserver_port, port, admin_port) = if check {
-        (free_port()?, free_port()?, free_port()?)
-    } else {
-        (7443, 6443, 9472)
-    };
-    for p in [apiserver_port, port, admin_port] {
-        if port_open(p) {
-            return Err(format!(
-                "port {p} (for the Kubernetes demo) is already in use"
-            ));
-        }
-    }
+    let [apiserver_port, port, admin_port] =
+        crate::util::demo_ports(check, [7443, 6443, 9472], "the Kubernetes demo")?;
     let _ = std::fs::remove_file(kdir.join("gate.crt"));
     kids.spawn_logged(
         "wicket-fake-kube",

@@ -170,6 +170,29 @@ pub fn run_tests(args: &[&str], env: &[(String, String)]) -> (Result<(), String>
 #[derive(Default)]
 pub struct Children(pub Vec<(String, std::process::Child)>);
 
+/// The demo's ports: `fixed` (the documented ones), or free ones for
+/// `--check`; an error names `what` if one is already taken.
+pub fn demo_ports<const N: usize>(
+    check: bool,
+    fixed: [u16; N],
+    what: &str,
+) -> Result<[u16; N], String> {
+    let mut ports = fixed;
+    if check {
+        for p in &mut ports {
+            *p = free_port()?;
+        }
+    }
+    for p in ports {
+        if port_open(p) {
+            return Err(format!(
+                "port {p} (for {what}) is already in use: is another `cargo xtask demo` running?"
+            ));
+        }
+    }
+    Ok(ports)
+}
+
 impl Children {
     /// Adds a child.
     pub fn push(&mut self, name: &str, child: std::process::Child) {
