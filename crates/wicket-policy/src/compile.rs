@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use aws_lc_rs::digest;
 use chrono::{DateTime, Utc};
-use wicket_core::{Effect, ReviewSpec};
+use wicket_core::{Effect, Protocol, ReviewSpec};
 
 use crate::error::{PolicyError, PolicyErrors};
 use crate::glob;
@@ -338,11 +338,76 @@ impl Policy {
                 }
             }
             for (j, f) in c.masking.fields.iter().enumerate() {
-                if !f.path.starts_with('$') {
+                if let Err(e) = crate::jsonpath::JsonPath::parse(&f.path) {
+                    ck.err(format!("connections[{i}].masking.fields[{j}].path"), e);
+                }
+            }
+            let h = &c.http;
+            let has_http =
+                !h.routes.is_empty() || !h.headers.is_empty() || !h.body_fields.is_empty();
+            if has_http && c.protocol != Protocol::Http {
+                ck.err(
+                    format!("connections[{i}].http"),
+                    "only http connections have routes, headers and body fields",
+                );
+            }
+            for (j, f) in h.body_fields.iter().enumerate() {
+                if let Err(e) = crate::jsonpath::JsonPath::parse(f) {
+                    ck.err(format!("connections[{i}].http.body_fields[{j}]"), e);
+                }
+            }
+            for (j, name) in h.headers.iter().enumerate() {
+                if name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
                     ck.err(
-                        format!("connections[{i}].masking.fields[{j}].path"),
-                        format!("`{}` is not a JSON path (start with `$`)", f.path),
+                        format!("connections[{i}].http.headers[{j}]"),
+                        format!("`{name}` is not a header name"),
                     );
+                } else if matches!(
+                    name.to_ascii_lowercase().as_str(),
+                    "authorization" | "cookie" | "proxy-authorization"
+                ) {
+                    ck.err(
+                        format!("connections[{i}].http.headers[{j}]"),
+                        format!("`{name}` carries credentials and is never recorded"),
+                    );
+                }
+            }
+            let mut route_names = HashSet::new();
+            for (j, r) in h.routes.iter().enumerate() {
+                ck.check_id(
+                    format!("connections[{i}].http.routes[{j}].name"),
+                    &r.name,
+                    &mut route_names,
+                    "route name",
+                );
+                if let Err(e) = crate::http::PathPattern::parse(&r.path) {
+                    ck.err(format!("connections[{i}].http.routes[{j}].path"), e);
+                }
+                for (k, m) in r.methods.iter().enumerate() {
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                        ck.err(
+                            format!("connections[{i}].http.routes[{j}].methods[{k}]"),
+                            format!("`{m}` is not an HTTP method"),
+                        );
+                    }
+                }
+                if r.risk.is_some_and(|x| x > 100) {
+                    ck.err(
+                        format!("connections[{i}].http.routes[{j}].risk"),
+                        "risk is 0..=100",
+                    );
+                }
+                for (k, f) in r.body_fields.iter().enumerate() {
+                    if let Err(e) = crate::jsonpath::JsonPath::parse(f) {
+                        ck.err(
+                            format!("connections[{i}].http.routes[{j}].body_fields[{k}]"),
+                            e,
+                        );
+                    }
                 }
             }
             for (j, d) in c.masking.detectors.iter().enumerate() {

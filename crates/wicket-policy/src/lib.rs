@@ -17,6 +17,8 @@ mod compile;
 mod error;
 mod eval;
 pub mod glob;
+pub mod http;
+pub mod jsonpath;
 mod model;
 mod yaml;
 

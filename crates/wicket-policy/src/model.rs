@@ -99,6 +99,55 @@ pub struct ConnectionSpec {
     /// Recording and retention.
     #[serde(default)]
     pub recording: RecordingSpec,
+    /// HTTP routes and request inspection (HTTP connections only).
+    #[serde(default)]
+    pub http: HttpSpec,
+}
+
+/// How an HTTP gate names and inspects requests.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSpec {
+    /// Route patterns, tried in order; the first match names the request.
+    #[serde(default)]
+    pub routes: Vec<HttpRoute>,
+    /// Request headers whose values join the classification (`header:NAME=VALUE`).
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// JSON paths read from every JSON request body (`field:PATH=VALUE`);
+    /// routes add their own.
+    #[serde(default)]
+    pub body_fields: Vec<String>,
+}
+
+/// One HTTP route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRoute {
+    /// Name, shown in audit events and matched by rules as `route:NAME` in
+    /// `command.objects`.
+    pub name: String,
+    /// Methods (empty: any).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Host glob (`*.internal`; empty: any).
+    #[serde(default)]
+    pub host: String,
+    /// Path pattern: literal segments, `{name}` or `*` for one segment, a
+    /// final `**` for any rest (`/api/users/{id}`, `/admin/**`).
+    pub path: String,
+    /// Command class for rules (default: by method: `read`, `write`, `delete`).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Risk 0..=100 (default: by method).
+    #[serde(default)]
+    pub risk: Option<u32>,
+    /// JSON paths read from this route's JSON request bodies.
+    #[serde(default)]
+    pub body_fields: Vec<String>,
+    /// Largest request body accepted on this route, in bytes.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
 }
 
 /// How a masked value is replaced.
