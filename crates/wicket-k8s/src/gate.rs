@@ -7,18 +7,14 @@
 //! admin terminates it, or it sits idle for `idle_session`. Requests and
 //! streams in flight end with it.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -26,16 +22,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use wicket_core::{AuditKind, Command, Decision, Effect};
 use wicket_mask::Masker;
+use wicket_sidecar::web::{self, SessionRefused, TokenSessions, Tracked};
 use wicket_sidecar::{CallerTrace, LiveSession, Sidecar};
 
 use crate::classify::{ApiRequest, classify};
 use crate::redact::{self, JsonSplitter};
 use crate::{CarriedReasoning, exec};
 
-/// Errors inside bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body type of every request and response the gate builds.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+pub use wicket_sidecar::web::{Body, BoxError};
 
 /// Where the gate's own credential for the API server comes from.
 #[derive(Debug, Clone)]
@@ -112,17 +106,11 @@ impl K8sConfig {
     }
 }
 
-/// A session and when it last served a request.
-struct Cached {
-    live: Arc<LiveSession>,
-    last_used: AtomicI64,
-}
-
 /// The gate, shared by every connection.
 pub struct KubeGate {
     pub(crate) sidecar: Arc<Sidecar>,
     pub(crate) cfg: K8sConfig,
-    sessions: std::sync::Mutex<HashMap<[u8; 32], Arc<Cached>>>,
+    sessions: Arc<TokenSessions>,
     masker: wicket_sidecar::masking::MaskerCache,
     token: std::sync::Mutex<(Option<Instant>, String)>,
 }
@@ -142,20 +130,12 @@ struct Conn {
     upstream: tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Body>>>,
 }
 
-pub(crate) fn now_secs() -> i64 {
-    chrono::Utc::now().timestamp()
-}
-
 /// A full response.
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
-        .body(
-            Full::new(body.into())
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        )
+        .body(web::full(body))
         .expect("static response")
 }
 
@@ -234,31 +214,6 @@ fn json_accept(h: &mut HeaderMap) {
     }
 }
 
-/// The caller's reasoning: `Wicket-Reasoning` and `traceparent` headers,
-/// else what the credential plugin carried on the token.
-fn caller_trace(h: &HeaderMap, carried: Option<CarriedReasoning>) -> CallerTrace {
-    let header = |n: &str| {
-        h.get(n).map(|v| {
-            let s = String::from_utf8_lossy(v.as_bytes()).into_owned();
-            if s.contains('%') {
-                url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                    .next()
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or(s)
-            } else {
-                s
-            }
-        })
-    };
-    let carried = carried.unwrap_or_default();
-    CallerTrace {
-        reasoning: header("wicket-reasoning")
-            .or_else(|| Some(carried.reasoning.clone()).filter(|r| !r.is_empty())),
-        traceparent: header("traceparent")
-            .or_else(|| Some(carried.traceparent.clone()).filter(|r| !r.is_empty())),
-    }
-}
-
 /// Serves `listener` until `shutdown`; then stops accepting (the caller drains).
 pub async fn serve(
     gate: Arc<KubeGate>,
@@ -266,15 +221,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(gate.cfg.tls.clone());
-    let sweeper = tokio::spawn({
-        let gate = gate.clone();
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(15)).await;
-                gate.sweep();
-            }
-        }
-    });
+    let sweeper = gate.sessions.sweep_forever();
     tokio::pin!(shutdown);
     while let Some((tcp, peer)) =
         wicket_sidecar::process::next_connection(&listener, &mut shutdown, &gate.sidecar).await
@@ -315,9 +262,9 @@ impl KubeGate {
     /// A gate over `sidecar`.
     pub fn new(sidecar: Arc<Sidecar>, cfg: K8sConfig) -> Arc<KubeGate> {
         Arc::new(KubeGate {
+            sessions: Arc::new(TokenSessions::new(sidecar.clone(), cfg.idle_session)),
             sidecar,
             cfg,
-            sessions: Default::default(),
             masker: Default::default(),
             token: std::sync::Mutex::new((None, String::new())),
         })
@@ -328,68 +275,29 @@ impl KubeGate {
         self.masker.current(&self.sidecar, &self.cfg.mask_key)
     }
 
-    /// Ends idle sessions and forgets ended ones.
-    fn sweep(&self) {
-        let idle = self.cfg.idle_session.as_secs() as i64;
-        let now = now_secs();
-        let mut g = self.sessions.lock().expect("sessions");
-        g.retain(|_, c| {
-            c.live.guard.end_reason().is_none() && now - c.last_used.load(Ordering::Relaxed) < idle
-        });
-    }
-
     /// Number of sessions the gate holds.
     pub fn sessions(&self) -> usize {
-        self.sessions.lock().expect("sessions").len()
+        self.sessions.len()
     }
 
-    /// The session of a token: the cached one, or a new one once the token
-    /// validates and a grant admits it.
+    /// The session of a token, or the refusal to send.
     async fn session_for(
         &self,
         token: &str,
         client_addr: &str,
         client_app: &str,
     ) -> Result<Arc<LiveSession>, Response<Body>> {
-        let key: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes())
-            .as_ref()
-            .try_into()
-            .expect("sha-256 is 32 bytes");
-        let now = now_secs();
-        {
-            let mut g = self.sessions.lock().expect("sessions");
-            if let Some(c) = g.get(&key) {
-                if c.live.guard.end_reason().is_none() && c.live.token_expires.timestamp() > now {
-                    c.last_used.store(now, Ordering::Relaxed);
-                    return Ok(c.live.clone());
-                }
-                g.remove(&key);
-            }
-        }
-        let identity = self
-            .sidecar
-            .authenticate(token, client_addr)
+        self.sessions
+            .session_for(token, client_addr, client_app)
             .await
-            .map_err(|e| {
-                status(
+            .map_err(|r| match r {
+                SessionRefused::Unauthorized(e) => status(
                     StatusCode::UNAUTHORIZED,
                     "Unauthorized",
                     &format!("wicket: {e}"),
-                )
-            })?;
-        let session = self
-            .sidecar
-            .open_session(&identity, client_addr, client_app)
-            .map_err(|d| forbidden(&d))?;
-        let live = Arc::new(LiveSession::new(session, self.sidecar.clone()));
-        self.sessions.lock().expect("sessions").insert(
-            key,
-            Arc::new(Cached {
-                live: live.clone(),
-                last_used: AtomicI64::new(now),
-            }),
-        );
-        Ok(live)
+                ),
+                SessionRefused::Forbidden(d) => forbidden(&d),
+            })
     }
 
     /// The gate's bearer token for the API server.
@@ -617,24 +525,10 @@ impl KubeGate {
         // Everything read from the headers is taken before the first await.
         let (bearer, client_app, trace, impersonate, upgrade) = {
             let h = req.headers();
-            let bearer = h
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| {
-                    v.strip_prefix("Bearer ")
-                        .or_else(|| v.strip_prefix("bearer "))
-                })
-                .map(|b| b.trim().to_string())
-                .filter(|b| !b.is_empty());
-            let client_app = h
-                .get("user-agent")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .chars()
-                .take(200)
-                .collect::<String>();
+            let bearer = web::bearer(h);
+            let client_app = web::user_agent(h);
             let carried = bearer.as_deref().and_then(|b| CarriedReasoning::split(b).1);
-            let trace = caller_trace(h, carried);
+            let trace = web::caller_trace(h, carried);
             let impersonate = h
                 .keys()
                 .find(|k| k.as_str().starts_with("impersonate-"))
@@ -755,12 +649,7 @@ impl KubeGate {
                     );
                 };
                 let (parts, body) = resp.into_parts();
-                let tracked = Tracked {
-                    inner: body,
-                    bytes: 0,
-                    ended: Box::pin(live.guard.end_signal()),
-                    done: Some(Box::new(done)),
-                };
+                let tracked = Tracked::new(body, live.guard.end_signal(), Box::new(done));
                 Response::from_parts(parts, tracked.boxed_unsync())
             }
             Err(resp) => {
@@ -863,18 +752,14 @@ impl KubeGate {
             .unwrap_or("/")
             .to_string();
         let body: Body = if parts.method == Method::GET || parts.method == Method::HEAD {
-            Full::new(Bytes::new())
-                .map_err(|never| match never {})
-                .boxed_unsync()
+            web::empty()
         } else {
             // Request bodies (objects, patches) are read whole before
             // anything reaches the API server, so an oversized one, declared
             // or chunked, is refused there and then; the bound is the API
             // server's own.
             let bytes = read_body(body, self.cfg.max_request_bytes).await?;
-            Full::new(bytes)
-                .map_err(|never| match never {})
-                .boxed_unsync()
+            web::full(bytes)
         };
         let mut up = Request::builder()
             .method(parts.method.clone())
@@ -926,9 +811,7 @@ impl KubeGate {
                         &format!("wicket: the API server's answer broke off: {e}"),
                     )
                 })?;
-                Full::new(bytes)
-                    .map_err(|never| match never {})
-                    .boxed_unsync()
+                web::full(bytes)
             }
             _ => rbody.map_err(box_error).boxed_unsync(),
         };
@@ -1064,7 +947,7 @@ async fn redact_whole(mut body: Body, max: usize) -> Result<(Body, u64), Respons
 /// Transforms a streamed body chunk by chunk in a task; ends the output
 /// with an error (the client sees a cut stream) when the input is bad.
 fn stream_transform(mut body: Body, t: Transform, max: usize) -> Body {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(8);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(8);
     tokio::spawn(async move {
         let mut splitter = JsonSplitter::default();
         let mut line: Vec<u8> = Vec::new();
@@ -1135,100 +1018,7 @@ fn stream_transform(mut body: Body, t: Transform, max: usize) -> Body {
                 .await;
         }
     });
-    futures_stream(move |cx| rx.poll_recv(cx)).boxed_unsync()
-}
-
-/// A stream from a poll function (no extra crate for one adapter).
-fn futures_stream<T>(
-    f: impl FnMut(&mut Context<'_>) -> Poll<Option<T>> + Send + Unpin,
-) -> impl hyper::body::Body<Data = Bytes, Error = BoxError> + Send
-where
-    T: Into<Result<Frame<Bytes>, BoxError>>,
-{
-    struct S<F>(F);
-    impl<F, T> hyper::body::Body for S<F>
-    where
-        F: FnMut(&mut Context<'_>) -> Poll<Option<T>> + Unpin,
-        T: Into<Result<Frame<Bytes>, BoxError>>,
-    {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            (self.get_mut().0)(cx).map(|o| o.map(Into::into))
-        }
-    }
-    S(f)
-}
-
-/// Callback run once when a response body ends: bytes sent, and whether it
-/// ran to its end.
-type Done = Box<dyn FnOnce(u64, bool) + Send>;
-
-/// A response body that counts what it sends, ends when the session ends,
-/// and reports once when done.
-struct Tracked {
-    inner: Body,
-    bytes: u64,
-    ended: Pin<Box<dyn Future<Output = wicket_sidecar::EndReason> + Send>>,
-    done: Option<Done>,
-}
-
-impl Tracked {
-    fn finish(&mut self, complete: bool) {
-        if let Some(done) = self.done.take() {
-            done(self.bytes, complete);
-        }
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        self.finish(false);
-    }
-}
-
-impl hyper::body::Body for Tracked {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        if let Poll::Ready(reason) = this.ended.as_mut().poll(cx) {
-            this.finish(false);
-            return Poll::Ready(Some(Err(format!("wicket: {}", reason.message()).into())));
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    this.bytes += d.len() as u64;
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
-            Poll::Ready(None) => {
-                this.finish(true);
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.finish(false);
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    web::channel_body(rx)
 }
 
 /// No note while a plain request is held (HTTP has nowhere to say it).

@@ -28,6 +28,7 @@ pub mod process;
 pub mod recording;
 pub mod session;
 pub mod tls;
+pub mod web;
 pub mod websocket;
 
 use std::sync::Arc;
