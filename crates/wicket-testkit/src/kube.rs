@@ -905,14 +905,7 @@ impl State {
                 "missing Sec-WebSocket-Key",
             );
         };
-        let accept = {
-            use base64::Engine as _;
-            let mut d =
-                aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
-            d.update(key.as_bytes());
-            d.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-            base64::engine::general_purpose::STANDARD.encode(d.finish().as_ref())
-        };
+        let accept = ws_accept(key.as_bytes());
         let tty = truthy(q(qs, "tty"));
         let stdin = truthy(q(qs, "stdin"));
         let command: Vec<String> = if sub == "attach" {
@@ -954,6 +947,15 @@ impl State {
             ))
             .expect("response")
     }
+}
+
+/// The `Sec-WebSocket-Accept` of a `Sec-WebSocket-Key` (RFC 6455).
+pub(crate) fn ws_accept(key: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    d.update(key);
+    d.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(d.finish().as_ref())
 }
 
 /// An aggregated discovery answer with the content type kubectl checks.
