@@ -3,6 +3,7 @@
 //! credential, and a started sidecar runtime for one connection. The gate
 //! itself (PostgreSQL, SSH, …) is the test's own.
 
+pub mod http;
 pub mod kube;
 
 use std::sync::Arc;
