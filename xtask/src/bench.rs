@@ -220,6 +220,66 @@ fn start_pgbouncer(dir: &Path, pg: &Postgres) -> Result<(Child, u16), String> {
     Ok((child, port))
 }
 
+/// One wrk run (with a bearer token when given): (requests/s, p50 µs, p99 µs).
+pub(crate) fn wrk(
+    url: &str,
+    token: Option<&str>,
+    conns: u32,
+    secs: u32,
+) -> Result<(f64, f64, f64), String> {
+    let threads = conns.clamp(1, 2).to_string();
+    let o = Command::new("wrk")
+        .args([
+            "--latency",
+            "-t",
+            &threads,
+            "-c",
+            &conns.to_string(),
+            "-d",
+            &format!("{secs}s"),
+        ])
+        .args(
+            token
+                .map(|t| vec!["-H".to_string(), format!("Authorization: Bearer {t}")])
+                .unwrap_or_default(),
+        )
+        .args(["-H", "Accept: application/json"])
+        .arg(url)
+        .output()
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    if !o.status.success() || text.contains("Non-2xx") {
+        return Err(format!(
+            "wrk against {url} failed:\n{text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let micros = |v: &str| -> Option<f64> {
+        let (n, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+        let n: f64 = n.parse().ok()?;
+        Some(match unit {
+            "us" => n,
+            "ms" => n * 1e3,
+            "s" => n * 1e6,
+            _ => return None,
+        })
+    };
+    let pct = |p: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(p))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(micros)
+            .ok_or_else(|| format!("wrk printed no {p} latency:\n{text}"))
+    };
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("wrk printed no rate:\n{text}"))?;
+    Ok((rps, pct("50%")?, pct("99%")?))
+}
+
 /// Builds the release binaries the benchmarks run; returns their directory.
 pub(crate) fn build_release() -> Result<std::path::PathBuf, String> {
     util::step("building release binaries");
@@ -235,6 +295,8 @@ pub(crate) fn build_release() -> Result<std::path::PathBuf, String> {
             "wicket-ssh",
             "-p",
             "wicket-k8s",
+            "-p",
+            "wicket-http",
             "-p",
             "wicket-control",
             "-p",

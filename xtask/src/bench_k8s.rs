@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::bench::{Stack, build_release, cpu_us};
+use crate::bench::{Stack, build_release, cpu_us, wrk};
 use crate::util::{self, free_port, port_open, wait_for};
 
 const POLICY: &str = "version: 1
@@ -23,61 +23,6 @@ rules:
     effect: allow
     match: {protocols: [kubernetes]}
 ";
-
-/// One wrk run: (requests/s, p50 µs, p99 µs).
-fn wrk(url: &str, token: &str, conns: u32, secs: u32) -> Result<(f64, f64, f64), String> {
-    let threads = conns.clamp(1, 2).to_string();
-    let o = Command::new("wrk")
-        .args([
-            "--latency",
-            "-t",
-            &threads,
-            "-c",
-            &conns.to_string(),
-            "-d",
-            &format!("{secs}s"),
-        ])
-        .args([
-            "-H",
-            &format!("Authorization: Bearer {token}"),
-            "-H",
-            "Accept: application/json",
-        ])
-        .arg(url)
-        .output()
-        .map_err(|e| format!("wrk: {e}"))?;
-    let text = String::from_utf8_lossy(&o.stdout).to_string();
-    if !o.status.success() || text.contains("Non-2xx") {
-        return Err(format!(
-            "wrk against {url} failed:\n{text}{}",
-            String::from_utf8_lossy(&o.stderr)
-        ));
-    }
-    let micros = |v: &str| -> Option<f64> {
-        let (n, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
-        let n: f64 = n.parse().ok()?;
-        Some(match unit {
-            "us" => n,
-            "ms" => n * 1e3,
-            "s" => n * 1e6,
-            _ => return None,
-        })
-    };
-    let pct = |p: &str| {
-        text.lines()
-            .find(|l| l.trim_start().starts_with(p))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(micros)
-            .ok_or_else(|| format!("wrk printed no {p} latency:\n{text}"))
-    };
-    let rps = text
-        .lines()
-        .find(|l| l.starts_with("Requests/sec:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("wrk printed no rate:\n{text}"))?;
-    Ok((rps, pct("50%")?, pct("99%")?))
-}
 
 fn kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> Result<(), String> {
     let text = format!(
@@ -171,14 +116,14 @@ pub fn k8s() -> Result<(), String> {
     let direct_url = format!("https://127.0.0.1:{api_port}{path}");
     let gate_url = format!("https://127.0.0.1:{gate_port}{path}");
     // Warm both (connections, the gate's session and decision memo).
-    wrk(&direct_url, sa.trim(), 1, 1)?;
-    wrk(&gate_url, &stack.agent, 1, 1)?;
+    wrk(&direct_url, Some(sa.trim()), 1, 1)?;
+    wrk(&gate_url, Some(&stack.agent), 1, 1)?;
     util::step(
         "GET pod: one connection (latency), then eight (throughput), direct and through wicket-k8s",
     );
     let mut rows = Vec::new();
     for conns in [1u32, 8] {
-        let d = wrk(&direct_url, sa.trim(), conns, 10)?;
+        let d = wrk(&direct_url, Some(sa.trim()), conns, 10)?;
         // WICKET_BENCH_PERF=1: a perf profile of the gate under this load.
         let perf = if std::env::var_os("WICKET_BENCH_PERF").is_some() {
             Command::new("sh")
@@ -195,7 +140,7 @@ pub fn k8s() -> Result<(), String> {
             None
         };
         let cpu0 = cpu_us(gate_pid);
-        let g = wrk(&gate_url, &stack.agent, conns, 10)?;
+        let g = wrk(&gate_url, Some(&stack.agent), conns, 10)?;
         let cpu = cpu_us(gate_pid) - cpu0;
         if let Some(mut p) = perf {
             let _ = p.wait();

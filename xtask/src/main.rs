@@ -6,12 +6,14 @@
 //! - `cargo xtask demo`  — the control service on SQLite with a demo policy and a
 //!   local identity provider; writes `target/demo/env`.
 //! - `cargo xtask peers` — start the test peers and print their environment.
-//! - `cargo xtask bench [policy|mask|pg|pg-mask|ssh|k8s]` — benchmarks, with their reference figures.
+//! - `cargo xtask bench [policy|mask|pg|pg-mask|ssh|k8s|http]` — benchmarks, with their reference figures.
 
 mod bench;
+mod bench_http;
 mod bench_k8s;
 mod bench_ssh;
 mod demo;
+mod demo_http;
 mod demo_k8s;
 mod peers;
 mod regress;
@@ -32,7 +34,7 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(rest),
         "help" | "--help" | "-h" => {
             println!(
-                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|mask|pg|pg-mask|ssh|k8s] | fuzz [pg|mask|k8s] [SECONDS]>"
+                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|mask|pg|pg-mask|ssh|k8s|http] | fuzz [pg|mask|k8s] [SECONDS]>"
             );
             Ok(())
         }
@@ -136,7 +138,8 @@ fn bench(args: &[String]) -> Result<(), String> {
         bench(&["pg".to_string()])?;
         bench(&["pg-mask".to_string()])?;
         bench(&["ssh".to_string()])?;
-        return bench(&["k8s".to_string()]);
+        bench(&["k8s".to_string()])?;
+        return bench(&["http".to_string()]);
     }
     match which {
         "policy" => {
@@ -169,8 +172,14 @@ fn bench(args: &[String]) -> Result<(), String> {
             );
             bench_k8s::k8s()
         }
+        "http" => {
+            util::step(
+                "HTTP: GET latency and rate, direct vs nginx vs wicket-http; targets >= nginx's requests/s, <= 100 µs added p50",
+            );
+            bench_http::http()
+        }
         other => Err(format!(
-            "unknown benchmark `{other}` (available: policy, mask, pg, pg-mask, ssh, k8s)"
+            "unknown benchmark `{other}` (available: policy, mask, pg, pg-mask, ssh, k8s, http)"
         )),
     }
 }
