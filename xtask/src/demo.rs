@@ -146,6 +146,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "WICKET_KUBECONFIG".into(),
         k8s.kubeconfig.display().to_string(),
     ));
+    util::step("starting the demo customer API and wicket-http in front of it");
+    let http = crate::demo_http::start(&dir, &bin, &env, &control_url, check, &mut kids)?;
+    env.push(("WICKET_HTTP_URL".into(), http.url()));
     let mut file =
         String::from("# Written by `cargo xtask demo`. Use with: source target/demo/env\n");
     for (k, v) in &env {
@@ -203,6 +206,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "  Kubernetes gate          127.0.0.1:{} (wicket-k8s; metrics on 127.0.0.1:{}) -> fake kube-apiserver on 127.0.0.1:{}\n",
         k8s.port, k8s.admin_port, k8s.apiserver_port
     );
+    println!(
+        "  HTTP gate                {} (wicket-http; metrics on 127.0.0.1:{}) -> demo customer API on 127.0.0.1:{}\n",
+        http.url(),
+        http.admin_port,
+        http.app_port
+    );
     println!("Try it yourself:");
     println!("  source {}", env_path.display());
     println!(
@@ -240,6 +249,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "  WICKET_REASONING='cleanup' {k} --kubeconfig $WICKET_KUBECONFIG delete pod db-0   # held for approval"
         );
     }
+    println!(
+        "  curl -H \"Authorization: Bearer $WICKET_AGENT_TOKEN\" -H 'Wicket-Reasoning: weekly report' $WICKET_HTTP_URL/api/customers   # masked"
+    );
+    println!(
+        "  curl -X DELETE -H \"Authorization: Bearer $WICKET_AGENT_TOKEN\" -H 'Wicket-Reasoning: cleanup' $WICKET_HTTP_URL/api/customers/3   # held for approval"
+    );
     println!("  wicket approvals list");
     println!("  wicket sessions list\n");
     if check {
@@ -322,6 +337,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             check_ssh(&dir, s)?;
         }
         crate::demo_k8s::check(&dir, &k8s)?;
+        crate::demo_http::check(&env, &http)?;
         wait_for(15, "the demo session in `wicket sessions list`", || {
             wicket(
                 &bin,
