@@ -27,7 +27,7 @@ use wicket_sidecar::web::{self, Body, BoxError, SessionRefused, TokenSessions, T
 use wicket_sidecar::{CallerTrace, LiveSession, Sidecar};
 
 use crate::classify::{HttpRequest, cap, field_value};
-use crate::mask::{BodyKind, MaskJob, Plan, PlanCache, Tally, body_kind, mask_body};
+use crate::mask::{BodyKind, MaskJob, Plan, PlanCache, Tally, body_kind, mask_body, mask_whole};
 use crate::upstream::{Credential, CredentialCache, Upstream};
 
 /// Gate settings.
@@ -142,6 +142,10 @@ pub fn forbidden(d: &Decision) -> Response<Body> {
         Some(&d.rule),
     )
 }
+
+/// Answers up to this size (with a `Content-Length`) are read whole before
+/// they are sent on.
+const SMALL_BODY: usize = 64 * 1024;
 
 /// Headers about one hop, never forwarded either way.
 const HOP: &[&str] = &[
@@ -523,6 +527,7 @@ impl HttpGate {
             return self.upgraded(live, decided, resp, client_upgrade, started);
         }
         self.respond(live, plan, decided, &req, resp, state, started)
+            .await
     }
 
     /// Method, host, query, upgrade and selected headers of a request.
@@ -883,7 +888,7 @@ impl HttpGate {
 
     /// The client's response: masked where policy masks, tracked to its end.
     #[allow(clippy::too_many_arguments)]
-    fn respond(
+    async fn respond(
         self: Arc<Self>,
         live: Arc<LiveSession>,
         plan: Arc<Plan>,
@@ -906,8 +911,69 @@ impl HttpGate {
         let has_body = req.method() != Method::HEAD
             && code != StatusCode::NO_CONTENT
             && code != StatusCode::NOT_MODIFIED;
+        let small = parts
+            .headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n <= SMALL_BODY);
+        let masks = plan.masks() && has_body && kind != BodyKind::Binary;
         let mut tally: Option<Arc<Mutex<Tally>>> = None;
-        if plan.masks() && has_body && kind != BodyKind::Binary {
+        if small.is_some() && has_body {
+            // A small answer of known length is read whole (and masked in
+            // place), so the client gets head and body in one write.
+            let bytes = match body.collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    self.result(
+                        &live,
+                        &decided,
+                        &[("status", "502".into())],
+                        &Tally::new(),
+                        None,
+                    );
+                    return problem(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream",
+                        &format!("wicket: the upstream's answer broke off: {e}"),
+                    );
+                }
+            };
+            if masks {
+                let encoding = parts
+                    .headers
+                    .get("content-encoding")
+                    .and_then(|v| v.to_str().ok());
+                match mask_whole(&plan, &bytes, kind, encoding, self.cfg.max_mask_bytes) {
+                    Ok((out, t)) => {
+                        parts.headers.remove("content-encoding");
+                        parts.headers.remove("etag");
+                        parts.headers.remove("content-md5");
+                        if let Ok(v) = HeaderValue::from_str(&out.len().to_string()) {
+                            parts.headers.insert("content-length", v);
+                        }
+                        body = web::full(out);
+                        tally = Some(Arc::new(Mutex::new(t)));
+                    }
+                    Err(e) => {
+                        self.result(
+                            &live,
+                            &decided,
+                            &[("status", "502".into())],
+                            &Tally::new(),
+                            None,
+                        );
+                        return problem(
+                            StatusCode::BAD_GATEWAY,
+                            "unmaskable",
+                            &format!("wicket: {e}"),
+                        );
+                    }
+                }
+            } else {
+                body = web::full(bytes);
+            }
+        } else if masks {
             let job = MaskJob {
                 plan: plan.clone(),
                 kind,

@@ -488,6 +488,48 @@ pub fn mask_body(mut body: Body, job: MaskJob) -> Result<(Body, Arc<Mutex<Tally>
     Ok((web::channel_body(rx), tally))
 }
 
+/// Masks a whole body already in memory (a small answer): decoded, then
+/// masked as its kind says.
+pub fn mask_whole(
+    plan: &Plan,
+    data: &[u8],
+    kind: BodyKind,
+    encoding: Option<&str>,
+    max_json: usize,
+) -> Result<(Vec<u8>, Tally), String> {
+    let mut decoder = Decoder::for_encoding(encoding)?;
+    let mut held = Vec::new();
+    decoder.feed(data, &mut |d| held.extend_from_slice(&d))?;
+    held.extend(decoder.finish()?);
+    let mut tally = Tally::new();
+    if kind == BodyKind::Json && held.len() <= max_json {
+        let out = match serde_json::from_slice::<Value>(&held) {
+            Ok(mut v) => {
+                plan.mask_json(&mut v, &mut tally);
+                serde_json::to_vec(&v).unwrap_or_default()
+            }
+            Err(_) => plan.mask_line(&held, BodyKind::Text, &mut tally),
+        };
+        return Ok((out, tally));
+    }
+    if kind == BodyKind::Json && !plan.fields.is_empty() {
+        return Err(format!(
+            "a JSON answer over {max_json} bytes cannot be masked by field rules"
+        ));
+    }
+    let mut out = Vec::with_capacity(held.len());
+    let mut rest = &held[..];
+    while !rest.is_empty() {
+        let cut = match cut_point(rest) {
+            0 => rest.len(),
+            n => n,
+        };
+        out.extend(plan.mask_line(&rest[..cut], line_kind(kind), &mut tally));
+        rest = &rest[cut..];
+    }
+    Ok((out, tally))
+}
+
 fn line_kind(kind: BodyKind) -> BodyKind {
     if kind == BodyKind::Json {
         BodyKind::Text

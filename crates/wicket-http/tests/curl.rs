@@ -50,6 +50,9 @@ rules:
     effect: deny
     match: {protocols: [http]}
     condition: \"command.objects.exists(o, o == 'header:x-tenant=blocked')\"
+  - id: dba-writes
+    effect: allow
+    match: {protocols: [http], commands: [write], groups: [dba]}
   - id: deletes-need-approval
     effect: review
     match: {protocols: [http], commands: [delete]}
@@ -743,4 +746,52 @@ async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
     );
     assert!(rules.iter().any(|r| r == "request-too-large"), "{rules:?}");
     assert!(rules.iter().any(|r| r == "bad-body"), "{rules:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_upstreams_and_masked_body_capture() {
+    let hs = HttpStack::start_opts(POLICY, true, |c| c.capture_bytes = 4096).await;
+    let dba = human(&hs, "dan", &["dba"]);
+    let (t, u) = (dba.clone(), format!("{}/api/customers", hs.url()));
+    let body = r#"{"name":"Bob","email":"bob@example.com","ssn":"111-22-3333"}"#;
+    let (out, status, version) = blocking(move || {
+        run(curl(
+            &t,
+            &[
+                "--http1.1",
+                "-H",
+                "content-type: application/json",
+                "--data",
+                body,
+                &u,
+            ],
+        ))
+    })
+    .await;
+    assert_eq!((status, version.as_str()), (201, "1.1"), "{out}");
+    assert!(
+        !out.contains("bob@example.com") && !out.contains("111-22-3333"),
+        "{out}"
+    );
+    // The gate spoke HTTP/2 to the app, for an HTTP/1.1 client.
+    assert!(
+        hs.app.seen().iter().all(|s| s.version == "HTTP/2.0"),
+        "{:?}",
+        hs.app.seen()
+    );
+    let events = hs.stack.events().await;
+    let cmd = events
+        .iter()
+        .find(|e| e.kind == v1::AuditKind::Command as i32)
+        .unwrap();
+    let r = result_of(&events, cmd);
+    let req = &r.details["request_body"];
+    let resp = &r.details["response_body"];
+    for captured in [req, resp] {
+        assert!(captured.contains("Bob"), "{captured}");
+        assert!(
+            !captured.contains("bob@example.com") && !captured.contains("111-22-3333"),
+            "{captured}"
+        );
+    }
 }

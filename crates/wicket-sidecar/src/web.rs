@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use hyper::body::{Frame, SizeHint};
 use hyper::header::HeaderMap;
 use wicket_core::Decision;
@@ -262,6 +263,11 @@ impl hyper::body::Body for Tracked {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     this.bytes += d.len() as u64;
+                }
+                // A body that knows it is done is not polled again (hyper
+                // checks `is_end_stream`): it ran to its end now.
+                if this.inner.is_end_stream() {
+                    this.finish(true);
                 }
                 Poll::Ready(Some(Ok(f)))
             }

@@ -212,10 +212,11 @@ impl DemoApp {
                 gzip_ok || force_gzip,
             ),
             (Method::GET, ["api", "customers", id]) => {
-                match customers()
-                    .as_array()
-                    .and_then(|a| a.iter().find(|c| c["id"].as_u64().map(|n| n.to_string()).as_deref() == Some(*id)).cloned())
-                {
+                match customers().as_array().and_then(|a| {
+                    a.iter()
+                        .find(|c| c["id"].as_u64().map(|n| n.to_string()).as_deref() == Some(*id))
+                        .cloned()
+                }) {
                     Some(c) => json_resp(StatusCode::OK, &c, gzip_ok || force_gzip),
                     None => full(
                         StatusCode::NOT_FOUND,

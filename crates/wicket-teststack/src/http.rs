@@ -45,6 +45,15 @@ impl HttpStack {
 
     /// [`HttpStack::start`], with the gate's settings adjusted by `tune`.
     pub async fn start_with(policy: &str, tune: impl FnOnce(&mut HttpConfig)) -> HttpStack {
+        HttpStack::start_opts(policy, false, tune).await
+    }
+
+    /// [`HttpStack::start_with`]; `h2c`: the gate speaks HTTP/2 to the app.
+    pub async fn start_opts(
+        policy: &str,
+        h2c: bool,
+        tune: impl FnOnce(&mut HttpConfig),
+    ) -> HttpStack {
         let stack = Stack::start("api", policy).await;
         let app = DemoApp::start(
             "127.0.0.1:0",
@@ -55,7 +64,7 @@ impl HttpStack {
         let upstream = Upstream::new(UpstreamSpec {
             url: url::Url::parse(&app.url()).expect("url"),
             tls: None,
-            h2c: false,
+            h2c,
             pool_idle: 16,
         })
         .expect("upstream");
