@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Body as _;
 use hyper::body::{Frame, SizeHint};
 use hyper::header::HeaderMap;
 use wicket_core::Decision;
