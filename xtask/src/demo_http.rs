@@ -36,7 +36,7 @@ pub fn start(
     let hdir = dir.join("http");
     std::fs::create_dir_all(&hdir).map_err(|e| e.to_string())?;
     let [app_port, port, admin_port] =
-        crate::util::demo_ports(check, [7480, 8480, 9482], "the HTTP demo")?;
+        crate::util::demo_ports(check, [7488, 8480, 9473], "the HTTP demo")?;
     // The API key only the gate holds (the caller never sees it).
     let key_file = hdir.join("api-key");
     if !key_file.exists() {

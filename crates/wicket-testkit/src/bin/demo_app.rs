@@ -2,7 +2,7 @@
 //! (a JSON API holding personal data), as a process, for `cargo xtask demo`
 //! and `cargo xtask bench http`.
 //!
-//! `--listen HOST:PORT` (default 127.0.0.1:7480); `--api-key-file FILE`
+//! `--listen HOST:PORT` (default 127.0.0.1:7488); `--api-key-file FILE`
 //! makes it refuse requests without `X-Api-Key: <contents>`. Prints
 //! `ready http://…` once it listens.
 
@@ -17,7 +17,7 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let listen = arg("--listen").unwrap_or_else(|| "127.0.0.1:7480".into());
+        let listen = arg("--listen").unwrap_or_else(|| "127.0.0.1:7488".into());
         let key = arg("--api-key-file").map(|f| {
             let v = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("cannot read {f}: {e}"));
             ("x-api-key".to_string(), v.trim().to_string())
