@@ -27,6 +27,7 @@ use wicket_sidecar::web::{self, Body, BoxError, SessionRefused, TokenSessions, T
 use wicket_sidecar::{CallerTrace, LiveSession, Sidecar};
 
 use crate::classify::{HttpRequest, cap, field_value};
+use crate::login::{Login, LoginConfig, OWN_PREFIX, wants_login};
 use crate::mask::{BodyKind, MaskJob, Plan, PlanCache, Tally, body_kind, mask_body, mask_whole};
 use crate::upstream::{Credential, CredentialCache, Upstream};
 
@@ -54,6 +55,8 @@ pub struct HttpConfig {
     pub body_idle: Duration,
     /// How long the upstream may take to start answering.
     pub upstream_timeout: Duration,
+    /// Browser login (OIDC authorization code with PKCE, session cookie).
+    pub login: Option<LoginConfig>,
 }
 
 impl HttpConfig {
@@ -70,6 +73,7 @@ impl HttpConfig {
             idle_session: Duration::from_secs(15 * 60),
             body_idle: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(300),
+            login: None,
         }
     }
 }
@@ -88,6 +92,7 @@ pub struct HttpGate {
     credential: CredentialCache,
     sessions: Arc<TokenSessions>,
     plans: PlanCache,
+    login: Option<Login>,
 }
 
 impl std::fmt::Debug for HttpGate {
@@ -303,15 +308,21 @@ struct Decided {
 
 impl HttpGate {
     /// A gate over `sidecar`, relaying to `upstream`.
-    pub fn new(sidecar: Arc<Sidecar>, upstream: Upstream, cfg: HttpConfig) -> Arc<HttpGate> {
-        Arc::new(HttpGate {
+    pub fn new(
+        sidecar: Arc<Sidecar>,
+        upstream: Upstream,
+        cfg: HttpConfig,
+    ) -> Result<Arc<HttpGate>, String> {
+        let login = cfg.login.clone().map(Login::new).transpose()?;
+        Ok(Arc::new(HttpGate {
+            login,
             sessions: Arc::new(TokenSessions::new(sidecar.clone(), cfg.idle_session)),
             credential: CredentialCache::new(cfg.credential.clone()),
             sidecar,
             upstream,
             plans: PlanCache::default(),
             cfg,
-        })
+        }))
     }
 
     /// Number of sessions the gate holds.
@@ -327,12 +338,54 @@ impl HttpGate {
     ) -> Response<Body> {
         let started = Instant::now();
         let h = req.headers();
-        let Some(token) = web::bearer(h) else {
-            return problem(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "wicket: send an OIDC access token (Authorization: Bearer …)",
-            );
+        if let Some(login) = &self.login
+            && req.uri().path().starts_with(OWN_PREFIX)
+        {
+            let sidecar = self.sidecar.clone();
+            let addr = client_addr.to_string();
+            let validate = |t: String| async move {
+                sidecar
+                    .authenticate(&t, &addr)
+                    .await
+                    .map(|i| i.expires_at)
+                    .map_err(|e| e.to_string())
+            };
+            return login
+                .serve(
+                    req.uri().path(),
+                    req.uri().query().unwrap_or(""),
+                    h,
+                    validate,
+                )
+                .await;
+        }
+        let token = match (web::bearer(h), &self.login) {
+            (Some(t), _) => t,
+            (None, Some(login)) => match login.token_from_cookie(h) {
+                Some(t) => t,
+                None if wants_login(req.method(), h) => {
+                    let to = req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.as_str())
+                        .unwrap_or("/");
+                    return login.start(to).await;
+                }
+                None => {
+                    return problem(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "wicket: send an OIDC access token (Authorization: Bearer …), or log in with a browser at /.wicket/login",
+                    );
+                }
+            },
+            (None, None) => {
+                return problem(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "wicket: send an OIDC access token (Authorization: Bearer …)",
+                );
+            }
         };
         let trace = web::caller_trace(h, None);
         let live = match self
@@ -773,6 +826,21 @@ impl HttpGate {
                 "upgrade",
                 HeaderValue::from_str(u).map_err(|_| "bad upgrade header")?,
             );
+        }
+        if let Some(login) = &self.login {
+            // The gate's session cookie stays here.
+            let all: Vec<&str> = h
+                .get_all("cookie")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            headers.remove("cookie");
+            if !all.is_empty()
+                && let Ok(joined) = HeaderValue::from_str(&all.join("; "))
+                && let Some(v) = login.strip_cookie(&joined)
+            {
+                headers.insert("cookie", v);
+            }
         }
         if let Some((name, value)) = self.credential.header()? {
             headers.insert(name, value);

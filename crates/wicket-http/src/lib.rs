@@ -11,8 +11,10 @@
 
 pub mod classify;
 pub mod gate;
+pub mod login;
 pub mod mask;
 pub mod upstream;
 
 pub use gate::{HttpConfig, HttpGate, problem, serve};
+pub use login::LoginConfig;
 pub use upstream::{Credential, Secret, Upstream, UpstreamSpec};

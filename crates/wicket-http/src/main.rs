@@ -90,6 +90,20 @@ struct Args {
     /// Idle upstream connections kept for reuse.
     #[arg(long, env = "WICKET_HTTP_POOL_IDLE", default_value_t = 64)]
     pool_idle: usize,
+    /// Browser login: the gate's OAuth client id at the identity provider
+    /// (with --public-url). Browsers without a token are sent to log in.
+    #[arg(long, env = "WICKET_HTTP_LOGIN_CLIENT_ID", requires = "public_url")]
+    login_client_id: Option<String>,
+    /// File holding that client's secret (a confidential client; PKCE is used either way).
+    #[arg(long, env = "WICKET_HTTP_LOGIN_CLIENT_SECRET_FILE")]
+    login_client_secret_file: Option<PathBuf>,
+    /// Scopes the browser login asks for.
+    #[arg(long, env = "WICKET_HTTP_LOGIN_SCOPES", default_value = "openid")]
+    login_scopes: String,
+    /// The gate's external base URL (`https://billing.example.com`); the
+    /// login callback is PUBLIC_URL/.wicket/callback.
+    #[arg(long, env = "WICKET_HTTP_PUBLIC_URL")]
+    public_url: Option<String>,
     #[command(flatten)]
     process: wicket_sidecar::process::ProcessArgs,
     #[command(flatten)]
@@ -151,6 +165,23 @@ async fn run(args: Args) -> Result<(), String> {
     cfg.idle_session = Duration::from_secs(args.idle_minutes.max(1) * 60);
     cfg.body_idle = Duration::from_secs(args.body_idle_seconds.max(1));
     cfg.upstream_timeout = Duration::from_secs(args.upstream_timeout_seconds.max(1));
+    if let Some(client_id) = &args.login_client_id {
+        let public = args.public_url.as_deref().unwrap_or_default();
+        let public_url =
+            url::Url::parse(public).map_err(|e| format!("bad --public-url {public}: {e}"))?;
+        let client_secret = args
+            .login_client_secret_file
+            .as_ref()
+            .map(|p| wicket_sidecar::process::read_secret_file(p).map(|_| Secret::File(p.clone())))
+            .transpose()?;
+        cfg.login = Some(wicket_http::LoginConfig {
+            issuer: args.sidecar.oidc_issuer.clone(),
+            client_id: client_id.clone(),
+            client_secret,
+            public_url,
+            scopes: args.login_scopes.clone(),
+        });
+    }
     if cfg.tls.is_none() && !args.listen.ip().is_loopback() {
         tracing::warn!(listen = %args.listen, "serving cleartext HTTP on a non-loopback address: bearer tokens cross the network in the clear; give --tls-cert and --tls-key");
     }
@@ -158,7 +189,7 @@ async fn run(args: Args) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let sidecar = Sidecar::start(args.sidecar).await?;
-    let gate = HttpGate::new(sidecar.clone(), upstream, cfg);
+    let gate = HttpGate::new(sidecar.clone(), upstream, cfg)?;
     tracing::info!(listen = %args.listen, upstream = %url, "wicket-http serving");
     wicket_http::serve(gate, listener, wicket_sidecar::process::shutdown_signal()).await;
     tracing::info!("draining");

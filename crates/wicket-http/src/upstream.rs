@@ -36,6 +36,11 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Reads a secret (a file's contents without its final line break).
+pub fn read_secret(secret: &Secret) -> Result<String, String> {
+    CredentialCache::read(secret)
+}
+
 /// The credential the gate adds to every upstream request.
 #[derive(Debug, Clone)]
 pub enum Credential {

@@ -795,3 +795,121 @@ async fn http2_upstreams_and_masked_body_capture() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn people_log_in_with_a_browser_and_the_cookie_stays_at_the_gate() {
+    let hs = HttpStack::start_login(POLICY).await;
+    hs.stack
+        .idp
+        .set_device_user(TokenSpec::human("bea", &["staff"]));
+    let jar = hs.stack.dir.path().join("cookies.txt");
+    let jar_s = jar.display().to_string();
+    // A browser without a token: sent to the identity provider, back to the
+    // callback, then to the page it asked for, with a session cookie.
+    let u = format!("{}/api/customers/1", hs.url());
+    let (j, u2) = (jar_s.clone(), u.clone());
+    let o = blocking(move || {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "-L",
+                "-c",
+                &j,
+                "-b",
+                &j,
+                "-H",
+                "Accept: text/html",
+                "-H",
+                "Cookie: theme=dark",
+            ])
+            .args(["-w", "\n%{http_code} %{num_redirects}", &u2])
+            .output()
+            .unwrap()
+    })
+    .await;
+    let (out, err) = out_text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("Ada Lovelace") && out.ends_with("200 3"),
+        "{out}"
+    );
+    assert!(!out.contains("123-45-6789"), "{out}");
+    let cookies = std::fs::read_to_string(&jar).unwrap();
+    assert!(cookies.contains("wicket_session"), "{cookies}");
+    assert!(
+        cookies.contains("#HttpOnly_"),
+        "the cookie is HttpOnly: {cookies}"
+    );
+    // The cookie alone now works (no redirect), and never reaches the app.
+    let (j, u2) = (jar_s.clone(), format!("{}/headers", hs.url()));
+    let o = blocking(move || {
+        Command::new("curl")
+            .args(["-sS", "-b", &j, "-H", "Cookie: theme=dark", &u2])
+            .output()
+            .unwrap()
+    })
+    .await;
+    let (out, _) = out_text(&o);
+    let h: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(h["cookie"], "theme=dark", "{out}");
+    assert!(h.get("authorization").is_none());
+    assert!(!hs.app.seen().iter().any(|s| {
+        s.headers
+            .iter()
+            .any(|(k, v)| k == "cookie" && v.contains("wicket_session"))
+    }));
+    // A forged cookie gets no session; an API client without a token gets 401.
+    let u2 = u.clone();
+    let o = blocking(move || {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Cookie: wicket_session=forged",
+                &u2,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "401");
+    // Logging out forgets the session.
+    let (j, u2) = (jar_s.clone(), format!("{}/.wicket/logout", hs.url()));
+    blocking(move || {
+        Command::new("curl")
+            .args(["-sS", "-b", &j, "-c", &j, &u2])
+            .output()
+            .unwrap()
+    })
+    .await;
+    let (j, u2) = (jar_s.clone(), u.clone());
+    let o = blocking(move || {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-b",
+                &j,
+                &u2,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await;
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "401");
+    // The requests are the person's, in the audit.
+    let events = hs.stack.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == v1::AuditKind::Command as i32
+                && e.principal.as_ref().is_some_and(|p| p.subject == "bea"))
+    );
+}

@@ -86,6 +86,14 @@ fn new_key(kid: &str) -> Key {
     }
 }
 
+/// An authorization code issued to a browser (authorization-code flow).
+struct Code {
+    redirect_uri: String,
+    challenge: String,
+    client_id: String,
+    spec: TokenSpec,
+}
+
 struct Device {
     polls: u32,
     spec: TokenSpec,
@@ -100,6 +108,7 @@ struct State {
     clients: HashMap<String, (String, TokenSpec)>,
     device_user: TokenSpec,
     devices: HashMap<String, Device>,
+    codes: HashMap<String, Code>,
     jwks_fetches: u64,
     next_kid: u32,
 }
@@ -130,6 +139,7 @@ impl TestIdp {
             clients: HashMap::new(),
             device_user: TokenSpec::human("demo-admin", &["wicket-admins"]),
             devices: HashMap::new(),
+            codes: HashMap::new(),
             jwks_fetches: 0,
             next_kid: 2,
         }));
@@ -231,6 +241,9 @@ impl TestIdp {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        if method == Method::GET && path == "/auth" {
+            return self.authorize(req.uri().query().unwrap_or(""));
+        }
         let basic = req
             .headers()
             .get("authorization")
@@ -268,7 +281,8 @@ impl TestIdp {
                         "token_endpoint": format!("{iss}/token"),
                         "device_authorization_endpoint": format!("{iss}/device/code"),
                         "authorization_endpoint": format!("{iss}/auth"),
-                        "grant_types_supported": ["client_credentials", "urn:ietf:params:oauth:grant-type:device_code"],
+                        "grant_types_supported": ["client_credentials", "urn:ietf:params:oauth:grant-type:device_code", "authorization_code"],
+                        "code_challenge_methods_supported": ["S256"],
                         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
                         "id_token_signing_alg_values_supported": ["ES256"],
                         "response_types_supported": ["code"],
@@ -346,6 +360,26 @@ impl TestIdp {
                 s.devices.remove(&code);
                 spec
             }
+            "authorization_code" => {
+                let code = form.get("code").cloned().unwrap_or_default();
+                let Some(c) = self.state.lock().unwrap().codes.remove(&code) else {
+                    return bad("invalid_grant");
+                };
+                let verifier = form.get("code_verifier").cloned().unwrap_or_default();
+                let digest =
+                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes());
+                let computed = {
+                    use base64::Engine as _;
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref())
+                };
+                if form.get("redirect_uri") != Some(&c.redirect_uri)
+                    || form.get("client_id") != Some(&c.client_id)
+                    || computed != c.challenge
+                {
+                    return bad("invalid_grant");
+                }
+                c.spec
+            }
             _ => return bad("unsupported_grant_type"),
         };
         let token = self.mint(&spec);
@@ -353,6 +387,46 @@ impl TestIdp {
             StatusCode::OK,
             json!({"access_token": token, "token_type": "Bearer", "expires_in": spec.ttl_seconds}),
         )
+    }
+
+    /// The authorization endpoint: the browser user (the device-flow user)
+    /// "logs in" at once and is sent back with a code (PKCE S256 required).
+    fn authorize(&self, query: &str) -> Response<Full<Bytes>> {
+        let q: HashMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        let (Some(redirect), Some(state), Some(challenge), Some(client_id)) = (
+            q.get("redirect_uri"),
+            q.get("state"),
+            q.get("code_challenge"),
+            q.get("client_id"),
+        ) else {
+            return Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .body(Full::new(Bytes::from_static(b"invalid_request")))
+                .expect("response");
+        };
+        let code = uuid::Uuid::new_v4().simple().to_string();
+        let mut s = self.state.lock().unwrap();
+        let spec = s.device_user.clone();
+        s.codes.insert(
+            code.clone(),
+            Code {
+                redirect_uri: redirect.clone(),
+                challenge: challenge.clone(),
+                client_id: client_id.clone(),
+                spec,
+            },
+        );
+        let mut to = url::Url::parse(redirect).expect("redirect_uri is a URL");
+        to.query_pairs_mut()
+            .append_pair("code", &code)
+            .append_pair("state", state);
+        Response::builder()
+            .status(StatusCode::FOUND)
+            .header("location", to.as_str())
+            .body(Full::new(Bytes::new()))
+            .expect("response")
     }
 
     /// Runs until the process is interrupted (for the demo binary).

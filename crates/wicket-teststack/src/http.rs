@@ -75,12 +75,20 @@ impl HttpStack {
         );
         cfg.mask_key = b"test mask key".to_vec();
         tune(&mut cfg);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        if let Some(l) = &mut cfg.login {
+            l.issuer = stack.idp.issuer();
+            l.public_url = url::Url::parse(&format!("http://{addr}")).expect("url");
+        }
         let ca = TestCa::new("wicket-http test CA");
         let ca_file = stack.dir.path().join("http-ca.crt");
         std::fs::write(&ca_file, &ca.cert_pem).expect("write CA");
         let mut tls_cfg = cfg.clone();
         tls_cfg.tls = Some(ca.issue(&[]).server_config(&[b"h2", b"http/1.1"]));
-        let gate = HttpGate::new(stack.sidecar.clone(), upstream, cfg);
+        let gate = HttpGate::new(stack.sidecar.clone(), upstream, cfg).expect("gate");
         let tls_upstream = Upstream::new(UpstreamSpec {
             url: url::Url::parse(&app.url()).expect("url"),
             tls: None,
@@ -88,11 +96,7 @@ impl HttpStack {
             pool_idle: 16,
         })
         .expect("upstream");
-        let tls_gate = HttpGate::new(stack.sidecar.clone(), tls_upstream, tls_cfg);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let tls_gate = HttpGate::new(stack.sidecar.clone(), tls_upstream, tls_cfg).expect("gate");
         tokio::spawn(wicket_http::serve(
             gate.clone(),
             listener,
@@ -115,6 +119,22 @@ impl HttpStack {
             tls_addr,
             ca_file,
         }
+    }
+
+    /// [`HttpStack::start`] with browser login on (client `wicket-http`,
+    /// public URL = the cleartext listener).
+    pub async fn start_login(policy: &str) -> HttpStack {
+        // The issuer and the public URL are filled in once known.
+        HttpStack::start_opts(policy, false, |c| {
+            c.login = Some(wicket_http::LoginConfig {
+                issuer: String::new(),
+                client_id: "wicket-http".into(),
+                client_secret: None,
+                public_url: url::Url::parse("http://127.0.0.1/").expect("url"),
+                scopes: "openid".into(),
+            });
+        })
+        .await
     }
 
     /// `http://127.0.0.1:PORT` of the gate.
