@@ -232,8 +232,10 @@ impl Spool {
 
     /// Writes an event durably (to the OS at once, to disk within 200 ms).
     pub fn append(&self, event: AuditEvent) -> Result<(), SpoolError> {
-        let mut line =
-            serde_json::to_vec(&event).map_err(|e| SpoolError::Io(std::io::Error::other(e)))?;
+        // Most events fit in 1 KiB: one allocation, no regrowth.
+        let mut line = Vec::with_capacity(1024);
+        serde_json::to_writer(&mut line, &event)
+            .map_err(|e| SpoolError::Io(std::io::Error::other(e)))?;
         line.push(b'\n');
         let mut g = self.inner.lock().expect("spool lock");
         if g.total_bytes + line.len() as u64 > self.max_bytes {

@@ -213,7 +213,7 @@ pub type Done = Box<dyn FnOnce(u64, bool) + Send>;
 pub struct Tracked {
     inner: Body,
     bytes: u64,
-    ended: Pin<Box<dyn Future<Output = EndReason> + Send>>,
+    ended: Option<Pin<Box<dyn Future<Output = EndReason> + Send>>>,
     done: Option<Done>,
 }
 
@@ -227,7 +227,18 @@ impl Tracked {
         Tracked {
             inner,
             bytes: 0,
-            ended: Box::pin(ended),
+            ended: Some(Box::pin(ended)),
+            done: Some(done),
+        }
+    }
+
+    /// Wraps a body already in memory, which leaves in one go: nothing to
+    /// break off when the session ends.
+    pub fn whole(inner: Body, done: Done) -> Tracked {
+        Tracked {
+            inner,
+            bytes: 0,
+            ended: None,
             done: Some(done),
         }
     }
@@ -254,7 +265,9 @@ impl hyper::body::Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Poll::Ready(reason) = this.ended.as_mut().poll(cx) {
+        if let Some(ended) = this.ended.as_mut()
+            && let Poll::Ready(reason) = ended.as_mut().poll(cx)
+        {
             this.finish(false);
             return Poll::Ready(Some(Err(format!("wicket: {}", reason.message()).into())));
         }
