@@ -987,7 +987,8 @@ impl HttpGate {
             .filter(|n| *n <= SMALL_BODY);
         let masks = plan.masks() && has_body && kind != BodyKind::Binary;
         let mut tally: Option<Arc<Mutex<Tally>>> = None;
-        if small.is_some() && has_body {
+        let whole = small.is_some() && has_body;
+        if whole {
             // A small answer of known length is read whole (and masked in
             // place), so the client gets head and body in one write.
             let bytes = match body.collect().await {
@@ -1118,7 +1119,11 @@ impl HttpGate {
                 captured,
             );
         };
-        let tracked = Tracked::new(body, live.guard.end_signal(), Box::new(done));
+        let tracked = if whole {
+            Tracked::whole(body, Box::new(done))
+        } else {
+            Tracked::new(body, live.guard.end_signal(), Box::new(done))
+        };
         Response::from_parts(parts, tracked.boxed_unsync())
     }
 }
