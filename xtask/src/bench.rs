@@ -467,7 +467,7 @@ pub(crate) struct Stack {
     dir: std::path::PathBuf,
     env: Vec<(String, String)>,
     control_port: u16,
-    control_pid: u32,
+    pub(crate) control_pid: u32,
     /// The demo agent's token.
     pub(crate) agent: String,
 }

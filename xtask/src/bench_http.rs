@@ -197,6 +197,7 @@ pub fn http() -> Result<(), String> {
     for conns in [1u32, 32] {
         for (name, base, token, pid) in &targets {
             let cpu0 = pid.map(cpu_us).unwrap_or(0);
+            let control0 = cpu_us(stack.control_pid);
             // WICKET_BENCH_PERF=1: a perf profile of each gate under this load.
             let perf = match pid {
                 Some(p) if std::env::var_os("WICKET_BENCH_PERF").is_some() => Command::new("perf")
@@ -213,8 +214,10 @@ pub fn http() -> Result<(), String> {
             if let Some(mut p) = perf {
                 let _ = p.wait();
             }
-            let cpu = pid.map(|p| (cpu_us(p) - cpu0) as f64 / (r.0 * f64::from(secs)));
-            rows.push((conns, *name, r, cpu));
+            let requests = r.0 * f64::from(secs);
+            let cpu = pid.map(|p| (cpu_us(p) - cpu0) as f64 / requests);
+            let control = pid.map(|_| (cpu_us(stack.control_pid) - control0) as f64 / requests);
+            rows.push((conns, *name, r, cpu, control));
         }
     }
     let customers = format!("http://127.0.0.1:{masked_port}/api/customers");
@@ -229,22 +232,23 @@ pub fn http() -> Result<(), String> {
         "\nGET /hello (wrk, {secs} s each; wicket-http with token validation, policy and audit)"
     );
     println!(
-        "{:<6} {:<24} {:>10} {:>9} {:>9} {:>13}",
-        "conns", "path", "rps", "p50 µs", "p99 µs", "gate CPU/req"
+        "{:<6} {:<24} {:>10} {:>9} {:>9} {:>13} {:>16}",
+        "conns", "path", "rps", "p50 µs", "p99 µs", "gate CPU/req", "control CPU/req"
     );
-    for (c, name, r, cpu) in &rows {
+    for (c, name, r, cpu, control) in &rows {
         println!(
-            "{c:<6} {name:<24} {:>10.0} {:>9.0} {:>9.0} {:>13}",
+            "{c:<6} {name:<24} {:>10.0} {:>9.0} {:>9.0} {:>13} {:>16}",
             r.0,
             r.1,
             r.2,
-            cpu.map(|c| format!("{c:.0} µs")).unwrap_or_default()
+            cpu.map(|c| format!("{c:.0} µs")).unwrap_or_default(),
+            control.map(|c| format!("{c:.0} µs")).unwrap_or_default()
         );
     }
     let find = |c: u32, n: &str| {
         rows.iter()
-            .find(|(cc, nn, _, _)| *cc == c && *nn == n)
-            .map(|(_, _, r, _)| *r)
+            .find(|(cc, nn, _, _, _)| *cc == c && *nn == n)
+            .map(|(_, _, r, _, _)| *r)
             .expect("row")
     };
     let (d1, n1, g1) = (find(1, "direct"), find(1, "nginx"), find(1, "wicket-http"));

@@ -220,8 +220,21 @@ impl Children {
 }
 
 impl Drop for Children {
+    /// Asks every child to stop (SIGTERM, so a master process such as
+    /// nginx's takes its workers along), waits up to three seconds, then
+    /// kills what is left.
     fn drop(&mut self) {
         for (_, c) in &mut self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        for (_, c) in &mut self.0 {
+            while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
