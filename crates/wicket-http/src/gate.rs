@@ -153,18 +153,7 @@ pub fn forbidden(d: &Decision) -> Response<Body> {
 const SMALL_BODY: usize = 64 * 1024;
 
 /// Headers about one hop, never forwarded either way.
-const HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "http2-settings",
-];
+const HOP: &[&str] = web::HOP_BY_HOP;
 
 /// Request headers the gate consumes or sets itself.
 const OWN: &[&str] = &[
@@ -502,14 +491,13 @@ impl HttpGate {
         let up = match self.upstream_request(&live, &plan, &api, &req, tls, client_addr, up_body) {
             Ok(r) => r,
             Err(e) => {
-                self.result(
+                return self.failed(
                     &live,
                     &decided,
-                    &[("status", "502".into())],
-                    &Tally::new(),
-                    None,
+                    StatusCode::BAD_GATEWAY,
+                    "upstream",
+                    &format!("wicket: {e}"),
                 );
-                return problem(StatusCode::BAD_GATEWAY, "upstream", &format!("wicket: {e}"));
             }
         };
         let resp = match tokio::time::timeout(
@@ -559,14 +547,9 @@ impl HttpGate {
                 return problem(status, kind, &msg);
             }
             Err(_) => {
-                self.result(
+                return self.failed(
                     &live,
                     &decided,
-                    &[("status", "504".into())],
-                    &Tally::new(),
-                    None,
-                );
-                return problem(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream-timeout",
                     &format!(
@@ -805,6 +788,26 @@ impl HttpGate {
         }
     }
 
+    /// Records a request that failed after its decision (no answer from
+    /// the upstream, an unmaskable answer…) and returns the problem to send.
+    fn failed(
+        &self,
+        live: &LiveSession,
+        decided: &Decided,
+        status: StatusCode,
+        kind: &str,
+        detail: &str,
+    ) -> Response<Body> {
+        self.result(
+            live,
+            decided,
+            &[("status", status.as_u16().to_string())],
+            &Tally::new(),
+            None,
+        );
+        problem(status, kind, detail)
+    }
+
     /// The upstream request: end-to-end headers, the gate's credential,
     /// forwarding headers, and the normalised path.
     #[allow(clippy::too_many_arguments)]
@@ -896,14 +899,9 @@ impl HttpGate {
         started: Instant,
     ) -> Response<Body> {
         let Some(client) = client else {
-            self.result(
+            return self.failed(
                 &live,
                 &decided,
-                &[("status", "502".into())],
-                &Tally::new(),
-                None,
-            );
-            return problem(
                 StatusCode::BAD_GATEWAY,
                 "upstream",
                 "wicket: the upstream switched protocols on a request that asked for no upgrade",
@@ -994,14 +992,9 @@ impl HttpGate {
             let bytes = match body.collect().await {
                 Ok(b) => b.to_bytes(),
                 Err(e) => {
-                    self.result(
+                    return self.failed(
                         &live,
                         &decided,
-                        &[("status", "502".into())],
-                        &Tally::new(),
-                        None,
-                    );
-                    return problem(
                         StatusCode::BAD_GATEWAY,
                         "upstream",
                         &format!("wicket: the upstream's answer broke off: {e}"),
@@ -1025,14 +1018,9 @@ impl HttpGate {
                         tally = Some(Arc::new(Mutex::new(t)));
                     }
                     Err(e) => {
-                        self.result(
+                        return self.failed(
                             &live,
                             &decided,
-                            &[("status", "502".into())],
-                            &Tally::new(),
-                            None,
-                        );
-                        return problem(
                             StatusCode::BAD_GATEWAY,
                             "unmaskable",
                             &format!("wicket: {e}"),
@@ -1063,14 +1051,9 @@ impl HttpGate {
                     parts.headers.remove("content-md5");
                 }
                 Err(e) => {
-                    self.result(
+                    return self.failed(
                         &live,
                         &decided,
-                        &[("status", "502".into())],
-                        &Tally::new(),
-                        None,
-                    );
-                    return problem(
                         StatusCode::BAD_GATEWAY,
                         "unmaskable",
                         &format!("wicket: {e}"),

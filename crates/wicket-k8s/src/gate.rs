@@ -160,17 +160,9 @@ pub(crate) fn denial_message(d: &Decision) -> String {
 /// they are sent on.
 const SMALL_BODY: usize = 256 * 1024;
 
-/// Headers that are about one hop and never forwarded.
-const HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Request headers the gate consumes or sets itself (besides the
+/// hop-by-hop ones).
+const OWN: &[&str] = &[
     "content-length",
     "host",
     "authorization",
@@ -182,7 +174,11 @@ pub(crate) fn forwardable(h: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(h.len() + 4);
     for (k, v) in h {
         let n = k.as_str();
-        if HOP.contains(&n) || n.starts_with("impersonate-") || n.starts_with("sec-websocket-") {
+        if web::HOP_BY_HOP.contains(&n)
+            || OWN.contains(&n)
+            || n.starts_with("impersonate-")
+            || n.starts_with("sec-websocket-")
+        {
             continue;
         }
         out.append(k.clone(), v.clone());
