@@ -110,12 +110,6 @@ struct Args {
     sidecar: SidecarConfig,
 }
 
-/// mimalloc: many small, short-lived allocations per request (headers,
-/// events) from one thread; glibc's allocator spent a sixth of the gate's
-/// CPU on them.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let p = args.process.clone();
