@@ -53,6 +53,8 @@ pub struct HttpConfig {
     pub idle_session: Duration,
     /// A request body that sends nothing for this long is cut (slow clients).
     pub body_idle: Duration,
+    /// How long a client may take to send a request's headers (slowloris).
+    pub header_timeout: Duration,
     /// How long the upstream may take to start answering.
     pub upstream_timeout: Duration,
     /// Browser login (OIDC authorization code with PKCE, session cookie).
@@ -72,6 +74,7 @@ impl HttpConfig {
             capture_bytes: 0,
             idle_session: Duration::from_secs(15 * 60),
             body_idle: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(30),
             upstream_timeout: Duration::from_secs(300),
             login: None,
         }
@@ -224,7 +227,7 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(gate.cfg.header_timeout)
         .max_headers(100)
         .max_buf_size(64 * 1024);
     builder

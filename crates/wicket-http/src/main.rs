@@ -80,6 +80,9 @@ struct Args {
     /// Seconds a request body may stall before it is cut.
     #[arg(long, env = "WICKET_HTTP_BODY_IDLE_SECONDS", default_value_t = 60)]
     body_idle_seconds: u64,
+    /// Seconds a client may take to send a request's headers.
+    #[arg(long, env = "WICKET_HTTP_HEADER_TIMEOUT_SECONDS", default_value_t = 30)]
+    header_timeout_seconds: u64,
     /// Seconds the upstream may take to start answering.
     #[arg(
         long,
@@ -164,6 +167,7 @@ async fn run(args: Args) -> Result<(), String> {
     cfg.capture_bytes = args.capture_bytes;
     cfg.idle_session = Duration::from_secs(args.idle_minutes.max(1) * 60);
     cfg.body_idle = Duration::from_secs(args.body_idle_seconds.max(1));
+    cfg.header_timeout = Duration::from_secs(args.header_timeout_seconds.max(1));
     cfg.upstream_timeout = Duration::from_secs(args.upstream_timeout_seconds.max(1));
     if let Some(client_id) = &args.login_client_id {
         let public = args.public_url.as_deref().unwrap_or_default();

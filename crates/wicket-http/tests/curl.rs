@@ -586,7 +586,11 @@ async fn raw(hs: &HttpStack, bytes: &[u8], wait: Duration) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
-    let hs = HttpStack::start_with(POLICY, |c| c.body_idle = Duration::from_secs(1)).await;
+    let hs = HttpStack::start_with(POLICY, |c| {
+        c.body_idle = Duration::from_secs(1);
+        c.header_timeout = Duration::from_secs(1);
+    })
+    .await;
     let staff = human(&hs, "sue", &["staff"]);
     let hello = format!("{}/hello", hs.url());
 
@@ -711,6 +715,22 @@ async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
     let answer = String::from_utf8_lossy(&buf[..n]);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A slow client dribbling its headers (slowloris) is cut off.
+    let mut s = tokio::net::TcpStream::connect(hs.addr).await.unwrap();
+    s.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Slow: 1")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection stayed open");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
 
     // A JSON body the policy reads that is not JSON: refused, not guessed.
     let (t, u) = (staff.clone(), format!("{}/graphql", hs.url()));
