@@ -408,7 +408,7 @@ impl HttpGate {
             Err(e) => {
                 api.path = cap(req.uri().path());
                 let d = Decision::deny("bad-path", e.to_string());
-                self.record_fixed(&live, &api, &trace, &d);
+                self.record_fixed(&live, &plan, &api, &trace, &d);
                 return problem_with(
                     StatusCode::BAD_REQUEST,
                     "bad-path",
@@ -435,7 +435,7 @@ impl HttpGate {
                 "request-too-large",
                 format!("the request body is over this route's limit of {max_body} bytes"),
             );
-            self.record_fixed(&live, &api, &trace, &d);
+            self.record_fixed(&live, &plan, &api, &trace, &d);
             return problem_with(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too-large",
@@ -448,7 +448,7 @@ impl HttpGate {
         let (inspected, body) = match self.inspect(&plan, &mut api, &req, body).await {
             Ok(x) => x,
             Err((status, d)) => {
-                self.record_fixed(&live, &api, &trace, &d);
+                self.record_fixed(&live, &plan, &api, &trace, &d);
                 return problem_with(
                     status,
                     if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -678,6 +678,29 @@ impl HttpGate {
         Ok((Inspected::Read(bytes), None))
     }
 
+    /// The command as audited: its text with the detectors applied.
+    fn command(plan: &Plan, api: &HttpRequest) -> Command {
+        Command {
+            text: plan.mask_text(&api.text(), &mut Tally::new()),
+            classification: api.classification(),
+        }
+    }
+
+    /// The request's own audit details.
+    fn details(api: &HttpRequest) -> Vec<(String, String)> {
+        let mut d = vec![
+            ("method".to_string(), api.method.clone()),
+            ("host".to_string(), api.host.clone()),
+        ];
+        if let Some(r) = &api.route {
+            d.push(("route".into(), r.name.clone()));
+        }
+        if let Some(u) = &api.upgrade {
+            d.push(("upgrade".into(), u.clone()));
+        }
+        d
+    }
+
     /// Decides a request (holding it for approval when policy says so) and
     /// records the decision.
     async fn decide(
@@ -687,52 +710,20 @@ impl HttpGate {
         api: &HttpRequest,
         trace: &CallerTrace,
     ) -> Decided {
-        let mut scratch = Tally::new();
-        let cmd = Command {
-            text: plan.mask_text(&api.text(), &mut scratch),
-            classification: api.classification(),
-        };
-        let mut d = self.sidecar.decide(live, &cmd, trace.has_reasoning());
-        let mut approval = None;
-        if d.effect == Effect::Review {
-            let reasoning = trace.reasoning_trace();
-            let outcome = self
-                .sidecar
-                .request_approval(live, &cmd, &d, reasoning.as_ref(), |id| {
-                    tracing::info!(approval = id, "request held for approval");
-                })
-                .await;
-            (d, approval) = outcome.into_decision(d);
-        }
-        let mut e = live.event(AuditKind::Command);
-        e.command = Some(cmd);
-        e.decision = Some(d.clone());
-        e.reasoning = trace.reasoning_trace();
-        e.traceparent = trace.traceparent.clone().unwrap_or_default();
-        if let Some((outcome, id)) = approval {
-            e.details.insert("approval".into(), id);
-            e.details.insert("approval_outcome".into(), outcome.into());
-        }
-        self.add_details(&mut e.details, api);
-        let command_id = e.id.clone();
+        let on_pending = |id: &str, d: &Decision| tracing::info!(approval = id, rule = %d.rule, "request held for approval");
+        let (decision, command_id) = self
+            .sidecar
+            .decide_and_record(
+                live,
+                Self::command(plan, api),
+                trace,
+                on_pending,
+                Self::details(api),
+            )
+            .await;
         Decided {
-            decision: self.sidecar.record_decision(e, d),
+            decision,
             command_id,
-        }
-    }
-
-    fn add_details(
-        &self,
-        details: &mut std::collections::BTreeMap<String, String>,
-        api: &HttpRequest,
-    ) {
-        details.insert("method".into(), api.method.clone());
-        details.insert("host".into(), api.host.clone());
-        if let Some(r) = &api.route {
-            details.insert("route".into(), r.name.clone());
-        }
-        if let Some(u) = &api.upgrade {
-            details.insert("upgrade".into(), u.clone());
         }
     }
 
@@ -740,22 +731,19 @@ impl HttpGate {
     fn record_fixed(
         &self,
         live: &LiveSession,
+        plan: &Plan,
         api: &HttpRequest,
         trace: &CallerTrace,
         d: &Decision,
     ) {
-        let mut e = live.event(AuditKind::Command);
-        e.command = Some(Command {
-            text: api.text(),
-            classification: api.classification(),
-        });
-        e.decision = Some(d.clone());
-        e.reasoning = trace.reasoning_trace();
-        e.traceparent = trace.traceparent.clone().unwrap_or_default();
-        self.add_details(&mut e.details, api);
-        if let Err(err) = self.sidecar.record(e) {
-            tracing::error!(error = %err, "cannot record a refusal");
-        }
+        self.sidecar.record_command(
+            live,
+            Self::command(plan, api),
+            d.clone(),
+            trace,
+            None,
+            Self::details(api),
+        );
     }
 
     /// Records how a request ended.

@@ -413,6 +413,47 @@ impl KubeGate {
         resp.map_err(|e| format!("the API server did not answer: {e}"))
     }
 
+    /// The command as audited: its text with the detectors applied.
+    fn command(&self, api: &ApiRequest) -> Command {
+        let text = api.text();
+        let text = match self.masker() {
+            Some(m) => m.mask(&text).0.into_owned(),
+            None => text,
+        };
+        Command {
+            text,
+            classification: api.classification(),
+        }
+    }
+
+    /// The request's audit details: who the API server is told the caller
+    /// is, the request's attributes, and `extra`.
+    fn details(
+        &self,
+        live: &LiveSession,
+        api: &ApiRequest,
+        extra: &[(&str, String)],
+    ) -> Vec<(String, String)> {
+        let (user, groups) = self.impersonation(live);
+        let mut d = vec![
+            ("impersonate_user".to_string(), user),
+            ("impersonate_groups".to_string(), groups.join(",")),
+        ];
+        for (k, v) in [
+            ("group", &api.group),
+            ("resource", &api.resource),
+            ("subresource", &api.subresource),
+            ("namespace", &api.namespace),
+            ("name", &api.name),
+        ] {
+            if !v.is_empty() {
+                d.push((k.into(), v.clone()));
+            }
+        }
+        d.extend(extra.iter().map(|(k, v)| ((*k).to_string(), v.clone())));
+        d
+    }
+
     /// Decides a request (holding it for approval when policy says so) and
     /// records the decision; returns it with the command event's id.
     pub(crate) async fn decide(
@@ -423,54 +464,16 @@ impl KubeGate {
         details: &[(&str, String)],
         on_pending: impl FnOnce(&str),
     ) -> (Decision, String) {
-        let text = api.text();
-        let text = match self.masker() {
-            Some(m) => m.mask(&text).0.into_owned(),
-            None => text,
-        };
-        let cmd = Command {
-            text,
-            classification: api.classification(),
-        };
-        let mut d = self.sidecar.decide(live, &cmd, trace.has_reasoning());
-        let mut approval = None;
-        if d.effect == Effect::Review {
-            let reasoning = trace.reasoning_trace();
-            let outcome = self
-                .sidecar
-                .request_approval(live, &cmd, &d, reasoning.as_ref(), on_pending)
-                .await;
-            (d, approval) = outcome.into_decision(d);
-        }
-        let mut e = live.event(AuditKind::Command);
-        e.command = Some(cmd);
-        e.decision = Some(d.clone());
-        e.reasoning = trace.reasoning_trace();
-        e.traceparent = trace.traceparent.clone().unwrap_or_default();
-        if let Some((outcome, id)) = approval {
-            e.details.insert("approval".into(), id);
-            e.details.insert("approval_outcome".into(), outcome.into());
-        }
-        let (user, groups) = self.impersonation(live);
-        e.details.insert("impersonate_user".into(), user);
-        e.details
-            .insert("impersonate_groups".into(), groups.join(","));
-        for (k, v) in [
-            ("group", &api.group),
-            ("resource", &api.resource),
-            ("subresource", &api.subresource),
-            ("namespace", &api.namespace),
-            ("name", &api.name),
-        ] {
-            if !v.is_empty() {
-                e.details.insert(k.into(), v.clone());
-            }
-        }
-        for (k, v) in details {
-            e.details.insert((*k).into(), v.clone());
-        }
-        let id = e.id.clone();
-        (self.sidecar.record_decision(e, d), id)
+        let details = self.details(live, api, details);
+        self.sidecar
+            .decide_and_record(
+                live,
+                self.command(api),
+                trace,
+                |id, _| on_pending(id),
+                details,
+            )
+            .await
     }
 
     /// Records how a request ended.
@@ -565,7 +568,7 @@ impl KubeGate {
                     self.cfg.max_request_bytes
                 ),
             );
-            self.decide_fixed(&live, &api, &trace, d).await;
+            self.decide_fixed(&live, &api, &trace, d);
             return too_large(self.cfg.max_request_bytes);
         }
         if api.kind() == "discovery" {
@@ -586,7 +589,7 @@ impl KubeGate {
                     "the gate impersonates the verified caller itself; a request may not carry {name} (kubectl --as is not supported)"
                 ),
             );
-            let (d, _) = self.decide_fixed(&live, &api, &trace, d).await;
+            let (d, _) = self.decide_fixed(&live, &api, &trace, d);
             return forbidden(&d);
         }
         match upgrade.as_deref() {
@@ -664,25 +667,16 @@ impl KubeGate {
     }
 
     /// Records a decision taken by the gate itself (no policy lookup).
-    async fn decide_fixed(
+    fn decide_fixed(
         &self,
         live: &LiveSession,
         api: &ApiRequest,
         trace: &CallerTrace,
         d: Decision,
     ) -> (Decision, String) {
-        let mut e = live.event(AuditKind::Command);
-        e.command = Some(Command {
-            text: api.text(),
-            classification: api.classification(),
-        });
-        e.decision = Some(d.clone());
-        e.reasoning = trace.reasoning_trace();
-        let id = e.id.clone();
-        if let Err(err) = self.sidecar.record(e) {
-            tracing::error!(error = %err, "cannot record a refusal");
-        }
-        (d, id)
+        let details = self.details(live, api, &[]);
+        self.sidecar
+            .record_command(live, self.command(api), d, trace, None, details)
     }
 
     /// SPDY streams cannot be recorded by this gate: refuse them, with the
@@ -693,11 +687,9 @@ impl KubeGate {
         api: &ApiRequest,
         trace: &CallerTrace,
     ) -> Response<Body> {
-        let cmd = Command {
-            text: api.text(),
-            classification: api.classification(),
-        };
-        let policy = self.sidecar.decide(live, &cmd, trace.has_reasoning());
+        let policy = self
+            .sidecar
+            .decide(live, &self.command(api), trace.has_reasoning());
         let d = if policy.effect == Effect::Deny {
             policy
         } else {
@@ -709,7 +701,7 @@ impl KubeGate {
                  KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false",
             )
         };
-        let (d, _) = self.decide_fixed(live, api, trace, d).await;
+        let (d, _) = self.decide_fixed(live, api, trace, d);
         forbidden(&d)
     }
 

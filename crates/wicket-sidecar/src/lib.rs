@@ -597,6 +597,58 @@ impl Sidecar {
         }
     }
 
+    /// Records a command's decision as its `command` event: the command,
+    /// the decision, the caller's reasoning and trace, an approval's outcome
+    /// and id, and the gate's `details`. Returns the decision (an allowed
+    /// command whose record cannot be written is refused) and the event's id.
+    pub fn record_command(
+        &self,
+        session: &OpenSession,
+        cmd: Command,
+        d: Decision,
+        trace: &CallerTrace,
+        approval: Option<(&'static str, String)>,
+        details: impl IntoIterator<Item = (String, String)>,
+    ) -> (Decision, String) {
+        let mut e = session.event(AuditKind::Command);
+        e.command = Some(cmd);
+        e.decision = Some(d.clone());
+        e.reasoning = trace.reasoning_trace();
+        e.traceparent = trace.traceparent.clone().unwrap_or_default();
+        if let Some((outcome, id)) = approval {
+            e.details.insert("approval".into(), id);
+            e.details.insert("approval_outcome".into(), outcome.into());
+        }
+        e.details.extend(details);
+        let id = e.id.clone();
+        (self.record_decision(e, d), id)
+    }
+
+    /// Decides a command, holding it for approval when policy says so
+    /// (`on_pending` gets the approval id, once it exists, and the decision
+    /// that held it), and records it ([`Sidecar::record_command`]).
+    pub async fn decide_and_record(
+        &self,
+        session: &OpenSession,
+        cmd: Command,
+        trace: &CallerTrace,
+        on_pending: impl FnOnce(&str, &Decision),
+        details: impl IntoIterator<Item = (String, String)>,
+    ) -> (Decision, String) {
+        let mut d = self.decide(session, &cmd, trace.has_reasoning());
+        let mut approval = None;
+        if d.effect == Effect::Review {
+            let reasoning = trace.reasoning_trace();
+            let outcome = self
+                .request_approval(session, &cmd, &d, reasoning.as_ref(), |id| {
+                    on_pending(id, &d)
+                })
+                .await;
+            (d, approval) = outcome.into_decision(d);
+        }
+        self.record_command(session, cmd, d, trace, approval, details)
+    }
+
     /// Holds a command for approval: `on_pending` is called with the approval
     /// id once it exists; resolves when it is decided, expires, or cannot be asked.
     pub async fn request_approval(

@@ -1030,37 +1030,31 @@ impl Ctx {
         notify: Option<&ClientW>,
         extra: Option<(&str, String)>,
     ) -> (Decision, String) {
-        let cmd = self.command(text, class);
-        let mut d = self
-            .gate
+        let wait_note = |id: &str, d: &Decision| {
+            if let Some(ch) = notify {
+                let msg = format!(
+                    "wicket: waiting for approval {id} (rule {}); an approver can allow or deny it\r\n",
+                    d.rule
+                );
+                let ch = ch.make_writer_ext(Some(1));
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let mut ch = ch;
+                    let _ = ch.write_all(msg.as_bytes()).await;
+                    let _ = ch.flush().await;
+                });
+            }
+        };
+        self.gate
             .sidecar
-            .decide(&self.session, &cmd, trace.has_reasoning());
-        let mut approval = None;
-        if d.effect == Effect::Review {
-            let reasoning = trace.reasoning_trace();
-            let rule = d.rule.clone();
-            let wait_note = |id: &str| {
-                if let Some(ch) = notify {
-                    let msg = format!(
-                        "wicket: waiting for approval {id} (rule {rule}); an approver can allow or deny it\r\n"
-                    );
-                    let ch = ch.make_writer_ext(Some(1));
-                    tokio::spawn(async move {
-                        use tokio::io::AsyncWriteExt;
-                        let mut ch = ch;
-                        let _ = ch.write_all(msg.as_bytes()).await;
-                        let _ = ch.flush().await;
-                    });
-                }
-            };
-            let outcome = self
-                .gate
-                .sidecar
-                .request_approval(&self.session, &cmd, &d, reasoning.as_ref(), wait_note)
-                .await;
-            (d, approval) = outcome.into_decision(d);
-        }
-        self.audit(cmd, d, trace, approval, extra)
+            .decide_and_record(
+                &self.session,
+                self.command(text, class),
+                trace,
+                wait_note,
+                extra.map(|(k, v)| (k.to_string(), v)),
+            )
+            .await
     }
 
     /// The command as recorded: its text with the detectors applied.
@@ -1087,33 +1081,10 @@ impl Ctx {
         if d.effect == Effect::Review {
             d = Decision::deny(d.rule, "forwarding requests cannot be held for approval");
         }
-        self.audit(cmd, d, &trace, None, None).0
-    }
-
-    /// Records a command's decision; an allowed command whose record
-    /// cannot be written is refused.
-    fn audit(
-        &self,
-        cmd: Command,
-        d: Decision,
-        trace: &Trace,
-        approval: Option<(&str, String)>,
-        extra: Option<(&str, String)>,
-    ) -> (Decision, String) {
-        let mut e = self.session.event(AuditKind::Command);
-        e.command = Some(cmd);
-        e.decision = Some(d.clone());
-        e.reasoning = trace.reasoning_trace();
-        e.traceparent = trace.traceparent.clone().unwrap_or_default();
-        if let Some((outcome, id)) = approval {
-            e.details.insert("approval".into(), id);
-            e.details.insert("approval_outcome".into(), outcome.into());
-        }
-        if let Some((k, v)) = extra {
-            e.details.insert(k.into(), v);
-        }
-        let id = e.id.clone();
-        (self.gate.sidecar.record_decision(e, d), id)
+        self.gate
+            .sidecar
+            .record_command(&self.session, cmd, d, &trace, None, [])
+            .0
     }
 
     fn result(&self, command_id: &str, details: &[(&str, String)]) {
