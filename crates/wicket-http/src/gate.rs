@@ -977,6 +977,21 @@ impl HttpGate {
         let masks = plan.masks() && has_body && kind != BodyKind::Binary;
         let mut tally: Option<Arc<Mutex<Tally>>> = None;
         let whole = small.is_some() && has_body;
+        let encoding = parts
+            .headers
+            .get("content-encoding")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let max_json = self.cfg.max_mask_bytes;
+        let unmaskable = |e: String| {
+            self.failed(
+                &live,
+                &decided,
+                StatusCode::BAD_GATEWAY,
+                "unmaskable",
+                &format!("wicket: {e}"),
+            )
+        };
         if whole {
             // A small answer of known length is read whole (and masked in
             // place), so the client gets head and body in one write.
@@ -992,64 +1007,42 @@ impl HttpGate {
                     );
                 }
             };
-            if masks {
-                let encoding = parts
-                    .headers
-                    .get("content-encoding")
-                    .and_then(|v| v.to_str().ok());
-                match mask_whole(&plan, &bytes, kind, encoding, self.cfg.max_mask_bytes) {
+            body = if masks {
+                match mask_whole(&plan, &bytes, kind, encoding.as_deref(), max_json) {
                     Ok((out, t)) => {
-                        parts.headers.remove("content-encoding");
-                        parts.headers.remove("etag");
-                        parts.headers.remove("content-md5");
-                        if let Ok(v) = HeaderValue::from_str(&out.len().to_string()) {
-                            parts.headers.insert("content-length", v);
-                        }
-                        body = web::full(out);
                         tally = Some(Arc::new(Mutex::new(t)));
+                        web::full(out)
                     }
-                    Err(e) => {
-                        return self.failed(
-                            &live,
-                            &decided,
-                            StatusCode::BAD_GATEWAY,
-                            "unmaskable",
-                            &format!("wicket: {e}"),
-                        );
-                    }
+                    Err(e) => return unmaskable(e),
                 }
             } else {
-                body = web::full(bytes);
-            }
+                web::full(bytes)
+            };
         } else if masks {
             let job = MaskJob {
                 plan: plan.clone(),
                 kind,
-                encoding: parts
-                    .headers
-                    .get("content-encoding")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string),
-                max_json: self.cfg.max_mask_bytes,
+                encoding,
+                max_json,
             };
             match mask_body(body, job) {
                 Ok((b, t)) => {
                     body = b;
                     tally = Some(t);
-                    parts.headers.remove("content-length");
-                    parts.headers.remove("content-encoding");
-                    parts.headers.remove("etag");
-                    parts.headers.remove("content-md5");
                 }
-                Err(e) => {
-                    return self.failed(
-                        &live,
-                        &decided,
-                        StatusCode::BAD_GATEWAY,
-                        "unmaskable",
-                        &format!("wicket: {e}"),
-                    );
-                }
+                Err(e) => return unmaskable(e),
+            }
+        }
+        if masks {
+            // The client gets the masked body, decoded: the upstream's
+            // length, encoding and validators no longer describe it.
+            for h in ["content-length", "content-encoding", "etag", "content-md5"] {
+                parts.headers.remove(h);
+            }
+            if let Some(n) = body.size_hint().exact()
+                && let Ok(v) = HeaderValue::from_str(&n.to_string())
+            {
+                parts.headers.insert("content-length", v);
             }
         }
         let capture = self.cfg.capture_bytes;
