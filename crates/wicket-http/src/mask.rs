@@ -13,7 +13,6 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::Frame;
 use serde_json::Value;
 use wicket_mask::{Masker, Style};
@@ -406,17 +405,13 @@ pub fn mask_body(mut body: Body, job: MaskJob) -> Result<(Body, Arc<Mutex<Tally>
             tracing::warn!(error = %e, "response masking failed; the response is cut");
             let _ = tx.send(Err(e.into())).await;
         };
-        loop {
-            let frame = match body.frame().await {
-                None => break,
-                Some(Err(e)) => {
+        while let Some(data) = web::next_data(&mut body).await {
+            let data = match data {
+                Ok(d) => d,
+                Err(e) => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
-                Some(Ok(f)) => f,
-            };
-            let Ok(data) = frame.into_data() else {
-                continue;
             };
             let mut decoded = Vec::new();
             if let Err(e) = decoder.feed(&data, &mut |d| decoded.extend_from_slice(&d)) {
@@ -541,6 +536,7 @@ fn line_kind(kind: BodyKind) -> BodyKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
     use serde_json::json;
 
     fn plan(fields: &[&str], detectors: bool) -> Plan {

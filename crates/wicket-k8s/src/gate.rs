@@ -939,17 +939,13 @@ fn stream_transform(mut body: Body, t: Transform, max: usize) -> Body {
     tokio::spawn(async move {
         let mut splitter = JsonSplitter::default();
         let mut line: Vec<u8> = Vec::new();
-        loop {
-            let frame = match body.frame().await {
-                None => break,
-                Some(Err(e)) => {
+        while let Some(data) = web::next_data(&mut body).await {
+            let data = match data {
+                Ok(d) => d,
+                Err(e) => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
-                Some(Ok(f)) => f,
-            };
-            let Ok(data) = frame.into_data() else {
-                continue;
             };
             let out: Result<Vec<u8>, String> = match &t {
                 Transform::Redact { .. } => splitter.push(&data, max).map(|values| {

@@ -344,6 +344,20 @@ where
     S(f).boxed_unsync()
 }
 
+/// The next data chunk of a body (trailers skipped); `None` at its end.
+pub async fn next_data(body: &mut Body) -> Option<Result<Bytes, BoxError>> {
+    loop {
+        match body.frame().await? {
+            Err(e) => return Some(Err(e)),
+            Ok(f) => {
+                if let Ok(d) = f.into_data() {
+                    return Some(Ok(d));
+                }
+            }
+        }
+    }
+}
+
 /// A body fed by a channel of frames (a transforming task's output).
 pub fn channel_body(mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>) -> Body {
     body_from_poll(move |cx| rx.poll_recv(cx))
