@@ -166,6 +166,43 @@ impl Plan {
         out.into_owned()
     }
 
+    /// Masks a whole JSON document (fields and detectors); one that is
+    /// not JSON after all is masked as text.
+    fn mask_document(&self, held: &[u8], tally: &mut Tally) -> Vec<u8> {
+        match serde_json::from_slice::<Value>(held) {
+            Ok(mut v) => {
+                self.mask_json(&mut v, tally);
+                serde_json::to_vec(&v).unwrap_or_default()
+            }
+            Err(_) => self.mask_line(held, BodyKind::Text, tally),
+        }
+    }
+
+    /// Masks and takes the complete lines at the front of `held` (a line
+    /// past [`MAX_LINE`] cut at a delimiter); with `all`, the rest too.
+    fn mask_lines(
+        &self,
+        held: &mut Vec<u8>,
+        kind: BodyKind,
+        all: bool,
+        tally: &mut Tally,
+    ) -> Vec<u8> {
+        let kind = line_kind(kind);
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < held.len() {
+            let cut = match cut_point(&held[at..]) {
+                0 if all => held.len() - at,
+                0 => break,
+                n => n,
+            };
+            out.extend(self.mask_line(&held[at..at + cut], kind, tally));
+            at += cut;
+        }
+        held.drain(..at);
+        out
+    }
+
     /// Masks one line of JSON lines or server-sent events: JSON is masked
     /// as JSON (fields and detectors), anything else as text.
     fn mask_line(&self, line: &[u8], kind: BodyKind, tally: &mut Tally) -> Vec<u8> {
@@ -438,18 +475,7 @@ pub fn mask_body(mut body: Body, job: MaskJob) -> Result<(Body, Arc<Mutex<Tally>
                 // mask it as streamed text.
                 kind = BodyKind::Text;
             }
-            let mut out = Vec::new();
-            {
-                let mut tally = t2.lock().expect("tally");
-                loop {
-                    let cut = cut_point(&held);
-                    if cut == 0 {
-                        break;
-                    }
-                    let piece: Vec<u8> = held.drain(..cut).collect();
-                    out.extend(plan.mask_line(&piece, line_kind(kind), &mut tally));
-                }
-            }
+            let out = plan.mask_lines(&mut held, kind, false, &mut t2.lock().expect("tally"));
             if !send(&tx, out).await {
                 return;
             }
@@ -464,18 +490,9 @@ pub fn mask_body(mut body: Body, job: MaskJob) -> Result<(Body, Arc<Mutex<Tally>
         let out = {
             let mut tally = t2.lock().expect("tally");
             if kind == BodyKind::Json {
-                match serde_json::from_slice::<Value>(&held) {
-                    Ok(mut v) => {
-                        plan.mask_json(&mut v, &mut tally);
-                        serde_json::to_vec(&v).unwrap_or_default()
-                    }
-                    // Not JSON after all: masked as text.
-                    Err(_) => plan.mask_line(&held, BodyKind::Text, &mut tally),
-                }
-            } else if held.is_empty() {
-                Vec::new()
+                plan.mask_document(&held, &mut tally)
             } else {
-                plan.mask_line(&held, line_kind(kind), &mut tally)
+                plan.mask_lines(&mut held, kind, true, &mut tally)
             }
         };
         send(&tx, out).await;
@@ -498,13 +515,7 @@ pub fn mask_whole(
     held.extend(decoder.finish()?);
     let mut tally = Tally::new();
     if kind == BodyKind::Json && held.len() <= max_json {
-        let out = match serde_json::from_slice::<Value>(&held) {
-            Ok(mut v) => {
-                plan.mask_json(&mut v, &mut tally);
-                serde_json::to_vec(&v).unwrap_or_default()
-            }
-            Err(_) => plan.mask_line(&held, BodyKind::Text, &mut tally),
-        };
+        let out = plan.mask_document(&held, &mut tally);
         return Ok((out, tally));
     }
     if kind == BodyKind::Json && !plan.fields.is_empty() {
@@ -512,16 +523,7 @@ pub fn mask_whole(
             "a JSON answer over {max_json} bytes cannot be masked by field rules"
         ));
     }
-    let mut out = Vec::with_capacity(held.len());
-    let mut rest = &held[..];
-    while !rest.is_empty() {
-        let cut = match cut_point(rest) {
-            0 => rest.len(),
-            n => n,
-        };
-        out.extend(plan.mask_line(&rest[..cut], line_kind(kind), &mut tally));
-        rest = &rest[cut..];
-    }
+    let out = plan.mask_lines(&mut held, kind, true, &mut tally);
     Ok((out, tally))
 }
 
