@@ -382,7 +382,7 @@ impl HttpGate {
         let trace = web::caller_trace(h, None);
         let live = match self
             .sessions
-            .session_for(&token, client_addr, &web::user_agent(h))
+            .session_for(&token, client_addr, || web::user_agent(h))
             .await
         {
             Ok(l) => l,

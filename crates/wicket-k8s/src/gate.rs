@@ -284,7 +284,7 @@ impl KubeGate {
         client_app: &str,
     ) -> Result<Arc<LiveSession>, Response<Body>> {
         self.sessions
-            .session_for(token, client_addr, client_app)
+            .session_for(token, client_addr, || client_app.to_string())
             .await
             .map_err(|r| match r {
                 SessionRefused::Unauthorized(e) => status(

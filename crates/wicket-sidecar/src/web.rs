@@ -176,12 +176,13 @@ impl TokenSessions {
     }
 
     /// The session of a token: the cached one, or a new one once the token
-    /// validates and a grant admits it.
+    /// validates and a grant admits it (`client_app` names the client
+    /// program then; it is not asked for on the cached path).
     pub async fn session_for(
         &self,
         token: &str,
         client_addr: &str,
-        client_app: &str,
+        client_app: impl FnOnce() -> String,
     ) -> Result<Arc<LiveSession>, SessionRefused> {
         let key: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes())
             .as_ref()
@@ -205,7 +206,7 @@ impl TokenSessions {
             .map_err(|e| SessionRefused::Unauthorized(e.to_string()))?;
         let session = self
             .sidecar
-            .open_session(&identity, client_addr, client_app)
+            .open_session(&identity, client_addr, &client_app())
             .map_err(SessionRefused::Forbidden)?;
         let live = Arc::new(LiveSession::new(session, self.sidecar.clone()));
         self.map.lock().expect("sessions").insert(
