@@ -40,7 +40,7 @@ pub fn start(
     // The API key only the gate holds (the caller never sees it).
     let key_file = hdir.join("api-key");
     if !key_file.exists() {
-        std::fs::write(&key_file, format!("demo-{}", uuid_like())).map_err(|e| e.to_string())?;
+        std::fs::write(&key_file, format!("demo-{}", random_hex()?)).map_err(|e| e.to_string())?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -87,14 +87,14 @@ pub fn start(
     })
 }
 
-/// A random-enough suffix for the demo key (time and pid; the demo's own
-/// secret, never used outside it).
-fn uuid_like() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{:x}{:x}", t, std::process::id())
+/// 16 random bytes from the kernel, in hex (xtask stays std-only).
+fn random_hex() -> Result<String, String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// The demo agent's curl through wicket-http: a masked read, a refused
