@@ -27,7 +27,7 @@ pub struct HttpRequest {
     /// Raw query string (without `?`).
     pub query: String,
     /// The route that matched.
-    pub route: Option<HttpRoute>,
+    pub route: Option<std::sync::Arc<HttpRoute>>,
     /// Selected headers `(name, value)`.
     pub headers: Vec<(String, String)>,
     /// Selected JSON body fields `(path, value)`.
@@ -158,7 +158,7 @@ mod tests {
     fn routes_headers_and_fields_become_objects() {
         let mut r = req("POST", "/graphql");
         r.query = "debug=1".into();
-        r.route = Some(HttpRoute {
+        r.route = Some(std::sync::Arc::new(HttpRoute {
             name: "graphql".into(),
             methods: vec![],
             host: String::new(),
@@ -167,7 +167,7 @@ mod tests {
             risk: Some(90),
             body_fields: vec![],
             max_body_bytes: None,
-        });
+        }));
         r.headers = vec![("x-tenant".into(), "acme".into())];
         r.fields = vec![("$.operationName".into(), "DeleteUser".into())];
         let c = r.classification();

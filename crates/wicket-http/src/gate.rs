@@ -618,12 +618,13 @@ impl HttpGate {
         req: &Request<()>,
         body: Incoming,
     ) -> Result<(Inspected, Option<Incoming>), (StatusCode, Decision)> {
-        let route_fields: &[String] = api
+        let route_fields: &[(String, JsonPath)] = api
             .route
             .as_ref()
-            .map(|r| r.body_fields.as_slice())
+            .and_then(|r| plan.route_fields.get(&r.name))
+            .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let conn_fields = &plan.spec.body_fields;
+        let conn_fields = &plan.body_fields;
         if (route_fields.is_empty() && conn_fields.is_empty()) || body.is_end_stream() {
             return Ok((Inspected::Stream, Some(body)));
         }
@@ -667,10 +668,7 @@ impl HttpGate {
                 ));
             }
         };
-        for f in conn_fields.iter().chain(route_fields) {
-            let Ok(path) = JsonPath::parse(f) else {
-                continue;
-            };
+        for (f, path) in conn_fields.iter().chain(route_fields) {
             for value in path.select(&v) {
                 api.fields.push((f.clone(), field_value(value)));
             }

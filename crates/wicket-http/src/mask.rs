@@ -41,6 +41,10 @@ pub struct Plan {
     pub routes: Routes,
     /// Selected headers and body fields.
     pub spec: HttpSpec,
+    /// The connection's body fields, parsed.
+    pub body_fields: Vec<(String, JsonPath)>,
+    /// Each route's own body fields, parsed, by route name.
+    pub route_fields: std::collections::HashMap<String, Vec<(String, JsonPath)>>,
 }
 
 impl std::fmt::Debug for Plan {
@@ -86,12 +90,27 @@ impl Plan {
             }
             spec = c.http.clone();
         }
+        let parse = |paths: &[String]| {
+            paths
+                .iter()
+                .map(|p| Ok((p.clone(), JsonPath::parse(p)?)))
+                .collect::<Result<Vec<_>, String>>()
+        };
+        let body_fields = parse(&spec.body_fields)?;
+        let route_fields = spec
+            .routes
+            .iter()
+            .filter(|r| !r.body_fields.is_empty())
+            .map(|r| Ok((r.name.clone(), parse(&r.body_fields)?)))
+            .collect::<Result<_, String>>()?;
         Ok(Plan {
             masker: Arc::new(masker),
             detectors,
             fields,
             routes: Routes::new(&spec)?,
             spec,
+            body_fields,
+            route_fields,
         })
     }
 
@@ -110,6 +129,8 @@ impl Plan {
             fields: Vec::new(),
             routes: Routes::default(),
             spec: HttpSpec::default(),
+            body_fields: Vec::new(),
+            route_fields: Default::default(),
         }
     }
 
@@ -555,6 +576,8 @@ mod tests {
                 .collect(),
             routes: Routes::default(),
             spec: HttpSpec::default(),
+            body_fields: Vec::new(),
+            route_fields: Default::default(),
         }
     }
 

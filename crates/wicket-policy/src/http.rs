@@ -85,7 +85,7 @@ impl PathPattern {
 /// A spec's routes with their patterns parsed once.
 #[derive(Debug, Clone, Default)]
 pub struct Routes {
-    routes: Vec<(PathPattern, HttpRoute)>,
+    routes: Vec<(PathPattern, std::sync::Arc<HttpRoute>)>,
 }
 
 impl Routes {
@@ -94,14 +94,14 @@ impl Routes {
         let routes = spec
             .routes
             .iter()
-            .map(|r| Ok((PathPattern::parse(&r.path)?, r.clone())))
+            .map(|r| Ok((PathPattern::parse(&r.path)?, std::sync::Arc::new(r.clone()))))
             .collect::<Result<_, String>>()?;
         Ok(Routes { routes })
     }
 
     /// The first route matching a request (`path` normalised, `host`
     /// lower-case without its port).
-    pub fn find(&self, method: &str, host: &str, path: &str) -> Option<&HttpRoute> {
+    pub fn find(&self, method: &str, host: &str, path: &str) -> Option<&std::sync::Arc<HttpRoute>> {
         self.routes
             .iter()
             .find(|(p, r)| route_matches(r, p, method, host, path))
