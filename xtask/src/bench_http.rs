@@ -36,17 +36,7 @@ fn ensure(binary: &str, package: &str) -> Result<(), String> {
     if Path::new(binary).exists() || util::have(binary) {
         return Ok(());
     }
-    if !util::is_root() {
-        return Err(format!(
-            "{binary} is not installed (apt-get install {package})"
-        ));
-    }
-    util::step(&format!("apt-get install {package}"));
-    util::run(
-        "apt-get",
-        &["install", "-y", "-qq", "--no-install-recommends", package],
-        &[("DEBIAN_FRONTEND".into(), "noninteractive".into())],
-    )
+    util::apt_install(&[package])
 }
 
 /// Starts nginx in front of `upstream_port`; returns its port.

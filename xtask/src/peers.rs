@@ -142,23 +142,7 @@ pub fn ensure_installed() -> Result<(), String> {
     if !libclang_installed() {
         apt.push("libclang-dev");
     }
-    if !apt.is_empty() {
-        if !is_root() {
-            return Err(format!(
-                "missing packages {apt:?}: install them (apt-get install {}) or run as root",
-                apt.join(" ")
-            ));
-        }
-        util::step(&format!("apt-get install {}", apt.join(" ")));
-        util::run("apt-get", &["update", "-qq"], &[])?;
-        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-        args.extend(&apt);
-        util::run(
-            "apt-get",
-            &args,
-            &[("DEBIAN_FRONTEND".into(), "noninteractive".into())],
-        )?;
-    }
+    util::apt_install(&apt)?;
     ensure_python()?;
     let idp = root().join("tests/idp");
     let lock = idp.join("package-lock.json");

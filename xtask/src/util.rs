@@ -263,3 +263,25 @@ pub fn env_get(env: &[(String, String)], key: &str) -> String {
         .map(|(_, v)| v.clone())
         .unwrap_or_default()
 }
+
+/// Installs Debian packages (as root; otherwise says what to install).
+pub fn apt_install(packages: &[&str]) -> Result<(), String> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        return Err(format!(
+            "missing packages {packages:?}: install them (apt-get install {}) or run as root",
+            packages.join(" ")
+        ));
+    }
+    step(&format!("apt-get install {}", packages.join(" ")));
+    run("apt-get", &["update", "-qq"], &[])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(packages);
+    run(
+        "apt-get",
+        &args,
+        &[("DEBIAN_FRONTEND".into(), "noninteractive".into())],
+    )
+}
