@@ -16,7 +16,8 @@
 //!   SPDY streams tunnelled in WebSocket messages, see [`crate::spdy`]):
 //!   every pod port is the fake's echo server ([`FakeKube::echo_addr`]).
 //!
-//! Plain SPDY upgrades are answered 400, so a test sees if one gets through.
+//! - the same over plain SPDY/3.1 (`v4.channel.k8s.io` for exec and attach,
+//!   `portforward.k8s.io`), as kubectl before WebSockets speaks it.
 //!
 //! Every request is remembered with its impersonation headers
 //! ([`FakeKube::seen`]) so tests can assert who the server was told the
@@ -866,22 +867,19 @@ impl State {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
+        if upgrade == "spdy/3.1" {
+            return self.spdy_stream(req, ns, name, sub, qs);
+        }
         if upgrade != "websocket" {
             return status(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
                 &format!(
-                    "the fake apiserver serves {sub} over WebSocket only (got upgrade `{upgrade}`)"
+                    "the fake apiserver serves {sub} over WebSocket or SPDY/3.1 (got upgrade `{upgrade}`)"
                 ),
             );
         }
-        let offered: Vec<String> = h
-            .get_all("sec-websocket-protocol")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|p| p.trim().to_string())
-            .collect();
+        let offered = offered(h, "sec-websocket-protocol");
         let protocols: &[&str] = if sub == "portforward" {
             &[PORT_FORWARD_PROTOCOL]
         } else {
@@ -949,6 +947,78 @@ impl State {
     }
 }
 
+impl State {
+    /// exec, attach or port-forward over plain SPDY/3.1 (see [`crate::spdy`]).
+    fn spdy_stream(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        ns: &str,
+        name: &str,
+        sub: &str,
+        qs: &[(String, String)],
+    ) -> Response<Body> {
+        let offered = offered(req.headers(), "x-stream-protocol-version");
+        let forward = sub == "portforward";
+        let wanted = if forward {
+            "portforward.k8s.io"
+        } else {
+            "v4.channel.k8s.io"
+        };
+        if !offered.iter().any(|o| o == wanted) {
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &format!("the fake apiserver speaks {wanted} over SPDY; offered: {offered:?}"),
+            );
+        }
+        let exec = crate::spdy::ExecRequest {
+            dir: self.root.join(ns).join(name),
+            command: if sub == "attach" {
+                vec!["cat".into()]
+            } else {
+                qs.iter()
+                    .filter(|(k, _)| k == "command")
+                    .map(|(_, v)| v.clone())
+                    .collect()
+            },
+            tty: truthy(q(qs, "tty")),
+            stdin: truthy(q(qs, "stdin")),
+            stdout: truthy(q(qs, "stdout")),
+            stderr: truthy(q(qs, "stderr")),
+        };
+        let echo = self.echo;
+        tokio::spawn(async move {
+            let Ok(io) = hyper::upgrade::on(req).await else {
+                return;
+            };
+            if forward {
+                crate::spdy::serve_plain_port_forward(io, echo).await;
+            } else {
+                crate::spdy::serve_exec(io, exec).await;
+            }
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "Upgrade")
+            .header("upgrade", "SPDY/3.1")
+            .header("x-stream-protocol-version", wanted)
+            .body(BodyExt::boxed(
+                Full::new(Bytes::new()).map_err(|never| match never {}),
+            ))
+            .expect("response")
+    }
+}
+
+/// The protocols a client offers in header `name` (comma-separated).
+fn offered(h: &hyper::HeaderMap, name: &str) -> Vec<String> {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .collect()
+}
+
 /// The `Sec-WebSocket-Accept` of a `Sec-WebSocket-Key` (RFC 6455).
 pub(crate) fn ws_accept(key: &[u8]) -> String {
     use base64::Engine as _;
@@ -1010,6 +1080,102 @@ async fn close<S: futures_util::Sink<Message> + Unpin>(sink: &mut S) {
 /// The server side of an upgraded WebSocket.
 pub(crate) type Ws = tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
+/// A command running for exec or attach, its output read into a channel.
+pub(crate) struct Exec {
+    /// The command's stdin, while open.
+    pub stdin: Option<tokio::process::ChildStdin>,
+    /// Output as it comes: (1 stdout or 2 stderr; 1 for both with a tty, data).
+    pub out: tokio::sync::mpsc::Receiver<(u8, Vec<u8>)>,
+    child: tokio::process::Child,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Exec {
+    /// Starts `command` in `dir`; on failure, the `Status` to send instead.
+    pub(crate) fn spawn(
+        dir: &std::path::Path,
+        command: &[String],
+        tty: bool,
+    ) -> Result<Exec, Value> {
+        if command.is_empty() {
+            return Err(json!({"metadata": {}, "status": "Failure",
+                "message": "you must specify at least one command for the container",
+                "reason": "BadRequest", "code": 400}));
+        }
+        let _ = std::fs::create_dir_all(dir);
+        let mut cmd = tokio::process::Command::new(&command[0]);
+        cmd.args(&command[1..])
+            .current_dir(dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| {
+            json!({"metadata": {}, "status": "Failure",
+                "message": format!("exec: \"{}\": {e}", command[0]), "reason": "InternalError", "code": 500})
+        })?;
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        let mut readers = Vec::new();
+        let pipes: [(Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>, u8); 2] = [
+            (child.stdout.take().map(|s| Box::new(s) as _), 1),
+            (
+                child.stderr.take().map(|s| Box::new(s) as _),
+                if tty { 1 } else { 2 },
+            ),
+        ];
+        for (pipe, ch) in pipes {
+            let Some(mut pipe) = pipe else { continue };
+            let tx = tx.clone();
+            readers.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 32 * 1024];
+                loop {
+                    match pipe.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if tx.send((ch, buf[..n].to_vec())).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        Ok(Exec {
+            stdin: child.stdin.take(),
+            out,
+            child,
+            readers,
+        })
+    }
+
+    /// Waits for the command (after its output ended) and returns its `Status`.
+    pub(crate) async fn status(&mut self) -> Value {
+        let code = self
+            .child
+            .wait()
+            .await
+            .ok()
+            .and_then(|s| s.code())
+            .unwrap_or(-1);
+        if code == 0 {
+            json!({"metadata": {}, "status": "Success"})
+        } else {
+            json!({"metadata": {}, "status": "Failure",
+                "message": format!("command terminated with non-zero exit code: exit status {code}"),
+                "reason": "NonZeroExitCode",
+                "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
+        }
+    }
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+    }
+}
+
 /// Runs one exec (or attach) session over the channel protocol.
 async fn run_exec(
     ws: Ws,
@@ -1020,81 +1186,22 @@ async fn run_exec(
     v5: bool,
 ) {
     let (mut sink, mut source) = ws.split();
-    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
-    if command.is_empty() {
-        let _ = sink
-            .send(Message::Binary(
-                [&[3u8][..], br#"{"metadata":{},"status":"Failure","message":"you must specify at least one command for the container","reason":"BadRequest","code":400}"#].concat().into(),
-            ))
-            .await;
-        close(&mut sink).await;
-        return;
-    }
-    let _ = std::fs::create_dir_all(&dir);
-    let mut cmd = tokio::process::Command::new(&command[0]);
-    cmd.args(&command[1..])
-        .current_dir(&dir)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let msg = json!({"metadata": {}, "status": "Failure",
-                "message": format!("exec: \"{}\": {e}", command[0]), "reason": "InternalError", "code": 500});
-            let _ = sink
-                .send(Message::Binary(
-                    [vec![3u8], serde_json::to_vec(&msg).expect("json")]
-                        .concat()
-                        .into(),
-                ))
-                .await;
+    let status_frame = |v: &Value| -> Message {
+        Message::Binary(
+            [vec![3u8], serde_json::to_vec(v).expect("json")]
+                .concat()
+                .into(),
+        )
+    };
+    let mut exec = match Exec::spawn(&dir, &command, tty) {
+        Ok(e) => e,
+        Err(status) => {
+            let _ = sink.send(status_frame(&status)).await;
             close(&mut sink).await;
             return;
         }
     };
-    let mut child_in = child.stdin.take();
-    let mut readers = Vec::new();
-    for (pipe, ch) in [
-        (
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            1u8,
-        ),
-        (
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            if tty { 1 } else { 2 },
-        ),
-    ] {
-        let Some(mut pipe) = pipe else { continue };
-        let tx = out_tx.clone();
-        readers.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                match pipe.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        let mut m = Vec::with_capacity(n + 1);
-                        m.push(ch);
-                        m.extend_from_slice(&buf[..n]);
-                        if tx.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }));
-    }
-    drop(out_tx);
-    if !want_stdin {
-        child_in = None;
-    }
+    let mut child_in = exec.stdin.take().filter(|_| want_stdin);
     let input = async {
         while let Some(Ok(msg)) = source.next().await {
             let data = match msg {
@@ -1119,34 +1226,20 @@ async fn run_exec(
         std::future::pending::<()>().await;
     };
     let output = async {
-        while let Some(m) = out_rx.recv().await {
+        while let Some((ch, data)) = exec.out.recv().await {
+            let mut m = Vec::with_capacity(data.len() + 1);
+            m.push(ch);
+            m.extend_from_slice(&data);
             if sink.send(Message::Binary(m.into())).await.is_err() {
                 break;
             }
         }
-        let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
-        let status = if code == 0 {
-            json!({"metadata": {}, "status": "Success"})
-        } else {
-            json!({"metadata": {}, "status": "Failure",
-                "message": format!("command terminated with non-zero exit code: exit status {code}"),
-                "reason": "NonZeroExitCode",
-                "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
-        };
-        let _ = sink
-            .send(Message::Binary(
-                [vec![3u8], serde_json::to_vec(&status).expect("json")]
-                    .concat()
-                    .into(),
-            ))
-            .await;
+        let status = exec.status().await;
+        let _ = sink.send(status_frame(&status)).await;
         close(&mut sink).await;
     };
     tokio::select! {
         _ = input => {}
         _ = output => {}
-    }
-    for r in readers {
-        r.abort();
     }
 }

@@ -1,196 +1,342 @@
-//! Just enough SPDY/3.1 (the framing of draft-mbelshe-httpbis-spdy-00,
-//! section 2) to serve kubectl's port-forward in the fake kube-apiserver.
+//! The SPDY/3.1 side of the fake kube-apiserver (framing from
+//! [`wicket_spdy`]), for what kubectl ran over SPDY before WebSockets:
 //!
-//! kubectl 1.31 and later tunnel port-forward's SPDY connection in
-//! WebSocket binary messages (subprotocol `SPDY/3.1+portforward.k8s.io`):
-//! the messages, concatenated, are the SPDY byte stream. For each local
-//! connection kubectl opens an error stream, then a data stream (each a
-//! SYN_STREAM it waits to see answered by a SYN_REPLY); bytes on the data
-//! stream go to the pod's port.
-//!
-//! Header blocks are zlib streams compressed with the SPDY dictionary. The
-//! fake never reads the client's (the error stream comes first), so it does
-//! not know which port was asked for: every pod port is the fake's one echo
-//! server. It answers with empty header blocks compressed without the
-//! dictionary, which a zlib reader set up with the dictionary accepts (the
-//! dictionary is only consulted when a stream says it used one).
+//! - exec and attach (kubectl ≤ 1.29, or `KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false`):
+//!   an HTTP/1.1 upgrade to `SPDY/3.1` with `X-Stream-Protocol-Version`
+//!   `v4.channel.k8s.io`. kubectl opens one stream per channel, named by
+//!   its `streamtype` header (`error`, `stdin`, `stdout`, `stderr`,
+//!   `resize`), each a SYN_STREAM it waits to see answered by a SYN_REPLY.
+//!   Once every stream the request asked for is open the command runs; at
+//!   its end the error stream carries its `Status` (JSON, v4) and the
+//!   output streams are half-closed, as the kubelet does.
+//! - port-forward: plain (`portforward.k8s.io`, kubectl ≤ 1.30) or tunnelled
+//!   in WebSocket binary messages (`SPDY/3.1+portforward.k8s.io`, kubectl
+//!   1.31 and later), where the messages, concatenated, are the SPDY byte
+//!   stream. For each local connection kubectl opens an `error` stream and a
+//!   `data` stream (headers `port` and `requestid`); bytes on the data
+//!   stream go to the pod's port, which is the fake's one echo server
+//!   whatever the port.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
+use wicket_spdy::{Deflater, FLAG_FIN, Frame, Inflater, kind};
 
-use crate::kube::Ws;
+use crate::kube::{Exec, Ws};
 
-const SYN_STREAM: u16 = 1;
-const SYN_REPLY: u16 = 2;
-const RST_STREAM: u16 = 3;
-const PING: u16 = 6;
-const GOAWAY: u16 = 7;
-const FLAG_FIN: u8 = 0x01;
-
-fn control(kind: u16, flags: u8, data: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x80, 0x03];
-    f.extend_from_slice(&kind.to_be_bytes());
-    f.push(flags);
-    f.extend_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
-    f.extend_from_slice(data);
-    f
+/// Frames in, frames out, and the task writing them.
+struct Session {
+    frames: mpsc::Receiver<Frame>,
+    out: mpsc::Sender<Frame>,
+    writer: tokio::task::JoinHandle<()>,
 }
 
-fn data_frame(stream: u32, flags: u8, data: &[u8]) -> Vec<u8> {
-    let mut f = (stream & 0x7fff_ffff).to_be_bytes().to_vec();
-    f.push(flags);
-    f.extend_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
-    f.extend_from_slice(data);
-    f
-}
+const MAX_FRAME: usize = 1 << 20;
 
-/// The server's header compressor: one zlib stream for the connection.
-struct Headers(flate2::Compress);
-
-impl Headers {
-    /// An empty header block, as the next piece of the zlib stream.
-    fn empty(&mut self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64);
-        let _ = self
-            .0
-            .compress_vec(&[0, 0, 0, 0], &mut out, flate2::FlushCompress::Sync);
-        out
+impl Session {
+    /// A SPDY session on an upgraded HTTP/1.1 connection.
+    fn plain(io: hyper::upgrade::Upgraded) -> Session {
+        let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
+        let (in_tx, frames) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            loop {
+                while let Ok(Some(f)) = Frame::decode(&mut buf, MAX_FRAME) {
+                    if in_tx.send(f).await.is_err() {
+                        return;
+                    }
+                }
+                match r.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        });
+        let (out, mut out_rx) = mpsc::channel::<Frame>(64);
+        let writer = tokio::spawn(async move {
+            while let Some(f) = out_rx.recv().await {
+                if w.write_all(f.raw()).await.is_err() {
+                    break;
+                }
+            }
+            let _ = w.shutdown().await;
+        });
+        Session {
+            frames,
+            out,
+            writer,
+        }
     }
+
+    /// A SPDY session tunnelled in WebSocket binary messages.
+    fn tunnelled(ws: Ws) -> Session {
+        let (mut sink, mut source) = ws.split();
+        let (in_tx, frames) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut buf = BytesMut::new();
+            while let Some(Ok(msg)) = source.next().await {
+                match msg {
+                    Message::Binary(b) => buf.extend_from_slice(&b),
+                    Message::Close(_) => break,
+                    _ => continue,
+                }
+                while let Ok(Some(f)) = Frame::decode(&mut buf, MAX_FRAME) {
+                    if in_tx.send(f).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let (out, mut out_rx) = mpsc::channel::<Frame>(64);
+        let writer = tokio::spawn(async move {
+            while let Some(f) = out_rx.recv().await {
+                if sink
+                    .send(Message::Binary(f.raw().to_vec().into()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        Session {
+            frames,
+            out,
+            writer,
+        }
+    }
+
+    /// Waits for the writer to flush what was sent.
+    async fn finish(self) {
+        let Session { out, writer, .. } = self;
+        drop(out);
+        let _ = writer.await;
+    }
+}
+
+/// Answers a SYN_STREAM and returns its headers.
+async fn accept(
+    f: &Frame,
+    inflater: &mut Inflater,
+    deflater: &mut Deflater,
+    out: &mpsc::Sender<Frame>,
+) -> Option<(u32, wicket_spdy::Headers)> {
+    let id = f.stream()?;
+    let headers = inflater.headers(f.header_block()?).ok()?;
+    out.send(Frame::syn_reply(id, 0, &deflater.block(&[])))
+        .await
+        .ok()?;
+    Some((id, headers))
+}
+
+/// What an exec or attach request asked for.
+pub(crate) struct ExecRequest {
+    /// The pod's directory.
+    pub dir: PathBuf,
+    /// The command (`cat` for attach).
+    pub command: Vec<String>,
+    /// `tty=true`.
+    pub tty: bool,
+    /// `stdin=true`.
+    pub stdin: bool,
+    /// `stdout=true`.
+    pub stdout: bool,
+    /// `stderr=true`.
+    pub stderr: bool,
+}
+
+/// Serves one exec or attach over plain SPDY (`v4.channel.k8s.io`).
+pub(crate) async fn serve_exec(io: hyper::upgrade::Upgraded, req: ExecRequest) {
+    let mut s = Session::plain(io);
+    let mut inflater = Inflater::new();
+    let mut deflater = Deflater::new();
+    // The streams kubectl opens for these options, error first.
+    let expected = 1
+        + usize::from(req.stdin)
+        + usize::from(req.stdout)
+        + usize::from(req.stderr && !req.tty)
+        + usize::from(req.tty);
+    let mut streams: HashMap<String, u32> = HashMap::new();
+    while streams.len() < expected {
+        let Some(f) = s.frames.recv().await else {
+            return;
+        };
+        match f.kind() {
+            Some(kind::SYN_STREAM) => {
+                let Some((id, h)) = accept(&f, &mut inflater, &mut deflater, &s.out).await else {
+                    return;
+                };
+                let t = h.get("streamtype").unwrap_or_default().to_string();
+                streams.insert(t, id);
+            }
+            Some(kind::PING) => {
+                let _ = s.out.send(f).await;
+            }
+            _ => {}
+        }
+    }
+    let (Some(&error), stdout, stderr) = (
+        streams.get("error"),
+        streams.get("stdout").copied(),
+        streams.get("stderr").copied(),
+    ) else {
+        return;
+    };
+    let stdin = streams.get("stdin").copied();
+    let status =
+        |v: &serde_json::Value| Frame::data(error, FLAG_FIN, &serde_json::to_vec(v).expect("json"));
+    let mut exec = match Exec::spawn(&req.dir, &req.command, req.tty) {
+        Ok(e) => e,
+        Err(v) => {
+            let _ = s.out.send(status(&v)).await;
+            s.finish().await;
+            return;
+        }
+    };
+    let mut child_in = exec.stdin.take().filter(|_| stdin.is_some());
+    let out = s.out.clone();
+    let mut frames = std::mem::replace(&mut s.frames, mpsc::channel(1).1);
+    let input = async {
+        while let Some(f) = frames.recv().await {
+            match f.kind() {
+                None if f.stream() == stdin => {
+                    if let Some(w) = child_in.as_mut()
+                        && w.write_all(f.body()).await.is_err()
+                    {
+                        child_in = None;
+                    }
+                    if f.fin() {
+                        child_in = None;
+                    }
+                }
+                Some(kind::PING) => {
+                    let _ = out.send(f).await;
+                }
+                Some(kind::RST_STREAM) if f.stream() == stdin => child_in = None,
+                Some(kind::GOAWAY) => break,
+                _ => {}
+            }
+        }
+        child_in = None;
+        std::future::pending::<()>().await;
+    };
+    let output = async {
+        while let Some((ch, data)) = exec.out.recv().await {
+            let Some(id) = (if ch == 2 { stderr } else { stdout }) else {
+                continue;
+            };
+            if s.out.send(Frame::data(id, 0, &data)).await.is_err() {
+                return;
+            }
+        }
+        let v = exec.status().await;
+        let _ = s.out.send(status(&v)).await;
+        for id in [stdout, stderr].into_iter().flatten() {
+            let _ = s.out.send(Frame::data(id, FLAG_FIN, &[])).await;
+        }
+    };
+    tokio::select! {
+        _ = input => {}
+        _ = output => {}
+    }
+    s.finish().await;
+}
+
+/// Serves one plain SPDY port-forward connection (`portforward.k8s.io`).
+pub(crate) async fn serve_plain_port_forward(
+    io: hyper::upgrade::Upgraded,
+    target: std::net::SocketAddr,
+) {
+    port_forward(Session::plain(io), target).await;
 }
 
 /// Serves one tunnelled port-forward connection, every data stream to `target`.
 pub async fn serve_port_forward(ws: Ws, target: std::net::SocketAddr) {
-    let (mut sink, mut source) = ws.split();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
-    let writer = tokio::spawn(async move {
-        while let Some(b) = rx.recv().await {
-            if sink.send(Message::Binary(b.into())).await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
-    let mut headers = Headers(flate2::Compress::new(flate2::Compression::fast(), true));
-    let mut buf: Vec<u8> = Vec::new();
-    let mut error_stream: Option<u32> = None;
+    port_forward(Session::tunnelled(ws), target).await;
+}
+
+async fn port_forward(mut s: Session, target: std::net::SocketAddr) {
+    let mut inflater = Inflater::new();
+    let mut deflater = Deflater::new();
+    // requestid → the error stream of that forwarded connection.
+    let mut errors: HashMap<String, u32> = HashMap::new();
     let mut targets: HashMap<u32, tokio::net::tcp::OwnedWriteHalf> = HashMap::new();
-    'read: while let Some(Ok(msg)) = source.next().await {
-        match msg {
-            Message::Binary(b) => buf.extend_from_slice(&b),
-            Message::Close(_) => break,
-            _ => continue,
-        }
-        while buf.len() >= 8 {
-            let len = u32::from_be_bytes([0, buf[5], buf[6], buf[7]]) as usize;
-            if buf.len() < 8 + len {
-                break;
-            }
-            let frame: Vec<u8> = buf.drain(..8 + len).collect();
-            let (head, body) = frame.split_at(8);
-            if head[0] & 0x80 == 0 {
-                let stream = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-                let fin = head[4] & FLAG_FIN != 0;
+    while let Some(f) = s.frames.recv().await {
+        match f.kind() {
+            None => {
+                let Some(stream) = f.stream() else { continue };
                 if let Some(w) = targets.get_mut(&stream)
-                    && w.write_all(body).await.is_err()
+                    && w.write_all(f.body()).await.is_err()
                 {
                     targets.remove(&stream);
                 }
-                if fin && let Some(mut w) = targets.remove(&stream) {
+                if f.fin()
+                    && let Some(mut w) = targets.remove(&stream)
+                {
                     let _ = w.shutdown().await;
                 }
-                continue;
             }
-            match u16::from_be_bytes([head[2], head[3]]) {
-                SYN_STREAM if body.len() >= 4 => {
-                    let stream =
-                        u32::from_be_bytes([body[0], body[1], body[2], body[3]]) & 0x7fff_ffff;
-                    let mut reply = stream.to_be_bytes().to_vec();
-                    reply.extend_from_slice(&headers.empty());
-                    if tx.send(control(SYN_REPLY, 0, &reply)).await.is_err() {
-                        break 'read;
-                    }
-                    let Some(err_stream) = error_stream.take() else {
-                        error_stream = Some(stream);
-                        continue;
-                    };
-                    match tokio::net::TcpStream::connect(target).await {
-                        Ok(tcp) => {
-                            let (mut r, w) = tcp.into_split();
-                            targets.insert(stream, w);
-                            let tx = tx.clone();
-                            tokio::spawn(async move {
-                                let mut b = vec![0u8; 32 * 1024];
-                                loop {
-                                    match r.read(&mut b).await {
-                                        Ok(0) | Err(_) => break,
-                                        Ok(n) => {
-                                            if tx
-                                                .send(data_frame(stream, 0, &b[..n]))
-                                                .await
-                                                .is_err()
-                                            {
-                                                return;
-                                            }
+            Some(kind::SYN_STREAM) => {
+                let Some((stream, h)) = accept(&f, &mut inflater, &mut deflater, &s.out).await
+                else {
+                    break;
+                };
+                let request = h.get("requestid").unwrap_or_default().to_string();
+                if h.get("streamtype") == Some("error") {
+                    errors.insert(request, stream);
+                    continue;
+                }
+                let Some(err_stream) = errors.remove(&request) else {
+                    continue;
+                };
+                let tx = s.out.clone();
+                match tokio::net::TcpStream::connect(target).await {
+                    Ok(tcp) => {
+                        let (mut r, w) = tcp.into_split();
+                        targets.insert(stream, w);
+                        tokio::spawn(async move {
+                            let mut b = vec![0u8; 32 * 1024];
+                            loop {
+                                match r.read(&mut b).await {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => {
+                                        if tx.send(Frame::data(stream, 0, &b[..n])).await.is_err() {
+                                            return;
                                         }
                                     }
                                 }
-                                let _ = tx.send(data_frame(stream, FLAG_FIN, &[])).await;
-                                let _ = tx.send(data_frame(err_stream, FLAG_FIN, &[])).await;
-                            });
-                        }
-                        Err(e) => {
-                            let msg = format!("error forwarding to {target}: {e}");
-                            let _ = tx.send(data_frame(err_stream, 0, msg.as_bytes())).await;
-                            let _ = tx.send(data_frame(err_stream, FLAG_FIN, &[])).await;
-                            let _ = tx.send(data_frame(stream, FLAG_FIN, &[])).await;
-                        }
+                            }
+                            let _ = tx.send(Frame::data(stream, FLAG_FIN, &[])).await;
+                            let _ = tx.send(Frame::data(err_stream, FLAG_FIN, &[])).await;
+                        });
+                    }
+                    Err(e) => {
+                        let msg = format!("error forwarding to {target}: {e}");
+                        let _ = tx.send(Frame::data(err_stream, 0, msg.as_bytes())).await;
+                        let _ = tx.send(Frame::data(err_stream, FLAG_FIN, &[])).await;
+                        let _ = tx.send(Frame::data(stream, FLAG_FIN, &[])).await;
                     }
                 }
-                PING if tx.send(frame.clone()).await.is_err() => break 'read,
-                RST_STREAM if body.len() >= 4 => {
-                    let stream =
-                        u32::from_be_bytes([body[0], body[1], body[2], body[3]]) & 0x7fff_ffff;
+            }
+            Some(kind::PING) if s.out.send(f.clone()).await.is_err() => break,
+            Some(kind::RST_STREAM) => {
+                if let Some(stream) = f.stream() {
                     targets.remove(&stream);
                 }
-                GOAWAY => break 'read,
-                _ => {}
             }
+            Some(kind::GOAWAY) => break,
+            _ => {}
         }
     }
     // Closing the pod-side connections ends their readers, which hold
-    // senders of `tx`; only then can the writer finish.
+    // senders of the output; only then can the writer finish.
     drop(targets);
-    drop(tx);
-    let _ = writer.await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_are_laid_out_as_spdy_3() {
-        let f = control(SYN_REPLY, 0, &[0, 0, 0, 5]);
-        assert_eq!(f, [0x80, 3, 0, 2, 0, 0, 0, 4, 0, 0, 0, 5]);
-        let d = data_frame(5, FLAG_FIN, b"hi");
-        assert_eq!(d, [0, 0, 0, 5, 1, 0, 0, 2, b'h', b'i']);
-        let mut h = Headers(flate2::Compress::new(flate2::Compression::fast(), true));
-        let first = h.empty();
-        let second = h.empty();
-        // One zlib stream: the header (0x78 …) only once, each block flushed.
-        assert_eq!(first[0], 0x78);
-        assert_ne!(second[0], 0x78);
-        let mut d = flate2::Decompress::new(true);
-        let mut out = Vec::with_capacity(16);
-        d.decompress_vec(
-            &[first, second].concat(),
-            &mut out,
-            flate2::FlushDecompress::Sync,
-        )
-        .unwrap();
-        assert_eq!(out, [0u8; 8]);
-    }
+    s.finish().await;
 }
