@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(rest),
         "help" | "--help" | "-h" => {
             println!(
-                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|mask|pg|pg-mask|ssh|k8s|http] | fuzz [pg|mask|k8s] [SECONDS]>"
+                "usage: cargo xtask <test [--no-lint] [-- TEST ARGS] | demo [--check] | peers | bench [policy|mask|pg|pg-mask|ssh|k8s|http] | fuzz [pg|mask|k8s|spdy] [SECONDS]>"
             );
             Ok(())
         }
@@ -184,8 +184,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
 }
 
-/// `cargo xtask fuzz [pg|mask|k8s] [SECONDS]`: the PostgreSQL wire-codec, the
-/// masking-engine or the exec channel-frame fuzz target under cargo fuzz.
+/// `cargo xtask fuzz [pg|mask|k8s|spdy] [SECONDS]`: the PostgreSQL wire-codec,
+/// the masking-engine, the exec channel-frame or the SPDY fuzz target under
+/// cargo fuzz.
 fn fuzz(args: &[String]) -> Result<(), String> {
     let target = args.first().map(String::as_str).unwrap_or("pg");
     let (dir, bin, what) = match target {
@@ -196,9 +197,14 @@ fn fuzz(args: &[String]) -> Result<(), String> {
             "frames",
             "the exec channel-frame (WebSocket) decoder",
         ),
+        "spdy" => (
+            "crates/wicket-k8s",
+            "spdy",
+            "the SPDY/3.1 frame and header-block decoder",
+        ),
         _ => {
             return Err(format!(
-                "unknown fuzz target `{target}` (available: pg, mask, k8s)"
+                "unknown fuzz target `{target}` (available: pg, mask, k8s, spdy)"
             ));
         }
     };

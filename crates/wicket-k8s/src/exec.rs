@@ -49,8 +49,10 @@ const FORWARD_PROTOCOLS: &[&str] = &[
     "portforward.k8s.io",
 ];
 
-fn offered(h: &hyper::HeaderMap) -> Vec<String> {
-    h.get_all("sec-websocket-protocol")
+/// The protocols a client offers in header `name` (comma-separated, the
+/// header possibly repeated).
+pub(crate) fn offered(h: &hyper::HeaderMap, name: &str) -> Vec<String> {
+    h.get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -88,7 +90,7 @@ pub(crate) fn upgrade(
     } else {
         EXEC_PROTOCOLS
     };
-    let offers = offered(h);
+    let offers = offered(h, "sec-websocket-protocol");
     let Some(proto) = offers
         .iter()
         .find(|o| supported.contains(&o.as_str()))
@@ -127,6 +129,7 @@ pub(crate) fn upgrade(
             api,
             trace,
             proto,
+            method: hyper::Method::GET,
             path,
             headers,
         };
@@ -146,16 +149,36 @@ pub(crate) fn upgrade(
         .expect("static response")
 }
 
-type ClientIo = TokioIo<hyper::upgrade::Upgraded>;
+/// An upgraded connection, either side.
+pub(crate) type ClientIo = TokioIo<hyper::upgrade::Upgraded>;
 
-struct Stream {
-    gate: Arc<KubeGate>,
-    live: Arc<LiveSession>,
-    api: ApiRequest,
-    trace: CallerTrace,
-    proto: String,
-    path: String,
-    headers: hyper::HeaderMap,
+/// The read and write halves of an upgraded connection.
+pub(crate) type Halves = (
+    tokio::io::ReadHalf<ClientIo>,
+    tokio::io::WriteHalf<ClientIo>,
+);
+
+/// How a stream reaches the API server.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Via {
+    /// A WebSocket with the client's subprotocol.
+    WebSocket,
+    /// SPDY/3.1, with the client's `X-Stream-Protocol-Version` offers.
+    Spdy,
+}
+
+/// One exec, attach or port-forward being relayed.
+pub(crate) struct Stream {
+    pub(crate) gate: Arc<KubeGate>,
+    pub(crate) live: Arc<LiveSession>,
+    pub(crate) api: ApiRequest,
+    pub(crate) trace: CallerTrace,
+    /// The WebSocket subprotocol, or the SPDY stream protocol once agreed.
+    pub(crate) proto: String,
+    pub(crate) method: hyper::Method,
+    pub(crate) path: String,
+    /// The upstream request's headers (credentials and impersonation set).
+    pub(crate) headers: hyper::HeaderMap,
 }
 
 /// A status frame (channel 3) carrying a `Status` failure.
@@ -223,11 +246,11 @@ impl Stream {
             }
         }
         if d.effect != Effect::Allow {
-            self.refuse(&mut client_w, &d).await;
+            self.refuse(&mut client_r, &mut client_w, &d).await;
             return;
         }
-        let upstream = match self.connect().await {
-            Ok(u) => u,
+        let upstream = match self.connect(Via::WebSocket).await {
+            Ok((u, _)) => u,
             Err(msg) => {
                 tracing::warn!(error = %msg, "exec upstream failed");
                 let _ = send(
@@ -242,60 +265,82 @@ impl Stream {
                 return;
             }
         };
-        let (mut up_r, mut up_w) = tokio::io::split(upstream);
+        let (up_r, up_w) = tokio::io::split(upstream);
         if self.api.kind() == "port_forward" {
-            let ended = self.live.guard.end_signal();
-            let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-            let a = pipe(&mut client_r, &mut up_w, &sent);
-            let b = pipe(&mut up_r, &mut client_w, &received);
-            tokio::pin!(a, b);
-            // Once one side has closed, the other gets a few seconds to
-            // finish, so a peer that never closes cannot hold the relay.
-            let grace = Duration::from_secs(5);
-            let both = async {
-                tokio::select! {
-                    _ = &mut a => { let _ = tokio::time::timeout(grace, &mut b).await; }
-                    _ = &mut b => { let _ = tokio::time::timeout(grace, &mut a).await; }
-                }
-            };
-            tokio::select! {
-                _ = both => {}
-                _ = ended => {}
-            }
-
-            let (sent, received) = (
-                sent.load(Ordering::Relaxed),
-                received.load(Ordering::Relaxed),
-            );
-            self.gate.result(
-                &self.live,
-                &id,
-                &[
-                    ("bytes_in", sent.to_string()),
-                    ("bytes_out", received.to_string()),
-                    ("duration_ms", started.elapsed().as_millis().to_string()),
-                ],
-                &[],
-            );
+            self.opaque(id, started, (client_r, client_w), (up_r, up_w))
+                .await;
             return;
         }
         self.relay(id, started, (client_r, client_w), (up_r, up_w))
             .await;
     }
 
-    async fn refuse(&self, w: &mut tokio::io::WriteHalf<ClientIo>, d: &Decision) {
-        let _ = send(
-            w,
+    /// Relays port-forward's bytes as they are (they carry arbitrary TCP,
+    /// not a terminal), counting them, and records the result.
+    pub(crate) async fn opaque(&self, id: String, started: Instant, client: Halves, up: Halves) {
+        let ((mut client_r, mut client_w), (mut up_r, mut up_w)) = (client, up);
+        let ended = self.live.guard.end_signal();
+        let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
+        let a = pipe(&mut client_r, &mut up_w, &sent);
+        let b = pipe(&mut up_r, &mut client_w, &received);
+        tokio::pin!(a, b);
+        // Once one side has closed, the other gets a few seconds to
+        // finish, so a peer that never closes cannot hold the relay.
+        let grace = Duration::from_secs(5);
+        let both = async {
+            tokio::select! {
+                _ = &mut a => { let _ = tokio::time::timeout(grace, &mut b).await; }
+                _ = &mut b => { let _ = tokio::time::timeout(grace, &mut a).await; }
+            }
+        };
+        tokio::select! {
+            _ = both => {}
+            _ = ended => {}
+        }
+        let (sent, received) = (
+            sent.load(Ordering::Relaxed),
+            received.load(Ordering::Relaxed),
+        );
+        self.gate.result(
+            &self.live,
+            &id,
             &[
-                failure_frame("Forbidden", &denial_message(d), 403),
-                Frame::close(1000, ""),
+                ("bytes_in", sent.to_string()),
+                ("bytes_out", received.to_string()),
+                ("duration_ms", started.elapsed().as_millis().to_string()),
             ],
-        )
-        .await;
+            &[],
+        );
     }
 
-    /// Opens the gate's own WebSocket to the API server.
-    async fn connect(&self) -> Result<TokioIo<hyper::upgrade::Upgraded>, String> {
+    /// Refuses the stream: the failure status, then, a moment later, the
+    /// close. kubectl now and then drops a status that arrives in the same
+    /// read as the close (its error stream is torn down before it is
+    /// decoded) and exits 0 as if the command had run; it waits for the
+    /// close, so the pause is what a refusal costs.
+    async fn refuse(
+        &self,
+        r: &mut tokio::io::ReadHalf<ClientIo>,
+        w: &mut tokio::io::WriteHalf<ClientIo>,
+        d: &Decision,
+    ) {
+        if send(w, &[failure_frame("Forbidden", &denial_message(d), 403)])
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut sink = vec![0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_millis(100), async {
+            while matches!(r.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        let _ = send(w, &[Frame::close(1000, "")]).await;
+    }
+
+    /// Opens the gate's own stream to the API server (a WebSocket, or a
+    /// SPDY upgrade), and returns it with the API server's 101 headers.
+    pub(crate) async fn connect(&self, via: Via) -> Result<(ClientIo, hyper::HeaderMap), String> {
         let tls = self.gate.dial().await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tls))
@@ -304,11 +349,8 @@ impl Stream {
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        let mut nonce = [0u8; 16];
-        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| "no random source")?;
-        let key = base64::engine::general_purpose::STANDARD.encode(nonce);
         let mut req = Request::builder()
-            .method("GET")
+            .method(self.method.clone())
             .uri(&self.path)
             .body(
                 Full::new(Bytes::new())
@@ -320,10 +362,22 @@ impl Stream {
         *h = self.headers.clone();
         let v = |s: &str| hyper::header::HeaderValue::from_str(s).map_err(|e| e.to_string());
         h.insert("connection", v("Upgrade")?);
-        h.insert("upgrade", v("websocket")?);
-        h.insert("sec-websocket-version", v("13")?);
-        h.insert("sec-websocket-key", v(&key)?);
-        h.insert("sec-websocket-protocol", v(&self.proto)?);
+        let key = match via {
+            Via::WebSocket => {
+                let mut nonce = [0u8; 16];
+                aws_lc_rs::rand::fill(&mut nonce).map_err(|_| "no random source")?;
+                let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+                h.insert("upgrade", v("websocket")?);
+                h.insert("sec-websocket-version", v("13")?);
+                h.insert("sec-websocket-key", v(&key)?);
+                h.insert("sec-websocket-protocol", v(&self.proto)?);
+                key
+            }
+            Via::Spdy => {
+                h.insert("upgrade", v("SPDY/3.1")?);
+                String::new()
+            }
+        };
         let resp = sender
             .send_request(req)
             .await
@@ -343,34 +397,25 @@ impl Stream {
                 "the API server refused the stream ({code}): {message}"
             ));
         }
-        let accept = resp
-            .headers()
-            .get("sec-websocket-accept")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if accept != ws::accept_key(&key) {
-            return Err("the API server's WebSocket accept key is wrong".into());
+        if via == Via::WebSocket {
+            let accept = resp
+                .headers()
+                .get("sec-websocket-accept")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if accept != ws::accept_key(&key) {
+                return Err("the API server's WebSocket accept key is wrong".into());
+            }
         }
+        let headers = resp.headers().clone();
         let up = hyper::upgrade::on(resp)
             .await
             .map_err(|e| format!("the API server's upgrade failed: {e}"))?;
-        Ok(TokioIo::new(up))
+        Ok((TokioIo::new(up), headers))
     }
 
     /// Relays exec or attach frames both ways, recording and masking.
-    async fn relay(
-        &self,
-        id: String,
-        started: Instant,
-        client: (
-            tokio::io::ReadHalf<ClientIo>,
-            tokio::io::WriteHalf<ClientIo>,
-        ),
-        up: (
-            tokio::io::ReadHalf<ClientIo>,
-            tokio::io::WriteHalf<ClientIo>,
-        ),
-    ) {
+    async fn relay(&self, id: String, started: Instant, client: Halves, up: Halves) {
         let (mut client_r, mut client_w) = client;
         let (mut up_r, mut up_w) = up;
         let masker = self.gate.masker();
@@ -432,16 +477,25 @@ impl Stream {
         let read_up = async move {
             let mut buf = BytesMut::with_capacity(64 * 1024);
             let mut channel = 1u8;
+            // Only worth holding output back when something masks it.
+            let mut carry = Carry::new(masker.is_some(), self.api.tty);
             loop {
-                match up_r.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => return Ok(()),
-                    Ok(_) => {}
-                }
                 let mut outs = Vec::new();
+                tokio::select! {
+                    r = up_r.read_buf(&mut buf) => match r {
+                        Ok(0) | Err(_) => {
+                            flush_carry(&mut carry, &mut outs);
+                            let _ = jobs_tx.send(Job::Ready(outs)).await;
+                            return Ok(());
+                        }
+                        Ok(_) => {}
+                    },
+                    _ = carry.due() => flush_carry(&mut carry, &mut outs),
+                }
                 let mut closed = false;
                 while !closed {
                     match ws::decode(&mut buf, Sender::Server, max) {
-                        Ok(Some(f)) => {
+                        Ok(Some(mut f)) => {
                             let data = match f.opcode {
                                 Opcode::Binary | Opcode::Text => {
                                     channel = f.payload.first().copied().unwrap_or(0);
@@ -453,6 +507,31 @@ impl Stream {
                                     None
                                 }
                                 _ => None,
+                            };
+                            let data = match data {
+                                // Whole output messages go through the carry.
+                                Some(d)
+                                    if f.fin
+                                        && f.opcode == Opcode::Binary
+                                        && matches!(channel, 1 | 2) =>
+                                {
+                                    let emit = carry.take(channel, &d, false);
+                                    if emit.is_empty() {
+                                        continue;
+                                    }
+                                    if emit.len() != d.len() || carry.changed() {
+                                        let mut p = BytesMut::with_capacity(emit.len() + 1);
+                                        p.extend_from_slice(&[channel]);
+                                        p.extend_from_slice(&emit);
+                                        f.payload = p.freeze();
+                                    }
+                                    Some(Bytes::from(emit))
+                                }
+                                d => {
+                                    // Held output goes before anything else (the status, the close).
+                                    flush_carry(&mut carry, &mut outs);
+                                    d
+                                }
                             };
                             outs.push(Out {
                                 frame: f,
@@ -518,39 +597,7 @@ impl Stream {
             let (r, w) = tokio::join!(read_up, write_client);
             w.and(r)
         };
-        let mut end_note = None;
-        let mut error = None;
-        {
-            tokio::pin!(to_up);
-            tokio::pin!(to_client);
-            let ended = self.live.guard.end_signal();
-            tokio::pin!(ended);
-            let mut ticker = tokio::time::interval(Duration::from_millis(500));
-            let mut up_done = false;
-            loop {
-                tokio::select! {
-                    // stdin may end first; the output runs on until the command ends.
-                    r = &mut to_up, if !up_done => {
-                        up_done = true;
-                        if let Err(e) = r {
-                            error = Some(e);
-                            break;
-                        }
-                    }
-                    r = &mut to_client => {
-                        if let Err(e) = r {
-                            error = Some(e);
-                        }
-                        break;
-                    }
-                    reason = &mut ended => {
-                        end_note = Some(reason.message());
-                        break;
-                    }
-                    _ = ticker.tick() => self.flush_recording(&recorder, false),
-                }
-            }
-        }
+        let (error, end_note) = self.drive(to_up, to_client, &recorder).await;
         if let Some(e) = &error {
             tracing::debug!(error = %e, "exec stream ended");
         }
@@ -566,7 +613,52 @@ impl Stream {
         }
         let _ = client_w.shutdown().await;
         let _ = up_w.shutdown().await;
-        self.flush_recording(&recorder, true);
+        self.finish(&id, started, &recorder, &stats, error, end_note);
+    }
+
+    /// Runs a relay's two directions until the output ends, a direction
+    /// fails, or the session ends (stdin may end first; the output runs on
+    /// until the command ends), flushing the recording as it goes. Returns
+    /// the error and why the session ended, if it did.
+    pub(crate) async fn drive(
+        &self,
+        to_up: impl std::future::Future<Output = Result<(), String>>,
+        to_client: impl std::future::Future<Output = Result<(), String>>,
+        recorder: &Mutex<Option<Recorder>>,
+    ) -> (Option<String>, Option<&'static str>) {
+        tokio::pin!(to_up);
+        tokio::pin!(to_client);
+        let ended = self.live.guard.end_signal();
+        tokio::pin!(ended);
+        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        let mut up_done = false;
+        loop {
+            tokio::select! {
+                r = &mut to_up, if !up_done => {
+                    up_done = true;
+                    if let Err(e) = r {
+                        return (Some(e), None);
+                    }
+                }
+                r = &mut to_client => return (r.err(), None),
+                reason = &mut ended => return (None, Some(reason.message())),
+                _ = ticker.tick() => self.flush_recording(recorder, false),
+            }
+        }
+    }
+
+    /// Records the end of an exec or attach: the last of the recording and
+    /// the result (bytes, duration, exit code, why it ended).
+    pub(crate) fn finish(
+        &self,
+        id: &str,
+        started: Instant,
+        recorder: &Mutex<Option<Recorder>>,
+        stats: &Mutex<Stats>,
+        error: Option<String>,
+        end_note: Option<&str>,
+    ) {
+        self.flush_recording(recorder, true);
         let st = stats.lock().expect("stats").clone();
         let mut details = vec![
             ("bytes_in", st.bytes_in.to_string()),
@@ -582,10 +674,10 @@ impl Stream {
         if let Some(n) = end_note {
             details.push(("ended", n.to_string()));
         }
-        self.gate.result(&self.live, &id, &details, &st.masked);
+        self.gate.result(&self.live, id, &details, &st.masked);
     }
 
-    fn start_recording(
+    pub(crate) fn start_recording(
         &self,
         recorder: &Mutex<Option<Recorder>>,
         header_sent: &std::sync::atomic::AtomicBool,
@@ -623,7 +715,7 @@ impl Stream {
         format!("{} {}/{}", self.api.verb, self.api.namespace, self.api.name)
     }
 
-    fn flush_recording(&self, recorder: &Mutex<Option<Recorder>>, force: bool) {
+    pub(crate) fn flush_recording(&self, recorder: &Mutex<Option<Recorder>>, force: bool) {
         let mut g = recorder.lock().expect("recorder");
         let Some(r) = g.as_mut() else { return };
         if force {
@@ -642,7 +734,7 @@ impl Stream {
     }
 
     /// What the client sent on `channel`.
-    fn client_data(
+    pub(crate) fn client_data(
         &self,
         channel: u8,
         data: &[u8],
@@ -681,7 +773,7 @@ impl Stream {
     /// Accounts for what the API server sent on `channel` (`raw`, before
     /// masking; `masked`, what live masking replaced): recording, byte
     /// counts, and the exit status.
-    fn server_data(
+    pub(crate) fn server_data(
         &self,
         channel: u8,
         raw: &Bytes,
@@ -748,6 +840,112 @@ where
     let _ = w.shutdown().await;
 }
 
+/// Output frames at least this long may have their incomplete last line
+/// held back; shorter ones (a terminal's echo of a key, a prompt) are not,
+/// unless they continue a held line.
+const HOLD_FROM: usize = 256;
+/// The longest incomplete line held back.
+const MAX_CARRY: usize = 16 * 1024;
+/// How long held output waits for the rest of its line, with a terminal
+/// (someone may be reading it) and without (a program reads it).
+const CARRY_WAIT: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(1));
+
+/// Output held back from the client so that a value split between two
+/// frames (an e-mail address across a 32 KiB read boundary) is masked
+/// whole: the bytes after the last newline of an output frame of
+/// [`HOLD_FROM`] bytes or more wait for the next frame of the same channel,
+/// for at most [`CARRY_WAIT`]: 250 ms with a terminal, 1 s without (on a
+/// loaded two-core machine a producer
+/// pauses for tens of milliseconds mid-stream; a prompt printed right
+/// after bulk output arrives that much later). Short frames (a terminal's
+/// echo of a key) are not held, nor an incomplete line over [`MAX_CARRY`]
+/// bytes, nor anything when nothing masks it; anything held goes out
+/// before the exit status or the close.
+pub(crate) struct Carry {
+    on: bool,
+    wait: Duration,
+    held: [Vec<u8>; 2],
+    since: Option<tokio::time::Instant>,
+    joined: bool,
+}
+
+impl Carry {
+    /// A carry for a stream with or without a terminal, that holds
+    /// nothing back when `on` is false.
+    pub(crate) fn new(on: bool, tty: bool) -> Carry {
+        Carry {
+            on,
+            wait: if tty { CARRY_WAIT.0 } else { CARRY_WAIT.1 },
+            held: [Vec::new(), Vec::new()],
+            since: None,
+            joined: false,
+        }
+    }
+
+    /// What to send now of `data` on `channel` (1 or 2): what was held
+    /// before it, then it, less the incomplete line now held. `end`: the
+    /// channel ends, hold nothing.
+    pub(crate) fn take(&mut self, channel: u8, data: &[u8], end: bool) -> Vec<u8> {
+        let i = usize::from(channel == 2);
+        let mut out = std::mem::take(&mut self.held[i]);
+        self.joined = !out.is_empty();
+        out.extend_from_slice(data);
+        if self.on && !end && (data.len() >= HOLD_FROM || self.joined) {
+            let cut = out.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+            if cut < out.len() && out.len() - cut <= MAX_CARRY {
+                self.held[i] = out.split_off(cut);
+            }
+        }
+        if self.held.iter().all(Vec::is_empty) {
+            self.since = None;
+        } else if self.since.is_none() {
+            self.since = Some(tokio::time::Instant::now());
+        }
+        out
+    }
+
+    /// Whether the last [`Carry::take`] prepended held bytes.
+    pub(crate) fn changed(&self) -> bool {
+        self.joined
+    }
+
+    /// Resolves when held output has waited long enough (never when none is held).
+    pub(crate) async fn due(&self) {
+        match self.since {
+            Some(t) => tokio::time::sleep_until(t + self.wait).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Everything held, by channel.
+    pub(crate) fn flush(&mut self) -> Vec<(u8, Vec<u8>)> {
+        self.since = None;
+        let mut out = Vec::new();
+        for (i, ch) in [(0, 1u8), (1, 2u8)] {
+            let h = std::mem::take(&mut self.held[i]);
+            if !h.is_empty() {
+                out.push((ch, h));
+            }
+        }
+        out
+    }
+}
+
+/// Queues what `carry` holds as output frames.
+fn flush_carry(carry: &mut Carry, outs: &mut Vec<Out>) {
+    for (ch, data) in carry.flush() {
+        let mut p = Vec::with_capacity(data.len() + 1);
+        p.push(ch);
+        p.extend_from_slice(&data);
+        outs.push(Out {
+            frame: Frame::binary(p),
+            channel: ch,
+            raw: Some(Bytes::from(data)),
+            masked: Vec::new(),
+        });
+    }
+}
+
 /// A frame from the API server on its way to the client.
 struct Out {
     /// The frame as it will be sent (masked once the job ran).
@@ -766,23 +964,39 @@ enum Job {
     Masking(tokio::task::JoinHandle<Vec<Out>>),
 }
 
+/// Masks `raw` when it is text (valid UTF-8 without NUL bytes) and the
+/// masker replaced something in it: the masked text and what was replaced.
+pub(crate) fn mask_text(
+    m: &wicket_mask::Masker,
+    raw: &[u8],
+) -> Option<(String, Vec<(String, u64)>)> {
+    if raw.contains(&0) {
+        return None;
+    }
+    let text = std::str::from_utf8(raw).ok()?;
+    let (masked, counts) = m.mask(text);
+    if counts.total() == 0 {
+        return None;
+    }
+    Some((
+        masked.into_owned(),
+        counts.iter().map(|(k, n)| (k.to_string(), n)).collect(),
+    ))
+}
+
 /// Masks the text output frames of `outs` (stdout and stderr). Binary data
 /// (NUL bytes, invalid UTF-8) is left intact for the client and masked in
 /// the recording.
 fn mask_outs(mut outs: Vec<Out>, m: &wicket_mask::Masker) -> Vec<Out> {
     for o in &mut outs {
         let Some(raw) = &o.raw else { continue };
-        if !matches!(o.channel, 1 | 2) || raw.contains(&0) {
+        if !matches!(o.channel, 1 | 2) {
             continue;
         }
-        let Ok(text) = std::str::from_utf8(raw) else {
+        let Some((masked, counts)) = mask_text(m, raw) else {
             continue;
         };
-        let (masked, counts) = m.mask(text);
-        if counts.total() == 0 {
-            continue;
-        }
-        o.masked = counts.iter().map(|(k, n)| (k.to_string(), n)).collect();
+        o.masked = counts;
         let first = o.frame.opcode != Opcode::Continuation;
         let mut p = BytesMut::with_capacity(masked.len() + 1);
         if first {
@@ -794,8 +1008,9 @@ fn mask_outs(mut outs: Vec<Out>, m: &wicket_mask::Masker) -> Vec<Out> {
     outs
 }
 
+/// What an exec or attach moved, for its result.
 #[derive(Debug, Default, Clone)]
-struct Stats {
+pub(crate) struct Stats {
     bytes_in: u64,
     bytes_out: u64,
     exit_code: Option<i64>,
@@ -811,5 +1026,64 @@ impl KubeGate {
         b.policy
             .connection(&self.sidecar.cfg.connection)
             .is_none_or(|c| c.recording.enabled && c.recording.capture_output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_output_holds_its_incomplete_last_line_for_the_next_frame() {
+        let mut c = Carry::new(true, false);
+        let mut first = "x".repeat(1000);
+        first.push_str("\nmail carol@exa");
+        let sent = c.take(1, first.as_bytes(), false);
+        assert_eq!(sent.len(), 1001, "up to and with the newline");
+        assert!(!c.changed());
+        let sent = c.take(1, b"mple.com now\n", false);
+        assert_eq!(sent, b"mail carol@example.com now\n");
+        assert!(c.changed());
+        assert!(c.flush().is_empty());
+    }
+
+    #[test]
+    fn long_lines_ends_and_unmasked_output_are_not_held() {
+        let mut c = Carry::new(true, false);
+        // A key's echo or a prompt passes at once.
+        assert_eq!(c.take(1, b"$ ", false), b"$ ");
+        // A short frame continuing a held line joins it.
+        let mut first = vec![b'x'; HOLD_FROM];
+        first.extend_from_slice(b"\n$ ");
+        assert_eq!(c.take(1, &first, false).len(), HOLD_FROM + 1);
+        assert!(c.take(1, b"l", false).is_empty());
+        assert_eq!(c.take(1, b"s\n", false), b"$ ls\n");
+        let blob = vec![7u8; MAX_CARRY + 1];
+        assert_eq!(c.take(2, &blob, false), blob);
+        let mut tail = vec![b'a'; 100];
+        tail.extend_from_slice(b"\nend");
+        assert_eq!(c.take(1, &tail, true), tail);
+        // A line longer than MAX_CARRY is not held.
+        let mut long = vec![b'\n'];
+        long.extend(vec![b'b'; MAX_CARRY + 1]);
+        assert_eq!(c.take(1, &long, false), long);
+        // Nothing is held when no masker runs.
+        let mut off = Carry::new(false, false);
+        assert_eq!(off.take(1, &tail, false), tail);
+    }
+
+    #[test]
+    fn flush_gives_each_channel_its_held_bytes() {
+        let mut c = Carry::new(true, false);
+        let mut a = vec![b'a'; HOLD_FROM];
+        a.extend_from_slice(b"\nout-tail");
+        let mut b = vec![b'b'; HOLD_FROM];
+        b.extend_from_slice(b"\nerr-tail");
+        c.take(1, &a, false);
+        c.take(2, &b, false);
+        assert_eq!(
+            c.flush(),
+            vec![(1, b"out-tail".to_vec()), (2, b"err-tail".to_vec())]
+        );
     }
 }

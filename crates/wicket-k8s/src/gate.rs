@@ -27,7 +27,7 @@ use wicket_sidecar::{CallerTrace, LiveSession, Sidecar};
 
 use crate::classify::{ApiRequest, classify};
 use crate::redact::{self, JsonSplitter};
-use crate::{CarriedReasoning, exec};
+use crate::{CarriedReasoning, exec, spdy};
 
 pub use wicket_sidecar::web::{Body, BoxError};
 
@@ -596,14 +596,14 @@ impl KubeGate {
             Some("websocket") if matches!(api.kind(), "exec" | "port_forward") => {
                 return exec::upgrade(self.clone(), live, api, trace, req);
             }
-            Some(u) if u.starts_with("spdy/") => {
-                return self.refuse_spdy(&live, &api, &trace).await;
+            Some("spdy/3.1") if matches!(api.kind(), "exec" | "port_forward") => {
+                return spdy::upgrade(self.clone(), live, api, trace, req).await;
             }
             Some(_) | None if matches!(api.kind(), "exec" | "port_forward") => {
                 return status(
                     StatusCode::BAD_REQUEST,
                     "BadRequest",
-                    "wicket: exec, attach and port-forward need a WebSocket upgrade",
+                    "wicket: exec, attach and port-forward need a WebSocket or SPDY/3.1 upgrade",
                 );
             }
             _ => {}
@@ -677,32 +677,6 @@ impl KubeGate {
         let details = self.details(live, api, &[]);
         self.sidecar
             .record_command(live, self.command(api), d, trace, None, details)
-    }
-
-    /// SPDY streams cannot be recorded by this gate: refuse them, with the
-    /// policy's own refusal when there is one, else with what to do instead.
-    async fn refuse_spdy(
-        &self,
-        live: &LiveSession,
-        api: &ApiRequest,
-        trace: &CallerTrace,
-    ) -> Response<Body> {
-        let policy = self
-            .sidecar
-            .decide(live, &self.command(api), trace.has_reasoning());
-        let d = if policy.effect == Effect::Deny {
-            policy
-        } else {
-            Decision::deny(
-                "spdy-refused",
-                "this gate records exec, attach and port-forward, which it can only do over WebSocket; \
-                 use kubectl 1.30 or newer (kubectl 1.29: set KUBECTL_REMOTE_COMMAND_WEBSOCKETS=true; \
-                 port-forward on 1.30: KUBECTL_PORT_FORWARD_WEBSOCKETS=true), and do not set \
-                 KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false",
-            )
-        };
-        let (d, _) = self.decide_fixed(live, api, trace, d);
-        forbidden(&d)
     }
 
     /// Forwards a request and returns the response with its body (transformed

@@ -7,13 +7,15 @@
 //! approval), and forwards it with its own credentials plus
 //! `Impersonate-User` / `Impersonate-Group` for the verified caller, so the
 //! cluster's RBAC still applies per person or agent. exec and attach run
-//! over WebSocket through [`exec`], recorded (asciicast v2) and masked;
+//! over WebSocket through [`exec`], or over SPDY/3.1 through [`spdy`] (older
+//! kubectl), recorded (asciicast v2) and masked;
 //! Secret values are redacted ([`redact`]) unless policy allows them.
 
 pub mod classify;
 pub mod exec;
 pub mod gate;
 pub mod redact;
+pub mod spdy;
 
 pub use gate::{K8sConfig, KubeGate, TokenSource, Upstream, serve};
 

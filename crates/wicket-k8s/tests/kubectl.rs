@@ -122,12 +122,6 @@ async fn kubectl_verbs_work_through_the_gate() {
         assert!(!out.contains("aHVudGVyMi12ZXJ5LXNlY3JldA=="), "{v}: {out}");
         let out = ok(k(&admin_cfg).args(["get", "secret", "db-creds", "-o", "yaml"]));
         assert!(out.contains("aHVudGVyMi12ZXJ5LXNlY3JldA=="), "{v}: {out}");
-        if *v == "1.27" {
-            // kubectl 1.27 speaks SPDY only: refused, with what to do instead.
-            let err = fails(k(&ops_cfg).args(["exec", "web-0", "--", "echo", "hi"]));
-            assert!(err.contains("kubectl 1.30 or newer"), "{v}: {err}");
-            continue;
-        }
         let out = ok(k(&ops_cfg).args(["exec", "web-0", "--", "echo", "hello from the pod"]));
         assert_eq!(out, "hello from the pod\n", "{v}");
         let mut child = k(&ops_cfg)
@@ -148,6 +142,28 @@ async fn kubectl_verbs_work_through_the_gate() {
         assert!(
             out.starts_with("line one\n") && !out.contains("bob@example.org"),
             "{v}: {out}"
+        );
+        // Megabytes of masked output (every line changes length): no
+        // window or framing trouble over WebSocket or SPDY.
+        let out = ok(k(&ops_cfg).args([
+            "exec",
+            "web-0",
+            "--",
+            "sh",
+            "-c",
+            "yes 'mail carol@example.com now' | head -n 100000",
+        ]));
+        assert_eq!(out.lines().count(), 100_000, "{v}");
+        let leaked: Vec<&str> = out.lines().filter(|l| l.contains("carol@")).collect();
+        assert!(
+            leaked.is_empty(),
+            "{v}: {} {:?}",
+            leaked.len(),
+            &leaked[..leaked.len().min(3)]
+        );
+        assert!(
+            out.lines()
+                .all(|l| l.starts_with("mail ") && l.ends_with(" now"))
         );
         let o = k(&ops_cfg)
             .args(["exec", "web-0", "--", "sh", "-c", "exit 3"])
@@ -213,15 +229,23 @@ async fn kubectl_verbs_work_through_the_gate() {
             .iter()
             .any(|e| e.details.get("impersonate_user").map(String::as_str) == Some("olivia"))
     );
+    // kubectl 1.27 ran its execs over SPDY, relayed and recorded like the rest.
     let spdy = commands
         .iter()
         .filter(|e| {
-            e.decision
-                .as_ref()
-                .is_some_and(|d| d.rule == "spdy-refused")
+            e.details
+                .get("subprotocol")
+                .is_some_and(|p| p.starts_with("SPDY/3.1"))
         })
         .count();
-    assert!(spdy >= 1, "the SPDY refusal is audited");
+    assert!(spdy >= 5, "kubectl 1.27's execs went over SPDY: {spdy}");
+    // (A result is its own event, or merged into its command's.)
+    assert!(
+        events
+            .iter()
+            .any(|e| e.details.get("exit_code").map(String::as_str) == Some("3")),
+        "the exit code is read from the error stream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,6 +380,32 @@ async fn held_denied_and_unexplained_requests_are_recorded_with_identity_and_tra
     assert_eq!(out, "restarted\n");
     assert!(err.contains("waiting for approval"), "{err}");
 
+    // Over SPDY (kubectl 1.27) a held exec waits before the upgrade (there
+    // is no stream yet to say so on), then runs.
+    let mut exec = ks.kubectl("1.27", &ops_cfg);
+    exec.args([
+        "exec",
+        "web-0",
+        "--",
+        "sh",
+        "-c",
+        "echo restarted over spdy",
+    ]);
+    let run = blocking(move || exec.output().unwrap());
+    let approve = ks.stack.decide_next(&sre, true, |_| {});
+    let (o, ()) = tokio::join!(run, approve);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(text(&o).0, "restarted over spdy\n");
+    // And a denied one says why.
+    let mut exec = ks.kubectl("1.27", &ops_cfg);
+    exec.args(["exec", "web-0", "--", "sh", "-c", "echo restart never"]);
+    let run = blocking(move || exec.output().unwrap());
+    let deny = ks.stack.decide_next(&sre, false, |_| {});
+    let (o, ()) = tokio::join!(run, deny);
+    let err = text(&o).1;
+    assert!(!o.status.success() && err.contains("denied"), "{err}");
+    assert!(!text(&o).0.contains("never"));
+
     // The audit trail: who (as impersonated), what, the decision, the trace.
     let events = ks.stack.events().await;
     let commands: Vec<&v1::AuditEvent> = events
@@ -435,6 +485,21 @@ async fn exec_with_frames(ks: &KubeStack, token: &str, frames: &[u8]) -> String 
          Host: {}\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
          Sec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n",
+        ks.addr
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(frames).await.unwrap();
+    String::from_utf8_lossy(&read_all(&mut s).await).into_owned()
+}
+
+/// Opens a SPDY exec through the gate and sends `frames` raw.
+async fn spdy_exec_with(ks: &KubeStack, token: &str, frames: &[u8]) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut s = connect(ks).await;
+    let req = format!(
+        "POST /api/v1/namespaces/default/pods/web-0/exec?command=cat&stdin=true&stdout=true HTTP/1.1\r\n\
+         Host: {}\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+         X-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n",
         ks.addr
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -536,6 +601,35 @@ async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
     }
     let reply = exec_with_frames(&ks, &ops, &good).await;
     assert!(reply.contains("\u{1}hi"), "{reply:?}");
+
+    // Malformed SPDY: a header block that is not zlib, a SPDY/2 frame, and
+    // a frame of 16 MiB are refused without reading on; the relay records why.
+    use wicket_spdy::{FLAG_FIN, Frame};
+    for frames in [
+        Frame::syn_stream(1, 0, b"not a zlib stream").raw().to_vec(),
+        vec![0x80, 2, 0, 1, 0, 0, 0, 0],
+        vec![0, 0, 0, 1, 0, 0xff, 0xff, 0xff],
+    ] {
+        let reply = spdy_exec_with(&ks, &ops, &frames).await;
+        assert!(reply.starts_with("HTTP/1.1 101"), "{reply}");
+    }
+    // A well-formed SPDY exec of the same shape works.
+    let mut deflater = wicket_spdy::Deflater::new();
+    let mut good = Vec::new();
+    for (id, t) in [(1, "error"), (3, "stdin"), (5, "stdout")] {
+        let block = deflater.block(&[("streamtype", t)]);
+        good.extend_from_slice(Frame::syn_stream(id, 0, &block).raw());
+    }
+    good.extend_from_slice(Frame::data(3, FLAG_FIN, b"spdy hi").raw());
+    let reply = spdy_exec_with(&ks, &ops, &good).await;
+    assert!(reply.contains("spdy hi"), "{reply:?}");
+    let events = ks.stack.events().await;
+    let errors: Vec<&String> = events
+        .iter()
+        .filter_map(|e| e.details.get("error"))
+        .filter(|e| e.contains("bad SPDY"))
+        .collect();
+    assert!(errors.len() >= 3, "{errors:?}");
     // And the gate carries on.
     let out = ok(ks.kubectl("1.33", &ops_cfg).args(["get", "pods"]));
     assert!(out.contains("web-0"));
@@ -549,10 +643,19 @@ async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_session_ends_its_exec_and_watch() {
+    terminated_exec_ends("1.33").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_session_ends_its_spdy_exec() {
+    terminated_exec_ends("1.27").await;
+}
+
+async fn terminated_exec_ends(version: &str) {
     let ks = KubeStack::start(POLICY).await;
     let ops = human(&ks, "olivia", &["ops"]);
     let cfg = ks.token_kubeconfig("ops", &ops);
-    let mut exec = ks.kubectl("1.33", &cfg);
+    let mut exec = ks.kubectl(version, &cfg);
     exec.args(["exec", "web-0", "--", "sleep", "30"]);
     let started = std::time::Instant::now();
     let run = blocking(move || exec.output().unwrap());
@@ -598,7 +701,7 @@ async fn a_terminated_session_ends_its_exec_and_watch() {
         started.elapsed() < Duration::from_secs(20),
         "the exec ended with its session"
     );
-    assert!(text(&o).1.contains("wicket"), "{}", text(&o).1);
+    assert!(text(&o).1.contains("wicket"), "{version}: {}", text(&o).1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -606,33 +709,39 @@ async fn an_interactive_exec_is_recorded_as_asciicast() {
     let ks = KubeStack::start(POLICY).await;
     let ops = human(&ks, "olivia", &["ops"]);
     let cfg = ks.token_kubeconfig("ops", &ops);
-    let kubectl = wicket_teststack::kube::kubectl_path("1.33");
-    // `script` gives kubectl a terminal, so `-it` asks for a tty.
-    let line = format!(
-        "{} exec -it web-0 -- sh -c 'echo tty-ok; read x; echo got:$x; echo mail dave@example.com'",
-        kubectl.display()
-    );
-    let mut cmd = Command::new("script");
-    cmd.args(["-qec", &line, "/dev/null"])
-        .env("KUBECONFIG", &cfg)
-        .env("HOME", ks.dir.join("home"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let o = blocking(move || {
-        let mut child = cmd.spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(800));
-        child.stdin.take().unwrap().write_all(b"abc\n").unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await;
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}{out}");
-    assert!(out.contains("tty-ok") && out.contains("got:abc"), "{out}");
-    assert!(
-        !out.contains("dave@example.com"),
-        "output is masked on the terminal too: {out}"
-    );
+    // 1.33 over WebSocket, 1.27 over SPDY.
+    for v in ["1.33", "1.27"] {
+        let kubectl = wicket_teststack::kube::kubectl_path(v);
+        // `script` gives kubectl a terminal, so `-it` asks for a tty.
+        let line = format!(
+            "{} exec -it web-0 -- sh -c 'echo tty-ok-{v}; read x; echo got:$x; echo mail dave@example.com'",
+            kubectl.display()
+        );
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &line, "/dev/null"])
+            .env("KUBECONFIG", &cfg)
+            .env("HOME", ks.dir.join("home"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let o = blocking(move || {
+            let mut child = cmd.spawn().unwrap();
+            std::thread::sleep(Duration::from_millis(800));
+            child.stdin.take().unwrap().write_all(b"abc\n").unwrap();
+            child.wait_with_output().unwrap()
+        })
+        .await;
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{v}: {err}{out}");
+        assert!(
+            out.contains(&format!("tty-ok-{v}")) && out.contains("got:abc"),
+            "{v}: {out}"
+        );
+        assert!(
+            !out.contains("dave@example.com"),
+            "{v}: output is masked on the terminal too: {out}"
+        );
+    }
     let events = ks.stack.events().await;
     let outputs: Vec<&v1::AuditEvent> = events
         .iter()
@@ -654,11 +763,14 @@ async fn an_interactive_exec_is_recorded_as_asciicast() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l[1] == "o" && l[2].as_str().unwrap().contains("tty-ok"))
-    );
+    for v in ["1.33", "1.27"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l[1] == "o" && l[2].as_str().unwrap().contains(&format!("tty-ok-{v}"))),
+            "{v}'s session is recorded"
+        );
+    }
     assert!(
         lines
             .iter()
@@ -677,11 +789,17 @@ fn free_port() -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn port_forward_runs_over_websocket_and_spdy_is_refused_with_advice() {
+async fn port_forward_runs_over_websocket_and_over_spdy() {
     let ks = KubeStack::start(POLICY).await;
     let ops = human(&ks, "olivia", &["ops"]);
     let cfg = ks.token_kubeconfig("ops", &ops);
-    for (v, websockets) in [("1.33", None), ("1.30", Some("true"))] {
+    // 1.33 tunnels SPDY in a WebSocket; 1.30 and 1.27 speak plain SPDY.
+    for (v, websockets) in [
+        ("1.33", None),
+        ("1.30", Some("true")),
+        ("1.30", None),
+        ("1.27", None),
+    ] {
         let local = free_port();
         let mut pf = ks.kubectl(v, &cfg);
         pf.args(["port-forward", "pod/web-0", &format!("{local}:8080")])
@@ -708,19 +826,6 @@ async fn port_forward_runs_over_websocket_and_spdy_is_refused_with_advice() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    // kubectl 1.27 (and 1.30 by default) speak SPDY: refused, with advice.
-    let local = free_port();
-    let o = ks
-        .kubectl("1.27", &cfg)
-        .args(["port-forward", "pod/web-0", &format!("{local}:8080")])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    assert!(
-        text(&o).1.contains("kubectl 1.30 or newer"),
-        "{}",
-        text(&o).1
-    );
     // Each relay records its byte counts once both ends have closed.
     let mut events = ks.stack.events().await;
     for _ in 0..50 {
@@ -744,8 +849,15 @@ async fn port_forward_runs_over_websocket_and_spdy_is_refused_with_advice() {
         })
         .collect();
     assert!(
-        forwards.len() >= 3,
+        forwards.len() >= 4,
         "every port-forward is decided and recorded"
+    );
+    assert!(
+        forwards.iter().any(|e| e
+            .details
+            .get("subprotocol")
+            .is_some_and(|p| p.contains("portforward.k8s.io") && p.starts_with("SPDY/3.1 ("))),
+        "plain SPDY port-forward is relayed"
     );
     let moved: u64 = events
         .iter()
