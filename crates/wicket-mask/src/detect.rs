@@ -92,8 +92,45 @@ impl FromStr for Entity {
     }
 }
 
-/// Which built-in detectors run.
-pub(crate) type Enabled = [bool; Entity::ALL.len()];
+/// Which built-in detectors run, and which bytes can begin a word one of
+/// them reads (most words cannot, and are skipped without a look).
+#[derive(Clone, Debug)]
+pub(crate) struct Enabled {
+    on: [bool; Entity::ALL.len()],
+    starts: [bool; 256],
+}
+
+impl Enabled {
+    /// The detectors in `on` (indexed by [`Entity::index`]).
+    pub(crate) fn new(on: [bool; Entity::ALL.len()]) -> Enabled {
+        let mut starts = [false; 256];
+        for c in 0..=255u8 {
+            let digit = c.is_ascii_digit();
+            let hex = c.is_ascii_hexdigit();
+            starts[usize::from(c)] = (digit
+                && [
+                    Entity::Ipv4,
+                    Entity::UsSsn,
+                    Entity::CreditCard,
+                    Entity::Phone,
+                ]
+                .iter()
+                .any(|e| on[e.index()]))
+                || (c == b'e' && on[Entity::Jwt.index()])
+                || (matches!(c, b'A' | b'g' | b'x' | b's' | b'r') && on[Entity::CloudKey.index()])
+                || (c.is_ascii_uppercase() && on[Entity::Iban.index()])
+                || (hex && on[Entity::Ipv6.index()]);
+        }
+        Enabled { on, starts }
+    }
+}
+
+impl std::ops::Index<usize> for Enabled {
+    type Output = bool;
+    fn index(&self, i: usize) -> &bool {
+        &self.on[i]
+    }
+}
 
 const ALNUM: u8 = 1;
 const DIGIT: u8 = 2;
@@ -155,6 +192,10 @@ pub(crate) fn scan(text: &str, on: &Enabled, out: &mut Vec<(Entity, usize, usize
         let c = CLASS[b[i] as usize];
         if c & ALNUM != 0 {
             let run_end = alnum_run_end(b, i);
+            if !on.starts[usize::from(b[i])] {
+                i = run_end;
+                continue;
+            }
             if let Some((e, end)) = at_word(b, i, on, floor) {
                 out.push((e, i, end));
                 i = end.max(i + 1);
@@ -189,26 +230,33 @@ pub(crate) fn scan(text: &str, on: &Enabled, out: &mut Vec<(Entity, usize, usize
     }
 }
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// The high bit of each of the eight bytes of `x` (little-endian) that is
+/// an ASCII letter or digit.
+#[inline]
+fn alnum_mask(x: u64) -> u64 {
+    // Each byte's low seven bits plus a constant below 0x80 stays below
+    // 0x100: no carry crosses into the next byte, and the byte's high bit
+    // says whether it reached the constant's threshold.
+    let low = x & !HIGH;
+    let at_least = |lo: u8| (low + ONES * u64::from(0x80 - lo)) & HIGH;
+    let above = |hi: u8| (low + ONES * u64::from(0x7f - hi)) & HIGH;
+    ((at_least(b'0') & !above(b'9'))
+        | (at_least(b'A') & !above(b'Z'))
+        | (at_least(b'a') & !above(b'z')))
+        & !x
+}
+
 /// End of the run of ASCII letters and digits starting at `i`, the same as
 /// `run(b, i, ALNUM)`, eight bytes at a time: words end at unpredictable
 /// lengths, and a branch per byte was most of the scan's time.
 #[inline]
 fn alnum_run_end(b: &[u8], mut i: usize) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
     while let Some(chunk) = b.get(i..i + 8) {
         let x = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
-        // Each byte's low seven bits plus a constant below 0x80 stays below
-        // 0x100: no carry crosses into the next byte, and the byte's high
-        // bit says whether it reached the constant's threshold.
-        let low = x & !HIGH;
-        let at_least = |lo: u8| (low + ONES * u64::from(0x80 - lo)) & HIGH;
-        let above = |hi: u8| (low + ONES * u64::from(0x7f - hi)) & HIGH;
-        let alnum = ((at_least(b'0') & !above(b'9'))
-            | (at_least(b'A') & !above(b'Z'))
-            | (at_least(b'a') & !above(b'z')))
-            & !x;
-        let stop = !alnum & HIGH;
+        let stop = !alnum_mask(x) & HIGH;
         if stop != 0 {
             return i + (stop.trailing_zeros() / 8) as usize;
         }
@@ -689,6 +737,114 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The scan as it was before it skipped words no enabled detector can
+    /// start with: a byte at a time, every word start looked at.
+    fn reference_scan(text: &str, on: &Enabled) -> Vec<(Entity, usize, usize)> {
+        let mut out = Vec::new();
+        let b = text.as_bytes();
+        let (mut i, mut floor) = (0, 0);
+        while i < b.len() {
+            let c = CLASS[b[i] as usize];
+            if c & ALNUM != 0 {
+                let run_end = run(b, i, ALNUM);
+                if let Some((e, end)) = at_word(b, i, on, floor) {
+                    out.push((e, i, end));
+                    i = end.max(i + 1);
+                    floor = i;
+                } else {
+                    i = run_end;
+                }
+                continue;
+            }
+            if c & TRIGGER != 0 {
+                let found = match b[i] {
+                    b'@' if on[Entity::Email.index()] => email(b, i).map(|s| (Entity::Email, s)),
+                    b'+' | b'(' if on[Entity::Phone.index()] => {
+                        phone(b, i, floor).map(|e| (Entity::Phone, (i, e)))
+                    }
+                    b'-' if on[Entity::PrivateKey.index()] => {
+                        pem(b, i).map(|e| (Entity::PrivateKey, (i, e)))
+                    }
+                    b':' if on[Entity::Ipv6.index()] => {
+                        ipv6(b, i, floor).map(|e| (Entity::Ipv6, (i, e)))
+                    }
+                    _ => None,
+                };
+                if let Some((e, (start, end))) = found {
+                    out.push((e, start, end));
+                    i = end.max(i + 1);
+                    floor = i;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn skipping_words_finds_what_the_byte_scan_found() {
+        const PIECES: &[&str] = &[
+            "the ",
+            "quick ",
+            "mail ",
+            "a.b@example.com",
+            " ",
+            "\n",
+            "-",
+            ":",
+            "(",
+            "+",
+            "4111 1111 1111 1111",
+            "4111111111111111",
+            "078-05-1120",
+            "192.168.1.20",
+            "2001:db8::8a2e:370:7334",
+            "fe80::1",
+            "+1 (415) 555-0132",
+            "(415) 555-0132",
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
+            "AKIAIOSFODNN7EXAMPLE",
+            "ghp_0123456789abcdefghijABCDEFGHIJ012345",
+            "GB82WEST12345698765432",
+            "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----",
+            "é",
+            "x",
+            "0",
+            "sk_live_0123456789abcdef01234567",
+            "@",
+            ".",
+            ",",
+            "v1.2.3.4",
+            "e",
+            "A",
+        ];
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..3000 {
+            let mut on = [false; Entity::ALL.len()];
+            let bits = if round == 0 { u64::MAX } else { next() };
+            for (k, o) in on.iter_mut().enumerate() {
+                *o = bits >> k & 1 == 1;
+            }
+            let on = Enabled::new(on);
+            let mut text = String::new();
+            for _ in 0..(next() % 60) {
+                text.push_str(PIECES[(next() % PIECES.len() as u64) as usize]);
+            }
+            let mut got = Vec::new();
+            scan(&text, &on, &mut got);
+            assert_eq!(got, reference_scan(&text, &on), "{text:?} with {:?}", on.on);
+        }
+    }
+
     #[test]
     fn the_eight_byte_alnum_run_agrees_with_the_byte_loop() {
         // Every byte value at every position of a word, then random text.
@@ -723,8 +879,6 @@ mod tests {
             assert_eq!(alnum_run_end(&b, i), run(&b, i, ALNUM), "at {i}");
         }
     }
-
-    use super::{ALNUM, alnum_run_end, luhn, mod97, run};
 
     #[test]
     fn checksums() {
