@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -481,14 +482,24 @@ impl Stream {
             let mut carry = Carry::new(masker.is_some(), self.api.tty);
             loop {
                 let mut outs = Vec::new();
+                let mut eof = false;
+                buf.reserve(64 * 1024);
                 tokio::select! {
                     r = up_r.read_buf(&mut buf) => match r {
-                        Ok(0) | Err(_) => {
-                            flush_carry(&mut carry, &mut outs);
-                            let _ = jobs_tx.send(Job::Ready(outs)).await;
-                            return Ok(());
+                        Ok(0) | Err(_) => eof = true,
+                        Ok(_) => {
+                            // Take what else is already there, so one job
+                            // masks up to COALESCE bytes: each job costs two
+                            // thread switches, and TLS hands over 16 KiB at a time.
+                            while !eof && buf.len() < COALESCE {
+                                buf.reserve(64 * 1024);
+                                match up_r.read_buf(&mut buf).now_or_never() {
+                                    Some(Ok(0) | Err(_)) => eof = true,
+                                    Some(Ok(_)) => {}
+                                    None => break,
+                                }
+                            }
                         }
-                        Ok(_) => {}
                     },
                     _ = carry.due() => flush_carry(&mut carry, &mut outs),
                 }
@@ -544,7 +555,13 @@ impl Stream {
                         Err(e) => return Err(format!("bad frame from the API server: {e}")),
                     }
                 }
+                if eof {
+                    flush_carry(&mut carry, &mut outs);
+                }
                 if outs.is_empty() {
+                    if eof {
+                        return Ok(());
+                    }
                     continue;
                 }
                 let job = match masker.clone() {
@@ -557,7 +574,7 @@ impl Stream {
                     }
                     _ => Job::Ready(outs),
                 };
-                if jobs_tx.send(job).await.is_err() || closed {
+                if jobs_tx.send(job).await.is_err() || closed || eof {
                     return Ok(());
                 }
             }
@@ -844,6 +861,9 @@ where
 /// held back; shorter ones (a terminal's echo of a key, a prompt) are not,
 /// unless they continue a held line.
 const HOLD_FROM: usize = 256;
+/// How much upstream output one masking job takes at most, when that much
+/// is already waiting.
+const COALESCE: usize = 256 * 1024;
 /// The longest incomplete line held back.
 const MAX_CARRY: usize = 16 * 1024;
 /// How long held output waits for the rest of its line, with a terminal
