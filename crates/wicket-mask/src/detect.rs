@@ -107,15 +107,13 @@ impl Enabled {
         for c in 0..=255u8 {
             let digit = c.is_ascii_digit();
             let hex = c.is_ascii_hexdigit();
+            // Card numbers start with an issuer's digit (see `known_issuer`).
+            let issuer = matches!(c, b'2'..=b'6');
             starts[usize::from(c)] = (digit
-                && [
-                    Entity::Ipv4,
-                    Entity::UsSsn,
-                    Entity::CreditCard,
-                    Entity::Phone,
-                ]
-                .iter()
-                .any(|e| on[e.index()]))
+                && [Entity::Ipv4, Entity::UsSsn, Entity::Phone]
+                    .iter()
+                    .any(|e| on[e.index()]))
+                || (issuer && on[Entity::CreditCard.index()])
                 || (c == b'e' && on[Entity::Jwt.index()])
                 || (matches!(c, b'A' | b'g' | b'x' | b's' | b'r') && on[Entity::CloudKey.index()])
                 || (c.is_ascii_uppercase() && on[Entity::Iban.index()])
