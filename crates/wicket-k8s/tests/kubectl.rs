@@ -380,8 +380,8 @@ async fn held_denied_and_unexplained_requests_are_recorded_with_identity_and_tra
     assert_eq!(out, "restarted\n");
     assert!(err.contains("waiting for approval"), "{err}");
 
-    // Over SPDY (kubectl 1.27) a held exec waits before the upgrade (there
-    // is no stream yet to say so on), then runs.
+    // Over SPDY (kubectl 1.27) too: the gate answers the client's streams
+    // itself while the exec is held, and says so on stderr.
     let mut exec = ks.kubectl("1.27", &ops_cfg);
     exec.args([
         "exec",
@@ -396,6 +396,11 @@ async fn held_denied_and_unexplained_requests_are_recorded_with_identity_and_tra
     let (o, ()) = tokio::join!(run, approve);
     assert!(o.status.success(), "{}", text(&o).1);
     assert_eq!(text(&o).0, "restarted over spdy\n");
+    assert!(
+        text(&o).1.contains("waiting for approval"),
+        "{}",
+        text(&o).1
+    );
     // And a denied one says why.
     let mut exec = ks.kubectl("1.27", &ops_cfg);
     exec.args(["exec", "web-0", "--", "sh", "-c", "echo restart never"]);
