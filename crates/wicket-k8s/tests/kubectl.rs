@@ -229,6 +229,44 @@ async fn kubectl_verbs_work_through_the_gate() {
             .iter()
             .any(|e| e.details.get("impersonate_user").map(String::as_str) == Some("olivia"))
     );
+    // kubectl 1.30 told to use SPDY (it speaks both) goes the same way.
+    let mut child = ks
+        .kubectl("1.30", &ops_cfg)
+        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .args(["exec", "-i", "web-0", "--", "cat", "-u"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"spdy from 1.30\nmail erin@example.net\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "1.30 over SPDY failed");
+    assert!(
+        out.starts_with("spdy from 1.30\n") && !out.contains("erin@example.net"),
+        "{out}"
+    );
+    let events = ks.stack.events().await;
+    let commands: Vec<&v1::AuditEvent> = events
+        .iter()
+        .filter(|e| e.kind == v1::AuditKind::Command as i32)
+        .collect();
+    assert!(
+        commands.iter().any(|e| {
+            e.command
+                .as_ref()
+                .is_some_and(|c| c.text.contains("cat -u"))
+                && e.details
+                    .get("subprotocol")
+                    .is_some_and(|p| p.starts_with("SPDY/3.1"))
+        }),
+        "kubectl 1.30 with KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false went over SPDY"
+    );
     // kubectl 1.27 ran its execs over SPDY, relayed and recorded like the rest.
     let spdy = commands
         .iter()
