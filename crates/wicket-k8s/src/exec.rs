@@ -182,11 +182,23 @@ pub(crate) struct Stream {
     pub(crate) headers: hyper::HeaderMap,
 }
 
+/// The `Status` failure an exec's error channel (WebSocket channel 3, the
+/// SPDY error stream) carries; kubectl prints its message.
+pub(crate) fn failure_status(reason: &str, message: &str, code: u16) -> String {
+    json!({"metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
+        .to_string()
+}
+
+/// How long a refusal's status goes before the close: kubectl now and then
+/// drops a status that arrives in the same read as the close (its error
+/// stream is torn down before it is decoded) and exits 0 as if the command
+/// had run. kubectl waits for the close, so the pause is what a refusal costs.
+pub(crate) const STATUS_BEFORE_CLOSE: Duration = Duration::from_millis(100);
+
 /// A status frame (channel 3) carrying a `Status` failure.
 fn failure_frame(reason: &str, message: &str, code: u16) -> Frame {
-    let body = json!({"metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code});
     let mut p = vec![3u8];
-    p.extend_from_slice(body.to_string().as_bytes());
+    p.extend_from_slice(failure_status(reason, message, code).as_bytes());
     Frame::binary(p)
 }
 
@@ -207,7 +219,7 @@ impl Stream {
 
     async fn run(self, client: ClientIo) {
         let started = Instant::now();
-        let (mut client_r, mut client_w) = tokio::io::split(client);
+        let (client_r, mut client_w) = tokio::io::split(client);
         // A hold says so on the caller's terminal while it waits.
         let (note_tx, mut note_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let rule_ch = self.tty_channel();
@@ -247,7 +259,7 @@ impl Stream {
             }
         }
         if d.effect != Effect::Allow {
-            self.refuse(&mut client_r, &mut client_w, &d).await;
+            self.refuse(&mut client_w, &d).await;
             return;
         }
         let upstream = match self.connect(Via::WebSocket).await {
@@ -314,28 +326,16 @@ impl Stream {
         );
     }
 
-    /// Refuses the stream: the failure status, then, a moment later, the
-    /// close. kubectl now and then drops a status that arrives in the same
-    /// read as the close (its error stream is torn down before it is
-    /// decoded) and exits 0 as if the command had run; it waits for the
-    /// close, so the pause is what a refusal costs.
-    async fn refuse(
-        &self,
-        r: &mut tokio::io::ReadHalf<ClientIo>,
-        w: &mut tokio::io::WriteHalf<ClientIo>,
-        d: &Decision,
-    ) {
+    /// Refuses the stream: the failure status, then, after
+    /// [`STATUS_BEFORE_CLOSE`], the close.
+    async fn refuse(&self, w: &mut tokio::io::WriteHalf<ClientIo>, d: &Decision) {
         if send(w, &[failure_frame("Forbidden", &denial_message(d), 403)])
             .await
             .is_err()
         {
             return;
         }
-        let mut sink = vec![0u8; 4096];
-        let _ = tokio::time::timeout(Duration::from_millis(100), async {
-            while matches!(r.read(&mut sink).await, Ok(n) if n > 0) {}
-        })
-        .await;
+        tokio::time::sleep(STATUS_BEFORE_CLOSE).await;
         let _ = send(w, &[Frame::close(1000, "")]).await;
     }
 
@@ -526,17 +526,17 @@ impl Stream {
                                         && f.opcode == Opcode::Binary
                                         && matches!(channel, 1 | 2) =>
                                 {
-                                    let emit = carry.take(channel, &d, false);
-                                    if emit.is_empty() {
-                                        continue;
+                                    match carry.take(channel, &d, false) {
+                                        None => Some(d),
+                                        Some(emit) if emit.is_empty() => continue,
+                                        Some(emit) => {
+                                            let mut p = BytesMut::with_capacity(emit.len() + 1);
+                                            p.extend_from_slice(&[channel]);
+                                            p.extend_from_slice(&emit);
+                                            f.payload = p.freeze();
+                                            Some(Bytes::from(emit))
+                                        }
                                     }
-                                    if emit.len() != d.len() || carry.changed() {
-                                        let mut p = BytesMut::with_capacity(emit.len() + 1);
-                                        p.extend_from_slice(&[channel]);
-                                        p.extend_from_slice(&emit);
-                                        f.payload = p.freeze();
-                                    }
-                                    Some(Bytes::from(emit))
                                 }
                                 d => {
                                     // Held output goes before anything else (the status, the close).
@@ -884,9 +884,9 @@ const CARRY_WAIT: (Duration, Duration) = (Duration::from_millis(250), Duration::
 pub(crate) struct Carry {
     on: bool,
     wait: Duration,
+    /// Per channel (stdout, stderr): bytes after the last newline sent.
     held: [Vec<u8>; 2],
     since: Option<tokio::time::Instant>,
-    joined: bool,
 }
 
 impl Carry {
@@ -898,35 +898,41 @@ impl Carry {
             wait: if tty { CARRY_WAIT.0 } else { CARRY_WAIT.1 },
             held: [Vec::new(), Vec::new()],
             since: None,
-            joined: false,
         }
     }
 
     /// What to send now of `data` on `channel` (1 or 2): what was held
-    /// before it, then it, less the incomplete line now held. `end`: the
-    /// channel ends, hold nothing.
-    pub(crate) fn take(&mut self, channel: u8, data: &[u8], end: bool) -> Vec<u8> {
+    /// before it, then it, less the incomplete line now held; `None` when
+    /// that is `data` itself (nothing was held, nothing is), so the frame
+    /// goes as it is. `end`: the channel ends, hold nothing.
+    pub(crate) fn take(&mut self, channel: u8, data: &[u8], end: bool) -> Option<Vec<u8>> {
         let i = usize::from(channel == 2);
+        let before = self.held[i].len();
+        let total = before + data.len();
+        // Held bytes hold no newline: the cut is after the data's last one.
+        let cut = data
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |p| before + p + 1);
+        let hold = self.on
+            && !end
+            && (data.len() >= HOLD_FROM || before > 0)
+            && cut < total
+            && total - cut <= MAX_CARRY;
+        if before == 0 && !hold {
+            return None;
+        }
         let mut out = std::mem::take(&mut self.held[i]);
-        self.joined = !out.is_empty();
         out.extend_from_slice(data);
-        if self.on && !end && (data.len() >= HOLD_FROM || self.joined) {
-            let cut = out.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-            if cut < out.len() && out.len() - cut <= MAX_CARRY {
-                self.held[i] = out.split_off(cut);
-            }
+        if hold {
+            self.held[i] = out.split_off(cut);
         }
         if self.held.iter().all(Vec::is_empty) {
             self.since = None;
         } else if self.since.is_none() {
             self.since = Some(tokio::time::Instant::now());
         }
-        out
-    }
-
-    /// Whether the last [`Carry::take`] prepended held bytes.
-    pub(crate) fn changed(&self) -> bool {
-        self.joined
+        Some(out)
     }
 
     /// Resolves when held output has waited long enough (never when none is held).
@@ -1058,12 +1064,11 @@ mod tests {
         let mut c = Carry::new(true, false);
         let mut first = "x".repeat(1000);
         first.push_str("\nmail carol@exa");
-        let sent = c.take(1, first.as_bytes(), false);
+        let sent = c.take(1, first.as_bytes(), false).unwrap();
         assert_eq!(sent.len(), 1001, "up to and with the newline");
-        assert!(!c.changed());
-        let sent = c.take(1, b"mple.com now\n", false);
+        assert_eq!(sent, first.as_bytes()[..1001], "nothing held before");
+        let sent = c.take(1, b"mple.com now\n", false).unwrap();
         assert_eq!(sent, b"mail carol@example.com now\n");
-        assert!(c.changed());
         assert!(c.flush().is_empty());
     }
 
@@ -1071,25 +1076,25 @@ mod tests {
     fn long_lines_ends_and_unmasked_output_are_not_held() {
         let mut c = Carry::new(true, false);
         // A key's echo or a prompt passes at once.
-        assert_eq!(c.take(1, b"$ ", false), b"$ ");
+        assert_eq!(c.take(1, b"$ ", false), None, "sent as it is");
         // A short frame continuing a held line joins it.
         let mut first = vec![b'x'; HOLD_FROM];
         first.extend_from_slice(b"\n$ ");
-        assert_eq!(c.take(1, &first, false).len(), HOLD_FROM + 1);
-        assert!(c.take(1, b"l", false).is_empty());
-        assert_eq!(c.take(1, b"s\n", false), b"$ ls\n");
+        assert_eq!(c.take(1, &first, false).unwrap().len(), HOLD_FROM + 1);
+        assert!(c.take(1, b"l", false).unwrap().is_empty());
+        assert_eq!(c.take(1, b"s\n", false).unwrap(), b"$ ls\n");
         let blob = vec![7u8; MAX_CARRY + 1];
-        assert_eq!(c.take(2, &blob, false), blob);
+        assert_eq!(c.take(2, &blob, false), None);
         let mut tail = vec![b'a'; 100];
         tail.extend_from_slice(b"\nend");
-        assert_eq!(c.take(1, &tail, true), tail);
+        assert_eq!(c.take(1, &tail, true), None);
         // A line longer than MAX_CARRY is not held.
         let mut long = vec![b'\n'];
         long.extend(vec![b'b'; MAX_CARRY + 1]);
-        assert_eq!(c.take(1, &long, false), long);
+        assert_eq!(c.take(1, &long, false), None);
         // Nothing is held when no masker runs.
         let mut off = Carry::new(false, false);
-        assert_eq!(off.take(1, &tail, false), tail);
+        assert_eq!(off.take(1, &tail, false), None);
     }
 
     #[test]

@@ -43,7 +43,10 @@ use wicket_sidecar::{CallerTrace, LiveSession};
 use wicket_spdy::{Deflater, FLAG_FIN, Frame, Inflater, MAX_LENGTH, kind};
 
 use crate::classify::ApiRequest;
-use crate::exec::{Carry, ClientIo, Halves, Stats, Stream, Via, mask_text, offered};
+use crate::exec::{
+    Carry, ClientIo, Halves, STATUS_BEFORE_CLOSE, Stats, Stream, Via, failure_status, mask_text,
+    offered,
+};
 use crate::gate::{Body, KubeGate, denial_message, forbidden, forwardable, status};
 
 /// The channel number (as in the WebSocket channel protocol) of a stream's
@@ -311,11 +314,25 @@ impl Opening {
 
     /// The stream carrying `channel`, once the client opened it.
     fn stream_of(&self, channel: u8) -> Option<u32> {
-        self.streams
-            .iter()
-            .find(|(_, c)| **c == channel)
-            .map(|(id, _)| *id)
+        stream_of(&self.streams, channel)
     }
+}
+
+/// The stream carrying `channel` in a map of stream id → channel.
+fn stream_of(streams: &HashMap<u32, u8>, channel: u8) -> Option<u32> {
+    streams
+        .iter()
+        .find(|(_, c)| **c == channel)
+        .map(|(id, _)| *id)
+}
+
+/// The last frame of the error stream `sid`: a `Status` failure.
+fn failure(sid: u32, reason: &str, message: &str, code: u16) -> Frame {
+    Frame::data(
+        sid,
+        FLAG_FIN,
+        failure_status(reason, message, code).as_bytes(),
+    )
 }
 
 /// What the gate did on the client's side before the relay.
@@ -340,11 +357,7 @@ struct Shared {
 impl Shared {
     /// The stream carrying `channel`.
     fn stream_of(&self, channel: u8) -> Option<u32> {
-        let streams = self.streams.lock().expect("streams");
-        streams
-            .iter()
-            .find(|(_, c)| **c == channel)
-            .map(|(id, _)| *id)
+        stream_of(&self.streams.lock().expect("streams"), channel)
     }
 
     fn channel(&self, stream: Option<u32>) -> Option<u8> {
@@ -354,7 +367,8 @@ impl Shared {
 }
 
 /// Writes a `Status` to the client on the error stream, half-closes the
-/// output streams, and closes the connection (kubectl prints the status).
+/// output streams, and closes the connection after [`STATUS_BEFORE_CLOSE`]
+/// (kubectl prints the status).
 async fn fail(
     o: &Opening,
     w: &mut tokio::io::WriteHalf<ClientIo>,
@@ -364,9 +378,7 @@ async fn fail(
 ) {
     let mut out = BytesMut::new();
     if let Some(sid) = o.stream_of(3) {
-        let body = serde_json::json!({"metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code});
-        out.extend_from_slice(Frame::data(sid, FLAG_FIN, body.to_string().as_bytes()).raw());
+        out.extend_from_slice(failure(sid, reason, message, code).raw());
     }
     for ch in [1, 2] {
         if let Some(sid) = o.stream_of(ch) {
@@ -375,8 +387,7 @@ async fn fail(
     }
     let _ = w.write_all(&out).await;
     let _ = w.flush().await;
-    // As over WebSocket: kubectl may drop a status read together with the close.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(STATUS_BEFORE_CLOSE).await;
     let _ = w.shutdown().await;
 }
 
@@ -584,8 +595,14 @@ impl Stream {
             }
         };
         // What the API server sent on a channel, on its way to the client:
-        // recorded, masked (text output), framed again.
-        let emit = |ch: u8, sid: u32, flags: u8, raw: Bytes, out: &mut BytesMut| {
+        // recorded, masked (text output), and framed again unless it is
+        // `original`'s data unchanged.
+        let emit = |ch: u8,
+                    sid: u32,
+                    flags: u8,
+                    raw: Bytes,
+                    original: Option<&Frame>,
+                    out: &mut BytesMut| {
             let masked = match (&masker, ch) {
                 (Some(m), 1 | 2) => mask_text(m, &raw),
                 _ => None,
@@ -603,6 +620,10 @@ impl Stream {
                 // is complete before kubectl sees it.
                 self.flush_recording(&shared.recorder, true);
             }
+            if let (None, Some(f)) = (&masked, original) {
+                out.extend_from_slice(f.raw());
+                return;
+            }
             let data = masked.as_ref().map(|(t, _)| t.as_bytes()).unwrap_or(&raw);
             let mut chunks = data.chunks(MAX_LENGTH).peekable();
             if chunks.peek().is_none() {
@@ -617,7 +638,7 @@ impl Stream {
         let flush = |carry: &mut Carry, out: &mut BytesMut| {
             for (ch, data) in carry.flush() {
                 if let Some(sid) = shared.stream_of(ch) {
-                    emit(ch, sid, 0, Bytes::from(data), out);
+                    emit(ch, sid, 0, Bytes::from(data), None, out);
                 }
             }
         };
@@ -640,16 +661,17 @@ impl Stream {
                     };
                     let sid = f.stream().unwrap_or_default();
                     match ch {
-                        Some(ch @ (1 | 2)) => {
-                            let data = carry.take(ch, f.body(), f.fin());
-                            if !data.is_empty() || f.fin() {
-                                emit(ch, sid, f.flags(), Bytes::from(data), &mut out);
+                        Some(ch @ (1 | 2)) => match carry.take(ch, f.body(), f.fin()) {
+                            None => emit(ch, sid, f.flags(), f.body_bytes(), Some(&f), &mut out),
+                            Some(data) if !data.is_empty() || f.fin() => {
+                                emit(ch, sid, f.flags(), Bytes::from(data), None, &mut out)
                             }
-                        }
+                            Some(_) => {}
+                        },
                         Some(ch) => {
                             // Held output goes before the exit status.
                             flush(&mut carry, &mut out);
-                            emit(ch, sid, f.flags(), f.body_bytes(), &mut out);
+                            emit(ch, sid, f.flags(), f.body_bytes(), Some(&f), &mut out);
                         }
                         None => {
                             // Pings and replies pass held output by; what
@@ -708,9 +730,7 @@ impl Stream {
         if let Some(note) = end_note {
             // The error stream carries why, as a Status kubectl prints.
             if let Some(sid) = shared.stream_of(3) {
-                let body = serde_json::json!({"metadata": {}, "status": "Failure",
-                    "message": format!("wicket: {note}"), "reason": "Forbidden", "code": 403});
-                let f = Frame::data(sid, FLAG_FIN, body.to_string().as_bytes());
+                let f = failure(sid, "Forbidden", &format!("wicket: {note}"), 403);
                 let _ = client_w.write_all(f.raw()).await;
                 let _ = client_w.flush().await;
             }
