@@ -80,6 +80,17 @@ fn human(ks: &KubeStack, name: &str, groups: &[&str]) -> String {
 }
 
 /// Runs a blocking kubectl off the runtime's threads.
+/// Runs `cmd` with `input` on its stdin (then closed); its output.
+fn with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
         .await
@@ -124,19 +135,10 @@ async fn kubectl_verbs_work_through_the_gate() {
         assert!(out.contains("aHVudGVyMi12ZXJ5LXNlY3JldA=="), "{v}: {out}");
         let out = ok(k(&ops_cfg).args(["exec", "web-0", "--", "echo", "hello from the pod"]));
         assert_eq!(out, "hello from the pod\n", "{v}");
-        let mut child = k(&ops_cfg)
-            .args(["exec", "-i", "web-0", "--", "cat"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"line one\nmail bob@example.org\n")
-            .unwrap();
-        let o = child.wait_with_output().unwrap();
+        let o = with_stdin(
+            k(&ops_cfg).args(["exec", "-i", "web-0", "--", "cat"]),
+            b"line one\nmail bob@example.org\n",
+        );
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(o.status.success(), "{v}: exec -i failed");
         assert!(
@@ -230,21 +232,12 @@ async fn kubectl_verbs_work_through_the_gate() {
             .any(|e| e.details.get("impersonate_user").map(String::as_str) == Some("olivia"))
     );
     // kubectl 1.30 told to use SPDY (it speaks both) goes the same way.
-    let mut child = ks
-        .kubectl("1.30", &ops_cfg)
-        .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
-        .args(["exec", "-i", "web-0", "--", "cat", "-u"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"spdy from 1.30\nmail erin@example.net\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = with_stdin(
+        ks.kubectl("1.30", &ops_cfg)
+            .env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+            .args(["exec", "-i", "web-0", "--", "cat", "-u"]),
+        b"spdy from 1.30\nmail erin@example.net\n",
+    );
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "1.30 over SPDY failed");
     assert!(

@@ -226,12 +226,7 @@ impl DemoApp {
                 }
             }
             (Method::POST, ["api", "customers"]) => {
-                let body = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
+                let body = crate::body_bytes(req).await;
                 full(StatusCode::CREATED, "application/json", body)
             }
             (Method::DELETE, ["api", "customers", _]) => Response::builder()
@@ -239,12 +234,7 @@ impl DemoApp {
                 .body(Full::new(Bytes::new()).map_err(|n| match n {}).boxed())
                 .expect("response"),
             (Method::POST, ["graphql"]) => {
-                let body = req
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
+                let body = crate::body_bytes(req).await;
                 let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 full(
                     StatusCode::OK,

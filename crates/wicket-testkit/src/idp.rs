@@ -8,7 +8,7 @@ use std::time::Duration;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -258,12 +258,7 @@ impl TestIdp {
                 s.split_once(':')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
             });
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = crate::body_bytes(req).await;
         let mut form: HashMap<String, String> =
             url::form_urlencoded::parse(&body).into_owned().collect();
         if let Some((id, secret)) = basic {

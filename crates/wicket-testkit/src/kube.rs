@@ -562,11 +562,7 @@ impl State {
                 })
                 .collect(),
             accept: get("accept").unwrap_or_default(),
-            command: qs
-                .iter()
-                .filter(|(k, _)| k == "command")
-                .map(|(_, v)| v.clone())
-                .collect(),
+            command: command_params(&qs),
         };
         let authorized = get("authorization")
             .is_some_and(|a| a.strip_prefix("Bearer ").is_some_and(|t| t == self.token));
@@ -906,14 +902,7 @@ impl State {
         let accept = ws_accept(key.as_bytes());
         let tty = truthy(q(qs, "tty"));
         let stdin = truthy(q(qs, "stdin"));
-        let command: Vec<String> = if sub == "attach" {
-            vec!["cat".into()]
-        } else {
-            qs.iter()
-                .filter(|(k, _)| k == "command")
-                .map(|(_, v)| v.clone())
-                .collect()
-        };
+        let command = exec_command(sub, qs);
         let dir = self.root.join(ns).join(name);
         let v5 = proto.starts_with("v5");
         let forward = sub == "portforward";
@@ -973,14 +962,7 @@ impl State {
         }
         let exec = crate::spdy::ExecRequest {
             dir: self.root.join(ns).join(name),
-            command: if sub == "attach" {
-                vec!["cat".into()]
-            } else {
-                qs.iter()
-                    .filter(|(k, _)| k == "command")
-                    .map(|(_, v)| v.clone())
-                    .collect()
-            },
+            command: exec_command(sub, qs),
             tty: truthy(q(qs, "tty")),
             stdin: truthy(q(qs, "stdin")),
             stdout: truthy(q(qs, "stdout")),
@@ -1007,6 +989,22 @@ impl State {
             ))
             .expect("response")
     }
+}
+
+/// The `command` query parameters, in order.
+fn command_params(qs: &[(String, String)]) -> Vec<String> {
+    qs.iter()
+        .filter(|(k, _)| k == "command")
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// What an exec runs; attach runs `cat`.
+fn exec_command(sub: &str, qs: &[(String, String)]) -> Vec<String> {
+    if sub == "attach" {
+        return vec!["cat".into()];
+    }
+    command_params(qs)
 }
 
 /// The protocols a client offers in header `name` (comma-separated).

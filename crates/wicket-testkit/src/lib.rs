@@ -19,6 +19,17 @@ pub fn init_crypto() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+/// A request's whole body (empty when it breaks off: the fakes answer what
+/// they got).
+pub(crate) async fn body_bytes(req: hyper::Request<hyper::body::Incoming>) -> bytes::Bytes {
+    use http_body_util::BodyExt as _;
+    req.into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default()
+}
+
 /// The value after `name` on the command line (`--listen ADDR`), for the
 /// small helper binaries.
 pub fn arg(name: &str) -> Option<String> {
