@@ -237,19 +237,8 @@ pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
 
 /// Appends `frame` to `out`, masked with `mask` when the sender is a client.
 pub fn encode(frame: &Frame, mask: Option<[u8; 4]>, out: &mut BytesMut) {
-    let len = frame.payload.len();
-    out.reserve(len + 14);
-    out.put_u8(if frame.fin { 0x80 } else { 0 } | frame.opcode.as_u8());
-    let m = if mask.is_some() { 0x80 } else { 0 };
-    if len < 126 {
-        out.put_u8(m | len as u8);
-    } else if len <= 0xffff {
-        out.put_u8(m | 126);
-        out.put_u16(len as u16);
-    } else {
-        out.put_u8(m | 127);
-        out.put_u64(len as u64);
-    }
+    out.reserve(frame.payload.len() + 14);
+    put_header(frame, mask.is_some(), out);
     match mask {
         Some(k) => {
             out.put_slice(&k);
@@ -258,6 +247,29 @@ pub fn encode(frame: &Frame, mask: Option<[u8; 4]>, out: &mut BytesMut) {
             apply_mask(&mut out[start..], k);
         }
         None => out.put_slice(&frame.payload),
+    }
+}
+
+/// Appends the header of an unmasked `frame` (a server's) to `out`, for a
+/// writer that sends the payload from where it is (a vectored write)
+/// instead of copying it behind the header as [`encode`] does.
+pub fn encode_header(frame: &Frame, out: &mut BytesMut) {
+    put_header(frame, false, out);
+}
+
+/// The first two bytes and the extended length of `frame`'s header.
+fn put_header(frame: &Frame, masked: bool, out: &mut BytesMut) {
+    let len = frame.payload.len();
+    out.put_u8(if frame.fin { 0x80 } else { 0 } | frame.opcode.as_u8());
+    let m = if masked { 0x80 } else { 0 };
+    if len < 126 {
+        out.put_u8(m | len as u8);
+    } else if len <= 0xffff {
+        out.put_u8(m | 126);
+        out.put_u16(len as u16);
+    } else {
+        out.put_u8(m | 127);
+        out.put_u64(len as u64);
     }
 }
 
