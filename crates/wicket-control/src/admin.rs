@@ -448,7 +448,7 @@ impl SessionAdminService for AdminApi {
             )));
         }
         tracing::info!(session = %r.id, by = who.label(), "session terminated");
-        self.control.notify();
+        self.control.bundle_changed().await;
         Ok(Response::new(v1::TerminateSessionResponse {
             session: Some(session(&s)),
         }))
@@ -480,7 +480,7 @@ impl PrincipalAdminService for AdminApi {
         };
         self.control.store.revoke(&rev).await.map_err(storage)?;
         tracing::info!(subject = %rev.subject, by = who.label(), "principal revoked");
-        self.control.notify();
+        self.control.bundle_changed().await;
         Ok(Response::new(revocation(&rev)))
     }
 

@@ -242,7 +242,7 @@ impl ApprovalGateService for SidecarApi {
             .map_err(storage)?;
         if stored.id == approval.id {
             tracing::info!(approval = %stored.id, connection = %r.connection, rule = %stored.request.decision.rule, "approval requested");
-            self.control.publish_approval(&stored);
+            self.control.approval_changed(&stored).await;
         }
         let (tx, rx) = mpsc::channel(8);
         let control = self.control.clone();

@@ -1,5 +1,6 @@
 //! Shared state of the control service: the compiled policy, change
-//! notification for bundle watchers, and approval fan-out.
+//! notification for bundle watchers, approval fan-out, and the news other
+//! replicas on the same database announce.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -11,7 +12,7 @@ use wicket_core::{Approval, Principal, Vote};
 use wicket_policy::{Policy, PolicyErrors};
 use wicket_proto::convert;
 use wicket_proto::v1;
-use wicket_store::{Store, StoreError};
+use wicket_store::{Change, Store, StoreError};
 
 use crate::auth::Authenticator;
 
@@ -145,7 +146,7 @@ impl Control {
                 document: document.to_string(),
             }));
             tracing::info!(version = version.version, sha256 = %sha, by = applied_by, "policy applied");
-            self.notify();
+            self.bundle_changed().await;
         }
         Ok(Ok((version.version, sha, changed)))
     }
@@ -167,9 +168,78 @@ impl Control {
         self.approvals.subscribe()
     }
 
-    /// Publishes an approval change.
+    /// Publishes an approval change to this replica's waiters.
     pub fn publish_approval(&self, a: &Approval) {
         let _ = self.approvals.send(a.clone());
+    }
+
+    /// An approval this replica created or changed: its own waiters hear
+    /// now, the other replicas' through the store's change feed.
+    pub async fn approval_changed(&self, a: &Approval) {
+        self.publish_approval(a);
+        self.announce(Change::Approval(a.id.clone())).await;
+    }
+
+    /// Something bundles carry changed here (policy, revocations,
+    /// terminations): this replica's bundle watchers and the others' hear.
+    pub async fn bundle_changed(&self) {
+        self.notify();
+        self.announce(Change::Bundle).await;
+    }
+
+    /// Announces a change to the other replicas. A failure is logged, not
+    /// returned: the change is stored, and the others pick it up at their
+    /// next poll.
+    async fn announce(&self, change: Change) {
+        if let Err(e) = self.store.announce(&change).await {
+            tracing::warn!(error = %e, ?change, "could not announce a change to other replicas");
+        }
+    }
+
+    /// Follows the changes other replicas announce, for as long as the
+    /// service runs (returns at once where the store has no feed).
+    pub async fn follow_replicas(self: Arc<Self>) {
+        let mut feed = loop {
+            match self.store.follow().await {
+                Ok(Some(feed)) => break feed,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot follow other replicas yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        };
+        tracing::info!("following changes announced by other replicas");
+        while let Some(change) = feed.recv().await {
+            match change {
+                Change::Approval(id) => match self.store.get_approval(&id).await {
+                    Ok(Some(a)) => self.publish_approval(&a),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot read an announced approval"),
+                },
+                Change::Bundle => self.resync_bundles().await,
+                Change::Resync => {
+                    self.resync_bundles().await;
+                    if let Ok(pending) = self
+                        .store
+                        .list_approvals(Some(wicket_core::ApprovalState::Pending), 1000)
+                        .await
+                    {
+                        for a in &pending {
+                            self.publish_approval(a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Picks up another replica's policy, revocations and terminations.
+    async fn resync_bundles(&self) {
+        if let Err(e) = self.reload_policy().await {
+            tracing::warn!(error = %e, "policy reload failed");
+        }
+        self.notify();
     }
 
     /// The bundle for one connection, as of now.
@@ -236,7 +306,7 @@ impl Control {
             let result = a.cast(vote, now);
             if a.state == wicket_core::ApprovalState::Expired || result.is_ok() {
                 match self.store.update_approval(&mut a).await {
-                    Ok(()) => self.publish_approval(&a),
+                    Ok(()) => self.approval_changed(&a).await,
                     Err(StoreError::Conflict) => continue,
                     Err(e) => return Err(storage(e)),
                 }
@@ -269,7 +339,7 @@ impl Control {
             }
             match self.store.update_approval(&mut a).await {
                 Ok(()) => {
-                    self.publish_approval(&a);
+                    self.approval_changed(&a).await;
                     return Ok(Some(a));
                 }
                 Err(StoreError::Conflict) => continue,

@@ -65,8 +65,12 @@ fn with_token<T>(msg: T, token: &str) -> Request<T> {
 }
 
 async fn start_with(database_url: Option<String>) -> Harness {
+    start_replica(TestIdp::start("wicket").await, database_url).await
+}
+
+/// A control service trusting `idp` (replicas of one deployment share it).
+async fn start_replica(idp: TestIdp, database_url: Option<String>) -> Harness {
     wicket_testkit::init_crypto();
-    let idp = TestIdp::start("wicket").await;
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -725,16 +729,7 @@ async fn self_approval_is_refused() {
 
 #[tokio::test]
 async fn runs_on_postgres_too() {
-    let admin = wicket_testkit::env::postgres_url();
-    use sqlx::Connection as _;
-    let name = format!("control_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let url = wicket_testkit::env::postgres_database_url(&name);
-    let h = start_with(Some(url)).await;
+    let h = start_with(Some(postgres_database().await)).await;
     assert_eq!(h.apply(POLICY).await.version, 1);
     let token = h.sidecar_token(&["orders-db"]).await;
     let mut stream = BundleServiceClient::new(h.channel.clone())
@@ -750,6 +745,143 @@ async fn runs_on_postgres_too() {
         .unwrap()
         .into_inner();
     assert!(stream.next().await.unwrap().is_ok());
+}
+
+/// A fresh PostgreSQL database for one test.
+async fn postgres_database() -> String {
+    use sqlx::Connection as _;
+    let name = format!("control_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&wicket_testkit::env::postgres_url())
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    wicket_testkit::env::postgres_database_url(&name)
+}
+
+/// Two replicas on one PostgreSQL: a decision taken on one reaches the
+/// sidecar waiting on the other, and a policy applied on one reaches the
+/// other's bundle watchers, both well inside the replicas' 5 s poll (so by
+/// the LISTEN/NOTIFY feed).
+#[tokio::test]
+async fn two_replicas_on_postgres_share_approvals_and_policy() {
+    let url = postgres_database().await;
+    let a = start_with(Some(url.clone())).await;
+    let b = start_replica(a.idp.clone(), Some(url)).await;
+    a.apply(POLICY).await;
+    let token = a.sidecar_token(&["orders-db"]).await;
+
+    // The sidecar waits on A; the approver answers on B.
+    let request = |rid: &str| {
+        with_token(
+            v1::ApprovalRequest {
+                request_id: rid.into(),
+                session_id: "sess-r".into(),
+                connection: "orders-db".into(),
+                principal: Some(principal("bot-1")),
+                command: Some(command("delete")),
+                decision: Some(v1::DecisionInfo {
+                    effect: v1::Effect::Review as i32,
+                    rule: "writes".into(),
+                    reason: String::new(),
+                    review: Some(v1::ReviewSpec {
+                        approver_groups: vec!["dba-leads".into()],
+                        quorum: 1,
+                        one_per_group: false,
+                        timeout_seconds: 60,
+                    }),
+                }),
+                reasoning: None,
+            },
+            &token,
+        )
+    };
+    let approver = a.idp.mint(&TokenSpec::human(
+        "lead",
+        &["wicket-approvers", "dba-leads"],
+    ));
+    let mut on_b = ApprovalAdminServiceClient::new(b.channel.clone());
+    for (rid, approve) in [("r-approve", true), ("r-deny", false)] {
+        let mut waiting = ApprovalGateServiceClient::new(a.channel.clone())
+            .request_approval(request(rid))
+            .await
+            .unwrap()
+            .into_inner();
+        let pending = waiting.next().await.unwrap().unwrap();
+        assert_eq!(pending.state, v1::ApprovalState::Pending as i32);
+        let decide = v1::DecideRequest {
+            id: pending.approval_id.clone(),
+            comment: "checked the ticket".into(),
+        };
+        let t0 = std::time::Instant::now();
+        if approve {
+            on_b.approve(with_token(decide, &approver)).await.unwrap();
+        } else {
+            on_b.deny(with_token(decide, &approver)).await.unwrap();
+        }
+        let decided = tokio::time::timeout(Duration::from_secs(3), waiting.next())
+            .await
+            .expect("the decision reaches the other replica's sidecar")
+            .unwrap()
+            .unwrap();
+        let latency = t0.elapsed();
+        let want = if approve {
+            v1::ApprovalState::Approved
+        } else {
+            v1::ApprovalState::Denied
+        };
+        assert_eq!(decided.state, want as i32);
+        assert_eq!(decided.votes[0].comment, "checked the ticket");
+        assert!(
+            latency < Duration::from_secs(1),
+            "cross-replica decision took {latency:?} (the poll is 5 s)"
+        );
+    }
+
+    // A bundle watcher on A sees the policy B applies, and a revocation B records.
+    let mut bundles = BundleServiceClient::new(a.channel.clone())
+        .watch_bundle(with_token(
+            v1::WatchBundleRequest {
+                connection: "orders-db".into(),
+                known_version: 0,
+                instance: String::new(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = bundles.next().await.unwrap().unwrap();
+    let changed = POLICY.replace("timeout: 2s", "timeout: 3s");
+    let t0 = std::time::Instant::now();
+    assert_eq!(b.apply(&changed).await.version, 2);
+    let next = tokio::time::timeout(Duration::from_secs(3), bundles.next())
+        .await
+        .expect("B's policy reaches A's watcher")
+        .unwrap()
+        .unwrap();
+    assert_ne!(next.policy_sha256, first.policy_sha256);
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    PrincipalAdminServiceClient::new(b.channel.clone())
+        .revoke_principal(with_token(
+            v1::RevokePrincipalRequest {
+                issuer: "https://idp".into(),
+                subject: "bot-1".into(),
+                reason: "left".into(),
+                duration_seconds: 0,
+            },
+            &b.admin,
+        ))
+        .await
+        .unwrap();
+    let revoked = tokio::time::timeout(Duration::from_secs(3), bundles.next())
+        .await
+        .expect("B's revocation reaches A's watcher")
+        .unwrap()
+        .unwrap();
+    assert!(revoked.revocations.iter().any(|r| r.subject == "bot-1"));
 }
 
 #[tokio::test]

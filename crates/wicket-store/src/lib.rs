@@ -118,6 +118,29 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the database answers.
     async fn ping(&self) -> Result<()>;
+
+    /// Tells the other replicas on this database about `change`
+    /// (PostgreSQL `NOTIFY`; nothing to tell on SQLite, which one replica
+    /// serves).
+    async fn announce(&self, change: &Change) -> Result<()>;
+    /// The changes other replicas announce, as they come (PostgreSQL
+    /// `LISTEN`, reconnecting by itself); `None` where the backend has no
+    /// such feed.
+    async fn follow(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Change>>>;
+}
+
+/// A change one control replica announces to the others sharing its
+/// database, so that what they serve (waiting sidecars, bundle watchers,
+/// consoles) follows within milliseconds rather than at their next poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// An approval was created or changed (votes, decision, expiry).
+    Approval(String),
+    /// Something sidecar bundles carry changed: the policy, revocations,
+    /// terminated sessions.
+    Bundle,
+    /// The feed was interrupted: anything may have changed meanwhile.
+    Resync,
 }
 
 /// Opens the store at `url` (`sqlite:PATH`, `sqlite::memory:`, `postgres://…`)

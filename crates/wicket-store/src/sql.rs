@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::Row;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -14,7 +14,7 @@ use wicket_core::{Approval, ApprovalState, AuditEvent, AuditKind, ReasoningTrace
 
 use crate::migrate;
 use crate::model::*;
-use crate::{Result, Store, StoreError};
+use crate::{Change, Result, Store, StoreError};
 
 enum Pool {
     Sqlite(SqlitePool),
@@ -24,6 +24,35 @@ enum Pool {
 /// A [`Store`] over SQLite or PostgreSQL.
 pub struct SqlStore {
     pool: Pool,
+    /// This replica's name in the change feed, so it skips its own news.
+    origin: String,
+}
+
+/// The PostgreSQL channel replicas announce changes on.
+const CHANNEL: &str = "wicket_changes";
+
+/// A change as it goes over `NOTIFY`: `ORIGIN approval ID` or `ORIGIN bundle`.
+fn change_payload(origin: &str, change: &Change) -> String {
+    match change {
+        Change::Approval(id) => format!("{origin} approval {id}"),
+        Change::Bundle => format!("{origin} bundle"),
+        Change::Resync => format!("{origin} resync"),
+    }
+}
+
+/// A change another replica announced; `None` for our own, and for
+/// anything unknown (a newer replica's kind of news).
+fn parse_change(origin: &str, payload: &str) -> Option<Change> {
+    let mut parts = payload.split(' ');
+    if parts.next()? == origin {
+        return None;
+    }
+    match (parts.next()?, parts.next(), parts.next()) {
+        ("approval", Some(id), None) if !id.is_empty() => Some(Change::Approval(id.to_string())),
+        ("bundle", None, None) => Some(Change::Bundle),
+        ("resync", None, None) => Some(Change::Resync),
+        _ => None,
+    }
 }
 
 /// Runs `$body` with `$p` bound to whichever pool this store has. The body is
@@ -145,7 +174,10 @@ impl SqlStore {
         } else {
             return Err(StoreError::UnsupportedUrl);
         };
-        let store = SqlStore { pool };
+        let store = SqlStore {
+            pool,
+            origin: uuid::Uuid::new_v4().simple().to_string(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -707,5 +739,93 @@ impl Store for SqlStore {
             sqlx::query("SELECT 1").execute(p).await?;
             Ok(())
         })
+    }
+
+    async fn announce(&self, change: &Change) -> Result<()> {
+        let Pool::Postgres(p) = &self.pool else {
+            return Ok(());
+        };
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(change_payload(&self.origin, change))
+            .execute(p)
+            .await?;
+        Ok(())
+    }
+
+    async fn follow(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Change>>> {
+        let Pool::Postgres(p) = &self.pool else {
+            return Ok(None);
+        };
+        let mut listener = PgListener::connect_with(p).await?;
+        listener.listen(CHANNEL).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let origin = self.origin.clone();
+        tokio::spawn(async move {
+            // Whether news may have been missed since the last delivery.
+            let mut lost = false;
+            loop {
+                let next = tokio::select! {
+                    n = listener.try_recv() => n,
+                    _ = tx.closed() => return,
+                };
+                match next {
+                    Ok(Some(n)) => {
+                        if std::mem::take(&mut lost) && tx.send(Change::Resync).await.is_err() {
+                            return;
+                        }
+                        if let Some(c) = parse_change(&origin, n.payload())
+                            && tx.send(c).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    // The connection dropped; the next call reconnects and
+                    // listens again, but whatever was sent meanwhile is gone.
+                    Ok(None) => {
+                        tracing::warn!("change feed connection lost; reconnecting");
+                        if tx.send(Change::Resync).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        if !lost {
+                            tracing::warn!(error = %e, "change feed unavailable; retrying");
+                        }
+                        lost = true;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+}
+
+#[cfg(test)]
+mod change_tests {
+    use super::*;
+
+    #[test]
+    fn changes_round_trip_and_our_own_are_skipped() {
+        for c in [
+            Change::Approval("0193-ab".into()),
+            Change::Bundle,
+            Change::Resync,
+        ] {
+            let wire = change_payload("me", &c);
+            assert_eq!(parse_change("other", &wire), Some(c));
+            assert_eq!(parse_change("me", &wire), None, "our own news");
+        }
+        for junk in [
+            "",
+            "x",
+            "x approval",
+            "x approval a b",
+            "x nonsense",
+            "x bundle extra",
+        ] {
+            assert_eq!(parse_change("me", junk), None, "{junk:?}");
+        }
     }
 }
