@@ -139,7 +139,8 @@ fn bench(args: &[String]) -> Result<(), String> {
         bench(&["pg-mask".to_string()])?;
         bench(&["ssh".to_string()])?;
         bench(&["k8s".to_string()])?;
-        return bench(&["http".to_string()]);
+        bench(&["http".to_string()])?;
+        return bench(&["approvals".to_string()]);
     }
     match which {
         "policy" => {
@@ -178,8 +179,20 @@ fn bench(args: &[String]) -> Result<(), String> {
             );
             bench_http::http()
         }
+        "approvals" => {
+            util::step(
+                "approvals: decision to waiting sidecar over 1,000 approvals, on SQLite, on PostgreSQL and across two replicas; target <= 100 ms",
+            );
+            let pg = peers::Postgres::start(0)?;
+            pg.psql("postgres", "CREATE DATABASE approvals")?;
+            util::run(
+                "cargo",
+                &["bench", "-p", "wicket-control", "--bench", "approvals"],
+                &[("WICKET_BENCH_PG_URL".into(), pg.url("approvals"))],
+            )
+        }
         other => Err(format!(
-            "unknown benchmark `{other}` (available: policy, mask, pg, pg-mask, ssh, k8s, http)"
+            "unknown benchmark `{other}` (available: policy, mask, pg, pg-mask, ssh, k8s, http, approvals)"
         )),
     }
 }
