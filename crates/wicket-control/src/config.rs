@@ -80,12 +80,49 @@ pub struct Config {
     #[arg(long, env = "WICKET_SSH_CERT_MAX_SECONDS", default_value_t = 8 * 3600)]
     pub ssh_cert_max_seconds: u64,
 
+    /// Generic approval webhook: JSON POSTed on each approval request,
+    /// decision and expiry, signed with HMAC-SHA256 (`Wicket-Signature`).
+    #[arg(long, env = "WICKET_WEBHOOK_URL", requires = "webhook_secret_file")]
+    pub webhook_url: Option<String>,
+
+    /// File holding the generic webhook's HMAC key (surrounding whitespace
+    /// is trimmed).
+    #[arg(long, env = "WICKET_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+
+    /// Slack-compatible incoming-webhook URL for approval messages. The URL
+    /// is a secret: prefer the environment variable to the flag.
+    #[arg(long, env = "WICKET_SLACK_WEBHOOK_URL", hide_env_values = true)]
+    pub slack_webhook_url: Option<String>,
+
+    /// Base URL of the web console, for links in notifications.
+    #[arg(long, env = "WICKET_CONSOLE_URL")]
+    pub console_url: Option<String>,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 }
 
 impl Config {
+    /// Where approval notifications go, with the webhook secret read.
+    pub fn notifications(&self) -> Result<crate::notify::NotifyConfig, String> {
+        let webhook_secret = match &self.webhook_secret_file {
+            Some(path) => {
+                let s = std::fs::read(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                Some(s.trim_ascii().to_vec())
+            }
+            None => None,
+        };
+        Ok(crate::notify::NotifyConfig {
+            webhook_url: self.webhook_url.clone(),
+            webhook_secret,
+            slack_url: self.slack_webhook_url.clone(),
+            console_url: self.console_url.clone(),
+        })
+    }
+
     /// The defaults every flag has, with the given issuer, database and
     /// listen address (for embedding the service, e.g. in tests).
     pub fn defaults(oidc_issuer: &str, database_url: &str, listen: SocketAddr) -> Config {

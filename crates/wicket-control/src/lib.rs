@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod notify;
 pub mod sidecar;
 pub mod ssh_ca;
 pub mod state;
@@ -62,7 +63,9 @@ pub async fn run(
     };
     let authn = auth::Authenticator::new(validator, roles, store.clone());
     let ssh_ca = ssh_ca::SshCa::load(store.as_ref(), cfg.ssh_ca_key_file.as_deref()).await?;
-    let control = state::Control::new(store, authn, ssh_ca, cfg.ssh_cert_max_seconds).await?;
+    let notifier = notify::Notifier::start(cfg.notifications()?)?;
+    let control =
+        state::Control::new(store, authn, ssh_ca, cfg.ssh_cert_max_seconds, notifier).await?;
     if let Some(path) = &cfg.policy_file {
         let doc = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read policy file {}: {e}", path.display()))?;

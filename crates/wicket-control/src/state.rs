@@ -39,6 +39,7 @@ pub struct Control {
     pub ssh_ca: crate::ssh_ca::SshCa,
     /// Longest SSH certificate lifetime, in seconds.
     pub ssh_cert_max_seconds: u64,
+    notifier: crate::notify::Notifier,
 }
 
 /// A policy connection on the wire.
@@ -76,6 +77,7 @@ impl Control {
         auth: Authenticator,
         ssh_ca: crate::ssh_ca::SshCa,
         ssh_cert_max_seconds: u64,
+        notifier: crate::notify::Notifier,
     ) -> Result<Arc<Control>, String> {
         let (changes, _) = watch::channel(Utc::now().timestamp_millis() as u64);
         let (approvals, _) = broadcast::channel(1024);
@@ -87,6 +89,7 @@ impl Control {
             approvals,
             ssh_ca,
             ssh_cert_max_seconds,
+            notifier,
         });
         control.reload_policy().await?;
         Ok(control)
@@ -174,9 +177,11 @@ impl Control {
     }
 
     /// An approval this replica created or changed: its own waiters hear
-    /// now, the other replicas' through the store's change feed.
+    /// now, the other replicas' through the store's change feed, and
+    /// approvers through the notification hooks (queued, never waited on).
     pub async fn approval_changed(&self, a: &Approval) {
         self.publish_approval(a);
+        self.notifier.approval(a);
         self.announce(Change::Approval(a.id.clone())).await;
     }
 

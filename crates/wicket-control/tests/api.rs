@@ -70,11 +70,20 @@ async fn start_with(database_url: Option<String>) -> Harness {
 
 /// A control service trusting `idp` (replicas of one deployment share it).
 async fn start_replica(idp: TestIdp, database_url: Option<String>) -> Harness {
+    start_tuned(idp, database_url, |_| {}).await
+}
+
+/// As [`start_replica`], with settings changed by `tune`.
+async fn start_tuned(
+    idp: TestIdp,
+    database_url: Option<String>,
+    tune: impl FnOnce(&mut wicket_control::Config),
+) -> Harness {
     wicket_testkit::init_crypto();
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cfg = wicket_control::Config {
+    let mut cfg = wicket_control::Config {
         max_message_bytes: 256 * 1024,
         agent_rules: vec!["client-credentials".into()],
         ..wicket_control::Config::defaults(
@@ -84,6 +93,7 @@ async fn start_replica(idp: TestIdp, database_url: Option<String>) -> Harness {
             addr,
         )
     };
+    tune(&mut cfg);
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         wicket_control::run(cfg, listener, async {
@@ -576,30 +586,7 @@ async fn sidecars_watch_bundles_report_events_and_wait_for_approvals() {
     assert_eq!(b4.terminated_sessions, ["sess-1"]);
 
     // Approval: requested by the sidecar, self-approval refused, approved by an approver.
-    let approve_req = |rid: &str| {
-        with_token(
-            v1::ApprovalRequest {
-                request_id: rid.into(),
-                session_id: "sess-1".into(),
-                connection: "orders-db".into(),
-                principal: Some(principal("bot-1")),
-                command: Some(command("update")),
-                decision: Some(v1::DecisionInfo {
-                    effect: v1::Effect::Review as i32,
-                    rule: "writes".into(),
-                    reason: String::new(),
-                    review: Some(v1::ReviewSpec {
-                        approver_groups: vec!["dba-leads".into()],
-                        quorum: 1,
-                        one_per_group: false,
-                        timeout_seconds: 2,
-                    }),
-                }),
-                reasoning: None,
-            },
-            &token,
-        )
-    };
+    let approve_req = |rid: &str| with_token(held(rid, principal("bot-1"), "update", 2), &token);
     let mut gate = ApprovalGateServiceClient::new(h.channel.clone());
     let mut updates = gate
         .request_approval(approve_req("req-1"))
@@ -684,29 +671,16 @@ async fn self_approval_is_refused() {
     let mut gate = ApprovalGateServiceClient::new(h.channel.clone());
     let mut updates = gate
         .request_approval(with_token(
-            v1::ApprovalRequest {
-                request_id: "r".into(),
-                session_id: "s".into(),
-                connection: "orders-db".into(),
-                principal: Some(v1::Principal {
+            held(
+                "r",
+                v1::Principal {
                     subject: "dora".into(),
                     issuer: h.idp.issuer(),
                     ..Default::default()
-                }),
-                command: Some(command("delete")),
-                decision: Some(v1::DecisionInfo {
-                    effect: v1::Effect::Review as i32,
-                    rule: "writes".into(),
-                    reason: String::new(),
-                    review: Some(v1::ReviewSpec {
-                        approver_groups: vec!["dba-leads".into()],
-                        quorum: 1,
-                        one_per_group: false,
-                        timeout_seconds: 60,
-                    }),
-                }),
-                reasoning: None,
-            },
+                },
+                "delete",
+                60,
+            ),
             &token,
         ))
         .await
@@ -747,6 +721,203 @@ async fn runs_on_postgres_too() {
     assert!(stream.next().await.unwrap().is_ok());
 }
 
+/// A held DELETE's approval request from sidecar credential `token`.
+fn held_delete(rid: &str, token: &str) -> Request<v1::ApprovalRequest> {
+    with_token(
+        v1::ApprovalRequest {
+            reasoning: Some(v1::ReasoningTrace {
+                reasoning: "clean up the duplicate order <#42>".into(),
+                ..Default::default()
+            }),
+            ..held(rid, principal("bot-1"), "delete", 60)
+        },
+        token,
+    )
+}
+
+/// A held command's approval request as a sidecar sends it: a `kind`
+/// statement by `who`, held by rule `writes` (approvers `dba-leads`) for
+/// `timeout` seconds.
+fn held(rid: &str, who: v1::Principal, kind: &str, timeout: u32) -> v1::ApprovalRequest {
+    v1::ApprovalRequest {
+        request_id: rid.into(),
+        session_id: "sess-1".into(),
+        connection: "orders-db".into(),
+        principal: Some(who),
+        command: Some(command(kind)),
+        decision: Some(v1::DecisionInfo {
+            effect: v1::Effect::Review as i32,
+            rule: "writes".into(),
+            reason: String::new(),
+            review: Some(v1::ReviewSpec {
+                approver_groups: vec!["dba-leads".into()],
+                quorum: 1,
+                one_per_group: false,
+                timeout_seconds: timeout,
+            }),
+        }),
+        reasoning: None,
+    }
+}
+
+/// Requests an approval, approves it as a `dba-leads` member, and returns
+/// its id and how long the waiting stream took to hear the decision.
+async fn request_and_approve(h: &Harness, rid: &str, token: &str) -> (String, Duration) {
+    let mut waiting = ApprovalGateServiceClient::new(h.channel.clone())
+        .request_approval(held_delete(rid, token))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = waiting.next().await.unwrap().unwrap().approval_id;
+    let lead = h.idp.mint(&TokenSpec::human(
+        "lead",
+        &["wicket-approvers", "dba-leads"],
+    ));
+    let t0 = std::time::Instant::now();
+    ApprovalAdminServiceClient::new(h.channel.clone())
+        .approve(with_token(
+            v1::DecideRequest {
+                id: id.clone(),
+                comment: "fine".into(),
+            },
+            &lead,
+        ))
+        .await
+        .unwrap();
+    let decided = waiting.next().await.unwrap().unwrap();
+    assert_eq!(decided.state, v1::ApprovalState::Approved as i32);
+    (id, t0.elapsed())
+}
+
+/// Approval requests and decisions reach a signed generic webhook (retried
+/// after failures, same event id) and a Slack-compatible hook with a link
+/// to the console.
+#[tokio::test]
+async fn approvals_are_announced_to_a_signed_webhook_and_slack() {
+    use wicket_testkit::hook::HookServer;
+    let hook = HookServer::start(&[500, 503]).await;
+    let slack = HookServer::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hook.key");
+    std::fs::write(&secret, "topsecret\n").unwrap();
+    let (hook_url, slack_url) = (hook.url(), slack.url());
+    let h = start_tuned(TestIdp::start("wicket").await, None, |c| {
+        c.webhook_url = Some(hook_url);
+        c.webhook_secret_file = Some(secret);
+        c.slack_webhook_url = Some(slack_url);
+        c.console_url = Some("https://wicket.example/console/".into());
+    })
+    .await;
+    h.apply(POLICY).await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+    let (id, _) = request_and_approve(&h, "n-1", &token).await;
+
+    // The request failed twice (500, 503) and was retried; then the approval.
+    let got = hook.wait_for(4, Duration::from_secs(15)).await;
+    assert_eq!(got.len(), 4, "{got:#?}");
+    let statuses: Vec<u16> = got.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [500, 503, 200, 200]);
+    let ids: Vec<&str> = got
+        .iter()
+        .map(|r| r.header("wicket-event-id").unwrap())
+        .collect();
+    assert!(
+        ids[0] == ids[1] && ids[1] == ids[2],
+        "a retry keeps its event id"
+    );
+    assert_ne!(ids[2], ids[3]);
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, b"topsecret");
+    for r in &got {
+        let sig = r.header("wicket-signature").unwrap();
+        let (t, v1) = sig
+            .strip_prefix("t=")
+            .and_then(|s| s.split_once(",v1="))
+            .unwrap();
+        let mut signed = format!("{t}.").into_bytes();
+        signed.extend_from_slice(&r.body);
+        aws_lc_rs::hmac::verify(&key, &signed, &hex::decode(v1).unwrap())
+            .expect("the signature verifies with the shared secret");
+        assert!((chrono::Utc::now().timestamp() - t.parse::<i64>().unwrap()).abs() < 60);
+    }
+    let requested = got[2].json();
+    assert_eq!(requested["type"], "approval.requested");
+    assert_eq!(
+        got[2].header("wicket-event-type"),
+        Some("approval.requested")
+    );
+    assert_eq!(requested["approval"]["id"], id.as_str());
+    assert_eq!(requested["approval"]["state"], "pending");
+    assert_eq!(
+        requested["approval"]["request"]["command"]["text"],
+        "delete something"
+    );
+    assert_eq!(
+        requested["approval"]["request"]["reasoning"]["reasoning"],
+        "clean up the duplicate order <#42>"
+    );
+    assert_eq!(
+        requested["console_url"],
+        format!("https://wicket.example/console/approvals/{id}")
+    );
+    let approved = got[3].json();
+    assert_eq!(approved["type"], "approval.approved");
+    assert_eq!(
+        approved["approval"]["votes"][0]["approver"],
+        "lead@example.test"
+    );
+
+    let msgs = slack.wait_for(2, Duration::from_secs(5)).await;
+    assert_eq!(msgs.len(), 2);
+    assert!(msgs.iter().all(|m| m.header("wicket-signature").is_none()));
+    let first = msgs[0].json();
+    let text = first["text"].as_str().unwrap();
+    assert!(
+        text.contains("bot-1") && text.contains("orders-db") && text.contains("writes"),
+        "{text}"
+    );
+    let blocks = first["blocks"].to_string();
+    assert!(blocks.contains("delete something"), "{blocks}");
+    assert!(
+        blocks.contains("&lt;#42&gt;"),
+        "Slack's control characters escaped: {blocks}"
+    );
+    assert!(
+        blocks.contains(&format!(
+            "<https://wicket.example/console/approvals/{id}|Review"
+        )),
+        "{blocks}"
+    );
+    assert!(
+        msgs[1].json()["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Approved:")
+    );
+}
+
+/// A notification endpoint that is down delays no decision.
+#[tokio::test]
+async fn a_dead_webhook_never_slows_a_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hook.key");
+    std::fs::write(&secret, "k").unwrap();
+    // A port nobody listens on: every attempt fails at once, and retries wait.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", dead.local_addr().unwrap());
+    drop(dead);
+    let h = start_tuned(TestIdp::start("wicket").await, None, |c| {
+        c.webhook_url = Some(url);
+        c.webhook_secret_file = Some(secret);
+    })
+    .await;
+    h.apply(POLICY).await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+    for n in 0..3 {
+        let (_, took) = request_and_approve(&h, &format!("d-{n}"), &token).await;
+        assert!(took < Duration::from_millis(500), "decision took {took:?}");
+    }
+}
+
 /// A fresh PostgreSQL database for one test.
 async fn postgres_database() -> String {
     use sqlx::Connection as _;
@@ -774,30 +945,6 @@ async fn two_replicas_on_postgres_share_approvals_and_policy() {
     let token = a.sidecar_token(&["orders-db"]).await;
 
     // The sidecar waits on A; the approver answers on B.
-    let request = |rid: &str| {
-        with_token(
-            v1::ApprovalRequest {
-                request_id: rid.into(),
-                session_id: "sess-r".into(),
-                connection: "orders-db".into(),
-                principal: Some(principal("bot-1")),
-                command: Some(command("delete")),
-                decision: Some(v1::DecisionInfo {
-                    effect: v1::Effect::Review as i32,
-                    rule: "writes".into(),
-                    reason: String::new(),
-                    review: Some(v1::ReviewSpec {
-                        approver_groups: vec!["dba-leads".into()],
-                        quorum: 1,
-                        one_per_group: false,
-                        timeout_seconds: 60,
-                    }),
-                }),
-                reasoning: None,
-            },
-            &token,
-        )
-    };
     let approver = a.idp.mint(&TokenSpec::human(
         "lead",
         &["wicket-approvers", "dba-leads"],
@@ -805,7 +952,7 @@ async fn two_replicas_on_postgres_share_approvals_and_policy() {
     let mut on_b = ApprovalAdminServiceClient::new(b.channel.clone());
     for (rid, approve) in [("r-approve", true), ("r-deny", false)] {
         let mut waiting = ApprovalGateServiceClient::new(a.channel.clone())
-            .request_approval(request(rid))
+            .request_approval(held_delete(rid, &token))
             .await
             .unwrap()
             .into_inner();

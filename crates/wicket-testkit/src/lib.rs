@@ -7,6 +7,7 @@
 //!   the npm `oidc-provider`).
 
 pub mod env;
+pub mod hook;
 pub mod httpapp;
 pub mod idp;
 pub mod kube;
