@@ -484,6 +484,23 @@ mod tests {
     }
 
     #[test]
+    fn fingerprints_ignore_constants_but_not_extra_statements() {
+        let one = super::fingerprint("DELETE FROM orders WHERE id = 1");
+        assert_eq!(
+            one,
+            super::fingerprint("delete from orders where id = 2 /* x */")
+        );
+        assert_ne!(
+            one,
+            super::fingerprint("DELETE FROM orders WHERE id = 1; DROP TABLE orders")
+        );
+        assert_ne!(
+            one,
+            super::fingerprint("DELETE FROM customers WHERE id = 1")
+        );
+    }
+
+    #[test]
     fn statements_carried_inside_others_are_what_they_carry() {
         for (sql, kind) in [
             (

@@ -717,7 +717,10 @@ impl PgGate {
             Effect::Deny => Some(decision.clone()),
             Effect::Review => {
                 let mut classification = statements[0].class.clone();
-                classification.fingerprint = classify::fingerprint(&statements[0].text);
+                // The whole query's shape: an approval that covers this
+                // fingerprint again must not cover other statements sent
+                // along with it.
+                classification.fingerprint = classify::fingerprint(&sql);
                 // The approval record, like the audit record, holds masked text.
                 let text = match self.mask_plan() {
                     Some(plan) => plan.mask_text(&sql),
