@@ -422,6 +422,7 @@ async fn approvals_and_sessions_from_the_cli() {
                     quorum: 1,
                     one_per_group: false,
                     timeout_seconds: 30,
+                    reuse_seconds: 0,
                 }),
             }),
             reasoning: Some(v1::ReasoningTrace {

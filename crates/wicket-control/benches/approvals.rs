@@ -75,6 +75,7 @@ fn held(n: usize, token: &str) -> tonic::Request<v1::ApprovalRequest> {
                     quorum: 1,
                     one_per_group: false,
                     timeout_seconds: 60,
+                    reuse_seconds: 0,
                 }),
             }),
             reasoning: None,
@@ -132,6 +133,7 @@ async fn run(
             v1::DecideRequest {
                 id: pending.approval_id,
                 comment: String::new(),
+                reuse_seconds: 0,
             },
             &approver,
         ));

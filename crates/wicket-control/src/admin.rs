@@ -293,7 +293,10 @@ impl ApprovalAdminService for AdminApi {
         let who = self.allow(&req, Permission::Decide).await?;
         let r = req.get_ref();
         check_len("comment", &r.comment, 4096)?;
-        let a = self.control.vote(&r.id, &who, true, &r.comment).await?;
+        let a = self
+            .control
+            .vote(&r.id, &who, true, &r.comment, r.reuse_seconds)
+            .await?;
         Ok(Response::new((&a).into()))
     }
 
@@ -304,7 +307,12 @@ impl ApprovalAdminService for AdminApi {
         let who = self.allow(&req, Permission::Decide).await?;
         let r = req.get_ref();
         check_len("comment", &r.comment, 4096)?;
-        let a = self.control.vote(&r.id, &who, false, &r.comment).await?;
+        if r.reuse_seconds > 0 {
+            return Err(Status::invalid_argument(
+                "reuse_seconds applies to approvals only",
+            ));
+        }
+        let a = self.control.vote(&r.id, &who, false, &r.comment, 0).await?;
         Ok(Response::new((&a).into()))
     }
 

@@ -214,6 +214,30 @@ impl ApprovalGateService for SidecarApi {
             .unwrap_or(300)
             .clamp(1, 7 * 86_400);
         let now = Utc::now();
+        let principal: wicket_core::Principal = principal.into();
+        let command: wicket_core::Command = r.command.as_ref().map(Into::into).unwrap_or_default();
+        let reuse_key = reuse_key(&r.connection, &principal, &decision, &command);
+        // An approver let an earlier approval cover this statement shape
+        // (or command) for a while: approved at once, under that approval.
+        if let Some(covering) = self
+            .control
+            .store
+            .find_reusable(&reuse_key, now)
+            .await
+            .map_err(storage)?
+        {
+            let until = covering.reuse_until.unwrap_or(now);
+            tracing::info!(approval = %covering.id, connection = %r.connection,
+                rule = %decision.rule, until = %until.to_rfc3339(),
+                "held command covered by an earlier approval");
+            let mut update: v1::ApprovalUpdate = (&covering).into();
+            update.reason = format!(
+                "covered by approval {} until {}",
+                covering.id,
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+            return Ok(Response::new(Box::pin(tokio_stream::once(Ok(update)))));
+        }
         let approval = Approval {
             id: uuid::Uuid::now_v7().to_string(),
             rev: 0,
@@ -222,8 +246,8 @@ impl ApprovalGateService for SidecarApi {
                 request_id: r.request_id.clone(),
                 session_id: r.session_id.clone(),
                 connection: r.connection.clone(),
-                principal: principal.into(),
-                command: r.command.as_ref().map(Into::into).unwrap_or_default(),
+                principal,
+                command,
                 decision,
                 reasoning: r.reasoning.as_ref().map(ReasoningTrace::from),
             },
@@ -231,6 +255,8 @@ impl ApprovalGateService for SidecarApi {
             created_at: now,
             expires_at: now + chrono::Duration::seconds(i64::from(timeout)),
             reason: String::new(),
+            reuse_key,
+            reuse_until: None,
         };
         // Subscribe before storing so no decision can slip between the two.
         let mut updates = self.control.subscribe_approvals();
@@ -314,4 +340,42 @@ impl TraceService for SidecarApi {
             trace_id: trace.trace_id,
         }))
     }
+}
+
+/// What a later request must match to be covered by an approval of this
+/// one: the connection, the principal, the rule and the statement
+/// fingerprint (the command text where the gate has none), hashed; empty
+/// when the rule lets an approval cover one execution only.
+fn reuse_key(
+    connection: &str,
+    principal: &wicket_core::Principal,
+    decision: &wicket_core::Decision,
+    command: &wicket_core::Command,
+) -> String {
+    if decision
+        .review
+        .as_ref()
+        .is_none_or(|r| r.reuse_seconds == 0)
+    {
+        return String::new();
+    }
+    let fingerprint = &command.classification.fingerprint;
+    let what = if fingerprint.is_empty() {
+        format!("text:{}", command.text)
+    } else {
+        format!("fingerprint:{fingerprint}")
+    };
+    let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for part in [
+        connection,
+        &principal.issuer,
+        &principal.subject,
+        &decision.rule,
+        &what,
+    ] {
+        // Length-prefixed, so no two different tuples hash alike.
+        h.update(&(part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finish().as_ref())
 }

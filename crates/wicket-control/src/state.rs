@@ -283,13 +283,16 @@ impl Control {
         })
     }
 
-    /// Records a vote, retrying on concurrent updates.
+    /// Records a vote, retrying on concurrent updates. `reuse_seconds`: how
+    /// long a yes lets the approval cover the same fingerprint again (at
+    /// most what the rule allows).
     pub async fn vote(
         &self,
         id: &str,
         voter: &Principal,
         approve: bool,
         comment: &str,
+        reuse_seconds: u32,
     ) -> Result<Approval, Status> {
         for _ in 0..8 {
             let mut a = self
@@ -298,6 +301,25 @@ impl Control {
                 .await
                 .map_err(storage)?
                 .ok_or_else(|| Status::not_found(format!("no approval `{id}`")))?;
+            let allowed = a
+                .request
+                .decision
+                .review
+                .as_ref()
+                .map_or(0, |r| r.reuse_seconds);
+            if reuse_seconds > allowed {
+                return Err(Status::invalid_argument(if allowed == 0 {
+                    format!(
+                        "rule `{}` lets an approval cover one execution only",
+                        a.request.decision.rule
+                    )
+                } else {
+                    format!(
+                        "rule `{}` lets an approval cover repeats for at most {allowed} s",
+                        a.request.decision.rule
+                    )
+                }));
+            }
             let now = Utc::now();
             let vote = Vote {
                 approver: voter.label().to_string(),
@@ -307,6 +329,7 @@ impl Control {
                 approve,
                 comment: comment.to_string(),
                 at: now,
+                reuse_seconds,
             };
             let result = a.cast(vote, now);
             if a.state == wicket_core::ApprovalState::Expired || result.is_ok() {

@@ -250,6 +250,7 @@ async fn admin_calls_need_a_valid_token_and_the_right_group() {
             v1::DecideRequest {
                 id: "x".into(),
                 comment: String::new(),
+                reuse_seconds: 0,
             },
             &auditor,
         ))
@@ -602,6 +603,7 @@ async fn sidecars_watch_bundles_report_events_and_wait_for_approvals() {
             v1::DecideRequest {
                 id: pending.approval_id.clone(),
                 comment: String::new(),
+                reuse_seconds: 0,
             },
             &outsider,
         ))
@@ -619,6 +621,7 @@ async fn sidecars_watch_bundles_report_events_and_wait_for_approvals() {
             v1::DecideRequest {
                 id: pending.approval_id.clone(),
                 comment: "ok".into(),
+                reuse_seconds: 0,
             },
             &approver,
         ))
@@ -692,6 +695,7 @@ async fn self_approval_is_refused() {
             v1::DecideRequest {
                 id,
                 comment: String::new(),
+                reuse_seconds: 0,
             },
             &h.idp.mint(&me),
         ))
@@ -754,6 +758,7 @@ fn held(rid: &str, who: v1::Principal, kind: &str, timeout: u32) -> v1::Approval
                 quorum: 1,
                 one_per_group: false,
                 timeout_seconds: timeout,
+                reuse_seconds: 0,
             }),
         }),
         reasoning: None,
@@ -779,6 +784,7 @@ async fn request_and_approve(h: &Harness, rid: &str, token: &str) -> (String, Du
             v1::DecideRequest {
                 id: id.clone(),
                 comment: "fine".into(),
+                reuse_seconds: 0,
             },
             &lead,
         ))
@@ -895,6 +901,132 @@ async fn approvals_are_announced_to_a_signed_webhook_and_slack() {
     );
 }
 
+/// An approver may let one approval cover the same statement fingerprint
+/// from the same principal on the same connection for a while, within the
+/// rule's `reuse_for`; anything else is held again.
+#[tokio::test]
+async fn an_approval_can_cover_a_statement_fingerprint_for_a_while() {
+    let h = start_with(None).await;
+    h.apply(POLICY).await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+    let lead = h.idp.mint(&TokenSpec::human(
+        "lead",
+        &["wicket-approvers", "dba-leads"],
+    ));
+    // A DELETE of fingerprint `fp`, by `who`, under a rule allowing `reuse` s.
+    let ask = |rid: &str, who: &str, fp: &str, reuse: u32| {
+        let mut r = held(rid, principal(who), "delete", 60);
+        let cmd = r.command.as_mut().unwrap();
+        cmd.text = format!("DELETE FROM orders WHERE id = {rid}");
+        cmd.classification.as_mut().unwrap().fingerprint = fp.into();
+        r.decision
+            .as_mut()
+            .unwrap()
+            .review
+            .as_mut()
+            .unwrap()
+            .reuse_seconds = reuse;
+        with_token(r, &token)
+    };
+    let mut gate = ApprovalGateServiceClient::new(h.channel.clone());
+    let mut api = ApprovalAdminServiceClient::new(h.channel.clone());
+    let mut first_of = async |req| {
+        let mut s = gate.request_approval(req).await.unwrap().into_inner();
+        (s.next().await.unwrap().unwrap(), s)
+    };
+    let decide = |id: &str, reuse: u32| {
+        with_token(
+            v1::DecideRequest {
+                id: id.into(),
+                comment: String::new(),
+                reuse_seconds: reuse,
+            },
+            &lead,
+        )
+    };
+
+    let (pending, mut waiting) = first_of(ask("1", "bot-1", "fp-a", 1800)).await;
+    assert_eq!(pending.state, v1::ApprovalState::Pending as i32);
+    let err = api
+        .approve(decide(&pending.approval_id, 3600))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("at most 1800 s"),
+        "{}",
+        err.message()
+    );
+    let approved = api
+        .approve(decide(&pending.approval_id, 600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(approved.reuse_until.is_some());
+    assert_eq!(
+        waiting.next().await.unwrap().unwrap().state,
+        v1::ApprovalState::Approved as i32
+    );
+
+    // Same fingerprint, other constants: approved at once, under the first approval.
+    let (covered, mut rest) = first_of(ask("2", "bot-1", "fp-a", 1800)).await;
+    assert_eq!(covered.state, v1::ApprovalState::Approved as i32);
+    assert_eq!(covered.approval_id, pending.approval_id);
+    assert!(
+        covered.reason.contains("covered by approval"),
+        "{}",
+        covered.reason
+    );
+    assert!(rest.next().await.is_none(), "nothing more to wait for");
+
+    // Another statement, another principal, or a rule that no longer allows reuse: held.
+    for (rid, who, fp, reuse) in [
+        ("3", "bot-1", "fp-b", 1800),
+        ("4", "bot-2", "fp-a", 1800),
+        ("5", "bot-1", "fp-a", 0),
+    ] {
+        let (p, _) = first_of(ask(rid, who, fp, reuse)).await;
+        assert_eq!(p.state, v1::ApprovalState::Pending as i32, "request {rid}");
+        if rid == "5" {
+            let err = api.approve(decide(&p.approval_id, 60)).await.unwrap_err();
+            assert!(
+                err.message().contains("one execution only"),
+                "{}",
+                err.message()
+            );
+        }
+        if rid == "3" {
+            // Covered for one second only.
+            api.approve(decide(&p.approval_id, 1)).await.unwrap();
+        }
+    }
+    let (again, _) = first_of(ask("6", "bot-1", "fp-b", 1800)).await;
+    assert_eq!(
+        again.state,
+        v1::ApprovalState::Approved as i32,
+        "within the second"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (later, _) = first_of(ask("7", "bot-1", "fp-b", 1800)).await;
+    assert_eq!(
+        later.state,
+        v1::ApprovalState::Pending as i32,
+        "the cover ran out"
+    );
+    let err = api
+        .deny(with_token(
+            v1::DecideRequest {
+                id: later.approval_id,
+                comment: "no".into(),
+                reuse_seconds: 60,
+            },
+            &lead,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
 /// A notification endpoint that is down delays no decision.
 #[tokio::test]
 async fn a_dead_webhook_never_slows_a_decision() {
@@ -961,6 +1093,7 @@ async fn two_replicas_on_postgres_share_approvals_and_policy() {
         let decide = v1::DecideRequest {
             id: pending.approval_id.clone(),
             comment: "checked the ticket".into(),
+            reuse_seconds: 0,
         };
         let t0 = std::time::Instant::now();
         if approve {

@@ -84,6 +84,10 @@ pub struct Vote {
     pub comment: String,
     /// When.
     pub at: DateTime<Utc>,
+    /// For a yes: how long the approver lets the approval cover the same
+    /// statement fingerprint (or command) again; 0 for this execution only.
+    #[serde(default)]
+    pub reuse_seconds: u32,
 }
 
 /// A stored approval.
@@ -105,6 +109,15 @@ pub struct Approval {
     pub expires_at: DateTime<Utc>,
     /// Deny reason or expiry note.
     pub reason: String,
+    /// What a later request must match to be covered by this approval
+    /// (connection, principal, rule and fingerprint, hashed by the control
+    /// service); empty when the rule allows no reuse.
+    #[serde(default)]
+    pub reuse_key: String,
+    /// Until when the approval covers matching requests (set when it is
+    /// approved with a reuse time).
+    #[serde(default)]
+    pub reuse_until: Option<DateTime<Utc>>,
 }
 
 impl Approval {
@@ -156,6 +169,19 @@ impl Approval {
             };
         } else if self.quorum_reached(&review) {
             self.state = ApprovalState::Approved;
+            // Every approver agreed to at least the shortest reuse asked,
+            // and the rule caps it.
+            let reuse = self
+                .votes
+                .iter()
+                .filter(|v| v.approve)
+                .map(|v| v.reuse_seconds)
+                .min()
+                .unwrap_or(0)
+                .min(review.reuse_seconds);
+            if reuse > 0 && !self.reuse_key.is_empty() {
+                self.reuse_until = Some(now + chrono::Duration::seconds(i64::from(reuse)));
+            }
         }
         Ok(self.state)
     }
@@ -222,6 +248,7 @@ mod tests {
                         quorum,
                         one_per_group,
                         timeout_seconds: 60,
+                        reuse_seconds: 0,
                     }),
                 },
                 ..Default::default()
@@ -230,6 +257,8 @@ mod tests {
             created_at: Utc::now(),
             expires_at: Utc::now() + chrono::Duration::seconds(60),
             reason: String::new(),
+            reuse_key: String::new(),
+            reuse_until: None,
         }
     }
 
@@ -246,7 +275,33 @@ mod tests {
                 "too risky".into()
             },
             at: Utc::now(),
+            reuse_seconds: 0,
         }
+    }
+
+    #[test]
+    fn reuse_is_the_shortest_any_approver_gave_within_the_rule() {
+        let now = Utc::now();
+        let mut a = approval(false, 2);
+        a.reuse_key = "k".into();
+        a.request.decision.review.as_mut().unwrap().reuse_seconds = 1800;
+        let yes = |who: &str, secs: u32| Vote {
+            reuse_seconds: secs,
+            ..vote(who, &["dba"], true)
+        };
+        a.cast(yes("bob", 3600), now).unwrap();
+        assert_eq!(a.reuse_until, None, "not approved yet");
+        assert_eq!(a.cast(yes("carol", 900), now), Ok(ApprovalState::Approved));
+        assert_eq!(a.reuse_until, Some(now + chrono::Duration::seconds(900)));
+        // The rule caps it; a rule without reuse (no key) gives none.
+        let mut b = approval(false, 1);
+        b.reuse_key = "k".into();
+        b.request.decision.review.as_mut().unwrap().reuse_seconds = 600;
+        b.cast(yes("bob", 3600), now).unwrap();
+        assert_eq!(b.reuse_until, Some(now + chrono::Duration::seconds(600)));
+        let mut c = approval(false, 1);
+        c.cast(yes("bob", 3600), now).unwrap();
+        assert_eq!(c.reuse_until, None);
     }
 
     #[test]

@@ -284,6 +284,11 @@ pub struct ReviewSpec {
     pub one_per_group: bool,
     /// Hold timeout; past it the command is refused.
     pub timeout_seconds: u32,
+    /// Longest an approval may cover the same statement fingerprint (or
+    /// the same command) again, for the same principal and connection; 0:
+    /// each approval covers one execution.
+    #[serde(default)]
+    pub reuse_seconds: u32,
 }
 
 impl Default for ReviewSpec {
@@ -293,6 +298,7 @@ impl Default for ReviewSpec {
             quorum: 1,
             one_per_group: false,
             timeout_seconds: 300,
+            reuse_seconds: 0,
         }
     }
 }

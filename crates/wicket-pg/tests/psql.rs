@@ -33,7 +33,7 @@ rules:
   - id: writes
     effect: review
     match: {commands: [update, delete]}
-    review: {approvers: [dba], timeout: 20s}
+    review: {approvers: [dba], timeout: 20s, reuse_for: 10m}
 ";
 
 use wicket_teststack::auth;
@@ -395,6 +395,7 @@ async fn psql_is_gated_statement_by_statement() {
             v1::DecideRequest {
                 id,
                 comment: "not today".into(),
+                reuse_seconds: 0,
             },
             &approver,
         );
@@ -408,6 +409,69 @@ async fn psql_is_gated_statement_by_statement() {
         assert!(se.contains("waiting for approval"), "{se}");
         assert!(so.contains(expect) || se.contains(expect), "{so}\n{se}");
     }
+}
+
+/// An approver lets a held DELETE's approval cover the same statement shape
+/// for ten minutes: the same DELETE with other constants then runs at once,
+/// under that approval; a statement of another shape is held again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_can_cover_the_same_statement_shape_for_a_while() {
+    let e = Arc::new(start().await);
+    let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    let approver = e
+        .idp
+        .mint(&TokenSpec::human("lead", &["wicket-approvers", "dba"]));
+    let run = |sql: &'static str| {
+        let (e, agent) = (e.clone(), agent.clone());
+        tokio::spawn(async move { e.psql(&agent, Some("tidy up"), &[sql]).await })
+    };
+    let first = run("DELETE FROM customers WHERE id = 1001");
+    e.decide_next_for(&approver, true, 600, |a| {
+        let cmd = a.request.as_ref().unwrap().command.as_ref().unwrap();
+        assert_eq!(cmd.classification.as_ref().unwrap().fingerprint.len(), 16);
+    })
+    .await;
+    let o = first.await.unwrap();
+    assert!(out(&o).1.contains("waiting for approval"), "{:?}", out(&o));
+    assert!(out(&o).0.contains("DELETE 0"), "{:?}", out(&o));
+
+    let t0 = std::time::Instant::now();
+    let o = run("delete from customers where id = 1002").await.unwrap();
+    assert!(out(&o).0.contains("DELETE 0"), "{:?}", out(&o));
+    assert!(!out(&o).1.contains("waiting for approval"), "{:?}", out(&o));
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+
+    // Another shape (and the same DELETE with a second statement along) waits again.
+    for sql in [
+        "UPDATE customers SET name = 'x' WHERE id = 1003",
+        "DELETE FROM customers WHERE id = 1004; DELETE FROM customers WHERE id = 1005",
+    ] {
+        let held = run(sql);
+        e.decide_next(&approver, false, |_| {}).await;
+        let o = held.await.unwrap();
+        assert!(out(&o).1.contains("was denied"), "{sql}: {:?}", out(&o));
+    }
+
+    // Both DELETEs ran under the one approval, in the audit.
+    e.drained().await;
+    let approvals: Vec<(String, String)> = e
+        .events()
+        .await
+        .iter()
+        .filter_map(|ev| {
+            let text = &ev.command.as_ref()?.text;
+            let id = ev.details.get("approval")?;
+            text.to_lowercase()
+                .contains("where id = 100")
+                .then(|| (text.clone(), id.clone()))
+        })
+        .collect();
+    let ran: Vec<&(String, String)> = approvals
+        .iter()
+        .filter(|(t, _)| t.contains("1001") || t.contains("1002"))
+        .collect();
+    assert_eq!(ran.len(), 2, "{approvals:#?}");
+    assert_eq!(ran[0].1, ran[1].1, "one approval covers both");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

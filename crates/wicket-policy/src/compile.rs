@@ -175,6 +175,12 @@ impl Checker<'_> {
                 "with one_per_group the quorum is one approval per listed group; leave quorum unset",
             );
         }
+        if doc.reuse_for.0 > 7 * 86_400 {
+            self.err(
+                format!("{field}.reuse_for"),
+                "reuse_for must be at most 7d (0, the default, means each approval covers one execution)",
+            );
+        }
         if doc.timeout.0 == 0 || doc.timeout.0 > 7 * 86_400 {
             self.err(
                 format!("{field}.timeout"),
@@ -190,6 +196,7 @@ impl Checker<'_> {
             },
             one_per_group: doc.one_per_group,
             timeout_seconds: doc.timeout.0,
+            reuse_seconds: doc.reuse_for.0,
         }
     }
 

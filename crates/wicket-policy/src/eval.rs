@@ -284,6 +284,7 @@ impl Policy {
                             quorum: r.quorum,
                             one_per_group: r.one_per_group,
                             timeout_seconds: r.timeout.0,
+                            reuse_seconds: r.reuse_for.0,
                         })
                 } else {
                     None

@@ -333,6 +333,11 @@ pub struct ReviewDoc {
     /// Hold timeout (`90s`, `10m`, `1h`, or seconds).
     #[serde(default = "default_timeout")]
     pub timeout: Seconds,
+    /// Longest approvers may let one approval cover the same statement
+    /// fingerprint (or command) again, for the same principal on the same
+    /// connection (`30m`; default 0: one execution).
+    #[serde(default)]
+    pub reuse_for: Seconds,
 }
 
 fn default_timeout() -> Seconds {
@@ -340,7 +345,7 @@ fn default_timeout() -> Seconds {
 }
 
 /// A duration in whole seconds, written as `90s`, `10m`, `1h`, `1d` or a number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Seconds(pub u32);
 
 impl Seconds {

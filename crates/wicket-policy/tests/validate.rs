@@ -154,3 +154,19 @@ fn errors_display_as_file_line_column_field() {
         "p.yaml:1:10: version: unsupported version 3 (expected 1)"
     );
 }
+
+#[test]
+fn review_reuse_is_bounded() {
+    let rule = |reuse: &str| {
+        format!(
+            "{BASE}rules:\n  - id: r1\n    effect: review\n    review: {{approvers: [dba], reuse_for: {reuse}}}\n"
+        )
+    };
+    let errs = errors(&rule("8d"));
+    assert!(
+        errs.iter()
+            .any(|(_, f, m)| f.ends_with("review.reuse_for") && m.contains("at most 7d")),
+        "{errs:#?}"
+    );
+    assert!(parse_and_compile(&rule("30m"), "ok.yaml").is_ok());
+}

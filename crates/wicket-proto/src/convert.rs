@@ -193,6 +193,7 @@ impl From<&core::ReviewSpec> for v1::ReviewSpec {
             quorum: r.quorum,
             one_per_group: r.one_per_group,
             timeout_seconds: r.timeout_seconds,
+            reuse_seconds: r.reuse_seconds,
         }
     }
 }
@@ -219,6 +220,7 @@ impl From<&v1::DecisionInfo> for core::Decision {
                 quorum: r.quorum.max(1),
                 one_per_group: r.one_per_group,
                 timeout_seconds: r.timeout_seconds,
+                reuse_seconds: r.reuse_seconds,
             }),
         }
     }
@@ -341,6 +343,7 @@ impl From<&core::Vote> for v1::ApprovalVote {
             approve: v.approve,
             comment: v.comment.clone(),
             at: Some(ts(v.at)),
+            reuse_seconds: v.reuse_seconds,
         }
     }
 }
@@ -355,6 +358,7 @@ impl From<&core::Approval> for v1::Approval {
             created_at: Some(ts(a.created_at)),
             expires_at: Some(ts(a.expires_at)),
             reason: a.reason.clone(),
+            reuse_until: a.reuse_until.map(ts),
         }
     }
 }

@@ -389,6 +389,7 @@ async fn held_commands_wait_for_a_decision() {
                     v1::DecideRequest {
                         id,
                         comment: "because".into(),
+                        reuse_seconds: 0,
                     },
                     &approver,
                 );

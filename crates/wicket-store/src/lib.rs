@@ -84,6 +84,13 @@ pub trait Store: Send + Sync + 'static {
     /// Saves an approval if nobody changed it since `approval.rev` was read;
     /// bumps `rev`. [`StoreError::Conflict`] otherwise.
     async fn update_approval(&self, approval: &mut Approval) -> Result<()>;
+    /// An approved approval with `reuse_key` whose reuse time runs past
+    /// `now` (the longest-running one), if any.
+    async fn find_reusable(
+        &self,
+        reuse_key: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<Approval>>;
 
     /// Revokes (or re-revokes) a principal.
     async fn revoke(&self, revocation: &Revocation) -> Result<()>;

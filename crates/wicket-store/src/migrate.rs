@@ -4,12 +4,20 @@
 pub const SQLITE: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../migrations/sqlite/0002_keys.sql")),
+    (
+        3,
+        include_str!("../migrations/sqlite/0003_approval_reuse.sql"),
+    ),
 ];
 
 /// `(version, sql)` for PostgreSQL.
 pub const POSTGRES: &[(i64, &str)] = &[
     (1, include_str!("../migrations/postgres/0001_init.sql")),
     (2, include_str!("../migrations/postgres/0002_keys.sql")),
+    (
+        3,
+        include_str!("../migrations/postgres/0003_approval_reuse.sql"),
+    ),
 ];
 
 /// Splits a migration into statements (our migrations hold no `;` in literals).

@@ -502,8 +502,8 @@ impl Store for SqlStore {
     async fn create_approval(&self, a: &Approval) -> Result<Approval> {
         with_pool!(self, |p| {
             sqlx::query(
-                "INSERT INTO approvals (id, request_id, rev, state, body, created_at, expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (request_id) DO NOTHING",
+                "INSERT INTO approvals (id, request_id, rev, state, body, created_at, expires_at, reuse_key, reuse_until) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (request_id) DO NOTHING",
             )
             .bind(&a.id)
             .bind(&a.request.request_id)
@@ -512,6 +512,8 @@ impl Store for SqlStore {
             .bind(json(a))
             .bind(ms(a.created_at))
             .bind(ms(a.expires_at))
+            .bind(&a.reuse_key)
+            .bind(a.reuse_until.map(ms))
             .execute(p)
             .await?;
             let r = sqlx::query("SELECT body FROM approvals WHERE request_id = $1")
@@ -559,13 +561,14 @@ impl Store for SqlStore {
         let body = json(a);
         let changed = with_pool!(self, |p| {
             sqlx::query(
-                "UPDATE approvals SET rev = $3, state = $4, body = $5 WHERE id = $1 AND rev = $2",
+                "UPDATE approvals SET rev = $3, state = $4, body = $5, reuse_until = $6 WHERE id = $1 AND rev = $2",
             )
             .bind(&a.id)
             .bind(old)
             .bind(a.rev)
             .bind(a.state.as_str())
             .bind(&body)
+            .bind(a.reuse_until.map(ms))
             .execute(p)
             .await?
             .rows_affected()
@@ -576,6 +579,24 @@ impl Store for SqlStore {
             a.rev = old;
             Err(StoreError::Conflict)
         }
+    }
+
+    async fn find_reusable(&self, reuse_key: &str, now: DateTime<Utc>) -> Result<Option<Approval>> {
+        if reuse_key.is_empty() {
+            return Ok(None);
+        }
+        with_pool!(self, |p| {
+            let r = sqlx::query(
+                "SELECT body FROM approvals WHERE reuse_key = $1 AND state = 'approved' \
+                 AND reuse_until > $2 ORDER BY reuse_until DESC LIMIT 1",
+            )
+            .bind(reuse_key)
+            .bind(ms(now))
+            .fetch_optional(p)
+            .await?;
+            r.map(|r| parse(&r.try_get::<String, _>("body")?, "approval"))
+                .transpose()
+        })
     }
 
     async fn revoke(&self, r: &Revocation) -> Result<()> {

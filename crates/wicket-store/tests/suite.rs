@@ -167,6 +167,8 @@ fn approval(id: &str, request_id: &str) -> Approval {
         created_at: Utc::now(),
         expires_at: Utc::now() + Duration::seconds(60),
         reason: String::new(),
+        reuse_key: String::new(),
+        reuse_until: None,
     }
 }
 
@@ -199,6 +201,32 @@ async fn approvals_are_idempotent_and_optimistic(s: Arc<dyn Store>) {
     );
     assert_eq!(s.list_approvals(None, 0).await.unwrap().len(), 2);
     assert!(s.get_approval("nope").await.unwrap().is_none());
+
+    // Reuse: only an approved approval with the key, while its time runs.
+    let now = Utc::now();
+    let mut r = approval("a4", "req-4");
+    r.reuse_key = "key-1".into();
+    let mut r = s.create_approval(&r).await.unwrap();
+    assert!(
+        s.find_reusable("key-1", now).await.unwrap().is_none(),
+        "pending"
+    );
+    r.state = ApprovalState::Approved;
+    r.reuse_until = Some(now + Duration::seconds(60));
+    s.update_approval(&mut r).await.unwrap();
+    assert_eq!(
+        s.find_reusable("key-1", now).await.unwrap().map(|a| a.id),
+        Some("a4".to_string())
+    );
+    assert!(s.find_reusable("key-2", now).await.unwrap().is_none());
+    assert!(s.find_reusable("", now).await.unwrap().is_none());
+    assert!(
+        s.find_reusable("key-1", now + Duration::seconds(61))
+            .await
+            .unwrap()
+            .is_none(),
+        "past its time"
+    );
 }
 
 async fn revocations_sidecars_traces(s: Arc<dyn Store>) {

@@ -216,6 +216,18 @@ impl Stack {
         approve: bool,
         check: impl FnOnce(&v1::Approval),
     ) {
+        self.decide_next_for(approver, approve, 0, check).await
+    }
+
+    /// As [`Stack::decide_next`]; an approval also covers the same
+    /// statement shape for `reuse_seconds`.
+    pub async fn decide_next_for(
+        &self,
+        approver: &str,
+        approve: bool,
+        reuse_seconds: u32,
+        check: impl FnOnce(&v1::Approval),
+    ) {
         let mut api = v1::approval_admin_service_client::ApprovalAdminServiceClient::new(
             self.channel.clone(),
         );
@@ -247,6 +259,7 @@ impl Stack {
             v1::DecideRequest {
                 id: approval.id.clone(),
                 comment: "not today".into(),
+                reuse_seconds,
             },
             approver,
         );
