@@ -113,6 +113,30 @@ pub enum ConnectionsCmd {
     List,
 }
 
+/// `wicket access …`.
+#[derive(Debug, Subcommand)]
+pub enum AccessCmd {
+    /// Ask for access; waits until approvers decide (Ctrl-C stops waiting,
+    /// the request stays).
+    Request {
+        /// Connection name.
+        #[arg(long)]
+        connection: String,
+        /// How long the grant should last once approved (`30m`, `1h`).
+        #[arg(long = "for", value_parser = parse_seconds)]
+        duration: u32,
+        /// Why you need it (approvers read it; it stays with the grant).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Grants in force (yours; all of them for readers).
+    List {
+        /// Only this connection.
+        #[arg(long)]
+        connection: Option<String>,
+    },
+}
+
 /// `wicket approvals …`.
 #[derive(Debug, Subcommand)]
 pub enum ApprovalsCmd {
@@ -488,6 +512,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Cmd::Approvals(a) => approvals(&cli, fmt, a).await,
+        Cmd::Access(a) => access(&cli, fmt, a).await,
         Cmd::Sessions(s) => sessions(&cli, fmt, s).await,
         Cmd::Sidecars(s) => sidecars(&cli, fmt, s).await,
         Cmd::Ssh(s) => ssh(&cli, fmt, s).await,
@@ -906,6 +931,104 @@ async fn policy(cli: &Cli, fmt: Format, cmd: &PolicyCmd) -> Result<(), CliError>
         }
     }
     Ok(())
+}
+
+async fn access(cli: &Cli, fmt: Format, cmd: &AccessCmd) -> Result<(), CliError> {
+    use tokio_stream::StreamExt as _;
+    use wicket_proto::v1::access_service_client::AccessServiceClient;
+    let c = Client::connect(cli).await?;
+    let mut api = AccessServiceClient::new(c.channel.clone());
+    match cmd {
+        AccessCmd::Request {
+            connection,
+            duration,
+            reason,
+        } => {
+            let mut updates = api
+                .request_access(c.req(v1::AccessRequest {
+                    connection: connection.clone(),
+                    duration_seconds: *duration,
+                    reason: reason.clone(),
+                }))
+                .await?
+                .into_inner();
+            while let Some(u) = updates.next().await {
+                let u = u?;
+                match convert::from_approval_state(u.state) {
+                    Some(wicket_core::ApprovalState::Pending) => eprintln!(
+                        "waiting for approval {} (access rule {})",
+                        u.approval_id, u.rule
+                    ),
+                    Some(wicket_core::ApprovalState::Approved) => {
+                        output::record(
+                            fmt,
+                            vec![
+                                ("approval", u.approval_id.clone()),
+                                ("connection", connection.clone()),
+                                ("until", time(u.until.as_ref())),
+                            ],
+                            json!({"approval": u.approval_id, "state": "approved",
+                                "connection": connection, "until": time(u.until.as_ref())}),
+                        );
+                        return Ok(());
+                    }
+                    Some(s) => {
+                        return Err(CliError::failed(format!(
+                            "access {} {}{}",
+                            u.approval_id,
+                            s.as_str(),
+                            if u.reason.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", u.reason)
+                            }
+                        )));
+                    }
+                    None => return Err(CliError::failed("unknown approval state")),
+                }
+            }
+            Err(CliError::unavailable(
+                "the control service stopped answering before a decision",
+            ))
+        }
+        AccessCmd::List { connection } => {
+            let grants = api
+                .list_access_grants(c.req(v1::ListAccessGrantsRequest {
+                    connection: connection.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner()
+                .grants;
+            let rows = grants
+                .iter()
+                .map(|g| {
+                    vec![
+                        g.id.clone(),
+                        g.principal.clone(),
+                        g.connection.clone(),
+                        time(g.until.as_ref()),
+                        cell(&g.reason, 40),
+                    ]
+                })
+                .collect();
+            let json = grants
+                .iter()
+                .map(|g| {
+                    json!({"id": g.id, "approval": g.approval_id, "principal": g.principal,
+                    "issuer": g.issuer, "subject": g.subject, "connection": g.connection,
+                    "reason": g.reason, "granted_at": time(g.granted_at.as_ref()),
+                    "until": time(g.until.as_ref())})
+                })
+                .collect();
+            output::rows(
+                fmt,
+                &["id", "principal", "connection", "until", "reason"],
+                rows,
+                Value::Array(json),
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn approvals(cli: &Cli, fmt: Format, cmd: &ApprovalsCmd) -> Result<(), CliError> {

@@ -125,6 +125,9 @@ pub enum Cmd {
     /// Held commands waiting for approval.
     #[command(subcommand)]
     Approvals(commands::ApprovalsCmd),
+    /// Just-in-time access: ask for a time-bound grant on a connection.
+    #[command(subcommand)]
+    Access(commands::AccessCmd),
     /// Recorded sessions.
     #[command(subcommand)]
     Sessions(commands::SessionsCmd),

@@ -5,6 +5,7 @@
 //! API the `wicket` CLI uses. Admin calls carry OIDC access tokens
 //! ([`auth::Authenticator`]); sidecars carry per-sidecar credentials.
 
+pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod config;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
+use wicket_proto::v1::access_service_server::AccessServiceServer;
 use wicket_proto::v1::approval_admin_service_server::ApprovalAdminServiceServer;
 use wicket_proto::v1::approval_gate_service_server::ApprovalGateServiceServer;
 use wicket_proto::v1::audit_service_server::AuditServiceServer;
@@ -111,6 +113,9 @@ pub async fn run(
         .set_serving::<PolicyAdminServiceServer<admin::AdminApi>>()
         .await;
     health
+        .set_serving::<AccessServiceServer<admin::AdminApi>>()
+        .await;
+    health
         .set_serving::<ApprovalAdminServiceServer<admin::AdminApi>>()
         .await;
     health
@@ -163,6 +168,7 @@ pub async fn run(
         .add_service(limited!(ConnectionAdminServiceServer, adm))
         .add_service(limited!(PolicyAdminServiceServer, adm))
         .add_service(limited!(ApprovalAdminServiceServer, adm))
+        .add_service(limited!(AccessServiceServer, adm))
         .add_service(limited!(SessionAdminServiceServer, adm))
         .add_service(limited!(PrincipalAdminServiceServer, adm))
         .add_service(limited!(SidecarAdminServiceServer, adm))

@@ -23,7 +23,7 @@ use crate::state::{Control, storage};
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// How often a bundle watcher re-reads state written by other replicas.
-const RESYNC: Duration = Duration::from_secs(5);
+pub(crate) const RESYNC: Duration = Duration::from_secs(5);
 
 /// Most events accepted in one report batch.
 const MAX_BATCH: usize = 1000;
@@ -250,6 +250,7 @@ impl ApprovalGateService for SidecarApi {
                 command,
                 decision,
                 reasoning: r.reasoning.as_ref().map(ReasoningTrace::from),
+                access_seconds: None,
             },
             votes: Vec::new(),
             created_at: now,
@@ -258,58 +259,10 @@ impl ApprovalGateService for SidecarApi {
             reuse_key,
             reuse_until: None,
         };
-        // Subscribe before storing so no decision can slip between the two.
-        let mut updates = self.control.subscribe_approvals();
-        let stored = self
-            .control
-            .store
-            .create_approval(&approval)
-            .await
-            .map_err(storage)?;
-        if stored.id == approval.id {
-            tracing::info!(approval = %stored.id, connection = %r.connection, rule = %stored.request.decision.rule, "approval requested");
-            self.control.approval_changed(&stored).await;
-        }
-        let (tx, rx) = mpsc::channel(8);
-        let control = self.control.clone();
-        tokio::spawn(async move {
-            let id = stored.id.clone();
-            let mut last = stored;
-            if tx.send(Ok((&last).into())).await.is_err() {
-                return;
-            }
-            while !last.state.is_final() {
-                let until = (last.expires_at - Utc::now()).to_std().unwrap_or_default();
-                tokio::select! {
-                    u = updates.recv() => match u {
-                        Ok(a) if a.id == id && a.rev > last.rev => last = a,
-                        Ok(_) => continue,
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            if let Ok(Some(a)) = control.store.get_approval(&id).await { last = a }
-                        }
-                        Err(_) => break,
-                    },
-                    _ = tokio::time::sleep(until) => {
-                        match control.expire(&id).await {
-                            Ok(Some(a)) => last = a,
-                            _ => break,
-                        }
-                    }
-                    // Decisions taken on another replica.
-                    _ = tokio::time::sleep(RESYNC) => {
-                        match control.store.get_approval(&id).await {
-                            Ok(Some(a)) if a.rev != last.rev => last = a,
-                            _ => continue,
-                        }
-                    }
-                    _ = tx.closed() => return,
-                }
-                if tx.send(Ok((&last).into())).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let states = self.control.hold(approval).await?;
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(states).map(|a| Ok((&a).into())),
+        )))
     }
 }
 

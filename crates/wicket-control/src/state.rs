@@ -253,15 +253,34 @@ impl Control {
         let current = self
             .current()
             .ok_or_else(|| Status::failed_precondition("no policy has been applied yet"))?;
-        let doc = current.policy.bundle_for(connection).ok_or_else(|| {
+        let mut doc = current.policy.bundle_for(connection).ok_or_else(|| {
             Status::not_found(format!(
                 "connection `{connection}` is not defined in the policy"
             ))
         })?;
+        let now = Utc::now();
+        // Just-in-time grants in force, for exactly their principal.
+        for g in self
+            .store
+            .list_access_grants(Some(connection), now)
+            .await
+            .map_err(storage)?
+        {
+            doc.grants.push(wicket_policy::Grant {
+                id: g.id,
+                description: format!("just-in-time access ({}): {}", g.approval_id, g.reason),
+                connections: vec![connection.to_string()],
+                labels: Default::default(),
+                principals: vec![g.subject],
+                groups: Vec::new(),
+                kinds: Vec::new(),
+                expires: Some(g.until),
+                issuer: Some(g.issuer),
+            });
+        }
         let spec = &doc.connections[0];
         let json = serde_json::to_vec(&doc).map_err(|e| Status::internal(e.to_string()))?;
         let sha = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &json));
-        let now = Utc::now();
         let revocations = self
             .store
             .list_revocations(now)
@@ -334,7 +353,16 @@ impl Control {
             let result = a.cast(vote, now);
             if a.state == wicket_core::ApprovalState::Expired || result.is_ok() {
                 match self.store.update_approval(&mut a).await {
-                    Ok(()) => self.approval_changed(&a).await,
+                    Ok(()) => {
+                        // An approved access request becomes its grant
+                        // before anyone hears of the approval.
+                        if a.state == wicket_core::ApprovalState::Approved
+                            && let Some(secs) = a.request.access_seconds
+                        {
+                            self.grant_access(&a, secs, now).await?;
+                        }
+                        self.approval_changed(&a).await
+                    }
                     Err(StoreError::Conflict) => continue,
                     Err(e) => return Err(storage(e)),
                 }
@@ -354,6 +382,99 @@ impl Control {
             };
         }
         Err(Status::aborted("too many concurrent votes; try again"))
+    }
+
+    /// Stores a new approval request (or finds the one with its request id)
+    /// and follows it: the returned channel gets its state now and at every
+    /// change until it is final (decided here or on another replica, or
+    /// expired at its time). Dropping the receiver stops following.
+    pub async fn hold(
+        self: &Arc<Self>,
+        approval: Approval,
+    ) -> Result<tokio::sync::mpsc::Receiver<Approval>, Status> {
+        // Subscribe before storing so no decision can slip between the two.
+        let mut updates = self.subscribe_approvals();
+        let stored = self
+            .store
+            .create_approval(&approval)
+            .await
+            .map_err(storage)?;
+        if stored.id == approval.id {
+            tracing::info!(approval = %stored.id, connection = %stored.request.connection,
+                rule = %stored.request.decision.rule, "approval requested");
+            self.approval_changed(&stored).await;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let control = self.clone();
+        tokio::spawn(async move {
+            let id = stored.id.clone();
+            let mut last = stored;
+            if tx.send(last.clone()).await.is_err() {
+                return;
+            }
+            while !last.state.is_final() {
+                let until = (last.expires_at - Utc::now()).to_std().unwrap_or_default();
+                tokio::select! {
+                    u = updates.recv() => match u {
+                        Ok(a) if a.id == id && a.rev > last.rev => last = a,
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            if let Ok(Some(a)) = control.store.get_approval(&id).await { last = a }
+                        }
+                        Err(_) => break,
+                    },
+                    _ = tokio::time::sleep(until) => {
+                        match control.expire(&id).await {
+                            Ok(Some(a)) => last = a,
+                            _ => break,
+                        }
+                    }
+                    // Decisions taken on another replica whose news was lost.
+                    _ = tokio::time::sleep(crate::sidecar::RESYNC) => {
+                        match control.store.get_approval(&id).await {
+                            Ok(Some(a)) if a.rev != last.rev => last = a,
+                            _ => continue,
+                        }
+                    }
+                    _ = tx.closed() => return,
+                }
+                if tx.send(last.clone()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Stores the grant of an approved access request and sends it to the
+    /// connection's sidecars.
+    async fn grant_access(
+        &self,
+        a: &Approval,
+        secs: u32,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<(), Status> {
+        let r = &a.request;
+        let grant = wicket_store::AccessGrant {
+            id: format!("jit-{}", a.id),
+            approval_id: a.id.clone(),
+            issuer: r.principal.issuer.clone(),
+            subject: r.principal.subject.clone(),
+            label: r.principal.label().to_string(),
+            connection: r.connection.clone(),
+            reason: r
+                .reasoning
+                .as_ref()
+                .map(|t| t.reasoning.clone())
+                .unwrap_or_default(),
+            granted_at: now,
+            until: now + chrono::Duration::seconds(i64::from(secs)),
+        };
+        self.store.put_access_grant(&grant).await.map_err(storage)?;
+        tracing::info!(grant = %grant.id, principal = %grant.label, connection = %grant.connection,
+            until = %grant.until.to_rfc3339(), "just-in-time access granted");
+        self.bundle_changed().await;
+        Ok(())
     }
 
     /// Marks an approval expired if due, saving and publishing the change.

@@ -34,6 +34,12 @@ grants:
   - id: bots
     principals: [bot-1]
     connections: [orders-db]
+access:
+  - id: breakglass
+    connections: [orders-db]
+    groups: [oncall]
+    review: {approvers: [dba-leads], timeout: 1m}
+    max: 2h
 rules:
   - id: reads
     effect: allow
@@ -330,7 +336,7 @@ async fn policy_apply_validate_get_and_explain() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("bad.yaml:28:"), "{}", err.message());
+    assert!(err.message().contains("bad.yaml:34:"), "{}", err.message());
     assert!(
         err.message().contains("rules[3].condition"),
         "{}",
@@ -351,7 +357,7 @@ async fn policy_apply_validate_get_and_explain() {
     assert!(!v.valid);
     assert_eq!(
         (v.errors[0].line, v.errors[0].field.as_str()),
-        (28, "rules[3].condition")
+        (34, "rules[3].condition")
     );
 
     let got = h
@@ -710,18 +716,7 @@ async fn runs_on_postgres_too() {
     let h = start_with(Some(postgres_database().await)).await;
     assert_eq!(h.apply(POLICY).await.version, 1);
     let token = h.sidecar_token(&["orders-db"]).await;
-    let mut stream = BundleServiceClient::new(h.channel.clone())
-        .watch_bundle(with_token(
-            v1::WatchBundleRequest {
-                connection: "orders-db".into(),
-                known_version: 0,
-                instance: String::new(),
-            },
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch_orders_db(&h, &token).await;
     assert!(stream.next().await.unwrap().is_ok());
 }
 
@@ -1027,6 +1022,138 @@ async fn an_approval_can_cover_a_statement_fingerprint_for_a_while() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// Just-in-time access: asked for under an access rule, approved, carried in
+/// the connection's bundle for exactly that principal until it lapses.
+#[tokio::test]
+async fn just_in_time_access_is_approved_carried_and_lapses() {
+    use wicket_proto::v1::access_service_client::AccessServiceClient;
+    let h = start_with(None).await;
+    h.apply(POLICY).await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+    let olga = h.idp.mint(&TokenSpec::human("olga", &["oncall"]));
+    let stranger = h.idp.mint(&TokenSpec::human("sam", &["sales"]));
+    let lead = h.idp.mint(&TokenSpec::human(
+        "lead",
+        &["wicket-approvers", "dba-leads"],
+    ));
+    let mut access = AccessServiceClient::new(h.channel.clone());
+    let ask = |secs: u32, reason: &str, who: &str| {
+        with_token(
+            v1::AccessRequest {
+                connection: "orders-db".into(),
+                duration_seconds: secs,
+                reason: reason.into(),
+            },
+            who,
+        )
+    };
+    // Refusals: too long, no reason, nobody's rule, unknown connection.
+    for (req, code, says) in [
+        (
+            ask(3 * 3600, "incident", &olga),
+            Code::InvalidArgument,
+            "at most 2 h",
+        ),
+        (ask(60, "  ", &olga), Code::InvalidArgument, "say why"),
+        (
+            ask(60, "curious", &stranger),
+            Code::PermissionDenied,
+            "no access rule",
+        ),
+    ] {
+        let err = access.request_access(req).await.unwrap_err();
+        assert_eq!(err.code(), code);
+        assert!(err.message().contains(says), "{}", err.message());
+    }
+    let mut nowhere = ask(60, "x", &olga);
+    nowhere.get_mut().connection = "nope".into();
+    assert_eq!(
+        access.request_access(nowhere).await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    let mut bundles = watch_orders_db(&h, &token).await;
+    let before = bundles.next().await.unwrap().unwrap();
+    assert!(!String::from_utf8_lossy(&before.policy_json).contains("jit-"));
+
+    let mut updates = access
+        .request_access(ask(3, "incident 4711: replica lag", &olga))
+        .await
+        .unwrap()
+        .into_inner();
+    let pending = updates.next().await.unwrap().unwrap();
+    assert_eq!(pending.state, v1::ApprovalState::Pending as i32);
+    assert_eq!(pending.rule, "breakglass");
+    // Approvers see it like a held command, with the reason as reasoning.
+    let mut api = ApprovalAdminServiceClient::new(h.channel.clone());
+    let seen = api
+        .get_approval(with_token(
+            v1::GetApprovalRequest {
+                id: pending.approval_id.clone(),
+            },
+            &lead,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let req = seen.request.unwrap();
+    assert_eq!(req.command.unwrap().text, "access to orders-db for 3 s");
+    assert_eq!(
+        req.reasoning.unwrap().reasoning,
+        "incident 4711: replica lag"
+    );
+    api.approve(with_token(
+        v1::DecideRequest {
+            id: pending.approval_id.clone(),
+            comment: "go".into(),
+            reuse_seconds: 0,
+        },
+        &lead,
+    ))
+    .await
+    .unwrap();
+    let granted = updates.next().await.unwrap().unwrap();
+    assert_eq!(granted.state, v1::ApprovalState::Approved as i32);
+    let until = wicket_proto::convert::from_ts(granted.until.as_ref()).unwrap();
+    let left = until - chrono::Utc::now();
+    assert!(left > chrono::Duration::zero() && left <= chrono::Duration::seconds(3));
+
+    // The bundle now grants exactly olga (by issuer and subject) until then.
+    let with = tokio::time::timeout(Duration::from_secs(2), bundles.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&with.policy_json).unwrap();
+    let jit = doc["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == format!("jit-{}", pending.approval_id))
+        .expect("the access grant is in the bundle");
+    assert_eq!(jit["principals"], serde_json::json!(["olga"]));
+    assert_eq!(jit["issuer"], h.idp.issuer());
+    assert!(jit["expires"].is_string());
+
+    let list = |who: &str| {
+        let mut access = access.clone();
+        let who = who.to_string();
+        async move {
+            access
+                .list_access_grants(with_token(v1::ListAccessGrantsRequest::default(), &who))
+                .await
+                .unwrap()
+                .into_inner()
+                .grants
+        }
+    };
+    assert_eq!(list(&olga).await.len(), 1, "her own");
+    assert_eq!(list(&stranger).await.len(), 0, "not someone else's");
+    assert_eq!(list(&lead).await[0].reason, "incident 4711: replica lag");
+    tokio::time::sleep(left.to_std().unwrap() + Duration::from_millis(200)).await;
+    assert!(list(&lead).await.is_empty(), "lapsed");
+}
+
 /// A notification endpoint that is down delays no decision.
 #[tokio::test]
 async fn a_dead_webhook_never_slows_a_decision() {
@@ -1048,6 +1175,22 @@ async fn a_dead_webhook_never_slows_a_decision() {
         let (_, took) = request_and_approve(&h, &format!("d-{n}"), &token).await;
         assert!(took < Duration::from_millis(500), "decision took {took:?}");
     }
+}
+
+/// A sidecar's bundle watch on `orders-db`.
+async fn watch_orders_db(h: &Harness, token: &str) -> tonic::Streaming<v1::PolicyBundle> {
+    BundleServiceClient::new(h.channel.clone())
+        .watch_bundle(with_token(
+            v1::WatchBundleRequest {
+                connection: "orders-db".into(),
+                known_version: 0,
+                instance: String::new(),
+            },
+            token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// A fresh PostgreSQL database for one test.
@@ -1121,18 +1264,7 @@ async fn two_replicas_on_postgres_share_approvals_and_policy() {
     }
 
     // A bundle watcher on A sees the policy B applies, and a revocation B records.
-    let mut bundles = BundleServiceClient::new(a.channel.clone())
-        .watch_bundle(with_token(
-            v1::WatchBundleRequest {
-                connection: "orders-db".into(),
-                known_version: 0,
-                instance: String::new(),
-            },
-            &token,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut bundles = watch_orders_db(&a, &token).await;
     let first = bundles.next().await.unwrap().unwrap();
     let changed = POLICY.replace("timeout: 2s", "timeout: 3s");
     let t0 = std::time::Instant::now();

@@ -65,6 +65,10 @@ pub struct ApprovalRequest {
     /// The caller's reasoning.
     #[serde(default)]
     pub reasoning: Option<ReasoningTrace>,
+    /// Set on just-in-time access requests: how long the grant lasts once
+    /// approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_seconds: Option<u32>,
 }
 
 /// One approver's vote.

@@ -19,6 +19,12 @@ connections:
 grants:
   - id: agents
     groups: [agents]
+access:
+  - id: contractors
+    connections: [pg]
+    groups: [contractors]
+    review: {approvers: [dba], timeout: 30s}
+    max: 1h
 rules:
   - id: reads
     effect: allow
@@ -409,6 +415,58 @@ async fn psql_is_gated_statement_by_statement() {
         assert!(se.contains("waiting for approval"), "{se}");
         assert!(so.contains(expect) || se.contains(expect), "{so}\n{se}");
     }
+}
+
+/// Just-in-time access end to end: a contractor without a grant is refused,
+/// asks for access, and once a dba approves connects and works; when the
+/// grant lapses the open session is ended, and a new one is refused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn just_in_time_access_opens_sessions_until_it_lapses() {
+    use wicket_proto::v1::access_service_client::AccessServiceClient;
+    let e = Arc::new(start().await);
+    let temp = e.idp.mint(&TokenSpec::human("temp", &["contractors"]));
+    let lead = e
+        .idp
+        .mint(&TokenSpec::human("lead", &["wicket-approvers", "dba"]));
+    let o = e.psql(&temp, None, &["SELECT 1"]).await;
+    assert!(out(&o).1.contains("no-grant"), "{:?}", out(&o));
+
+    let mut updates = AccessServiceClient::new(e.channel.clone())
+        .request_access(auth(
+            v1::AccessRequest {
+                connection: "pg".into(),
+                duration_seconds: 6,
+                reason: "fix invoice 7".into(),
+            },
+            &temp,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let pending = updates.message().await.unwrap().unwrap();
+    e.decide_next(&lead, true, |a| assert_eq!(a.id, pending.approval_id))
+        .await;
+    let granted = updates.message().await.unwrap().unwrap();
+    assert_eq!(granted.state, v1::ApprovalState::Approved as i32);
+
+    // The grant reaches the sidecar with its next bundle.
+    let t0 = std::time::Instant::now();
+    loop {
+        let o = e.psql(&temp, None, &["SELECT 41 + 1"]).await;
+        if o.status.success() {
+            assert_eq!(out(&o).0.trim(), "42");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", out(&o));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A session still open when the grant lapses is ended then.
+    let o = e.psql(&temp, None, &["SELECT pg_sleep(30)"]).await;
+    assert!(!o.status.success());
+    assert!(out(&o).1.contains("access grant expired"), "{:?}", out(&o));
+    assert!(t0.elapsed() < Duration::from_secs(12), "{:?}", t0.elapsed());
+    let o = e.psql(&temp, None, &["SELECT 1"]).await;
+    assert!(out(&o).1.contains("no-grant"), "{:?}", out(&o));
 }
 
 /// An approver lets a held DELETE's approval cover the same statement shape

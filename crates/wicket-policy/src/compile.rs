@@ -187,17 +187,7 @@ impl Checker<'_> {
                 "timeout must be between 1s and 7d",
             );
         }
-        ReviewSpec {
-            approver_groups: doc.approvers.clone(),
-            quorum: if doc.one_per_group {
-                doc.approvers.len() as u32
-            } else {
-                doc.quorum
-            },
-            one_per_group: doc.one_per_group,
-            timeout_seconds: doc.timeout.0,
-            reuse_seconds: doc.reuse_for.0,
-        }
+        doc.spec()
     }
 
     fn condition(&mut self, field: String, src: &str, env: &cel::Env) -> Option<cel::Program> {
@@ -440,6 +430,28 @@ impl Policy {
                 );
             }
         }
+        let mut seen = HashSet::new();
+        for (i, a) in doc.access.iter().enumerate() {
+            let field = format!("access[{i}]");
+            ck.check_id(format!("{field}.id"), &a.id, &mut seen, "access rule id");
+            ck.check_connection_refs(format!("{field}.connections"), &a.connections, &names);
+            if a.connections.is_empty() {
+                ck.err(
+                    format!("{field}.connections"),
+                    "name at least one connection",
+                );
+            }
+            if a.principals.is_empty() && a.groups.is_empty() {
+                ck.err(
+                    field.clone(),
+                    "an access rule needs `principals` or `groups` (nobody could ask)",
+                );
+            }
+            if a.max.0 == 0 || a.max.0 > 7 * 86_400 {
+                ck.err(format!("{field}.max"), "max must be between 1s and 7d");
+            }
+            ck.review(format!("{field}.review"), &a.review);
+        }
         let default_review = doc
             .defaults
             .review
@@ -587,6 +599,22 @@ impl Policy {
             .map(|&i| &self.doc.connections[i])
     }
 
+    /// The first access rule that lets `principal` ask for just-in-time
+    /// access to `connection`.
+    pub fn access_rule(
+        &self,
+        connection: &str,
+        principal: &wicket_core::Principal,
+    ) -> Option<&crate::model::AccessRule> {
+        self.doc.access.iter().find(|a| {
+            glob::any(&a.connections, connection)
+                && ((!a.principals.is_empty()
+                    && crate::eval::principal_matches(&a.principals, principal))
+                    || (!a.groups.is_empty() && a.groups.iter().any(|g| principal.in_group(g))))
+                && (a.kinds.is_empty() || a.kinds.contains(&principal.kind))
+        })
+    }
+
     /// The part of the document one connection's sidecar needs: that
     /// connection, the grants and rules that can apply to it, and the defaults.
     pub fn bundle_for(&self, name: &str) -> Option<PolicyDocument> {
@@ -600,6 +628,7 @@ impl Policy {
             grants: Vec::new(),
             rules: Vec::new(),
             detectors: self.doc.detectors.clone(),
+            access: Vec::new(),
         };
         out.grants = self
             .doc

@@ -60,7 +60,7 @@ pub struct Explanation {
     pub grant: Option<String>,
 }
 
-fn principal_matches(patterns: &[String], p: &Principal) -> bool {
+pub(crate) fn principal_matches(patterns: &[String], p: &Principal) -> bool {
     patterns.is_empty()
         || patterns.iter().any(|pat| {
             glob::matches(pat, &p.subject)
@@ -77,8 +77,13 @@ fn kinds_match(kinds: &[PrincipalKind], p: &Principal) -> bool {
 }
 
 fn grant_allows(g: &Grant, p: &Principal, c: &ConnectionSpec, now: DateTime<Utc>) -> bool {
-    let who = (!g.principals.is_empty() && principal_matches(&g.principals, p))
-        || (!g.groups.is_empty() && groups_match(&g.groups, p));
+    let who = match &g.issuer {
+        Some(issuer) => *issuer == p.issuer && g.principals.contains(&p.subject),
+        None => {
+            (!g.principals.is_empty() && principal_matches(&g.principals, p))
+                || (!g.groups.is_empty() && groups_match(&g.groups, p))
+        }
+    };
     who && kinds_match(&g.kinds, p)
         && glob::any(&g.connections, &c.name)
         && g.labels.iter().all(|(k, v)| c.labels.get(k) == Some(v))
@@ -279,13 +284,7 @@ impl Policy {
                         .defaults
                         .review
                         .as_ref()
-                        .map(|r| wicket_core::ReviewSpec {
-                            approver_groups: r.approvers.clone(),
-                            quorum: r.quorum,
-                            one_per_group: r.one_per_group,
-                            timeout_seconds: r.timeout.0,
-                            reuse_seconds: r.reuse_for.0,
-                        })
+                        .map(crate::model::ReviewDoc::spec)
                 } else {
                     None
                 },

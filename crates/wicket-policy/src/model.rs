@@ -33,6 +33,42 @@ pub struct PolicyDocument {
     /// Custom masking detectors.
     #[serde(default)]
     pub detectors: Vec<CustomDetector>,
+    /// Who may ask for just-in-time access where, and who approves it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<AccessRule>,
+}
+
+/// A just-in-time access rule: principals it names may ask for a
+/// time-bound grant on its connections; once its approvers approve, the
+/// grant reaches the sidecars and lapses by itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    /// Unique id, named in the approval.
+    pub id: String,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+    /// Connection names or globs.
+    pub connections: Vec<String>,
+    /// Who may ask: subjects or display names (any matches).
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// Who may ask: groups (any matches). Empty with empty `principals`: nobody.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Restrict askers to humans or agents (empty: both).
+    #[serde(default)]
+    pub kinds: Vec<PrincipalKind>,
+    /// How the request is approved (approvers, quorum, how long it waits).
+    pub review: ReviewDoc,
+    /// Longest grant one request may ask for (`1h`; default 1h, at most 7d).
+    #[serde(default = "default_access_max")]
+    pub max: Seconds,
+}
+
+fn default_access_max() -> Seconds {
+    Seconds(3600)
 }
 
 fn one() -> u32 {
@@ -264,6 +300,11 @@ pub struct Grant {
     /// The grant lapses at this instant.
     #[serde(default)]
     pub expires: Option<DateTime<Utc>>,
+    /// Set on just-in-time grants: the grant is for the principal of this
+    /// issuer whose subject is exactly one of `principals` (no globs, no
+    /// display names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
 }
 
 /// A per-command rule.
@@ -338,6 +379,23 @@ pub struct ReviewDoc {
     /// connection (`30m`; default 0: one execution).
     #[serde(default)]
     pub reuse_for: Seconds,
+}
+
+impl ReviewDoc {
+    /// The review as decisions carry it.
+    pub fn spec(&self) -> wicket_core::ReviewSpec {
+        wicket_core::ReviewSpec {
+            approver_groups: self.approvers.clone(),
+            quorum: if self.one_per_group {
+                self.approvers.len() as u32
+            } else {
+                self.quorum
+            },
+            one_per_group: self.one_per_group,
+            timeout_seconds: self.timeout.0,
+            reuse_seconds: self.reuse_for.0,
+        }
+    }
 }
 
 fn default_timeout() -> Seconds {

@@ -472,3 +472,58 @@ fn conditions_see_every_variable_they_name() {
         assert_eq!(d.effect == Effect::Allow, expect, "{condition}: {d:?}");
     }
 }
+
+/// A just-in-time grant (issuer set) is for exactly one issuer and subject:
+/// no glob, no display name, no other issuer; and it lapses.
+#[test]
+fn issuer_bound_grants_match_one_principal_exactly() {
+    let doc = r#"
+connections:
+  - name: db
+    protocol: postgres
+grants:
+  - id: jit-1
+    principals: ["temp*"]
+    issuer: https://idp.example
+    expires: 2030-01-01T00:00:00Z
+access:
+  - id: contractors
+    connections: [db]
+    groups: [contractors]
+    review: {approvers: [dba]}
+"#;
+    let p = parse_and_compile(doc, "jit.yaml").unwrap();
+    let now = Utc.with_ymd_and_hms(2029, 6, 1, 0, 0, 0).unwrap();
+    let allowed = |who: &Principal, at| {
+        matches!(
+            p.authorize_session(who, "db", at),
+            SessionDecision::Allowed { .. }
+        )
+    };
+    let exact = human("temp*", &[]);
+    assert!(allowed(&exact, now));
+    assert!(!allowed(&human("temporary", &[]), now), "no glob");
+    let other_issuer = Principal {
+        issuer: "https://elsewhere".into(),
+        ..exact.clone()
+    };
+    assert!(!allowed(&other_issuer, now));
+    let named = Principal {
+        display_name: "temp*".into(),
+        ..human("mallory", &[])
+    };
+    assert!(!allowed(&named, now), "not by display name");
+    let later = Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 1).unwrap();
+    assert!(!allowed(&exact, later), "lapsed");
+    // The access rule is found for its groups and connections only.
+    assert_eq!(
+        p.access_rule("db", &human("c", &["contractors"]))
+            .map(|a| a.id.as_str()),
+        Some("contractors")
+    );
+    assert!(p.access_rule("db", &human("c", &["sales"])).is_none());
+    assert!(
+        p.access_rule("other", &human("c", &["contractors"]))
+            .is_none()
+    );
+}

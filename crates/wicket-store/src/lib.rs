@@ -92,6 +92,16 @@ pub trait Store: Send + Sync + 'static {
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Option<Approval>>;
 
+    /// Stores a just-in-time access grant (again: no change).
+    async fn put_access_grant(&self, grant: &AccessGrant) -> Result<()>;
+    /// Access grants in force at `now`, on one connection or all, soonest
+    /// to lapse first.
+    async fn list_access_grants(
+        &self,
+        connection: Option<&str>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<AccessGrant>>;
+
     /// Revokes (or re-revokes) a principal.
     async fn revoke(&self, revocation: &Revocation) -> Result<()>;
     /// Whether a principal is revoked at `now`.

@@ -8,6 +8,10 @@ pub const SQLITE: &[(i64, &str)] = &[
         3,
         include_str!("../migrations/sqlite/0003_approval_reuse.sql"),
     ),
+    (
+        4,
+        include_str!("../migrations/sqlite/0004_access_grants.sql"),
+    ),
 ];
 
 /// `(version, sql)` for PostgreSQL.
@@ -17,6 +21,10 @@ pub const POSTGRES: &[(i64, &str)] = &[
     (
         3,
         include_str!("../migrations/postgres/0003_approval_reuse.sql"),
+    ),
+    (
+        4,
+        include_str!("../migrations/postgres/0004_access_grants.sql"),
     ),
 ];
 

@@ -19,6 +19,29 @@ pub struct PolicyVersion {
     pub applied_at: DateTime<Utc>,
 }
 
+/// A just-in-time access grant: an approved access request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessGrant {
+    /// Id (`jit-` and the approval's id).
+    pub id: String,
+    /// The approval that granted it.
+    pub approval_id: String,
+    /// The grantee's issuer.
+    pub issuer: String,
+    /// The grantee's subject.
+    pub subject: String,
+    /// The grantee as people read it.
+    pub label: String,
+    /// Connection name.
+    pub connection: String,
+    /// Why it was asked for.
+    pub reason: String,
+    /// When it was approved.
+    pub granted_at: DateTime<Utc>,
+    /// When it lapses.
+    pub until: DateTime<Utc>,
+}
+
 /// A session, derived from its audit events.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionRecord {

@@ -632,6 +632,59 @@ impl Store for SqlStore {
         })
     }
 
+    async fn put_access_grant(&self, g: &AccessGrant) -> Result<()> {
+        with_pool!(self, |p| {
+            sqlx::query(
+                "INSERT INTO access_grants (id, approval_id, issuer, subject, label, connection, reason, granted_at, until) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&g.id)
+            .bind(&g.approval_id)
+            .bind(&g.issuer)
+            .bind(&g.subject)
+            .bind(&g.label)
+            .bind(&g.connection)
+            .bind(&g.reason)
+            .bind(ms(g.granted_at))
+            .bind(ms(g.until))
+            .execute(p)
+            .await?;
+            Ok(())
+        })
+    }
+
+    async fn list_access_grants(
+        &self,
+        connection: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<AccessGrant>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT id, approval_id, issuer, subject, label, connection, reason, granted_at, until \
+                 FROM access_grants WHERE ($1 = '' OR connection = $1) AND until > $2 ORDER BY until, id",
+            )
+            .bind(connection.unwrap_or(""))
+            .bind(ms(now))
+            .fetch_all(p)
+            .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                out.push(AccessGrant {
+                    id: r.try_get("id")?,
+                    approval_id: r.try_get("approval_id")?,
+                    issuer: r.try_get("issuer")?,
+                    subject: r.try_get("subject")?,
+                    label: r.try_get("label")?,
+                    connection: r.try_get("connection")?,
+                    reason: r.try_get("reason")?,
+                    granted_at: time(r.try_get("granted_at")?),
+                    until: time(r.try_get("until")?),
+                });
+            }
+            Ok(out)
+        })
+    }
+
     async fn list_revocations(&self, now: DateTime<Utc>) -> Result<Vec<Revocation>> {
         with_pool!(self, |p| {
             let rows = sqlx::query(

@@ -229,6 +229,38 @@ async fn approvals_are_idempotent_and_optimistic(s: Arc<dyn Store>) {
     );
 }
 
+async fn access_grants(s: Arc<dyn Store>) {
+    // Stored to the millisecond.
+    let now = chrono::DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap();
+    let grant = |id: &str, conn: &str, secs: i64| AccessGrant {
+        id: id.into(),
+        approval_id: format!("ap-{id}"),
+        issuer: "iss".into(),
+        subject: "bot".into(),
+        label: "bot".into(),
+        connection: conn.into(),
+        reason: "incident 42".into(),
+        granted_at: now,
+        until: now + Duration::seconds(secs),
+    };
+    s.put_access_grant(&grant("g1", "db", 60)).await.unwrap();
+    s.put_access_grant(&grant("g1", "db", 999)).await.unwrap(); // again: unchanged
+    s.put_access_grant(&grant("g2", "db", 30)).await.unwrap();
+    s.put_access_grant(&grant("g3", "other", 60)).await.unwrap();
+    let on_db = s.list_access_grants(Some("db"), now).await.unwrap();
+    assert_eq!(
+        on_db.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
+        ["g2", "g1"]
+    );
+    assert_eq!(on_db[1], grant("g1", "db", 60));
+    assert_eq!(s.list_access_grants(None, now).await.unwrap().len(), 3);
+    let later = now + Duration::seconds(45);
+    assert_eq!(
+        s.list_access_grants(Some("db"), later).await.unwrap().len(),
+        1
+    );
+}
+
 async fn revocations_sidecars_traces(s: Arc<dyn Store>) {
     let now = Utc::now();
     let r = Revocation {
@@ -344,6 +376,7 @@ suite!(
     events_are_idempotent_and_drive_sessions,
     approvals_are_idempotent_and_optimistic,
     revocations_sidecars_traces,
+    access_grants,
     keys_are_created_once,
 );
 
