@@ -549,6 +549,96 @@ async fn approvals_and_sessions_from_the_cli() {
     let _ = Path::new("");
 }
 
+/// `wicket access request` waits for approvers and prints the grant's end;
+/// `wicket access list` shows it; limits and `approve --for` answer clearly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_requests_from_the_cli() {
+    let e = std::sync::Arc::new(start().await);
+    let admin = e.admin();
+    let doc = format!(
+        "{POLICY}access:\n  - id: oncall\n    connections: [orders-db]\n    groups: [oncall]\n    review: {{approvers: [dba-leads]}}\n    max: 1h\n"
+    );
+    std::fs::write(e.dir.path().join("jit.yaml"), doc).unwrap();
+    ok(&e
+        .wicket(Some(&admin), &["policy", "apply", "-f", "jit.yaml"])
+        .await);
+    let olga = e.idp.mint(&TokenSpec::human("olga", &["oncall"]));
+    let lead = e.idp.mint(&TokenSpec::human(
+        "lead",
+        &["wicket-approvers", "dba-leads"],
+    ));
+    let ask = |dur: &str| {
+        [
+            "access",
+            "request",
+            "--connection",
+            "orders-db",
+            "--for",
+            dur,
+            "--reason",
+            "incident 9",
+        ]
+        .map(String::from)
+    };
+    let args = ask("2h");
+    let o = e
+        .wicket(
+            Some(&olga),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("at most 1 h"), "{:?}", text(&o));
+
+    let waiting = {
+        let (e, olga) = (e.clone(), olga.clone());
+        tokio::spawn(async move {
+            let args = ask("30m");
+            e.wicket(
+                Some(&olga),
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+            .await
+        })
+    };
+    let id = loop {
+        let listed = ok(&e
+            .wicket(Some(&lead), &["approvals", "list", "-o", "json"])
+            .await);
+        let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        if let Some(a) = v.as_array().unwrap().first() {
+            assert_eq!(a["command"]["text"], "access to orders-db for 30 min");
+            break a["id"].as_str().unwrap().to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // An access approval covers itself only.
+    let o = e
+        .wicket(Some(&lead), &["approvals", "approve", &id, "--for", "10m"])
+        .await;
+    assert!(text(&o).1.contains("one execution only"), "{:?}", text(&o));
+    ok(&e.wicket(Some(&lead), &["approvals", "approve", &id]).await);
+    let o = waiting.await.unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("waiting for approval") && err.contains("oncall"),
+        "{err}"
+    );
+    assert!(out.contains("until"), "{out}");
+    let listed = ok(&e
+        .wicket(Some(&olga), &["access", "list", "-o", "json"])
+        .await);
+    let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(v[0]["connection"], "orders-db");
+    assert_eq!(v[0]["reason"], "incident 9");
+    let o = e
+        .wicket(Some(&olga), &["approvals", "approve", &id, "--for", "soon"])
+        .await;
+    assert_eq!(o.status.code(), Some(2), "a bad duration is a usage error");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_login_writes_a_certificate_signed_by_the_control_ca() {
     let e = start().await;

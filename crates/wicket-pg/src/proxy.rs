@@ -755,7 +755,7 @@ impl PgGate {
                 );
                 let (result, ()) = tokio::join!(wait, notify);
                 match result {
-                    ApprovalOutcome::Approved { id } => {
+                    ApprovalOutcome::Approved { id, covered } => {
                         if let Some(name) = &name {
                             remember(state, name, &statements, Some(id));
                             return (raw.clone(), Expect::Ack);
@@ -765,7 +765,7 @@ impl PgGate {
                             &statements,
                             &decisions,
                             state,
-                            Some(("approved", &id)),
+                            Some((if covered { "covered" } else { "approved" }, &id)),
                             started,
                         );
                         return (raw.clone(), Expect::Query(pending));

@@ -530,6 +530,18 @@ async fn an_approval_can_cover_the_same_statement_shape_for_a_while() {
         .collect();
     assert_eq!(ran.len(), 2, "{approvals:#?}");
     assert_eq!(ran[0].1, ran[1].1, "one approval covers both");
+    // The audit tells the held one from the one run under its cover.
+    let events = e.events().await;
+    let outcome = |id: &str| {
+        events.iter().find_map(|ev| {
+            ev.command
+                .as_ref()
+                .filter(|c| c.text.contains(id))
+                .and_then(|_| ev.details.get("approval_outcome").cloned())
+        })
+    };
+    assert_eq!(outcome("1001").as_deref(), Some("approved"));
+    assert_eq!(outcome("1002").as_deref(), Some("covered"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -163,6 +163,9 @@ pub enum ApprovalOutcome {
     Approved {
         /// Approval id.
         id: String,
+        /// Approved at once by an earlier approval that covers the same
+        /// statement shape or command for a while (never held).
+        covered: bool,
     },
     /// Denied by an approver.
     Denied {
@@ -223,12 +226,12 @@ impl ApprovalOutcome {
     /// that held it), and the approval's outcome and id for the audit event.
     pub fn into_decision(self, held: Decision) -> (Decision, Option<(&'static str, String)>) {
         match self {
-            ApprovalOutcome::Approved { id } => (
+            ApprovalOutcome::Approved { id, covered } => (
                 Decision {
                     effect: Effect::Allow,
                     ..held
                 },
-                Some(("approved", id)),
+                Some((if covered { "covered" } else { "approved" }, id)),
             ),
             ApprovalOutcome::Denied { id, reason } => (
                 Decision::deny(
@@ -690,7 +693,12 @@ impl Sidecar {
                         }
                     }
                     Ok(v1::ApprovalState::Approved) => {
-                        return Ok(ApprovalOutcome::Approved { id: u.approval_id });
+                        // Approved before it was ever pending: an earlier
+                        // approval covers it.
+                        return Ok(ApprovalOutcome::Approved {
+                            id: u.approval_id,
+                            covered: on_pending.is_some(),
+                        });
                     }
                     Ok(v1::ApprovalState::Denied) => {
                         return Ok(ApprovalOutcome::Denied {
