@@ -19,7 +19,6 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde_json::json;
 use wicket_core::{AuditKind, Command, Decision, Effect};
 use wicket_policy::http::normalize_path;
 use wicket_policy::jsonpath::JsonPath;
@@ -27,9 +26,9 @@ use wicket_sidecar::web::{self, Body, BoxError, SessionRefused, TokenSessions, T
 use wicket_sidecar::{CallerTrace, LiveSession, Sidecar};
 
 use crate::classify::{HttpRequest, cap, field_value};
-use crate::login::{Login, LoginConfig, OWN_PREFIX, wants_login};
 use crate::mask::{BodyKind, MaskJob, Plan, PlanCache, Tally, body_kind, mask_body, mask_whole};
 use crate::upstream::{Credential, CredentialCache, Upstream};
+use wicket_sidecar::login::{Login, LoginConfig, OWN_PREFIX, wants_login};
 
 /// Gate settings.
 #[derive(Debug, Clone)]
@@ -117,28 +116,7 @@ fn problem_with(
     detail: &str,
     rule: Option<&str>,
 ) -> Response<Body> {
-    let mut body = json!({
-        "type": format!("urn:wicket:problem:{kind}"),
-        "title": status.canonical_reason().unwrap_or("Error"),
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    if let Some(r) = rule {
-        body["rule"] = json!(r);
-    }
-    let mut resp = Response::builder()
-        .status(status)
-        .header("content-type", "application/problem+json")
-        .header("cache-control", "no-store")
-        .body(web::full(body.to_string()))
-        .expect("static response");
-    if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(
-            "www-authenticate",
-            HeaderValue::from_static("Bearer realm=\"wicket\""),
-        );
-    }
-    resp
+    web::problem(status, kind, detail, rule)
 }
 
 /// The refusal of a denied request: 403, naming the rule.

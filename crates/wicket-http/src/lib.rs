@@ -11,10 +11,9 @@
 
 pub mod classify;
 pub mod gate;
-pub mod login;
 pub mod mask;
 pub mod upstream;
 
 pub use gate::{HttpConfig, HttpGate, problem, serve};
-pub use login::LoginConfig;
 pub use upstream::{Credential, Secret, Upstream, UpstreamSpec};
+pub use wicket_sidecar::login::LoginConfig;

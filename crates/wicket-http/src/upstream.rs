@@ -3,7 +3,6 @@
 //! credential the gate injects.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,29 +16,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use wicket_sidecar::web::Body;
 
-/// A secret the gate reads: given, or from a file re-read every minute
-/// (mounted Secrets rotate).
-#[derive(Clone)]
-pub enum Secret {
-    /// A fixed value.
-    Value(String),
-    /// A file.
-    File(PathBuf),
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Secret::Value(_) => f.write_str("Secret::Value(…)"),
-            Secret::File(p) => write!(f, "Secret::File({})", p.display()),
-        }
-    }
-}
-
-/// Reads a secret (a file's contents without its final line break).
-pub fn read_secret(secret: &Secret) -> Result<String, String> {
-    CredentialCache::read(secret)
-}
+// A secret the gate reads: given, or from a file re-read every minute
+// (mounted Secrets rotate).
+pub use wicket_sidecar::secret::{Secret, read_secret};
 
 /// The credential the gate adds to every upstream request.
 #[derive(Debug, Clone)]
@@ -74,12 +53,7 @@ impl CredentialCache {
     }
 
     fn read(secret: &Secret) -> Result<String, String> {
-        match secret {
-            Secret::Value(v) => Ok(v.clone()),
-            Secret::File(p) => std::fs::read_to_string(p)
-                .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-                .map_err(|e| format!("cannot read the upstream credential {}: {e}", p.display())),
-        }
+        read_secret(secret)
     }
 
     fn build(&self) -> Result<Option<CredentialHeader>, String> {

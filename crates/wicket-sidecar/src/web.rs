@@ -46,6 +46,39 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
+/// An RFC 9457 problem (`application/problem+json`): `urn:wicket:problem:KIND`
+/// with the detail, and the rule that decided it when there is one; a 401
+/// also says `WWW-Authenticate: Bearer`.
+pub fn problem(
+    status: hyper::StatusCode,
+    kind: &str,
+    detail: &str,
+    rule: Option<&str>,
+) -> hyper::Response<Body> {
+    let mut body = serde_json::json!({
+        "type": format!("urn:wicket:problem:{kind}"),
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    if let Some(r) = rule {
+        body["rule"] = serde_json::json!(r);
+    }
+    let mut resp = hyper::Response::builder()
+        .status(status)
+        .header("content-type", "application/problem+json")
+        .header("cache-control", "no-store")
+        .body(full(body.to_string()))
+        .expect("static response");
+    if status == hyper::StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            "www-authenticate",
+            hyper::header::HeaderValue::from_static("Bearer realm=\"wicket\""),
+        );
+    }
+    resp
+}
+
 /// An empty body.
 pub fn empty() -> Body {
     full(Bytes::new())

@@ -14,12 +14,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::web::{self, Body};
 use base64::Engine as _;
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Response, StatusCode};
-use wicket_sidecar::web::{self, Body};
 
-use crate::upstream::Secret;
+use crate::secret::{Secret, read_secret};
 
 /// Path prefix of the gate's own endpoints.
 pub const OWN_PREFIX: &str = "/.wicket/";
@@ -216,7 +216,12 @@ impl Login {
         let ep = match self.endpoints().await {
             Ok(e) => e,
             Err(e) => {
-                return crate::problem(StatusCode::BAD_GATEWAY, "login", &format!("wicket: {e}"));
+                return web::problem(
+                    StatusCode::BAD_GATEWAY,
+                    "login",
+                    &format!("wicket: {e}"),
+                    None,
+                );
             }
         };
         let state = random(16);
@@ -250,12 +255,13 @@ impl Login {
         let mut url = match url::Url::parse(&ep.authorize) {
             Ok(u) => u,
             Err(e) => {
-                return crate::problem(
+                return web::problem(
                     StatusCode::BAD_GATEWAY,
                     "login",
                     &format!(
                         "wicket: the identity provider's authorization endpoint is not a URL: {e}"
                     ),
+                    None,
                 );
             }
         };
@@ -289,7 +295,7 @@ impl Login {
                 if let Some(id) = cookie(h, self.cookie_name()) {
                     self.sessions.lock().expect("sessions").remove(&sha256(&id));
                 }
-                let mut r = crate::problem(StatusCode::OK, "logged-out", "wicket: logged out");
+                let mut r = web::problem(StatusCode::OK, "logged-out", "wicket: logged out", None);
                 if let Ok(v) = HeaderValue::from_str(&self.set_cookie("", 0)) {
                     r.headers_mut().insert("set-cookie", v);
                 }
@@ -302,10 +308,11 @@ impl Login {
                     .unwrap_or_else(|| "/".into());
                 self.start(&to).await
             }
-            _ => crate::problem(
+            _ => web::problem(
                 StatusCode::NOT_FOUND,
                 "not-found",
                 "wicket: no such gate endpoint",
+                None,
             ),
         }
     }
@@ -327,10 +334,11 @@ impl Login {
             .into_owned()
             .collect();
         let fail = |detail: String| {
-            crate::problem(
+            web::problem(
                 StatusCode::UNAUTHORIZED,
                 "login",
                 &format!("wicket: {detail}"),
+                None,
             )
         };
         if let Some(e) = q.get("error") {
@@ -351,7 +359,12 @@ impl Login {
         let ep = match self.endpoints().await {
             Ok(e) => e,
             Err(e) => {
-                return crate::problem(StatusCode::BAD_GATEWAY, "login", &format!("wicket: {e}"));
+                return web::problem(
+                    StatusCode::BAD_GATEWAY,
+                    "login",
+                    &format!("wicket: {e}"),
+                    None,
+                );
             }
         };
         let mut form = vec![
@@ -362,13 +375,14 @@ impl Login {
             ("code_verifier", pending.verifier),
         ];
         if let Some(secret) = &self.cfg.client_secret {
-            match crate::upstream::read_secret(secret) {
+            match read_secret(secret) {
                 Ok(s) => form.push(("client_secret", s)),
                 Err(e) => {
-                    return crate::problem(
+                    return web::problem(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "login",
                         &format!("wicket: {e}"),
+                        None,
                     );
                 }
             }
@@ -376,10 +390,11 @@ impl Login {
         let resp = match self.http.post(&ep.token).form(&form).send().await {
             Ok(r) => r,
             Err(e) => {
-                return crate::problem(
+                return web::problem(
                     StatusCode::BAD_GATEWAY,
                     "login",
                     &format!("wicket: cannot reach the identity provider's token endpoint: {e}"),
+                    None,
                 );
             }
         };
@@ -405,10 +420,11 @@ impl Login {
             let now = Instant::now();
             g.retain(|_, s| s.expires > now);
             if g.len() >= MAX_SESSIONS {
-                return crate::problem(
+                return web::problem(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "login",
                     "wicket: too many browser sessions; try again later",
+                    None,
                 );
             }
             g.insert(
