@@ -50,9 +50,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let [idp_port, control_port] = util::demo_ports(
+    let [idp_port, control_port, console_port] = util::demo_ports(
         check,
-        [7480, 7470],
+        [7480, 7470, 7471],
         "the demo identity provider and wicket-control",
     )?;
     let mut kids = Children::default();
@@ -76,6 +76,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "wicket-control",
         Command::new(bin.join("wicket-control"))
             .env("WICKET_LISTEN", format!("127.0.0.1:{control_port}"))
+            .env("WICKET_CONSOLE_LISTEN", format!("127.0.0.1:{console_port}"))
+            .env("WICKET_CONSOLE_CLIENT_ID", "wicket-console")
             .env("WICKET_DATABASE_URL", format!("sqlite:{}", db.display()))
             .env("WICKET_OIDC_ISSUER", get(&env, "WICKET_OIDC_ISSUER"))
             .env("WICKET_POLICY_FILE", root.join("deploy/demo/policy.yaml")),
@@ -86,6 +88,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
         return Err(format!("{e}\n{log}"));
     }
     env.push(("WICKET_CONTROL".into(), control_url.clone()));
+    let console_url = format!("http://127.0.0.1:{console_port}");
+    env.push(("WICKET_CONSOLE_URL".into(), console_url.clone()));
     env.push(("WICKET_TOKEN".into(), get(&env, "WICKET_ADMIN_TOKEN")));
     let env_path = dir.join("env");
     // The demo database behind its gate.
@@ -186,6 +190,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         db.display()
     );
     println!("  control service (gRPC)   {control_url}");
+    println!("  approver console         {console_url}  (signs you in as the demo admin)");
     println!(
         "  identity provider (OIDC) {}",
         get(&env, "WICKET_OIDC_ISSUER")

@@ -78,6 +78,12 @@ impl Authenticator {
     /// Authenticates an admin-facing call and checks its permission.
     pub async fn admin(&self, md: &MetadataMap, need: Permission) -> Result<Principal, Status> {
         let p = self.user(md).await?.principal;
+        self.check(&p, need)?;
+        Ok(p)
+    }
+
+    /// Whether `p` holds a role that allows `need`.
+    pub fn check(&self, p: &Principal, need: Permission) -> Result<(), Status> {
         let r = &self.roles;
         let ok = p.in_group(&r.admin)
             || match need {
@@ -96,12 +102,17 @@ impl Authenticator {
                 p.label()
             )));
         }
-        Ok(p)
+        Ok(())
     }
 
     /// Authenticates any signed-in, unrevoked principal (no role needed).
     pub async fn user(&self, md: &MetadataMap) -> Result<wicket_identity::Identity, Status> {
-        let token = bearer(md)?;
+        self.user_token(bearer(md)?).await
+    }
+
+    /// [`Authenticator::user`] for a token already taken from its carrier
+    /// (the console's session cookie).
+    pub async fn user_token(&self, token: &str) -> Result<wicket_identity::Identity, Status> {
         if token.starts_with("wks_") {
             return Err(Status::permission_denied(
                 "sidecar credentials cannot call the admin API",

@@ -95,9 +95,28 @@ pub struct Config {
     #[arg(long, env = "WICKET_SLACK_WEBHOOK_URL", hide_env_values = true)]
     pub slack_webhook_url: Option<String>,
 
-    /// Base URL of the web console, for links in notifications.
+    /// Serve the web console for approvers and auditors on this address.
+    #[arg(long, env = "WICKET_CONSOLE_LISTEN")]
+    pub console_listen: Option<SocketAddr>,
+
+    /// The console's external base URL (its sign-in callback is
+    /// `URL/.wicket/callback`, and notifications link to it); default
+    /// `http://` and the console's listen address.
     #[arg(long, env = "WICKET_CONSOLE_URL")]
     pub console_url: Option<String>,
+
+    /// The console's OAuth client id at the identity provider.
+    #[arg(
+        long,
+        env = "WICKET_CONSOLE_CLIENT_ID",
+        default_value = "wicket-console"
+    )]
+    pub console_client_id: String,
+
+    /// File holding the console's client secret (a confidential client;
+    /// PKCE is used either way).
+    #[arg(long, env = "WICKET_CONSOLE_CLIENT_SECRET_FILE")]
+    pub console_client_secret_file: Option<PathBuf>,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "WICKET_LOG_FORMAT", default_value = "text")]
@@ -119,8 +138,33 @@ impl Config {
             webhook_url: self.webhook_url.clone(),
             webhook_secret,
             slack_url: self.slack_webhook_url.clone(),
-            console_url: self.console_url.clone(),
+            console_url: self.console_base(),
         })
+    }
+
+    /// The console's base URL, when there is a console to link to.
+    pub fn console_base(&self) -> Option<String> {
+        self.console_url
+            .clone()
+            .or_else(|| self.console_listen.map(|a| format!("http://{a}")))
+    }
+
+    /// The console's settings, when it is on.
+    pub fn console(&self) -> Result<Option<crate::console::ConsoleConfig>, String> {
+        let Some(base) = self.console_listen.and(self.console_base()) else {
+            return Ok(None);
+        };
+        let public_url = url::Url::parse(&base)
+            .map_err(|e| format!("--console-url `{base}` is not a URL: {e}"))?;
+        Ok(Some(crate::console::ConsoleConfig {
+            issuer: self.oidc_issuer.clone(),
+            client_id: self.console_client_id.clone(),
+            client_secret: self
+                .console_client_secret_file
+                .clone()
+                .map(wicket_sidecar::secret::Secret::File),
+            public_url,
+        }))
     }
 
     /// The defaults every flag has, with the given issuer, database and

@@ -9,6 +9,7 @@ pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod notify;
 pub mod sidecar;
 pub mod ssh_ca;
@@ -85,6 +86,12 @@ pub async fn run(
     }
     tokio::spawn(control.clone().upkeep(Duration::from_secs(5)));
     tokio::spawn(control.clone().follow_replicas());
+    if let (Some(console), Some(addr)) = (cfg.console()?, cfg.console_listen) {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen for the console on {addr}: {e}"))?;
+        console::spawn(control.clone(), console, listener)?;
+    }
 
     let max = cfg.max_message_bytes;
     let side = sidecar::SidecarApi {

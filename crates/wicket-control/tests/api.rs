@@ -1154,6 +1154,189 @@ async fn just_in_time_access_is_approved_carried_and_lapses() {
     assert!(list(&lead).await.is_empty(), "lapsed");
 }
 
+/// Signs `who` in to the console at `base` the way a browser does (curl
+/// following the redirects through the identity provider); returns the
+/// session cookie (`name=value`).
+async fn console_login(h: &Harness, base: &str, who: TokenSpec) -> String {
+    h.idp.set_device_user(who);
+    let jar = h._dir.path().join(format!("jar-{}", uuid::Uuid::new_v4()));
+    let (j, url) = (jar.clone(), format!("{base}/approvals"));
+    let o = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sS", "-L", "-c"])
+            .arg(&j)
+            .arg("-b")
+            .arg(&j)
+            .args(["-H", "Accept: text/html", "-w", "\n%{http_code}", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let page = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        page.contains("<title>Wicket console</title>") && page.ends_with("200"),
+        "{page}"
+    );
+    let jar = std::fs::read_to_string(&jar).unwrap();
+    assert!(
+        jar.contains("#HttpOnly_"),
+        "the session cookie is HttpOnly: {jar}"
+    );
+    let line = jar.lines().find(|l| l.contains("wicket_session")).unwrap();
+    let f: Vec<&str> = line.split('\t').collect();
+    format!("{}={}", f[5], f[6])
+}
+
+/// The console: sign-in through the identity provider, pending approvals
+/// with their reasoning, a live event stream, votes that need the CSRF
+/// header and the approver role, and a held command released by a vote.
+#[tokio::test]
+async fn the_console_shows_and_decides_approvals() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let h = start_tuned(TestIdp::start("wicket").await, None, |c| {
+        c.console_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    })
+    .await;
+    h.apply(POLICY).await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+    let http = reqwest::Client::new();
+    // Not signed in: the API says so; a browser is sent to sign in.
+    let r = http
+        .get(format!("{base}/api/approvals"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{base}/approvals"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    assert!(
+        r.headers()["location"]
+            .to_str()
+            .unwrap()
+            .starts_with(&h.idp.issuer())
+    );
+
+    let lead = console_login(
+        &h,
+        &base,
+        TokenSpec::human("lead", &["wicket-approvers", "dba-leads"]),
+    )
+    .await;
+    let auditor = console_login(&h, &base, TokenSpec::human("audra", &["wicket-auditors"])).await;
+    let get = |path: &str, cookie: &str| {
+        http.get(format!("{base}{path}"))
+            .header("cookie", cookie)
+            .send()
+    };
+    let me: serde_json::Value = get("/api/me", &lead).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (me["can_read"].as_bool(), me["can_decide"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let me: serde_json::Value = get("/api/me", &auditor)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["can_decide"], false);
+
+    // A held command appears, with its reasoning, and the page is locked down.
+    let mut events = get("/api/events", &lead).await.unwrap();
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let mut waiting = ApprovalGateServiceClient::new(h.channel.clone())
+        .request_approval(held_delete("c-1", &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = waiting.next().await.unwrap().unwrap().approval_id;
+    let list: serde_json::Value = get("/api/approvals", &auditor)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(
+        list[0]["request"]["reasoning"]["reasoning"],
+        "clean up the duplicate order <#42>"
+    );
+    let page = get("/", &lead).await.unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+    let js = get("/console.js", &lead)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!js.contains("innerHTML"), "values are set as text only");
+
+    // Votes: the CSRF header and the approver role are required.
+    let vote = |cookie: &str, csrf: bool, verb: &str| {
+        let mut r = http
+            .post(format!("{base}/api/approvals/{id}/{verb}"))
+            .header("cookie", cookie)
+            .header("content-type", "application/json")
+            .body(r#"{"comment":"checked in the console"}"#);
+        if csrf {
+            r = r.header("x-wicket-csrf", "1");
+        }
+        r.send()
+    };
+    assert_eq!(vote(&lead, false, "approve").await.unwrap().status(), 403);
+    assert_eq!(vote(&auditor, true, "approve").await.unwrap().status(), 403);
+    let r = vote(&lead, true, "approve").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let decided = waiting.next().await.unwrap().unwrap();
+    assert_eq!(decided.state, v1::ApprovalState::Approved as i32);
+    assert_eq!(decided.votes[0].comment, "checked in the console");
+    assert_eq!(
+        vote(&lead, true, "deny").await.unwrap().status(),
+        409,
+        "already decided"
+    );
+
+    // The event stream carried the request and the decision.
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !seen.contains("\"approved\"") {
+        let chunk = tokio::time::timeout_at(deadline, events.chunk())
+            .await
+            .expect("events arrive")
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        seen.contains("event: approval") && seen.contains(&id),
+        "{seen}"
+    );
+
+    // Sessions are listed for readers.
+    let sessions = get("/api/sessions", &auditor).await.unwrap();
+    assert_eq!(sessions.status(), 200);
+    // Signing out ends the cookie's session.
+    get("/.wicket/logout", &lead).await.unwrap();
+    assert_eq!(get("/api/me", &lead).await.unwrap().status(), 401);
+}
+
 /// A notification endpoint that is down delays no decision.
 #[tokio::test]
 async fn a_dead_webhook_never_slows_a_decision() {
