@@ -133,6 +133,10 @@ pub fn ensure_installed() -> Result<(), String> {
     if !Path::new("/usr/lib/google-cloud-sdk/bin/kubectl.1.33").exists() {
         apt.push("kubectl");
     }
+    // The console's browser test: Debian's chromium, driven by playwright-core.
+    if !Path::new("/usr/bin/chromium").exists() {
+        apt.push("chromium");
+    }
     // `script` gives kubectl a terminal in the interactive exec test.
     if !have("script") {
         apt.push("bsdutils");
@@ -144,22 +148,27 @@ pub fn ensure_installed() -> Result<(), String> {
     }
     util::apt_install(&apt)?;
     ensure_python()?;
-    let idp = root().join("tests/idp");
-    let lock = idp.join("package-lock.json");
-    let marker = idp.join("node_modules/.package-lock.json");
-    let stale = match (std::fs::metadata(&lock), std::fs::metadata(&marker)) {
-        (Ok(l), Ok(m)) => l.modified().ok() > m.modified().ok(),
-        _ => true,
-    };
-    if stale || !idp.join("node_modules/oidc-provider").exists() {
-        util::step("npm ci (tests/idp: oidc-provider)");
-        let status = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(&idp)
-            .status()
-            .map_err(|e| format!("cannot run npm: {e}"))?;
-        if !status.success() {
-            return Err("npm ci in tests/idp failed".into());
+    for (dir, package) in [
+        ("tests/idp", "oidc-provider"),
+        ("tests/browser", "playwright-core"),
+    ] {
+        let at = root().join(dir);
+        let lock = at.join("package-lock.json");
+        let marker = at.join("node_modules/.package-lock.json");
+        let stale = match (std::fs::metadata(&lock), std::fs::metadata(&marker)) {
+            (Ok(l), Ok(m)) => l.modified().ok() > m.modified().ok(),
+            _ => true,
+        };
+        if stale || !at.join("node_modules").join(package).exists() {
+            util::step(&format!("npm ci ({dir}: {package})"));
+            let status = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&at)
+                .status()
+                .map_err(|e| format!("cannot run npm: {e}"))?;
+            if !status.success() {
+                return Err(format!("npm ci in {dir} failed"));
+            }
         }
     }
     Ok(())

@@ -105,6 +105,8 @@ struct Opts {
     strict_cleartext: bool,
     /// Another policy than [`POLICY`].
     policy: Option<&'static str>,
+    /// Serve the approver console (on a free port).
+    console: bool,
 }
 
 async fn start() -> Env {
@@ -131,7 +133,14 @@ async fn start_with(opts: Opts) -> Env {
         "CREATE TABLE customers (id int primary key, name text, email text); \
          INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com'), (2, 'Bob', 'bob@example.com')",
     );
-    let stack = Stack::start("pg", opts.policy.unwrap_or(POLICY)).await;
+    let console = opts.console.then(|| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    });
+    let stack = Stack::start_tuned("pg", opts.policy.unwrap_or(POLICY), |c| {
+        c.console_listen = console;
+    })
+    .await;
     let (addr, user, password) = upstream_from_url(&url);
     let gate = PgGate::new(
         stack.sidecar.clone(),
@@ -414,6 +423,89 @@ async fn psql_is_gated_statement_by_statement() {
         let (so, se) = out(&o);
         assert!(se.contains("waiting for approval"), "{se}");
         assert!(so.contains(expect) || se.contains(expect), "{so}\n{se}");
+    }
+}
+
+/// The approver console in a real browser (Debian's chromium driven by
+/// Playwright): an agent's held DELETE appears live in the console with its
+/// reasoning, a dba approves it there and psql's statement completes; a
+/// denial there returns the dba's reason to psql.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dba_decides_held_statements_in_the_browser_console() {
+    use tokio::io::AsyncBufReadExt as _;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser/decide.mjs");
+    let chromium =
+        std::env::var("WICKET_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).exists()
+            && script
+                .with_file_name("node_modules/playwright-core")
+                .exists(),
+        "chromium and playwright-core are missing: `cargo xtask test` installs them"
+    );
+    let e = Arc::new(
+        start_with(Opts {
+            console: true,
+            ..Opts::default()
+        })
+        .await,
+    );
+    let console = format!("http://{}", e.control_cfg.console_listen.unwrap());
+    e.idp
+        .set_device_user(TokenSpec::human("dana", &["wicket-approvers", "dba"]));
+    let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    for (verb, comment, sql, expect) in [
+        (
+            "approve",
+            "ok for ticket 12",
+            "DELETE FROM customers WHERE id = 2",
+            "DELETE 1",
+        ),
+        (
+            "deny",
+            "not during the audit",
+            "DELETE FROM customers WHERE id = 1",
+            "not during the audit",
+        ),
+    ] {
+        let mut browser = tokio::process::Command::new("node")
+            .arg(&script)
+            .args([&console, verb, comment])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let mut lines = tokio::io::BufReader::new(browser.stdout.take().unwrap()).lines();
+        let mut next = async || {
+            tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+                .await
+                .expect("the browser answers within a minute")
+                .unwrap()
+                .unwrap_or_default()
+        };
+        // The console is open (signed in through the identity provider)
+        // before the statement is even sent: the approval arrives live.
+        assert_eq!(next().await, "ready");
+        let held = {
+            let (e, agent) = (e.clone(), agent.clone());
+            tokio::spawn(async move { e.psql(&agent, Some("remove test customer"), &[sql]).await })
+        };
+        let card: serde_json::Value = serde_json::from_str(&next().await).unwrap();
+        let card = card["card"].as_str().unwrap().to_string();
+        assert!(
+            card.contains(sql) && card.contains("remove test customer") && card.contains("writes"),
+            "{card}"
+        );
+        assert_eq!(next().await, "decided");
+        assert!(browser.wait().await.unwrap().success());
+        let o = held.await.unwrap();
+        let (so, se) = out(&o);
+        assert!(se.contains("waiting for approval"), "{se}");
+        assert!(
+            so.contains(expect) || se.contains(expect),
+            "{verb}: {so}\n{se}"
+        );
     }
 }
 
@@ -859,7 +951,7 @@ async fn tls_on_both_legs_with_verification() {
         ),
         upstream_tls: Some(upstream("ca.pem")),
         strict_cleartext: true,
-        policy: None,
+        ..Opts::default()
     })
     .await;
     let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));

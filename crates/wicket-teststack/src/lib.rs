@@ -69,6 +69,15 @@ impl Stack {
     /// Everything for a gate of `connection` under `policy`; returns once
     /// the sidecar holds the policy bundle.
     pub async fn start(connection: &str, policy: &str) -> Stack {
+        Stack::start_tuned(connection, policy, |_| {}).await
+    }
+
+    /// [`Stack::start`] with the control service's settings changed by `tune`.
+    pub async fn start_tuned(
+        connection: &str,
+        policy: &str,
+        tune: impl FnOnce(&mut wicket_control::Config),
+    ) -> Stack {
         wicket_testkit::init_crypto();
         let idp = TestIdp::start("wicket").await;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -76,7 +85,7 @@ impl Stack {
             .await
             .expect("bind");
         let control_addr = listener.local_addr().expect("addr");
-        let cfg = wicket_control::Config {
+        let mut cfg = wicket_control::Config {
             max_message_bytes: 4 << 20,
             agent_rules: vec!["client-credentials".into()],
             ..wicket_control::Config::defaults(
@@ -85,6 +94,7 @@ impl Stack {
                 control_addr,
             )
         };
+        tune(&mut cfg);
         let control_cfg = cfg.clone();
         let control = spawn_control(cfg, listener);
         let channel = connect(&control_addr.to_string()).await;
