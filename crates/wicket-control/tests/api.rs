@@ -1337,6 +1337,111 @@ async fn the_console_shows_and_decides_approvals() {
     assert_eq!(get("/api/me", &lead).await.unwrap().status(), 401);
 }
 
+/// A terminal session's recording plays in the console, in a real browser
+/// (Debian's chromium driven by Playwright), for a read-only auditor.
+#[tokio::test]
+async fn the_console_replays_terminal_recordings_in_a_browser() {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser/replay.mjs");
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists()
+            && script
+                .with_file_name("node_modules/playwright-core")
+                .exists(),
+        "chromium and playwright-core are missing: `cargo xtask test` installs them"
+    );
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let h = start_tuned(TestIdp::start("wicket").await, None, |c| {
+        c.console_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    })
+    .await;
+    h.apply(POLICY).await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+    // A shell session as the SSH gate records it: a header, then output
+    // lines (with a colour, a clear screen and a cursor move) and input.
+    let header = r#"{"version":2,"width":40,"height":6}"#;
+    let lines = [
+        r#"[0.1,"o","$ "]"#,
+        r#"[0.4,"i","ls\r"]"#,
+        r#"[0.5,"o","ls\r\n\u001b[1;34mnotes.txt\u001b[0m\r\n$ "]"#,
+        r#"[3.0,"o","\u001b[2J\u001b[Hclear\r\n$ top\u001b[3;1Hbottom line"]"#,
+    ];
+    let ev =
+        |id: &str, seq: u64, kind: v1::AuditKind, details: Vec<(&str, String)>| v1::AuditEvent {
+            id: id.into(),
+            session_id: "sess-tty".into(),
+            seq,
+            time: Some(wicket_proto::convert::ts(chrono::Utc::now())),
+            kind: kind as i32,
+            connection: "orders-db".into(),
+            principal: Some(principal("ada")),
+            details: details
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            ..Default::default()
+        };
+    let events = vec![
+        ev("t1", 1, v1::AuditKind::SessionStart, vec![]),
+        ev(
+            "t2",
+            2,
+            v1::AuditKind::Output,
+            vec![("channel", "0".into()), ("asciicast_header", header.into())],
+        ),
+        ev(
+            "t3",
+            3,
+            v1::AuditKind::Output,
+            vec![
+                ("channel", "0".into()),
+                (
+                    "asciicast",
+                    lines.iter().map(|l| format!("{l}\n")).collect(),
+                ),
+            ],
+        ),
+    ];
+    let mut acks = AuditServiceClient::new(h.channel.clone())
+        .report(with_token(
+            tokio_stream::iter(vec![v1::ReportRequest { events }]),
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.next().await.unwrap().unwrap().acked_ids.len(), 3);
+
+    h.idp
+        .set_device_user(TokenSpec::human("audra", &["wicket-auditors"]));
+    let o = tokio::process::Command::new("node")
+        .arg(&script)
+        .args([
+            &format!("http://127.0.0.1:{port}"),
+            "sess-tty",
+            "bottom line",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{out}\n{err}");
+    let screen: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    // The screen after the clear: the old lines are gone, the cursor move
+    // put the last text on the third row, and no escape codes show.
+    assert_eq!(
+        screen["screen"].as_str().unwrap().trim_end(),
+        "clear\n$ top\nbottom line",
+        "{out}"
+    );
+}
+
 /// A notification endpoint that is down delays no decision.
 #[tokio::test]
 async fn a_dead_webhook_never_slows_a_decision() {

@@ -140,10 +140,118 @@ async function showSessions() {
   view().replaceChildren(el("h2", {}, "Sessions"), t);
 }
 
+// A small terminal: printable text, CR, LF, backspace, tab, and the CSI
+// sequences shells and most programs use to move the cursor and erase;
+// colours and other modes are read and ignored.
+class Screen {
+  constructor(cols, rows) {
+    this.cols = cols; this.rows = rows; this.x = 0; this.y = 0;
+    this.lines = Array.from({ length: rows }, () => " ".repeat(cols));
+    this.pending = "";
+  }
+  put(ch) {
+    if (this.x >= this.cols) { this.x = 0; this.newline(); }
+    const l = this.lines[this.y];
+    this.lines[this.y] = l.slice(0, this.x) + ch + l.slice(this.x + 1);
+    this.x += 1;
+  }
+  newline() {
+    if (this.y === this.rows - 1) { this.lines.shift(); this.lines.push(" ".repeat(this.cols)); } else this.y += 1;
+  }
+  erase(y, from, to) { const l = this.lines[y]; this.lines[y] = l.slice(0, from) + " ".repeat(Math.max(0, to - from)) + l.slice(to); }
+  csi(params, final) {
+    const n = params.map((p) => parseInt(p, 10)).map((v) => (isNaN(v) ? 0 : v));
+    const a = n[0] || 1, clamp = () => { this.x = Math.max(0, Math.min(this.cols - 1, this.x)); this.y = Math.max(0, Math.min(this.rows - 1, this.y)); };
+    switch (final) {
+      case "A": this.y -= a; break;
+      case "B": this.y += a; break;
+      case "C": this.x += a; break;
+      case "D": this.x -= a; break;
+      case "G": this.x = a - 1; break;
+      case "d": this.y = a - 1; break;
+      case "H": case "f": this.y = (n[0] || 1) - 1; this.x = (n[1] || 1) - 1; break;
+      case "J":
+        if (n[0] === 2 || n[0] === 3) { for (let y = 0; y < this.rows; y++) this.erase(y, 0, this.cols); }
+        else if (n[0] === 1) { for (let y = 0; y < this.y; y++) this.erase(y, 0, this.cols); this.erase(this.y, 0, this.x + 1); }
+        else { this.erase(this.y, this.x, this.cols); for (let y = this.y + 1; y < this.rows; y++) this.erase(y, 0, this.cols); }
+        break;
+      case "K":
+        if (n[0] === 1) this.erase(this.y, 0, this.x + 1); else if (n[0] === 2) this.erase(this.y, 0, this.cols); else this.erase(this.y, this.x, this.cols);
+        break;
+      default: break;
+    }
+    clamp();
+  }
+  write(data) {
+    let s = this.pending + data; this.pending = "";
+    for (let i = 0; i < s.length; i++) {
+      const c = s[i];
+      if (c === "\x1b") {
+        const rest = s.slice(i);
+        const m = /^\x1b\[([?0-9;]*)([@-~])/.exec(rest);
+        if (m) { this.csi(m[1].replace("?", "").split(";"), m[2]); i += m[0].length - 1; continue; }
+        const osc = /^\x1b\][^\x07\x1b]*(\x07|\x1b\\)/.exec(rest);
+        if (osc) { i += osc[0].length - 1; continue; }
+        if (rest.length < 3 || /^\x1b\[[?0-9;]*$/.test(rest) || /^\x1b\][^\x07]*$/.test(rest)) { this.pending = rest; return; }
+        i += 1; continue; // a two-byte escape: skipped
+      }
+      if (c === "\r") this.x = 0;
+      else if (c === "\n") this.newline();
+      else if (c === "\b") this.x = Math.max(0, this.x - 1);
+      else if (c === "\t") this.x = Math.min(this.cols - 1, (Math.floor(this.x / 8) + 1) * 8);
+      else if (c >= " ") this.put(c);
+    }
+  }
+  text() { return this.lines.map((l) => l.replace(/\s+$/, "")).join("\n").replace(/\n+$/, ""); }
+}
+
+// Terminal recordings (asciicast v2) of a session, by channel.
+function recordings(events) {
+  const casts = new Map();
+  for (const e of events) {
+    const d = e.details || {};
+    if (e.kind !== "output" || d.channel === undefined) continue;
+    const c = casts.get(d.channel) || { header: null, lines: "" };
+    if (d.asciicast_header) c.header = JSON.parse(d.asciicast_header);
+    if (d.asciicast) c.lines += d.asciicast;
+    casts.set(d.channel, c);
+  }
+  return [...casts.entries()].filter(([, c]) => c.header);
+}
+
+// Plays a recording into a <pre>: play/pause, speed, and idle gaps cut to a second.
+function player(channel, cast) {
+  const frames = cast.lines.split("\n").filter(Boolean).map((l) => JSON.parse(l)).filter((f) => f[1] === "o");
+  const screen = el("pre", { class: "terminal", "data-channel": channel });
+  const speed = el("select", {}, ...[1, 2, 4, 8].map((x) => el("option", { value: String(x) }, x + "×")));
+  const where = el("span", { class: "meta" });
+  let timer = null, next = 0, term = null, clock = 0;
+  const reset = () => { term = new Screen(cast.header.width || 80, cast.header.height || 24); next = 0; clock = 0; screen.textContent = ""; };
+  const step = () => {
+    if (next >= frames.length) { timer = null; button.textContent = "Replay"; where.textContent = "ended"; return; }
+    const f = frames[next++];
+    term.write(f[2]);
+    screen.textContent = term.text();
+    where.textContent = f[0].toFixed(1) + " s";
+    const gap = next < frames.length ? Math.min(frames[next][0] - f[0], 1) : 0;
+    clock = f[0];
+    timer = setTimeout(step, Math.max(0, gap * 1000 / Number(speed.value)));
+  };
+  const button = el("button", { class: "play", onclick: () => {
+    if (timer) { clearTimeout(timer); timer = null; button.textContent = "Play"; return; }
+    if (next >= frames.length) reset();
+    button.textContent = "Pause"; step();
+  } }, "Play");
+  reset();
+  return el("div", { class: "card recording" }, el("h3", {}, "Terminal recording (channel " + channel + ")"),
+    el("div", { class: "actions" }, button, speed, where), screen);
+}
+
 async function showSession(id) {
   const s = await api("/api/sessions/" + encodeURIComponent(id));
+  const players = recordings(s.events).map(([ch, c]) => player(ch, c));
   const t = el("table", {}, el("tr", {}, ...["Time", "Event", "Command", "Decision", "Reasoning"].map((h) => el("th", {}, h))));
-  for (const e of s.events) {
+  for (const e of s.events.filter((e) => e.kind !== "output")) {
     const d = e.decision || {};
     t.append(el("tr", {},
       el("td", {}, when(e.time)), el("td", {}, e.kind),
@@ -154,6 +262,7 @@ async function showSession(id) {
   view().replaceChildren(
     el("h2", {}, "Session " + s.id),
     el("p", { class: "meta" }, s.principal + " on " + s.connection + " · " + when(s.started_at) + " · " + s.state),
+    ...players,
     t);
 }
 
