@@ -1442,6 +1442,70 @@ async fn the_console_replays_terminal_recordings_in_a_browser() {
     );
 }
 
+/// A quorum of two: the first approval leaves the command waiting, the
+/// second releases it; one approval from each listed group when the rule
+/// says so.
+#[tokio::test]
+async fn quorum_needs_every_approval_it_names() {
+    let h = start_with(None).await;
+    h.apply(POLICY).await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+    let mut api = ApprovalAdminServiceClient::new(h.channel.clone());
+    let approve = |id: &str, who: &str| {
+        with_token(
+            v1::DecideRequest {
+                id: id.into(),
+                comment: String::new(),
+                reuse_seconds: 0,
+            },
+            &h.idp.mint(&TokenSpec::human(
+                who,
+                &["wicket-approvers", "dba-leads", "security"],
+            )),
+        )
+    };
+    for one_per_group in [false, true] {
+        let mut req = held(
+            &format!("q-{one_per_group}"),
+            principal("bot-1"),
+            "delete",
+            60,
+        );
+        let review = req.decision.as_mut().unwrap().review.as_mut().unwrap();
+        review.quorum = 2;
+        if one_per_group {
+            review.approver_groups = vec!["dba-leads".into(), "security".into()];
+            review.one_per_group = true;
+        }
+        let mut waiting = ApprovalGateServiceClient::new(h.channel.clone())
+            .request_approval(with_token(req, &token))
+            .await
+            .unwrap()
+            .into_inner();
+        let id = waiting.next().await.unwrap().unwrap().approval_id;
+        let first = api.approve(approve(&id, "ann")).await.unwrap().into_inner();
+        assert_eq!(first.state, v1::ApprovalState::Pending as i32);
+        // The same approver again does not count twice.
+        let again = api.approve(approve(&id, "ann")).await.unwrap_err();
+        assert!(
+            again.message().contains("already voted"),
+            "{}",
+            again.message()
+        );
+        let update = waiting.next().await.unwrap().unwrap();
+        assert_eq!(
+            update.state,
+            v1::ApprovalState::Pending as i32,
+            "one vote is not enough"
+        );
+        assert_eq!(update.votes.len(), 1);
+        api.approve(approve(&id, "ben")).await.unwrap();
+        let done = waiting.next().await.unwrap().unwrap();
+        assert_eq!(done.state, v1::ApprovalState::Approved as i32);
+        assert_eq!(done.votes.len(), 2);
+    }
+}
+
 /// A notification endpoint that is down delays no decision.
 #[tokio::test]
 async fn a_dead_webhook_never_slows_a_decision() {
