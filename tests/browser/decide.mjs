@@ -27,6 +27,9 @@ const page = await browser.newPage();
 try {
   await page.goto(url + "/approvals");
   await page.locator("#me", { hasText: "approver" }).waitFor({ timeout: 20000 });
+  // Live: the event stream is connected (and the list read after it).
+  await page.locator("body[data-live='1']").waitFor({ timeout: 20000 });
+  await page.locator("#empty, article[data-approval]").first().waitFor({ timeout: 20000 });
   console.log("ready");
   const card = page.locator("article[data-approval]").first();
   await card.waitFor({ timeout: 30000 });

@@ -290,12 +290,16 @@ async function start() {
     me = await api("/api/me");
     document.getElementById("me").textContent = me.name + (me.can_decide ? " · approver" : " · reader");
   } catch (e) { status(e.message); return; }
-  await route();
-  // Live: any approval change re-renders the approval views.
-  const events = new EventSource("/api/events");
+  // Live: any approval change re-renders the approval views. The stream is
+  // subscribed before the list is read (and the list read again whenever it
+  // (re)connects), so no change falls between the two.
   const refresh = () => { if (!location.pathname.startsWith("/sessions")) route(); };
+  const events = new EventSource("/api/events");
+  events.addEventListener("open", () => { document.body.dataset.live = "1"; refresh(); });
+  events.addEventListener("error", () => { delete document.body.dataset.live; });
   events.addEventListener("approval", refresh);
   events.addEventListener("resync", refresh);
+  await route();
 }
 
 start();
