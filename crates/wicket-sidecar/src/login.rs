@@ -105,6 +105,15 @@ fn redirect(to: &str) -> Response<Body> {
         .expect("static response")
 }
 
+/// Whether `to` is a path on this host: browsers read `//host` and `/\\host`
+/// as another host, and control characters can hide either.
+fn local_path(to: &str) -> bool {
+    to.starts_with('/')
+        && !to.starts_with("//")
+        && !to.starts_with("/\\")
+        && !to.chars().any(|c| c.is_control())
+}
+
 /// Whether a request comes from a browser that can be sent to log in.
 pub fn wants_login(method: &hyper::Method, h: &HeaderMap) -> bool {
     method == hyper::Method::GET
@@ -238,7 +247,7 @@ impl Login {
             {
                 g.remove(&oldest);
             }
-            let return_to = if return_to.starts_with('/') && !return_to.starts_with("//") {
+            let return_to = if local_path(return_to) {
                 return_to.to_string()
             } else {
                 "/".to_string()
@@ -458,6 +467,21 @@ fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_local_paths_are_returned_to() {
+        assert!(local_path("/approvals?state=all"));
+        for bad in [
+            "https://evil.example/",
+            "//evil.example",
+            "/\\evil.example",
+            "/\t/evil",
+            "approvals",
+            "",
+        ] {
+            assert!(!local_path(bad), "{bad:?}");
+        }
+    }
 
     fn login(url: &str) -> Login {
         Login::new(LoginConfig {
