@@ -105,7 +105,7 @@ fn redirect(to: &str) -> Response<Body> {
         .expect("static response")
 }
 
-/// Whether `to` is a path on this host: browsers read `//host` and `/\\host`
+/// Whether `to` is a path on this host: browsers read `//host` and `/\host`
 /// as another host, and control characters can hide either.
 fn local_path(to: &str) -> bool {
     to.starts_with('/')
