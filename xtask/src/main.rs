@@ -140,7 +140,8 @@ fn bench(args: &[String]) -> Result<(), String> {
         bench(&["ssh".to_string()])?;
         bench(&["k8s".to_string()])?;
         bench(&["http".to_string()])?;
-        return bench(&["approvals".to_string()]);
+        bench(&["approvals".to_string()])?;
+        return bench(&["audit".to_string()]);
     }
     match which {
         "policy" => {
@@ -191,8 +192,22 @@ fn bench(args: &[String]) -> Result<(), String> {
                 &[("WICKET_BENCH_PG_URL".into(), pg.url("approvals"))],
             )
         }
+        "audit" => {
+            util::step(
+                "audit ingest from 4 concurrent sidecar streams into SQLite and PostgreSQL (fsync on); target >= 50,000 events/s",
+            );
+            // The test peers run PostgreSQL without fsync; a figure for
+            // durable audit needs it on.
+            let pg = peers::Postgres::start_with(0, &["-c", "fsync=on"])?;
+            pg.psql("postgres", "CREATE DATABASE audit")?;
+            util::run(
+                "cargo",
+                &["bench", "-p", "wicket-control", "--bench", "audit"],
+                &[("WICKET_BENCH_PG_URL".into(), pg.url("audit"))],
+            )
+        }
         other => Err(format!(
-            "unknown benchmark `{other}` (available: policy, mask, pg, pg-mask, ssh, k8s, http, approvals)"
+            "unknown benchmark `{other}` (available: policy, mask, pg, pg-mask, ssh, k8s, http, approvals, audit)"
         )),
     }
 }

@@ -14,15 +14,18 @@
 //! bench approvals` starts one); without it only SQLite runs.
 //! `WICKET_BENCH_APPROVALS` sets the count.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::replica;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use wicket_proto::v1;
 use wicket_proto::v1::approval_admin_service_client::ApprovalAdminServiceClient;
 use wicket_proto::v1::approval_gate_service_client::ApprovalGateServiceClient;
 use wicket_testkit::idp::{TestIdp, TokenSpec};
-use wicket_teststack::{auth, connect, spawn_control};
+use wicket_teststack::auth;
 
 const POLICY: &str = r#"
 connections:
@@ -37,17 +40,6 @@ rules:
     match: {commands: [delete]}
     review: {approvers: [dba-leads], timeout: 60s}
 "#;
-
-/// Starts a control replica on `database` trusting `idp`.
-async fn replica(idp: &TestIdp, database: &str) -> Channel {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let cfg = wicket_control::Config::defaults(&idp.issuer(), database, addr);
-    spawn_control(cfg, listener);
-    connect(&addr.to_string()).await
-}
 
 /// A held DELETE's approval request, as a sidecar sends it.
 fn held(n: usize, token: &str) -> tonic::Request<v1::ApprovalRequest> {
@@ -91,29 +83,7 @@ async fn run(
     deciding: &Channel,
     count: usize,
 ) -> (Vec<Duration>, Vec<Duration>) {
-    let admin = idp.mint(&TokenSpec::human("root", &["wicket-admins"]));
-    v1::policy_admin_service_client::PolicyAdminServiceClient::new(waiting.clone())
-        .apply_policy(auth(
-            v1::ApplyPolicyRequest {
-                document: POLICY.into(),
-                source_name: "bench".into(),
-            },
-            &admin,
-        ))
-        .await
-        .expect("policy");
-    let token = v1::sidecar_admin_service_client::SidecarAdminServiceClient::new(waiting.clone())
-        .create_sidecar_credential(auth(
-            v1::CreateSidecarCredentialRequest {
-                name: "bench".into(),
-                connections: vec!["orders-db".into()],
-            },
-            &admin,
-        ))
-        .await
-        .expect("sidecar credential")
-        .into_inner()
-        .token;
+    let token = common::prepare(idp, waiting, POLICY).await;
     let approver = idp.mint(&TokenSpec::human(
         "lead",
         &["wicket-approvers", "dba-leads"],
