@@ -113,7 +113,7 @@ fn from_status(s: &tonic::Status) -> Response<Body> {
         Code::FailedPrecondition | Code::Aborted => StatusCode::CONFLICT,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
-    web::problem(status, "console", s.message(), None)
+    web::problem(status, "console", s.message())
 }
 
 fn with_headers(mut r: Response<Body>, content_type: &'static str) -> Response<Body> {
@@ -199,7 +199,6 @@ impl Console {
                 StatusCode::UNAUTHORIZED,
                 "console",
                 "sign in first (open the console in a browser)",
-                None,
             );
         };
         let who = match self.control.auth.user_token(&token).await {
@@ -221,9 +220,7 @@ impl Console {
             (&Method::GET, ["api", "approvals", id]) => {
                 match self.control.store.get_approval(id).await {
                     Ok(Some(a)) => json_response(&json!(a)),
-                    Ok(None) => {
-                        web::problem(StatusCode::NOT_FOUND, "console", "no such approval", None)
-                    }
+                    Ok(None) => web::problem(StatusCode::NOT_FOUND, "console", "no such approval"),
                     Err(e) => from_status(&crate::state::storage(e)),
                 }
             }
@@ -235,7 +232,7 @@ impl Console {
             (&Method::GET, ["api", "sessions"]) => self.sessions().await,
             (&Method::GET, ["api", "sessions", id]) => self.session(id).await,
             (&Method::GET, ["api", "events"]) => self.events(),
-            _ => web::problem(StatusCode::NOT_FOUND, "console", "no such page", None),
+            _ => web::problem(StatusCode::NOT_FOUND, "console", "no such page"),
         }
     }
 
@@ -261,7 +258,6 @@ impl Console {
                 StatusCode::FORBIDDEN,
                 "console",
                 "missing X-Wicket-Csrf header (votes come from the console page)",
-                None,
             );
         }
         if let Err(s) = self.control.auth.check(who, Permission::Decide) {
@@ -270,12 +266,7 @@ impl Console {
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => {
-                return web::problem(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "console",
-                    "body too large",
-                    None,
-                );
+                return web::problem(StatusCode::PAYLOAD_TOO_LARGE, "console", "body too large");
             }
         };
         let v: Value = match serde_json::from_slice(&body) {
@@ -285,13 +276,12 @@ impl Console {
                     StatusCode::BAD_REQUEST,
                     "console",
                     &format!("bad JSON: {e}"),
-                    None,
                 );
             }
         };
         let comment = v["comment"].as_str().unwrap_or("");
         if comment.len() > 4096 {
-            return web::problem(StatusCode::BAD_REQUEST, "console", "comment too long", None);
+            return web::problem(StatusCode::BAD_REQUEST, "console", "comment too long");
         }
         let reuse = v["reuse_seconds"].as_u64().unwrap_or(0);
         let reuse = u32::try_from(reuse).unwrap_or(u32::MAX);
@@ -300,7 +290,6 @@ impl Console {
                 StatusCode::BAD_REQUEST,
                 "console",
                 "reuse applies to approvals only",
-                None,
             );
         }
         match self.control.vote(id, who, approve, comment, reuse).await {
@@ -345,7 +334,7 @@ impl Console {
         let s = match store.get_session(id).await {
             Ok(Some(s)) => s,
             Ok(None) => {
-                return web::problem(StatusCode::NOT_FOUND, "console", "no such session", None);
+                return web::problem(StatusCode::NOT_FOUND, "console", "no such session");
             }
             Err(e) => return from_status(&crate::state::storage(e)),
         };

@@ -22,7 +22,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use wicket_core::{AuditKind, Command, Decision, Effect};
 use wicket_policy::http::normalize_path;
 use wicket_policy::jsonpath::JsonPath;
-use wicket_sidecar::web::{self, Body, BoxError, SessionRefused, TokenSessions, Tracked};
+use wicket_sidecar::web::{
+    self, Body, BoxError, SessionRefused, TokenSessions, Tracked, problem_with,
+};
 use wicket_sidecar::{CallerTrace, LiveSession, Sidecar};
 
 use crate::classify::{HttpRequest, cap, field_value};
@@ -106,18 +108,7 @@ impl std::fmt::Debug for HttpGate {
 }
 
 /// A problem document (RFC 9457).
-pub fn problem(status: StatusCode, kind: &str, detail: &str) -> Response<Body> {
-    problem_with(status, kind, detail, None)
-}
-
-fn problem_with(
-    status: StatusCode,
-    kind: &str,
-    detail: &str,
-    rule: Option<&str>,
-) -> Response<Body> {
-    web::problem(status, kind, detail, rule)
-}
+pub use wicket_sidecar::web::problem;
 
 /// The refusal of a denied request: 403, naming the rule.
 pub fn forbidden(d: &Decision) -> Response<Body> {

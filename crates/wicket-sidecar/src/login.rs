@@ -225,12 +225,7 @@ impl Login {
         let ep = match self.endpoints().await {
             Ok(e) => e,
             Err(e) => {
-                return web::problem(
-                    StatusCode::BAD_GATEWAY,
-                    "login",
-                    &format!("wicket: {e}"),
-                    None,
-                );
+                return web::problem(StatusCode::BAD_GATEWAY, "login", &format!("wicket: {e}"));
             }
         };
         let state = random(16);
@@ -270,7 +265,6 @@ impl Login {
                     &format!(
                         "wicket: the identity provider's authorization endpoint is not a URL: {e}"
                     ),
-                    None,
                 );
             }
         };
@@ -304,7 +298,7 @@ impl Login {
                 if let Some(id) = cookie(h, self.cookie_name()) {
                     self.sessions.lock().expect("sessions").remove(&sha256(&id));
                 }
-                let mut r = web::problem(StatusCode::OK, "logged-out", "wicket: logged out", None);
+                let mut r = web::problem(StatusCode::OK, "logged-out", "wicket: logged out");
                 if let Ok(v) = HeaderValue::from_str(&self.set_cookie("", 0)) {
                     r.headers_mut().insert("set-cookie", v);
                 }
@@ -321,7 +315,6 @@ impl Login {
                 StatusCode::NOT_FOUND,
                 "not-found",
                 "wicket: no such gate endpoint",
-                None,
             ),
         }
     }
@@ -347,7 +340,6 @@ impl Login {
                 StatusCode::UNAUTHORIZED,
                 "login",
                 &format!("wicket: {detail}"),
-                None,
             )
         };
         if let Some(e) = q.get("error") {
@@ -368,12 +360,7 @@ impl Login {
         let ep = match self.endpoints().await {
             Ok(e) => e,
             Err(e) => {
-                return web::problem(
-                    StatusCode::BAD_GATEWAY,
-                    "login",
-                    &format!("wicket: {e}"),
-                    None,
-                );
+                return web::problem(StatusCode::BAD_GATEWAY, "login", &format!("wicket: {e}"));
             }
         };
         let mut form = vec![
@@ -391,7 +378,6 @@ impl Login {
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "login",
                         &format!("wicket: {e}"),
-                        None,
                     );
                 }
             }
@@ -403,7 +389,6 @@ impl Login {
                     StatusCode::BAD_GATEWAY,
                     "login",
                     &format!("wicket: cannot reach the identity provider's token endpoint: {e}"),
-                    None,
                 );
             }
         };
@@ -433,7 +418,6 @@ impl Login {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "login",
                     "wicket: too many browser sessions; try again later",
-                    None,
                 );
             }
             g.insert(

@@ -47,9 +47,13 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 /// An RFC 9457 problem (`application/problem+json`): `urn:wicket:problem:KIND`
-/// with the detail, and the rule that decided it when there is one; a 401
-/// also says `WWW-Authenticate: Bearer`.
-pub fn problem(
+/// with the detail; a 401 also says `WWW-Authenticate: Bearer`.
+pub fn problem(status: hyper::StatusCode, kind: &str, detail: &str) -> hyper::Response<Body> {
+    problem_with(status, kind, detail, None)
+}
+
+/// [`problem`], naming the rule that decided it when there is one.
+pub fn problem_with(
     status: hyper::StatusCode,
     kind: &str,
     detail: &str,
