@@ -123,7 +123,7 @@ pub enum AccessCmd {
         #[arg(long)]
         connection: String,
         /// How long the grant should last once approved (`30m`, `1h`).
-        #[arg(long = "for", value_parser = parse_seconds)]
+        #[arg(long = "for", value_parser = wicket_core::parse_seconds)]
         duration: u32,
         /// Why you need it (approvers read it; it stays with the grant).
         #[arg(long)]
@@ -156,7 +156,7 @@ pub enum ApprovalsCmd {
         /// Also approve the same statement shape (pg_query fingerprint) or
         /// command from the same principal on the same connection for this
         /// long (`30m`, `2h`; at most the rule's `reuse_for`).
-        #[arg(long = "for", value_parser = parse_seconds, default_value = "0")]
+        #[arg(long = "for", value_parser = wicket_core::parse_seconds, default_value = "0")]
         reuse: u32,
     },
     /// Deny a held command.
@@ -1427,30 +1427,6 @@ fn result_cell(d: &std::collections::HashMap<String, String>) -> String {
     }
 }
 
-/// `90s`, `30m`, `2h`, `1d` or a number of seconds.
-fn parse_seconds(s: &str) -> Result<u32, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "invalid duration `{s}` (expected e.g. 90s, 30m, 2h)"
-            ));
-        }
-    };
-    num.parse::<u32>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("invalid duration `{s}` (expected e.g. 90s, 30m, 2h)"))
-}
-
 #[cfg(test)]
 mod askpass_tests {
     #[test]
@@ -1474,19 +1450,5 @@ mod askpass_tests {
             )
             .is_none()
         );
-    }
-}
-
-#[cfg(test)]
-mod duration_tests {
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(super::parse_seconds("90"), Ok(90));
-        assert_eq!(super::parse_seconds("30m"), Ok(1800));
-        assert_eq!(super::parse_seconds("2h"), Ok(7200));
-        assert_eq!(super::parse_seconds("1d"), Ok(86_400));
-        assert!(super::parse_seconds("5w").is_err());
-        assert!(super::parse_seconds("m").is_err());
-        assert!(super::parse_seconds("99999999d").is_err());
     }
 }

@@ -409,20 +409,7 @@ pub struct Seconds(pub u32);
 impl Seconds {
     /// Parses `90s`, `10m`, `1h`, `1d` or a bare number of seconds.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let (num, mult) = match s.char_indices().last() {
-            Some((i, 's')) => (&s[..i], 1),
-            Some((i, 'm')) => (&s[..i], 60),
-            Some((i, 'h')) => (&s[..i], 3600),
-            Some((i, 'd')) => (&s[..i], 86_400),
-            _ => (s, 1),
-        };
-        num.trim()
-            .parse::<u32>()
-            .ok()
-            .and_then(|n| n.checked_mul(mult))
-            .map(Seconds)
-            .ok_or_else(|| format!("invalid duration `{s}` (expected e.g. 90s, 10m, 1h)"))
+        wicket_core::parse_seconds(s).map(Seconds)
     }
 }
 
