@@ -8,6 +8,7 @@ mod approval;
 mod audit;
 pub mod carried;
 mod error;
+pub mod evidence;
 mod types;
 
 pub use approval::{Approval, ApprovalRequest, ApprovalState, Vote};
