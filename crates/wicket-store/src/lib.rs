@@ -133,6 +133,55 @@ pub trait Store: Send + Sync + 'static {
     /// is none (so replicas racing to create a key all end up with one).
     async fn key_or_insert(&self, name: &str, candidate: &str) -> Result<String>;
 
+    /// A session's stored chain events with `chain_index > after`, in
+    /// chain order.
+    async fn chain_events(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<wicket_core::evidence::ChainedEvent>>;
+    /// How many of a session's events predate the chain (stored before
+    /// tamper evidence was enabled).
+    async fn unchained_events(&self, session_id: &str) -> Result<u64>;
+    /// A session's chain length and head (`None` for an unknown session;
+    /// length 0 before its first chained event).
+    async fn chain_head(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<(u64, wicket_core::evidence::Hash)>>;
+    /// Stores (or replaces with a longer one) a session's seal.
+    async fn put_seal(&self, session_id: &str, seal: &wicket_core::evidence::Seal) -> Result<()>;
+    /// A session's seal.
+    async fn get_seal(&self, session_id: &str) -> Result<Option<wicket_core::evidence::Seal>>;
+    /// Sessions whose chain grew since the last root, as leaves (at most
+    /// `limit`, by session id).
+    async fn unrooted(&self, limit: u32) -> Result<Vec<wicket_core::evidence::Leaf>>;
+    /// The newest root.
+    async fn last_root(&self) -> Result<Option<wicket_core::evidence::Root>>;
+    /// Stores a root and its leaves and marks those sessions rooted up to
+    /// the leaf's length; [`StoreError::Conflict`] when another replica
+    /// stored root `root.seq` first.
+    async fn put_root(
+        &self,
+        root: &wicket_core::evidence::Root,
+        leaves: &[wicket_core::evidence::Leaf],
+    ) -> Result<()>;
+    /// Roots with `seq > after`, oldest first.
+    async fn list_roots(&self, after: u64, limit: u32) -> Result<Vec<wicket_core::evidence::Root>>;
+    /// A root's leaves, by session id, with `session_id > after`.
+    async fn root_leaves(
+        &self,
+        seq: u64,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<wicket_core::evidence::Leaf>>;
+    /// Every session id after `after`, in id order.
+    async fn session_ids(&self, after: &str, limit: u32) -> Result<Vec<String>>;
+    /// What the roots say about one session: `(root seq, len, head)`.
+    async fn checkpoints(&self, session_id: &str)
+    -> Result<Vec<wicket_core::evidence::Checkpoint>>;
+
     /// Whether the database answers.
     async fn ping(&self) -> Result<()>;
 

@@ -12,6 +12,7 @@ pub const SQLITE: &[(i64, &str)] = &[
         4,
         include_str!("../migrations/sqlite/0004_access_grants.sql"),
     ),
+    (5, include_str!("../migrations/sqlite/0005_audit_chain.sql")),
 ];
 
 /// `(version, sql)` for PostgreSQL.
@@ -25,6 +26,10 @@ pub const POSTGRES: &[(i64, &str)] = &[
     (
         4,
         include_str!("../migrations/postgres/0004_access_grants.sql"),
+    ),
+    (
+        5,
+        include_str!("../migrations/postgres/0005_audit_chain.sql"),
     ),
 ];
 

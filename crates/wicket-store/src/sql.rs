@@ -10,6 +10,9 @@ use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
+use wicket_core::evidence::{
+    ChainedEvent, Checkpoint, GENESIS, Hash, Leaf, Root, Seal, hash_from, link,
+};
 use wicket_core::{Approval, ApprovalState, AuditEvent, AuditKind, ReasoningTrace};
 
 use crate::migrate;
@@ -124,6 +127,23 @@ macro_rules! sidecar_from_row {
     }};
 }
 
+const ROOT_COLS: &str = "seq, created_at, prev, root, leaves, signature, key_id";
+
+macro_rules! root_from_row {
+    ($r:expr) => {{
+        let r = $r;
+        Ok::<Root, StoreError>(Root {
+            seq: r.try_get::<i64, _>("seq")? as u64,
+            created_at_ms: r.try_get("created_at")?,
+            prev: hash_from(&r.try_get::<Vec<u8>, _>("prev")?).unwrap_or_default(),
+            root: hash_from(&r.try_get::<Vec<u8>, _>("root")?).unwrap_or_default(),
+            leaves: r.try_get::<i64, _>("leaves")? as u64,
+            signature: r.try_get("signature")?,
+            key_id: r.try_get("key_id")?,
+        })
+    }};
+}
+
 const SESSION_COLS: &str = "id, connection, principal, started_at, ended_at, state, end_reason, \
                             command_count, client_addr, client_app";
 
@@ -188,6 +208,169 @@ impl SqlStore {
             Pool::Sqlite(_) => "sqlite",
             Pool::Postgres(_) => "postgres",
         }
+    }
+
+    /// One attempt at [`Store::append_events`] leaving out the ids in
+    /// `skip` (already stored). `Some(ids)` when other events of the batch
+    /// turned out to be stored already: nothing was written.
+    async fn append_once(
+        &self,
+        events: &[AuditEvent],
+        skip: &std::collections::HashSet<String>,
+    ) -> Result<Option<Vec<String>>> {
+        // New events, each once (an id twice in one batch counts once).
+        let mut seen = std::collections::HashSet::with_capacity(events.len());
+        let fresh: Vec<&AuditEvent> = events
+            .iter()
+            .filter(|e| !skip.contains(&e.id) && seen.insert(e.id.as_str()))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(None);
+        }
+        // Sessions in order of appearance, with their command counts.
+        let mut sessions: Vec<(&AuditEvent, i64)> = Vec::new();
+        for e in &fresh {
+            let commands = i64::from(e.kind == AuditKind::Command);
+            match sessions
+                .iter_mut()
+                .find(|(s, _)| s.session_id == e.session_id)
+            {
+                Some((_, n)) => *n += commands,
+                None => sessions.push((e, commands)),
+            }
+        }
+        let lock = match self.pool {
+            Pool::Sqlite(_) => "",
+            Pool::Postgres(_) => " FOR UPDATE",
+        };
+        with_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            // Session rows first: on SQLite this write takes the database's
+            // write lock, so reading the chain heads below cannot race
+            // another writer; on PostgreSQL the rows are locked explicitly.
+            for (e, _) in &sessions {
+                let principal = e.principal.clone().unwrap_or_default();
+                sqlx::query(
+                    "INSERT INTO sessions (id, connection, principal, principal_subject, started_at, state, \
+                     end_reason, command_count, client_addr, client_app) \
+                     VALUES ($1, $2, $3, $4, $5, 'active', '', 0, $6, $7) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(&e.session_id)
+                .bind(&e.connection)
+                .bind(json(&principal))
+                .bind(&principal.subject)
+                .bind(ms(e.time))
+                .bind(&e.client_addr)
+                .bind(&e.client_app)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let mut heads: Vec<(u64, Hash)> = Vec::with_capacity(sessions.len());
+            for (e, _) in &sessions {
+                let r = sqlx::query(&format!(
+                    "SELECT chain_len, chain_head FROM sessions WHERE id = $1{lock}"
+                ))
+                .bind(&e.session_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                let len = r.try_get::<i64, _>("chain_len")? as u64;
+                let head = match r.try_get::<Option<Vec<u8>>, _>("chain_head")? {
+                    Some(h) => hash_from(&h)
+                        .ok_or_else(|| StoreError::Corrupt("session chain head".into()))?,
+                    None => GENESIS,
+                };
+                heads.push((len, head));
+            }
+            // Chain each event after its session's head.
+            let mut rows: Vec<(&AuditEvent, String, i64, Hash)> = Vec::with_capacity(fresh.len());
+            for e in &fresh {
+                let k = sessions
+                    .iter()
+                    .position(|(s, _)| s.session_id == e.session_id)
+                    .expect("every session was listed");
+                let body = json(*e);
+                let (len, head) = &mut heads[k];
+                *len += 1;
+                *head = link(head, *len, body.as_bytes());
+                rows.push((e, body, *len as i64, *head));
+            }
+            // One multi-row insert per chunk (not one round trip per
+            // event); RETURNING names the rows that were new.
+            let mut inserted = std::collections::HashSet::with_capacity(rows.len());
+            for chunk in rows.chunks(INSERT_CHUNK) {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "INSERT INTO events (id, session_id, seq, time, kind, connection, body, chain_index, hash) ",
+                );
+                qb.push_values(chunk, |mut b, (e, body, index, hash)| {
+                    b.push_bind(e.id.as_str())
+                        .push_bind(e.session_id.as_str())
+                        .push_bind(e.seq as i64)
+                        .push_bind(ms(e.time))
+                        .push_bind(e.kind.as_str())
+                        .push_bind(e.connection.as_str())
+                        .push_bind(body.as_str())
+                        .push_bind(*index)
+                        .push_bind(&hash[..]);
+                });
+                qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+                for r in qb.build().fetch_all(&mut *tx).await? {
+                    inserted.insert(r.try_get::<String, _>("id")?);
+                }
+            }
+            if inserted.len() < rows.len() {
+                // Dropping the transaction rolls it back.
+                return Ok(Some(
+                    rows.iter()
+                        .filter(|(e, ..)| !inserted.contains(&e.id))
+                        .map(|(e, ..)| e.id.clone())
+                        .collect(),
+                ));
+            }
+            for e in &fresh {
+                match e.kind {
+                    AuditKind::SessionStart => {
+                        let principal = e.principal.clone().unwrap_or_default();
+                        sqlx::query(
+                            "UPDATE sessions SET principal = $2, principal_subject = $3, started_at = $4, \
+                             client_addr = $5, client_app = $6 WHERE id = $1",
+                        )
+                        .bind(&e.session_id)
+                        .bind(json(&principal))
+                        .bind(&principal.subject)
+                        .bind(ms(e.time))
+                        .bind(&e.client_addr)
+                        .bind(&e.client_app)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    AuditKind::SessionEnd => {
+                        sqlx::query(
+                            "UPDATE sessions SET ended_at = $2, state = 'ended', end_reason = $3 WHERE id = $1",
+                        )
+                        .bind(&e.session_id)
+                        .bind(ms(e.time))
+                        .bind(&e.end_reason)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    _ => {}
+                }
+            }
+            for ((e, n), (len, head)) in sessions.iter().zip(&heads) {
+                sqlx::query(
+                    "UPDATE sessions SET command_count = command_count + $2, chain_len = $3, chain_head = $4 \
+                     WHERE id = $1",
+                )
+                .bind(&e.session_id)
+                .bind(*n)
+                .bind(*len as i64)
+                .bind(&head[..])
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(None)
+        })
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -314,110 +497,18 @@ impl Store for SqlStore {
     }
 
     async fn append_events(&self, events: &[AuditEvent]) -> Result<Vec<String>> {
-        with_pool!(self, |p| {
-            let mut tx = p.begin().await?;
-            let mut ids = Vec::with_capacity(events.len());
-            // Session rows are kept in step per batch, not per event: one
-            // insert-if-missing and one counter update per session.
-            let mut sessions: Vec<(&AuditEvent, i64)> = Vec::new();
-            let mut lifecycle: Vec<&AuditEvent> = Vec::new();
-            // One multi-row insert per chunk (not one round trip per event);
-            // RETURNING names the rows that were new, so a replayed event is
-            // acknowledged again but counted once.
-            let mut fresh = std::collections::HashSet::with_capacity(events.len());
-            for chunk in events.chunks(INSERT_CHUNK) {
-                let mut qb = sqlx::QueryBuilder::new(
-                    "INSERT INTO events (id, session_id, seq, time, kind, connection, body) ",
-                );
-                qb.push_values(chunk, |mut b, e| {
-                    b.push_bind(e.id.as_str())
-                        .push_bind(e.session_id.as_str())
-                        .push_bind(e.seq as i64)
-                        .push_bind(ms(e.time))
-                        .push_bind(e.kind.as_str())
-                        .push_bind(e.connection.as_str())
-                        .push_bind(json(e));
-                });
-                qb.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
-                for r in qb.build().fetch_all(&mut *tx).await? {
-                    fresh.insert(r.try_get::<String, _>("id")?);
-                }
+        // Optimistic: assume every event is new (the common case), and
+        // chain them. An event stored before (a spool replay) would leave a
+        // hole in the chain, so such an attempt is rolled back and redone
+        // without it.
+        let mut stored = std::collections::HashSet::new();
+        for _ in 0..4 {
+            match self.append_once(events, &stored).await? {
+                None => return Ok(events.iter().map(|e| e.id.clone()).collect()),
+                Some(replayed) => stored.extend(replayed),
             }
-            for e in events {
-                ids.push(e.id.clone());
-                // `remove`: an id twice in one batch counts once.
-                if !fresh.remove(&e.id) {
-                    continue;
-                }
-                let commands = i64::from(e.kind == AuditKind::Command);
-                match sessions
-                    .iter_mut()
-                    .find(|(s, _)| s.session_id == e.session_id)
-                {
-                    Some((_, n)) => *n += commands,
-                    None => sessions.push((e, commands)),
-                }
-                if matches!(e.kind, AuditKind::SessionStart | AuditKind::SessionEnd) {
-                    lifecycle.push(e);
-                }
-            }
-            for (e, _) in &sessions {
-                let principal = e.principal.clone().unwrap_or_default();
-                sqlx::query(
-                    "INSERT INTO sessions (id, connection, principal, principal_subject, started_at, state, \
-                     end_reason, command_count, client_addr, client_app) \
-                     VALUES ($1, $2, $3, $4, $5, 'active', '', 0, $6, $7) ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(&e.session_id)
-                .bind(&e.connection)
-                .bind(json(&principal))
-                .bind(&principal.subject)
-                .bind(ms(e.time))
-                .bind(&e.client_addr)
-                .bind(&e.client_app)
-                .execute(&mut *tx)
-                .await?;
-            }
-            for e in lifecycle {
-                if e.kind == AuditKind::SessionStart {
-                    let principal = e.principal.clone().unwrap_or_default();
-                    sqlx::query(
-                        "UPDATE sessions SET principal = $2, principal_subject = $3, started_at = $4, \
-                         client_addr = $5, client_app = $6 WHERE id = $1",
-                    )
-                    .bind(&e.session_id)
-                    .bind(json(&principal))
-                    .bind(&principal.subject)
-                    .bind(ms(e.time))
-                    .bind(&e.client_addr)
-                    .bind(&e.client_app)
-                    .execute(&mut *tx)
-                    .await?;
-                } else {
-                    sqlx::query(
-                        "UPDATE sessions SET ended_at = $2, state = 'ended', end_reason = $3 WHERE id = $1",
-                    )
-                    .bind(&e.session_id)
-                    .bind(ms(e.time))
-                    .bind(&e.end_reason)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
-            for (e, n) in &sessions {
-                if *n > 0 {
-                    sqlx::query(
-                        "UPDATE sessions SET command_count = command_count + $2 WHERE id = $1",
-                    )
-                    .bind(&e.session_id)
-                    .bind(*n)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
-            tx.commit().await?;
-            Ok(ids)
-        })
+        }
+        Err(StoreError::Conflict)
     }
 
     async fn list_sessions(&self, f: &SessionFilter) -> Result<Vec<SessionRecord>> {
@@ -805,6 +896,264 @@ impl Store for SqlStore {
                 .fetch_one(p)
                 .await?;
             Ok(r.try_get::<String, _>("secret")?)
+        })
+    }
+
+    async fn chain_events(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<ChainedEvent>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT id, body, chain_index, hash FROM events \
+                 WHERE session_id = $1 AND chain_index > $2 ORDER BY chain_index, id LIMIT $3",
+            )
+            .bind(session_id)
+            .bind(after as i64)
+            .bind(clamp_limit(limit))
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ChainedEvent {
+                        index: r.try_get::<i64, _>("chain_index")? as u64,
+                        id: r.try_get("id")?,
+                        body: r.try_get("body")?,
+                        // A hash of the wrong size is reported as a broken
+                        // link by the verifier, not as a storage error.
+                        hash: r
+                            .try_get::<Option<Vec<u8>>, _>("hash")?
+                            .as_deref()
+                            .and_then(hash_from)
+                            .unwrap_or_default(),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    async fn unchained_events(&self, session_id: &str) -> Result<u64> {
+        with_pool!(self, |p| {
+            let r = sqlx::query(
+                "SELECT COUNT(*) AS n FROM events WHERE session_id = $1 AND chain_index IS NULL",
+            )
+            .bind(session_id)
+            .fetch_one(p)
+            .await?;
+            Ok(r.try_get::<i64, _>("n")? as u64)
+        })
+    }
+
+    async fn chain_head(&self, session_id: &str) -> Result<Option<(u64, Hash)>> {
+        with_pool!(self, |p| {
+            let Some(r) = sqlx::query("SELECT chain_len, chain_head FROM sessions WHERE id = $1")
+                .bind(session_id)
+                .fetch_optional(p)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let head = r
+                .try_get::<Option<Vec<u8>>, _>("chain_head")?
+                .as_deref()
+                .and_then(hash_from)
+                .unwrap_or(GENESIS);
+            Ok(Some((r.try_get::<i64, _>("chain_len")? as u64, head)))
+        })
+    }
+
+    async fn put_seal(&self, session_id: &str, seal: &Seal) -> Result<()> {
+        with_pool!(self, |p| {
+            sqlx::query(
+                "INSERT INTO audit_seals (session_id, len, head, sealed_at, signature, key_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (session_id) DO UPDATE SET \
+                 len = excluded.len, head = excluded.head, sealed_at = excluded.sealed_at, \
+                 signature = excluded.signature, key_id = excluded.key_id \
+                 WHERE audit_seals.len <= excluded.len",
+            )
+            .bind(session_id)
+            .bind(seal.len as i64)
+            .bind(&seal.head[..])
+            .bind(seal.sealed_at_ms)
+            .bind(&seal.signature[..])
+            .bind(&seal.key_id)
+            .execute(p)
+            .await?;
+            Ok(())
+        })
+    }
+
+    async fn get_seal(&self, session_id: &str) -> Result<Option<Seal>> {
+        with_pool!(self, |p| {
+            let Some(r) = sqlx::query(
+                "SELECT len, head, sealed_at, signature, key_id FROM audit_seals WHERE session_id = $1",
+            )
+            .bind(session_id)
+            .fetch_optional(p)
+            .await?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(Seal {
+                len: r.try_get::<i64, _>("len")? as u64,
+                head: hash_from(&r.try_get::<Vec<u8>, _>("head")?).unwrap_or_default(),
+                sealed_at_ms: r.try_get("sealed_at")?,
+                signature: r.try_get("signature")?,
+                key_id: r.try_get("key_id")?,
+            }))
+        })
+    }
+
+    async fn unrooted(&self, limit: u32) -> Result<Vec<Leaf>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT id, chain_len, chain_head FROM sessions WHERE chain_len > rooted_len \
+                 ORDER BY id LIMIT $1",
+            )
+            .bind(i64::from(limit.max(1)))
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Leaf {
+                        session_id: r.try_get("id")?,
+                        len: r.try_get::<i64, _>("chain_len")? as u64,
+                        head: r
+                            .try_get::<Option<Vec<u8>>, _>("chain_head")?
+                            .as_deref()
+                            .and_then(hash_from)
+                            .unwrap_or(GENESIS),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    async fn last_root(&self) -> Result<Option<Root>> {
+        with_pool!(self, |p| {
+            let r = sqlx::query(&format!(
+                "SELECT {ROOT_COLS} FROM audit_roots ORDER BY seq DESC LIMIT 1"
+            ))
+            .fetch_optional(p)
+            .await?;
+            r.map(|r| root_from_row!(&r)).transpose()
+        })
+    }
+
+    async fn put_root(&self, root: &Root, leaves: &[Leaf]) -> Result<()> {
+        with_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let done = sqlx::query(
+                "INSERT INTO audit_roots (seq, created_at, prev, root, leaves, signature, key_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (seq) DO NOTHING",
+            )
+            .bind(root.seq as i64)
+            .bind(root.created_at_ms)
+            .bind(&root.prev[..])
+            .bind(&root.root[..])
+            .bind(root.leaves as i64)
+            .bind(&root.signature[..])
+            .bind(&root.key_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done == 0 {
+                return Err(StoreError::Conflict);
+            }
+            for chunk in leaves.chunks(INSERT_CHUNK) {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "INSERT INTO audit_root_leaves (root_seq, session_id, len, head) ",
+                );
+                qb.push_values(chunk, |mut b, l| {
+                    b.push_bind(root.seq as i64)
+                        .push_bind(l.session_id.as_str())
+                        .push_bind(l.len as i64)
+                        .push_bind(&l.head[..]);
+                });
+                qb.build().execute(&mut *tx).await?;
+            }
+            for l in leaves {
+                sqlx::query(
+                    "UPDATE sessions SET rooted_len = $2 WHERE id = $1 AND rooted_len < $2",
+                )
+                .bind(&l.session_id)
+                .bind(l.len as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    async fn list_roots(&self, after: u64, limit: u32) -> Result<Vec<Root>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query(&format!(
+                "SELECT {ROOT_COLS} FROM audit_roots WHERE seq > $1 ORDER BY seq LIMIT $2"
+            ))
+            .bind(after as i64)
+            .bind(clamp_limit(limit))
+            .fetch_all(p)
+            .await?;
+            rows.iter().map(|r| root_from_row!(r)).collect()
+        })
+    }
+
+    async fn root_leaves(&self, seq: u64, after: &str, limit: u32) -> Result<Vec<Leaf>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT session_id, len, head FROM audit_root_leaves \
+                 WHERE root_seq = $1 AND session_id > $2 ORDER BY session_id LIMIT $3",
+            )
+            .bind(seq as i64)
+            .bind(after)
+            .bind(clamp_limit(limit))
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Leaf {
+                        session_id: r.try_get("session_id")?,
+                        len: r.try_get::<i64, _>("len")? as u64,
+                        head: hash_from(&r.try_get::<Vec<u8>, _>("head")?).unwrap_or_default(),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    async fn session_ids(&self, after: &str, limit: u32) -> Result<Vec<String>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query("SELECT id FROM sessions WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(after)
+                .bind(clamp_limit(limit))
+                .fetch_all(p)
+                .await?;
+            rows.iter()
+                .map(|r| Ok(r.try_get::<String, _>("id")?))
+                .collect()
+        })
+    }
+
+    async fn checkpoints(&self, session_id: &str) -> Result<Vec<Checkpoint>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT root_seq, len, head FROM audit_root_leaves WHERE session_id = $1 ORDER BY root_seq",
+            )
+            .bind(session_id)
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Checkpoint {
+                        root_seq: r.try_get::<i64, _>("root_seq")? as u64,
+                        len: r.try_get::<i64, _>("len")? as u64,
+                        head: hash_from(&r.try_get::<Vec<u8>, _>("head")?).unwrap_or_default(),
+                    })
+                })
+                .collect()
         })
     }
 

@@ -358,6 +358,128 @@ async fn keys_are_created_once(s: Arc<dyn Store>) {
     assert!(got.windows(2).all(|w| w[0] == w[1]), "{got:?}");
 }
 
+async fn events_are_hash_chained_and_rooted(s: Arc<dyn Store>) {
+    use wicket_core::evidence::*;
+    let all: Vec<AuditEvent> = (1..=6)
+        .map(|i| {
+            let kind = match i {
+                1 => AuditKind::SessionStart,
+                6 => AuditKind::SessionEnd,
+                _ => AuditKind::Command,
+            };
+            event(&format!("c{i}"), "chain", i, kind)
+        })
+        .collect();
+    s.append_events(&all[..3]).await.unwrap();
+    // A replayed batch that also carries new events: the replayed ones are
+    // acknowledged, not chained twice; the chain has no hole.
+    assert_eq!(
+        s.append_events(&all[1..]).await.unwrap(),
+        ["c2", "c3", "c4", "c5", "c6"]
+    );
+    let chain = s.chain_events("chain", 0, 0).await.unwrap();
+    assert_eq!(
+        chain
+            .iter()
+            .map(|e| (e.index, e.id.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (1, "c1"),
+            (2, "c2"),
+            (3, "c3"),
+            (4, "c4"),
+            (5, "c5"),
+            (6, "c6")
+        ]
+    );
+    let mut prev = GENESIS;
+    for e in &chain {
+        prev = link(&prev, e.index, e.body.as_bytes());
+        assert_eq!(prev, e.hash, "event {} chains from the one before", e.index);
+        // The stored body is the event.
+        let parsed: AuditEvent = serde_json::from_str(&e.body).unwrap();
+        assert_eq!(parsed.id, e.id);
+    }
+    assert_eq!(s.chain_head("chain").await.unwrap(), Some((6, prev)));
+    assert_eq!(s.chain_events("chain", 4, 0).await.unwrap().len(), 2);
+    assert_eq!(s.unchained_events("chain").await.unwrap(), 0);
+    assert_eq!(
+        s.get_session("chain").await.unwrap().unwrap().command_count,
+        4
+    );
+
+    // Seals: stored, replaced only by a longer one.
+    let seal = Seal {
+        len: 6,
+        head: prev,
+        sealed_at_ms: 5,
+        signature: vec![1; 64],
+        key_id: "k".into(),
+    };
+    s.put_seal("chain", &seal).await.unwrap();
+    let shorter = Seal {
+        len: 2,
+        ..seal.clone()
+    };
+    s.put_seal("chain", &shorter).await.unwrap();
+    assert_eq!(s.get_seal("chain").await.unwrap(), Some(seal));
+    assert_eq!(s.get_seal("nope").await.unwrap(), None);
+
+    // Roots take the sessions whose chain grew, once.
+    s.append_events(&[event("o1", "other", 1, AuditKind::SessionStart)])
+        .await
+        .unwrap();
+    let leaves = s.unrooted(100).await.unwrap();
+    assert_eq!(
+        leaves
+            .iter()
+            .map(|l| (l.session_id.as_str(), l.len))
+            .collect::<Vec<_>>(),
+        [("chain", 6), ("other", 1)]
+    );
+    assert_eq!(s.last_root().await.unwrap(), None);
+    let root = Root {
+        seq: 1,
+        created_at_ms: 9,
+        prev: GENESIS,
+        root: merkle_root(&leaves.iter().map(Leaf::hash).collect::<Vec<_>>()),
+        leaves: 2,
+        signature: vec![2; 64],
+        key_id: "k".into(),
+    };
+    s.put_root(&root, &leaves).await.unwrap();
+    assert!(matches!(
+        s.put_root(&root, &leaves).await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(s.unrooted(100).await.unwrap().is_empty());
+    assert_eq!(s.last_root().await.unwrap(), Some(root.clone()));
+    assert_eq!(s.list_roots(0, 0).await.unwrap(), [root]);
+    assert_eq!(s.root_leaves(1, "", 0).await.unwrap(), leaves);
+    assert_eq!(s.root_leaves(1, "chain", 0).await.unwrap(), leaves[1..]);
+    assert_eq!(
+        s.checkpoints("chain").await.unwrap(),
+        [Checkpoint {
+            root_seq: 1,
+            len: 6,
+            head: prev
+        }]
+    );
+    s.append_events(&[event("o2", "other", 2, AuditKind::Command)])
+        .await
+        .unwrap();
+    assert_eq!(s.session_ids("", 0).await.unwrap(), ["chain", "other"]);
+    assert_eq!(s.session_ids("chain", 0).await.unwrap(), ["other"]);
+    let again = s.unrooted(100).await.unwrap();
+    assert_eq!(
+        again
+            .iter()
+            .map(|l| (l.session_id.as_str(), l.len))
+            .collect::<Vec<_>>(),
+        [("other", 2)]
+    );
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod on_sqlite {
@@ -378,6 +500,7 @@ suite!(
     revocations_sidecars_traces,
     access_grants,
     keys_are_created_once,
+    events_are_hash_chained_and_rooted,
 );
 
 #[tokio::test]
