@@ -76,7 +76,11 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), Status> {
 }
 
 impl AdminApi {
-    async fn allow<T>(&self, req: &Request<T>, need: Permission) -> Result<Principal, Status> {
+    pub(crate) async fn allow<T>(
+        &self,
+        req: &Request<T>,
+        need: Permission,
+    ) -> Result<Principal, Status> {
         self.control.auth.admin(req.metadata(), need).await
     }
 }

@@ -75,6 +75,18 @@ pub struct Config {
     #[arg(long, env = "WICKET_SSH_CA_KEY_FILE")]
     pub ssh_ca_key_file: Option<PathBuf>,
 
+    /// The audit key signing session seals and roots (an OpenSSH Ed25519
+    /// private key). Without it the key is created once and kept in the
+    /// database, shared by the replicas; `wicket audit key` prints its
+    /// public half for auditors to pin.
+    #[arg(long, env = "WICKET_AUDIT_KEY_FILE")]
+    pub audit_key_file: Option<PathBuf>,
+
+    /// How often to sign an audit root over the sessions recorded since the
+    /// last one (`24h`, `1h`, `90s`…).
+    #[arg(long, env = "WICKET_AUDIT_ROOT_INTERVAL", default_value = "24h", value_parser = wicket_core::parse_seconds)]
+    pub audit_root_interval: u32,
+
     /// Longest lifetime of an SSH user certificate, in seconds (it never
     /// outlives the token it was issued for).
     #[arg(long, env = "WICKET_SSH_CERT_MAX_SECONDS", default_value_t = 8 * 3600)]

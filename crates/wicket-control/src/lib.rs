@@ -7,9 +7,11 @@
 
 pub mod access;
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod console;
+pub mod notary;
 pub mod notify;
 pub mod sidecar;
 pub mod ssh_ca;
@@ -25,6 +27,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use wicket_proto::v1::access_service_server::AccessServiceServer;
 use wicket_proto::v1::approval_admin_service_server::ApprovalAdminServiceServer;
 use wicket_proto::v1::approval_gate_service_server::ApprovalGateServiceServer;
+use wicket_proto::v1::audit_admin_service_server::AuditAdminServiceServer;
 use wicket_proto::v1::audit_service_server::AuditServiceServer;
 use wicket_proto::v1::bundle_service_server::BundleServiceServer;
 use wicket_proto::v1::connection_admin_service_server::ConnectionAdminServiceServer;
@@ -66,9 +69,17 @@ pub async fn run(
     };
     let authn = auth::Authenticator::new(validator, roles, store.clone());
     let ssh_ca = ssh_ca::SshCa::load(store.as_ref(), cfg.ssh_ca_key_file.as_deref()).await?;
+    let notary = notary::Notary::load(store.as_ref(), cfg.audit_key_file.as_deref()).await?;
     let notifier = notify::Notifier::start(cfg.notifications()?)?;
-    let control =
-        state::Control::new(store, authn, ssh_ca, cfg.ssh_cert_max_seconds, notifier).await?;
+    let control = state::Control::new(
+        store,
+        authn,
+        ssh_ca,
+        notary,
+        cfg.ssh_cert_max_seconds,
+        notifier,
+    )
+    .await?;
     if let Some(path) = &cfg.policy_file {
         let doc = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read policy file {}: {e}", path.display()))?;
@@ -86,6 +97,9 @@ pub async fn run(
     }
     tokio::spawn(control.clone().upkeep(Duration::from_secs(5)));
     tokio::spawn(control.clone().follow_replicas());
+    tokio::spawn(control.clone().audit_roots(Duration::from_secs(u64::from(
+        cfg.audit_root_interval.max(1),
+    ))));
     if let (Some(console), Some(addr)) = (cfg.console()?, cfg.console_listen) {
         let listener = TcpListener::bind(addr)
             .await
@@ -127,6 +141,9 @@ pub async fn run(
         .await;
     health
         .set_serving::<SessionAdminServiceServer<admin::AdminApi>>()
+        .await;
+    health
+        .set_serving::<AuditAdminServiceServer<admin::AdminApi>>()
         .await;
     health
         .set_serving::<PrincipalAdminServiceServer<admin::AdminApi>>()
@@ -177,6 +194,7 @@ pub async fn run(
         .add_service(limited!(ApprovalAdminServiceServer, adm))
         .add_service(limited!(AccessServiceServer, adm))
         .add_service(limited!(SessionAdminServiceServer, adm))
+        .add_service(limited!(AuditAdminServiceServer, adm))
         .add_service(limited!(PrincipalAdminServiceServer, adm))
         .add_service(limited!(SidecarAdminServiceServer, adm))
         .add_service(limited!(CredentialServiceServer, adm))

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use wicket_core::{Approval, ApprovalState, AuditEvent, ReasoningTrace};
+use wicket_core::{Approval, ApprovalState, AuditEvent, AuditKind, ReasoningTrace};
 use wicket_proto::v1;
 use wicket_proto::v1::approval_gate_service_server::ApprovalGateService;
 use wicket_proto::v1::audit_service_server::AuditService;
@@ -159,6 +159,17 @@ impl AuditService for SidecarApi {
                         break;
                     }
                 };
+                // A session that ended is sealed now; should that fail, the
+                // next audit root covers it.
+                for e in good.iter().filter(|e| e.kind == AuditKind::SessionEnd) {
+                    if let Err(err) = control
+                        .notary
+                        .seal(control.store.as_ref(), &e.session_id)
+                        .await
+                    {
+                        tracing::warn!(session = %e.session_id, error = %err, "cannot seal the session; the next audit root covers it");
+                    }
+                }
                 if tx
                     .send(Ok(v1::ReportAck {
                         acked_ids: acked,

@@ -40,27 +40,43 @@ fn random<const N: usize>() -> Result<[u8; N], String> {
     Ok(b)
 }
 
+/// An unencrypted OpenSSH Ed25519 private key from `file`, or else the
+/// one kept in the store under `name` (created there once, so replicas
+/// share it). `what` names it in errors.
+pub(crate) async fn ed25519_key(
+    store: &dyn Store,
+    name: &str,
+    file: Option<&Path>,
+    what: &str,
+) -> Result<PrivateKey, String> {
+    let pem = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read the {what} {}: {e}", f.display()))?,
+        None => {
+            let fresh = PrivateKey::from(Ed25519Keypair::from_seed(&random::<32>()?))
+                .to_openssh(LineEnding::LF)
+                .map_err(|e| format!("cannot encode an {what}: {e}"))?;
+            store
+                .key_or_insert(name, &fresh)
+                .await
+                .map_err(|e| format!("cannot store the {what}: {e}"))?
+        }
+    };
+    let key = PrivateKey::from_openssh(pem.as_bytes())
+        .map_err(|e| format!("the {what} does not parse: {e}"))?;
+    if key.is_encrypted() {
+        return Err(format!("the {what} is encrypted; give an unencrypted key"));
+    }
+    if key.key_data().ed25519().is_none() {
+        return Err(format!("the {what} must be an Ed25519 key"));
+    }
+    Ok(key)
+}
+
 impl SshCa {
     /// Loads the CA key from `file`, or from the store (creating it there once).
     pub async fn load(store: &dyn Store, file: Option<&Path>) -> Result<SshCa, String> {
-        let pem = match file {
-            Some(f) => std::fs::read_to_string(f)
-                .map_err(|e| format!("cannot read the SSH CA key {}: {e}", f.display()))?,
-            None => {
-                let fresh = PrivateKey::from(Ed25519Keypair::from_seed(&random::<32>()?))
-                    .to_openssh(LineEnding::LF)
-                    .map_err(|e| format!("cannot encode an SSH CA key: {e}"))?;
-                store
-                    .key_or_insert("ssh_user_ca", &fresh)
-                    .await
-                    .map_err(|e| format!("cannot store the SSH CA key: {e}"))?
-            }
-        };
-        let key = PrivateKey::from_openssh(pem.as_bytes())
-            .map_err(|e| format!("the SSH CA key does not parse: {e}"))?;
-        if key.is_encrypted() {
-            return Err("the SSH CA key is encrypted; give an unencrypted key".into());
-        }
+        let key = ed25519_key(store, "ssh_user_ca", file, "SSH CA key").await?;
         let public = key
             .public_key()
             .to_openssh()

@@ -37,6 +37,8 @@ pub struct Control {
     approvals: broadcast::Sender<Approval>,
     /// The SSH user CA.
     pub ssh_ca: crate::ssh_ca::SshCa,
+    /// Signs audit seals and roots.
+    pub notary: crate::notary::Notary,
     /// Longest SSH certificate lifetime, in seconds.
     pub ssh_cert_max_seconds: u64,
     notifier: crate::notify::Notifier,
@@ -76,6 +78,7 @@ impl Control {
         store: Arc<dyn Store>,
         auth: Authenticator,
         ssh_ca: crate::ssh_ca::SshCa,
+        notary: crate::notary::Notary,
         ssh_cert_max_seconds: u64,
         notifier: crate::notify::Notifier,
     ) -> Result<Arc<Control>, String> {
@@ -88,11 +91,26 @@ impl Control {
             changes,
             approvals,
             ssh_ca,
+            notary,
             ssh_cert_max_seconds,
             notifier,
         });
         control.reload_policy().await?;
         Ok(control)
+    }
+
+    /// Signs an audit root every `interval` over the sessions whose chain
+    /// grew since the last one (and once at start-up for what an earlier
+    /// run left).
+    pub async fn audit_roots(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.notary.make_roots(self.store.as_ref()).await {
+                tracing::warn!(error = %e, "cannot sign an audit root; retrying at the next interval");
+            }
+        }
     }
 
     /// The policy in force, if any was applied.

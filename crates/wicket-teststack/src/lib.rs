@@ -218,6 +218,75 @@ impl Stack {
         all
     }
 
+    /// Every stored session's audit chain checked against its seal with
+    /// the control service's audit key (after the spool drained).
+    pub async fn audit_reports(&self) -> Vec<wicket_core::evidence::SessionReport> {
+        use wicket_core::evidence::{ChainVerifier, ChainedEvent, Seal, hash_from};
+        self.drained().await;
+        let admin = self.admin();
+        let mut api =
+            v1::audit_admin_service_client::AuditAdminServiceClient::new(self.channel.clone());
+        let key = api
+            .get_audit_key(auth(v1::GetAuditKeyRequest {}, &admin))
+            .await
+            .expect("audit key")
+            .into_inner()
+            .raw;
+        let ids = api
+            .list_audit_sessions(auth(
+                v1::ListAuditSessionsRequest {
+                    after_session: String::new(),
+                    limit: 1000,
+                },
+                &admin,
+            ))
+            .await
+            .expect("sessions")
+            .into_inner()
+            .session_ids;
+        let mut reports = Vec::new();
+        for id in ids {
+            let mut v = ChainVerifier::new(&id);
+            let mut after = 0;
+            let seal = loop {
+                let page = api
+                    .get_audit_chain(auth(
+                        v1::GetAuditChainRequest {
+                            session_id: id.clone(),
+                            after_index: after,
+                            limit: 1000,
+                        },
+                        &admin,
+                    ))
+                    .await
+                    .expect("chain")
+                    .into_inner();
+                for e in &page.events {
+                    v.push(&ChainedEvent {
+                        index: e.index,
+                        id: e.id.clone(),
+                        body: e.body.clone(),
+                        hash: hash_from(&e.hash).unwrap_or_default(),
+                    });
+                }
+                match page.events.last() {
+                    Some(e) if page.events.len() >= 1000 => after = e.index,
+                    _ => {
+                        break page.seal.map(|s| Seal {
+                            len: s.len,
+                            head: hash_from(&s.head).unwrap_or_default(),
+                            sealed_at_ms: s.sealed_at_ms,
+                            signature: s.signature,
+                            key_id: s.key_id,
+                        });
+                    }
+                }
+            };
+            reports.push(v.finish(seal.as_ref(), &[], &key));
+        }
+        reports
+    }
+
     /// Waits for the next pending approval (as `approver`), checks it with
     /// `check`, and approves or denies it.
     pub async fn decide_next(

@@ -1,0 +1,177 @@
+//! The audit admin service: what `wicket audit verify` reads (chains,
+//! seals, roots, the public key) and signing a root on demand.
+
+use tonic::{Request, Response, Status};
+use wicket_core::evidence::{Leaf, Root};
+use wicket_proto::v1;
+use wicket_proto::v1::audit_admin_service_server::AuditAdminService;
+
+use crate::admin::AdminApi;
+use crate::auth::Permission;
+use crate::state::storage;
+
+fn root(r: &Root) -> v1::AuditRoot {
+    v1::AuditRoot {
+        seq: r.seq,
+        created_at_ms: r.created_at_ms,
+        prev: r.prev.to_vec(),
+        root: r.root.to_vec(),
+        leaves: r.leaves,
+        signature: r.signature.clone(),
+        key_id: r.key_id.clone(),
+    }
+}
+
+fn leaf(l: &Leaf) -> v1::AuditLeaf {
+    v1::AuditLeaf {
+        session_id: l.session_id.clone(),
+        len: l.len,
+        head: l.head.to_vec(),
+    }
+}
+
+fn page(limit: u32) -> u32 {
+    match limit {
+        0 => 1000,
+        n => n.min(1000),
+    }
+}
+
+#[tonic::async_trait]
+impl AuditAdminService for AdminApi {
+    async fn get_audit_key(
+        &self,
+        req: Request<v1::GetAuditKeyRequest>,
+    ) -> Result<Response<v1::AuditKey>, Status> {
+        self.allow(&req, Permission::Read).await?;
+        let n = &self.control.notary;
+        Ok(Response::new(v1::AuditKey {
+            public_key: n.public_openssh().to_string(),
+            key_id: n.key_id().to_string(),
+            raw: n.public_raw().to_vec(),
+        }))
+    }
+
+    async fn get_audit_chain(
+        &self,
+        req: Request<v1::GetAuditChainRequest>,
+    ) -> Result<Response<v1::AuditChain>, Status> {
+        self.allow(&req, Permission::Read).await?;
+        let r = req.get_ref();
+        if r.session_id.is_empty() || r.session_id.len() > 256 {
+            return Err(Status::invalid_argument("session_id must be 1..=256 bytes"));
+        }
+        let store = &self.control.store;
+        let found = store
+            .chain_head(&r.session_id)
+            .await
+            .map_err(storage)?
+            .is_some();
+        let events = store
+            .chain_events(&r.session_id, r.after_index, page(r.limit))
+            .await
+            .map_err(storage)?;
+        // Seal and roots travel with every page: a verifier reading the
+        // last page has them as they were after the events it read.
+        let seal = store.get_seal(&r.session_id).await.map_err(storage)?;
+        let checkpoints = store.checkpoints(&r.session_id).await.map_err(storage)?;
+        let unchained = store
+            .unchained_events(&r.session_id)
+            .await
+            .map_err(storage)?;
+        Ok(Response::new(v1::AuditChain {
+            found,
+            events: events
+                .into_iter()
+                .map(|e| v1::ChainedEvent {
+                    index: e.index,
+                    id: e.id,
+                    body: e.body,
+                    hash: e.hash.to_vec(),
+                })
+                .collect(),
+            seal: seal.map(|s| v1::AuditSeal {
+                len: s.len,
+                head: s.head.to_vec(),
+                sealed_at_ms: s.sealed_at_ms,
+                signature: s.signature,
+                key_id: s.key_id,
+            }),
+            checkpoints: checkpoints
+                .into_iter()
+                .map(|c| v1::AuditCheckpoint {
+                    root_seq: c.root_seq,
+                    len: c.len,
+                    head: c.head.to_vec(),
+                })
+                .collect(),
+            unchained,
+        }))
+    }
+
+    async fn list_audit_roots(
+        &self,
+        req: Request<v1::ListAuditRootsRequest>,
+    ) -> Result<Response<v1::ListAuditRootsResponse>, Status> {
+        self.allow(&req, Permission::Read).await?;
+        let r = req.get_ref();
+        let roots = self
+            .control
+            .store
+            .list_roots(r.after_seq, page(r.limit))
+            .await
+            .map_err(storage)?;
+        Ok(Response::new(v1::ListAuditRootsResponse {
+            roots: roots.iter().map(root).collect(),
+        }))
+    }
+
+    async fn list_audit_root_leaves(
+        &self,
+        req: Request<v1::ListAuditRootLeavesRequest>,
+    ) -> Result<Response<v1::ListAuditRootLeavesResponse>, Status> {
+        self.allow(&req, Permission::Read).await?;
+        let r = req.get_ref();
+        let leaves = self
+            .control
+            .store
+            .root_leaves(r.seq, &r.after_session, page(r.limit))
+            .await
+            .map_err(storage)?;
+        Ok(Response::new(v1::ListAuditRootLeavesResponse {
+            leaves: leaves.iter().map(leaf).collect(),
+        }))
+    }
+
+    async fn list_audit_sessions(
+        &self,
+        req: Request<v1::ListAuditSessionsRequest>,
+    ) -> Result<Response<v1::ListAuditSessionsResponse>, Status> {
+        self.allow(&req, Permission::Read).await?;
+        let r = req.get_ref();
+        let session_ids = self
+            .control
+            .store
+            .session_ids(&r.after_session, page(r.limit))
+            .await
+            .map_err(storage)?;
+        Ok(Response::new(v1::ListAuditSessionsResponse { session_ids }))
+    }
+
+    async fn create_audit_root(
+        &self,
+        req: Request<v1::CreateAuditRootRequest>,
+    ) -> Result<Response<v1::CreateAuditRootResponse>, Status> {
+        let who = self.allow(&req, Permission::Admin).await?;
+        let roots = self
+            .control
+            .notary
+            .make_roots(self.control.store.as_ref())
+            .await
+            .map_err(storage)?;
+        tracing::info!(by = %who.label(), roots = roots.len(), "audit root requested");
+        Ok(Response::new(v1::CreateAuditRootResponse {
+            roots: roots.iter().map(root).collect(),
+        }))
+    }
+}
