@@ -266,8 +266,8 @@ fn read_file(path: &PathBuf) -> Result<(String, String), CliError> {
     Ok((s, path.display().to_string()))
 }
 
-struct Client {
-    channel: Channel,
+pub(crate) struct Client {
+    pub(crate) channel: Channel,
     token: String,
 }
 
@@ -292,7 +292,7 @@ pub(crate) fn caller_token(cli: &Cli) -> Result<String, CliError> {
 }
 
 impl Client {
-    async fn connect(cli: &Cli) -> Result<Client, CliError> {
+    pub(crate) async fn connect(cli: &Cli) -> Result<Client, CliError> {
         let token = caller_token(cli)?;
         let mut ep = Endpoint::from_shared(cli.control.clone())
             .map_err(|e| CliError::usage(format!("invalid --control URL `{}`: {e}", cli.control)))?
@@ -322,7 +322,7 @@ impl Client {
         Ok(Client { channel, token })
     }
 
-    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+    pub(crate) fn req<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         if let Ok(v) = MetadataValue::try_from(format!("Bearer {}", self.token)) {
             r.metadata_mut().insert("authorization", v);
@@ -514,6 +514,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Approvals(a) => approvals(&cli, fmt, a).await,
         Cmd::Access(a) => access(&cli, fmt, a).await,
         Cmd::Sessions(s) => sessions(&cli, fmt, s).await,
+        Cmd::Audit(a) => crate::audit::run(&cli, fmt, a).await,
         Cmd::Sidecars(s) => sidecars(&cli, fmt, s).await,
         Cmd::Ssh(s) => ssh(&cli, fmt, s).await,
         Cmd::Kube(crate::kube::KubeCmd::Config(a)) => crate::kube::config(a),

@@ -1,5 +1,6 @@
 //! `wicket`: the command-line client of the Wicket control service.
 
+mod audit;
 mod commands;
 mod kube;
 mod login;
@@ -38,6 +39,13 @@ impl CliError {
     pub fn unavailable(m: impl Into<String>) -> Self {
         CliError {
             code: 4,
+            message: m.into(),
+        }
+    }
+    /// A record failed verification (exit 5).
+    pub fn tampered(m: impl Into<String>) -> Self {
+        CliError {
+            code: 5,
             message: m.into(),
         }
     }
@@ -131,6 +139,10 @@ pub enum Cmd {
     /// Recorded sessions.
     #[command(subcommand)]
     Sessions(commands::SessionsCmd),
+    /// Tamper evidence: verify recorded sessions against the signed audit
+    /// trail.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
     /// Sidecar credentials.
     #[command(subcommand)]
     Sidecars(commands::SidecarsCmd),

@@ -36,19 +36,22 @@ struct Env {
 }
 
 async fn start() -> Env {
+    start_on(None).await
+}
+
+/// A control service on `database` (default: SQLite in the scratch dir).
+async fn start_on(database: Option<String>) -> Env {
     wicket_testkit::init_crypto();
     let idp = TestIdp::start("wicket").await;
     let dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let database =
+        database.unwrap_or_else(|| format!("sqlite:{}", dir.path().join("w.db").display()));
     let cfg = wicket_control::Config {
         max_message_bytes: 1 << 20,
         agent_rules: vec!["client-credentials".into()],
-        ..wicket_control::Config::defaults(
-            &idp.issuer(),
-            &format!("sqlite:{}", dir.path().join("w.db").display()),
-            addr,
-        )
+        ..wicket_control::Config::defaults(&idp.issuer(), &database, addr)
     };
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(wicket_control::run(cfg, listener, async {
@@ -789,4 +792,273 @@ async fn sessions_recording_writes_an_asciicast_file() {
         .wicket(Some(&admin), &["sessions", "recording", "no-such-session"])
         .await;
     assert!(!o.status.success());
+}
+
+/// Reports a session of `n` events through the sidecar audit API: a start,
+/// commands `SELECT 2`…, and an end when `ended`; event ids are `{p}1`….
+async fn report_session(e: &Env, sc: &str, session: &str, p: &str, n: u64, ended: bool) {
+    let now = chrono::Utc::now();
+    let events = (1..=n)
+        .map(|seq| {
+            let kind = match seq {
+                1 => v1::AuditKind::SessionStart,
+                s if s == n && ended => v1::AuditKind::SessionEnd,
+                _ => v1::AuditKind::Command,
+            };
+            v1::AuditEvent {
+                id: format!("{p}{seq}"),
+                session_id: session.into(),
+                seq,
+                time: Some(wicket_proto::convert::ts(
+                    now + chrono::Duration::milliseconds(seq as i64),
+                )),
+                kind: kind as i32,
+                connection: "orders-db".into(),
+                principal: Some(v1::Principal {
+                    subject: "ada".into(),
+                    issuer: e.idp.issuer(),
+                    ..Default::default()
+                }),
+                command: (kind == v1::AuditKind::Command).then(|| v1::Command {
+                    text: format!("SELECT {seq}"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let mut r = tonic::Request::new(tokio_stream::iter(vec![v1::ReportRequest { events }]));
+    bearer(&mut r, sc);
+    let mut acks = v1::audit_service_client::AuditServiceClient::new(e.channel.clone())
+        .report(r)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        acks.next().await.unwrap().unwrap().acked_ids.len() as u64,
+        n
+    );
+}
+
+/// Runs SQL against the control service's database (the tampering).
+async fn tamper(db: &str, sql: &[&str]) {
+    use sqlx::Connection as _;
+    if db.starts_with("sqlite:") {
+        let mut c = sqlx::SqliteConnection::connect(db).await.unwrap();
+        for q in sql {
+            sqlx::query(q).execute(&mut c).await.unwrap();
+        }
+    } else {
+        let mut c = sqlx::PgConnection::connect(db).await.unwrap();
+        for q in sql {
+            sqlx::query(q).execute(&mut c).await.unwrap();
+        }
+    }
+}
+
+/// Recomputes the stored chain of `session` from `from` on, after
+/// changing those events' bodies: what a database writer can do, but not
+/// sign. Reads the chain as the verifier does, writes with SQL.
+async fn rewrite_tail(e: &Env, db: &str, session: &str, from: usize) {
+    let mut r = tonic::Request::new(v1::GetAuditChainRequest {
+        session_id: session.into(),
+        after_index: 0,
+        limit: 0,
+    });
+    bearer(&mut r, &e.admin());
+    let chain = v1::audit_admin_service_client::AuditAdminServiceClient::new(e.channel.clone())
+        .get_audit_chain(r)
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let mut prev: [u8; 32] = chain[from - 2].hash.clone().try_into().unwrap();
+    let mut updates = Vec::new();
+    for ev in &chain[from - 1..] {
+        let body = ev.body.replace("SELECT", "select");
+        prev = wicket_core::evidence::link(&prev, ev.index, body.as_bytes());
+        let hex: String = prev.iter().map(|b| format!("{b:02x}")).collect();
+        let blob = if db.starts_with("sqlite:") {
+            format!("X'{hex}'")
+        } else {
+            format!("'\\x{hex}'::bytea")
+        };
+        updates.push(format!(
+            "UPDATE events SET body = '{}', hash = {blob} WHERE id = '{}'",
+            body.replace('\'', "''"),
+            ev.id
+        ));
+    }
+    let refs: Vec<&str> = updates.iter().map(String::as_str).collect();
+    tamper(db, &refs).await;
+}
+
+/// The tamper-evidence walk on one backend: intact records verify; each
+/// kind of tampering is named.
+async fn audit_verify_on(database: Option<String>) {
+    let e = start_on(database.clone()).await;
+    let db = database.unwrap_or_else(|| format!("sqlite:{}", e.dir.path().join("w.db").display()));
+    let admin = e.admin();
+    ok(&e
+        .wicket(Some(&admin), &["policy", "apply", "-f", "policy.yaml"])
+        .await);
+    let sc = e.sidecar_token().await;
+    for (session, p) in [
+        ("s-intact", "i"),
+        ("s-change", "c"),
+        ("s-remove", "r"),
+        ("s-move", "m"),
+        ("s-rewrite", "w"),
+        ("s-gone", "g"),
+    ] {
+        report_session(&e, &sc, session, p, 6, true).await;
+    }
+    report_session(&e, &sc, "s-live", "l", 3, false).await;
+
+    // Sealed at its end; a live session is not sealed yet.
+    let out = ok(&e
+        .wicket(Some(&admin), &["audit", "verify", "s-intact"])
+        .await);
+    assert!(
+        out.contains("intact") && out.contains("sealed at 6 events"),
+        "{out}"
+    );
+    let out = ok(&e.wicket(Some(&admin), &["audit", "verify", "s-live"]).await);
+    assert!(out.contains("not sealed yet"), "{out}");
+    // A root covers every session, the live one included.
+    let out = ok(&e.wicket(Some(&admin), &["audit", "root"]).await);
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l.split_whitespace().nth(4) == Some("7")),
+        "{out}"
+    );
+    let out = ok(&e.wicket(Some(&admin), &["audit", "verify", "s-live"]).await);
+    assert!(out.contains("a root vouches for 3 events"), "{out}");
+    // With the pinned key, everything verifies.
+    let key = ok(&e.wicket(Some(&admin), &["audit", "key"]).await);
+    assert!(key.starts_with("ssh-ed25519 "), "{key}");
+    std::fs::write(e.dir.path().join("audit.pub"), &key).unwrap();
+    let out = ok(&e
+        .wicket(
+            Some(&admin),
+            &["audit", "verify", "--all", "--public-key", "audit.pub"],
+        )
+        .await);
+    assert_eq!(out.matches(" intact ").count(), 7, "{out}");
+    // A key that is not the audit key proves nothing.
+    std::fs::write(
+        e.dir.path().join("other.pub"),
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n",
+    )
+    .unwrap();
+    let o = e
+        .wicket(
+            Some(&admin),
+            &["audit", "verify", "s-intact", "--public-key", "other.pub"],
+        )
+        .await;
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o).0);
+
+    // Each kind of tampering, named.
+    tamper(
+        &db,
+        &["UPDATE events SET body = replace(body, 'SELECT 3', 'SELECT 33') WHERE id = 'c3'"],
+    )
+    .await;
+    tamper(&db, &["DELETE FROM events WHERE id = 'r4'"]).await;
+    tamper(
+        &db,
+        &["UPDATE events SET chain_index = CASE id WHEN 'm2' THEN 5 ELSE 2 END WHERE id IN ('m2', 'm5')"],
+    )
+    .await;
+    rewrite_tail(&e, &db, "s-rewrite", 4).await;
+    let verify = |s: &'static str| {
+        let e = &e;
+        let admin = admin.clone();
+        async move {
+            let o = e.wicket(Some(&admin), &["audit", "verify", s]).await;
+            assert_eq!(o.status.code(), Some(5), "{s}: {:?}", text(&o));
+            text(&o).0
+        }
+    };
+    let out = verify("s-change").await;
+    assert!(
+        out.contains("TAMPERED") && out.contains("event #3 (c3) was changed"),
+        "{out}"
+    );
+    let out = verify("s-remove").await;
+    assert!(out.contains("event #4 was removed"), "{out}");
+    let out = verify("s-move").await;
+    assert!(
+        out.contains("event #2 (m5) was moved: it was recorded as #5"),
+        "{out}"
+    );
+    let out = verify("s-rewrite").await;
+    assert!(out.contains("rewritten with recomputed hashes"), "{out}");
+    // The intact ones still are.
+    ok(&e
+        .wicket(Some(&admin), &["audit", "verify", "s-intact"])
+        .await);
+
+    // A whole session removed: the root still names it.
+    tamper(
+        &db,
+        &[
+            "DELETE FROM events WHERE session_id = 's-gone'",
+            "DELETE FROM audit_seals WHERE session_id = 's-gone'",
+            "DELETE FROM sessions WHERE id = 's-gone'",
+        ],
+    )
+    .await;
+    let o = e.wicket(Some(&admin), &["audit", "verify", "--all"]).await;
+    assert_eq!(o.status.code(), Some(5));
+    let out = text(&o).0;
+    assert!(
+        out.contains("s-gone     TAMPERED  0       events #1 to #6 were removed"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().take(2).eq(["s-intact", "intact"])),
+        "{out}"
+    );
+    // And hiding that by editing the root's list breaks the root.
+    tamper(
+        &db,
+        &["DELETE FROM audit_root_leaves WHERE session_id = 's-gone'"],
+    )
+    .await;
+    let o = e.wicket(Some(&admin), &["audit", "verify", "--all"]).await;
+    assert_eq!(o.status.code(), Some(5));
+    let out = text(&o).0;
+    assert!(
+        out.contains("root #1 names 7 sessions but 6 are stored"),
+        "{out}"
+    );
+    // Auditors may read the trail; only admins sign roots on demand.
+    let approver = e.idp.mint(&TokenSpec::human("ann", &["wicket-auditors"]));
+    let o = e.wicket(Some(&approver), &["audit", "root"]).await;
+    assert_eq!(o.status.code(), Some(3), "{:?}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_names_tampered_events_on_sqlite() {
+    audit_verify_on(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_names_tampered_events_on_postgres() {
+    use sqlx::Connection as _;
+    let admin = std::env::var("WICKET_TEST_PG_URL").expect(
+        "WICKET_TEST_PG_URL is not set: run the suite with `cargo xtask test`, which starts PostgreSQL",
+    );
+    let name = format!("audit_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    audit_verify_on(Some(url)).await;
 }

@@ -853,6 +853,20 @@ async fn control_outage_during_pgbench_loses_no_event_and_keeps_enforcing() {
         "pgbench should have run many statements: {appended}"
     );
     assert_eq!(stored, appended, "every audit event arrives exactly once");
+    // Replayed batches left no hole or duplicate in any session's hash
+    // chain, and every ended session is sealed at its full length.
+    let reports = e.stack.audit_reports().await;
+    assert!(reports.len() >= 3, "{reports:?}");
+    for r in &reports {
+        assert!(r.intact(), "{}: {:?}", r.session_id, r.findings);
+        if let Some(sealed) = r.sealed {
+            assert_eq!(sealed, r.events, "{}", r.session_id);
+        }
+    }
+    assert!(
+        reports.iter().filter(|r| r.sealed.is_some()).count() >= 2,
+        "the pgbench sessions ended and were sealed: {reports:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
