@@ -16,7 +16,7 @@ use wicket_proto::v1::policy_admin_service_server::PolicyAdminService;
 use wicket_proto::v1::principal_admin_service_server::PrincipalAdminService;
 use wicket_proto::v1::session_admin_service_server::SessionAdminService;
 use wicket_proto::v1::sidecar_admin_service_server::SidecarAdminService;
-use wicket_store::{Revocation, SessionFilter, SessionRecord, SidecarRecord};
+use wicket_store::{EventSearch, Revocation, SessionFilter, SessionRecord, SidecarRecord};
 
 use crate::auth::{Permission, hash_secret};
 use crate::sidecar::BoxStream;
@@ -76,6 +76,27 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), Status> {
 }
 
 impl AdminApi {
+    /// Wire events, with structured traces (attached by trace id) joined in.
+    async fn with_traces(&self, mut events: Vec<wicket_core::AuditEvent>) -> Vec<v1::AuditEvent> {
+        for e in &mut events {
+            let trace_id = e.traceparent.split('-').nth(1).unwrap_or("").to_string();
+            if wicket_core::ReasoningTrace::valid_trace_id(&trace_id)
+                && let Ok(Some(t)) = self.control.store.get_trace(&trace_id).await
+            {
+                let inline = e.reasoning.take().map(|r| r.reasoning).unwrap_or_default();
+                e.reasoning = Some(wicket_core::ReasoningTrace {
+                    reasoning: if inline.is_empty() {
+                        t.reasoning.clone()
+                    } else {
+                        inline
+                    },
+                    ..t
+                });
+            }
+        }
+        events.iter().map(Into::into).collect()
+    }
+
     pub(crate) async fn allow<T>(
         &self,
         req: &Request<T>,
@@ -406,31 +427,56 @@ impl SessionAdminService for AdminApi {
     ) -> Result<Response<v1::ListSessionEventsResponse>, Status> {
         self.allow(&req, Permission::Read).await?;
         let r = req.get_ref();
-        let mut events = self
+        let events = self
             .control
             .store
             .list_events(&r.session_id, r.after_seq, r.limit)
             .await
             .map_err(storage)?;
-        // Join structured traces attached by trace id.
-        for e in &mut events {
-            let trace_id = e.traceparent.split('-').nth(1).unwrap_or("").to_string();
-            if wicket_core::ReasoningTrace::valid_trace_id(&trace_id)
-                && let Ok(Some(t)) = self.control.store.get_trace(&trace_id).await
-            {
-                let inline = e.reasoning.take().map(|r| r.reasoning).unwrap_or_default();
-                e.reasoning = Some(wicket_core::ReasoningTrace {
-                    reasoning: if inline.is_empty() {
-                        t.reasoning.clone()
-                    } else {
-                        inline
-                    },
-                    ..t
-                });
-            }
-        }
         Ok(Response::new(v1::ListSessionEventsResponse {
-            events: events.iter().map(Into::into).collect(),
+            events: self.with_traces(events).await,
+        }))
+    }
+
+    async fn search_events(
+        &self,
+        req: Request<v1::SearchEventsRequest>,
+    ) -> Result<Response<v1::ListSessionEventsResponse>, Status> {
+        self.allow(&req, Permission::Read).await?;
+        let r = req.get_ref();
+        for (field, value) in [
+            ("text", &r.text),
+            ("principal", &r.principal),
+            ("connection", &r.connection),
+        ] {
+            check_len(field, value, 1024)?;
+        }
+        if !matches!(
+            r.decision.as_str(),
+            "" | "allow" | "review" | "deny" | "approved" | "denied" | "expired" | "covered"
+        ) {
+            return Err(Status::invalid_argument(format!(
+                "unknown decision `{}`: use allow, review, deny, approved, denied, expired or covered",
+                r.decision
+            )));
+        }
+        let search = EventSearch {
+            text: r.text.clone(),
+            principal: r.principal.clone(),
+            connection: r.connection.clone(),
+            decision: r.decision.clone(),
+            since: convert::from_ts(r.since.as_ref()),
+            until: convert::from_ts(r.until.as_ref()),
+            limit: r.limit,
+        };
+        let events = self
+            .control
+            .store
+            .search_events(&search)
+            .await
+            .map_err(storage)?;
+        Ok(Response::new(v1::ListSessionEventsResponse {
+            events: self.with_traces(events).await,
         }))
     }
 

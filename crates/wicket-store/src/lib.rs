@@ -30,6 +30,9 @@ pub enum StoreError {
     /// An optimistic-concurrency update lost the race.
     #[error("concurrent update")]
     Conflict,
+    /// A request the store cannot answer as asked.
+    #[error("invalid request: {0}")]
+    Invalid(String),
     /// The URL names no supported backend.
     #[error("unsupported database URL (expected sqlite:PATH or postgres://…)")]
     UnsupportedUrl,
@@ -66,6 +69,8 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<AuditEvent>>;
+    /// Events matching `search`, newest first.
+    async fn search_events(&self, search: &EventSearch) -> Result<Vec<AuditEvent>>;
     /// Marks a live session as terminating; returns it (None if unknown).
     async fn terminate_session(&self, id: &str, reason: &str) -> Result<Option<SessionRecord>>;
     /// Ids of sessions marked terminating and not yet ended.

@@ -80,6 +80,27 @@ pub struct SessionFilter {
     pub limit: u32,
 }
 
+/// What `search_events` looks for; empty fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventSearch {
+    /// Text anywhere in the stored event (command, details, reasoning),
+    /// case-insensitive.
+    pub text: String,
+    /// Principal subject or display name of the event's session.
+    pub principal: String,
+    /// Connection name.
+    pub connection: String,
+    /// Decision effect (`allow`, `review`, `deny`) or approval outcome
+    /// (`approved`, `denied`, `expired`, `covered`).
+    pub decision: String,
+    /// Events at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Events before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// Max rows (default 100, at most 1000).
+    pub limit: u32,
+}
+
 /// A principal revocation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {

@@ -564,6 +564,67 @@ impl Store for SqlStore {
         })
     }
 
+    async fn search_events(&self, q: &EventSearch) -> Result<Vec<AuditEvent>> {
+        // LIKE patterns with the user's `%`, `_` and `\` taken literally.
+        let like = |s: &str| {
+            let mut p = String::with_capacity(s.len() + 2);
+            p.push('%');
+            for c in s.to_lowercase().chars() {
+                if matches!(c, '%' | '_' | '\\') {
+                    p.push('\\');
+                }
+                p.push(c);
+            }
+            p.push('%');
+            p
+        };
+        let text = if q.text.is_empty() {
+            String::new()
+        } else {
+            like(&q.text)
+        };
+        // Matched in the stored JSON, whose shape serde fixes.
+        let decision = match q.decision.as_str() {
+            "" => String::new(),
+            e @ ("allow" | "review" | "deny") => format!("%\"decision\":{{\"effect\":\"{e}\"%"),
+            o @ ("approved" | "denied" | "expired" | "covered") => {
+                format!("%\"approval_outcome\":\"{o}\"%")
+            }
+            other => {
+                return Err(StoreError::Invalid(format!(
+                    "unknown decision `{other}` (allow, review, deny, approved, denied, expired, covered)"
+                )));
+            }
+        };
+        with_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT body FROM events WHERE ($1 = '' OR lower(body) LIKE $1 ESCAPE '\\') \
+                 AND ($2 = '' OR connection = $2) \
+                 AND ($3 = '' OR session_id IN (SELECT id FROM sessions WHERE principal_subject = $3 \
+                      OR principal LIKE $4 ESCAPE '\\')) \
+                 AND ($5 = '' OR body LIKE $5) \
+                 AND ($6 = 0 OR time >= $6) AND ($7 = 0 OR time < $7) \
+                 ORDER BY time DESC, id LIMIT $8",
+            )
+            .bind(&text)
+            .bind(&q.connection)
+            .bind(&q.principal)
+            .bind(format!(
+                "%\"display_name\":{}%",
+                serde_json::to_string(&q.principal).unwrap_or_default()
+            ))
+            .bind(&decision)
+            .bind(q.since.map(ms).unwrap_or(0))
+            .bind(q.until.map(ms).unwrap_or(0))
+            .bind(clamp_limit(q.limit))
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| parse(&r.try_get::<String, _>("body")?, "event"))
+                .collect()
+        })
+    }
+
     async fn terminate_session(&self, id: &str, reason: &str) -> Result<Option<SessionRecord>> {
         with_pool!(self, |p| {
             sqlx::query(

@@ -480,6 +480,130 @@ async fn events_are_hash_chained_and_rooted(s: Arc<dyn Store>) {
     );
 }
 
+async fn events_are_searchable(s: Arc<dyn Store>) {
+    let mut evs = Vec::new();
+    for (i, (session, sub, text, effect, outcome)) in [
+        ("q1", "ada", "SELECT * FROM customers", Effect::Allow, ""),
+        (
+            "q1",
+            "ada",
+            "DELETE FROM orders WHERE id = 7",
+            Effect::Allow,
+            "approved",
+        ),
+        ("q2", "bob", "DROP TABLE customers", Effect::Deny, ""),
+        ("q2", "bob", "SELECT 100% _literal_", Effect::Allow, ""),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut e = event(&format!("q{i}"), session, i as u64 + 1, AuditKind::Command);
+        e.principal = Some(Principal {
+            display_name: format!("{sub} the agent"),
+            ..principal(sub)
+        });
+        e.command = Some(Command {
+            text: text.into(),
+            ..Default::default()
+        });
+        e.decision = Some(Decision {
+            effect,
+            rule: "r".into(),
+            ..Default::default()
+        });
+        if !outcome.is_empty() {
+            e.details.insert("approval_outcome".into(), outcome.into());
+        }
+        if session == "q2" {
+            e.connection = "other-db".into();
+        }
+        evs.push(e);
+    }
+    s.append_events(&evs).await.unwrap();
+    let ids = |found: Vec<AuditEvent>| found.into_iter().map(|e| e.id).collect::<Vec<_>>();
+    let q = |f: fn(&mut EventSearch)| {
+        let mut q = EventSearch::default();
+        f(&mut q);
+        q
+    };
+    // Newest first; text is case-insensitive; wildcards are literal.
+    assert_eq!(
+        ids(s
+            .search_events(&q(|q| q.text = "customers".into()))
+            .await
+            .unwrap()),
+        ["q2", "q0"]
+    );
+    assert_eq!(
+        ids(s
+            .search_events(&q(|q| q.text = "drop TABLE".into()))
+            .await
+            .unwrap()),
+        ["q2"]
+    );
+    assert_eq!(
+        ids(s
+            .search_events(&q(|q| q.text = "100% _lit".into()))
+            .await
+            .unwrap()),
+        ["q3"]
+    );
+    assert!(
+        s.search_events(&q(|q| q.text = "1_0%".into()))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        ids(s
+            .search_events(&q(|q| q.principal = "bob".into()))
+            .await
+            .unwrap()),
+        ["q3", "q2"]
+    );
+    assert_eq!(
+        ids(s
+            .search_events(&q(|q| q.principal = "ada the agent".into()))
+            .await
+            .unwrap()),
+        ["q1", "q0"]
+    );
+    assert_eq!(
+        ids(s
+            .search_events(&q(|q| q.connection = "other-db".into()))
+            .await
+            .unwrap()),
+        ["q3", "q2"]
+    );
+    assert_eq!(
+        ids(s
+            .search_events(&q(|q| q.decision = "deny".into()))
+            .await
+            .unwrap()),
+        ["q2"]
+    );
+    assert_eq!(
+        ids(s
+            .search_events(&q(|q| q.decision = "approved".into()))
+            .await
+            .unwrap()),
+        ["q1"]
+    );
+    assert!(matches!(
+        s.search_events(&q(|q| q.decision = "maybe".into())).await,
+        Err(StoreError::Invalid(_))
+    ));
+    let t1 = evs[1].time;
+    let mut between = EventSearch {
+        since: Some(t1),
+        until: Some(evs[3].time),
+        ..Default::default()
+    };
+    assert_eq!(ids(s.search_events(&between).await.unwrap()), ["q2", "q1"]);
+    between.limit = 1;
+    assert_eq!(ids(s.search_events(&between).await.unwrap()), ["q2"]);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod on_sqlite {
@@ -501,6 +625,7 @@ suite!(
     access_grants,
     keys_are_created_once,
     events_are_hash_chained_and_rooted,
+    events_are_searchable,
 );
 
 #[tokio::test]
