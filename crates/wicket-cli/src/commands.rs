@@ -213,6 +213,14 @@ pub enum SessionsCmd {
         /// Session id.
         id: String,
     },
+    /// Play a session back: a terminal session in this terminal at its
+    /// own pace (`--speed`, pauses cut to `--idle-limit`); query, HTTP and
+    /// Kubernetes sessions as a timeline of commands with their decisions,
+    /// approvals, results and reasoning.
+    Replay(crate::replay::ReplayArgs),
+    /// Search events across sessions (text, principal, connection,
+    /// decision, time range), newest first.
+    Search(crate::replay::SearchArgs),
     /// Write a session's terminal recording as asciicast v2 (play it with
     /// `asciinema play FILE`).
     Recording {
@@ -228,7 +236,7 @@ pub enum SessionsCmd {
 }
 
 /// Every event of session `id`, in order.
-async fn session_events(
+pub(crate) async fn session_events(
     c: &Client,
     api: &mut wicket_proto::v1::session_admin_service_client::SessionAdminServiceClient<Channel>,
     id: &str,
@@ -344,13 +352,13 @@ fn is_loopback(url: &str) -> bool {
         || url.contains("://[::1]")
 }
 
-fn time(t: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn time(t: Option<&prost_types::Timestamp>) -> String {
     convert::from_ts(t)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_default()
 }
 
-fn effect(e: i32) -> &'static str {
+pub(crate) fn effect(e: i32) -> &'static str {
     convert::from_effect(e).as_str()
 }
 
@@ -371,7 +379,7 @@ fn principal_json(p: Option<&v1::Principal>) -> Value {
     }
 }
 
-fn principal_label(p: Option<&v1::Principal>) -> String {
+pub(crate) fn principal_label(p: Option<&v1::Principal>) -> String {
     p.map(|p| {
         if p.display_name.is_empty() {
             p.subject.clone()
@@ -382,7 +390,7 @@ fn principal_label(p: Option<&v1::Principal>) -> String {
     .unwrap_or_default()
 }
 
-fn command_json(c: Option<&v1::Command>) -> Value {
+pub(crate) fn command_json(c: Option<&v1::Command>) -> Value {
     match c {
         None => Value::Null,
         Some(c) => {
@@ -392,7 +400,7 @@ fn command_json(c: Option<&v1::Command>) -> Value {
     }
 }
 
-fn reasoning_json(r: Option<&v1::ReasoningTrace>) -> Value {
+pub(crate) fn reasoning_json(r: Option<&v1::ReasoningTrace>) -> Value {
     match r {
         None => Value::Null,
         Some(r) => json!({
@@ -403,7 +411,7 @@ fn reasoning_json(r: Option<&v1::ReasoningTrace>) -> Value {
     }
 }
 
-fn decision_json(d: Option<&v1::DecisionInfo>) -> Value {
+pub(crate) fn decision_json(d: Option<&v1::DecisionInfo>) -> Value {
     match d {
         None => Value::Null,
         Some(d) => json!({
@@ -1172,6 +1180,11 @@ async fn approvals(cli: &Cli, fmt: Format, cmd: &ApprovalsCmd) -> Result<(), Cli
 }
 
 async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliError> {
+    match cmd {
+        SessionsCmd::Replay(a) => return crate::replay::replay(cli, fmt, a).await,
+        SessionsCmd::Search(a) => return crate::replay::search(cli, fmt, a).await,
+        _ => {}
+    }
     let c = Client::connect(cli).await?;
     let mut api = SessionAdminServiceClient::new(c.channel.clone());
     match cmd {
@@ -1220,45 +1233,15 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
                 Value::Array(list.iter().map(session_json).collect()),
             );
         }
+        // Answered above.
+        SessionsCmd::Replay(_) | SessionsCmd::Search(_) => {}
         SessionsCmd::Recording { id, channel, out } => {
             let events = session_events(&c, &mut api, id).await?;
-            // Each recorded channel: its header, then its event lines, in order.
-            let mut casts: std::collections::BTreeMap<String, (Option<String>, String)> =
-                Default::default();
-            for e in events
-                .iter()
-                .filter(|e| e.kind == v1::AuditKind::Output as i32)
-            {
-                let Some(ch) = e.details.get("channel") else {
-                    continue;
-                };
-                let cast = casts.entry(ch.clone()).or_default();
-                if let Some(h) = e.details.get("asciicast_header") {
-                    cast.0 = Some(h.clone());
-                }
-                if let Some(lines) = e.details.get("asciicast") {
-                    cast.1.push_str(lines);
-                }
-            }
-            casts.retain(|_, (h, _)| h.is_some());
-            let pick = match channel {
-                Some(ch) => casts.remove(ch).ok_or_else(|| {
-                    CliError::usage(format!("session {id} has no recording of channel {ch}"))
-                })?,
-                None if casts.len() == 1 => casts.pop_first().map(|(_, c)| c).unwrap_or_default(),
-                None if casts.is_empty() => {
-                    return Err(CliError::usage(format!(
-                        "session {id} has no terminal recording"
-                    )));
-                }
-                None => {
-                    return Err(CliError::usage(format!(
-                        "session {id} recorded several channels ({}); pick one with --channel",
-                        casts.keys().cloned().collect::<Vec<_>>().join(", ")
-                    )));
-                }
-            };
-            let text = format!("{}\n{}", pick.0.unwrap_or_default(), pick.1);
+            let cast =
+                crate::replay::cast_of(id, &events, channel.as_deref())?.ok_or_else(|| {
+                    CliError::usage(format!("session {id} has no terminal recording"))
+                })?;
+            let text = format!("{}\n{}", cast.header, cast.lines);
             match out {
                 Some(path) => std::fs::write(path, text).map_err(|e| {
                     CliError::usage(format!("cannot write {}: {e}", path.display()))
@@ -1399,7 +1382,7 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
 }
 
 /// `ok, 3 rows, 1.2 ms` / `error 22012: division by zero` for a table cell.
-fn result_cell(d: &std::collections::HashMap<String, String>) -> String {
+pub(crate) fn result_cell(d: &std::collections::HashMap<String, String>) -> String {
     let ms = d
         .get("duration_us")
         .and_then(|u| u.parse::<f64>().ok())

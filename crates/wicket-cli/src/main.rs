@@ -5,6 +5,7 @@ mod commands;
 mod kube;
 mod login;
 mod output;
+mod replay;
 
 use std::fmt;
 use std::path::PathBuf;

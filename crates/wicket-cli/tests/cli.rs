@@ -1062,3 +1062,277 @@ async fn audit_verify_names_tampered_events_on_postgres() {
     let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
     audit_verify_on(Some(url)).await;
 }
+
+/// `wicket sessions replay` plays terminal sessions at their pace (speed,
+/// idle pauses cut), exports asciicast, prints other sessions as a
+/// timeline; `wicket sessions search` finds events by text, principal,
+/// connection, decision and time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_and_search_from_the_cli() {
+    let e = start().await;
+    let admin = e.admin();
+    ok(&e
+        .wicket(Some(&admin), &["policy", "apply", "-f", "policy.yaml"])
+        .await);
+    let sc = e.sidecar_token().await;
+    let t0 = chrono::Utc::now() - chrono::Duration::seconds(60);
+    let at = |ms: i64| {
+        Some(wicket_proto::convert::ts(
+            t0 + chrono::Duration::milliseconds(ms),
+        ))
+    };
+    let bot = v1::Principal {
+        subject: "bot".into(),
+        issuer: e.idp.issuer(),
+        kind: v1::PrincipalKind::Agent as i32,
+        display_name: "Nightly Bot".into(),
+        ..Default::default()
+    };
+    let base = |id: &str, session: &str, seq: u64, kind: v1::AuditKind| v1::AuditEvent {
+        id: id.into(),
+        session_id: session.into(),
+        seq,
+        time: at(seq as i64 * 1000),
+        kind: kind as i32,
+        connection: "orders-db".into(),
+        principal: Some(bot.clone()),
+        client_app: "psql".into(),
+        ..Default::default()
+    };
+    let command = |id: &str, seq: u64, text: &str, effect: v1::Effect, rule: &str| v1::AuditEvent {
+        command: Some(v1::Command {
+            text: text.into(),
+            classification: None,
+        }),
+        decision: Some(v1::DecisionInfo {
+            effect: effect as i32,
+            rule: rule.into(),
+            ..Default::default()
+        }),
+        reasoning: Some(v1::ReasoningTrace {
+            reasoning: "nightly cleanup of stale carts".into(),
+            ..Default::default()
+        }),
+        ..base(id, "sess-q", seq, v1::AuditKind::Command)
+    };
+    let header = r#"{"version":2,"width":80,"height":24}"#;
+    let output = |id: &str, seq: u64, details: &[(&str, &str)]| v1::AuditEvent {
+        details: details
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..base(id, "sess-t", seq, v1::AuditKind::Output)
+    };
+    let events = vec![
+        base("q1", "sess-q", 1, v1::AuditKind::SessionStart),
+        command(
+            "q2",
+            2,
+            "SELECT count(*) FROM carts",
+            v1::Effect::Allow,
+            "reads",
+        ),
+        v1::AuditEvent {
+            details: [
+                ("command_id".to_string(), "q2".to_string()),
+                ("status".to_string(), "ok".to_string()),
+                ("rows".to_string(), "1".to_string()),
+            ]
+            .into(),
+            ..base("q3", "sess-q", 3, v1::AuditKind::CommandResult)
+        },
+        v1::AuditEvent {
+            details: [
+                ("approval".to_string(), "apr-7".to_string()),
+                ("approval_outcome".to_string(), "approved".to_string()),
+            ]
+            .into(),
+            ..command(
+                "q4",
+                4,
+                "UPDATE carts SET state = 'stale'",
+                v1::Effect::Allow,
+                "writes",
+            )
+        },
+        command("q5", 5, "DROP TABLE carts", v1::Effect::Deny, "no-ddl"),
+        v1::AuditEvent {
+            end_reason: "client_exit".into(),
+            ..base("q6", "sess-q", 6, v1::AuditKind::SessionEnd)
+        },
+        base("t1", "sess-t", 1, v1::AuditKind::SessionStart),
+        output("t2", 2, &[("channel", "0"), ("asciicast_header", header)]),
+        // Output, then 30 s of nothing, then more output.
+        output(
+            "t3",
+            3,
+            &[
+                ("channel", "0"),
+                (
+                    "asciicast",
+                    "[0.1,\"o\",\"$ \"]\n[0.2,\"i\",\"ls\\r\"]\n[0.3,\"o\",\"ls\\r\\n\"]\n[30.3,\"o\",\"notes.txt\\r\\n\"]\n",
+                ),
+            ],
+        ),
+    ];
+    let n = events.len();
+    let mut r = tonic::Request::new(tokio_stream::iter(vec![v1::ReportRequest { events }]));
+    bearer(&mut r, &sc);
+    let mut acks = v1::audit_service_client::AuditServiceClient::new(e.channel.clone())
+        .report(r)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.next().await.unwrap().unwrap().acked_ids.len(), n);
+
+    // The terminal session plays what was shown (not what was typed), with
+    // the 30 s pause cut to the idle limit and scaled by the speed.
+    let timed = |args: &'static [&'static str]| {
+        let e = &e;
+        let admin = admin.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let out = ok(&e.wicket(Some(&admin), args).await);
+            (out, started.elapsed().as_secs_f64())
+        }
+    };
+    let (out, secs) = timed(&["sessions", "replay", "sess-t"]).await;
+    assert_eq!(out, "$ ls\r\nnotes.txt\r\n");
+    assert!(
+        (2.2..6.0).contains(&secs),
+        "0.3 s + the 2 s idle limit, took {secs}"
+    );
+    let (_, secs) = timed(&["sessions", "replay", "sess-t", "--speed", "4"]).await;
+    assert!((0.55..2.0).contains(&secs), "2.3 s at 4x, took {secs}");
+    let (_, secs) = timed(&[
+        "sessions",
+        "replay",
+        "sess-t",
+        "--idle-limit",
+        "0",
+        "--speed",
+        "20",
+    ])
+    .await;
+    assert!((1.5..4.0).contains(&secs), "30.3 s at 20x, took {secs}");
+    let (cast, _) = timed(&["sessions", "replay", "sess-t", "--format", "asciicast"]).await;
+    assert!(
+        cast.starts_with(header) && cast.contains("[30.3,\"o\",\"notes.txt\\r\\n\"]"),
+        "{cast}"
+    );
+    let o = e
+        .wicket(
+            Some(&admin),
+            &["sessions", "replay", "sess-t", "--speed", "0"],
+        )
+        .await;
+    assert_eq!(o.status.code(), Some(2));
+
+    // The query session is a timeline: offsets, decisions and rules,
+    // approvals, results, the reasoning once.
+    let out = ok(&e
+        .wicket(Some(&admin), &["sessions", "replay", "sess-q"])
+        .await);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].contains("sess-q") && lines[0].contains("Nightly Bot"),
+        "{out}"
+    );
+    assert!(lines[1].starts_with("+    0.000s  session start"), "{out}");
+    assert!(
+        lines[2]
+            .starts_with("+    1.000s  allow (reads)  SELECT count(*) FROM carts  → ok, 1 rows"),
+        "{out}"
+    );
+    assert!(
+        lines[3].trim() == "reasoning: nightly cleanup of stale carts",
+        "{out}"
+    );
+    assert!(
+        lines[4].contains(
+            "allow (writes)  UPDATE carts SET state = 'stale'  [approval apr-7: approved]"
+        ),
+        "{out}"
+    );
+    assert!(
+        lines[5].contains("deny (no-ddl)  DROP TABLE carts"),
+        "{out}"
+    );
+    assert!(
+        lines[6].starts_with("+    5.000s  session end (client_exit)"),
+        "{out}"
+    );
+    assert_eq!(out.matches("reasoning:").count(), 1, "{out}");
+    let o = e
+        .wicket(
+            Some(&admin),
+            &["sessions", "replay", "sess-q", "--format", "terminal"],
+        )
+        .await;
+    assert!(
+        text(&o).1.contains("no terminal recording"),
+        "{:?}",
+        text(&o)
+    );
+    let json = ok(&e
+        .wicket(
+            Some(&admin),
+            &["sessions", "replay", "sess-q", "-o", "json"],
+        )
+        .await);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v[2]["approval_outcome"], "approved");
+    assert_eq!(v[1]["result"], "ok, 1 rows");
+
+    // Search.
+    let ids = |args: &[&str]| {
+        let mut a: Vec<String> = ["sessions", "search", "-o", "json"]
+            .map(String::from)
+            .to_vec();
+        a.extend(args.iter().map(|s| s.to_string()));
+        let e = &e;
+        let admin = admin.clone();
+        async move {
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            let out = ok(&e.wicket(Some(&admin), &a).await);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ids(&["CARTS"]).await, ["q5", "q4", "q2"]);
+    assert_eq!(ids(&["--decision", "deny"]).await, ["q5"]);
+    assert_eq!(ids(&["--decision", "approved"]).await, ["q4"]);
+    assert_eq!(
+        ids(&["carts", "--principal", "Nightly Bot"]).await,
+        ["q5", "q4", "q2"]
+    );
+    assert!(ids(&["carts", "--principal", "someone"]).await.is_empty());
+    assert!(ids(&["carts", "--connection", "other-db"]).await.is_empty());
+    assert_eq!(
+        ids(&["carts", "--since", "2h", "--until", "1s"])
+            .await
+            .len(),
+        3
+    );
+    assert!(ids(&["carts", "--until", "2h"]).await.is_empty());
+    assert_eq!(ids(&["--limit", "2"]).await.len(), 2);
+    let table = ok(&e
+        .wicket(Some(&admin), &["sessions", "search", "DROP"])
+        .await);
+    assert!(
+        table.contains("sess-q") && table.contains("deny (no-ddl)"),
+        "{table}"
+    );
+    let o = e
+        .wicket(
+            Some(&admin),
+            &["sessions", "search", "--since", "last tuesday"],
+        )
+        .await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("RFC 3339"), "{:?}", text(&o));
+}
