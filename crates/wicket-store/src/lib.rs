@@ -187,6 +187,32 @@ pub trait Store: Send + Sync + 'static {
     async fn checkpoints(&self, session_id: &str)
     -> Result<Vec<wicket_core::evidence::Checkpoint>>;
 
+    /// Stored events after `position` in the order they were stored, as
+    /// `(position, event as stored)`. Positions only grow, but on
+    /// PostgreSQL a position can show up late (its transaction commits
+    /// after a later one) or never (rolled back): see the exporter.
+    async fn events_after(&self, position: i64, limit: u32) -> Result<Vec<(i64, String)>>;
+    /// Takes (or keeps) the lease on export `name` for `owner` until
+    /// `lease_until` (ms); returns the position exported so far, or `None`
+    /// while another owner's lease runs.
+    async fn export_claim(
+        &self,
+        name: &str,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<i64>>;
+    /// Records `count` more events exported up to `position` and renews the
+    /// lease; `false` when `owner` lost the lease meanwhile.
+    async fn export_advance(
+        &self,
+        name: &str,
+        owner: &str,
+        position: i64,
+        count: u64,
+        lease_until: i64,
+    ) -> Result<bool>;
+
     /// Whether the database answers.
     async fn ping(&self) -> Result<()>;
 

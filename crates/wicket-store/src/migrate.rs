@@ -13,6 +13,7 @@ pub const SQLITE: &[(i64, &str)] = &[
         include_str!("../migrations/sqlite/0004_access_grants.sql"),
     ),
     (5, include_str!("../migrations/sqlite/0005_audit_chain.sql")),
+    (6, include_str!("../migrations/sqlite/0006_export.sql")),
 ];
 
 /// `(version, sql)` for PostgreSQL.
@@ -31,6 +32,7 @@ pub const POSTGRES: &[(i64, &str)] = &[
         5,
         include_str!("../migrations/postgres/0005_audit_chain.sql"),
     ),
+    (6, include_str!("../migrations/postgres/0006_export.sql")),
 ];
 
 /// Splits a migration into statements (our migrations hold no `;` in literals).

@@ -1218,6 +1218,81 @@ impl Store for SqlStore {
         })
     }
 
+    async fn events_after(&self, position: i64, limit: u32) -> Result<Vec<(i64, String)>> {
+        let sql = match self.pool {
+            // SQLite writers take turns, so rowids appear in commit order.
+            Pool::Sqlite(_) => {
+                "SELECT rowid AS pos, body FROM events WHERE rowid > $1 ORDER BY rowid LIMIT $2"
+            }
+            Pool::Postgres(_) => {
+                "SELECT pos, body FROM events WHERE pos > $1 ORDER BY pos LIMIT $2"
+            }
+        };
+        with_pool!(self, |p| {
+            let rows = sqlx::query(sql)
+                .bind(position)
+                .bind(i64::from(limit.clamp(1, 10_000)))
+                .fetch_all(p)
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get::<i64, _>("pos")?, r.try_get::<String, _>("body")?)))
+                .collect()
+        })
+    }
+
+    async fn export_claim(
+        &self,
+        name: &str,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<i64>> {
+        with_pool!(self, |p| {
+            sqlx::query(
+                "INSERT INTO export_cursors (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .execute(p)
+            .await?;
+            let r = sqlx::query(
+                "UPDATE export_cursors SET owner = $2, lease_until = $3 \
+                 WHERE name = $1 AND (owner = $2 OR owner = '' OR lease_until < $4) RETURNING position",
+            )
+            .bind(name)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .fetch_optional(p)
+            .await?;
+            r.map(|r| Ok(r.try_get::<i64, _>("position")?)).transpose()
+        })
+    }
+
+    async fn export_advance(
+        &self,
+        name: &str,
+        owner: &str,
+        position: i64,
+        count: u64,
+        lease_until: i64,
+    ) -> Result<bool> {
+        with_pool!(self, |p| {
+            let done = sqlx::query(
+                "UPDATE export_cursors SET position = $3, exported = exported + $4, lease_until = $5 \
+                 WHERE name = $1 AND owner = $2",
+            )
+            .bind(name)
+            .bind(owner)
+            .bind(position)
+            .bind(count as i64)
+            .bind(lease_until)
+            .execute(p)
+            .await?
+            .rows_affected();
+            Ok(done == 1)
+        })
+    }
+
     async fn ping(&self) -> Result<()> {
         with_pool!(self, |p| {
             sqlx::query("SELECT 1").execute(p).await?;

@@ -604,6 +604,61 @@ async fn events_are_searchable(s: Arc<dyn Store>) {
     assert_eq!(ids(s.search_events(&between).await.unwrap()), ["q2"]);
 }
 
+async fn events_are_exported_in_store_order_under_a_lease(s: Arc<dyn Store>) {
+    s.append_events(&[
+        event("x1", "ex", 1, AuditKind::SessionStart),
+        event("x2", "ex", 2, AuditKind::Command),
+    ])
+    .await
+    .unwrap();
+    s.append_events(&[event("x3", "ex", 3, AuditKind::Command)])
+        .await
+        .unwrap();
+    let all = s.events_after(0, 100).await.unwrap();
+    let ids: Vec<String> = all
+        .iter()
+        .map(|(_, b)| serde_json::from_str::<AuditEvent>(b).unwrap().id)
+        .collect();
+    assert_eq!(ids, ["x1", "x2", "x3"]);
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0));
+    assert_eq!(s.events_after(all[0].0, 1).await.unwrap(), all[1..2]);
+    assert!(s.events_after(all[2].0, 10).await.unwrap().is_empty());
+
+    // One owner at a time; the lease passes on when it runs out.
+    assert_eq!(
+        s.export_claim("jsonl", "a", 1000, 2000).await.unwrap(),
+        Some(0)
+    );
+    assert_eq!(
+        s.export_claim("jsonl", "b", 1500, 2500).await.unwrap(),
+        None
+    );
+    assert!(
+        s.export_advance("jsonl", "a", all[1].0, 2, 3000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.export_advance("jsonl", "b", all[2].0, 1, 3000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.export_claim("jsonl", "b", 3001, 4000).await.unwrap(),
+        Some(all[1].0)
+    );
+    assert!(
+        !s.export_advance("jsonl", "a", all[2].0, 1, 5000)
+            .await
+            .unwrap()
+    );
+    // Another export keeps its own position.
+    assert_eq!(
+        s.export_claim("otlp", "a", 3001, 4000).await.unwrap(),
+        Some(0)
+    );
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod on_sqlite {
@@ -626,6 +681,7 @@ suite!(
     keys_are_created_once,
     events_are_hash_chained_and_rooted,
     events_are_searchable,
+    events_are_exported_in_store_order_under_a_lease,
 );
 
 #[tokio::test]
