@@ -52,7 +52,7 @@ fn libclang_installed() -> bool {
 }
 
 /// The Python interpreter of the test venv (drivers: psycopg 3, asyncpg;
-/// the SSH library paramiko).
+/// the SSH library paramiko; grpcio with the OpenTelemetry protos).
 pub fn python() -> PathBuf {
     root().join("target/py-venv/bin/python")
 }
@@ -61,14 +61,19 @@ pub fn python() -> PathBuf {
 fn ensure_python() -> Result<(), String> {
     let py = python();
     let ready = Command::new(&py)
-        .args(["-c", "import psycopg, asyncpg, paramiko"])
+        .args([
+            "-c",
+            "import psycopg, asyncpg, paramiko, grpc, opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc",
+        ])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if ready {
         return Ok(());
     }
-    util::step("python venv with psycopg 3, asyncpg and paramiko (target/py-venv)");
+    util::step(
+        "python venv with psycopg 3, asyncpg, paramiko, grpcio and opentelemetry-proto (target/py-venv)",
+    );
     let venv = root().join("target/py-venv");
     util::run("python3", &["-m", "venv", &venv.display().to_string()], &[])?;
     util::run(
@@ -80,6 +85,9 @@ fn ensure_python() -> Result<(), String> {
             "psycopg[binary]==3.3.9",
             "asyncpg==0.32.0",
             "paramiko==5.1.0",
+            // The OTLP/gRPC receiver of the audit export test.
+            "grpcio==1.85.1",
+            "opentelemetry-proto==1.45.2",
         ],
         &[],
     )

@@ -107,6 +107,30 @@ pub struct Config {
     #[arg(long, env = "WICKET_SLACK_WEBHOOK_URL", hide_env_values = true)]
     pub slack_webhook_url: Option<String>,
 
+    /// Stream every audit event, in the order stored, as JSON Lines to this
+    /// URL (`POST`, `application/x-ndjson`, batches; at least once: the
+    /// receiver dedupes by event id).
+    #[arg(long, env = "WICKET_EXPORT_JSONL_URL")]
+    pub export_jsonl_url: Option<String>,
+
+    /// File holding a bearer token for the JSON Lines endpoint.
+    #[arg(
+        long,
+        env = "WICKET_EXPORT_JSONL_TOKEN_FILE",
+        requires = "export_jsonl_url"
+    )]
+    pub export_jsonl_token_file: Option<PathBuf>,
+
+    /// Send every audit event as an OpenTelemetry log record over OTLP/gRPC
+    /// to this collector (`http://collector:4317`; `https://` verifies with
+    /// the system's roots), at least once.
+    #[arg(long, env = "WICKET_EXPORT_OTLP_ENDPOINT")]
+    pub export_otlp_endpoint: Option<String>,
+
+    /// Events per export batch.
+    #[arg(long, env = "WICKET_EXPORT_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub export_batch: u32,
+
     /// Serve the web console for approvers and auditors on this address.
     #[arg(long, env = "WICKET_CONSOLE_LISTEN")]
     pub console_listen: Option<SocketAddr>,
@@ -152,6 +176,38 @@ impl Config {
             slack_url: self.slack_webhook_url.clone(),
             console_url: self.console_base(),
         })
+    }
+
+    /// The audit export destinations configured, checked.
+    pub fn exporters(&self) -> Result<Vec<crate::export::Exporter>, String> {
+        let mut out = Vec::new();
+        if let Some(url) = &self.export_jsonl_url {
+            let token = match &self.export_jsonl_token_file {
+                Some(path) => Some(
+                    String::from_utf8(
+                        std::fs::read(path)
+                            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                            .trim_ascii()
+                            .to_vec(),
+                    )
+                    .map_err(|_| format!("{} does not hold a text token", path.display()))?,
+                ),
+                None => None,
+            };
+            out.push(crate::export::Exporter {
+                name: "jsonl",
+                sink: crate::export::Sink::jsonl(url, token)?,
+                batch: self.export_batch,
+            });
+        }
+        if let Some(endpoint) = &self.export_otlp_endpoint {
+            out.push(crate::export::Exporter {
+                name: "otlp",
+                sink: crate::export::Sink::otlp(endpoint)?,
+                batch: self.export_batch,
+            });
+        }
+        Ok(out)
     }
 
     /// The console's base URL, when there is a console to link to.

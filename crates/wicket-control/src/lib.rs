@@ -11,8 +11,10 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod console;
+pub mod export;
 pub mod notary;
 pub mod notify;
+pub mod otlp;
 pub mod sidecar;
 pub mod ssh_ca;
 pub mod state;
@@ -70,6 +72,7 @@ pub async fn run(
     let authn = auth::Authenticator::new(validator, roles, store.clone());
     let ssh_ca = ssh_ca::SshCa::load(store.as_ref(), cfg.ssh_ca_key_file.as_deref()).await?;
     let notary = notary::Notary::load(store.as_ref(), cfg.audit_key_file.as_deref()).await?;
+    let exporters = cfg.exporters()?;
     let notifier = notify::Notifier::start(cfg.notifications()?)?;
     let control = state::Control::new(
         store,
@@ -97,6 +100,14 @@ pub async fn run(
     }
     tokio::spawn(control.clone().upkeep(Duration::from_secs(5)));
     tokio::spawn(control.clone().follow_replicas());
+    let owner = uuid::Uuid::new_v4().simple().to_string();
+    for exporter in exporters {
+        tokio::spawn(exporter.run(
+            control.store.clone(),
+            owner.clone(),
+            control.appended.subscribe(),
+        ));
+    }
     tokio::spawn(control.clone().audit_roots(Duration::from_secs(u64::from(
         cfg.audit_root_interval.max(1),
     ))));

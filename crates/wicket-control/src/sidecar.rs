@@ -159,6 +159,7 @@ impl AuditService for SidecarApi {
                         break;
                     }
                 };
+                control.appended.send_modify(|n| *n = n.wrapping_add(1));
                 // A session that ended is sealed now; should that fail, the
                 // next audit root covers it.
                 for e in good.iter().filter(|e| e.kind == AuditKind::SessionEnd) {

@@ -39,6 +39,8 @@ pub struct Control {
     pub ssh_ca: crate::ssh_ca::SshCa,
     /// Signs audit seals and roots.
     pub notary: crate::notary::Notary,
+    /// Ticks when audit events were stored (the exporters follow it).
+    pub appended: watch::Sender<u64>,
     /// Longest SSH certificate lifetime, in seconds.
     pub ssh_cert_max_seconds: u64,
     notifier: crate::notify::Notifier,
@@ -92,6 +94,7 @@ impl Control {
             approvals,
             ssh_ca,
             notary,
+            appended: watch::channel(0).0,
             ssh_cert_max_seconds,
             notifier,
         });

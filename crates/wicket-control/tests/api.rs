@@ -1703,3 +1703,231 @@ async fn standard_grpc_tools_can_explore_it() {
         );
     }
 }
+
+/// `n` audit events over two sessions: starts, commands (every fifth
+/// refused, with reasoning and a traceparent) and ends.
+fn export_events(n: usize) -> Vec<v1::AuditEvent> {
+    let now = chrono::Utc::now();
+    (0..n)
+        .map(|i| {
+            let session = format!("exp-{}", i % 2);
+            let seq = (i / 2) as u64 + 1;
+            let kind = if seq == 1 {
+                v1::AuditKind::SessionStart
+            } else {
+                v1::AuditKind::Command
+            };
+            let refused = i % 5 == 4;
+            v1::AuditEvent {
+                id: format!("ev-{i:04}"),
+                session_id: session,
+                seq,
+                time: Some(wicket_proto::convert::ts(
+                    now + chrono::Duration::milliseconds(i as i64),
+                )),
+                kind: kind as i32,
+                connection: "orders-db".into(),
+                principal: Some(principal("bot")),
+                command: (kind == v1::AuditKind::Command).then(|| v1::Command {
+                    text: format!("SELECT {i}"),
+                    classification: None,
+                }),
+                decision: (kind == v1::AuditKind::Command).then(|| v1::DecisionInfo {
+                    effect: if refused {
+                        v1::Effect::Deny
+                    } else {
+                        v1::Effect::Allow
+                    } as i32,
+                    rule: if refused { "no-ddl" } else { "reads" }.into(),
+                    ..Default::default()
+                }),
+                reasoning: Some(v1::ReasoningTrace {
+                    reasoning: format!("step {i}"),
+                    ..Default::default()
+                }),
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+async fn report_all(h: &Harness, token: &str, events: Vec<v1::AuditEvent>) -> Duration {
+    let n = events.len();
+    let started = std::time::Instant::now();
+    let batches: Vec<v1::ReportRequest> = events
+        .chunks(100)
+        .map(|c| v1::ReportRequest { events: c.to_vec() })
+        .collect();
+    let mut acks = AuditServiceClient::new(h.channel.clone())
+        .report(with_token(tokio_stream::iter(batches), token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acked = 0;
+    while acked < n {
+        acked += acks.next().await.unwrap().unwrap().acked_ids.len();
+    }
+    started.elapsed()
+}
+
+/// Every stored event reaches a JSON Lines endpoint and an OTLP/gRPC
+/// collector (the OpenTelemetry project's own Python code), in order,
+/// through refusals (retried: at least once), as log records carrying the
+/// principal, decision, reasoning and trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_are_exported_as_json_lines_and_otlp_logs() {
+    export_on(None).await;
+}
+
+/// The same on PostgreSQL, where positions come from a sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_are_exported_from_postgres_too() {
+    export_on(Some(postgres_database().await)).await;
+}
+
+async fn export_on(database: Option<String>) {
+    use tokio::io::AsyncBufReadExt as _;
+    let hook = wicket_testkit::hook::HookServer::start(&[503, 503]).await;
+    let python = wicket_testkit::env::require("WICKET_TEST_PYTHON");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/otlp_receiver.py");
+    let mut receiver = tokio::process::Command::new(python)
+        .arg(script)
+        .arg("1")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(receiver.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the OTLP receiver starts")
+        .unwrap()
+        .unwrap();
+    let port = first.strip_prefix("PORT ").expect("PORT line").to_string();
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), "s3cret-export-token\n").unwrap();
+    let (url, token_path) = (hook.url(), token_file.path().to_path_buf());
+    let h = start_tuned(TestIdp::start("wicket").await, database, move |c| {
+        c.export_jsonl_url = Some(format!("{url}/audit"));
+        c.export_jsonl_token_file = Some(token_path);
+        c.export_otlp_endpoint = Some(format!("http://127.0.0.1:{port}"));
+        c.export_batch = 50;
+    })
+    .await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+    let events = export_events(120);
+    report_all(&h, &token, events.clone()).await;
+
+    // JSON Lines: three batches of 50, 50, 20 after two refusals.
+    let got = hook.wait_for(5, Duration::from_secs(30)).await;
+    assert_eq!(
+        got.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [503, 503, 200, 200, 200]
+    );
+    assert_eq!(got[0].body, got[2].body, "the refused batch is sent again");
+    let mut ids = Vec::new();
+    for r in &got[2..] {
+        assert!(r.path.ends_with("/audit"), "{}", r.path);
+        assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
+        assert_eq!(
+            r.header("authorization"),
+            Some("Bearer s3cret-export-token")
+        );
+        for line in std::str::from_utf8(&r.body).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            ids.push(v["id"].as_str().unwrap().to_string());
+        }
+    }
+    let sent: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids, sent, "every event, once, in the order stored");
+
+    // OTLP: one refusal, then every event as a log record.
+    let mut records = Vec::new();
+    let mut refused = 0;
+    while records.len() < 120 {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the collector hears every event")
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["refused"] == true {
+            refused += 1;
+        } else {
+            records.push(v);
+        }
+    }
+    assert_eq!(refused, 1);
+    let attr = |r: &serde_json::Value, key: &str| -> Option<String> {
+        r["attributes"]
+            .as_array()?
+            .iter()
+            .find(|a| a["key"] == key)
+            .map(|a| {
+                let v = &a["value"];
+                v["stringValue"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v["intValue"].to_string().trim_matches('"').to_string())
+            })
+    };
+    let otlp_ids: Vec<String> = records
+        .iter()
+        .map(|r| attr(r, "wicket.event.id").unwrap())
+        .collect();
+    assert_eq!(otlp_ids, sent);
+    let denied = &records[4];
+    assert_eq!(denied["body"]["stringValue"], "SELECT 4");
+    assert_eq!(denied["severityText"], "WARN");
+    assert_eq!(denied["severityNumber"], "SEVERITY_NUMBER_WARN");
+    assert_eq!(
+        attr(denied, "wicket.decision.effect").as_deref(),
+        Some("deny")
+    );
+    assert_eq!(
+        attr(denied, "wicket.decision.rule").as_deref(),
+        Some("no-ddl")
+    );
+    assert_eq!(attr(denied, "enduser.id").as_deref(), Some("bot"));
+    assert_eq!(attr(denied, "wicket.reasoning").as_deref(), Some("step 4"));
+    assert_eq!(attr(denied, "wicket.session.id").as_deref(), Some("exp-0"));
+    assert_eq!(attr(denied, "wicket.event.seq").as_deref(), Some("3"));
+    let stored: serde_json::Value =
+        serde_json::from_str(&attr(denied, "wicket.event").unwrap()).unwrap();
+    assert_eq!(stored["id"], "ev-0004");
+    // Protobuf JSON gives bytes as base64: the traceparent's ids.
+    assert_eq!(denied["traceId"], "S/kvNXezTaajzpKdDg5HNg==");
+    assert_eq!(denied["spanId"], "APBnqgupArc=");
+    assert_eq!(denied["eventName"], "wicket.audit.command");
+    assert!(denied["timeUnixNano"].as_str().unwrap().len() >= 19);
+    assert_eq!(records[1]["severityText"], "INFO");
+    assert_eq!(records[0]["scope"], "wicket.audit");
+    assert_eq!(
+        records[0]["resource"]["attributes"][0]["value"]["stringValue"],
+        "wicket-control"
+    );
+}
+
+/// A destination that never answers delays only the export: the
+/// sidecars' audit stream is acknowledged as fast as without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_export_destination_never_stalls_the_audit_stream() {
+    // Accepts connections and never answers.
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = black_hole.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = black_hole.accept().await {
+            held.push(s);
+        }
+    });
+    let h = start_tuned(TestIdp::start("wicket").await, None, move |c| {
+        c.export_jsonl_url = Some(format!("http://{addr}/audit"));
+        c.export_otlp_endpoint = Some(format!("http://{addr}"));
+    })
+    .await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+    let took = report_all(&h, &token, export_events(3000)).await;
+    assert!(took < Duration::from_secs(10), "acknowledged in {took:?}");
+}
