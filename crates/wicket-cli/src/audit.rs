@@ -208,6 +208,7 @@ async fn check_session(
 ) -> Result<Option<evidence::SessionReport>, CliError> {
     let mut v = ChainVerifier::new(id);
     let mut after = 0;
+    let mut recorded: Vec<RecordingRef> = Vec::new();
     // Seal, presence and the unchained count as of the last page read.
     let (found, seal, unchained) = loop {
         let page = api
@@ -225,6 +226,7 @@ async fn check_session(
                 body: e.body.clone(),
                 hash: hash(&e.hash),
             });
+            recorded.extend(RecordingRef::of(e));
         }
         match page.events.last() {
             Some(e) if page.events.len() >= 1000 => after = e.index,
@@ -246,7 +248,81 @@ async fn check_session(
     for _ in 0..unchained {
         v.unchained();
     }
-    Ok(Some(v.finish(seal.as_ref(), checkpoints, key)))
+    let mut report = v.finish(seal.as_ref(), checkpoints, key);
+    check_recordings(c, api, &recorded, &mut report).await?;
+    Ok(Some(report))
+}
+
+/// Where an event's terminal output went (from the event as chained).
+struct RecordingRef {
+    index: u64,
+    id: String,
+    key: String,
+    offset: usize,
+    len: usize,
+    sha256: String,
+}
+
+impl RecordingRef {
+    fn of(e: &v1::ChainedEvent) -> Option<RecordingRef> {
+        if !e.body.contains("asciicast_chunk") {
+            return None;
+        }
+        let v: Value = serde_json::from_str(&e.body).ok()?;
+        let d = &v["details"];
+        let text = |k: &str| d[k].as_str().map(str::to_string);
+        let num = |k: &str| text(k).and_then(|s| s.parse::<usize>().ok());
+        Some(RecordingRef {
+            index: e.index,
+            id: e.id.clone(),
+            key: text("asciicast_chunk")?,
+            // A malformed reference cannot match and is reported as changed.
+            offset: num("asciicast_offset").unwrap_or(usize::MAX),
+            len: num("asciicast_len").unwrap_or(0),
+            sha256: text("asciicast_sha256").unwrap_or_default(),
+        })
+    }
+}
+
+/// Each chunk read once, each event's slice hashed against its chain.
+async fn check_recordings(
+    c: &Client,
+    api: &mut Api,
+    refs: &[RecordingRef],
+    report: &mut evidence::SessionReport,
+) -> Result<(), CliError> {
+    let mut current: Option<(String, Option<Vec<u8>>)> = None;
+    for r in refs {
+        if current.as_ref().is_none_or(|(k, _)| *k != r.key) {
+            let chunk = api
+                .get_recording_chunk(c.req(v1::GetRecordingChunkRequest { key: r.key.clone() }))
+                .await?
+                .into_inner();
+            current = Some((r.key.clone(), chunk.found.then_some(chunk.data)));
+        }
+        let Some((_, data)) = &current else { continue };
+        let finding = match data {
+            None => Some(evidence::Finding::RecordingMissing {
+                index: r.index,
+                id: r.id.clone(),
+            }),
+            Some(data) => {
+                let slice = data.get(r.offset..r.offset.saturating_add(r.len));
+                let ok = slice.is_some_and(|s| {
+                    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, s).as_ref())
+                        == r.sha256
+                });
+                (!ok).then(|| evidence::Finding::RecordingChanged {
+                    index: r.index,
+                    id: r.id.clone(),
+                })
+            }
+        };
+        if let Some(f) = finding {
+            report.add(r.index, f);
+        }
+    }
+    Ok(())
 }
 
 fn report_json(r: &evidence::SessionReport) -> Value {
@@ -304,7 +380,9 @@ fn report_line(r: &evidence::SessionReport) -> Vec<String> {
 /// Runs `wicket audit …`.
 pub async fn run(cli: &Cli, fmt: Format, cmd: &AuditCmd) -> Result<(), CliError> {
     let c = Client::connect(cli).await?;
-    let mut api = AuditAdminServiceClient::new(c.channel.clone());
+    // A recording chunk is as large as a sidecar's batch.
+    let mut api =
+        AuditAdminServiceClient::new(c.channel.clone()).max_decoding_message_size(64 << 20);
     match cmd {
         AuditCmd::Key => {
             let k = api

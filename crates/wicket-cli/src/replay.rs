@@ -103,6 +103,14 @@ pub fn cast_of(
         let Some(ch) = e.details.get("channel") else {
             continue;
         };
+        if channel.is_none_or(|c| c == ch)
+            && let Some(why) = e.details.get("asciicast_error")
+        {
+            return Err(CliError::failed(format!(
+                "session {id} cannot be played back whole: event {}: {why}",
+                e.id
+            )));
+        }
         let cast = casts.entry(ch.clone()).or_default();
         if let Some(h) = e.details.get("asciicast_header") {
             cast.0 = Some(h.clone());

@@ -51,6 +51,7 @@ async fn start_on(database: Option<String>) -> Env {
     let cfg = wicket_control::Config {
         max_message_bytes: 1 << 20,
         agent_rules: vec!["client-credentials".into()],
+        recordings_dir: Some(dir.path().join("recordings")),
         ..wicket_control::Config::defaults(&idp.issuer(), &database, addr)
     };
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -856,6 +857,60 @@ async fn tamper(db: &str, sql: &[&str]) {
     }
 }
 
+/// Reports a terminal session: a start, its recording's header and two
+/// output events (one batch, so one chunk), an end; ids `{p}1`…`{p}5`.
+async fn report_terminal(e: &Env, sc: &str, session: &str, p: &str) {
+    let now = wicket_proto::convert::ts(chrono::Utc::now());
+    let ev = |n: u64, kind: v1::AuditKind, details: &[(&str, &str)]| v1::AuditEvent {
+        id: format!("{p}{n}"),
+        session_id: session.into(),
+        seq: n,
+        time: Some(now),
+        kind: kind as i32,
+        connection: "orders-db".into(),
+        principal: Some(v1::Principal {
+            subject: "ada".into(),
+            issuer: e.idp.issuer(),
+            ..Default::default()
+        }),
+        details: details
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    let header = r#"{"version":2,"width":80,"height":24}"#;
+    let events = vec![
+        ev(1, v1::AuditKind::SessionStart, &[]),
+        ev(
+            2,
+            v1::AuditKind::Output,
+            &[
+                ("channel", "0"),
+                ("asciicast_header", header),
+                ("asciicast", "[0.1,\"o\",\"$ \"]\n"),
+            ],
+        ),
+        ev(
+            3,
+            v1::AuditKind::Output,
+            &[
+                ("channel", "0"),
+                ("asciicast", "[0.5,\"o\",\"ls\\r\\nnotes.txt\\r\\n\"]\n"),
+            ],
+        ),
+        ev(4, v1::AuditKind::SessionEnd, &[]),
+    ];
+    let mut r = tonic::Request::new(tokio_stream::iter(vec![v1::ReportRequest { events }]));
+    bearer(&mut r, sc);
+    let mut acks = v1::audit_service_client::AuditServiceClient::new(e.channel.clone())
+        .report(r)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(acks.next().await.unwrap().unwrap().acked_ids.len(), 4);
+}
+
 /// Recomputes the stored chain of `session` from `from` on, after
 /// changing those events' bodies: what a database writer can do, but not
 /// sign. Reads the chain as the verifier does, writes with SQL.
@@ -914,6 +969,9 @@ async fn audit_verify_on(database: Option<String>) {
         report_session(&e, &sc, session, p, 6, true).await;
     }
     report_session(&e, &sc, "s-live", "l", 3, false).await;
+    for (session, p) in [("s-tty1", "t"), ("s-tty2", "u")] {
+        report_terminal(&e, &sc, session, p).await;
+    }
 
     // Sealed at its end; a live session is not sealed yet.
     let out = ok(&e
@@ -930,7 +988,7 @@ async fn audit_verify_on(database: Option<String>) {
     assert!(
         out.lines()
             .nth(1)
-            .is_some_and(|l| l.split_whitespace().nth(4) == Some("7")),
+            .is_some_and(|l| l.split_whitespace().nth(4) == Some("9")),
         "{out}"
     );
     let out = ok(&e.wicket(Some(&admin), &["audit", "verify", "s-live"]).await);
@@ -945,7 +1003,14 @@ async fn audit_verify_on(database: Option<String>) {
             &["audit", "verify", "--all", "--public-key", "audit.pub"],
         )
         .await);
-    assert_eq!(out.matches(" intact ").count(), 7, "{out}");
+    assert_eq!(out.matches(" intact ").count(), 9, "{out}");
+    // The recordings were chunked out of the events, and play back.
+    let rec = ok(&e
+        .wicket(Some(&admin), &["sessions", "recording", "s-tty1"])
+        .await);
+    assert!(rec.contains("notes.txt"), "{rec}");
+    let chunk = e.dir.path().join("recordings/s-tty1/0/t2.cast.zst");
+    assert!(chunk.is_file());
     // A key that is not the audit key proves nothing.
     std::fs::write(
         e.dir.path().join("other.pub"),
@@ -994,6 +1059,30 @@ async fn audit_verify_on(database: Option<String>) {
         out.contains("event #2 (m5) was moved: it was recorded as #5"),
         "{out}"
     );
+    std::fs::write(&chunk, b"not what was recorded").unwrap();
+    let out = verify("s-tty1").await;
+    assert!(
+        out.contains("the recording of event #2 (t2) was changed"),
+        "{out}"
+    );
+    std::fs::remove_file(e.dir.path().join("recordings/s-tty2/0/u2.cast.zst")).unwrap();
+    let out = verify("s-tty2").await;
+    assert!(
+        out.contains("the recording of event #2 (u2) was removed"),
+        "{out}"
+    );
+    // Playing it says so rather than leaving a silent hole.
+    let o = e
+        .wicket(Some(&admin), &["sessions", "recording", "s-tty2"])
+        .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o)
+            .1
+            .contains("event u2: the recording chunk is missing"),
+        "{:?}",
+        text(&o)
+    );
     let out = verify("s-rewrite").await;
     assert!(out.contains("rewritten with recomputed hashes"), "{out}");
     // The intact ones still are.
@@ -1033,7 +1122,7 @@ async fn audit_verify_on(database: Option<String>) {
     assert_eq!(o.status.code(), Some(5));
     let out = text(&o).0;
     assert!(
-        out.contains("root #1 names 7 sessions but 6 are stored"),
+        out.contains("root #1 names 9 sessions but 8 are stored"),
         "{out}"
     );
     // Auditors may read the trail; only admins sign roots on demand.

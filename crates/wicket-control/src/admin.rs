@@ -22,6 +22,9 @@ use crate::auth::{Permission, hash_secret};
 use crate::sidecar::BoxStream;
 use crate::state::{Control, connection, revocation, storage};
 
+/// Most bytes of events in one page.
+const PAGE_BYTES: usize = 3 << 20;
+
 /// Implements the admin-facing services.
 #[derive(Clone)]
 pub struct AdminApi {
@@ -78,6 +81,22 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), Status> {
 impl AdminApi {
     /// Wire events, with structured traces (attached by trace id) joined in.
     async fn with_traces(&self, mut events: Vec<wicket_core::AuditEvent>) -> Vec<v1::AuditEvent> {
+        // Only what fits a page has its recording read back.
+        let mut estimate = 0;
+        let fits = events
+            .iter()
+            .position(|e| {
+                estimate += 512
+                    + e.details
+                        .get("asciicast_len")
+                        .and_then(|l| l.parse::<usize>().ok())
+                        .unwrap_or(0);
+                estimate > PAGE_BYTES
+            })
+            .unwrap_or(events.len())
+            .max(1);
+        events.truncate(fits);
+        self.control.recordings.inline(&mut events).await;
         for e in &mut events {
             let trace_id = e.traceparent.split('-').nth(1).unwrap_or("").to_string();
             if wicket_core::ReasoningTrace::valid_trace_id(&trace_id)
@@ -94,7 +113,20 @@ impl AdminApi {
                 });
             }
         }
-        events.iter().map(Into::into).collect()
+        // A page stops short of 3 MiB (but holds one event at least), so a
+        // client's default 4 MiB limit takes it, however large the
+        // recordings in it; clients page on by the last event's seq.
+        let mut out: Vec<v1::AuditEvent> = Vec::with_capacity(events.len());
+        let mut bytes = 0;
+        for e in &events {
+            let wire: v1::AuditEvent = e.into();
+            bytes += prost::Message::encoded_len(&wire);
+            if bytes > PAGE_BYTES && !out.is_empty() {
+                break;
+            }
+            out.push(wire);
+        }
+        out
     }
 
     pub(crate) async fn allow<T>(

@@ -158,6 +158,38 @@ impl AuditAdminService for AdminApi {
         Ok(Response::new(v1::ListAuditSessionsResponse { session_ids }))
     }
 
+    async fn get_recording_chunk(
+        &self,
+        req: Request<v1::GetRecordingChunkRequest>,
+    ) -> Result<Response<v1::RecordingChunk>, Status> {
+        self.allow(&req, Permission::Read).await?;
+        let key = &req.get_ref().key;
+        match self.control.recordings.get(key).await {
+            Ok(Some(data)) => Ok(Response::new(v1::RecordingChunk { found: true, data })),
+            Ok(None) => Ok(Response::new(v1::RecordingChunk::default())),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                Err(Status::invalid_argument("not a recording chunk key"))
+            }
+            // A chunk that no longer decompresses was changed.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::Other
+                    || e.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                tracing::warn!(chunk = %key, error = %e, "recording chunk does not decompress");
+                Ok(Response::new(v1::RecordingChunk {
+                    found: true,
+                    data: Vec::new(),
+                }))
+            }
+            Err(e) => {
+                tracing::error!(chunk = %key, error = %e, "cannot read a recording chunk");
+                Err(Status::unavailable(
+                    "recording storage unavailable; try again",
+                ))
+            }
+        }
+    }
+
     async fn create_audit_root(
         &self,
         req: Request<v1::CreateAuditRootRequest>,

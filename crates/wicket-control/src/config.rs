@@ -107,6 +107,13 @@ pub struct Config {
     #[arg(long, env = "WICKET_SLACK_WEBHOOK_URL", hide_env_values = true)]
     pub slack_webhook_url: Option<String>,
 
+    /// Directory for terminal recordings (zstd-compressed chunks). Default:
+    /// `recordings/` beside a SQLite database file; on PostgreSQL (or an
+    /// in-memory database) recordings stay in the audit events unless this
+    /// is given: several replicas need it to be shared storage.
+    #[arg(long, env = "WICKET_RECORDINGS_DIR")]
+    pub recordings_dir: Option<PathBuf>,
+
     /// Stream every audit event, in the order stored, as JSON Lines to this
     /// URL (`POST`, `application/x-ndjson`, batches; at least once: the
     /// receiver dedupes by event id).
@@ -178,6 +185,29 @@ impl Config {
         })
     }
 
+    /// Where terminal recordings go.
+    pub fn recordings(&self) -> Result<crate::recordings::Recordings, String> {
+        use crate::recordings::Recordings;
+        if let Some(dir) = &self.recordings_dir {
+            return Recordings::dir(dir);
+        }
+        match self.database_url.strip_prefix("sqlite:") {
+            Some(path) if !path.contains(":memory:") => {
+                let path = path
+                    .split('?')
+                    .next()
+                    .unwrap_or(path)
+                    .trim_start_matches("//");
+                let parent = std::path::Path::new(path)
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                Recordings::dir(&parent.join("recordings"))
+            }
+            _ => Ok(Recordings::Inline),
+        }
+    }
+
     /// The audit export destinations configured, checked.
     pub fn exporters(&self) -> Result<Vec<crate::export::Exporter>, String> {
         let mut out = Vec::new();
@@ -242,5 +272,32 @@ impl Config {
         cfg.database_url = database_url.to_string();
         cfg.listen = listen;
         cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Config;
+    use crate::recordings::Recordings;
+
+    #[test]
+    fn recordings_live_beside_a_sqlite_file_unless_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = format!("sqlite:{}?mode=rwc", dir.path().join("w.db").display());
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let mut cfg = Config::defaults("https://idp", &db, addr);
+        match cfg.recordings().unwrap() {
+            Recordings::Dir(d) => assert_eq!(d, dir.path().join("recordings")),
+            other => panic!("{other:?}"),
+        }
+        assert!(dir.path().join("recordings").is_dir());
+        cfg.database_url = "postgres://u@h/db".into();
+        assert!(matches!(cfg.recordings().unwrap(), Recordings::Inline));
+        cfg.database_url = "sqlite::memory:".into();
+        assert!(matches!(cfg.recordings().unwrap(), Recordings::Inline));
+        cfg.recordings_dir = Some(dir.path().join("elsewhere"));
+        assert!(
+            matches!(cfg.recordings().unwrap(), Recordings::Dir(d) if d.ends_with("elsewhere"))
+        );
     }
 }

@@ -339,11 +339,14 @@ impl Console {
             Err(e) => return from_status(&crate::state::storage(e)),
         };
         match store.list_events(id, 0, 1000).await {
-            Ok(events) => json_response(&json!({
+            Ok(mut events) => {
+                self.control.recordings.inline(&mut events).await;
+                json_response(&json!({
                 "id": s.id, "connection": s.connection, "principal": s.principal.label(),
                 "started_at": s.started_at, "ended_at": s.ended_at, "state": s.state,
                 "end_reason": s.end_reason, "events": events,
-            })),
+                }))
+            }
             Err(e) => from_status(&crate::state::storage(e)),
         }
     }

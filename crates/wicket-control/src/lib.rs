@@ -15,6 +15,7 @@ pub mod export;
 pub mod notary;
 pub mod notify;
 pub mod otlp;
+pub mod recordings;
 pub mod sidecar;
 pub mod ssh_ca;
 pub mod state;
@@ -79,6 +80,7 @@ pub async fn run(
         authn,
         ssh_ca,
         notary,
+        cfg.recordings()?,
         cfg.ssh_cert_max_seconds,
         notifier,
     )

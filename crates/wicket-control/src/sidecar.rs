@@ -151,6 +151,17 @@ impl AuditService for SidecarApi {
                 for r in &rejected {
                     tracing::warn!(sidecar = %sidecar.name, id = %r.id, reason = %r.reason, "audit event rejected");
                 }
+                // Terminal output goes to its chunk first: an acknowledged
+                // recording is never lost.
+                if let Err(e) = control.recordings.offload(&mut good).await {
+                    tracing::error!(error = %e, "cannot write a recording chunk");
+                    let _ = tx
+                        .send(Err(Status::unavailable(
+                            "recording storage unavailable; try again",
+                        )))
+                        .await;
+                    break;
+                }
                 // Nothing is acknowledged before it is stored.
                 let acked = match control.store.append_events(&good).await {
                     Ok(ids) => ids,

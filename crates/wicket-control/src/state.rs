@@ -39,6 +39,8 @@ pub struct Control {
     pub ssh_ca: crate::ssh_ca::SshCa,
     /// Signs audit seals and roots.
     pub notary: crate::notary::Notary,
+    /// Where terminal recordings go.
+    pub recordings: crate::recordings::Recordings,
     /// Ticks when audit events were stored (the exporters follow it).
     pub appended: watch::Sender<u64>,
     /// Longest SSH certificate lifetime, in seconds.
@@ -81,6 +83,7 @@ impl Control {
         auth: Authenticator,
         ssh_ca: crate::ssh_ca::SshCa,
         notary: crate::notary::Notary,
+        recordings: crate::recordings::Recordings,
         ssh_cert_max_seconds: u64,
         notifier: crate::notify::Notifier,
     ) -> Result<Arc<Control>, String> {
@@ -94,6 +97,7 @@ impl Control {
             approvals,
             ssh_ca,
             notary,
+            recordings,
             appended: watch::channel(0).0,
             ssh_cert_max_seconds,
             notifier,

@@ -1931,3 +1931,112 @@ async fn a_dead_export_destination_never_stalls_the_audit_stream() {
     let took = report_all(&h, &token, export_events(3000)).await;
     assert!(took < Duration::from_secs(10), "acknowledged in {took:?}");
 }
+
+/// A long terminal session: 64 MiB of output in 32 KiB events (as the
+/// SSH gate batches them) goes to compressed chunks, one per reported
+/// batch, and reads back whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_terminal_session_is_recorded_in_compressed_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec");
+    let rec_cfg = rec.clone();
+    let h = start_tuned(TestIdp::start("wicket").await, None, move |c| {
+        c.recordings_dir = Some(rec_cfg);
+        c.max_message_bytes = 4 << 20;
+    })
+    .await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+    const EVENTS: usize = 2048;
+    const PER_BATCH: usize = 64;
+    let line = |i: usize| {
+        // 32 KiB of varied terminal output per event.
+        let text: String = (0..32 * 1024 / 64)
+            .map(|j| format!("{:0>62x}\r\n", (i * 1000 + j) * 2_654_435_761usize))
+            .collect();
+        format!(
+            "[{}.5,\"o\",{}]\n",
+            i,
+            serde_json::to_string(&text).unwrap()
+        )
+    };
+    let mut expected = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut raw = 0usize;
+    let batches: Vec<v1::ReportRequest> = (0..EVENTS / PER_BATCH)
+        .map(|b| v1::ReportRequest {
+            events: (0..PER_BATCH)
+                .map(|k| {
+                    let i = b * PER_BATCH + k;
+                    let lines = line(i);
+                    expected.update(lines.as_bytes());
+                    raw += lines.len();
+                    v1::AuditEvent {
+                        id: format!("long-{i:05}"),
+                        session_id: "long".into(),
+                        seq: i as u64 + 1,
+                        time: Some(wicket_proto::convert::ts(chrono::Utc::now())),
+                        kind: v1::AuditKind::Output as i32,
+                        connection: "orders-db".into(),
+                        principal: Some(principal("bot")),
+                        details: [
+                            ("channel".to_string(), "0".to_string()),
+                            ("asciicast".to_string(), lines),
+                        ]
+                        .into(),
+                        ..Default::default()
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let mut acks = AuditServiceClient::new(h.channel.clone())
+        .report(with_token(tokio_stream::iter(batches), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acked = 0;
+    while acked < EVENTS {
+        acked += acks.next().await.unwrap().unwrap().acked_ids.len();
+    }
+    assert!(raw > 64 << 20);
+    // One chunk per batch, compressed.
+    let chunks: Vec<_> = std::fs::read_dir(rec.join("long/0"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    assert_eq!(chunks.len(), EVENTS / PER_BATCH);
+    let stored: u64 = chunks.iter().sum();
+    assert!(stored < raw as u64 / 2, "{stored} bytes on disk for {raw}");
+    // Read back page by page: whole and in order.
+    let mut got = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    // Pages fit the default 4 MiB message limit, however large the events.
+    let mut sessions = SessionAdminServiceClient::new(h.channel.clone());
+    let (mut after, mut n) = (0, 0);
+    loop {
+        let page = sessions
+            .list_session_events(with_token(
+                v1::ListSessionEventsRequest {
+                    session_id: "long".into(),
+                    after_seq: after,
+                    limit: 200,
+                },
+                &h.admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for e in &page {
+            assert!(
+                !e.details.contains_key("asciicast_error"),
+                "{:?}",
+                e.details
+            );
+            got.update(e.details["asciicast"].as_bytes());
+            n += 1;
+        }
+    }
+    assert_eq!(n, EVENTS);
+    assert_eq!(got.finish().as_ref(), expected.finish().as_ref());
+}

@@ -309,6 +309,21 @@ pub enum Finding {
     },
     /// The seal's signature does not verify (or names another key).
     BadSeal,
+    /// The terminal output of the event at `index` does not match the hash
+    /// the event carries: its recording chunk was changed.
+    RecordingChanged {
+        /// Position.
+        index: u64,
+        /// Event id.
+        id: String,
+    },
+    /// The recording chunk of the event at `index` is gone.
+    RecordingMissing {
+        /// Position.
+        index: u64,
+        /// Event id.
+        id: String,
+    },
 }
 
 impl std::fmt::Display for Finding {
@@ -342,6 +357,16 @@ impl std::fmt::Display for Finding {
                 "events after #{from} (up to #{to}) were rewritten with recomputed hashes: they do not end in the signed head"
             ),
             Finding::BadSeal => write!(f, "the session's seal does not verify with the audit key"),
+            Finding::RecordingChanged { index, id } => write!(
+                f,
+                "the recording of event #{index} ({id}) was changed: its chunk does not match the hash in the chain"
+            ),
+            Finding::RecordingMissing { index, id } => {
+                write!(
+                    f,
+                    "the recording of event #{index} ({id}) was removed: its chunk is gone"
+                )
+            }
         }
     }
 }
@@ -368,6 +393,25 @@ pub struct SessionReport {
 }
 
 impl SessionReport {
+    /// Adds a finding about the event at `index` (from checks beyond the
+    /// chain, such as recording chunks), keeping the findings in order.
+    pub fn add(&mut self, index: u64, finding: Finding) {
+        self.proven = self.proven.min(index.saturating_sub(1));
+        let at = |f: &Finding| match f {
+            Finding::Changed { index, .. }
+            | Finding::Reordered { index, .. }
+            | Finding::Broken { index, .. }
+            | Finding::Duplicate { index }
+            | Finding::RecordingChanged { index, .. }
+            | Finding::RecordingMissing { index, .. } => *index,
+            Finding::Removed { from, .. } => *from,
+            Finding::Rewritten { from, .. } => from + 1,
+            Finding::BadSeal => 0,
+        };
+        let pos = self.findings.partition_point(|f| at(f) <= index);
+        self.findings.insert(pos, finding);
+    }
+
     /// No problem found.
     pub fn intact(&self) -> bool {
         self.findings.is_empty()
