@@ -42,6 +42,10 @@ pub enum AuditCmd {
     Root,
     /// List the signed roots.
     Roots,
+    /// Delete now the ended sessions whose connection's retention
+    /// (`recording.retention_days`) has run out, except those on legal
+    /// hold (the control service does so every `--retention-interval`).
+    Retention,
 }
 
 type Api = AuditAdminServiceClient<tonic::transport::Channel>;
@@ -198,6 +202,16 @@ async fn check_roots(
     Ok((named, problems, roots.len() as u64))
 }
 
+/// What checking one session found.
+enum Checked {
+    /// Its chain, checked.
+    Report(evidence::SessionReport),
+    /// Deleted on purpose: its signed record, verified.
+    Deleted(evidence::Deletion),
+    /// Not stored, and no signed record answers for it.
+    Missing,
+}
+
 /// Verifies one session; `checkpoints` come from verified roots.
 async fn check_session(
     c: &Client,
@@ -205,12 +219,12 @@ async fn check_session(
     key: &[u8],
     id: &str,
     checkpoints: &[Checkpoint],
-) -> Result<Option<evidence::SessionReport>, CliError> {
+) -> Result<Checked, CliError> {
     let mut v = ChainVerifier::new(id);
     let mut after = 0;
     let mut recorded: Vec<RecordingRef> = Vec::new();
     // Seal, presence and the unchained count as of the last page read.
-    let (found, seal, unchained) = loop {
+    let (found, seal, unchained, deletion) = loop {
         let page = api
             .get_audit_chain(c.req(v1::GetAuditChainRequest {
                 session_id: id.to_string(),
@@ -238,19 +252,39 @@ async fn check_session(
                     signature: s.signature,
                     key_id: s.key_id,
                 });
-                break (page.found, seal, page.unchained);
+                let deletion = page.deletion.map(|d| evidence::Deletion {
+                    session_id: id.to_string(),
+                    len: d.len,
+                    head: hash(&d.head),
+                    deleted_at_ms: d.deleted_at_ms,
+                    reason: d.reason,
+                    signature: d.signature,
+                    key_id: d.key_id,
+                });
+                break (page.found, seal, page.unchained, deletion);
             }
         }
     };
-    if !found && checkpoints.is_empty() && seal.is_none() {
-        return Ok(None);
+    let (found, seal, unchained, deletion) = (found, seal, unchained, deletion);
+    if !found {
+        // Deleted on purpose answers for it only when signed, and only if
+        // it covers everything a root vouched for.
+        if let Some(d) = deletion {
+            let signed = checkpoints.iter().map(|c| c.len).max().unwrap_or(0);
+            if d.check(key, signed).is_ok() {
+                return Ok(Checked::Deleted(d));
+            }
+        }
+        if checkpoints.is_empty() && seal.is_none() {
+            return Ok(Checked::Missing);
+        }
     }
     for _ in 0..unchained {
         v.unchained();
     }
     let mut report = v.finish(seal.as_ref(), checkpoints, key);
     check_recordings(c, api, &recorded, &mut report).await?;
-    Ok(Some(report))
+    Ok(Checked::Report(report))
 }
 
 /// Where an event's terminal output went (from the event as chained).
@@ -410,6 +444,25 @@ pub async fn run(cli: &Cli, fmt: Format, cmd: &AuditCmd) -> Result<(), CliError>
             print_roots(fmt, &roots);
             Ok(())
         }
+        AuditCmd::Retention => {
+            let deleted = api
+                .apply_retention(c.req(v1::ApplyRetentionRequest {}))
+                .await?
+                .into_inner()
+                .deleted;
+            match fmt {
+                Format::Table if deleted.is_empty() => {
+                    println!("No session is past its retention.")
+                }
+                Format::Table => {
+                    for d in &deleted {
+                        println!("deleted {d}");
+                    }
+                }
+                _ => output::json(fmt, &json!({"deleted": deleted})),
+            }
+            Ok(())
+        }
         AuditCmd::Roots => {
             print_roots(fmt, &all_roots(&c, &mut api).await?);
             Ok(())
@@ -421,6 +474,7 @@ pub async fn run(cli: &Cli, fmt: Format, cmd: &AuditCmd) -> Result<(), CliError>
         } => {
             let key = public_key(&c, &mut api, file.as_ref()).await?;
             let mut reports = Vec::new();
+            let mut deleted: Vec<evidence::Deletion> = Vec::new();
             let mut problems = Vec::new();
             if *all {
                 let (named, root_problems, root_count) =
@@ -447,8 +501,9 @@ pub async fn run(cli: &Cli, fmt: Format, cmd: &AuditCmd) -> Result<(), CliError>
                 for id in &ids {
                     let cps = named.get(id).map(Vec::as_slice).unwrap_or_default();
                     match check_session(&c, &mut api, &key, id, cps).await? {
-                        Some(r) => reports.push(r),
-                        None => problems.push(format!(
+                        Checked::Report(r) => reports.push(r),
+                        Checked::Deleted(d) => deleted.push(d),
+                        Checked::Missing => problems.push(format!(
                             "session {id} is named by a root but no longer stored: it was removed"
                         )),
                     }
@@ -473,8 +528,11 @@ pub async fn run(cli: &Cli, fmt: Format, cmd: &AuditCmd) -> Result<(), CliError>
                 problems.extend(root_problems);
                 let cps = named.get(id).map(Vec::as_slice).unwrap_or_default();
                 match check_session(&c, &mut api, &key, id, cps).await? {
-                    Some(r) => reports.push(r),
-                    None => return Err(CliError::failed(format!("no session `{id}`"))),
+                    Checked::Report(r) => reports.push(r),
+                    Checked::Deleted(d) => deleted.push(d),
+                    Checked::Missing => {
+                        return Err(CliError::failed(format!("no session `{id}`")));
+                    }
                 }
             }
             let bad = reports.iter().filter(|r| !r.intact()).count();
@@ -483,10 +541,24 @@ pub async fn run(cli: &Cli, fmt: Format, cmd: &AuditCmd) -> Result<(), CliError>
                     for p in &problems {
                         println!("TAMPERED: {p}");
                     }
+                    let mut rows: Vec<Vec<String>> = reports.iter().map(report_line).collect();
+                    rows.extend(deleted.iter().map(|d| {
+                        vec![
+                            d.session_id.clone(),
+                            "deleted".into(),
+                            d.len.to_string(),
+                            format!(
+                                "deleted {} ({}); the deletion is signed",
+                                ms_time(d.deleted_at_ms),
+                                d.reason
+                            ),
+                        ]
+                    }));
+                    rows.sort();
                     output::rows(
                         fmt,
                         &["session", "state", "events", "notes"],
-                        reports.iter().map(report_line).collect(),
+                        rows,
                         Value::Null,
                     );
                 }
@@ -496,6 +568,10 @@ pub async fn run(cli: &Cli, fmt: Format, cmd: &AuditCmd) -> Result<(), CliError>
                         "intact": bad == 0 && problems.is_empty(),
                         "problems": problems,
                         "sessions": reports.iter().map(report_json).collect::<Vec<_>>(),
+                        "deleted": deleted.iter().map(|d| json!({
+                            "session": d.session_id, "events": d.len,
+                            "deleted_at": ms_time(d.deleted_at_ms), "reason": d.reason,
+                        })).collect::<Vec<_>>(),
                     }),
                 ),
             }

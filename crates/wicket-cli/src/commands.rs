@@ -221,6 +221,19 @@ pub enum SessionsCmd {
     /// Search events across sessions (text, principal, connection,
     /// decision, time range), newest first.
     Search(crate::replay::SearchArgs),
+    /// Put a session under legal hold: retention keeps it until released.
+    Hold {
+        /// Session id.
+        id: String,
+        /// Why (a case, a ticket): recorded and shown.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Release a session's legal hold (retention applies again).
+    Release {
+        /// Session id.
+        id: String,
+    },
     /// Write a session's terminal recording as asciicast v2 (play it with
     /// `asciinema play FILE`).
     Recording {
@@ -442,6 +455,7 @@ fn session_json(s: &v1::Session) -> Value {
         "id": s.id, "connection": s.connection, "principal": principal_json(s.principal.as_ref()),
         "state": s.state, "started_at": time(s.started_at.as_ref()), "ended_at": time(s.ended_at.as_ref()),
         "end_reason": s.end_reason, "commands": s.command_count, "client_addr": s.client_addr, "client_app": s.client_app,
+        "hold": s.hold,
     })
 }
 
@@ -1235,6 +1249,29 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
         }
         // Answered above.
         SessionsCmd::Replay(_) | SessionsCmd::Search(_) => {}
+        SessionsCmd::Hold { id, reason } => {
+            if reason.trim().is_empty() {
+                return Err(CliError::usage("--reason must say why the session is held"));
+            }
+            let s = api
+                .hold_session(c.req(v1::HoldSessionRequest {
+                    id: id.clone(),
+                    reason: reason.clone(),
+                }))
+                .await?
+                .into_inner();
+            eprintln!("Session {} held: {}", s.id, s.hold);
+        }
+        SessionsCmd::Release { id } => {
+            let s = api
+                .hold_session(c.req(v1::HoldSessionRequest {
+                    id: id.clone(),
+                    reason: String::new(),
+                }))
+                .await?
+                .into_inner();
+            eprintln!("Session {} released; retention applies to it again.", s.id);
+        }
         SessionsCmd::Recording { id, channel, out } => {
             let events = session_events(&c, &mut api, id).await?;
             let cast =
@@ -1295,6 +1332,7 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
                             ("started", time(s.started_at.as_ref())),
                             ("ended", time(s.ended_at.as_ref())),
                             ("end reason", s.end_reason.clone()),
+                            ("legal hold", s.hold.clone()),
                             (
                                 "client",
                                 format!("{} {}", s.client_app, s.client_addr)

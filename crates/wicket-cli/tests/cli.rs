@@ -1425,3 +1425,138 @@ async fn replay_and_search_from_the_cli() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).1.contains("RFC 3339"), "{:?}", text(&o));
 }
+
+/// Retention deletes the ended sessions of a connection after its days,
+/// with their recordings, but not those on legal hold; each deletion is
+/// signed, so `audit verify --all` accepts it, and a session removed
+/// without one is still caught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_sessions_except_held_ones_and_verify_accepts_it() {
+    let e = start().await;
+    let admin = e.admin();
+    let doc = POLICY.replace(
+        "    labels: {env: prod}\n",
+        "    labels: {env: prod}\n    recording: {retention_days: 1}\n",
+    );
+    std::fs::write(e.dir.path().join("retain.yaml"), doc).unwrap();
+    ok(&e
+        .wicket(Some(&admin), &["policy", "apply", "-f", "retain.yaml"])
+        .await);
+    let sc = e.sidecar_token().await;
+    // Two sessions that ended three days ago (one with a recording), one today.
+    let old = chrono::Utc::now() - chrono::Duration::days(3);
+    for (session, p) in [("s-old1", "a"), ("s-old2", "b")] {
+        let events: Vec<v1::AuditEvent> = (1..=3u64)
+            .map(|seq| v1::AuditEvent {
+                id: format!("{p}{seq}"),
+                session_id: session.into(),
+                seq,
+                time: Some(wicket_proto::convert::ts(old)),
+                kind: match seq {
+                    1 => v1::AuditKind::SessionStart,
+                    2 => v1::AuditKind::Output,
+                    _ => v1::AuditKind::SessionEnd,
+                } as i32,
+                connection: "orders-db".into(),
+                principal: Some(v1::Principal {
+                    subject: "ada".into(),
+                    issuer: e.idp.issuer(),
+                    ..Default::default()
+                }),
+                details: if seq == 2 {
+                    [
+                        ("channel".to_string(), "0".to_string()),
+                        (
+                            "asciicast_header".to_string(),
+                            r#"{"version":2,"width":80,"height":24}"#.to_string(),
+                        ),
+                        ("asciicast".to_string(), "[0.1,\"o\",\"old\"]\n".to_string()),
+                    ]
+                    .into()
+                } else {
+                    Default::default()
+                },
+                ..Default::default()
+            })
+            .collect();
+        let mut r = tonic::Request::new(tokio_stream::iter(vec![v1::ReportRequest { events }]));
+        bearer(&mut r, &sc);
+        let mut acks = v1::audit_service_client::AuditServiceClient::new(e.channel.clone())
+            .report(r)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(acks.next().await.unwrap().unwrap().acked_ids.len(), 3);
+    }
+    report_session(&e, &sc, "s-new", "n", 3, true).await;
+    ok(&e.wicket(Some(&admin), &["audit", "root"]).await);
+    assert!(e.dir.path().join("recordings/s-old1").is_dir());
+
+    // A legal hold keeps s-old2; holding needs a reason and an admin.
+    let o = e
+        .wicket(
+            Some(&admin),
+            &["sessions", "hold", "s-old2", "--reason", " "],
+        )
+        .await;
+    assert_eq!(o.status.code(), Some(2));
+    let auditor = e.idp.mint(&TokenSpec::human("audra", &["wicket-auditors"]));
+    let o = e
+        .wicket(
+            Some(&auditor),
+            &["sessions", "hold", "s-old2", "--reason", "x"],
+        )
+        .await;
+    assert_eq!(o.status.code(), Some(3));
+    let o = e
+        .wicket(
+            Some(&admin),
+            &["sessions", "hold", "s-old2", "--reason", "case 42"],
+        )
+        .await;
+    assert!(text(&o).1.contains("held: case 42"), "{:?}", text(&o));
+    let show = ok(&e
+        .wicket(Some(&admin), &["sessions", "show", "s-old2"])
+        .await);
+    assert!(show.contains("legal hold  case 42"), "{show}");
+
+    let out = ok(&e.wicket(Some(&admin), &["audit", "retention"]).await);
+    assert_eq!(out.trim(), "deleted s-old1");
+    let o = e
+        .wicket(Some(&admin), &["sessions", "show", "s-old1"])
+        .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!e.dir.path().join("recordings/s-old1").exists());
+    assert!(e.dir.path().join("recordings/s-old2").is_dir());
+    ok(&e.wicket(Some(&admin), &["sessions", "show", "s-new"]).await);
+    let out = ok(&e.wicket(Some(&admin), &["audit", "retention"]).await);
+    assert_eq!(out.trim(), "No session is past its retention.");
+
+    // The deletion is signed: verification accepts it.
+    let out = ok(&e.wicket(Some(&admin), &["audit", "verify", "--all"]).await);
+    let line = out.lines().find(|l| l.starts_with("s-old1")).unwrap();
+    assert!(
+        line.contains("deleted") && line.contains("retention: 1 days on orders-db"),
+        "{out}"
+    );
+    let out = ok(&e.wicket(Some(&admin), &["audit", "verify", "s-old1"]).await);
+    assert!(out.contains("deleted"), "{out}");
+
+    // Released, it goes at the next pass.
+    let o = e
+        .wicket(Some(&admin), &["sessions", "release", "s-old2"])
+        .await;
+    assert!(text(&o).1.contains("released"), "{:?}", text(&o));
+    let out = ok(&e.wicket(Some(&admin), &["audit", "retention"]).await);
+    assert_eq!(out.trim(), "deleted s-old2");
+
+    // Removing the deletion record leaves a session gone without a word.
+    tamper(
+        &format!("sqlite:{}", e.dir.path().join("w.db").display()),
+        &["DELETE FROM audit_deletions WHERE session_id = 's-old1'"],
+    )
+    .await;
+    let o = e.wicket(Some(&admin), &["audit", "verify", "--all"]).await;
+    assert_eq!(o.status.code(), Some(5));
+    assert!(text(&o).0.contains("s-old1"), "{:?}", text(&o));
+}

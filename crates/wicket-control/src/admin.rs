@@ -56,6 +56,7 @@ fn session(s: &SessionRecord) -> v1::Session {
         command_count: s.command_count,
         client_addr: s.client_addr.clone(),
         client_app: s.client_app.clone(),
+        hold: s.hold.clone(),
     }
 }
 
@@ -510,6 +511,28 @@ impl SessionAdminService for AdminApi {
         Ok(Response::new(v1::ListSessionEventsResponse {
             events: self.with_traces(events).await,
         }))
+    }
+
+    async fn hold_session(
+        &self,
+        req: Request<v1::HoldSessionRequest>,
+    ) -> Result<Response<v1::Session>, Status> {
+        let who = self.allow(&req, Permission::Admin).await?;
+        let r = req.get_ref();
+        check_len("reason", &r.reason, 1024)?;
+        let s = self
+            .control
+            .store
+            .set_hold(&r.id, r.reason.trim())
+            .await
+            .map_err(storage)?
+            .ok_or_else(|| Status::not_found(format!("no session `{}`", r.id)))?;
+        if r.reason.trim().is_empty() {
+            tracing::info!(session = %r.id, by = %who.label(), "legal hold released");
+        } else {
+            tracing::info!(session = %r.id, by = %who.label(), reason = %r.reason, "legal hold placed");
+        }
+        Ok(Response::new(session(&s)))
     }
 
     async fn terminate_session(

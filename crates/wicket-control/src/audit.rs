@@ -79,6 +79,7 @@ impl AuditAdminService for AdminApi {
             .unchained_events(&r.session_id)
             .await
             .map_err(storage)?;
+        let deletion = store.get_deletion(&r.session_id).await.map_err(storage)?;
         Ok(Response::new(v1::AuditChain {
             found,
             events: events
@@ -106,6 +107,14 @@ impl AuditAdminService for AdminApi {
                 })
                 .collect(),
             unchained,
+            deletion: deletion.map(|d| v1::AuditDeletion {
+                len: d.len,
+                head: d.head.to_vec(),
+                deleted_at_ms: d.deleted_at_ms,
+                reason: d.reason,
+                signature: d.signature,
+                key_id: d.key_id,
+            }),
         }))
     }
 
@@ -188,6 +197,16 @@ impl AuditAdminService for AdminApi {
                 ))
             }
         }
+    }
+
+    async fn apply_retention(
+        &self,
+        req: Request<v1::ApplyRetentionRequest>,
+    ) -> Result<Response<v1::ApplyRetentionResponse>, Status> {
+        let who = self.allow(&req, Permission::Admin).await?;
+        let deleted = self.control.apply_retention().await.map_err(storage)?;
+        tracing::info!(by = %who.label(), deleted = deleted.len(), "retention applied on request");
+        Ok(Response::new(v1::ApplyRetentionResponse { deleted }))
     }
 
     async fn create_audit_root(

@@ -87,6 +87,11 @@ pub struct Config {
     #[arg(long, env = "WICKET_AUDIT_ROOT_INTERVAL", default_value = "24h", value_parser = wicket_core::parse_seconds)]
     pub audit_root_interval: u32,
 
+    /// How often to delete the sessions whose connection's retention
+    /// (`recording.retention_days` in the policy) has run out.
+    #[arg(long, env = "WICKET_RETENTION_INTERVAL", default_value = "1h", value_parser = wicket_core::parse_seconds)]
+    pub retention_interval: u32,
+
     /// Longest lifetime of an SSH user certificate, in seconds (it never
     /// outlives the token it was issued for).
     #[arg(long, env = "WICKET_SSH_CERT_MAX_SECONDS", default_value_t = 8 * 3600)]

@@ -102,6 +102,9 @@ pub async fn run(
     }
     tokio::spawn(control.clone().upkeep(Duration::from_secs(5)));
     tokio::spawn(control.clone().follow_replicas());
+    tokio::spawn(control.clone().retention(Duration::from_secs(u64::from(
+        cfg.retention_interval.max(1),
+    ))));
     let owner = uuid::Uuid::new_v4().simple().to_string();
     for exporter in exporters {
         tokio::spawn(exporter.run(

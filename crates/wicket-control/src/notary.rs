@@ -97,6 +97,30 @@ impl Notary {
         Ok(Some(seal))
     }
 
+    /// Deletes a session on purpose, leaving a signed record of its chain
+    /// as it was; `false` when it is held (or gone) by then.
+    pub async fn delete(
+        &self,
+        store: &dyn Store,
+        session_id: &str,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        let Some((len, head)) = store.chain_head(session_id).await? else {
+            return Ok(false);
+        };
+        let mut d = evidence::Deletion {
+            session_id: session_id.to_string(),
+            len,
+            head,
+            deleted_at_ms: Utc::now().timestamp_millis(),
+            reason: reason.to_string(),
+            signature: Vec::new(),
+            key_id: self.key_id.clone(),
+        };
+        d.signature = self.pair.sign(&d.message()).as_ref().to_vec();
+        store.delete_session(&d).await
+    }
+
     /// Signs roots over every session whose chain grew since the last
     /// root; returns them (none when nothing grew, or when another replica
     /// made the root first).

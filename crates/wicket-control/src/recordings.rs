@@ -99,6 +99,20 @@ impl Recordings {
         .map_err(std::io::Error::other)?
     }
 
+    /// Removes every chunk of a session.
+    pub async fn delete_session(&self, session_id: &str) -> std::io::Result<()> {
+        let Recordings::Dir(root) = self else {
+            return Ok(());
+        };
+        let dir = root.join(key_part(session_id));
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
     /// A chunk's recorded lines, decompressed; `None` when it is gone.
     pub async fn get(&self, key: &str) -> std::io::Result<Option<Vec<u8>>> {
         let Recordings::Dir(root) = self else {

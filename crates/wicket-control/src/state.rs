@@ -106,6 +106,53 @@ impl Control {
         Ok(control)
     }
 
+    /// Deletes the ended sessions whose connection's retention
+    /// (`recording.retention_days`) has run out and that are not on legal
+    /// hold, with their recordings; each leaves a signed deletion record.
+    pub async fn apply_retention(&self) -> Result<Vec<String>, StoreError> {
+        let Some(current) = self.current() else {
+            return Ok(Vec::new());
+        };
+        let mut deleted = Vec::new();
+        for c in &current.policy.document().connections {
+            let Some(days) = c.recording.retention_days else {
+                continue;
+            };
+            let before = Utc::now() - chrono::Duration::days(i64::from(days));
+            let reason = format!("retention: {days} days on {}", c.name);
+            loop {
+                let batch = self.store.expired_sessions(&c.name, before, 500).await?;
+                let mut progressed = false;
+                for id in &batch {
+                    if self.notary.delete(self.store.as_ref(), id, &reason).await? {
+                        if let Err(e) = self.recordings.delete_session(id).await {
+                            tracing::warn!(session = %id, error = %e, "cannot remove a deleted session's recording chunks");
+                        }
+                        tracing::info!(session = %id, connection = %c.name, days, "session deleted by retention");
+                        deleted.push(id.clone());
+                        progressed = true;
+                    }
+                }
+                if batch.len() < 500 || !progressed {
+                    break;
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Applies retention every `interval`.
+    pub async fn retention(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.apply_retention().await {
+                tracing::warn!(error = %e, "retention did not run; retrying at the next interval");
+            }
+        }
+    }
+
     /// Signs an audit root every `interval` over the sessions whose chain
     /// grew since the last one (and once at start-up for what an earlier
     /// run left).

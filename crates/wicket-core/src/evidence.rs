@@ -228,6 +228,62 @@ impl Root {
     }
 }
 
+/// A signed record that a session was deleted on purpose (retention):
+/// what its chain was, when, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deletion {
+    /// The session.
+    pub session_id: String,
+    /// Its chain length when deleted.
+    pub len: u64,
+    /// Its chain head when deleted.
+    pub head: Hash,
+    /// When, in milliseconds since the epoch.
+    pub deleted_at_ms: i64,
+    /// Why (`retention: 30 days`).
+    pub reason: String,
+    /// Ed25519 signature of [`Deletion::message`].
+    pub signature: Vec<u8>,
+    /// [`key_id`] of the signing key.
+    pub key_id: String,
+}
+
+impl Deletion {
+    /// The message a deletion signs.
+    pub fn message(&self) -> Vec<u8> {
+        let mut m = Vec::with_capacity(128 + self.session_id.len() + self.reason.len());
+        m.extend_from_slice(b"wicket-audit-deletion-v1\0");
+        m.extend_from_slice(&(self.session_id.len() as u64).to_be_bytes());
+        m.extend_from_slice(self.session_id.as_bytes());
+        m.extend_from_slice(&self.len.to_be_bytes());
+        m.extend_from_slice(&self.head);
+        m.extend_from_slice(&self.deleted_at_ms.to_be_bytes());
+        m.extend_from_slice(&(self.reason.len() as u64).to_be_bytes());
+        m.extend_from_slice(self.reason.as_bytes());
+        m
+    }
+
+    /// Whether it is signed by `public_key` and covers at least everything
+    /// the roots and seal say the session held (`signed_len`).
+    pub fn check(&self, public_key: &[u8], signed_len: u64) -> Result<(), String> {
+        if self.key_id != key_id(public_key)
+            || !signature_ok(public_key, &self.message(), &self.signature)
+        {
+            return Err(format!(
+                "session {}'s deletion record does not verify with the audit key",
+                self.session_id
+            ));
+        }
+        if self.len < signed_len {
+            return Err(format!(
+                "session {} was deleted at {} events but a signature vouches for {signed_len}",
+                self.session_id, self.len
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One session in a root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leaf {

@@ -213,6 +213,27 @@ pub trait Store: Send + Sync + 'static {
         lease_until: i64,
     ) -> Result<bool>;
 
+    /// Puts a session under legal hold (`reason` non-empty) or releases it
+    /// (empty); returns the session, `None` when unknown.
+    async fn set_hold(&self, session_id: &str, reason: &str) -> Result<Option<SessionRecord>>;
+    /// Ended sessions of `connection` that ended before `before` and are
+    /// not held, oldest first.
+    async fn expired_sessions(
+        &self,
+        connection: &str,
+        before: chrono::DateTime<chrono::Utc>,
+        limit: u32,
+    ) -> Result<Vec<String>>;
+    /// Deletes a session (its events, seal and row) and stores its signed
+    /// deletion record, in one transaction; `false` when it is held (or
+    /// gone) by then. Roots keep naming it: the record answers for it.
+    async fn delete_session(&self, deletion: &wicket_core::evidence::Deletion) -> Result<bool>;
+    /// A deleted session's deletion record.
+    async fn get_deletion(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<wicket_core::evidence::Deletion>>;
+
     /// Whether the database answers.
     async fn ping(&self) -> Result<()>;
 

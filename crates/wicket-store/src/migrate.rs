@@ -14,6 +14,7 @@ pub const SQLITE: &[(i64, &str)] = &[
     ),
     (5, include_str!("../migrations/sqlite/0005_audit_chain.sql")),
     (6, include_str!("../migrations/sqlite/0006_export.sql")),
+    (7, include_str!("../migrations/sqlite/0007_retention.sql")),
 ];
 
 /// `(version, sql)` for PostgreSQL.
@@ -33,6 +34,7 @@ pub const POSTGRES: &[(i64, &str)] = &[
         include_str!("../migrations/postgres/0005_audit_chain.sql"),
     ),
     (6, include_str!("../migrations/postgres/0006_export.sql")),
+    (7, include_str!("../migrations/postgres/0007_retention.sql")),
 ];
 
 /// Splits a migration into statements (our migrations hold no `;` in literals).

@@ -65,6 +65,8 @@ pub struct SessionRecord {
     pub client_addr: String,
     /// Client program.
     pub client_app: String,
+    /// Legal hold: why the session must be kept (empty: not held).
+    pub hold: String,
 }
 
 /// Filter for listing sessions.

@@ -11,7 +11,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use wicket_core::evidence::{
-    ChainedEvent, Checkpoint, GENESIS, Hash, Leaf, Root, Seal, hash_from, link,
+    ChainedEvent, Checkpoint, Deletion, GENESIS, Hash, Leaf, Root, Seal, hash_from, link,
 };
 use wicket_core::{Approval, ApprovalState, AuditEvent, AuditKind, ReasoningTrace};
 
@@ -106,6 +106,7 @@ macro_rules! session_from_row {
             command_count: r.try_get::<i64, _>("command_count")? as u64,
             client_addr: r.try_get("client_addr")?,
             client_app: r.try_get("client_app")?,
+            hold: r.try_get("hold")?,
         }
     }};
 }
@@ -145,7 +146,7 @@ macro_rules! root_from_row {
 }
 
 const SESSION_COLS: &str = "id, connection, principal, started_at, ended_at, state, end_reason, \
-                            command_count, client_addr, client_app";
+                            command_count, client_addr, client_app, hold";
 
 /// Events per multi-row insert (7 parameters each, well under the
 /// backends' bind-parameter limits).
@@ -1290,6 +1291,103 @@ impl Store for SqlStore {
             .await?
             .rows_affected();
             Ok(done == 1)
+        })
+    }
+
+    async fn set_hold(&self, session_id: &str, reason: &str) -> Result<Option<SessionRecord>> {
+        with_pool!(self, |p| {
+            sqlx::query("UPDATE sessions SET hold = $2 WHERE id = $1")
+                .bind(session_id)
+                .bind(reason)
+                .execute(p)
+                .await?;
+            Ok::<(), StoreError>(())
+        })?;
+        self.get_session(session_id).await
+    }
+
+    async fn expired_sessions(
+        &self,
+        connection: &str,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<String>> {
+        with_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT id FROM sessions WHERE connection = $1 AND ended_at IS NOT NULL \
+                 AND ended_at < $2 AND hold = '' ORDER BY ended_at, id LIMIT $3",
+            )
+            .bind(connection)
+            .bind(ms(before))
+            .bind(clamp_limit(limit))
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| Ok(r.try_get::<String, _>("id")?))
+                .collect()
+        })
+    }
+
+    async fn delete_session(&self, d: &Deletion) -> Result<bool> {
+        with_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            // The hold is checked in the same transaction that deletes.
+            let gone = sqlx::query("DELETE FROM sessions WHERE id = $1 AND hold = ''")
+                .bind(&d.session_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if gone == 0 {
+                return Ok(false);
+            }
+            sqlx::query(
+                "INSERT INTO audit_deletions (session_id, len, head, deleted_at, reason, signature, key_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&d.session_id)
+            .bind(d.len as i64)
+            .bind(&d.head[..])
+            .bind(d.deleted_at_ms)
+            .bind(&d.reason)
+            .bind(&d.signature[..])
+            .bind(&d.key_id)
+            .execute(&mut *tx)
+            .await?;
+            for sql in [
+                "DELETE FROM events WHERE session_id = $1",
+                "DELETE FROM audit_seals WHERE session_id = $1",
+            ] {
+                sqlx::query(sql)
+                    .bind(&d.session_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    async fn get_deletion(&self, session_id: &str) -> Result<Option<Deletion>> {
+        with_pool!(self, |p| {
+            let Some(r) = sqlx::query(
+                "SELECT session_id, len, head, deleted_at, reason, signature, key_id \
+                 FROM audit_deletions WHERE session_id = $1",
+            )
+            .bind(session_id)
+            .fetch_optional(p)
+            .await?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(Deletion {
+                session_id: r.try_get("session_id")?,
+                len: r.try_get::<i64, _>("len")? as u64,
+                head: hash_from(&r.try_get::<Vec<u8>, _>("head")?).unwrap_or_default(),
+                deleted_at_ms: r.try_get("deleted_at")?,
+                reason: r.try_get("reason")?,
+                signature: r.try_get("signature")?,
+                key_id: r.try_get("key_id")?,
+            }))
         })
     }
 

@@ -659,6 +659,64 @@ async fn events_are_exported_in_store_order_under_a_lease(s: Arc<dyn Store>) {
     );
 }
 
+async fn retention_deletes_unheld_sessions_with_a_record(s: Arc<dyn Store>) {
+    use wicket_core::evidence::Deletion;
+    let old = Utc::now() - Duration::days(3);
+    for id in ["old1", "old2"] {
+        let mut start = event(&format!("{id}-1"), id, 1, AuditKind::SessionStart);
+        let mut end = event(&format!("{id}-2"), id, 2, AuditKind::SessionEnd);
+        start.time = old;
+        end.time = old;
+        s.append_events(&[start, end]).await.unwrap();
+    }
+    s.append_events(&[
+        event("new-1", "new", 1, AuditKind::SessionStart),
+        event("new-2", "new", 2, AuditKind::SessionEnd),
+    ])
+    .await
+    .unwrap();
+    let held = s.set_hold("old2", "litigation 42").await.unwrap().unwrap();
+    assert_eq!(held.hold, "litigation 42");
+    assert!(s.set_hold("nope", "x").await.unwrap().is_none());
+    let cutoff = Utc::now() - Duration::days(1);
+    assert_eq!(s.expired_sessions("db", cutoff, 0).await.unwrap(), ["old1"]);
+    assert!(
+        s.expired_sessions("other", cutoff, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (len, head) = s.chain_head("old1").await.unwrap().unwrap();
+    let d = Deletion {
+        session_id: "old1".into(),
+        len,
+        head,
+        deleted_at_ms: 7,
+        reason: "retention: 1 days".into(),
+        signature: vec![3; 64],
+        key_id: "k".into(),
+    };
+    assert!(s.delete_session(&d).await.unwrap());
+    assert!(s.get_session("old1").await.unwrap().is_none());
+    assert!(s.list_events("old1", 0, 0).await.unwrap().is_empty());
+    assert_eq!(s.get_deletion("old1").await.unwrap(), Some(d));
+    // A held session is not deleted, even when asked.
+    let d2 = Deletion {
+        session_id: "old2".into(),
+        len: 2,
+        head: [0; 32],
+        deleted_at_ms: 7,
+        reason: "r".into(),
+        signature: vec![],
+        key_id: "k".into(),
+    };
+    assert!(!s.delete_session(&d2).await.unwrap());
+    assert!(s.get_session("old2").await.unwrap().is_some());
+    assert!(s.get_deletion("old2").await.unwrap().is_none());
+    s.set_hold("old2", "").await.unwrap();
+    assert_eq!(s.expired_sessions("db", cutoff, 0).await.unwrap(), ["old2"]);
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod on_sqlite {
@@ -682,6 +740,7 @@ suite!(
     events_are_hash_chained_and_rooted,
     events_are_searchable,
     events_are_exported_in_store_order_under_a_lease,
+    retention_deletes_unheld_sessions_with_a_record,
 );
 
 #[tokio::test]
