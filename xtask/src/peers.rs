@@ -52,7 +52,8 @@ fn libclang_installed() -> bool {
 }
 
 /// The Python interpreter of the test venv (drivers: psycopg 3, asyncpg;
-/// the SSH library paramiko; grpcio with the OpenTelemetry protos).
+/// the SSH library paramiko; grpcio with the OpenTelemetry protos; moto,
+/// a local S3-compatible server).
 pub fn python() -> PathBuf {
     root().join("target/py-venv/bin/python")
 }
@@ -63,7 +64,7 @@ fn ensure_python() -> Result<(), String> {
     let ready = Command::new(&py)
         .args([
             "-c",
-            "import psycopg, asyncpg, paramiko, grpc, opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc",
+            "import psycopg, asyncpg, paramiko, grpc, opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc, moto.server",
         ])
         .stderr(Stdio::null())
         .status()
@@ -72,7 +73,7 @@ fn ensure_python() -> Result<(), String> {
         return Ok(());
     }
     util::step(
-        "python venv with psycopg 3, asyncpg, paramiko, grpcio and opentelemetry-proto (target/py-venv)",
+        "python venv with psycopg 3, asyncpg, paramiko, grpcio, opentelemetry-proto and moto (target/py-venv)",
     );
     let venv = root().join("target/py-venv");
     util::run("python3", &["-m", "venv", &venv.display().to_string()], &[])?;
@@ -88,6 +89,8 @@ fn ensure_python() -> Result<(), String> {
             // The OTLP/gRPC receiver of the audit export test.
             "grpcio==1.85.1",
             "opentelemetry-proto==1.45.2",
+            // The local S3-compatible server of the recordings test.
+            "moto[server]==5.2.5",
         ],
         &[],
     )

@@ -116,8 +116,21 @@ pub struct Config {
     /// `recordings/` beside a SQLite database file; on PostgreSQL (or an
     /// in-memory database) recordings stay in the audit events unless this
     /// is given: several replicas need it to be shared storage.
-    #[arg(long, env = "WICKET_RECORDINGS_DIR")]
+    #[arg(long, env = "WICKET_RECORDINGS_DIR", conflicts_with = "recordings_url")]
     pub recordings_dir: Option<PathBuf>,
+
+    /// Keep terminal recordings in an S3-compatible bucket instead
+    /// (`s3://bucket/prefix`), shared by the replicas. Credentials, region
+    /// and endpoint come from the `AWS_*` environment (`AWS_ENDPOINT` and
+    /// `AWS_ALLOW_HTTP=true` for a local server) or `--recordings-option`.
+    #[arg(long, env = "WICKET_RECORDINGS_URL")]
+    pub recordings_url: Option<String>,
+
+    /// An object-store setting for `--recordings-url`, `KEY=VALUE`
+    /// (`aws_endpoint=http://minio:9000`, `aws_region=eu-west-1`, …);
+    /// repeatable. Prefer the environment for credentials.
+    #[arg(long = "recordings-option", env = "WICKET_RECORDINGS_OPTIONS", value_delimiter = ',', value_parser = key_value)]
+    pub recordings_options: Vec<(String, String)>,
 
     /// Stream every audit event, in the order stored, as JSON Lines to this
     /// URL (`POST`, `application/x-ndjson`, batches; at least once: the
@@ -171,6 +184,14 @@ pub struct Config {
     pub log_format: String,
 }
 
+/// `KEY=VALUE`.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got `{s}`"))
+}
+
 impl Config {
     /// Where approval notifications go, with the webhook secret read.
     pub fn notifications(&self) -> Result<crate::notify::NotifyConfig, String> {
@@ -193,6 +214,9 @@ impl Config {
     /// Where terminal recordings go.
     pub fn recordings(&self) -> Result<crate::recordings::Recordings, String> {
         use crate::recordings::Recordings;
+        if let Some(url) = &self.recordings_url {
+            return Recordings::object(url, &self.recordings_options);
+        }
         if let Some(dir) = &self.recordings_dir {
             return Recordings::dir(dir);
         }

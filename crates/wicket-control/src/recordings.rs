@@ -20,15 +20,39 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use object_store::ObjectStoreExt as _;
 use wicket_core::{AuditEvent, AuditKind};
 
 /// Where chunks go.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Recordings {
     /// Kept inside the audit events, in the database.
     Inline,
     /// Compressed chunks under a directory.
     Dir(PathBuf),
+    /// Compressed chunks in an S3-compatible bucket, under a prefix.
+    Object {
+        /// The bucket.
+        store: std::sync::Arc<dyn object_store::ObjectStore>,
+        /// Where in it (`s3://bucket/PREFIX`).
+        prefix: String,
+        /// The URL, for logs.
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for Recordings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Recordings::Inline => f.write_str("Inline"),
+            Recordings::Dir(d) => f.debug_tuple("Dir").field(d).finish(),
+            Recordings::Object { url, .. } => f.debug_tuple("Object").field(url).finish(),
+        }
+    }
+}
+
+fn io_error(e: object_store::Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }
 
 fn sha256_hex(b: &[u8]) -> String {
@@ -74,9 +98,53 @@ impl Recordings {
         Ok(Recordings::Dir(dir.to_path_buf()))
     }
 
+    /// Chunks in the S3-compatible bucket of `url` (`s3://bucket/prefix`),
+    /// configured from the `AWS_*` environment (credentials, region,
+    /// `AWS_ENDPOINT` for a non-AWS server, `AWS_ALLOW_HTTP`) and then
+    /// `options` (`aws_endpoint=…` and the other object_store keys).
+    pub fn object(url: &str, options: &[(String, String)]) -> Result<Recordings, String> {
+        use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+        let parsed =
+            url::Url::parse(url).map_err(|e| format!("invalid recordings URL `{url}`: {e}"))?;
+        if !matches!(parsed.scheme(), "s3" | "s3a") {
+            return Err(format!(
+                "the recordings URL must be s3://bucket/prefix, not `{url}`"
+            ));
+        }
+        let mut b = AmazonS3Builder::from_env().with_url(url);
+        for (k, v) in options {
+            let key: AmazonS3ConfigKey = k
+                .parse()
+                .map_err(|e| format!("unknown recordings store option `{k}`: {e}"))?;
+            b = b.with_config(key, v);
+        }
+        let store = b
+            .build()
+            .map_err(|e| format!("cannot set up the recordings bucket {url}: {e}"))?;
+        Ok(Recordings::Object {
+            store: std::sync::Arc::new(store),
+            prefix: parsed.path().trim_matches('/').to_string(),
+            url: url.to_string(),
+        })
+    }
+
+    fn object_path(prefix: &str, key: &str) -> object_store::path::Path {
+        let mut parts: Vec<&str> = prefix.split('/').filter(|p| !p.is_empty()).collect();
+        parts.extend(key.split('/'));
+        object_store::path::Path::from_iter(parts)
+    }
+
     async fn put(&self, key: &str, bytes: Vec<u8>) -> std::io::Result<()> {
-        let Recordings::Dir(root) = self else {
-            return Ok(());
+        let root = match self {
+            Recordings::Inline => return Ok(()),
+            Recordings::Object { store, prefix, .. } => {
+                store
+                    .put(&Self::object_path(prefix, key), bytes.into())
+                    .await
+                    .map_err(io_error)?;
+                return Ok(());
+            }
+            Recordings::Dir(root) => root,
         };
         let path = root.join(key);
         let tmp = path.with_extension(format!("tmp.{}", uuid::Uuid::new_v4().simple()));
@@ -101,8 +169,26 @@ impl Recordings {
 
     /// Removes every chunk of a session.
     pub async fn delete_session(&self, session_id: &str) -> std::io::Result<()> {
-        let Recordings::Dir(root) = self else {
-            return Ok(());
+        let root = match self {
+            Recordings::Inline => return Ok(()),
+            Recordings::Object { store, prefix, .. } => {
+                use futures_util::TryStreamExt as _;
+                let under = Self::object_path(prefix, &key_part(session_id));
+                let found: Vec<_> = store
+                    .list(Some(&under))
+                    .map_ok(|m| m.location)
+                    .try_collect()
+                    .await
+                    .map_err(io_error)?;
+                for path in found {
+                    match store.delete(&path).await {
+                        Err(object_store::Error::NotFound { .. }) | Ok(()) => {}
+                        Err(e) => return Err(io_error(e)),
+                    }
+                }
+                return Ok(());
+            }
+            Recordings::Dir(root) => root,
         };
         let dir = root.join(key_part(session_id));
         tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
@@ -115,15 +201,28 @@ impl Recordings {
 
     /// A chunk's recorded lines, decompressed; `None` when it is gone.
     pub async fn get(&self, key: &str) -> std::io::Result<Option<Vec<u8>>> {
-        let Recordings::Dir(root) = self else {
-            return Ok(None);
-        };
         if !valid_key(key) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "not a recording chunk key",
             ));
         }
+        let root = match self {
+            Recordings::Inline => return Ok(None),
+            Recordings::Object { store, prefix, .. } => {
+                let z = match store.get(&Self::object_path(prefix, key)).await {
+                    Ok(got) => got.bytes().await.map_err(io_error)?,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(io_error(e)),
+                };
+                return tokio::task::spawn_blocking(move || {
+                    zstd::stream::decode_all(&z[..]).map(Some)
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+            }
+            Recordings::Dir(root) => root,
+        };
         let path = root.join(key);
         tokio::task::spawn_blocking(move || match std::fs::read(&path) {
             Ok(z) => zstd::stream::decode_all(&z[..]).map(Some),

@@ -2040,3 +2040,164 @@ async fn a_long_terminal_session_is_recorded_in_compressed_chunks() {
     assert_eq!(n, EVENTS);
     assert_eq!(got.finish().as_ref(), expected.finish().as_ref());
 }
+
+/// A local S3-compatible server (moto, from PyPI) on a free port, with
+/// bucket `bucket` made; killed on drop.
+async fn s3_server(bucket: &str) -> (tokio::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let python = wicket_testkit::env::require("WICKET_TEST_PYTHON");
+    let child = tokio::process::Command::new(python)
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http.put(format!("{endpoint}/{bucket}")).send().await
+            && r.status().is_success()
+        {
+            return (child, endpoint);
+        }
+        assert!(std::time::Instant::now() < deadline, "moto did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Recordings in an S3-compatible bucket: written at ingest, read back
+/// checked, a removed object reported as missing, a session's objects
+/// removed together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recordings_live_in_an_s3_compatible_bucket() {
+    let (_moto, endpoint) = s3_server("wicket-rec").await;
+    let options: Vec<(String, String)> = [
+        ("aws_endpoint", endpoint.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_access_key_id", "test"),
+        ("aws_secret_access_key", "test"),
+        ("aws_region", "us-east-1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let opts = options.clone();
+    let h = start_tuned(TestIdp::start("wicket").await, None, move |c| {
+        c.recordings_url = Some("s3://wicket-rec/team-a/recordings".into());
+        c.recordings_options = opts;
+    })
+    .await;
+    let token = h.sidecar_token(&["orders-db"]).await;
+    let output = |id: &str, seq: u64, lines: &str| v1::AuditEvent {
+        id: id.into(),
+        session_id: "s3-sess".into(),
+        seq,
+        time: Some(wicket_proto::convert::ts(chrono::Utc::now())),
+        kind: v1::AuditKind::Output as i32,
+        connection: "orders-db".into(),
+        principal: Some(principal("bot")),
+        details: [
+            ("channel".to_string(), "0".to_string()),
+            ("asciicast".to_string(), lines.to_string()),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let mut acks = AuditServiceClient::new(h.channel.clone())
+        .report(with_token(
+            tokio_stream::iter(vec![
+                v1::ReportRequest {
+                    events: vec![output("o1", 1, "[0.1,\"o\",\"one\"]\n")],
+                },
+                v1::ReportRequest {
+                    events: vec![output("o2", 2, "[0.2,\"o\",\"two\"]\n")],
+                },
+            ]),
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acked = 0;
+    while acked < 2 {
+        acked += acks.next().await.unwrap().unwrap().acked_ids.len();
+    }
+    let listing = reqwest::get(format!("{endpoint}/wicket-rec?list-type=2&prefix=team-a/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        listing.contains("<Key>team-a/recordings/s3-sess/0/o1.cast.zst</Key>")
+            && listing.contains("<Key>team-a/recordings/s3-sess/0/o2.cast.zst</Key>"),
+        "{listing}"
+    );
+    let read = || async {
+        SessionAdminServiceClient::new(h.channel.clone())
+            .list_session_events(with_token(
+                v1::ListSessionEventsRequest {
+                    session_id: "s3-sess".into(),
+                    after_seq: 0,
+                    limit: 10,
+                },
+                &h.admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+    };
+    let events = read().await;
+    assert_eq!(events[0].details["asciicast"], "[0.1,\"o\",\"one\"]\n");
+    assert_eq!(events[1].details["asciicast"], "[0.2,\"o\",\"two\"]\n");
+    // An object removed behind our back (by another S3 client) is
+    // reported, not skipped.
+    {
+        use object_store::ObjectStoreExt as _;
+        let mut b = object_store::aws::AmazonS3Builder::new().with_bucket_name("wicket-rec");
+        for (k, v) in &options {
+            b = b.with_config(k.parse().unwrap(), v);
+        }
+        b.build()
+            .unwrap()
+            .delete(&object_store::path::Path::from(
+                "team-a/recordings/s3-sess/0/o2.cast.zst",
+            ))
+            .await
+            .unwrap();
+    }
+    let events = read().await;
+    assert_eq!(events[0].details["asciicast"], "[0.1,\"o\",\"one\"]\n");
+    assert_eq!(
+        events[1].details["asciicast_error"],
+        "the recording chunk is missing"
+    );
+    // Retention removes a session's objects together.
+    let store = wicket_control::recordings::Recordings::object(
+        "s3://wicket-rec/team-a/recordings",
+        &options,
+    )
+    .unwrap();
+    store.delete_session("s3-sess").await.unwrap();
+    let listing = reqwest::get(format!("{endpoint}/wicket-rec?list-type=2&prefix=team-a/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!listing.contains("<Key>"), "{listing}");
+}
