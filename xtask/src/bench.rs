@@ -574,25 +574,34 @@ impl Stack {
         Ok(c)
     }
 
-    /// A new sidecar credential for `connection`.
-    pub(crate) fn sidecar_token(&self, connection: &str) -> Result<String, String> {
-        let get = |k: &str| env_get(&self.env, k);
-        let out = Command::new(self.bin.join("wicket"))
-            .args([
-                "sidecars",
-                "create",
-                "--name",
-                connection,
-                "--connection",
-                connection,
-            ])
+    /// Runs the `wicket` CLI as the administrator.
+    pub(crate) fn wicket(&self, args: &[&str]) -> Result<std::process::Output, String> {
+        Command::new(self.bin.join("wicket"))
+            .args(args)
             .env(
                 "WICKET_CONTROL",
                 format!("http://127.0.0.1:{}", self.control_port),
             )
-            .env("WICKET_TOKEN", get("WICKET_ADMIN_TOKEN"))
+            .env("WICKET_TOKEN", env_get(&self.env, "WICKET_ADMIN_TOKEN"))
             .output()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())
+    }
+
+    /// The control service's scratch directory (database, recordings).
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A new sidecar credential for `connection`.
+    pub(crate) fn sidecar_token(&self, connection: &str) -> Result<String, String> {
+        let out = self.wicket(&[
+            "sidecars",
+            "create",
+            "--name",
+            connection,
+            "--connection",
+            connection,
+        ])?;
         if !out.status.success() {
             return Err(format!(
                 "cannot create a sidecar credential: {}",

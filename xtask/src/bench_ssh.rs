@@ -1,13 +1,14 @@
 //! `cargo xtask bench ssh`: a 200 MB scp (up and down) and a 10,000-line
 //! interactive echo, directly to an OpenSSH server, through an OpenSSH
 //! ProxyJump hop, and through wicket-ssh (release build, recording and
-//! audit on), in one run, with ratios.
+//! audit on), in one run, with ratios; then a 1 GB terminal session
+//! recorded through wicket-ssh, its chunks counted and the record verified.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::bench::{Stack, build_release, cpu_us};
+use crate::bench::{Stack, build_release, cpu_us, rss_kb};
 use crate::util::{self, free_port, port_open, wait_for};
 
 const POLICY: &str = "version: 1
@@ -349,5 +350,149 @@ fn run(bin: &Path, dir: &Path) -> Result<(), String> {
         echoes[2].2 as i64 - echoes[0].2 as i64,
         echoes[2].2 as i64 - echoes[1].2 as i64
     );
+    long_recording(&stack, &gated, gate_pid)
+}
+
+/// A terminal session printing `WICKET_BENCH_SSH_RECORD_MB` (1024) MB of
+/// text through wicket-ssh: time, the gate's and the control service's
+/// peak memory, the chunks written, and `wicket audit verify` over all of
+/// it.
+fn long_recording(stack: &Stack, gated: &Route, gate_pid: u32) -> Result<(), String> {
+    let mb: usize = std::env::var("WICKET_BENCH_SSH_RECORD_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    util::step(&format!(
+        "a {mb} MB terminal session through wicket-ssh, recorded"
+    ));
+    let opts: Vec<String> = gated
+        .opts
+        .iter()
+        .map(|o| if o == "-P" { "-p".into() } else { o.clone() })
+        .collect();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let running = peak.clone();
+        let control = stack.control_pid;
+        std::thread::spawn(move || {
+            let (mut g, mut c) = (0, 0);
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                g = g.max(rss_kb(gate_pid));
+                c = c.max(rss_kb(control));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            (g, c)
+        })
+    };
+    let started = Instant::now();
+    let o = Command::new("ssh")
+        .arg("-tt")
+        .args(&opts)
+        .arg(&gated.target)
+        .arg(format!(
+            "yes 'ssh session output line, recorded and masked by wicket: 0123456789 abcdefghij' | head -c {mb}M; echo"
+        ))
+        .envs(gated.env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let secs = started.elapsed().as_secs_f64();
+    if !o.status.success() {
+        return Err(format!(
+            "the long session failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    // Wait until the session's end (its last event) is stored.
+    let deadline = Instant::now() + std::time::Duration::from_secs(600);
+    let id = loop {
+        let out = stack.wicket(&[
+            "sessions",
+            "list",
+            "--connection",
+            "bench-ssh",
+            "-o",
+            "jsonl",
+        ])?;
+        // One compact object per line, keys in order: no JSON parser needed.
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        // The newest session is this one.
+        let ended = text
+            .lines()
+            .next()
+            .filter(|l| l.contains("\"state\":\"ended\""))
+            .and_then(|l| l.split("\"id\":\"").nth(1))
+            .and_then(|rest| rest.split('"').next())
+            .map(str::to_string);
+        if let Some(id) = ended.filter(|_| {
+            stack
+                .dir()
+                .join("recordings")
+                .read_dir()
+                .map(|d| d.count() > 0)
+                .unwrap_or(false)
+        }) {
+            break id;
+        }
+        if Instant::now() > deadline {
+            return Err("the long session's record did not arrive in 10 minutes".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let drained = started.elapsed().as_secs_f64();
+    peak.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (gate_peak, control_peak) = sampler.join().map_err(|_| "sampler")?;
+    let (mut chunks, mut bytes) = (0u64, 0u64);
+    let mut stack_dirs = vec![stack.dir().join("recordings")];
+    while let Some(d) = stack_dirs.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| e.to_string())?.flatten() {
+            let m = e.metadata().map_err(|e| e.to_string())?;
+            if m.is_dir() {
+                stack_dirs.push(e.path());
+            } else {
+                chunks += 1;
+                bytes += m.len();
+            }
+        }
+    }
+    let v0 = Instant::now();
+    let verify = stack.wicket(&["audit", "verify", &id])?;
+    let vsecs = v0.elapsed().as_secs_f64();
+    let verdict = String::from_utf8_lossy(&verify.stdout).to_string();
+    println!(
+        "
+recorded terminal session of {mb} MB through wicket-ssh"
+    );
+    println!(
+        "session {:.1} s ({:.0} MB/s), recorded and stored after {:.1} s",
+        secs,
+        mb as f64 / secs,
+        drained
+    );
+    println!(
+        "{chunks} recording chunks, {:.1} MB on disk ({:.1}% of the output)",
+        bytes as f64 / 1e6,
+        bytes as f64 / (mb as f64 * 1048576.0) * 100.0
+    );
+    println!(
+        "peak RSS: wicket-ssh {:.1} MB, wicket-control {:.1} MB",
+        gate_peak as f64 / 1024.0,
+        control_peak as f64 / 1024.0
+    );
+    println!(
+        "wicket audit verify (every chunk read back and hashed): {:.1} s, {}",
+        vsecs,
+        if verify.status.success() {
+            "intact"
+        } else {
+            "FAILED"
+        }
+    );
+    if !verify.status.success() {
+        return Err(format!(
+            "audit verify failed: {verdict}{}",
+            String::from_utf8_lossy(&verify.stderr)
+        ));
+    }
     Ok(())
 }

@@ -266,7 +266,9 @@ pub(crate) async fn session_events(
             .await?
             .into_inner()
             .events;
-        let done = page.len() < 1000;
+        // A page can be short of the limit (it stops before 3 MiB): only an
+        // empty one ends the session.
+        let done = page.is_empty();
         after = page.last().map(|e| e.seq).unwrap_or(after);
         events.extend(page);
         if done {

@@ -207,10 +207,12 @@ impl Stack {
                     .expect("events")
                     .into_inner()
                     .events;
+                // A page can be short of the limit (it stops before 3 MiB):
+                // only an empty one ends the session.
                 let n = page.len();
                 after = page.last().map(|l| l.seq).unwrap_or(after);
                 all.extend(page);
-                if n < 1000 {
+                if n == 0 {
                     break;
                 }
             }
