@@ -178,6 +178,11 @@ fn run(bin: &Path, dir: &Path) -> Result<(), String> {
         .env("WICKET_SSH_UPSTREAM_USER", &sshd.user)
         .env("WICKET_SSH_UPSTREAM_KEY_FILE", &sshd.gate_key)
         .env("WICKET_SSH_KNOWN_HOSTS", &sshd.known_hosts)
+        .env("WICKET_LOG", "info")
+        .stderr(
+            std::fs::File::create(std::env::temp_dir().join("wicket-bench-ssh-gate.log"))
+                .map_err(|e| e.to_string())?,
+        )
         .spawn()
         .map_err(|e| format!("cannot start wicket-ssh: {e}"))?;
     let gate_pid = gate.id();
@@ -389,9 +394,7 @@ fn long_recording(stack: &Stack, gated: &Route, gate_pid: u32) -> Result<(), Str
         .arg("-tt")
         .args(&opts)
         .arg(&gated.target)
-        .arg(format!(
-            "yes 'ssh session output line, recorded and masked by wicket: 0123456789 abcdefghij' | head -c {mb}M; echo"
-        ))
+        .arg(format!("base64 -w 100 /dev/urandom | head -c {mb}M; echo"))
         .envs(gated.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .output()
@@ -405,6 +408,7 @@ fn long_recording(stack: &Stack, gated: &Route, gate_pid: u32) -> Result<(), Str
     }
     // Wait until the session's end (its last event) is stored.
     let deadline = Instant::now() + std::time::Duration::from_secs(600);
+    let mut last;
     let id = loop {
         let out = stack.wicket(&[
             "sessions",
@@ -416,6 +420,7 @@ fn long_recording(stack: &Stack, gated: &Route, gate_pid: u32) -> Result<(), Str
         ])?;
         // One compact object per line, keys in order: no JSON parser needed.
         let text = String::from_utf8_lossy(&out.stdout).to_string();
+        last = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
         // The newest session is this one.
         let ended = text
             .lines()
@@ -435,7 +440,9 @@ fn long_recording(stack: &Stack, gated: &Route, gate_pid: u32) -> Result<(), Str
             break id;
         }
         if Instant::now() > deadline {
-            return Err("the long session's record did not arrive in 10 minutes".into());
+            return Err(format!(
+                "the long session's record did not arrive in 10 minutes; sessions:\n{last}"
+            ));
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     };

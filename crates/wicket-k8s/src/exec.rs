@@ -812,6 +812,9 @@ impl Stream {
                 {
                     r.output(raw);
                 }
+                // A full batch goes now, not at the next tick: under
+                // sustained output batches (and memory) stay small.
+                self.flush_recording(recorder, false);
                 let mut st = stats.lock().expect("stats");
                 st.bytes_out += raw.len() as u64;
                 for (k, n) in masked {

@@ -28,6 +28,11 @@ use crate::client::{Backoff, ControlClient};
 const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 /// Events per report batch.
 const BATCH: usize = 256;
+/// A batch stops growing past this many bytes of events (as spooled JSON,
+/// larger than their protobuf form), so recordings (32 KiB an event) stay
+/// well under the control service's 4 MiB message limit; an event larger
+/// than this still goes, alone.
+const BATCH_BYTES: u64 = 1024 * 1024;
 /// How long a new event waits for others to share its report.
 const LINGER: Duration = Duration::from_millis(10);
 /// Unacknowledged batches at once.
@@ -37,6 +42,8 @@ const MAX_INFLIGHT: usize = 4;
 /// they are read back from disk when sent, so memory stays bounded however
 /// full the spool gets.
 const MEMORY_EVENTS: usize = 4096;
+/// …and at most this many bytes of them (recordings make large events).
+const MEMORY_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The spool refused an event.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +83,8 @@ struct Inner {
     /// Command id → the ids of result events sent inside it (acked with it).
     merged: HashMap<String, Vec<String>>,
     total_bytes: u64,
+    /// Bytes of the pending events kept in memory.
+    memory_bytes: u64,
     next_segment: u64,
     dirty: bool,
 }
@@ -150,6 +159,7 @@ impl Spool {
         let mut segments = BTreeMap::new();
         let mut pending = VecDeque::new();
         let mut total_bytes = 0;
+        let mut memory_bytes = 0u64;
         let mut next_segment = 0;
         let mut seen = std::collections::HashSet::new();
         let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
@@ -184,7 +194,11 @@ impl Spool {
                     continue;
                 };
                 if seen.insert(event.id.clone()) {
-                    let keep = pending.len() < MEMORY_EVENTS;
+                    let keep = pending.len() < MEMORY_EVENTS
+                        && memory_bytes + line.len() as u64 <= MEMORY_BYTES;
+                    if keep {
+                        memory_bytes += line.len() as u64;
+                    }
                     pending.push_back(Entry {
                         id: event.id.clone(),
                         seg: n,
@@ -222,6 +236,7 @@ impl Spool {
                 inflight: HashMap::new(),
                 merged: HashMap::new(),
                 total_bytes,
+                memory_bytes,
                 next_segment,
                 dirty: false,
             }),
@@ -278,7 +293,11 @@ impl Spool {
         seg.bytes += line.len() as u64;
         seg.unacked += 1;
         inner.total_bytes += line.len() as u64;
-        let keep = inner.pending.len() < MEMORY_EVENTS;
+        let keep = inner.pending.len() < MEMORY_EVENTS
+            && inner.memory_bytes + line.len() as u64 <= MEMORY_BYTES;
+        if keep {
+            inner.memory_bytes += line.len() as u64;
+        }
         inner.pending.push_back(Entry {
             id: event.id.clone(),
             seg: n,
@@ -320,10 +339,19 @@ impl Spool {
         let n = g.pending.len().min(BATCH);
         let mut out: Vec<v1::AuditEvent> = Vec::with_capacity(n);
         let mut commands: HashMap<String, usize> = HashMap::new();
+        let mut bytes = 0u64;
         for _ in 0..n {
+            let next = u64::from(g.pending.front().map(|e| e.len).unwrap_or(0));
+            if bytes > 0 && bytes + next > BATCH_BYTES {
+                break;
+            }
+            bytes += next;
             let mut entry = g.pending.pop_front().expect("counted");
             let event = match entry.event.take() {
-                Some(e) => e,
+                Some(e) => {
+                    g.memory_bytes = g.memory_bytes.saturating_sub(u64::from(entry.len));
+                    e
+                }
                 None => match g.read_back(&entry) {
                     Ok(e) => e,
                     Err(e) => {
@@ -378,6 +406,9 @@ impl Spool {
         let mut back: Vec<Entry> = g.inflight.drain().map(|(_, e)| e).collect();
         back.sort_by_key(|e| (e.seg, e.offset));
         for item in back.into_iter().rev() {
+            if item.event.is_some() {
+                g.memory_bytes += u64::from(item.len);
+            }
             g.pending.push_front(item);
         }
     }
@@ -576,6 +607,63 @@ mod tests {
         let batch = spool.take_batch();
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].details["command_id"], event(3).id);
+    }
+
+    #[test]
+    fn batches_of_recordings_stay_under_a_megabyte() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        for i in 0..100 {
+            let mut e = event(i);
+            e.kind = AuditKind::Output;
+            e.details.insert("asciicast".into(), "x".repeat(32 * 1024));
+            spool.append(e).unwrap();
+        }
+        // One event bigger than a batch still goes, alone.
+        let mut big = event(100);
+        big.details.insert("asciicast".into(), "y".repeat(3 << 20));
+        spool.append(big).unwrap();
+        let mut sizes = Vec::new();
+        loop {
+            let batch = spool.take_batch();
+            if batch.is_empty() {
+                break;
+            }
+            let bytes: usize = batch
+                .iter()
+                .map(|e| e.details.values().map(String::len).sum::<usize>())
+                .sum();
+            assert!(
+                batch.len() == 1 || bytes <= 1 << 20,
+                "{} events, {bytes} bytes",
+                batch.len()
+            );
+            sizes.push(batch.len());
+            let ids: Vec<String> = batch.iter().map(|e| e.id.clone()).collect();
+            spool.ack(&ids);
+        }
+        assert_eq!(sizes.iter().sum::<usize>(), 101);
+        assert!(sizes.len() >= 4, "{sizes:?}");
+        assert_eq!(sizes.last(), Some(&1));
+    }
+
+    #[test]
+    fn large_events_past_the_memory_budget_wait_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        for i in 0..700 {
+            let mut e = event(i);
+            e.details.insert("asciicast".into(), "z".repeat(32 * 1024));
+            spool.append(e).unwrap();
+        }
+        {
+            let g = spool.inner.lock().unwrap();
+            assert!(g.memory_bytes <= MEMORY_BYTES, "{}", g.memory_bytes);
+            assert!(g.pending.iter().any(|e| e.event.is_none()));
+        }
+        let ids = drain(&spool);
+        assert_eq!(ids, (0..700).map(|i| event(i).id).collect::<Vec<_>>());
+        assert_eq!(spool.inner.lock().unwrap().memory_bytes, 0);
     }
 
     #[test]

@@ -142,7 +142,9 @@ impl Recorder {
 
     /// The recorded event lines so far, if a batch is due: it is large, or
     /// its first line waited [`BATCH_AGE`] (so an idle session's recording
-    /// reaches the spool too), or `force`.
+    /// reaches the spool too), or `force`. Callers ask after every piece of
+    /// output, so a batch stays near [`BATCH_BYTES`] however fast the
+    /// output comes.
     pub fn take_batch(&mut self, force: bool) -> Option<String> {
         let old = self.batch_at.is_some_and(|t| t.elapsed() >= BATCH_AGE);
         if self.batch.is_empty() || !force && !old && self.batch.len() < BATCH_BYTES {

@@ -1552,6 +1552,10 @@ async fn session_channel(ctx: Arc<Ctx>, client: Channel<Msg>, up: Channel<russh:
                                         {
                                             r.output(&data);
                                         }
+                                        // A full batch goes now, not at the
+                                        // next tick: under sustained output
+                                        // batches (and memory) stay small.
+                                        st.record_batch(&ctx, id, false);
                                         None
                                     }
                                 }
@@ -1581,6 +1585,7 @@ async fn session_channel(ctx: Arc<Ctx>, client: Channel<Msg>, up: Channel<russh:
                                 {
                                     r.output(&data);
                                 }
+                                st.record_batch(&ctx, id, false);
                             }
                             if cw.extended_data_bytes(ext, data).await.is_err() {
                                 break;
