@@ -52,6 +52,9 @@ async fn start_on(database: Option<String>) -> Env {
         max_message_bytes: 1 << 20,
         agent_rules: vec!["client-credentials".into()],
         recordings_dir: Some(dir.path().join("recordings")),
+        // Roots and retention on demand only: the tests count them.
+        audit_root_interval: 0,
+        retention_interval: 0,
         ..wicket_control::Config::defaults(&idp.issuer(), &database, addr)
     };
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();

@@ -83,12 +83,14 @@ pub struct Config {
     pub audit_key_file: Option<PathBuf>,
 
     /// How often to sign an audit root over the sessions recorded since the
-    /// last one (`24h`, `1h`, `90s`…).
+    /// last one (`24h`, `1h`, `90s`…), and once at start-up; `0` only on
+    /// demand (`wicket audit root`).
     #[arg(long, env = "WICKET_AUDIT_ROOT_INTERVAL", default_value = "24h", value_parser = wicket_core::parse_seconds)]
     pub audit_root_interval: u32,
 
     /// How often to delete the sessions whose connection's retention
-    /// (`recording.retention_days` in the policy) has run out.
+    /// (`recording.retention_days` in the policy) has run out, starting at
+    /// start-up; `0` only on demand (`wicket audit retention`).
     #[arg(long, env = "WICKET_RETENTION_INTERVAL", default_value = "1h", value_parser = wicket_core::parse_seconds)]
     pub retention_interval: u32,
 

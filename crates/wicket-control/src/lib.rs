@@ -102,9 +102,15 @@ pub async fn run(
     }
     tokio::spawn(control.clone().upkeep(Duration::from_secs(5)));
     tokio::spawn(control.clone().follow_replicas());
-    tokio::spawn(control.clone().retention(Duration::from_secs(u64::from(
-        cfg.retention_interval.max(1),
-    ))));
+    // 0 turns a periodic task off (then `wicket audit retention` and
+    // `wicket audit root` run it on demand).
+    if cfg.retention_interval > 0 {
+        tokio::spawn(
+            control
+                .clone()
+                .retention(Duration::from_secs(u64::from(cfg.retention_interval))),
+        );
+    }
     let owner = uuid::Uuid::new_v4().simple().to_string();
     for exporter in exporters {
         tokio::spawn(exporter.run(
@@ -113,9 +119,13 @@ pub async fn run(
             control.appended.subscribe(),
         ));
     }
-    tokio::spawn(control.clone().audit_roots(Duration::from_secs(u64::from(
-        cfg.audit_root_interval.max(1),
-    ))));
+    if cfg.audit_root_interval > 0 {
+        tokio::spawn(
+            control
+                .clone()
+                .audit_roots(Duration::from_secs(u64::from(cfg.audit_root_interval))),
+        );
+    }
     if let (Some(console), Some(addr)) = (cfg.console()?, cfg.console_listen) {
         let listener = TcpListener::bind(addr)
             .await
