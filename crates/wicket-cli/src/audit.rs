@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use serde_json::{Value, json};
 use wicket_core::evidence::{self, ChainVerifier, ChainedEvent, Checkpoint, Leaf, Root, Seal};
+use wicket_proto::convert;
 use wicket_proto::v1;
 use wicket_proto::v1::audit_admin_service_client::AuditAdminServiceClient;
 
@@ -49,23 +50,6 @@ pub enum AuditCmd {
 }
 
 type Api = AuditAdminServiceClient<tonic::transport::Channel>;
-
-fn hash(bytes: &[u8]) -> evidence::Hash {
-    // A stored value of the wrong size cannot match anything signed.
-    evidence::hash_from(bytes).unwrap_or_default()
-}
-
-fn root_of(r: &v1::AuditRoot) -> Root {
-    Root {
-        seq: r.seq,
-        created_at_ms: r.created_at_ms,
-        prev: hash(&r.prev),
-        root: hash(&r.root),
-        leaves: r.leaves,
-        signature: r.signature.clone(),
-        key_id: r.key_id.clone(),
-    }
-}
 
 fn hex(h: &[u8]) -> String {
     h.iter().map(|b| format!("{b:02x}")).collect()
@@ -138,7 +122,7 @@ async fn check_roots(
     key: &[u8],
     only: Option<&[u64]>,
 ) -> Result<(BTreeMap<String, Vec<Checkpoint>>, Vec<String>, u64), CliError> {
-    let roots: Vec<Root> = all_roots(c, api).await?.iter().map(root_of).collect();
+    let roots: Vec<Root> = all_roots(c, api).await?.iter().map(Root::from).collect();
     let mut problems = Vec::new();
     let mut named: BTreeMap<String, Vec<Checkpoint>> = BTreeMap::new();
     let mut prev: Option<&Root> = None;
@@ -180,11 +164,7 @@ async fn check_roots(
                 .leaves;
             let Some(last) = page.last() else { break };
             after = last.session_id.clone();
-            leaves.extend(page.iter().map(|l| Leaf {
-                session_id: l.session_id.clone(),
-                len: l.len,
-                head: hash(&l.head),
-            }));
+            leaves.extend(page.iter().map(Leaf::from));
         }
         match r.check(key, &leaves) {
             Ok(()) => {
@@ -234,38 +214,18 @@ async fn check_session(
             .await?
             .into_inner();
         for e in &page.events {
-            v.push(&ChainedEvent {
-                index: e.index,
-                id: e.id.clone(),
-                body: e.body.clone(),
-                hash: hash(&e.hash),
-            });
+            v.push(&ChainedEvent::from(e));
             recorded.extend(RecordingRef::of(e));
         }
         match page.events.last() {
             Some(e) if page.events.len() >= 1000 => after = e.index,
             _ => {
-                let seal = page.seal.map(|s| Seal {
-                    len: s.len,
-                    head: hash(&s.head),
-                    sealed_at_ms: s.sealed_at_ms,
-                    signature: s.signature,
-                    key_id: s.key_id,
-                });
-                let deletion = page.deletion.map(|d| evidence::Deletion {
-                    session_id: id.to_string(),
-                    len: d.len,
-                    head: hash(&d.head),
-                    deleted_at_ms: d.deleted_at_ms,
-                    reason: d.reason,
-                    signature: d.signature,
-                    key_id: d.key_id,
-                });
+                let seal = page.seal.map(Seal::from);
+                let deletion = page.deletion.map(|d| convert::deletion(id, d));
                 break (page.found, seal, page.unchained, deletion);
             }
         }
     };
-    let (found, seal, unchained, deletion) = (found, seal, unchained, deletion);
     if !found {
         // Deleted on purpose answers for it only when signed, and only if
         // it covers everything a root vouched for.

@@ -405,6 +405,29 @@ pub(crate) fn principal_label(p: Option<&v1::Principal>) -> String {
     .unwrap_or_default()
 }
 
+/// `command`, `session_start`, … for an audit kind.
+pub(crate) fn kind_name(k: i32) -> String {
+    v1::AuditKind::try_from(k)
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("AUDIT_KIND_")
+                .to_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+/// The reasoning of a trace, or its prompt when it has none.
+pub(crate) fn reasoning_text(r: Option<&v1::ReasoningTrace>) -> String {
+    r.map(|r| {
+        if r.reasoning.is_empty() {
+            r.prompt.clone()
+        } else {
+            r.reasoning.clone()
+        }
+    })
+    .unwrap_or_default()
+}
+
 pub(crate) fn command_json(c: Option<&v1::Command>) -> Value {
     match c {
         None => Value::Null,
@@ -1294,15 +1317,7 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
                 .await?
                 .into_inner();
             let events = session_events(&c, &mut api, id).await?;
-            let kind = |k: i32| {
-                v1::AuditKind::try_from(k)
-                    .map(|k| {
-                        k.as_str_name()
-                            .trim_start_matches("AUDIT_KIND_")
-                            .to_lowercase()
-                    })
-                    .unwrap_or_default()
-            };
+            let kind = kind_name;
             match fmt {
                 Format::Json | Format::Jsonl => {
                     let evs: Vec<Value> = events
@@ -1384,19 +1399,7 @@ async fn sessions(cli: &Cli, fmt: Format, cmd: &SessionsCmd) -> Result<(), CliEr
                                     50,
                                 ),
                                 results.get(e.id.as_str()).cloned().unwrap_or_default(),
-                                cell(
-                                    &e.reasoning
-                                        .as_ref()
-                                        .map(|r| {
-                                            if r.reasoning.is_empty() {
-                                                r.prompt.clone()
-                                            } else {
-                                                r.reasoning.clone()
-                                            }
-                                        })
-                                        .unwrap_or_default(),
-                                    50,
-                                ),
+                                cell(&reasoning_text(e.reasoning.as_ref()), 50),
                             ]
                         })
                         .collect();

@@ -14,8 +14,8 @@ use wicket_proto::v1;
 use wicket_proto::v1::session_admin_service_client::SessionAdminServiceClient;
 
 use crate::commands::{
-    Client, command_json, decision_json, effect, principal_label, reasoning_json, result_cell,
-    session_events, time,
+    Client, command_json, decision_json, effect, kind_name, principal_label, reasoning_json,
+    reasoning_text, result_cell, session_events, time,
 };
 use crate::output::{self, Format, cell};
 use crate::{Cli, CliError};
@@ -179,27 +179,6 @@ async fn play(cast: &Cast, speed: f64, idle_limit: f64) -> Result<(), CliError> 
             .map_err(|e| CliError::usage(format!("cannot write to the terminal: {e}")))?;
     }
     Ok(())
-}
-
-fn kind_name(k: i32) -> String {
-    v1::AuditKind::try_from(k)
-        .map(|k| {
-            k.as_str_name()
-                .trim_start_matches("AUDIT_KIND_")
-                .to_lowercase()
-        })
-        .unwrap_or_default()
-}
-
-fn reasoning_text(r: Option<&v1::ReasoningTrace>) -> String {
-    r.map(|r| {
-        if r.reasoning.is_empty() {
-            r.prompt.clone()
-        } else {
-            r.reasoning.clone()
-        }
-    })
-    .unwrap_or_default()
 }
 
 /// Prints a session as a timeline.

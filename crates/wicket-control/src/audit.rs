@@ -2,33 +2,12 @@
 //! seals, roots, the public key) and signing a root on demand.
 
 use tonic::{Request, Response, Status};
-use wicket_core::evidence::{Leaf, Root};
 use wicket_proto::v1;
 use wicket_proto::v1::audit_admin_service_server::AuditAdminService;
 
 use crate::admin::AdminApi;
 use crate::auth::Permission;
 use crate::state::storage;
-
-fn root(r: &Root) -> v1::AuditRoot {
-    v1::AuditRoot {
-        seq: r.seq,
-        created_at_ms: r.created_at_ms,
-        prev: r.prev.to_vec(),
-        root: r.root.to_vec(),
-        leaves: r.leaves,
-        signature: r.signature.clone(),
-        key_id: r.key_id.clone(),
-    }
-}
-
-fn leaf(l: &Leaf) -> v1::AuditLeaf {
-    v1::AuditLeaf {
-        session_id: l.session_id.clone(),
-        len: l.len,
-        head: l.head.to_vec(),
-    }
-}
 
 fn page(limit: u32) -> u32 {
     match limit {
@@ -82,39 +61,11 @@ impl AuditAdminService for AdminApi {
         let deletion = store.get_deletion(&r.session_id).await.map_err(storage)?;
         Ok(Response::new(v1::AuditChain {
             found,
-            events: events
-                .into_iter()
-                .map(|e| v1::ChainedEvent {
-                    index: e.index,
-                    id: e.id,
-                    body: e.body,
-                    hash: e.hash.to_vec(),
-                })
-                .collect(),
-            seal: seal.map(|s| v1::AuditSeal {
-                len: s.len,
-                head: s.head.to_vec(),
-                sealed_at_ms: s.sealed_at_ms,
-                signature: s.signature,
-                key_id: s.key_id,
-            }),
-            checkpoints: checkpoints
-                .into_iter()
-                .map(|c| v1::AuditCheckpoint {
-                    root_seq: c.root_seq,
-                    len: c.len,
-                    head: c.head.to_vec(),
-                })
-                .collect(),
+            events: events.into_iter().map(Into::into).collect(),
+            seal: seal.map(Into::into),
+            checkpoints: checkpoints.into_iter().map(Into::into).collect(),
             unchained,
-            deletion: deletion.map(|d| v1::AuditDeletion {
-                len: d.len,
-                head: d.head.to_vec(),
-                deleted_at_ms: d.deleted_at_ms,
-                reason: d.reason,
-                signature: d.signature,
-                key_id: d.key_id,
-            }),
+            deletion: deletion.map(Into::into),
         }))
     }
 
@@ -131,7 +82,7 @@ impl AuditAdminService for AdminApi {
             .await
             .map_err(storage)?;
         Ok(Response::new(v1::ListAuditRootsResponse {
-            roots: roots.iter().map(root).collect(),
+            roots: roots.iter().map(Into::into).collect(),
         }))
     }
 
@@ -148,7 +99,7 @@ impl AuditAdminService for AdminApi {
             .await
             .map_err(storage)?;
         Ok(Response::new(v1::ListAuditRootLeavesResponse {
-            leaves: leaves.iter().map(leaf).collect(),
+            leaves: leaves.iter().map(Into::into).collect(),
         }))
     }
 
@@ -222,7 +173,7 @@ impl AuditAdminService for AdminApi {
             .map_err(storage)?;
         tracing::info!(by = %who.label(), roots = roots.len(), "audit root requested");
         Ok(Response::new(v1::CreateAuditRootResponse {
-            roots: roots.iter().map(root).collect(),
+            roots: roots.iter().map(Into::into).collect(),
         }))
     }
 }

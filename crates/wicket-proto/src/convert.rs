@@ -375,6 +375,143 @@ impl From<&core::Approval> for v1::ApprovalUpdate {
     }
 }
 
+// Tamper evidence. A stored hash of the wrong size becomes all zeros, which
+// matches nothing signed, so the verifier reports it rather than failing.
+
+fn hash(b: &[u8]) -> core::evidence::Hash {
+    core::evidence::hash_from(b).unwrap_or_default()
+}
+
+impl From<&v1::ChainedEvent> for core::evidence::ChainedEvent {
+    fn from(e: &v1::ChainedEvent) -> Self {
+        core::evidence::ChainedEvent {
+            index: e.index,
+            id: e.id.clone(),
+            body: e.body.clone(),
+            hash: hash(&e.hash),
+        }
+    }
+}
+
+impl From<core::evidence::ChainedEvent> for v1::ChainedEvent {
+    fn from(e: core::evidence::ChainedEvent) -> Self {
+        v1::ChainedEvent {
+            index: e.index,
+            id: e.id,
+            body: e.body,
+            hash: e.hash.to_vec(),
+        }
+    }
+}
+
+impl From<v1::AuditSeal> for core::evidence::Seal {
+    fn from(s: v1::AuditSeal) -> Self {
+        core::evidence::Seal {
+            len: s.len,
+            head: hash(&s.head),
+            sealed_at_ms: s.sealed_at_ms,
+            signature: s.signature,
+            key_id: s.key_id,
+        }
+    }
+}
+
+impl From<core::evidence::Seal> for v1::AuditSeal {
+    fn from(s: core::evidence::Seal) -> Self {
+        v1::AuditSeal {
+            len: s.len,
+            head: s.head.to_vec(),
+            sealed_at_ms: s.sealed_at_ms,
+            signature: s.signature,
+            key_id: s.key_id,
+        }
+    }
+}
+
+impl From<core::evidence::Checkpoint> for v1::AuditCheckpoint {
+    fn from(c: core::evidence::Checkpoint) -> Self {
+        v1::AuditCheckpoint {
+            root_seq: c.root_seq,
+            len: c.len,
+            head: c.head.to_vec(),
+        }
+    }
+}
+
+impl From<&v1::AuditRoot> for core::evidence::Root {
+    fn from(r: &v1::AuditRoot) -> Self {
+        core::evidence::Root {
+            seq: r.seq,
+            created_at_ms: r.created_at_ms,
+            prev: hash(&r.prev),
+            root: hash(&r.root),
+            leaves: r.leaves,
+            signature: r.signature.clone(),
+            key_id: r.key_id.clone(),
+        }
+    }
+}
+
+impl From<&core::evidence::Root> for v1::AuditRoot {
+    fn from(r: &core::evidence::Root) -> Self {
+        v1::AuditRoot {
+            seq: r.seq,
+            created_at_ms: r.created_at_ms,
+            prev: r.prev.to_vec(),
+            root: r.root.to_vec(),
+            leaves: r.leaves,
+            signature: r.signature.clone(),
+            key_id: r.key_id.clone(),
+        }
+    }
+}
+
+impl From<&v1::AuditLeaf> for core::evidence::Leaf {
+    fn from(l: &v1::AuditLeaf) -> Self {
+        core::evidence::Leaf {
+            session_id: l.session_id.clone(),
+            len: l.len,
+            head: hash(&l.head),
+        }
+    }
+}
+
+impl From<&core::evidence::Leaf> for v1::AuditLeaf {
+    fn from(l: &core::evidence::Leaf) -> Self {
+        v1::AuditLeaf {
+            session_id: l.session_id.clone(),
+            len: l.len,
+            head: l.head.to_vec(),
+        }
+    }
+}
+
+/// A wire deletion record, with the session it answers for.
+pub fn deletion(session_id: &str, d: v1::AuditDeletion) -> core::evidence::Deletion {
+    core::evidence::Deletion {
+        session_id: session_id.to_string(),
+        len: d.len,
+        head: hash(&d.head),
+        deleted_at_ms: d.deleted_at_ms,
+        reason: d.reason,
+        signature: d.signature,
+        key_id: d.key_id,
+    }
+}
+
+impl From<core::evidence::Deletion> for v1::AuditDeletion {
+    fn from(d: core::evidence::Deletion) -> Self {
+        v1::AuditDeletion {
+            len: d.len,
+            head: d.head.to_vec(),
+            deleted_at_ms: d.deleted_at_ms,
+            reason: d.reason,
+            signature: d.signature,
+            key_id: d.key_id,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -223,7 +223,7 @@ impl Stack {
     /// Every stored session's audit chain checked against its seal with
     /// the control service's audit key (after the spool drained).
     pub async fn audit_reports(&self) -> Vec<wicket_core::evidence::SessionReport> {
-        use wicket_core::evidence::{ChainVerifier, ChainedEvent, Seal, hash_from};
+        use wicket_core::evidence::{ChainVerifier, ChainedEvent, Seal};
         self.drained().await;
         let admin = self.admin();
         let mut api =
@@ -264,23 +264,12 @@ impl Stack {
                     .expect("chain")
                     .into_inner();
                 for e in &page.events {
-                    v.push(&ChainedEvent {
-                        index: e.index,
-                        id: e.id.clone(),
-                        body: e.body.clone(),
-                        hash: hash_from(&e.hash).unwrap_or_default(),
-                    });
+                    v.push(&ChainedEvent::from(e));
                 }
                 match page.events.last() {
                     Some(e) if page.events.len() >= 1000 => after = e.index,
                     _ => {
-                        break page.seal.map(|s| Seal {
-                            len: s.len,
-                            head: hash_from(&s.head).unwrap_or_default(),
-                            sealed_at_ms: s.sealed_at_ms,
-                            signature: s.signature,
-                            key_id: s.key_id,
-                        });
+                        break page.seal.map(Seal::from);
                     }
                 }
             };
