@@ -1142,17 +1142,15 @@ async fn audit_verify_names_tampered_events_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_verify_names_tampered_events_on_postgres() {
     use sqlx::Connection as _;
-    let admin = std::env::var("WICKET_TEST_PG_URL").expect(
-        "WICKET_TEST_PG_URL is not set: run the suite with `cargo xtask test`, which starts PostgreSQL",
-    );
     let name = format!("audit_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&wicket_testkit::env::postgres_url())
+        .await
+        .unwrap();
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut conn)
         .await
         .unwrap();
-    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
-    audit_verify_on(Some(url)).await;
+    audit_verify_on(Some(wicket_testkit::env::postgres_database_url(&name))).await;
 }
 
 /// `wicket sessions replay` plays terminal sessions at their pace (speed,

@@ -237,6 +237,35 @@ impl Exporter {
         }
     }
 
+    /// Renews the lease when a third of it has passed since `renewed`;
+    /// `false` when another replica holds it now. A store error keeps
+    /// going (the lease runs on; the next renewal tries again).
+    async fn keep_lease(
+        &self,
+        store: &Arc<dyn Store>,
+        owner: &str,
+        position: i64,
+        renewed: &mut Instant,
+    ) -> bool {
+        if renewed.elapsed() < LEASE / 3 {
+            return true;
+        }
+        match store
+            .export_advance(self.name, owner, position, 0, lease_end())
+            .await
+        {
+            Ok(true) => {
+                *renewed = Instant::now();
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(export = self.name, error = %e, "cannot renew the export lease");
+                true
+            }
+        }
+    }
+
     /// Exports from `position` until the lease is lost.
     async fn export_while_leased(
         &self,
@@ -266,17 +295,8 @@ impl Exporter {
                     hole_since = Some((position, Instant::now()));
                 }
                 // Nothing to send: keep the lease, wait for news.
-                if renewed.elapsed() >= LEASE / 3 {
-                    match store
-                        .export_advance(self.name, owner, position, 0, lease_end())
-                        .await
-                    {
-                        Ok(true) => renewed = Instant::now(),
-                        Ok(false) => return,
-                        Err(e) => {
-                            tracing::warn!(export = self.name, error = %e, "cannot renew the export lease")
-                        }
-                    }
+                if !self.keep_lease(store, owner, position, &mut renewed).await {
+                    return;
                 }
                 let wait = if rows.is_empty() {
                     Duration::from_secs(1)
@@ -306,15 +326,8 @@ impl Exporter {
                         }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
-                        if renewed.elapsed() >= LEASE / 3 {
-                            match store
-                                .export_advance(self.name, owner, position, 0, lease_end())
-                                .await
-                            {
-                                Ok(true) => renewed = Instant::now(),
-                                Ok(false) => return,
-                                Err(_) => {}
-                            }
+                        if !self.keep_lease(store, owner, position, &mut renewed).await {
+                            return;
                         }
                     }
                 }
