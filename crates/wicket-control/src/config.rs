@@ -131,7 +131,7 @@ pub struct Config {
     /// An object-store setting for `--recordings-url`, `KEY=VALUE`
     /// (`aws_endpoint=http://minio:9000`, `aws_region=eu-west-1`, …);
     /// repeatable. Prefer the environment for credentials.
-    #[arg(long = "recordings-option", env = "WICKET_RECORDINGS_OPTIONS", value_delimiter = ',', value_parser = key_value)]
+    #[arg(long = "recordings-option", env = "WICKET_RECORDINGS_OPTIONS", hide_env_values = true, value_delimiter = ',', value_parser = key_value)]
     pub recordings_options: Vec<(String, String)>,
 
     /// Stream every audit event, in the order stored, as JSON Lines to this
