@@ -58,6 +58,14 @@ pub struct Config {
     #[arg(long, env = "WICKET_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
 
+    /// Sidecar credentials provisioned by a deployment (the Helm chart): a
+    /// JSON file `{"sidecars": [{"id", "name", "connections", "secret_sha256"}]}`
+    /// holding only the SHA-256 of each secret. Loaded at start: new ids are
+    /// created, known ones take the file's name, connections and hash (a
+    /// rotation); a revocation made with `wicket sidecars revoke` stays.
+    #[arg(long, env = "WICKET_SIDECAR_CREDENTIALS_FILE")]
+    pub sidecar_credentials_file: Option<PathBuf>,
+
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env = "WICKET_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
@@ -192,6 +200,76 @@ fn key_value(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("expected KEY=VALUE, got `{s}`"))
+}
+
+/// One entry of `--sidecar-credentials-file`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionedSidecar {
+    id: String,
+    name: String,
+    connections: Vec<String>,
+    secret_sha256: String,
+}
+
+/// The whole `--sidecar-credentials-file`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvisionedSidecars {
+    sidecars: Vec<ProvisionedSidecar>,
+}
+
+/// Parses and checks a sidecar credentials file (see
+/// [`Config::sidecar_credentials_file`]); `name` is for messages.
+pub fn provisioned_sidecars(
+    text: &str,
+    name: &str,
+) -> Result<Vec<wicket_store::SidecarRecord>, String> {
+    let doc: ProvisionedSidecars = serde_json::from_str(text)
+        .map_err(|e| format!("{name} is not a sidecar credentials file: {e}"))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(doc.sidecars.len());
+    for (i, s) in doc.sidecars.into_iter().enumerate() {
+        let at = format!("{name}: sidecars[{i}]");
+        // Tokens are `wks_<id>_<secret>`: the id ends at the first `_`.
+        if s.id.is_empty()
+            || s.id.len() > 64
+            || !s.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(format!(
+                "{at}: id must be 1-64 letters, digits or dashes, got `{}`",
+                s.id
+            ));
+        }
+        if !seen.insert(s.id.clone()) {
+            return Err(format!("{at}: id `{}` appears twice", s.id));
+        }
+        if s.name.trim().is_empty() || s.name.len() > 256 {
+            return Err(format!("{at}: name must be 1-256 characters"));
+        }
+        if s.connections.is_empty() || s.connections.iter().any(|c| c.trim().is_empty()) {
+            return Err(format!("{at}: at least one connection is required"));
+        }
+        if s.secret_sha256.len() != 64
+            || !s
+                .secret_sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!(
+                "{at}: secret_sha256 must be 64 lowercase hex digits"
+            ));
+        }
+        out.push(wicket_store::SidecarRecord {
+            id: s.id,
+            name: s.name,
+            connections: s.connections,
+            secret_hash: s.secret_sha256,
+            created_at: chrono::Utc::now(),
+            revoked: false,
+        });
+    }
+    Ok(out)
 }
 
 impl Config {

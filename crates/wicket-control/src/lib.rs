@@ -100,6 +100,24 @@ pub async fn run(
             Err(status) => return Err(format!("cannot store policy: {}", status.message())),
         }
     }
+    if let Some(path) = &cfg.sidecar_credentials_file {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read sidecar credentials file {name}: {e}"))?;
+        let list = config::provisioned_sidecars(&text, &name)?;
+        let mut changed = 0;
+        for s in &list {
+            if control
+                .store
+                .put_sidecar(s)
+                .await
+                .map_err(|e| format!("cannot store sidecar credential `{}`: {e}", s.name))?
+            {
+                changed += 1;
+            }
+        }
+        tracing::info!(file = %name, credentials = list.len(), changed, "sidecar credentials loaded");
+    }
     tokio::spawn(control.clone().upkeep(Duration::from_secs(5)));
     tokio::spawn(control.clone().follow_replicas());
     // 0 turns a periodic task off (then `wicket audit retention` and

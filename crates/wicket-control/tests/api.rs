@@ -404,6 +404,85 @@ async fn policy_apply_validate_get_and_explain() {
 }
 
 #[tokio::test]
+async fn sidecar_credentials_provisioned_by_a_file_authenticate() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sidecars.json");
+    let write = |secret: &str| {
+        std::fs::write(
+            &file,
+            serde_json::json!({"sidecars": [{
+                "id": "orders-db-1", "name": "orders-db",
+                "connections": ["orders-db"],
+                "secret_sha256": wicket_control::auth::hash_secret(secret),
+            }]})
+            .to_string(),
+        )
+        .unwrap()
+    };
+    let refused = |h: &Harness, token: &str| {
+        let mut c = BundleServiceClient::new(h.channel.clone());
+        let req = with_token(
+            v1::WatchBundleRequest {
+                connection: "orders-db".into(),
+                known_version: 0,
+                instance: String::new(),
+            },
+            token,
+        );
+        async move { c.watch_bundle(req).await.unwrap_err().code() }
+    };
+    write("first-secret");
+    let db = format!("sqlite:{}", dir.path().join("w.db").display());
+    let path = file.clone();
+    let h = start_tuned(TestIdp::start("wicket").await, Some(db.clone()), |c| {
+        c.sidecar_credentials_file = Some(path)
+    })
+    .await;
+    h.apply(POLICY).await;
+    let mut watch = watch_orders_db(&h, "wks_orders-db-1_first-secret").await;
+    assert!(watch.next().await.unwrap().is_ok());
+    assert_eq!(
+        refused(&h, "wks_orders-db-1_wrong").await,
+        Code::Unauthenticated
+    );
+    drop((watch, h));
+
+    // A rotated secret (a new file, the same database): the old one is refused.
+    write("second-secret");
+    let path = file.clone();
+    let h = start_tuned(TestIdp::start("wicket").await, Some(db), |c| {
+        c.sidecar_credentials_file = Some(path)
+    })
+    .await;
+    let mut watch = watch_orders_db(&h, "wks_orders-db-1_second-secret").await;
+    assert!(watch.next().await.unwrap().is_ok());
+    assert_eq!(
+        refused(&h, "wks_orders-db-1_first-secret").await,
+        Code::Unauthenticated
+    );
+
+    // A malformed file is refused with a message naming the file and entry.
+    for (doc, says) in [
+        (
+            r#"{"sidecars": [{"id": "a_b", "name": "x", "connections": ["c"], "secret_sha256": "00"}]}"#,
+            "id must be",
+        ),
+        (
+            r#"{"sidecars": [{"id": "a", "name": "x", "connections": [], "secret_sha256": "00"}]}"#,
+            "at least one connection",
+        ),
+        (
+            r#"{"sidecars": [{"id": "a", "name": "x", "connections": ["c"], "secret_sha256": "XYZ"}]}"#,
+            "secret_sha256",
+        ),
+        (r#"{"sidecar": []}"#, "not a sidecar credentials file"),
+    ] {
+        let e = wicket_control::config::provisioned_sidecars(doc, "f.json").unwrap_err();
+        assert!(e.contains(says) && e.contains("f.json"), "{e}");
+    }
+}
+
+#[tokio::test]
 async fn sidecars_watch_bundles_report_events_and_wait_for_approvals() {
     let h = start_with(None).await;
     h.apply(POLICY).await;

@@ -122,6 +122,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores a sidecar credential.
     async fn create_sidecar(&self, sidecar: &SidecarRecord) -> Result<()>;
+    /// Stores a sidecar credential provisioned outside the admin API (a
+    /// deployment's credentials file): a new id is created; a known one gets
+    /// the given name, connections and secret hash and keeps its creation
+    /// time and revocation. Returns whether anything changed.
+    async fn put_sidecar(&self, sidecar: &SidecarRecord) -> Result<bool>;
     /// One sidecar credential.
     async fn get_sidecar(&self, id: &str) -> Result<Option<SidecarRecord>>;
     /// All sidecar credentials.

@@ -879,6 +879,28 @@ impl Store for SqlStore {
         })
     }
 
+    async fn put_sidecar(&self, s: &SidecarRecord) -> Result<bool> {
+        with_pool!(self, |p| {
+            let done = sqlx::query(
+                "INSERT INTO sidecars (id, name, connections, secret_hash, created_at, revoked) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
+                 connections = excluded.connections, secret_hash = excluded.secret_hash \
+                 WHERE sidecars.name <> excluded.name OR sidecars.connections <> excluded.connections \
+                 OR sidecars.secret_hash <> excluded.secret_hash",
+            )
+            .bind(&s.id)
+            .bind(&s.name)
+            .bind(json(&s.connections))
+            .bind(&s.secret_hash)
+            .bind(ms(s.created_at))
+            .bind(i64::from(s.revoked))
+            .execute(p)
+            .await?;
+            Ok(done.rows_affected() > 0)
+        })
+    }
+
     async fn get_sidecar(&self, id: &str) -> Result<Option<SidecarRecord>> {
         with_pool!(self, |p| {
             match sqlx::query("SELECT * FROM sidecars WHERE id = $1")

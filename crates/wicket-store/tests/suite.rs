@@ -318,6 +318,36 @@ async fn revocations_sidecars_traces(s: Arc<dyn Store>) {
     );
     assert!(s.revoke_sidecar("sc1").await.unwrap().unwrap().revoked);
     assert_eq!(s.list_sidecars().await.unwrap().len(), 1);
+    // A provisioned credential: new, unchanged, rotated; a revocation stays.
+    let provisioned = SidecarRecord {
+        id: "sc2".into(),
+        name: "orders-db".into(),
+        connections: vec!["orders-db".into()],
+        secret_hash: "h1".into(),
+        created_at: now,
+        revoked: false,
+    };
+    assert!(s.put_sidecar(&provisioned).await.unwrap());
+    assert!(!s.put_sidecar(&provisioned).await.unwrap());
+    let rotated = SidecarRecord {
+        secret_hash: "h2".into(),
+        ..provisioned.clone()
+    };
+    assert!(s.put_sidecar(&rotated).await.unwrap());
+    assert_eq!(
+        s.get_sidecar("sc2").await.unwrap().unwrap().secret_hash,
+        "h2"
+    );
+    assert!(
+        s.put_sidecar(&SidecarRecord {
+            secret_hash: "h3".into(),
+            ..sc.clone()
+        })
+        .await
+        .unwrap()
+    );
+    let kept = s.get_sidecar("sc1").await.unwrap().unwrap();
+    assert!(kept.revoked && kept.secret_hash == "h3");
 
     let t = ReasoningTrace {
         trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
