@@ -79,6 +79,7 @@ fn test(args: &[String]) -> Result<(), String> {
             &[],
         )?;
     }
+    helm_checks()?;
     util::step("starting PostgreSQL and oidc-provider");
     let peers = peers::Peers::start()?;
     util::step("cargo test");
@@ -127,6 +128,47 @@ fn test(args: &[String]) -> Result<(), String> {
     }
     util::step("all tests passed");
     println!("{summary}");
+    Ok(())
+}
+
+/// `helm lint --strict` and `helm template` of the chart, with the test
+/// values (the chart's tests then check what it renders).
+fn helm_checks() -> Result<(), String> {
+    let helm = peers::helm();
+    if !helm.exists() {
+        util::step("helm is not installed: skipping helm lint and helm template");
+        return Ok(());
+    }
+    let helm = helm.display().to_string();
+    let chart = util::root().join("deploy/helm/wicket");
+    let values = chart.join("ci/test-values.yaml").display().to_string();
+    let chart = chart.display().to_string();
+    util::step("helm lint --strict deploy/helm/wicket");
+    util::run(&helm, &["lint", "--strict", "-f", &values, &chart], &[])?;
+    util::step("helm template deploy/helm/wicket");
+    let out = std::process::Command::new(&helm)
+        .args([
+            "template",
+            "wicket",
+            &chart,
+            "-f",
+            &values,
+            "--namespace",
+            "wicket",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run helm: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "helm template failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let objects = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("kind: "))
+        .count();
+    println!("helm template: {objects} objects");
     Ok(())
 }
 

