@@ -1001,6 +1001,42 @@ async fn tls_on_both_legs_with_verification() {
     assert!(!o.status.success());
     assert!(stderr.contains("unencrypted"), "{stderr}");
 
+    // A certificate made at start (--tls-self-signed, the compose
+    // quickstart's): psql encrypts with sslmode=require, and a client that
+    // verifies refuses it.
+    let (cfg, fingerprint) =
+        wicket_sidecar::tls::self_signed(&["localhost".into()], &[b"postgresql"]).unwrap();
+    assert_eq!(fingerprint.len(), 64);
+    let trial = start_with(Opts {
+        client_tls: Some(cfg),
+        strict_cleartext: true,
+        ..Opts::default()
+    })
+    .await;
+    let trial_agent = trial.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    // (libpq verifies whenever it is given a root certificate, even with
+    // sslmode=require: only the verifying case names one.)
+    let conn = |mode: &str| {
+        let root = if mode == "require" {
+            "sslrootcert=/nonexistent".to_string()
+        } else {
+            format!("sslrootcert={ca}")
+        };
+        format!(
+            "host=localhost port={} dbname={} user=bot sslmode={mode} {root}",
+            trial.gate.port(),
+            trial.db
+        )
+    };
+    let o = psql_conninfo(conn("require"), &trial_agent, "SELECT 1").await;
+    let (stdout, stderr) = out(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), "1");
+    let o = psql_conninfo(conn("verify-full"), &trial_agent, "SELECT 1").await;
+    let (_, stderr) = out(&o);
+    assert!(!o.status.success());
+    assert!(stderr.contains("certificate verify failed"), "{stderr}");
+
     // An upstream whose certificate does not chain to the configured CA is
     // refused before any credential is sent; the client hears why.
     let bad = start_with(Opts {

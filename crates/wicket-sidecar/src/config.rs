@@ -106,6 +106,18 @@ pub struct SidecarConfig {
     #[arg(long = "tls-key", env = "WICKET_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Serve TLS with a certificate made at start for these names (comma
+    /// separated DNS names or IPs), self-signed and never written to disk:
+    /// for trials (the compose quickstart), where clients encrypt without
+    /// verifying. Its fingerprint is logged. Use --tls-cert in production.
+    #[arg(
+        long = "tls-self-signed",
+        env = "WICKET_TLS_SELF_SIGNED",
+        value_delimiter = ',',
+        conflicts_with_all = ["tls_cert", "tls_key"]
+    )]
+    pub tls_self_signed: Vec<String>,
+
     /// Seconds to let live sessions finish after SIGTERM.
     #[arg(
         long = "drain-seconds",
@@ -141,6 +153,15 @@ impl SidecarConfig {
     ) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
         match (&self.tls_cert, &self.tls_key) {
             (Some(c), Some(k)) => crate::tls::server_config(c, k, alpn).map(Some),
+            (None, None) if !self.tls_self_signed.is_empty() => {
+                let (cfg, fingerprint) = crate::tls::self_signed(&self.tls_self_signed, alpn)?;
+                tracing::warn!(
+                    names = %self.tls_self_signed.join(","),
+                    sha256 = %fingerprint,
+                    "serving a self-signed certificate made at start (clients cannot verify it; use --tls-cert in production)"
+                );
+                Ok(Some(cfg))
+            }
             (None, None) => Ok(None),
             _ => Err("--tls-cert and --tls-key go together".into()),
         }

@@ -51,6 +51,33 @@ pub fn server_config(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<Arc<Serv
     Ok(Arc::new(cfg))
 }
 
+/// A certificate for `names` (DNS names or IP addresses) made at start,
+/// self-signed and held in memory only: TLS for trials and quickstarts,
+/// where clients encrypt without verifying the server (`sslmode=require`)
+/// or pin the fingerprint. Returns the configuration and the certificate's
+/// SHA-256 fingerprint (lowercase hex).
+pub fn self_signed(
+    names: &[String],
+    alpn: &[&[u8]],
+) -> Result<(Arc<ServerConfig>, String), String> {
+    if names.is_empty() {
+        return Err("a self-signed certificate needs at least one name".into());
+    }
+    let made = rcgen::generate_simple_self_signed(names.to_vec())
+        .map_err(|e| format!("cannot make a self-signed certificate: {e}"))?;
+    let der = made.cert.der().clone();
+    let fingerprint = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &der));
+    let key = PrivateKeyDer::Pkcs8(made.signing_key.serialize_der().into());
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(vec![der], key)
+        .map_err(|e| format!("the self-signed certificate is unusable: {e}"))?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok((Arc::new(cfg), fingerprint))
+}
+
 /// The client side, verifying the server against `ca` (PEM, one or more
 /// certificates) or, without it, the system's trust store.
 pub fn client_config(ca: Option<&Path>, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, String> {

@@ -146,6 +146,7 @@ fn config(idp: &TestIdp, control: SocketAddr, token: &str, state: &Path) -> Side
         drain_seconds: 1,
         tls_cert: None,
         tls_key: None,
+        tls_self_signed: Vec::new(),
     }
 }
 

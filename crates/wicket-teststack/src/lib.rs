@@ -139,6 +139,7 @@ impl Stack {
             drain_seconds: 1,
             tls_cert: None,
             tls_key: None,
+            tls_self_signed: Vec::new(),
         })
         .await
         .expect("sidecar starts");
