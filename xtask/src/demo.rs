@@ -96,14 +96,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     util::step("starting the demo PostgreSQL and wicket-pg in front of it");
     let pg = crate::peers::Postgres::start(if check { 0 } else { 7432 })?;
     pg.psql("postgres", "CREATE DATABASE demo")?;
-    pg.psql(
-        "demo",
-        "CREATE TABLE customers (id int PRIMARY KEY, name text, email text, ssn text, card text); \
-         INSERT INTO customers VALUES \
-         (1, 'Ada Lovelace', 'ada@example.com', '078-05-1120', '4111 1111 1111 1111'), \
-         (2, 'Alan Turing', 'alan@example.com', '219-09-9999', '5500 0000 0000 0004'), \
-         (3, 'Grace Hopper', 'grace@example.com', '457-55-5462', '3400 0000 0000 009')",
-    )?;
+    pg.psql("demo", include_str!("../../deploy/demo/customers.sql"))?;
     let upstream_pw = dir.join("upstream-password");
     std::fs::write(&upstream_pw, pg.password()).map_err(|e| e.to_string())?;
     let [pg_port, pg_admin_port] = util::demo_ports(check, [6432, 9470], "wicket-pg")?;

@@ -170,6 +170,12 @@ impl TestIdp {
         self.state.lock().unwrap().issuer.clone()
     }
 
+    /// Serves and signs as `issuer` (a public URL, e.g. a compose service
+    /// name) instead of the address it listens on.
+    pub fn set_issuer(&self, issuer: &str) {
+        self.state.lock().unwrap().issuer = issuer.trim_end_matches('/').to_string();
+    }
+
     /// The audience tokens carry.
     pub fn audience(&self) -> String {
         self.state.lock().unwrap().audience.clone()

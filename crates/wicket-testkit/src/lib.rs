@@ -31,6 +31,15 @@ pub(crate) async fn body_bytes(req: hyper::Request<hyper::body::Incoming>) -> by
         .unwrap_or_default()
 }
 
+/// A loopback port free right now, for a child process to listen on (it
+/// may be taken before the child binds it; tests wait for the listener).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// The value after `name` on the command line (`--listen ADDR`), for the
 /// small helper binaries.
 pub fn arg(name: &str) -> Option<String> {

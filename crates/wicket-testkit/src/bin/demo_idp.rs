@@ -15,6 +15,10 @@ async fn main() {
     let listen = arg("--listen").unwrap_or_else(|| "127.0.0.1:7480".into());
     let audience = arg("--audience").unwrap_or_else(|| "wicket".into());
     let idp = TestIdp::start_on(&listen, &audience).await;
+    // Behind a name (a compose service), tokens carry that name as issuer.
+    if let Some(issuer) = arg("--issuer") {
+        idp.set_issuer(&issuer);
+    }
     let twelve_hours = 12 * 3600;
     let admin = TokenSpec {
         ttl_seconds: twelve_hours,
