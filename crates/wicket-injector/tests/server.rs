@@ -93,10 +93,7 @@ struct Running {
 }
 
 async fn start(dir: &Path, cert: &Path, key: &Path, control: &str) -> Running {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = wicket_testkit::free_port();
     let child = tokio::process::Command::new(BIN)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .arg("--config")
