@@ -108,7 +108,11 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 }
 
 fn settings_of(docs: &[Value]) -> Settings {
-    let cm = find(docs, "ConfigMap", "w-wicket-injector");
+    settings_of_named(docs, "w-wicket-injector")
+}
+
+fn settings_of_named(docs: &[Value], name: &str) -> Settings {
+    let cm = find(docs, "ConfigMap", name);
     Settings::from_json(cm["data"]["config.json"].as_str().unwrap(), "config.json").unwrap()
 }
 
@@ -448,4 +452,43 @@ fn the_cluster_version_decides_native_sidecars() {
     }
     let s = settings_of(&render("1.30.0", &["--set", "injector.nativeSidecars=never"]).unwrap());
     assert!(!inject(&s, "pg", "orders-db", "payments").1);
+}
+
+#[test]
+fn the_readme_values_install() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let start = readme
+        .find("```yaml\nimage: {repository: registry.example.com/wicket}")
+        .expect("the README's values example")
+        + "```yaml\n".len();
+    let end = start + readme[start..].find("```").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(&values, &readme[start..end]).unwrap();
+    let mut cmd = Command::new(helm());
+    cmd.args([
+        "template",
+        "wicket",
+        "--namespace",
+        "wicket",
+        "--kube-version",
+        "1.30.0",
+    ])
+    .arg(chart())
+    .arg("-f")
+    .arg(&values);
+    let docs = yaml_docs(&run(&mut cmd, None).unwrap_or_else(|e| panic!("{e}")));
+    let s = settings_of_named(&docs, "wicket-injector");
+    let (c, _) = inject(&s, "pg", "orders-db", "payments");
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example.com/wicket/wicket-pg:0.1.0")
+    );
+    let policy = find(&docs, "ConfigMap", "wicket-policy")["data"]["policy.yaml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let policy = wicket_policy::parse_and_compile(&policy, "policy.yaml").unwrap();
+    assert!(policy.connection("orders-db").is_some());
 }
