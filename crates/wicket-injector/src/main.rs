@@ -64,6 +64,9 @@ struct CheckArgs {
     /// The control service's gRPC URL.
     #[arg(long)]
     control: Option<String>,
+    /// CA (PEM) that signed the control service's certificate (https://).
+    #[arg(long)]
+    control_ca: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -136,9 +139,21 @@ async fn check(args: CheckArgs) -> Result<(), String> {
         println!("injector: {url} answered 200");
     }
     if let Some(url) = &args.control {
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
             .map_err(|e| format!("bad --control {url}: {e}"))?
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(10));
+        if url.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = &args.control_ca {
+                let pem =
+                    std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| format!("TLS to {url}: {e}"))?;
+        }
+        let channel = endpoint
             .connect()
             .await
             .map_err(|e| format!("cannot reach the control service at {url}: {e}"))?;

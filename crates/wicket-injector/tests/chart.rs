@@ -163,6 +163,54 @@ fn inject(s: &Settings, protocol: &str, resource: &str, namespace: &str) -> (Con
     }
 }
 
+/// A TLS handshake to a server presenting `cert`/`key`, from a client
+/// that trusts only `ca` and asks for `name`.
+fn handshake(name: &str, ca: &[u8], cert: &[u8], key: &[u8]) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(cert).unwrap()],
+            PrivateKeyDer::from_pem_slice(key).unwrap(),
+        )
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca).unwrap())
+        .unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut c = rustls::ClientConnection::new(
+        std::sync::Arc::new(client),
+        ServerName::try_from(name.to_string()).unwrap(),
+    )
+    .unwrap();
+    let mut s = rustls::ServerConnection::new(std::sync::Arc::new(server)).unwrap();
+    // Shuttle the handshake between the two in memory.
+    for _ in 0..10 {
+        let mut buf = Vec::new();
+        c.write_tls(&mut buf).unwrap();
+        s.read_tls(&mut buf.as_slice()).unwrap();
+        s.process_new_packets().unwrap();
+        let mut back = Vec::new();
+        s.write_tls(&mut back).unwrap();
+        c.read_tls(&mut back.as_slice()).unwrap();
+        c.process_new_packets()
+            .unwrap_or_else(|e| panic!("{name}: the client refuses the certificate: {e}"));
+        if !c.is_handshaking() && !s.is_handshaking() {
+            return;
+        }
+    }
+    panic!("{name}: the handshake did not finish");
+}
+
 fn env_of(c: &Container) -> BTreeMap<String, String> {
     c.env
         .iter()
@@ -256,10 +304,35 @@ fn the_chart_and_the_injector_agree_on_every_resource() {
     assert_eq!(s.kubernetes_version.as_deref(), Some("v1.30.0"));
     assert!(s.native());
 
-    // The control service's URL points at the chart's Service.
+    // The control service's URL points at the chart's Service, over TLS
+    // with a certificate for that name, whose CA every gate namespace has.
     let svc = find(&docs, "Service", "w-wicket-control");
-    assert_eq!(s.control.url, "http://w-wicket-control.wicket.svc:7470");
+    assert_eq!(s.control.url, "https://w-wicket-control.wicket.svc:7470");
+    assert_eq!(s.control.ca_secret.as_deref(), Some("w-wicket-control-ca"));
     assert_eq!(svc["spec"]["ports"][0]["port"], 7470);
+    let control_tls = find(&docs, "Secret", "w-wicket-control-tls");
+    let pem = |k: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(control_tls["data"][k].as_str().unwrap())
+            .unwrap()
+    };
+    handshake(
+        "w-wicket-control.wicket.svc",
+        &pem("ca.crt"),
+        &pem("tls.crt"),
+        &pem("tls.key"),
+    );
+    for ns in ["wicket", "payments", "platform"] {
+        let copy = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "Secret"
+                    && d["metadata"]["name"] == "w-wicket-control-ca"
+                    && d["metadata"]["namespace"] == ns
+            })
+            .unwrap_or_else(|| panic!("no control CA in {ns}"));
+        assert_eq!(copy["data"]["ca.crt"], control_tls["data"]["ca.crt"]);
+    }
     assert_eq!(s.oidc.issuer, "https://idp.example.com/realms/prod");
 
     // The control service loads the policy and the credential hashes.
@@ -284,6 +357,7 @@ fn the_chart_and_the_injector_agree_on_every_resource() {
             "/etc/wicket/sidecars/sidecars.json",
         ),
         ("WICKET_DATABASE_URL", "sqlite:/var/lib/wicket/wicket.db"),
+        ("WICKET_TLS_CERT", "/etc/wicket/tls/tls.crt"),
     ] {
         assert!(
             cenv.as_array()
@@ -311,6 +385,10 @@ fn the_chart_and_the_injector_agree_on_every_resource() {
         let e = env_of(&c);
         assert_eq!(e["WICKET_CONNECTION"], name);
         assert_eq!(e["WICKET_CONTROL"], s.control.url);
+        assert_eq!(
+            e["WICKET_CONTROL_CA_CERT"],
+            "/var/run/wicket/control-ca/ca.crt"
+        );
         let listen = format!("WICKET_{}_LISTEN", protocol.to_uppercase());
         let port = r["listenPort"].as_u64().unwrap_or(match protocol {
             "pg" => 15432,
@@ -436,7 +514,11 @@ fn the_chart_and_the_injector_agree_on_every_resource() {
         "{args}"
     );
     assert!(
-        args.contains("--control=http://w-wicket-control.wicket.svc:7470"),
+        args.contains("--control=https://w-wicket-control.wicket.svc:7470"),
+        "{args}"
+    );
+    assert!(
+        args.contains("--control-ca=/etc/wicket/control-ca/ca.crt"),
         "{args}"
     );
 }

@@ -257,17 +257,24 @@ async fn check_reports_the_webhook_and_the_control_service() {
     let idp = wicket_testkit::idp::TestIdp::start("wicket").await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cfg = wicket_control::Config::defaults(
+    let mut cfg = wicket_control::Config::defaults(
         &idp.issuer(),
         &format!("sqlite:{}", dir.path().join("w.db").display()),
         addr,
     );
+    // Served over TLS, as the chart deploys it.
+    let control_ca = TestCa::new("control CA");
+    let (ccert, ckey) = control_ca.issue(&[]).write(dir.path(), "control").unwrap();
+    let control_ca_file = dir.path().join("control-ca.crt");
+    std::fs::write(&control_ca_file, &control_ca.cert_pem).unwrap();
+    cfg.tls_cert = Some(ccert);
+    cfg.tls_key = Some(ckey);
     tokio::spawn(async move {
         wicket_control::run(cfg, listener, std::future::pending())
             .await
             .unwrap()
     });
-    let control = format!("http://{addr}");
+    let control = format!("https://localhost:{}", addr.port());
     let w = start(dir.path(), &cert, &key, &control).await;
 
     let check = |args: Vec<String>| async move {
@@ -297,6 +304,8 @@ async fn check_reports_the_webhook_and_the_control_service() {
             ca_arg.clone(),
             "--control".into(),
             control.clone(),
+            "--control-ca".into(),
+            control_ca_file.display().to_string(),
         ])
         .await;
         if ok.0 {

@@ -31,7 +31,17 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* The control service's in-cluster gRPC URL. */}}
 {{- define "wicket.controlUrl" -}}
-{{- printf "http://%s-control.%s.svc:%v" (include "wicket.fullname" .) .Release.Namespace .Values.control.service.port -}}
+{{- printf "%s://%s-control.%s.svc:%v" (ternary "https" "http" .Values.control.tls.enabled) (include "wicket.fullname" .) .Release.Namespace .Values.control.service.port -}}
+{{- end -}}
+
+{{/* The Secret (in each gate's namespace) holding the control service's CA. */}}
+{{- define "wicket.controlCaSecret" -}}
+{{- printf "%s-control-ca" (include "wicket.fullname" .) -}}
+{{- end -}}
+
+{{/* The control service's serving Secret. */}}
+{{- define "wicket.controlTlsSecret" -}}
+{{- default (printf "%s-control-tls" (include "wicket.fullname" .)) .Values.control.tls.existingSecret -}}
 {{- end -}}
 
 {{/* The issuer, required. */}}
