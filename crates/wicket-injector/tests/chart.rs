@@ -460,6 +460,32 @@ fn the_chart_and_the_injector_agree_on_every_resource() {
     );
     assert_eq!(hook.failure_policy.as_deref(), Some("Fail"));
     assert_eq!(hook.side_effects, "None");
+    // The injector's own pods are never sent to it (it could not start
+    // while its webhook fails closed).
+    let exclude = &hook
+        .object_selector
+        .as_ref()
+        .unwrap()
+        .match_expressions
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(
+        (exclude.key.as_str(), exclude.operator.as_str()),
+        ("wicket.dev/injector", "DoesNotExist")
+    );
+    let injector: Deployment =
+        serde_json::from_value(find(&docs, "Deployment", "w-wicket-injector").clone()).unwrap();
+    assert_eq!(
+        injector
+            .spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .labels
+            .unwrap()["wicket.dev/injector"],
+        "true"
+    );
     let rule = &hook.rules.as_ref().unwrap()[0];
     assert_eq!(rule.resources.as_deref(), Some(&["pods".to_string()][..]));
     assert_eq!(
