@@ -65,13 +65,15 @@ struct Segment {
 }
 
 /// An unacknowledged event: where it is on disk, and the event itself while
-/// the backlog is small.
+/// the backlog is small. The event is boxed: an entry whose event lives only
+/// on disk stays a few dozen bytes (an inline event is about a kilobyte, and
+/// a long backlog holds one entry per event).
 struct Entry {
     id: String,
     seg: u64,
     offset: u64,
     len: u32,
-    event: Option<AuditEvent>,
+    event: Option<Box<AuditEvent>>,
 }
 
 struct Inner {
@@ -90,6 +92,21 @@ struct Inner {
 }
 
 impl Inner {
+    /// Gives back what a drained backlog held: the queues keep their largest
+    /// capacity otherwise, and one burst would set the idle footprint.
+    fn release_drained(&mut self) {
+        const KEEP: usize = 1024;
+        if self.pending.len() < KEEP && self.pending.capacity() > 4 * KEEP {
+            self.pending.shrink_to(KEEP);
+        }
+        if self.inflight.len() < KEEP && self.inflight.capacity() > 4 * KEEP {
+            self.inflight.shrink_to(KEEP);
+        }
+        if self.merged.len() < KEEP && self.merged.capacity() > 4 * KEEP {
+            self.merged.shrink_to(KEEP);
+        }
+    }
+
     fn ack(&mut self, id: &str) {
         let Some(Entry { seg, .. }) = self.inflight.remove(id) else {
             return;
@@ -204,7 +221,7 @@ impl Spool {
                         seg: n,
                         offset: at,
                         len: read as u32,
-                        event: keep.then_some(event),
+                        event: keep.then(|| Box::new(event)),
                     });
                     unacked += 1;
                 }
@@ -303,7 +320,7 @@ impl Spool {
             seg: n,
             offset,
             len: line.len() as u32,
-            event: keep.then_some(event),
+            event: keep.then(|| Box::new(event)),
         });
         inner.dirty = true;
         drop(g);
@@ -350,7 +367,7 @@ impl Spool {
             let event = match entry.event.take() {
                 Some(e) => {
                     g.memory_bytes = g.memory_bytes.saturating_sub(u64::from(entry.len));
-                    e
+                    *e
                 }
                 None => match g.read_back(&entry) {
                     Ok(e) => e,
@@ -393,7 +410,7 @@ impl Spool {
             }
             // In flight it is kept whole, for a resend after a disconnect
             // (bounded by BATCH × MAX_INFLIGHT).
-            entry.event = Some(event);
+            entry.event = Some(Box::new(event));
             g.inflight.insert(entry.id.clone(), entry);
         }
         out
@@ -418,6 +435,7 @@ impl Spool {
         for id in ids {
             g.ack(id);
         }
+        g.release_drained();
     }
 
     fn reject(&self, rejected: &[v1::RejectedEvent]) {
@@ -685,6 +703,20 @@ mod tests {
         let ids = drain(&spool);
         assert_eq!(ids, (0..n).map(|i| event(i).id).collect::<Vec<_>>());
         assert_eq!(spool.unacked(), 0);
+        // The drained backlog's memory is given back, and an entry whose
+        // event waits on disk is small.
+        let g = spool.inner.lock().unwrap();
+        assert!(g.pending.capacity() <= 4 * 1024, "{}", g.pending.capacity());
+        assert!(
+            g.inflight.capacity() <= 4 * 1024,
+            "{}",
+            g.inflight.capacity()
+        );
+        assert!(
+            std::mem::size_of::<Entry>() <= 64,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
     }
 
     #[test]
