@@ -20,6 +20,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// zstd level of recording chunks: the fastest. Chunks are compressed at
+/// ingest, next to the gates on the same machine in small deployments, and
+/// terminal output compresses well at any level.
+const LEVEL: i32 = 1;
+
 use object_store::ObjectStoreExt as _;
 use wicket_core::{AuditEvent, AuditKind};
 
@@ -283,9 +288,10 @@ impl Recordings {
                     .insert("asciicast_sha256".into(), sha256_hex(lines.as_bytes()));
                 joined.extend_from_slice(lines.as_bytes());
             }
-            let compressed = tokio::task::spawn_blocking(move || zstd::bulk::compress(&joined, 3))
-                .await
-                .map_err(std::io::Error::other)??;
+            let compressed =
+                tokio::task::spawn_blocking(move || zstd::bulk::compress(&joined, LEVEL))
+                    .await
+                    .map_err(std::io::Error::other)??;
             self.put(&key, compressed).await?;
         }
         Ok(())
