@@ -289,13 +289,31 @@ impl ApprovalGateService for SidecarApi {
     }
 }
 
+/// Whether the call carries a sidecar credential (`wks_…`).
+fn bearer_is_sidecar(md: &tonic::metadata::MetadataMap) -> bool {
+    md.get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t.trim_start().starts_with("wks_"))
+}
+
 #[tonic::async_trait]
 impl TraceService for SidecarApi {
     async fn attach(
         &self,
         req: Request<v1::AttachTraceRequest>,
     ) -> Result<Response<v1::AttachTraceResponse>, Status> {
-        self.control.auth.sidecar(req.metadata(), None).await?;
+        // Sidecars attach traces they were given; a signed-in principal (an
+        // agent's MCP server, say) may attach its own, but never replace an
+        // existing one: trace ids are not secret, and another caller's trace
+        // must stay as it was.
+        let by_principal = if bearer_is_sidecar(req.metadata()) {
+            self.control.auth.sidecar(req.metadata(), None).await?;
+            false
+        } else {
+            self.control.auth.user(req.metadata()).await?;
+            true
+        };
         let trace: ReasoningTrace = req
             .get_ref()
             .trace
@@ -306,6 +324,20 @@ impl TraceService for SidecarApi {
             return Err(Status::invalid_argument(
                 "trace_id must be a W3C trace id: 32 lowercase hex digits, not all zero",
             ));
+        }
+        if by_principal
+            && self
+                .control
+                .store
+                .get_trace(&trace.trace_id)
+                .await
+                .map_err(storage)?
+                .is_some()
+        {
+            return Err(Status::already_exists(format!(
+                "trace {} exists; attach yours under a new trace id",
+                trace.trace_id
+            )));
         }
         self.control
             .store

@@ -483,6 +483,46 @@ async fn sidecar_credentials_provisioned_by_a_file_authenticate() {
 }
 
 #[tokio::test]
+async fn principals_attach_their_own_traces_but_never_replace_one() {
+    let h = start_with(None).await;
+    h.apply(POLICY).await;
+    let sidecar = h.sidecar_token(&["orders-db"]).await;
+    let agent = h.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    let attach = |token: String, id: &'static str, prompt: &'static str| {
+        let mut c = TraceServiceClient::new(h.channel.clone());
+        async move {
+            c.attach(with_token(
+                v1::AttachTraceRequest {
+                    trace: Some(v1::ReasoningTrace {
+                        trace_id: id.into(),
+                        prompt: prompt.into(),
+                        ..Default::default()
+                    }),
+                },
+                &token,
+            ))
+            .await
+        }
+    };
+    let id = "0af7651916cd43dd8448eb211c80319c";
+    attach(agent.clone(), id, "mine").await.unwrap();
+    let again = attach(agent.clone(), id, "changed").await.unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+    assert!(
+        again.message().contains("new trace id"),
+        "{}",
+        again.message()
+    );
+    // A sidecar may still replace it (it relays what its caller sent).
+    attach(sidecar, id, "relayed").await.unwrap();
+    // No token, or a bad one: refused.
+    let bad = attach("nope".into(), "1af7651916cd43dd8448eb211c80319c", "x")
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
 async fn sidecars_watch_bundles_report_events_and_wait_for_approvals() {
     let h = start_with(None).await;
     h.apply(POLICY).await;
