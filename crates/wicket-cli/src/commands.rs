@@ -289,6 +289,7 @@ fn read_file(path: &PathBuf) -> Result<(String, String), CliError> {
     Ok((s, path.display().to_string()))
 }
 
+#[derive(Clone)]
 pub(crate) struct Client {
     pub(crate) channel: Channel,
     token: String,
@@ -317,6 +318,15 @@ pub(crate) fn caller_token(cli: &Cli) -> Result<String, CliError> {
 impl Client {
     pub(crate) async fn connect(cli: &Cli) -> Result<Client, CliError> {
         let token = caller_token(cli)?;
+        Client::connect_with(cli, token).await
+    }
+
+    /// A channel without a token of its own (calls carry their caller's).
+    pub(crate) async fn connect_anonymous(cli: &Cli) -> Result<Client, CliError> {
+        Client::connect_with(cli, String::new()).await
+    }
+
+    async fn connect_with(cli: &Cli, token: String) -> Result<Client, CliError> {
         let mut ep = Endpoint::from_shared(cli.control.clone())
             .map_err(|e| CliError::usage(format!("invalid --control URL `{}`: {e}", cli.control)))?
             .connect_timeout(std::time::Duration::from_secs(5));
@@ -566,6 +576,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Ssh(s) => ssh(&cli, fmt, s).await,
         Cmd::Kube(crate::kube::KubeCmd::Config(a)) => crate::kube::config(a),
         Cmd::KubeCredential(a) => crate::kube::credential(&cli, a),
+        Cmd::Mcp(a) => crate::mcp::run(&cli, a).await,
     }
 }
 

@@ -4,6 +4,7 @@ mod audit;
 mod commands;
 mod kube;
 mod login;
+mod mcp;
 mod output;
 mod replay;
 
@@ -157,6 +158,9 @@ pub enum Cmd {
     /// token (with WICKET_REASONING and TRACEPARENT from the environment
     /// attached for the gate). `wicket kube config` sets kubectl up to run it.
     KubeCredential(kube::CredentialArgs),
+    /// An MCP server for AI agents: tools that act on connections through
+    /// their gates, with your token, reasoning required.
+    Mcp(mcp::McpArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]

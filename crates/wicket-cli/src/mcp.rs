@@ -1,0 +1,524 @@
+//! `wicket mcp`: an MCP server (the official Rust SDK, `rmcp`) through which
+//! an AI agent acts on Wicket connections with its own token.
+//!
+//! Every tool call goes through the connection's gate exactly as a native
+//! client would (the PostgreSQL wire protocol to `wicket-pg`, HTTP to
+//! `wicket-http`), so policy, approvals, masking, audit and recording are the
+//! gate's own. `reasoning` is a required argument of every tool; the
+//! optional `trace` (steps, confidence, sources) is attached to the control
+//! service's trace API and joined to the command by its `traceparent`.
+//!
+//! Transports: stdio (the agent starts `wicket mcp`) and streamable HTTP
+//! (`--listen`, path `/mcp`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    InitializeResult, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
+    ServerCapabilities, Tool,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt};
+use serde_json::{Value, json};
+
+use crate::{Cli, CliError};
+
+mod pg;
+
+/// `wicket mcp` arguments.
+#[derive(Debug, clap::Args)]
+pub struct McpArgs {
+    /// A connection to offer, with its gate: `NAME=postgresql://HOST:PORT/DB`
+    /// (wicket-pg; `?sslmode=verify-full&sslrootcert=CA` for TLS) or
+    /// `NAME=http://HOST:PORT` / `https://…` (wicket-http). Repeat.
+    #[arg(long = "gate", value_parser = gate, required = true)]
+    pub gates: Vec<(String, String)>,
+    /// `stdio` (the agent starts this command) or `http` (streamable HTTP).
+    #[arg(long, default_value = "stdio", value_parser = ["stdio", "http"])]
+    pub transport: String,
+    /// Address of the streamable HTTP endpoint (`/mcp`).
+    #[arg(long, default_value = "127.0.0.1:7490")]
+    pub listen: SocketAddr,
+    /// Most rows a query returns to the agent (the rest are counted).
+    #[arg(long, default_value_t = 500)]
+    pub max_rows: usize,
+}
+
+fn gate(s: &str) -> Result<(String, String), String> {
+    let (name, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=URL, got `{s}`"))?;
+    let ok = url.starts_with("postgresql://")
+        || url.starts_with("postgres://")
+        || url.starts_with("http://")
+        || url.starts_with("https://");
+    if name.is_empty() || !ok {
+        return Err(format!(
+            "expected NAME=postgresql://… or NAME=http(s)://…, got `{s}`"
+        ));
+    }
+    Ok((name.to_string(), url.to_string()))
+}
+
+/// A connection the server offers.
+#[derive(Debug, Clone)]
+enum Gate {
+    Postgres(pg::Target),
+    Http(String),
+}
+
+/// The MCP server: one per MCP session (stdio has one; HTTP one per client).
+#[derive(Clone)]
+struct Wicket {
+    /// The token of `wicket mcp`'s user (stdio). Over HTTP each request
+    /// brings its own (`Authorization: Bearer`), and this is `None`.
+    token: Option<String>,
+    gates: Arc<BTreeMap<String, Gate>>,
+    control: Option<crate::commands::Client>,
+    max_rows: usize,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for Wicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wicket")
+            .field("gates", &self.gates.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The schema of the arguments every tool shares.
+fn common(props: &mut serde_json::Map<String, Value>, names: Vec<&String>) {
+    props.insert(
+        "connection".into(),
+        json!({"type": "string", "enum": names, "description": "The Wicket connection to act on."}),
+    );
+    props.insert(
+        "reasoning".into(),
+        json!({"type": "string", "minLength": 1,
+               "description": "Why you are doing this: recorded with the command, shown to approvers."}),
+    );
+    props.insert(
+        "trace".into(),
+        json!({"type": "object", "description": "Optional structured reasoning trace.",
+               "properties": {
+                   "prompt": {"type": "string", "description": "The task you were given."},
+                   "steps": {"type": "array", "items": {"type": "object", "properties": {
+                       "description": {"type": "string", "description": "What you did or concluded."},
+                       "tool": {"type": "string", "description": "The tool used, if any."},
+                       "observation": {"type": "string", "description": "What you observed."}},
+                       "required": ["description"]}},
+                   "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                   "sources": {"type": "array", "items": {"type": "string"}}}}),
+    );
+}
+
+fn schema(
+    mut props: serde_json::Map<String, Value>,
+    required: &[&str],
+) -> Arc<serde_json::Map<String, Value>> {
+    let _ = &mut props;
+    let mut all = vec!["connection", "reasoning"];
+    all.extend_from_slice(required);
+    let Value::Object(o) = json!({"type": "object", "properties": props, "required": all,
+                                   "additionalProperties": false})
+    else {
+        unreachable!("a literal object")
+    };
+    Arc::new(o)
+}
+
+impl Wicket {
+    fn names(&self, pg: bool) -> Vec<&String> {
+        self.gates
+            .iter()
+            .filter(|(_, g)| matches!(g, Gate::Postgres(_)) == pg)
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    fn tools(&self) -> Vec<Tool> {
+        let mut out = Vec::new();
+        let pg = self.names(true);
+        if !pg.is_empty() {
+            let mut p = serde_json::Map::new();
+            common(&mut p, pg);
+            p.insert(
+                "sql".into(),
+                json!({"type": "string", "minLength": 1, "description": "One SQL statement (or several, separated by semicolons)."}),
+            );
+            out.push(Tool::new(
+                "postgres_query",
+                "Run SQL on a PostgreSQL connection through its Wicket gate. Policy may refuse it or hold it for a human's approval; sensitive columns come back masked. Returns the columns and rows of the last statement that returned rows, and each statement's command tag.",
+                schema(p, &["sql"]),
+            ));
+        }
+        let http = self.names(false);
+        if !http.is_empty() {
+            let mut p = serde_json::Map::new();
+            common(&mut p, http);
+            p.insert(
+                "method".into(),
+                json!({"type": "string", "enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]}),
+            );
+            p.insert(
+                "path".into(),
+                json!({"type": "string", "pattern": "^/", "description": "Path and query, e.g. /api/customers?limit=10"}),
+            );
+            p.insert(
+                "body".into(),
+                json!({"description": "JSON body (for POST, PUT, PATCH)."}),
+            );
+            out.push(Tool::new(
+                "http_request",
+                "Call an HTTP API through its Wicket gate. Policy may refuse the request or hold it for a human's approval; sensitive fields come back masked. Returns the status, content type and body.",
+                schema(p, &["method", "path"]),
+            ));
+        }
+        out
+    }
+
+    /// Stores the structured trace and returns the `traceparent` that
+    /// joins commands to it.
+    async fn attach_trace(
+        &self,
+        token: &str,
+        reasoning: &str,
+        trace: Option<&Value>,
+    ) -> Result<Option<String>, String> {
+        let (Some(trace), Some(control)) = (trace, &self.control) else {
+            return Ok(None);
+        };
+        let mut id = [0u8; 16];
+        let mut span = [0u8; 8];
+        aws_lc_rs::rand::fill(&mut id).map_err(|_| "no randomness".to_string())?;
+        aws_lc_rs::rand::fill(&mut span).map_err(|_| "no randomness".to_string())?;
+        let trace_id = hex::encode(id);
+        let steps = trace["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| wicket_proto::v1::ReasoningStep {
+                description: s["description"].as_str().unwrap_or_default().into(),
+                tool: s["tool"].as_str().unwrap_or_default().into(),
+                observation: s["observation"].as_str().unwrap_or_default().into(),
+            })
+            .collect();
+        let msg = wicket_proto::v1::AttachTraceRequest {
+            trace: Some(wicket_proto::v1::ReasoningTrace {
+                trace_id: trace_id.clone(),
+                reasoning: reasoning.into(),
+                prompt: trace["prompt"].as_str().unwrap_or_default().into(),
+                steps,
+                confidence: trace["confidence"].as_f64().unwrap_or_default(),
+                sources: trace["sources"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect(),
+            }),
+        };
+        let mut req = tonic::Request::new(msg);
+        let auth = tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| "the token is not a valid header value".to_string())?;
+        req.metadata_mut().insert("authorization", auth);
+        wicket_proto::v1::trace_service_client::TraceServiceClient::new(control.channel.clone())
+            .attach(req)
+            .await
+            .map_err(|e| {
+                format!(
+                    "the control service did not take the trace: {}",
+                    e.message()
+                )
+            })?;
+        Ok(Some(format!("00-{trace_id}-{}-01", hex::encode(span))))
+    }
+}
+
+fn text_error(msg: impl Into<String>) -> CallToolResponse {
+    CallToolResponse::Complete(CallToolResult::error(vec![ContentBlock::text(msg.into())]))
+}
+
+impl ServerHandler for Wicket {
+    fn get_info(&self) -> InitializeResult {
+        let mut info = InitializeResult::new(ServerCapabilities::builder().enable_tools().build());
+        info.server_info = Implementation::new("wicket", env!("CARGO_PKG_VERSION"));
+        info.instructions = Some(
+            "Wicket gates privileged access. Every tool needs `reasoning`: say why, in a sentence. \
+             A call may be refused (the error names the policy rule) or held until a human approves it."
+                .into(),
+        );
+        info
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        Ok(ListToolsResult::with_all_items(self.tools()))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        self.tools().into_iter().find(|t| t.name == name)
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let token = match context.extensions.get::<hyper::http::request::Parts>() {
+            Some(parts) => parts
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    McpError::invalid_request(
+                        "send your access token: Authorization: Bearer <token>",
+                        None,
+                    )
+                })?,
+            None => self
+                .token
+                .clone()
+                .ok_or_else(|| McpError::internal_error("wicket mcp has no token", None))?,
+        };
+        let args = Value::Object(request.arguments.clone().unwrap_or_default());
+        let reasoning = args["reasoning"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        if reasoning.is_empty() {
+            return Err(McpError::invalid_params(
+                "`reasoning` is required: say why you are making this call",
+                None,
+            ));
+        }
+        let name = args["connection"].as_str().unwrap_or_default();
+        let Some(gate) = self.gates.get(name) else {
+            return Err(McpError::invalid_params(
+                format!("unknown connection `{name}`"),
+                None,
+            ));
+        };
+        let client = context
+            .peer
+            .peer_info()
+            .map(|i| format!("{} {}", i.client_info.name, i.client_info.version));
+        let app = format!(
+            "wicket-mcp ({})",
+            client.as_deref().unwrap_or("unknown client")
+        );
+        let traceparent = match self
+            .attach_trace(&token, &reasoning, args.get("trace"))
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => return Ok(text_error(e)),
+        };
+        match (request.name.as_ref(), gate) {
+            ("postgres_query", Gate::Postgres(target)) => {
+                let sql = args["sql"].as_str().unwrap_or_default();
+                // A notice (an approval wait) goes to the client as progress
+                // when it asked for progress, and into the result always.
+                let peer = context.peer.clone();
+                let progress = context.meta.get_progress_token();
+                let step = Arc::new(std::sync::atomic::AtomicU32::new(0));
+                let notices = move |text: String| {
+                    let (Some(token), peer) = (progress.clone(), peer.clone()) else {
+                        return;
+                    };
+                    let n = step.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    tokio::spawn(async move {
+                        let _ = peer
+                            .notify_progress(
+                                ProgressNotificationParam::new(token, f64::from(n))
+                                    .with_message(text),
+                            )
+                            .await;
+                    });
+                };
+                let call = pg::Call {
+                    sql,
+                    token: &token,
+                    reasoning: &reasoning,
+                    app: &app,
+                    traceparent: traceparent.as_deref(),
+                    max_rows: self.max_rows,
+                };
+                Ok(match pg::run(target, call, notices).await {
+                    Ok(out) if out.error.is_none() => {
+                        CallToolResponse::Complete(CallToolResult::structured(out.json()))
+                    }
+                    Ok(out) => {
+                        CallToolResponse::Complete(CallToolResult::structured_error(out.json()))
+                    }
+                    Err(e) => text_error(e),
+                })
+            }
+            ("http_request", Gate::Http(base)) => Ok(self
+                .http(
+                    base,
+                    &token,
+                    &args,
+                    &reasoning,
+                    &app,
+                    traceparent.as_deref(),
+                )
+                .await),
+            (tool, _) => Err(McpError::invalid_params(
+                format!("`{name}` is not a connection of tool `{tool}`"),
+                None,
+            )),
+        }
+    }
+}
+
+impl Wicket {
+    async fn http(
+        &self,
+        base: &str,
+        token: &str,
+        args: &Value,
+        reasoning: &str,
+        app: &str,
+        traceparent: Option<&str>,
+    ) -> CallToolResponse {
+        let method = args["method"].as_str().unwrap_or("GET");
+        let path = args["path"].as_str().unwrap_or("/");
+        let Ok(method) = reqwest::Method::from_bytes(method.as_bytes()) else {
+            return text_error(format!("bad method {method}"));
+        };
+        let url = format!("{}{path}", base.trim_end_matches('/'));
+        let mut req = self
+            .http
+            .request(method, &url)
+            .bearer_auth(token)
+            .header("wicket-reasoning", reasoning.replace(['\r', '\n'], " "))
+            .header("user-agent", app);
+        if let Some(tp) = traceparent {
+            req = req.header("traceparent", tp);
+        }
+        if let Some(body) = args.get("body").filter(|b| !b.is_null()) {
+            req = req.json(body);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return text_error(format!("cannot reach the gate at {base}: {e}")),
+        };
+        let status = resp.status().as_u16();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return text_error(format!("the response broke off: {e}")),
+        };
+        const MAX: usize = 1 << 20;
+        let truncated = bytes.len() > MAX;
+        let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]).into_owned();
+        let body = if ctype.contains("json") {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        } else {
+            Value::String(text)
+        };
+        let out =
+            json!({"status": status, "content_type": ctype, "body": body, "truncated": truncated});
+        let result = if status >= 400 {
+            CallToolResult::structured_error(out)
+        } else {
+            CallToolResult::structured(out)
+        };
+        CallToolResponse::Complete(result)
+    }
+}
+
+/// Runs `wicket mcp`.
+pub async fn run(cli: &Cli, args: &McpArgs) -> Result<(), CliError> {
+    // Over HTTP every client brings its own token; over stdio it is ours.
+    let token = match args.transport.as_str() {
+        "stdio" => Some(crate::commands::caller_token(cli)?),
+        _ => None,
+    };
+    let mut gates = BTreeMap::new();
+    for (name, url) in &args.gates {
+        let g = if url.starts_with("http") {
+            Gate::Http(url.clone())
+        } else {
+            Gate::Postgres(pg::Target::parse(url).map_err(CliError::usage)?)
+        };
+        if gates.insert(name.clone(), g).is_some() {
+            return Err(CliError::usage(format!("--gate {name} is given twice")));
+        }
+    }
+    // The control service takes structured traces; without it, calls with a
+    // `trace` say so.
+    let control = crate::commands::Client::connect_anonymous(cli).await.ok();
+    let server = Wicket {
+        token,
+        gates: Arc::new(gates),
+        control,
+        max_rows: args.max_rows,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(3600))
+            .build()
+            .map_err(|e| CliError::usage(format!("HTTP client: {e}")))?,
+    };
+    match args.transport.as_str() {
+        "stdio" => {
+            let running = server
+                .serve(rmcp::transport::stdio())
+                .await
+                .map_err(|e| CliError::usage(format!("MCP over stdio: {e}")))?;
+            running
+                .waiting()
+                .await
+                .map_err(|e| CliError::usage(format!("MCP over stdio: {e}")))?;
+            Ok(())
+        }
+        _ => http(server, args.listen).await,
+    }
+}
+
+async fn http(server: Wicket, listen: SocketAddr) -> Result<(), CliError> {
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    let service = StreamableHttpService::new(
+        move || Ok(server.clone()),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| CliError::usage(format!("cannot listen on {listen}: {e}")))?;
+    eprintln!("wicket mcp: streamable HTTP on http://{listen}/mcp");
+    loop {
+        let (stream, _) = listener
+            .accept()
+            .await
+            .map_err(|e| CliError::usage(format!("accept: {e}")))?;
+        let service = service.clone();
+        tokio::spawn(async move {
+            let svc = hyper_util::service::TowerToHyperService::new(service);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+        });
+    }
+}

@@ -1,0 +1,396 @@
+//! `wicket mcp` driven by a real MCP client (the official Python SDK, PyPI
+//! `mcp`, in the test venv) against real binaries: the demo identity
+//! provider, `wicket-control` with the demo policy, and `wicket-pg` in front
+//! of the test PostgreSQL. Every call goes through the gate, so what the
+//! agent gets back and what `wicket sessions show` records are the gate's.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Kill, bin, root, wait_port};
+use serde_json::Value;
+use wicket_testkit::{env, free_port};
+
+fn psql(url: &str, sql: &str) {
+    let o = Command::new("psql")
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-q", "-d", url, "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn token(env_file: &Path, name: &str) -> String {
+    std::fs::read_to_string(env_file)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("export {name}='")))
+        .unwrap_or_else(|| panic!("{name} not in {}", env_file.display()))
+        .trim_end_matches('\'')
+        .to_string()
+}
+
+/// The demo's control service and PostgreSQL gate, on free ports.
+struct Stack {
+    _procs: Kill,
+    _dir: tempfile::TempDir,
+    control: String,
+    gate: u16,
+    http_gate: u16,
+    db: String,
+    agent: String,
+    approver: String,
+    admin: String,
+}
+
+fn start() -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = Kill(Vec::new());
+    // The database: the demo's sample data in a database of its own.
+    let admin_url = env::postgres_url();
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let db = format!("mcp_{}_{n}", std::process::id());
+    psql(&admin_url, &format!("DROP DATABASE IF EXISTS {db}"));
+    psql(&admin_url, &format!("CREATE DATABASE {db}"));
+    let mut db_url = url::Url::parse(&admin_url).unwrap();
+    db_url.set_path(&db);
+    psql(
+        db_url.as_str(),
+        &std::fs::read_to_string(root().join("deploy/demo/customers.sql")).unwrap(),
+    );
+    // The identity provider and its ready-made tokens.
+    let idp_port = free_port();
+    let env_file = dir.path().join("tokens.env");
+    procs.0.push(
+        Command::new(bin("wicket-demo-idp"))
+            .args(["--listen", &format!("127.0.0.1:{idp_port}"), "--env-file"])
+            .arg(&env_file)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(idp_port, "wicket-demo-idp");
+    let start = Instant::now();
+    while !env_file.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let issuer = format!("http://127.0.0.1:{idp_port}");
+    // The control service, with the gate's credential provisioned by hash.
+    let secret = format!("mcp-test-{}", std::process::id());
+    let creds = dir.path().join("sidecars.json");
+    std::fs::write(
+        &creds,
+        serde_json::json!({"sidecars": [
+            {"id": "mcp-pg", "name": "mcp-pg", "connections": ["demo-db"],
+             "secret_sha256": sha256_hex(&secret)},
+            {"id": "mcp-http", "name": "mcp-http", "connections": ["demo-api"],
+             "secret_sha256": sha256_hex(&secret)}]})
+        .to_string(),
+    )
+    .unwrap();
+    let control_port = free_port();
+    let control = format!("http://127.0.0.1:{control_port}");
+    procs.0.push(
+        Command::new(bin("wicket-control"))
+            .env("WICKET_LISTEN", format!("127.0.0.1:{control_port}"))
+            .env(
+                "WICKET_DATABASE_URL",
+                format!("sqlite:{}", dir.path().join("w.db").display()),
+            )
+            .env("WICKET_OIDC_ISSUER", &issuer)
+            .env("WICKET_POLICY_FILE", root().join("deploy/demo/policy.yaml"))
+            .env("WICKET_SIDECAR_CREDENTIALS_FILE", &creds)
+            .env("WICKET_AUDIT_ROOT_INTERVAL", "0")
+            .env("WICKET_RETENTION_INTERVAL", "0")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(control_port, "wicket-control");
+    // The gate, logging in upstream as the test server's superuser.
+    let pg = url::Url::parse(&admin_url).unwrap();
+    let password = dir.path().join("upstream-password");
+    std::fs::write(&password, pg.password().unwrap_or_default()).unwrap();
+    let gate = free_port();
+    procs.0.push(
+        Command::new(bin("wicket-pg"))
+            .env("WICKET_CONNECTION", "demo-db")
+            .env("WICKET_CONTROL", &control)
+            .env("WICKET_SIDECAR_TOKEN", format!("wks_mcp-pg_{secret}"))
+            .env("WICKET_OIDC_ISSUER", &issuer)
+            .env("WICKET_PG_LISTEN", format!("127.0.0.1:{gate}"))
+            .env(
+                "WICKET_PG_UPSTREAM",
+                format!("{}:{}", pg.host_str().unwrap(), pg.port().unwrap()),
+            )
+            .env("WICKET_PG_UPSTREAM_USER", pg.username())
+            .env("WICKET_PG_UPSTREAM_PASSWORD_FILE", &password)
+            .env("WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK", "true")
+            .env("WICKET_STATE_DIR", dir.path().join("pg-state"))
+            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(gate, "wicket-pg");
+    // The demo customer API behind wicket-http, with an API key only the
+    // gate holds.
+    let app = free_port();
+    let key = dir.path().join("api-key");
+    std::fs::write(&key, "demo-key-for-mcp").unwrap();
+    procs.0.push(
+        Command::new(bin("wicket-demo-app"))
+            .args(["--listen", &format!("127.0.0.1:{app}"), "--api-key-file"])
+            .arg(&key)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(app, "wicket-demo-app");
+    let http_gate = free_port();
+    procs.0.push(
+        Command::new(bin("wicket-http"))
+            .env("WICKET_CONNECTION", "demo-api")
+            .env("WICKET_CONTROL", &control)
+            .env("WICKET_SIDECAR_TOKEN", format!("wks_mcp-http_{secret}"))
+            .env("WICKET_OIDC_ISSUER", &issuer)
+            .env("WICKET_HTTP_LISTEN", format!("127.0.0.1:{http_gate}"))
+            .env("WICKET_HTTP_UPSTREAM", format!("http://127.0.0.1:{app}"))
+            .env("WICKET_HTTP_UPSTREAM_HEADER", "X-Api-Key")
+            .env("WICKET_HTTP_UPSTREAM_HEADER_FILE", &key)
+            .env("WICKET_STATE_DIR", dir.path().join("http-state"))
+            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(http_gate, "wicket-http");
+    Stack {
+        http_gate,
+        _procs: procs,
+        control,
+        gate,
+        db,
+        agent: token(&env_file, "WICKET_AGENT_TOKEN"),
+        approver: token(&env_file, "WICKET_APPROVER_TOKEN"),
+        admin: token(&env_file, "WICKET_ADMIN_TOKEN"),
+        _dir: dir,
+    }
+}
+
+fn sha256_hex(s: &str) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(s.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+fn wicket(stack: &Stack, token: &str, args: &[&str]) -> String {
+    let o = Command::new(bin("wicket"))
+        .args(args)
+        .env("WICKET_CONTROL", &stack.control)
+        .env("WICKET_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "wicket {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn gates(s: &Stack) -> Vec<String> {
+    vec![
+        "--gate".into(),
+        format!(
+            "demo-db=postgresql://demo-agent@127.0.0.1:{}/{}",
+            s.gate, s.db
+        ),
+        "--gate".into(),
+        format!("demo-api=http://127.0.0.1:{}", s.http_gate),
+    ]
+}
+
+/// The customers as the HTTP gate returns them to an agent: masked.
+fn assert_masked_customers(http: &Value) {
+    assert_eq!(http["isError"], false, "{http}");
+    assert_eq!(http["structured"]["status"], 200, "{http}");
+    let body = http["structured"]["body"].to_string();
+    assert!(body.contains("Ada Lovelace"), "{body}");
+    for secret in ["123-45-6789", "4111 1111 1111 1111", "ada@example.com"] {
+        assert!(
+            !body.contains(secret),
+            "{secret} came back unmasked: {body}"
+        );
+    }
+}
+
+#[test]
+fn an_agent_acts_through_wicket_mcp_with_the_official_sdk() {
+    let s = start();
+    let out = Command::new(env::require("WICKET_TEST_PYTHON"))
+        .arg(root().join("tests/mcp/client.py"))
+        .env("WICKET_BIN", bin("wicket"))
+        .env("MCP_ARGS", serde_json::json!(gates(&s)).to_string())
+        .env("WICKET_TOKEN", &s.agent)
+        .env("WICKET_CONTROL", &s.control)
+        .env("APPROVER_TOKEN", &s.approver)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{stderr}", String::from_utf8_lossy(&out.stdout)));
+
+    // The tool and its schema: reasoning required, a structured trace allowed.
+    assert_eq!(v["server"], "wicket");
+    let schema = &v["tools"]["postgres_query"];
+    assert_eq!(
+        schema["required"],
+        serde_json::json!(["connection", "reasoning", "sql"])
+    );
+    assert_eq!(
+        schema["properties"]["connection"]["enum"],
+        serde_json::json!(["demo-db"])
+    );
+    assert!(schema["properties"]["trace"]["properties"]["steps"].is_object());
+
+    // Allowed, and masked by the gate.
+    let select = &v["select"];
+    assert_eq!(select["isError"], false, "{select}");
+    let rows = &select["structured"]["rows"];
+    assert_eq!(
+        select["structured"]["columns"],
+        serde_json::json!(["id", "email", "ssn"])
+    );
+    assert_eq!(rows.as_array().unwrap().len(), 3, "{select}");
+    assert_eq!(rows[0][1], "a***@example.com");
+    assert_eq!(rows[0][2], "[redacted:ssn]");
+
+    // Refused, naming the rule.
+    let drop = &v["drop"];
+    assert_eq!(drop["isError"], true, "{drop}");
+    assert_eq!(drop["structured"]["error"]["sqlstate"], "42501", "{drop}");
+    assert!(
+        drop["structured"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("refused by rule"),
+        "{drop}"
+    );
+
+    // Without reasoning: rejected before it reaches the gate.
+    let no = v["no_reasoning"].to_string();
+    assert!(no.contains("reasoning"), "{no}");
+
+    // Held: the agent hears that it waits (approval id and rule), an
+    // approver approves, the statement completes.
+    let delete = &v["delete"];
+    assert_eq!(delete["isError"], false, "{delete}");
+    assert_eq!(
+        delete["structured"]["commands"],
+        serde_json::json!(["DELETE 1"])
+    );
+    let approval = v["approval"]["id"].as_str().unwrap();
+    let progress = v["progress"].to_string();
+    assert!(
+        progress.contains(approval) && progress.contains("waiting for approval"),
+        "{progress}"
+    );
+
+    // HTTP, through wicket-http: masked fields.
+    assert!(
+        v["tools"]["http_request"]["required"]
+            .to_string()
+            .contains("reasoning")
+    );
+    assert_masked_customers(&v["http"]);
+
+    // The audit: each call with its reasoning, the MCP client named.
+    let sessions: Value =
+        serde_json::from_str(&wicket(&s, &s.admin, &["sessions", "list", "-o", "json"])).unwrap();
+    let mut seen = String::new();
+    for session in sessions.as_array().unwrap() {
+        let id = session["id"].as_str().unwrap();
+        seen.push_str(&wicket(
+            &s,
+            &s.admin,
+            &["sessions", "show", id, "-o", "json"],
+        ));
+    }
+    for needle in [
+        "listing customers to check their e-mail domains",
+        "removing the duplicate customer 3 reported in OPS-43",
+        "DROP TABLE customers",
+        "wicket-mcp (e2e-agent 1.2.3)",
+        "Which e-mail domains do our customers use?",
+        "weekly report of customer plans",
+    ] {
+        assert!(
+            seen.contains(needle),
+            "`{needle}` is not in the audit:\n{seen}"
+        );
+    }
+}
+
+#[test]
+fn streamable_http_clients_bring_their_own_token() {
+    let s = start();
+    let port = free_port();
+    let server = Kill(vec![
+        Command::new(bin("wicket"))
+            .args([
+                "mcp",
+                "--transport",
+                "http",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(gates(&s))
+            .env("WICKET_CONTROL", &s.control)
+            .env_remove("WICKET_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ]);
+    wait_port(port, "wicket mcp --transport http");
+    let out = Command::new(env::require("WICKET_TEST_PYTHON"))
+        .arg(root().join("tests/mcp/client.py"))
+        .env("MCP_URL", format!("http://127.0.0.1:{port}/mcp"))
+        .env("WICKET_TOKEN", &s.agent)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["tools"],
+        serde_json::json!(["http_request", "postgres_query"])
+    );
+    assert_masked_customers(&v["http"]);
+    assert!(
+        v["anonymous"].to_string().contains("Authorization: Bearer"),
+        "{}",
+        v["anonymous"]
+    );
+    let audit = wicket(&s, &s.admin, &["sessions", "list", "-o", "json"]);
+    assert!(audit.contains("demo-agent"), "{audit}");
+    drop(server);
+}
