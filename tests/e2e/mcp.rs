@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,8 @@ struct Stack {
     control: String,
     gate: u16,
     http_gate: u16,
+    k8s_gate: u16,
+    kube_ca: PathBuf,
     db: String,
     agent: String,
     approver: String,
@@ -92,6 +94,8 @@ fn start() -> Stack {
             {"id": "mcp-pg", "name": "mcp-pg", "connections": ["demo-db"],
              "secret_sha256": sha256_hex(&secret)},
             {"id": "mcp-http", "name": "mcp-http", "connections": ["demo-api"],
+             "secret_sha256": sha256_hex(&secret)},
+            {"id": "mcp-k8s", "name": "mcp-k8s", "connections": ["demo-cluster"],
              "secret_sha256": sha256_hex(&secret)}]})
         .to_string(),
     )
@@ -173,7 +177,50 @@ fn start() -> Stack {
             .unwrap(),
     );
     wait_port(http_gate, "wicket-http");
+    // The fake kube-apiserver behind wicket-k8s (it writes its CA, the
+    // token it accepts and a certificate for the gate into `kdir`).
+    let kdir = dir.path().join("kube");
+    let apiserver = free_port();
+    procs.0.push(
+        Command::new(bin("wicket-fake-kube"))
+            .args(["--listen", &format!("127.0.0.1:{apiserver}"), "--dir"])
+            .arg(&kdir)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(apiserver, "wicket-fake-kube");
+    let start = Instant::now();
+    while !kdir.join("gate.key").exists() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let k8s_gate = free_port();
+    procs.0.push(
+        Command::new(bin("wicket-k8s"))
+            .env("WICKET_CONNECTION", "demo-cluster")
+            .env("WICKET_CONTROL", &control)
+            .env("WICKET_SIDECAR_TOKEN", format!("wks_mcp-k8s_{secret}"))
+            .env("WICKET_OIDC_ISSUER", &issuer)
+            .env("WICKET_K8S_LISTEN", format!("127.0.0.1:{k8s_gate}"))
+            .env(
+                "WICKET_K8S_UPSTREAM",
+                format!("https://127.0.0.1:{apiserver}"),
+            )
+            .env("WICKET_K8S_UPSTREAM_CA", kdir.join("ca.crt"))
+            .env("WICKET_K8S_UPSTREAM_TOKEN_FILE", kdir.join("token"))
+            .env("WICKET_TLS_CERT", kdir.join("gate.crt"))
+            .env("WICKET_TLS_KEY", kdir.join("gate.key"))
+            .env("WICKET_STATE_DIR", dir.path().join("k8s-state"))
+            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(k8s_gate, "wicket-k8s");
     Stack {
+        k8s_gate,
+        kube_ca: kdir.join("ca.crt"),
         http_gate,
         _procs: procs,
         control,
@@ -224,6 +271,12 @@ fn gates(s: &Stack) -> Vec<String> {
         ),
         "--gate".into(),
         format!("demo-api=http://127.0.0.1:{}", s.http_gate),
+        "--gate".into(),
+        format!(
+            "demo-cluster=k8s+https://127.0.0.1:{}?ca={}",
+            s.k8s_gate,
+            s.kube_ca.display()
+        ),
     ]
 }
 
@@ -322,6 +375,26 @@ fn an_agent_acts_through_wicket_mcp_with_the_official_sdk() {
     );
     assert_masked_customers(&v["http"]);
 
+    // Kubernetes, through wicket-k8s as the agent: a list, a redacted
+    // Secret, a held delete approved.
+    let pods = &v["pods"];
+    assert_eq!(pods["structured"]["status"], 200, "{pods}");
+    assert!(
+        pods["structured"]["body"].to_string().contains("web-0"),
+        "{pods}"
+    );
+    let secret = v["secret"].to_string();
+    assert!(
+        secret.contains("db-creds") && !secret.contains("hunter2"),
+        "{secret}"
+    );
+    assert_eq!(
+        v["delete_pod"]["structured"]["status"], 200,
+        "{}",
+        v["delete_pod"]
+    );
+    assert_eq!(v["delete_pod_approval"]["connection"], "demo-cluster");
+
     // The audit: each call with its reasoning, the MCP client named.
     let sessions: Value =
         serde_json::from_str(&wicket(&s, &s.admin, &["sessions", "list", "-o", "json"])).unwrap();
@@ -341,6 +414,7 @@ fn an_agent_acts_through_wicket_mcp_with_the_official_sdk() {
         "wicket-mcp (e2e-agent 1.2.3)",
         "Which e-mail domains do our customers use?",
         "weekly report of customer plans",
+        "db-0 is wedged; deleting it so it restarts",
     ] {
         assert!(
             seen.contains(needle),
@@ -382,7 +456,7 @@ fn streamable_http_clients_bring_their_own_token() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         v["tools"],
-        serde_json::json!(["http_request", "postgres_query"])
+        serde_json::json!(["http_request", "kubernetes_request", "postgres_query"])
     );
     assert_masked_customers(&v["http"]);
     assert!(

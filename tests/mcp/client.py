@@ -108,6 +108,19 @@ async def main():
                 "method": "GET",
                 "path": "/api/customers",
             }))
+
+            k8s = {"connection": "demo-cluster", "reasoning": "checking the web pods"}
+            out["pods"] = result(await session.call_tool("kubernetes_request", dict(
+                k8s, method="GET", path="/api/v1/namespaces/default/pods")))
+            out["secret"] = result(await session.call_tool("kubernetes_request", dict(
+                k8s, method="GET", path="/api/v1/namespaces/default/secrets/db-creds")))
+            seen = {}
+            held = asyncio.create_task(session.call_tool("kubernetes_request", dict(
+                k8s, reasoning="db-0 is wedged; deleting it so it restarts",
+                method="DELETE", path="/api/v1/namespaces/default/pods/db-0")))
+            await asyncio.to_thread(approve_when_held, env, seen)
+            out["delete_pod"] = result(await held)
+            out["delete_pod_approval"] = seen.get("approval")
     print(json.dumps(out))
 
 

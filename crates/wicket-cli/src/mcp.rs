@@ -33,8 +33,10 @@ mod pg;
 #[derive(Debug, clap::Args)]
 pub struct McpArgs {
     /// A connection to offer, with its gate: `NAME=postgresql://HOST:PORT/DB`
-    /// (wicket-pg; `?sslmode=verify-full&sslrootcert=CA` for TLS) or
-    /// `NAME=http://HOST:PORT` / `https://…` (wicket-http). Repeat.
+    /// (wicket-pg; `?sslmode=verify-full&sslrootcert=CA` for TLS),
+    /// `NAME=http://HOST:PORT` or `https://…` (wicket-http), or
+    /// `NAME=k8s+https://HOST:PORT` (wicket-k8s). For https, `?ca=FILE`
+    /// names the CA that signed the gate's certificate. Repeat.
     #[arg(long = "gate", value_parser = gate, required = true)]
     pub gates: Vec<(String, String)>,
     /// `stdio` (the agent starts this command) or `http` (streamable HTTP).
@@ -52,13 +54,18 @@ fn gate(s: &str) -> Result<(String, String), String> {
     let (name, url) = s
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=URL, got `{s}`"))?;
-    let ok = url.starts_with("postgresql://")
-        || url.starts_with("postgres://")
-        || url.starts_with("http://")
-        || url.starts_with("https://");
+    let ok = [
+        "postgresql://",
+        "postgres://",
+        "http://",
+        "https://",
+        "k8s+https://",
+    ]
+    .iter()
+    .any(|p| url.starts_with(p));
     if name.is_empty() || !ok {
         return Err(format!(
-            "expected NAME=postgresql://… or NAME=http(s)://…, got `{s}`"
+            "expected NAME=postgresql://…, NAME=http(s)://… or NAME=k8s+https://…, got `{s}`"
         ));
     }
     Ok((name.to_string(), url.to_string()))
@@ -68,7 +75,38 @@ fn gate(s: &str) -> Result<(String, String), String> {
 #[derive(Debug, Clone)]
 enum Gate {
     Postgres(pg::Target),
-    Http(String),
+    Http(Web),
+    Kubernetes(Web),
+}
+
+/// An HTTP-speaking gate: its base URL and a client that trusts its CA.
+#[derive(Debug, Clone)]
+struct Web {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Web {
+    /// `URL[?ca=FILE]`: the CA is taken out of the URL.
+    fn parse(url: &str) -> Result<Web, String> {
+        let mut u = url::Url::parse(url).map_err(|e| format!("bad gate URL {url}: {e}"))?;
+        let ca = u
+            .query_pairs()
+            .find(|(k, _)| k == "ca")
+            .map(|(_, v)| v.into_owned());
+        u.set_query(None);
+        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(3600));
+        if let Some(ca) = ca {
+            let pem = std::fs::read(&ca).map_err(|e| format!("cannot read {ca}: {e}"))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| format!("{ca} holds no PEM certificate: {e}"))?;
+            b = b.tls_certs_only([cert]);
+        }
+        Ok(Web {
+            base: u.as_str().trim_end_matches('/').to_string(),
+            client: b.build().map_err(|e| format!("HTTP client: {e}"))?,
+        })
+    }
 }
 
 /// The MCP server: one per MCP session (stdio has one; HTTP one per client).
@@ -80,7 +118,6 @@ struct Wicket {
     gates: Arc<BTreeMap<String, Gate>>,
     control: Option<crate::commands::Client>,
     max_rows: usize,
-    http: reqwest::Client,
 }
 
 impl std::fmt::Debug for Wicket {
@@ -133,17 +170,17 @@ fn schema(
 }
 
 impl Wicket {
-    fn names(&self, pg: bool) -> Vec<&String> {
+    fn names(&self, kind: fn(&Gate) -> bool) -> Vec<&String> {
         self.gates
             .iter()
-            .filter(|(_, g)| matches!(g, Gate::Postgres(_)) == pg)
+            .filter(|(_, g)| kind(g))
             .map(|(n, _)| n)
             .collect()
     }
 
     fn tools(&self) -> Vec<Tool> {
         let mut out = Vec::new();
-        let pg = self.names(true);
+        let pg = self.names(|g| matches!(g, Gate::Postgres(_)));
         if !pg.is_empty() {
             let mut p = serde_json::Map::new();
             common(&mut p, pg);
@@ -157,7 +194,7 @@ impl Wicket {
                 schema(p, &["sql"]),
             ));
         }
-        let http = self.names(false);
+        let http = self.names(|g| matches!(g, Gate::Http(_)));
         if !http.is_empty() {
             let mut p = serde_json::Map::new();
             common(&mut p, http);
@@ -176,6 +213,29 @@ impl Wicket {
             out.push(Tool::new(
                 "http_request",
                 "Call an HTTP API through its Wicket gate. Policy may refuse the request or hold it for a human's approval; sensitive fields come back masked. Returns the status, content type and body.",
+                schema(p, &["method", "path"]),
+            ));
+        }
+        let k8s = self.names(|g| matches!(g, Gate::Kubernetes(_)));
+        if !k8s.is_empty() {
+            let mut p = serde_json::Map::new();
+            common(&mut p, k8s);
+            p.insert(
+                "method".into(),
+                json!({"type": "string", "enum": ["GET", "POST", "PUT", "PATCH", "DELETE"]}),
+            );
+            p.insert(
+                "path".into(),
+                json!({"type": "string", "pattern": "^/(api|apis)(/|$)",
+                       "description": "A Kubernetes API path, e.g. /api/v1/namespaces/default/pods"}),
+            );
+            p.insert(
+                "body".into(),
+                json!({"description": "The object (JSON) for POST, PUT and PATCH (merge patch)."}),
+            );
+            out.push(Tool::new(
+                "kubernetes_request",
+                "Call the Kubernetes API through its Wicket gate, as yourself (the cluster's RBAC applies to you). Policy may refuse the request or hold it for a human's approval; Secret values come back redacted unless policy allows them. Returns the status and the JSON body.",
                 schema(p, &["method", "path"]),
             ));
         }
@@ -366,16 +426,11 @@ impl ServerHandler for Wicket {
                     Err(e) => text_error(e),
                 })
             }
-            ("http_request", Gate::Http(base)) => Ok(self
-                .http(
-                    base,
-                    &token,
-                    &args,
-                    &reasoning,
-                    &app,
-                    traceparent.as_deref(),
-                )
-                .await),
+            ("http_request", Gate::Http(web)) | ("kubernetes_request", Gate::Kubernetes(web)) => {
+                Ok(web
+                    .call(&token, &args, &reasoning, &app, traceparent.as_deref())
+                    .await)
+            }
             (tool, _) => Err(McpError::invalid_params(
                 format!("`{name}` is not a connection of tool `{tool}`"),
                 None,
@@ -384,10 +439,9 @@ impl ServerHandler for Wicket {
     }
 }
 
-impl Wicket {
-    async fn http(
+impl Web {
+    async fn call(
         &self,
-        base: &str,
         token: &str,
         args: &Value,
         reasoning: &str,
@@ -399,10 +453,10 @@ impl Wicket {
         let Ok(method) = reqwest::Method::from_bytes(method.as_bytes()) else {
             return text_error(format!("bad method {method}"));
         };
-        let url = format!("{}{path}", base.trim_end_matches('/'));
+        let url = format!("{}{path}", self.base);
         let mut req = self
-            .http
-            .request(method, &url)
+            .client
+            .request(method.clone(), &url)
             .bearer_auth(token)
             .header("wicket-reasoning", reasoning.replace(['\r', '\n'], " "))
             .header("user-agent", app);
@@ -411,10 +465,13 @@ impl Wicket {
         }
         if let Some(body) = args.get("body").filter(|b| !b.is_null()) {
             req = req.json(body);
+            if method == reqwest::Method::PATCH && path.starts_with("/api") {
+                req = req.header("content-type", "application/merge-patch+json");
+            }
         }
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return text_error(format!("cannot reach the gate at {base}: {e}")),
+            Err(e) => return text_error(format!("cannot reach the gate at {}: {e}", self.base)),
         };
         let status = resp.status().as_u16();
         let ctype = resp
@@ -455,8 +512,10 @@ pub async fn run(cli: &Cli, args: &McpArgs) -> Result<(), CliError> {
     };
     let mut gates = BTreeMap::new();
     for (name, url) in &args.gates {
-        let g = if url.starts_with("http") {
-            Gate::Http(url.clone())
+        let g = if let Some(k8s) = url.strip_prefix("k8s+") {
+            Gate::Kubernetes(Web::parse(k8s).map_err(CliError::usage)?)
+        } else if url.starts_with("http") {
+            Gate::Http(Web::parse(url).map_err(CliError::usage)?)
         } else {
             Gate::Postgres(pg::Target::parse(url).map_err(CliError::usage)?)
         };
@@ -472,10 +531,6 @@ pub async fn run(cli: &Cli, args: &McpArgs) -> Result<(), CliError> {
         gates: Arc::new(gates),
         control,
         max_rows: args.max_rows,
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(3600))
-            .build()
-            .map_err(|e| CliError::usage(format!("HTTP client: {e}")))?,
     };
     match args.transport.as_str() {
         "stdio" => {
