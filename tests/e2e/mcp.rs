@@ -269,6 +269,12 @@ fn gates(s: &Stack) -> Vec<String> {
             "demo-db=postgresql://demo-agent@127.0.0.1:{}/{}",
             s.gate, s.db
         ),
+        // A connection the agent has no grant on: not offered.
+        "--gate".into(),
+        format!(
+            "payroll-db=postgresql://demo-agent@127.0.0.1:{}/{}",
+            s.gate, s.db
+        ),
         "--gate".into(),
         format!("demo-api=http://127.0.0.1:{}", s.http_gate),
         "--gate".into(),

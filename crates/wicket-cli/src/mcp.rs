@@ -170,17 +170,54 @@ fn schema(
 }
 
 impl Wicket {
-    fn names(&self, kind: fn(&Gate) -> bool) -> Vec<&String> {
+    fn names<'a>(
+        &'a self,
+        offered: Option<&std::collections::HashSet<String>>,
+        kind: fn(&Gate) -> bool,
+    ) -> Vec<&'a String> {
         self.gates
             .iter()
-            .filter(|(_, g)| kind(g))
+            .filter(|(n, g)| kind(g) && offered.is_none_or(|o| o.contains(*n)))
             .map(|(n, _)| n)
             .collect()
     }
 
-    fn tools(&self) -> Vec<Tool> {
+    /// The connections `token`'s principal may use now (a policy grant or
+    /// an access grant in force), or `None` when the control service cannot
+    /// say: then every gate is listed, and the gates refuse what policy does.
+    async fn granted(&self, token: &str) -> Option<std::collections::HashSet<String>> {
+        let control = self.control.as_ref()?;
+        let mut req = tonic::Request::new(wicket_proto::v1::ListMyConnectionsRequest {});
+        req.metadata_mut().insert(
+            "authorization",
+            tonic::metadata::MetadataValue::try_from(format!("Bearer {token}")).ok()?,
+        );
+        match wicket_proto::v1::access_service_client::AccessServiceClient::new(
+            control.channel.clone(),
+        )
+        .list_my_connections(req)
+        .await
+        {
+            Ok(r) => Some(
+                r.into_inner()
+                    .connections
+                    .into_iter()
+                    .map(|c| c.name)
+                    .collect(),
+            ),
+            Err(e) => {
+                eprintln!(
+                    "wicket mcp: cannot ask the control service for your connections ({}); listing every --gate",
+                    e.message()
+                );
+                None
+            }
+        }
+    }
+
+    fn tools(&self, offered: Option<&std::collections::HashSet<String>>) -> Vec<Tool> {
         let mut out = Vec::new();
-        let pg = self.names(|g| matches!(g, Gate::Postgres(_)));
+        let pg = self.names(offered, |g| matches!(g, Gate::Postgres(_)));
         if !pg.is_empty() {
             let mut p = serde_json::Map::new();
             common(&mut p, pg);
@@ -194,7 +231,7 @@ impl Wicket {
                 schema(p, &["sql"]),
             ));
         }
-        let http = self.names(|g| matches!(g, Gate::Http(_)));
+        let http = self.names(offered, |g| matches!(g, Gate::Http(_)));
         if !http.is_empty() {
             let mut p = serde_json::Map::new();
             common(&mut p, http);
@@ -216,7 +253,7 @@ impl Wicket {
                 schema(p, &["method", "path"]),
             ));
         }
-        let k8s = self.names(|g| matches!(g, Gate::Kubernetes(_)));
+        let k8s = self.names(offered, |g| matches!(g, Gate::Kubernetes(_)));
         if !k8s.is_empty() {
             let mut p = serde_json::Map::new();
             common(&mut p, k8s);
@@ -304,6 +341,32 @@ fn text_error(msg: impl Into<String>) -> CallToolResponse {
     CallToolResponse::Complete(CallToolResult::error(vec![ContentBlock::text(msg.into())]))
 }
 
+impl Wicket {
+    /// The caller's token: over HTTP the request's `Authorization: Bearer`,
+    /// over stdio ours.
+    fn caller_token(&self, context: &RequestContext<RoleServer>) -> Result<String, McpError> {
+        match context.extensions.get::<hyper::http::request::Parts>() {
+            Some(parts) => parts
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    McpError::invalid_request(
+                        "send your access token: Authorization: Bearer <token>",
+                        None,
+                    )
+                }),
+            None => self
+                .token
+                .clone()
+                .ok_or_else(|| McpError::internal_error("wicket mcp has no token", None)),
+        }
+    }
+}
+
 impl ServerHandler for Wicket {
     fn get_info(&self) -> InitializeResult {
         let mut info = InitializeResult::new(ServerCapabilities::builder().enable_tools().build());
@@ -319,13 +382,20 @@ impl ServerHandler for Wicket {
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        Ok(ListToolsResult::with_all_items(self.tools()))
+        // Only the connections the caller has a grant for.
+        let offered = match self.caller_token(&context) {
+            Ok(token) => self.granted(&token).await,
+            Err(_) => None,
+        };
+        Ok(ListToolsResult::with_all_items(
+            self.tools(offered.as_ref()),
+        ))
     }
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
-        self.tools().into_iter().find(|t| t.name == name)
+        self.tools(None).into_iter().find(|t| t.name == name)
     }
 
     async fn call_tool(
@@ -333,25 +403,7 @@ impl ServerHandler for Wicket {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
-        let token = match context.extensions.get::<hyper::http::request::Parts>() {
-            Some(parts) => parts
-                .headers
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| {
-                    McpError::invalid_request(
-                        "send your access token: Authorization: Bearer <token>",
-                        None,
-                    )
-                })?,
-            None => self
-                .token
-                .clone()
-                .ok_or_else(|| McpError::internal_error("wicket mcp has no token", None))?,
-        };
+        let token = self.caller_token(&context)?;
         let args = Value::Object(request.arguments.clone().unwrap_or_default());
         let reasoning = args["reasoning"]
             .as_str()

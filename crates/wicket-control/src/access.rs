@@ -200,4 +200,54 @@ impl AccessService for AdminApi {
             .collect();
         Ok(Response::new(v1::ListAccessGrantsResponse { grants }))
     }
+
+    async fn list_my_connections(
+        &self,
+        req: Request<v1::ListMyConnectionsRequest>,
+    ) -> Result<Response<v1::ListMyConnectionsResponse>, Status> {
+        let me = self.control.auth.user(req.metadata()).await?.principal;
+        let now = Utc::now();
+        let Some(current) = self.control.current() else {
+            return Ok(Response::new(v1::ListMyConnectionsResponse::default()));
+        };
+        let policy = &current.policy;
+        // Just-in-time grants in force, by connection (the longest wins).
+        let mut jit: std::collections::HashMap<String, &wicket_store::AccessGrant> =
+            std::collections::HashMap::new();
+        let grants = self
+            .control
+            .store
+            .list_access_grants(None, now)
+            .await
+            .map_err(storage)?;
+        for g in grants
+            .iter()
+            .filter(|g| g.issuer == me.issuer && g.subject == me.subject)
+        {
+            let e = jit.entry(g.connection.clone()).or_insert(g);
+            if g.until > e.until {
+                *e = g;
+            }
+        }
+        let mut out = Vec::new();
+        for c in &policy.document().connections {
+            let (grant, until) = match policy.authorize_session(&me, &c.name, now) {
+                wicket_policy::SessionDecision::Allowed { grant, expires } => (grant, expires),
+                wicket_policy::SessionDecision::Denied(_) => match jit.get(&c.name) {
+                    Some(g) => (g.id.clone(), Some(g.until)),
+                    None => continue,
+                },
+            };
+            out.push(v1::MyConnection {
+                name: c.name.clone(),
+                protocol: convert::protocol(c.protocol) as i32,
+                description: c.description.clone(),
+                grant,
+                until: until.map(convert::ts),
+            });
+        }
+        Ok(Response::new(v1::ListMyConnectionsResponse {
+            connections: out,
+        }))
+    }
 }

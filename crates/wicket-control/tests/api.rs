@@ -523,6 +523,48 @@ async fn principals_attach_their_own_traces_but_never_replace_one() {
 }
 
 #[tokio::test]
+async fn principals_list_the_connections_they_may_use() {
+    let h = start_with(None).await;
+    let mine = |token: String| {
+        let mut c =
+            wicket_proto::v1::access_service_client::AccessServiceClient::new(h.channel.clone());
+        async move {
+            c.list_my_connections(with_token(v1::ListMyConnectionsRequest {}, &token))
+                .await
+                .map(|r| {
+                    r.into_inner()
+                        .connections
+                        .into_iter()
+                        .map(|c| (c.name, c.grant))
+                        .collect::<Vec<_>>()
+                })
+        }
+    };
+    let bot = h.idp.mint(&TokenSpec::agent("bot-1", &["agents"]));
+    // Before any policy: nothing.
+    assert!(mine(bot.clone()).await.unwrap().is_empty());
+    h.apply(POLICY).await;
+    assert_eq!(
+        mine(bot).await.unwrap(),
+        [("orders-db".to_string(), "bots".to_string())]
+    );
+    let dba = h.idp.mint(&TokenSpec::human("dana", &["dba"]));
+    assert_eq!(
+        mine(dba).await.unwrap(),
+        [
+            ("orders-db".to_string(), "dbas".to_string()),
+            ("web".to_string(), "dbas".to_string())
+        ]
+    );
+    let nobody = h.idp.mint(&TokenSpec::agent("stranger", &["agents"]));
+    assert!(mine(nobody).await.unwrap().is_empty());
+    assert_eq!(
+        mine("bad".into()).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+}
+
+#[tokio::test]
 async fn sidecars_watch_bundles_report_events_and_wait_for_approvals() {
     let h = start_with(None).await;
     h.apply(POLICY).await;
@@ -1236,6 +1278,17 @@ async fn just_in_time_access_is_approved_carried_and_lapses() {
     let until = wicket_proto::convert::from_ts(granted.until.as_ref()).unwrap();
     let left = until - chrono::Utc::now();
     assert!(left > chrono::Duration::zero() && left <= chrono::Duration::seconds(3));
+
+    // Olga now has the connection, by her access grant, until then.
+    let olgas = access
+        .list_my_connections(with_token(v1::ListMyConnectionsRequest {}, &olga))
+        .await
+        .unwrap()
+        .into_inner()
+        .connections;
+    assert_eq!(olgas.len(), 1);
+    assert_eq!(olgas[0].name, "orders-db");
+    assert!(olgas[0].until.is_some());
 
     // The bundle now grants exactly olga (by issuer and subject) until then.
     let with = tokio::time::timeout(Duration::from_secs(2), bundles.next())
