@@ -401,6 +401,18 @@ fn an_agent_acts_through_wicket_mcp_with_the_official_sdk() {
     );
     assert_eq!(v["delete_pod_approval"]["connection"], "demo-cluster");
 
+    // kubectl exec through the gate: exit code and both streams; a
+    // destructive command refused, naming the rule.
+    let exec = &v["exec"]["structured"];
+    assert_eq!(exec["exit_code"], 3, "{}", v["exec"]);
+    assert_eq!(exec["stdout"], "hello from web-0\n");
+    assert_eq!(exec["stderr"], "warn\n");
+    let refused = v["exec_refused"].to_string();
+    assert!(
+        refused.contains("403") && refused.contains("no-destruction-in-pods"),
+        "{refused}"
+    );
+
     // The audit: each call with its reasoning, the MCP client named.
     let sessions: Value =
         serde_json::from_str(&wicket(&s, &s.admin, &["sessions", "list", "-o", "json"])).unwrap();
@@ -421,6 +433,7 @@ fn an_agent_acts_through_wicket_mcp_with_the_official_sdk() {
         "Which e-mail domains do our customers use?",
         "weekly report of customer plans",
         "db-0 is wedged; deleting it so it restarts",
+        "checking what web-0 serves",
     ] {
         assert!(
             seen.contains(needle),
@@ -462,7 +475,12 @@ fn streamable_http_clients_bring_their_own_token() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         v["tools"],
-        serde_json::json!(["http_request", "kubernetes_request", "postgres_query"])
+        serde_json::json!([
+            "http_request",
+            "kubernetes_exec",
+            "kubernetes_request",
+            "postgres_query"
+        ])
     );
     assert_masked_customers(&v["http"]);
     assert!(

@@ -121,6 +121,12 @@ async def main():
             await asyncio.to_thread(approve_when_held, env, seen)
             out["delete_pod"] = result(await held)
             out["delete_pod_approval"] = seen.get("approval")
+            out["exec"] = result(await session.call_tool("kubernetes_exec", dict(
+                k8s, reasoning="checking what web-0 serves", namespace="default", pod="web-0",
+                command=["sh", "-c", "echo hello from web-0; echo warn >&2; exit 3"])))
+            out["exec_refused"] = result(await session.call_tool("kubernetes_exec", dict(
+                k8s, reasoning="clearing space", namespace="default", pod="web-0",
+                command=["rm", "-rf", "/data"])))
     print(json.dumps(out))
 
 

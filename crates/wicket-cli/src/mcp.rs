@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 
 use crate::{Cli, CliError};
 
+mod exec;
 mod pg;
 
 /// `wicket mcp` arguments.
@@ -84,6 +85,7 @@ enum Gate {
 struct Web {
     base: String,
     client: reqwest::Client,
+    ca: Option<std::path::PathBuf>,
 }
 
 impl Web {
@@ -96,7 +98,7 @@ impl Web {
             .map(|(_, v)| v.into_owned());
         u.set_query(None);
         let mut b = reqwest::Client::builder().timeout(Duration::from_secs(3600));
-        if let Some(ca) = ca {
+        if let Some(ca) = &ca {
             let pem = std::fs::read(&ca).map_err(|e| format!("cannot read {ca}: {e}"))?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .map_err(|e| format!("{ca} holds no PEM certificate: {e}"))?;
@@ -105,6 +107,7 @@ impl Web {
         Ok(Web {
             base: u.as_str().trim_end_matches('/').to_string(),
             client: b.build().map_err(|e| format!("HTTP client: {e}"))?,
+            ca: ca.map(Into::into),
         })
     }
 }
@@ -270,6 +273,30 @@ impl Wicket {
                 "body".into(),
                 json!({"description": "The object (JSON) for POST, PUT and PATCH (merge patch)."}),
             );
+            let mut e = serde_json::Map::new();
+            common(
+                &mut e,
+                self.names(offered, |g| matches!(g, Gate::Kubernetes(_))),
+            );
+            e.insert(
+                "namespace".into(),
+                json!({"type": "string", "minLength": 1}),
+            );
+            e.insert("pod".into(), json!({"type": "string", "minLength": 1}));
+            e.insert(
+                "container".into(),
+                json!({"type": "string", "description": "Default: the pod's only or default container."}),
+            );
+            e.insert(
+                "command".into(),
+                json!({"type": "array", "items": {"type": "string"}, "minItems": 1,
+                       "description": "The command and its arguments, e.g. [\"sh\", \"-c\", \"ls /data\"]."}),
+            );
+            out.push(Tool::new(
+                "kubernetes_exec",
+                "Run a command in a pod through the Kubernetes gate (kubectl exec, as yourself). Policy may refuse it or hold it for approval; output is masked and recorded. Returns the exit code, stdout and stderr.",
+                schema(e, &["namespace", "pod", "command"]),
+            ));
             out.push(Tool::new(
                 "kubernetes_request",
                 "Call the Kubernetes API through its Wicket gate, as yourself (the cluster's RBAC applies to you). Policy may refuse the request or hold it for a human's approval; Secret values come back redacted unless policy allows them. Returns the status and the JSON body.",
@@ -478,6 +505,16 @@ impl ServerHandler for Wicket {
                     Err(e) => text_error(e),
                 })
             }
+            ("kubernetes_exec", Gate::Kubernetes(web)) => Ok(
+                match exec::run(web, &token, &args, &reasoning, &app, traceparent.as_deref()).await
+                {
+                    Ok(out) if out["exit_code"] == 0 => {
+                        CallToolResponse::Complete(CallToolResult::structured(out))
+                    }
+                    Ok(out) => CallToolResponse::Complete(CallToolResult::structured_error(out)),
+                    Err(e) => text_error(e),
+                },
+            ),
             ("http_request", Gate::Http(web)) | ("kubernetes_request", Gate::Kubernetes(web)) => {
                 Ok(web
                     .call(&token, &args, &reasoning, &app, traceparent.as_deref())
