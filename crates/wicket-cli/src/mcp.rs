@@ -99,7 +99,7 @@ impl Web {
         u.set_query(None);
         let mut b = reqwest::Client::builder().timeout(Duration::from_secs(3600));
         if let Some(ca) = &ca {
-            let pem = std::fs::read(&ca).map_err(|e| format!("cannot read {ca}: {e}"))?;
+            let pem = std::fs::read(ca).map_err(|e| format!("cannot read {ca}: {e}"))?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .map_err(|e| format!("{ca} holds no PEM certificate: {e}"))?;
             b = b.tls_certs_only([cert]);
