@@ -45,6 +45,9 @@ struct Stack {
     http_gate: u16,
     k8s_gate: u16,
     kube_ca: PathBuf,
+    ssh_gate: u16,
+    ssh_user: String,
+    ssh_known_hosts: PathBuf,
     db: String,
     agent: String,
     approver: String,
@@ -96,6 +99,8 @@ fn start() -> Stack {
             {"id": "mcp-http", "name": "mcp-http", "connections": ["demo-api"],
              "secret_sha256": sha256_hex(&secret)},
             {"id": "mcp-k8s", "name": "mcp-k8s", "connections": ["demo-cluster"],
+             "secret_sha256": sha256_hex(&secret)},
+            {"id": "mcp-ssh", "name": "mcp-ssh", "connections": ["demo-host"],
              "secret_sha256": sha256_hex(&secret)}]})
         .to_string(),
     )
@@ -218,7 +223,47 @@ fn start() -> Stack {
             .unwrap(),
     );
     wait_port(k8s_gate, "wicket-k8s");
+    // An OpenSSH server behind wicket-ssh; the gate's own host key is pinned
+    // for the MCP client.
+    let sdir = dir.path().join("ssh");
+    std::fs::create_dir_all(&sdir).unwrap();
+    let (sshd, ssh_user, sshd_known_hosts, gate_key) = sshd(&sdir);
+    procs.0.push(sshd);
+    let gate_host_key = sdir.join("gate_host_key");
+    keygen(&gate_host_key);
+    let ssh_gate = free_port();
+    let ssh_known_hosts = sdir.join("gate_known_hosts");
+    std::fs::write(
+        &ssh_known_hosts,
+        format!(
+            "[127.0.0.1]:{ssh_gate} {}",
+            std::fs::read_to_string(gate_host_key.with_extension("pub")).unwrap()
+        ),
+    )
+    .unwrap();
+    procs.0.push(
+        Command::new(bin("wicket-ssh"))
+            .env("WICKET_CONNECTION", "demo-host")
+            .env("WICKET_CONTROL", &control)
+            .env("WICKET_SIDECAR_TOKEN", format!("wks_mcp-ssh_{secret}"))
+            .env("WICKET_OIDC_ISSUER", &issuer)
+            .env("WICKET_SSH_LISTEN", format!("127.0.0.1:{ssh_gate}"))
+            .env("WICKET_SSH_UPSTREAM", sshd_addr(&sdir))
+            .env("WICKET_SSH_UPSTREAM_USER", &ssh_user)
+            .env("WICKET_SSH_UPSTREAM_KEY_FILE", &gate_key)
+            .env("WICKET_SSH_KNOWN_HOSTS", &sshd_known_hosts)
+            .env("WICKET_SSH_HOST_KEY", &gate_host_key)
+            .env("WICKET_STATE_DIR", dir.path().join("ssh-state"))
+            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(ssh_gate, "wicket-ssh");
     Stack {
+        ssh_gate,
+        ssh_user,
+        ssh_known_hosts,
         k8s_gate,
         kube_ca: kdir.join("ca.crt"),
         http_gate,
@@ -231,6 +276,59 @@ fn start() -> Stack {
         admin: token(&env_file, "WICKET_ADMIN_TOKEN"),
         _dir: dir,
     }
+}
+
+fn keygen(path: &Path) {
+    let o = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn sshd_addr(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("addr")).unwrap()
+}
+
+/// A real sshd on a free port, for the user running the tests: the child,
+/// the user, its pinned host key (known_hosts), and the key it authorizes.
+fn sshd(dir: &Path) -> (std::process::Child, String, PathBuf, PathBuf) {
+    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let (host, key) = (dir.join("host_key"), dir.join("gate_key"));
+    keygen(&host);
+    keygen(&key);
+    let pubkey = |k: &Path| std::fs::read_to_string(k.with_extension("pub")).unwrap();
+    std::fs::write(dir.join("authorized_keys"), pubkey(&key)).unwrap();
+    let port = free_port();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {dir}/sshd.pid\n\
+             AuthorizedKeysFile {dir}/authorized_keys\nStrictModes no\nUsePAM no\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+             PermitRootLogin yes\nLogLevel ERROR\n",
+            host = host.display(),
+            dir = dir.display(),
+        ),
+    )
+    .unwrap();
+    let child = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sshd (openssh-server) runs");
+    wait_port(port, "sshd");
+    let known = dir.join("known_hosts");
+    std::fs::write(&known, format!("[127.0.0.1]:{port} {}", pubkey(&host))).unwrap();
+    std::fs::write(dir.join("addr"), format!("127.0.0.1:{port}")).unwrap();
+    (child, user, known, key)
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -277,6 +375,13 @@ fn gates(s: &Stack) -> Vec<String> {
         ),
         "--gate".into(),
         format!("demo-api=http://127.0.0.1:{}", s.http_gate),
+        "--gate".into(),
+        format!(
+            "demo-host=ssh://{}@127.0.0.1:{}?known_hosts={}",
+            s.ssh_user,
+            s.ssh_gate,
+            s.ssh_known_hosts.display()
+        ),
         "--gate".into(),
         format!(
             "demo-cluster=k8s+https://127.0.0.1:{}?ca={}",
@@ -413,6 +518,14 @@ fn an_agent_acts_through_wicket_mcp_with_the_official_sdk() {
         "{refused}"
     );
 
+    // A command on the host through wicket-ssh; a destructive one refused.
+    let ssh = &v["ssh"]["structured"];
+    assert_eq!(ssh["exit_code"], 4, "{}", v["ssh"]);
+    assert_eq!(ssh["stdout"], "hi from the host\n");
+    assert_eq!(ssh["stderr"], "err\n");
+    let refused = v["ssh_refused"].to_string();
+    assert!(refused.contains("no-host-destruction"), "{refused}");
+
     // The audit: each call with its reasoning, the MCP client named.
     let sessions: Value =
         serde_json::from_str(&wicket(&s, &s.admin, &["sessions", "list", "-o", "json"])).unwrap();
@@ -434,6 +547,7 @@ fn an_agent_acts_through_wicket_mcp_with_the_official_sdk() {
         "weekly report of customer plans",
         "db-0 is wedged; deleting it so it restarts",
         "checking what web-0 serves",
+        "looking at the host",
     ] {
         assert!(
             seen.contains(needle),
@@ -479,7 +593,8 @@ fn streamable_http_clients_bring_their_own_token() {
             "http_request",
             "kubernetes_exec",
             "kubernetes_request",
-            "postgres_query"
+            "postgres_query",
+            "ssh_exec"
         ])
     );
     assert_masked_customers(&v["http"]);

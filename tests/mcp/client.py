@@ -124,6 +124,11 @@ async def main():
             out["exec"] = result(await session.call_tool("kubernetes_exec", dict(
                 k8s, reasoning="checking what web-0 serves", namespace="default", pod="web-0",
                 command=["sh", "-c", "echo hello from web-0; echo warn >&2; exit 3"])))
+            host = {"connection": "demo-host", "reasoning": "looking at the host"}
+            out["ssh"] = result(await session.call_tool("ssh_exec", dict(
+                host, command="echo hi from the host; echo err >&2; exit 4")))
+            out["ssh_refused"] = result(await session.call_tool("ssh_exec", dict(
+                host, command="rm -rf /etc")))
             out["exec_refused"] = result(await session.call_tool("kubernetes_exec", dict(
                 k8s, reasoning="clearing space", namespace="default", pod="web-0",
                 command=["rm", "-rf", "/data"])))

@@ -29,6 +29,7 @@ use crate::{Cli, CliError};
 
 mod exec;
 mod pg;
+mod ssh;
 
 /// `wicket mcp` arguments.
 #[derive(Debug, clap::Args)]
@@ -36,8 +37,10 @@ pub struct McpArgs {
     /// A connection to offer, with its gate: `NAME=postgresql://HOST:PORT/DB`
     /// (wicket-pg; `?sslmode=verify-full&sslrootcert=CA` for TLS),
     /// `NAME=http://HOST:PORT` or `https://…` (wicket-http), or
-    /// `NAME=k8s+https://HOST:PORT` (wicket-k8s). For https, `?ca=FILE`
-    /// names the CA that signed the gate's certificate. Repeat.
+    /// `NAME=k8s+https://HOST:PORT` (wicket-k8s), or
+    /// `NAME=ssh://USER@HOST:PORT?known_hosts=FILE` (wicket-ssh, its host
+    /// key pinned in FILE). For https, `?ca=FILE` names the CA that signed
+    /// the gate's certificate. Repeat.
     #[arg(long = "gate", value_parser = gate, required = true)]
     pub gates: Vec<(String, String)>,
     /// `stdio` (the agent starts this command) or `http` (streamable HTTP).
@@ -61,12 +64,13 @@ fn gate(s: &str) -> Result<(String, String), String> {
         "http://",
         "https://",
         "k8s+https://",
+        "ssh://",
     ]
     .iter()
     .any(|p| url.starts_with(p));
     if name.is_empty() || !ok {
         return Err(format!(
-            "expected NAME=postgresql://…, NAME=http(s)://… or NAME=k8s+https://…, got `{s}`"
+            "expected NAME=postgresql://…, NAME=http(s)://…, NAME=k8s+https://… or NAME=ssh://…, got `{s}`"
         ));
     }
     Ok((name.to_string(), url.to_string()))
@@ -78,6 +82,7 @@ enum Gate {
     Postgres(pg::Target),
     Http(Web),
     Kubernetes(Web),
+    Ssh(ssh::Target),
 }
 
 /// An HTTP-speaking gate: its base URL and a client that trusts its CA.
@@ -256,6 +261,20 @@ impl Wicket {
                 schema(p, &["method", "path"]),
             ));
         }
+        let hosts = self.names(offered, |g| matches!(g, Gate::Ssh(_)));
+        if !hosts.is_empty() {
+            let mut p = serde_json::Map::new();
+            common(&mut p, hosts);
+            p.insert(
+                "command".into(),
+                json!({"type": "string", "minLength": 1, "description": "The shell command to run on the host."}),
+            );
+            out.push(Tool::new(
+                "ssh_exec",
+                "Run a command on a host through its Wicket SSH gate. Policy may refuse it or hold it for a human's approval; output is masked and recorded. Returns the exit code, stdout and stderr.",
+                schema(p, &["command"]),
+            ));
+        }
         let k8s = self.names(offered, |g| matches!(g, Gate::Kubernetes(_)));
         if !k8s.is_empty() {
             let mut p = serde_json::Map::new();
@@ -369,6 +388,27 @@ fn text_error(msg: impl Into<String>) -> CallToolResponse {
 }
 
 impl Wicket {
+    /// Where a gate's notes (an approval wait) go: to the client as
+    /// progress, when it asked for progress.
+    fn notices(&self, context: &RequestContext<RoleServer>) -> impl Fn(String) + use<> {
+        let peer = context.peer.clone();
+        let progress = context.meta.get_progress_token();
+        let step = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        move |text: String| {
+            let (Some(token), peer) = (progress.clone(), peer.clone()) else {
+                return;
+            };
+            let n = step.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            tokio::spawn(async move {
+                let _ = peer
+                    .notify_progress(
+                        ProgressNotificationParam::new(token, f64::from(n)).with_message(text),
+                    )
+                    .await;
+            });
+        }
+    }
+
     /// The caller's token: over HTTP the request's `Authorization: Bearer`,
     /// over stdio ours.
     fn caller_token(&self, context: &RequestContext<RoleServer>) -> Result<String, McpError> {
@@ -468,25 +508,7 @@ impl ServerHandler for Wicket {
         match (request.name.as_ref(), gate) {
             ("postgres_query", Gate::Postgres(target)) => {
                 let sql = args["sql"].as_str().unwrap_or_default();
-                // A notice (an approval wait) goes to the client as progress
-                // when it asked for progress, and into the result always.
-                let peer = context.peer.clone();
-                let progress = context.meta.get_progress_token();
-                let step = Arc::new(std::sync::atomic::AtomicU32::new(0));
-                let notices = move |text: String| {
-                    let (Some(token), peer) = (progress.clone(), peer.clone()) else {
-                        return;
-                    };
-                    let n = step.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    tokio::spawn(async move {
-                        let _ = peer
-                            .notify_progress(
-                                ProgressNotificationParam::new(token, f64::from(n))
-                                    .with_message(text),
-                            )
-                            .await;
-                    });
-                };
+                let notices = self.notices(&context);
                 let call = pg::Call {
                     sql,
                     token: &token,
@@ -504,6 +526,30 @@ impl ServerHandler for Wicket {
                     }
                     Err(e) => text_error(e),
                 })
+            }
+            ("ssh_exec", Gate::Ssh(target)) => {
+                let command = args["command"].as_str().unwrap_or_default();
+                let notices = self.notices(&context);
+                Ok(
+                    match ssh::run(
+                        target,
+                        &token,
+                        command,
+                        &reasoning,
+                        traceparent.as_deref(),
+                        notices,
+                    )
+                    .await
+                    {
+                        Ok(out) if out["exit_code"] == 0 => {
+                            CallToolResponse::Complete(CallToolResult::structured(out))
+                        }
+                        Ok(out) => {
+                            CallToolResponse::Complete(CallToolResult::structured_error(out))
+                        }
+                        Err(e) => text_error(e),
+                    },
+                )
             }
             ("kubernetes_exec", Gate::Kubernetes(web)) => Ok(
                 match exec::run(web, &token, &args, &reasoning, &app, traceparent.as_deref()).await
@@ -601,7 +647,9 @@ pub async fn run(cli: &Cli, args: &McpArgs) -> Result<(), CliError> {
     };
     let mut gates = BTreeMap::new();
     for (name, url) in &args.gates {
-        let g = if let Some(k8s) = url.strip_prefix("k8s+") {
+        let g = if url.starts_with("ssh://") {
+            Gate::Ssh(ssh::Target::parse(url).map_err(CliError::usage)?)
+        } else if let Some(k8s) = url.strip_prefix("k8s+") {
             Gate::Kubernetes(Web::parse(k8s).map_err(CliError::usage)?)
         } else if url.starts_with("http") {
             Gate::Http(Web::parse(url).map_err(CliError::usage)?)
