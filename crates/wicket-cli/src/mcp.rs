@@ -383,6 +383,56 @@ impl Wicket {
     }
 }
 
+/// Checks `args` against the parts of the tool's schema that matter here:
+/// required arguments present and not empty, no unknown ones, strings where
+/// strings go, and `enum` values.
+fn check_arguments(tool: &Tool, args: &Value) -> Result<(), String> {
+    let schema = &tool.input_schema;
+    let props = schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    for r in schema
+        .get("required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        let missing = match args.get(r) {
+            None | Some(Value::Null) => true,
+            Some(Value::String(s)) => s.trim().is_empty(),
+            Some(Value::Array(a)) => a.is_empty(),
+            Some(_) => false,
+        };
+        if missing {
+            return Err(if r == "reasoning" {
+                "`reasoning` is required: say why you are making this call".into()
+            } else {
+                format!("`{r}` is required")
+            });
+        }
+    }
+    for (k, v) in args.as_object().into_iter().flatten() {
+        let Some(p) = props.get(k) else {
+            return Err(format!("unknown argument `{k}`"));
+        };
+        if p["type"] == "string" && !v.is_string() {
+            return Err(format!("`{k}` must be a string"));
+        }
+        if let Some(allowed) = p["enum"].as_array()
+            && !allowed.contains(v)
+        {
+            return Err(format!(
+                "`{k}` must be one of {}",
+                Value::Array(allowed.clone())
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn text_error(msg: impl Into<String>) -> CallToolResponse {
     CallToolResponse::Complete(CallToolResult::error(vec![ContentBlock::text(msg.into())]))
 }
@@ -472,6 +522,13 @@ impl ServerHandler for Wicket {
     ) -> Result<CallToolResponse, McpError> {
         let token = self.caller_token(&context)?;
         let args = Value::Object(request.arguments.clone().unwrap_or_default());
+        let Some(tool) = self.get_tool(&request.name) else {
+            return Err(McpError::invalid_params(
+                format!("no tool `{}`", request.name),
+                None,
+            ));
+        };
+        check_arguments(&tool, &args).map_err(|e| McpError::invalid_params(e, None))?;
         let reasoning = args["reasoning"]
             .as_str()
             .unwrap_or_default()
@@ -712,5 +769,86 @@ async fn http(server: Wicket, listen: SocketAddr) -> Result<(), CliError> {
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> Wicket {
+        let mut gates = BTreeMap::new();
+        gates.insert(
+            "db".to_string(),
+            Gate::Postgres(pg::Target::parse("postgresql://a@127.0.0.1:1/d").unwrap()),
+        );
+        Wicket {
+            token: Some("t".into()),
+            gates: Arc::new(gates),
+            control: None,
+            max_rows: 10,
+        }
+    }
+
+    #[test]
+    fn arguments_are_checked_against_the_schema() {
+        let tool = server().get_tool("postgres_query").unwrap();
+        let ok = json!({"connection": "db", "reasoning": "why", "sql": "SELECT 1"});
+        assert_eq!(check_arguments(&tool, &ok), Ok(()));
+        for (args, says) in [
+            (
+                json!({"connection": "db", "sql": "SELECT 1"}),
+                "`reasoning` is required",
+            ),
+            (
+                json!({"connection": "db", "reasoning": "  ", "sql": "SELECT 1"}),
+                "`reasoning` is required",
+            ),
+            (
+                json!({"connection": "db", "reasoning": "why"}),
+                "`sql` is required",
+            ),
+            (
+                json!({"connection": "other", "reasoning": "why", "sql": "x"}),
+                "must be one of",
+            ),
+            (
+                json!({"connection": "db", "reasoning": "why", "sql": 1}),
+                "must be a string",
+            ),
+            (
+                json!({"connection": "db", "reasoning": "why", "sql": "x", "db": "y"}),
+                "unknown argument `db`",
+            ),
+        ] {
+            let e = check_arguments(&tool, &args).unwrap_err();
+            assert!(e.contains(says), "{args}: {e}");
+        }
+    }
+
+    #[test]
+    fn gates_are_parsed_with_their_pins() {
+        assert!(gate("db=postgresql://h/d").is_ok());
+        assert!(
+            gate("db=mysql://h/d")
+                .unwrap_err()
+                .contains("expected NAME=")
+        );
+        assert!(gate("=http://h").is_err());
+        assert!(
+            ssh::Target::parse("ssh://u@h:22")
+                .unwrap_err()
+                .contains("known_hosts")
+        );
+        assert!(
+            pg::Target::parse("postgresql://h/d?sslmode=require")
+                .unwrap_err()
+                .contains("not supported")
+        );
+        assert!(
+            pg::Target::parse("postgresql://h/")
+                .unwrap_err()
+                .contains("no database")
+        );
     }
 }
