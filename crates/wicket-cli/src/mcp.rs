@@ -85,12 +85,37 @@ enum Gate {
     Ssh(ssh::Target),
 }
 
-/// An HTTP-speaking gate: its base URL and a client that trusts its CA.
+/// An HTTP-speaking gate: its base URL, and clients that trust its CA (an
+/// HTTP one, and the TLS configuration exec's WebSocket uses).
 #[derive(Debug, Clone)]
 struct Web {
     base: String,
     client: reqwest::Client,
-    ca: Option<std::path::PathBuf>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// A TLS client configuration that trusts only the CA certificates in `ca`
+/// (PEM): a gate's certificate is checked against its own CA. Built once
+/// per gate.
+fn tls_trusting(ca: &std::path::Path, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca)
+        .map_err(|e| format!("cannot read {}: {e}", ca.display()))?
+    {
+        roots
+            .add(c.map_err(|e| format!("{}: {e}", ca.display()))?)
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
 }
 
 impl Web {
@@ -102,17 +127,17 @@ impl Web {
             .find(|(k, _)| k == "ca")
             .map(|(_, v)| v.into_owned());
         u.set_query(None);
+        let tls = ca
+            .map(|ca| tls_trusting(std::path::Path::new(&ca), &[]))
+            .transpose()?;
         let mut b = reqwest::Client::builder().timeout(Duration::from_secs(3600));
-        if let Some(ca) = &ca {
-            let pem = std::fs::read(ca).map_err(|e| format!("cannot read {ca}: {e}"))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| format!("{ca} holds no PEM certificate: {e}"))?;
-            b = b.tls_certs_only([cert]);
+        if let Some(cfg) = &tls {
+            b = b.use_preconfigured_tls((**cfg).clone());
         }
         Ok(Web {
             base: u.as_str().trim_end_matches('/').to_string(),
             client: b.build().map_err(|e| format!("HTTP client: {e}"))?,
-            ca: ca.map(Into::into),
+            tls,
         })
     }
 }
@@ -136,45 +161,45 @@ impl std::fmt::Debug for Wicket {
     }
 }
 
-/// The schema of the arguments every tool shares.
-fn common(props: &mut serde_json::Map<String, Value>, names: Vec<&String>) {
-    props.insert(
-        "connection".into(),
-        json!({"type": "string", "enum": names, "description": "The Wicket connection to act on."}),
-    );
-    props.insert(
-        "reasoning".into(),
-        json!({"type": "string", "minLength": 1,
-               "description": "Why you are doing this: recorded with the command, shown to approvers."}),
-    );
-    props.insert(
-        "trace".into(),
-        json!({"type": "object", "description": "Optional structured reasoning trace.",
-               "properties": {
-                   "prompt": {"type": "string", "description": "The task you were given."},
-                   "steps": {"type": "array", "items": {"type": "object", "properties": {
-                       "description": {"type": "string", "description": "What you did or concluded."},
-                       "tool": {"type": "string", "description": "The tool used, if any."},
-                       "observation": {"type": "string", "description": "What you observed."}},
-                       "required": ["description"]}},
-                   "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-                   "sources": {"type": "array", "items": {"type": "string"}}}}),
-    );
+/// A control-service request carrying `token` as its bearer credential.
+fn with_bearer<T>(msg: T, token: &str) -> Result<tonic::Request<T>, String> {
+    let mut req = tonic::Request::new(msg);
+    let auth = tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| "the token is not a valid header value".to_string())?;
+    req.metadata_mut().insert("authorization", auth);
+    Ok(req)
 }
 
-fn schema(
-    mut props: serde_json::Map<String, Value>,
-    required: &[&str],
-) -> Arc<serde_json::Map<String, Value>> {
-    let _ = &mut props;
+/// A tool's input schema: the arguments every tool shares (`connection`,
+/// one of `names`; `reasoning`; `trace`) and its `own`, of which `required`
+/// are required besides `connection` and `reasoning`.
+fn schema(names: &[&String], own: Value, required: &[&str]) -> Arc<serde_json::Map<String, Value>> {
+    let mut props = json!({
+        "connection": {"type": "string", "enum": names, "description": "The Wicket connection to act on."},
+        "reasoning": {"type": "string", "minLength": 1,
+            "description": "Why you are doing this: recorded with the command, shown to approvers."},
+        "trace": {"type": "object", "description": "Optional structured reasoning trace.",
+            "properties": {
+                "prompt": {"type": "string", "description": "The task you were given."},
+                "steps": {"type": "array", "items": {"type": "object", "properties": {
+                    "description": {"type": "string", "description": "What you did or concluded."},
+                    "tool": {"type": "string", "description": "The tool used, if any."},
+                    "observation": {"type": "string", "description": "What you observed."}},
+                    "required": ["description"]}},
+                "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                "sources": {"type": "array", "items": {"type": "string"}}}},
+    });
+    if let (Some(p), Value::Object(own)) = (props.as_object_mut(), own) {
+        p.extend(own);
+    }
     let mut all = vec!["connection", "reasoning"];
     all.extend_from_slice(required);
-    let Value::Object(o) = json!({"type": "object", "properties": props, "required": all,
-                                   "additionalProperties": false})
-    else {
-        unreachable!("a literal object")
-    };
-    Arc::new(o)
+    match json!({"type": "object", "properties": props, "required": all,
+                 "additionalProperties": false})
+    {
+        Value::Object(o) => Arc::new(o),
+        _ => unreachable!("a literal object"),
+    }
 }
 
 impl Wicket {
@@ -195,11 +220,7 @@ impl Wicket {
     /// say: then every gate is listed, and the gates refuse what policy does.
     async fn granted(&self, token: &str) -> Option<std::collections::HashSet<String>> {
         let control = self.control.as_ref()?;
-        let mut req = tonic::Request::new(wicket_proto::v1::ListMyConnectionsRequest {});
-        req.metadata_mut().insert(
-            "authorization",
-            tonic::metadata::MetadataValue::try_from(format!("Bearer {token}")).ok()?,
-        );
+        let req = with_bearer(wicket_proto::v1::ListMyConnectionsRequest {}, token).ok()?;
         match wicket_proto::v1::access_service_client::AccessServiceClient::new(
             control.channel.clone(),
         )
@@ -227,99 +248,78 @@ impl Wicket {
         let mut out = Vec::new();
         let pg = self.names(offered, |g| matches!(g, Gate::Postgres(_)));
         if !pg.is_empty() {
-            let mut p = serde_json::Map::new();
-            common(&mut p, pg);
-            p.insert(
-                "sql".into(),
-                json!({"type": "string", "minLength": 1, "description": "One SQL statement (or several, separated by semicolons)."}),
-            );
             out.push(Tool::new(
                 "postgres_query",
                 "Run SQL on a PostgreSQL connection through its Wicket gate. Policy may refuse it or hold it for a human's approval; sensitive columns come back masked. Returns the columns and rows of the last statement that returned rows, and each statement's command tag.",
-                schema(p, &["sql"]),
+                schema(
+                    &pg,
+                    json!({"sql": {"type": "string", "minLength": 1,
+                        "description": "One SQL statement (or several, separated by semicolons)."}}),
+                    &["sql"],
+                ),
             ));
         }
         let http = self.names(offered, |g| matches!(g, Gate::Http(_)));
         if !http.is_empty() {
-            let mut p = serde_json::Map::new();
-            common(&mut p, http);
-            p.insert(
-                "method".into(),
-                json!({"type": "string", "enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]}),
-            );
-            p.insert(
-                "path".into(),
-                json!({"type": "string", "pattern": "^/", "description": "Path and query, e.g. /api/customers?limit=10"}),
-            );
-            p.insert(
-                "body".into(),
-                json!({"description": "JSON body (for POST, PUT, PATCH)."}),
-            );
             out.push(Tool::new(
                 "http_request",
                 "Call an HTTP API through its Wicket gate. Policy may refuse the request or hold it for a human's approval; sensitive fields come back masked. Returns the status, content type and body.",
-                schema(p, &["method", "path"]),
+                schema(
+                    &http,
+                    json!({
+                        "method": {"type": "string", "enum": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]},
+                        "path": {"type": "string", "pattern": "^/",
+                            "description": "Path and query, e.g. /api/customers?limit=10"},
+                        "body": {"description": "JSON body (for POST, PUT, PATCH)."},
+                    }),
+                    &["method", "path"],
+                ),
             ));
         }
         let hosts = self.names(offered, |g| matches!(g, Gate::Ssh(_)));
         if !hosts.is_empty() {
-            let mut p = serde_json::Map::new();
-            common(&mut p, hosts);
-            p.insert(
-                "command".into(),
-                json!({"type": "string", "minLength": 1, "description": "The shell command to run on the host."}),
-            );
             out.push(Tool::new(
                 "ssh_exec",
                 "Run a command on a host through its Wicket SSH gate. Policy may refuse it or hold it for a human's approval; output is masked and recorded. Returns the exit code, stdout and stderr.",
-                schema(p, &["command"]),
+                schema(
+                    &hosts,
+                    json!({"command": {"type": "string", "minLength": 1,
+                        "description": "The shell command to run on the host."}}),
+                    &["command"],
+                ),
             ));
         }
         let k8s = self.names(offered, |g| matches!(g, Gate::Kubernetes(_)));
         if !k8s.is_empty() {
-            let mut p = serde_json::Map::new();
-            common(&mut p, k8s);
-            p.insert(
-                "method".into(),
-                json!({"type": "string", "enum": ["GET", "POST", "PUT", "PATCH", "DELETE"]}),
-            );
-            p.insert(
-                "path".into(),
-                json!({"type": "string", "pattern": "^/(api|apis)(/|$)",
-                       "description": "A Kubernetes API path, e.g. /api/v1/namespaces/default/pods"}),
-            );
-            p.insert(
-                "body".into(),
-                json!({"description": "The object (JSON) for POST, PUT and PATCH (merge patch)."}),
-            );
-            let mut e = serde_json::Map::new();
-            common(
-                &mut e,
-                self.names(offered, |g| matches!(g, Gate::Kubernetes(_))),
-            );
-            e.insert(
-                "namespace".into(),
-                json!({"type": "string", "minLength": 1}),
-            );
-            e.insert("pod".into(), json!({"type": "string", "minLength": 1}));
-            e.insert(
-                "container".into(),
-                json!({"type": "string", "description": "Default: the pod's only or default container."}),
-            );
-            e.insert(
-                "command".into(),
-                json!({"type": "array", "items": {"type": "string"}, "minItems": 1,
-                       "description": "The command and its arguments, e.g. [\"sh\", \"-c\", \"ls /data\"]."}),
-            );
             out.push(Tool::new(
                 "kubernetes_exec",
                 "Run a command in a pod through the Kubernetes gate (kubectl exec, as yourself). Policy may refuse it or hold it for approval; output is masked and recorded. Returns the exit code, stdout and stderr.",
-                schema(e, &["namespace", "pod", "command"]),
+                schema(
+                    &k8s,
+                    json!({
+                        "namespace": {"type": "string", "minLength": 1},
+                        "pod": {"type": "string", "minLength": 1},
+                        "container": {"type": "string",
+                            "description": "Default: the pod's only or default container."},
+                        "command": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                            "description": "The command and its arguments, e.g. [\"sh\", \"-c\", \"ls /data\"]."},
+                    }),
+                    &["namespace", "pod", "command"],
+                ),
             ));
             out.push(Tool::new(
                 "kubernetes_request",
                 "Call the Kubernetes API through its Wicket gate, as yourself (the cluster's RBAC applies to you). Policy may refuse the request or hold it for a human's approval; Secret values come back redacted unless policy allows them. Returns the status and the JSON body.",
-                schema(p, &["method", "path"]),
+                schema(
+                    &k8s,
+                    json!({
+                        "method": {"type": "string", "enum": ["GET", "POST", "PUT", "PATCH", "DELETE"]},
+                        "path": {"type": "string", "pattern": "^/(api|apis)(/|$)",
+                            "description": "A Kubernetes API path, e.g. /api/v1/namespaces/default/pods"},
+                        "body": {"description": "The object (JSON) for POST, PUT and PATCH (merge patch)."},
+                    }),
+                    &["method", "path"],
+                ),
             ));
         }
         out
@@ -366,12 +366,8 @@ impl Wicket {
                     .collect(),
             }),
         };
-        let mut req = tonic::Request::new(msg);
-        let auth = tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| "the token is not a valid header value".to_string())?;
-        req.metadata_mut().insert("authorization", auth);
         wicket_proto::v1::trace_service_client::TraceServiceClient::new(control.channel.clone())
-            .attach(req)
+            .attach(with_bearer(msg, token)?)
             .await
             .map_err(|e| {
                 format!(
@@ -433,8 +429,21 @@ fn check_arguments(tool: &Tool, args: &Value) -> Result<(), String> {
     Ok(())
 }
 
-fn text_error(msg: impl Into<String>) -> CallToolResponse {
-    CallToolResponse::Complete(CallToolResult::error(vec![ContentBlock::text(msg.into())]))
+/// A tool's answer: its structured result, marked as an error when the
+/// command failed or was refused (`ok` false); a text error when the call
+/// could not be made.
+fn respond(result: Result<(Value, bool), String>) -> CallToolResponse {
+    CallToolResponse::Complete(match result {
+        Ok((out, true)) => CallToolResult::structured(out),
+        Ok((out, false)) => CallToolResult::structured_error(out),
+        Err(e) => CallToolResult::error(vec![ContentBlock::text(e)]),
+    })
+}
+
+/// `(out, exit code 0)`, for the tools that run a command.
+fn exited(out: Value) -> (Value, bool) {
+    let ok = out["exit_code"] == 0;
+    (out, ok)
 }
 
 impl Wicket {
@@ -529,17 +538,12 @@ impl ServerHandler for Wicket {
             ));
         };
         check_arguments(&tool, &args).map_err(|e| McpError::invalid_params(e, None))?;
+        // Checked above: present and not blank.
         let reasoning = args["reasoning"]
             .as_str()
             .unwrap_or_default()
             .trim()
             .to_string();
-        if reasoning.is_empty() {
-            return Err(McpError::invalid_params(
-                "`reasoning` is required: say why you are making this call",
-                None,
-            ));
-        }
         let name = args["connection"].as_str().unwrap_or_default();
         let Some(gate) = self.gates.get(name) else {
             return Err(McpError::invalid_params(
@@ -560,7 +564,7 @@ impl ServerHandler for Wicket {
             .await
         {
             Ok(t) => t,
-            Err(e) => return Ok(text_error(e)),
+            Err(e) => return Ok(respond(Err(e))),
         };
         match (request.name.as_ref(), gate) {
             ("postgres_query", Gate::Postgres(target)) => {
@@ -574,54 +578,32 @@ impl ServerHandler for Wicket {
                     traceparent: traceparent.as_deref(),
                     max_rows: self.max_rows,
                 };
-                Ok(match pg::run(target, call, notices).await {
-                    Ok(out) if out.error.is_none() => {
-                        CallToolResponse::Complete(CallToolResult::structured(out.json()))
-                    }
-                    Ok(out) => {
-                        CallToolResponse::Complete(CallToolResult::structured_error(out.json()))
-                    }
-                    Err(e) => text_error(e),
-                })
+                Ok(respond(
+                    pg::run(target, call, notices)
+                        .await
+                        .map(|out| (out.json(), out.error.is_none())),
+                ))
             }
             ("ssh_exec", Gate::Ssh(target)) => {
                 let command = args["command"].as_str().unwrap_or_default();
                 let notices = self.notices(&context);
-                Ok(
-                    match ssh::run(
-                        target,
-                        &token,
-                        command,
-                        &reasoning,
-                        traceparent.as_deref(),
-                        notices,
-                    )
-                    .await
-                    {
-                        Ok(out) if out["exit_code"] == 0 => {
-                            CallToolResponse::Complete(CallToolResult::structured(out))
-                        }
-                        Ok(out) => {
-                            CallToolResponse::Complete(CallToolResult::structured_error(out))
-                        }
-                        Err(e) => text_error(e),
-                    },
-                )
+                let run = ssh::run(
+                    target,
+                    &token,
+                    command,
+                    &reasoning,
+                    traceparent.as_deref(),
+                    notices,
+                );
+                Ok(respond(run.await.map(exited)))
             }
-            ("kubernetes_exec", Gate::Kubernetes(web)) => Ok(
-                match exec::run(web, &token, &args, &reasoning, &app, traceparent.as_deref()).await
-                {
-                    Ok(out) if out["exit_code"] == 0 => {
-                        CallToolResponse::Complete(CallToolResult::structured(out))
-                    }
-                    Ok(out) => CallToolResponse::Complete(CallToolResult::structured_error(out)),
-                    Err(e) => text_error(e),
-                },
-            ),
+            ("kubernetes_exec", Gate::Kubernetes(web)) => {
+                let run = exec::run(web, &token, &args, &reasoning, &app, traceparent.as_deref());
+                Ok(respond(run.await.map(exited)))
+            }
             ("http_request", Gate::Http(web)) | ("kubernetes_request", Gate::Kubernetes(web)) => {
-                Ok(web
-                    .call(&token, &args, &reasoning, &app, traceparent.as_deref())
-                    .await)
+                let call = web.call(&token, &args, &reasoning, &app, traceparent.as_deref());
+                Ok(respond(call.await))
             }
             (tool, _) => Err(McpError::invalid_params(
                 format!("`{name}` is not a connection of tool `{tool}`"),
@@ -639,12 +621,11 @@ impl Web {
         reasoning: &str,
         app: &str,
         traceparent: Option<&str>,
-    ) -> CallToolResponse {
+    ) -> Result<(Value, bool), String> {
         let method = args["method"].as_str().unwrap_or("GET");
         let path = args["path"].as_str().unwrap_or("/");
-        let Ok(method) = reqwest::Method::from_bytes(method.as_bytes()) else {
-            return text_error(format!("bad method {method}"));
-        };
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|_| format!("bad method {method}"))?;
         let url = format!("{}{path}", self.base);
         let mut req = self
             .client
@@ -661,10 +642,10 @@ impl Web {
                 req = req.header("content-type", "application/merge-patch+json");
             }
         }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => return text_error(format!("cannot reach the gate at {}: {e}", self.base)),
-        };
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the gate at {}: {e}", self.base))?;
         let status = resp.status().as_u16();
         let ctype = resp
             .headers()
@@ -672,10 +653,10 @@ impl Web {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => return text_error(format!("the response broke off: {e}")),
-        };
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| format!("the response broke off: {e}"))?;
         const MAX: usize = 1 << 20;
         let truncated = bytes.len() > MAX;
         let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]).into_owned();
@@ -686,12 +667,7 @@ impl Web {
         };
         let out =
             json!({"status": status, "content_type": ctype, "body": body, "truncated": truncated});
-        let result = if status >= 400 {
-            CallToolResult::structured_error(out)
-        } else {
-            CallToolResult::structured(out)
-        };
-        CallToolResponse::Complete(result)
+        Ok((out, status < 400))
     }
 }
 

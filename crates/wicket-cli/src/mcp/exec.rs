@@ -1,8 +1,6 @@
 //! `kubernetes_exec`: `kubectl exec` through the Kubernetes gate, over
 //! WebSocket (`v5.channel.k8s.io`), with the agent's token and reasoning.
 
-use std::sync::Arc;
-
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -75,34 +73,17 @@ pub async fn run(
     if let Some(tp) = traceparent {
         h.insert("traceparent", header(tp)?);
     }
-    // TLS to the gate, verified against its CA (or the system's roots).
-    let mut roots = rustls::RootCertStore::empty();
-    match &web.ca {
-        Some(ca) => {
-            use rustls::pki_types::pem::PemObject;
-            for c in rustls::pki_types::CertificateDer::pem_file_iter(ca)
-                .map_err(|e| format!("cannot read {}: {e}", ca.display()))?
-            {
-                roots
-                    .add(c.map_err(|e| e.to_string())?)
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        None => return Err("give the Kubernetes gate's CA: k8s+https://HOST:PORT?ca=FILE".into()),
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    // TLS to the gate, verified against its CA.
+    let cfg = web
+        .tls
+        .clone()
+        .ok_or("give the Kubernetes gate's CA: k8s+https://HOST:PORT?ca=FILE")?;
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
         .map_err(|e| format!("cannot reach the gate at {host}:{port}: {e}"))?;
     let name = rustls::pki_types::ServerName::try_from(host.clone())
         .map_err(|e| format!("bad host {host}: {e}"))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    let tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(name, tcp)
         .await
         .map_err(|e| format!("TLS to the gate failed: {e}"))?;

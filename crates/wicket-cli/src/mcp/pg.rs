@@ -16,9 +16,9 @@ pub struct Target {
     port: u16,
     database: String,
     user: String,
-    /// `None`: plain (loopback gates); `Some(ca)`: TLS verified against the
-    /// CA file, or the system's roots.
-    tls: Option<Option<std::path::PathBuf>>,
+    /// `None`: plain (loopback gates); `Some`: TLS verified against the
+    /// `sslrootcert` CA.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Target {
@@ -37,7 +37,15 @@ impl Target {
         let q: std::collections::HashMap<_, _> = u.query_pairs().into_owned().collect();
         let tls = match q.get("sslmode").map(String::as_str) {
             None | Some("disable") => None,
-            Some("verify-full") => Some(q.get("sslrootcert").map(Into::into)),
+            Some("verify-full") => {
+                let ca = q
+                    .get("sslrootcert")
+                    .ok_or("sslmode=verify-full needs sslrootcert=FILE")?;
+                Some(super::tls_trusting(
+                    std::path::Path::new(ca),
+                    &[b"postgresql"],
+                )?)
+            }
             Some(other) => {
                 return Err(format!(
                     "{url}: sslmode={other} is not supported (use verify-full, or disable for a gate on loopback)"
@@ -211,7 +219,7 @@ async fn connect(t: &Target) -> Result<Box<dyn Io>, String> {
     .map_err(|_| format!("connecting to the gate at {}:{} timed out", t.host, t.port))?
     .map_err(|e| format!("cannot reach the gate at {}:{}: {e}", t.host, t.port))?;
     let _ = tcp.set_nodelay(true);
-    let Some(ca) = &t.tls else {
+    let Some(cfg) = &t.tls else {
         return Ok(Box::new(tcp));
     };
     let mut tcp = tcp;
@@ -226,31 +234,9 @@ async fn connect(t: &Target) -> Result<Box<dyn Io>, String> {
     if answer[0] != b'S' {
         return Err("the gate does not offer TLS (sslmode=verify-full)".into());
     }
-    let mut roots = rustls::RootCertStore::empty();
-    match ca {
-        Some(path) => {
-            use rustls::pki_types::pem::PemObject;
-            for c in rustls::pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-            {
-                roots
-                    .add(c.map_err(|e| e.to_string())?)
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        None => return Err("sslmode=verify-full needs sslrootcert=FILE".into()),
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"postgresql".to_vec()];
     let name = rustls::pki_types::ServerName::try_from(t.host.clone())
         .map_err(|e| format!("bad host {}: {e}", t.host))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
         .connect(name, tcp)
         .await
         .map_err(|e| format!("TLS to the gate failed: {e}"))?;
