@@ -63,8 +63,20 @@ const TLS_DIR: &str = "/var/run/wicket/tls";
 pub enum Outcome {
     /// Nothing to do, and why.
     Skip(&'static str),
-    /// The pod with its gate, and what was injected.
-    Inject(Box<Pod>, Plan),
+    /// The gate to add.
+    Inject(Box<Injection>),
+}
+
+/// A gate to add to a pod: what was decided, and the container and volumes
+/// that carry it out.
+#[derive(Debug)]
+pub struct Injection {
+    /// What was decided.
+    pub plan: Plan,
+    /// The gate container ([`container`]).
+    pub container: Container,
+    /// Its volumes ([`volumes`]).
+    pub volumes: Vec<Volume>,
 }
 
 /// The gate one pod gets, resolved from its annotations, the resource
@@ -506,9 +518,9 @@ pub fn volumes(plan: &Plan, settings: &Settings) -> Vec<Volume> {
     v
 }
 
-/// Decides for one pod and, when it asks for a gate, returns it with the
-/// gate added. `Err` is a denial, with the reason.
-pub fn mutate(pod: &Pod, namespace: &str, settings: &Settings) -> Result<Outcome, String> {
+/// Decides for one pod and, when it asks for a gate that fits it, returns
+/// the gate. `Err` is a denial, with the reason.
+pub fn decide(pod: &Pod, namespace: &str, settings: &Settings) -> Result<Outcome, String> {
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     if annotations.get(STATUS).map(String::as_str) == Some("injected") {
         return Ok(Outcome::Skip("already injected"));
@@ -565,20 +577,9 @@ pub fn mutate(pod: &Pod, namespace: &str, settings: &Settings) -> Result<Outcome
             "the k8s gate needs a credential for the API server: the pod's service-account token (automountServiceAccountToken is false) or {CREDENTIALS_SECRET}"
         ));
     }
-    let container = container(&plan, settings);
-    let mut out = pod.clone();
-    let spec = out.spec.get_or_insert_with(Default::default);
-    if plan.native {
-        spec.init_containers
-            .get_or_insert_with(Vec::new)
-            .insert(0, container);
-    } else {
-        spec.containers.push(container);
-    }
-    spec.volumes.get_or_insert_with(Vec::new).extend(volumes);
-    out.metadata
-        .annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(STATUS.into(), "injected".into());
-    Ok(Outcome::Inject(Box::new(out), plan))
+    Ok(Outcome::Inject(Box::new(Injection {
+        container: container(&plan, settings),
+        plan,
+        volumes,
+    })))
 }

@@ -17,7 +17,7 @@ use kube_core::DynamicObject;
 use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube_core::response::StatusSummary;
 
-use crate::inject::{Outcome, Plan, STATUS, container, mutate, volumes};
+use crate::inject::{Injection, Outcome, Plan, STATUS, decide as decide_pod};
 use crate::settings::Settings;
 
 /// What happened to one review, for logs and metrics.
@@ -143,28 +143,24 @@ fn decide(req: &AdmissionRequest<DynamicObject>, namespace: &str, settings: &Set
     };
     let original = serde_json::to_value(object).map_err(|e| format!("cannot read the pod: {e}"))?;
     let pod: Pod = as_pod(&original)?;
-    match mutate(&pod, namespace, settings)? {
+    match decide_pod(&pod, namespace, settings)? {
         Outcome::Skip(why) => Ok((Verdict::Skipped(why), None)),
-        Outcome::Inject(_, plan) => {
-            let patch = patch(&original, &plan, settings)?;
-            Ok((Verdict::Injected(plan), Some(patch)))
+        Outcome::Inject(gate) => {
+            let patch = patch(&original, &gate)?;
+            Ok((Verdict::Injected(gate.plan), Some(patch)))
         }
     }
 }
 
-/// The JSON Patch adding `plan`'s gate to `original`: only `add`
-/// operations, so nothing the API server sent is rewritten (not even fields
-/// newer than this crate's Pod type).
-pub fn patch(
-    original: &serde_json::Value,
-    plan: &crate::inject::Plan,
-    settings: &Settings,
-) -> Result<json_patch::Patch, String> {
+/// The JSON Patch adding `gate` to `original`: only `add` operations, so
+/// nothing the API server sent is rewritten (not even fields newer than this
+/// crate's Pod type).
+pub fn patch(original: &serde_json::Value, gate: &Injection) -> Result<json_patch::Patch, String> {
     use serde_json::{Value, json};
     let has = |ptr: &str| original.pointer(ptr).is_some_and(|v| !v.is_null());
-    let container = serde_json::to_value(container(plan, settings)).map_err(|e| e.to_string())?;
+    let container = serde_json::to_value(&gate.container).map_err(|e| e.to_string())?;
     let mut ops = Vec::new();
-    match (plan.native, has("/spec/initContainers")) {
+    match (gate.plan.native, has("/spec/initContainers")) {
         (true, true) => {
             ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container}))
         }
@@ -175,8 +171,9 @@ pub fn patch(
             ops.push(json!({"op": "add", "path": "/spec/containers/-", "value": container}))
         }
     }
-    let volumes: Vec<Value> = volumes(plan, settings)
-        .into_iter()
+    let volumes: Vec<Value> = gate
+        .volumes
+        .iter()
         .map(serde_json::to_value)
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
@@ -200,5 +197,5 @@ pub fn patch(
 }
 
 fn as_pod(v: &serde_json::Value) -> Result<Pod, String> {
-    serde_json::from_value(v.clone()).map_err(|e| format!("the object is not a valid pod: {e}"))
+    serde::Deserialize::deserialize(v).map_err(|e| format!("the object is not a valid pod: {e}"))
 }
