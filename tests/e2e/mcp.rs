@@ -36,6 +36,14 @@ fn token(env_file: &Path, name: &str) -> String {
         .to_string()
 }
 
+/// The gates of the stack: binary, connection, credential id.
+const GATES: [(&str, &str, &str); 4] = [
+    ("wicket-pg", "demo-db", "mcp-pg"),
+    ("wicket-http", "demo-api", "mcp-http"),
+    ("wicket-k8s", "demo-cluster", "mcp-k8s"),
+    ("wicket-ssh", "demo-host", "mcp-ssh"),
+];
+
 /// The demo's control service and PostgreSQL gate, on free ports.
 struct Stack {
     _procs: Kill,
@@ -93,15 +101,9 @@ fn start() -> Stack {
     let creds = dir.path().join("sidecars.json");
     std::fs::write(
         &creds,
-        serde_json::json!({"sidecars": [
-            {"id": "mcp-pg", "name": "mcp-pg", "connections": ["demo-db"],
-             "secret_sha256": sha256_hex(&secret)},
-            {"id": "mcp-http", "name": "mcp-http", "connections": ["demo-api"],
-             "secret_sha256": sha256_hex(&secret)},
-            {"id": "mcp-k8s", "name": "mcp-k8s", "connections": ["demo-cluster"],
-             "secret_sha256": sha256_hex(&secret)},
-            {"id": "mcp-ssh", "name": "mcp-ssh", "connections": ["demo-host"],
-             "secret_sha256": sha256_hex(&secret)}]})
+        serde_json::json!({"sidecars": GATES.map(|(_, connection, id)| serde_json::json!(
+            {"id": id, "name": id, "connections": [connection],
+             "secret_sha256": sha256_hex(&secret)}))})
         .to_string(),
     )
     .unwrap();
@@ -124,17 +126,26 @@ fn start() -> Stack {
             .unwrap(),
     );
     wait_port(control_port, "wicket-control");
+    // A gate of GATES, with what every gate needs.
+    let gate_command = |binary: &str| {
+        let (_, connection, id) = GATES.iter().find(|g| g.0 == binary).unwrap();
+        let mut c = Command::new(bin(binary));
+        c.env("WICKET_CONNECTION", connection)
+            .env("WICKET_CONTROL", &control)
+            .env("WICKET_SIDECAR_TOKEN", format!("wks_{id}_{secret}"))
+            .env("WICKET_OIDC_ISSUER", &issuer)
+            .env("WICKET_STATE_DIR", dir.path().join(format!("{id}-state")))
+            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .stderr(Stdio::null());
+        c
+    };
     // The gate, logging in upstream as the test server's superuser.
     let pg = url::Url::parse(&admin_url).unwrap();
     let password = dir.path().join("upstream-password");
     std::fs::write(&password, pg.password().unwrap_or_default()).unwrap();
     let gate = free_port();
     procs.0.push(
-        Command::new(bin("wicket-pg"))
-            .env("WICKET_CONNECTION", "demo-db")
-            .env("WICKET_CONTROL", &control)
-            .env("WICKET_SIDECAR_TOKEN", format!("wks_mcp-pg_{secret}"))
-            .env("WICKET_OIDC_ISSUER", &issuer)
+        gate_command("wicket-pg")
             .env("WICKET_PG_LISTEN", format!("127.0.0.1:{gate}"))
             .env(
                 "WICKET_PG_UPSTREAM",
@@ -143,9 +154,6 @@ fn start() -> Stack {
             .env("WICKET_PG_UPSTREAM_USER", pg.username())
             .env("WICKET_PG_UPSTREAM_PASSWORD_FILE", &password)
             .env("WICKET_PG_ALLOW_CLEARTEXT_LOOPBACK", "true")
-            .env("WICKET_STATE_DIR", dir.path().join("pg-state"))
-            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
-            .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
@@ -166,18 +174,11 @@ fn start() -> Stack {
     wait_port(app, "wicket-demo-app");
     let http_gate = free_port();
     procs.0.push(
-        Command::new(bin("wicket-http"))
-            .env("WICKET_CONNECTION", "demo-api")
-            .env("WICKET_CONTROL", &control)
-            .env("WICKET_SIDECAR_TOKEN", format!("wks_mcp-http_{secret}"))
-            .env("WICKET_OIDC_ISSUER", &issuer)
+        gate_command("wicket-http")
             .env("WICKET_HTTP_LISTEN", format!("127.0.0.1:{http_gate}"))
             .env("WICKET_HTTP_UPSTREAM", format!("http://127.0.0.1:{app}"))
             .env("WICKET_HTTP_UPSTREAM_HEADER", "X-Api-Key")
             .env("WICKET_HTTP_UPSTREAM_HEADER_FILE", &key)
-            .env("WICKET_STATE_DIR", dir.path().join("http-state"))
-            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
-            .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
@@ -202,11 +203,7 @@ fn start() -> Stack {
     }
     let k8s_gate = free_port();
     procs.0.push(
-        Command::new(bin("wicket-k8s"))
-            .env("WICKET_CONNECTION", "demo-cluster")
-            .env("WICKET_CONTROL", &control)
-            .env("WICKET_SIDECAR_TOKEN", format!("wks_mcp-k8s_{secret}"))
-            .env("WICKET_OIDC_ISSUER", &issuer)
+        gate_command("wicket-k8s")
             .env("WICKET_K8S_LISTEN", format!("127.0.0.1:{k8s_gate}"))
             .env(
                 "WICKET_K8S_UPSTREAM",
@@ -216,9 +213,6 @@ fn start() -> Stack {
             .env("WICKET_K8S_UPSTREAM_TOKEN_FILE", kdir.join("token"))
             .env("WICKET_TLS_CERT", kdir.join("gate.crt"))
             .env("WICKET_TLS_KEY", kdir.join("gate.key"))
-            .env("WICKET_STATE_DIR", dir.path().join("k8s-state"))
-            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
-            .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
@@ -242,20 +236,13 @@ fn start() -> Stack {
     )
     .unwrap();
     procs.0.push(
-        Command::new(bin("wicket-ssh"))
-            .env("WICKET_CONNECTION", "demo-host")
-            .env("WICKET_CONTROL", &control)
-            .env("WICKET_SIDECAR_TOKEN", format!("wks_mcp-ssh_{secret}"))
-            .env("WICKET_OIDC_ISSUER", &issuer)
+        gate_command("wicket-ssh")
             .env("WICKET_SSH_LISTEN", format!("127.0.0.1:{ssh_gate}"))
             .env("WICKET_SSH_UPSTREAM", sshd_addr(&sdir))
             .env("WICKET_SSH_UPSTREAM_USER", &ssh_user)
             .env("WICKET_SSH_UPSTREAM_KEY_FILE", &gate_key)
             .env("WICKET_SSH_KNOWN_HOSTS", &sshd_known_hosts)
             .env("WICKET_SSH_HOST_KEY", &gate_host_key)
-            .env("WICKET_STATE_DIR", dir.path().join("ssh-state"))
-            .env("WICKET_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
-            .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
