@@ -45,6 +45,12 @@ pub struct Authenticator {
     store: Arc<dyn Store>,
 }
 
+/// Whether the call carries a sidecar credential (`wks_…`) rather than a
+/// principal's token.
+pub fn carries_sidecar_credential(md: &MetadataMap) -> bool {
+    bearer(md).is_ok_and(|t| t.starts_with("wks_"))
+}
+
 fn bearer(md: &MetadataMap) -> Result<&str, Status> {
     let value = md
         .get("authorization")

@@ -289,14 +289,6 @@ impl ApprovalGateService for SidecarApi {
     }
 }
 
-/// Whether the call carries a sidecar credential (`wks_…`).
-fn bearer_is_sidecar(md: &tonic::metadata::MetadataMap) -> bool {
-    md.get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t.trim_start().starts_with("wks_"))
-}
-
 #[tonic::async_trait]
 impl TraceService for SidecarApi {
     async fn attach(
@@ -307,7 +299,7 @@ impl TraceService for SidecarApi {
         // agent's MCP server, say) may attach its own, but never replace an
         // existing one: trace ids are not secret, and another caller's trace
         // must stay as it was.
-        let by_principal = if bearer_is_sidecar(req.metadata()) {
+        let by_principal = if crate::auth::carries_sidecar_credential(req.metadata()) {
             self.control.auth.sidecar(req.metadata(), None).await?;
             false
         } else {
