@@ -372,8 +372,17 @@ pub fn pg() -> Result<(), String> {
     );
     let mut c1_added = Vec::new();
     let mut cpu = Vec::new();
+    // WICKET_BENCH_PG_ONLY=simple-c4 (say): only the named runs, comma-separated.
+    let only = std::env::var("WICKET_BENCH_PG_ONLY").unwrap_or_default();
     for mode in ["simple", "prepared"] {
         for clients in [1u32, 4] {
+            if !only.is_empty()
+                && !only
+                    .split(',')
+                    .any(|r| r.trim() == format!("{mode}-c{clients}"))
+            {
+                continue;
+            }
             let d = pgbench(
                 pg.port,
                 "postgres",
@@ -395,7 +404,13 @@ pub fn pg() -> Result<(), String> {
             )?;
             let bouncer_cpu = (cpu_us(bouncer_pid) - bouncer_cpu) as f64 / (b.tps * 10.0).max(1.0);
             let (gate_cpu, control_cpu) = (cpu_split_us(gate_pid), cpu_us(control_pid));
+            let perf = util::perf_record(gate_pid, &format!("wicket-pg-{mode}-c{clients}"), 8);
+            let perf_control =
+                util::perf_record(control_pid, &format!("control-pg-{mode}-c{clients}"), 8);
             let w = pgbench(gate_port, "bench", &agent, "bench", clients, mode, 10)?;
+            for p in [perf, perf_control].iter_mut().flatten() {
+                let _ = p.wait();
+            }
             let txs = (w.tps * 10.0).max(1.0);
             cpu.push((
                 format!("-M {mode} -c{clients}"),
@@ -673,8 +688,17 @@ pub fn pg_mask() -> Result<(), String> {
         "run", "direct tps", "unmasked", "masked", "masked/unmasked"
     );
     let mut worst: f64 = f64::MAX;
+    // WICKET_BENCH_PG_ONLY=simple-c4 (say): only the named runs, comma-separated.
+    let only = std::env::var("WICKET_BENCH_PG_ONLY").unwrap_or_default();
     for mode in ["simple", "prepared"] {
         for clients in [1u32, 4] {
+            if !only.is_empty()
+                && !only
+                    .split(',')
+                    .any(|r| r.trim() == format!("{mode}-c{clients}"))
+            {
+                continue;
+            }
             let d = pgbench_run(
                 &workload,
                 pg.port,

@@ -188,18 +188,9 @@ pub fn http() -> Result<(), String> {
         for (name, base, token, pid) in &targets {
             let cpu0 = pid.map(cpu_us).unwrap_or(0);
             let control0 = cpu_us(stack.control_pid);
-            // WICKET_BENCH_PERF=1: a perf profile of each gate under this load.
-            let perf = match pid {
-                Some(p) if std::env::var_os("WICKET_BENCH_PERF").is_some() => Command::new("perf")
-                    .args(["record", "--call-graph", "dwarf,16384", "-F", "499", "-o"])
-                    .arg(dir.join(format!("perf-{p}-c{conns}.data")))
-                    .args(["-p", &p.to_string(), "--", "sleep", "5"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .ok(),
-                _ => None,
-            };
+            let perf = pid.and_then(|p| {
+                util::perf_record(p, &format!("{}-c{conns}", name.replace(' ', "-")), 5)
+            });
             let r = wrk(&format!("{base}/hello"), *token, conns, secs)?;
             if let Some(mut p) = perf {
                 let _ = p.wait();

@@ -34,8 +34,9 @@ fn kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> Result<(), S
 
 /// Seconds for one `kubectl exec` that writes `bytes` of text to stdout.
 fn exec_once(kubectl: &Path, cfg: &Path, home: &Path, bytes: u64) -> Result<f64, String> {
+    use std::io::Read;
     let started = Instant::now();
-    let o = Command::new(kubectl)
+    let mut child = Command::new(kubectl)
         .args(["exec", "web-0", "--", "sh", "-c"])
         .arg(format!(
             "yes 'kubectl exec benchmark line: the quick brown fox 0123456789' | head -c {bytes}"
@@ -44,14 +45,34 @@ fn exec_once(kubectl: &Path, cfg: &Path, home: &Path, bytes: u64) -> Result<f64,
         .env("HOME", home)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .map_err(|e| format!("kubectl: {e}"))?;
+    // The output is counted, not kept: collecting 100 MB into a growing
+    // buffer costs this process as much CPU as kubectl spends, on the same
+    // two cores the measured path runs on.
+    let mut stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        match stdout.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading kubectl's output: {e}")),
+        }
+    }
+    let status = child.wait().map_err(|e| format!("kubectl: {e}"))?;
     let secs = started.elapsed().as_secs_f64();
-    if !o.status.success() || o.stdout.len() as u64 != bytes {
+    let errors = errors.join().unwrap_or_default();
+    if !status.success() || got != bytes {
         return Err(format!(
-            "kubectl exec returned {} of {bytes} bytes: {}",
-            o.stdout.len(),
-            String::from_utf8_lossy(&o.stderr)
+            "kubectl exec returned {got} of {bytes} bytes: {errors}"
         ));
     }
     Ok(secs)
@@ -149,21 +170,7 @@ pub fn k8s() -> Result<(), String> {
     let get = std::env::var("WICKET_BENCH_K8S_GET").map_or(true, |v| v != "0");
     for conns in [1u32, 8].into_iter().filter(|_| get) {
         let d = wrk(&direct_url, Some(sa.trim()), conns, 10)?;
-        // WICKET_BENCH_PERF=1: a perf profile of the gate under this load.
-        let perf = if std::env::var_os("WICKET_BENCH_PERF").is_some() {
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "perf record -g -o {} -p {gate_pid} -- sleep 8; timeout 3 strace -c -f -p {gate_pid} -o {}",
-                    dir.join(format!("perf-c{conns}.data")).display(),
-                    dir.join(format!("strace-c{conns}.txt")).display()
-                ))
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()
-        } else {
-            None
-        };
+        let perf = util::perf_record(gate_pid, &format!("wicket-k8s-get-c{conns}"), 8);
         let cpu0 = cpu_us(gate_pid);
         let g = wrk(&gate_url, Some(&stack.agent), conns, 10)?;
         let cpu = cpu_us(gate_pid) - cpu0;
@@ -209,7 +216,14 @@ pub fn k8s() -> Result<(), String> {
         all_d.push(exec_once(&kubectl, &direct_cfg, &dir.join("home"), bytes)?);
         let b1 = machine_busy_s();
         let c0 = cpu_us(gate_pid);
+        // The first gated run only (the profiler's own cost stays out of the rest).
+        let perf = (all_g.is_empty())
+            .then(|| util::perf_record(gate_pid, "wicket-k8s-exec", 4))
+            .flatten();
         all_g.push(exec_once(&kubectl, &gate_cfg, &dir.join("home"), bytes)?);
+        if let Some(mut p) = perf {
+            let _ = p.wait();
+        }
         gate_cpu += cpu_us(gate_pid) - c0;
         busy_d += b1 - b0;
         busy_g += machine_busy_s() - b1;
@@ -242,7 +256,11 @@ pub fn k8s() -> Result<(), String> {
     }
     let (md, mg) = (mb as f64 / best_d, mb as f64 / best_g);
     let (vd, vg) = (mb as f64 / median(&all_d), mb as f64 / median(&all_g));
-    println!("\nkubectl exec stdout, {mb} MB (whole command; best and median of {runs})");
+    println!(
+        "\nkubectl exec stdout, {mb} MB (whole command; best and median of {runs}; best {:.0} ms direct, {:.0} ms through the gate)",
+        best_d * 1000.0,
+        best_g * 1000.0
+    );
     println!(
         "direct     {md:>6.1} MB/s (median {vd:.1})\nwicket-k8s {mg:>6.1} MB/s (median {vg:.1})\nratio {:.2} best, {:.2} median (target ≥ 0.8)",
         mg / md,

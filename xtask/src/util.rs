@@ -285,3 +285,33 @@ pub fn apt_install(packages: &[&str]) -> Result<(), String> {
         &[("DEBIAN_FRONTEND".into(), "noninteractive".into())],
     )
 }
+
+/// With `WICKET_BENCH_PERF` set, a CPU profile of process `pid` for `secs`
+/// seconds (perf, `cpu-clock` samples with DWARF call graphs, so it works on
+/// machines without hardware counters), written to
+/// `target/bench-perf/NAME.data` for `perf report -i`. Wait on the returned
+/// child after the load; `None` when profiling is off or perf is missing.
+pub fn perf_record(pid: u32, name: &str, secs: u32) -> Option<std::process::Child> {
+    std::env::var_os("WICKET_BENCH_PERF")?;
+    let dir = root().join("target/bench-perf");
+    std::fs::create_dir_all(&dir).ok()?;
+    let out = dir.join(format!("{name}.data"));
+    let child = Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "--call-graph", "dwarf,16384"])
+        .args(["-F", "999", "-o"])
+        .arg(&out)
+        .args(["-p", &pid.to_string(), "--", "sleep", &secs.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => {
+            eprintln!("profiling pid {pid} into {}", out.display());
+            Some(c)
+        }
+        Err(e) => {
+            eprintln!("WICKET_BENCH_PERF is set but perf cannot start: {e}");
+            None
+        }
+    }
+}
