@@ -865,9 +865,8 @@ async fn port_forward_runs_over_websocket_and_over_spdy() {
     // Each relay records its byte counts once both ends have closed.
     let mut events = ks.stack.events().await;
     for _ in 0..50 {
-        let counted = events
+        let counted = wicket_teststack::results(&events)
             .iter()
-            .filter(|e| e.kind == v1::AuditKind::CommandResult as i32)
             .any(|e| e.details.get("bytes_out").is_some_and(|b| b != "0"));
         if counted {
             break;
@@ -895,9 +894,8 @@ async fn port_forward_runs_over_websocket_and_over_spdy() {
             .is_some_and(|p| p.contains("portforward.k8s.io") && p.starts_with("SPDY/3.1 ("))),
         "plain SPDY port-forward is relayed"
     );
-    let moved: u64 = events
+    let moved: u64 = wicket_teststack::results(&events)
         .iter()
-        .filter(|e| e.kind == v1::AuditKind::CommandResult as i32)
         .filter_map(|e| e.details.get("bytes_out"))
         .filter_map(|b| b.parse::<u64>().ok())
         .sum();

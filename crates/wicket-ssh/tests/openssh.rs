@@ -642,7 +642,7 @@ async fn openssh_tools_work_whole_through_the_gate() {
             .any(|c| command_text(c).starts_with("rename ") && command_text(c).ends_with("t.bin"))
     );
     assert!(cmds.iter().any(|c| command_text(c).starts_with("remove ")));
-    let results = kinds(&events, v1::AuditKind::CommandResult);
+    let results = wicket_teststack::results(&events);
     assert!(
         results
             .iter()

@@ -341,3 +341,18 @@ impl Stack {
         }
     }
 }
+
+/// Every command's result among `events`: its own `command_result` event,
+/// or the command event itself when the reporter sent the result inside it
+/// (its details then hold the result's, with `result_id`). Which form a
+/// result takes depends on whether it was ready before its command was
+/// reported, so tests must take both.
+pub fn results(events: &[v1::AuditEvent]) -> Vec<&v1::AuditEvent> {
+    events
+        .iter()
+        .filter(|e| {
+            e.kind == v1::AuditKind::CommandResult as i32
+                || (e.kind == v1::AuditKind::Command as i32 && e.details.contains_key("result_id"))
+        })
+        .collect()
+}
