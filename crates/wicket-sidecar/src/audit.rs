@@ -326,10 +326,16 @@ impl Spool {
             event: keep.then(|| Box::new(event)),
         });
         inner.dirty = true;
+        // The reporter wants to hear of the first event (it starts waiting
+        // for company) and of a full batch (it stops waiting); the events
+        // between would only wake it to count them.
+        let wake = matches!(inner.pending.len(), 1 | BATCH);
         drop(g);
         self.appended
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.notify.notify_one();
+        if wake {
+            self.notify.notify_one();
+        }
         Ok(())
     }
 
@@ -358,7 +364,7 @@ impl Spool {
         let mut g = self.inner.lock().expect("spool lock");
         let n = g.pending.len().min(BATCH);
         let mut out: Vec<v1::AuditEvent> = Vec::with_capacity(n);
-        let mut commands: HashMap<String, usize> = HashMap::new();
+        let mut commands: HashMap<String, usize> = HashMap::with_capacity(n);
         let mut bytes = 0u64;
         for _ in 0..n {
             let next = u64::from(g.pending.front().map(|e| e.len).unwrap_or(0));
@@ -543,10 +549,16 @@ impl Spool {
                         None => break,
                     },
                     _ = self.notify.notified() => {
-                        // Let a few more events join the batch: one report (and one
-                        // store transaction) per burst instead of one per statement.
-                        if self.inner.lock().expect("spool lock").pending.len() < BATCH {
-                            tokio::time::sleep(LINGER).await;
+                        // Let more events join the batch: one report (and one store
+                        // transaction) per burst instead of one per statement; but
+                        // a full batch goes at once, so that a busy gate's backlog
+                        // stays within what the spool keeps in memory.
+                        let deadline = tokio::time::Instant::now() + LINGER;
+                        while self.inner.lock().expect("spool lock").pending.len() < BATCH {
+                            tokio::select! {
+                                _ = tokio::time::sleep_until(deadline) => break,
+                                _ = self.notify.notified() => {}
+                            }
                         }
                     }
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
