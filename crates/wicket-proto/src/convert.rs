@@ -242,23 +242,31 @@ pub fn audit_kind(k: core::AuditKind) -> v1::AuditKind {
 
 impl From<&core::AuditEvent> for v1::AuditEvent {
     fn from(e: &core::AuditEvent) -> Self {
+        e.clone().into()
+    }
+}
+
+/// By value: the event's strings and maps move instead of being copied (a
+/// sidecar's reporter converts every event it sends, then drops it).
+impl From<core::AuditEvent> for v1::AuditEvent {
+    fn from(e: core::AuditEvent) -> Self {
         v1::AuditEvent {
-            id: e.id.clone(),
-            session_id: e.session_id.clone(),
-            seq: e.seq,
             time: Some(ts(e.time)),
             kind: audit_kind(e.kind) as i32,
-            connection: e.connection.clone(),
             principal: e.principal.as_ref().map(Into::into),
             command: e.command.as_ref().map(Into::into),
             decision: e.decision.as_ref().map(Into::into),
             reasoning: e.reasoning.as_ref().map(Into::into),
-            traceparent: e.traceparent.clone(),
-            masked: e.masked.clone().into_iter().collect(),
-            client_addr: e.client_addr.clone(),
-            client_app: e.client_app.clone(),
-            details: e.details.clone().into_iter().collect(),
-            end_reason: e.end_reason.clone(),
+            id: e.id,
+            session_id: e.session_id,
+            seq: e.seq,
+            connection: e.connection,
+            traceparent: e.traceparent,
+            masked: e.masked.into_iter().collect(),
+            client_addr: e.client_addr,
+            client_app: e.client_app,
+            details: e.details.into_iter().collect(),
+            end_reason: e.end_reason,
         }
     }
 }

@@ -399,22 +399,22 @@ impl Spool {
             match into {
                 Some((command, i)) => {
                     let details = &mut out[i].details;
-                    for (k, v) in &event.details {
+                    for (k, v) in event.details {
                         if k != "command_id" {
-                            details.insert(k.clone(), v.clone());
+                            details.insert(k, v);
                         }
                     }
                     details.insert("result_id".into(), event.id.clone());
-                    for (k, n) in &event.masked {
-                        *out[i].masked.entry(k.clone()).or_default() += n;
+                    for (k, n) in event.masked {
+                        *out[i].masked.entry(k).or_default() += n;
                     }
-                    g.merged.entry(command).or_default().push(event.id.clone());
+                    g.merged.entry(command).or_default().push(event.id);
                 }
                 None => {
                     if event.kind == AuditKind::Command {
                         commands.insert(event.id.clone(), out.len());
                     }
-                    out.push(v1::AuditEvent::from(&event));
+                    out.push(v1::AuditEvent::from(event));
                 }
             }
             // In flight only its place in the spool is kept: a resend after
