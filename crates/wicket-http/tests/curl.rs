@@ -120,21 +120,6 @@ fn result_of<'a>(events: &'a [v1::AuditEvent], command: &'a v1::AuditEvent) -> &
         })
 }
 
-/// Every request's result.
-fn results(events: &[v1::AuditEvent]) -> Vec<&v1::AuditEvent> {
-    events
-        .iter()
-        .filter(|e| e.kind == v1::AuditKind::Command as i32)
-        .filter(|c| {
-            c.details.contains_key("result_id")
-                || events
-                    .iter()
-                    .any(|e| e.details.get("command_id") == Some(&c.id))
-        })
-        .map(|c| result_of(events, c))
-        .collect()
-}
-
 fn rule(e: &v1::AuditEvent) -> String {
     e.decision
         .as_ref()
@@ -251,7 +236,7 @@ async fn reads_over_http1_h2c_and_h2_are_masked_credentialed_and_audited() {
     );
     assert_eq!(traced.command.as_ref().unwrap().text, "GET /api/customers");
     assert_eq!(rule(traced), "reads");
-    assert_eq!(results(&events).len(), 5);
+    assert_eq!(wicket_teststack::results(&events).len(), 5);
     let r = result_of(&events, traced);
     assert_eq!(r.details.get("status").map(String::as_str), Some("200"));
     assert_eq!(r.details.get("complete").map(String::as_str), Some("true"));
@@ -505,7 +490,7 @@ async fn a_gigabyte_streams_both_ways_and_events_are_not_buffered() {
     );
 
     let events = hs.stack.events().await;
-    let results = results(&events);
+    let results = wicket_teststack::results(&events);
     assert!(
         results
             .iter()

@@ -431,10 +431,9 @@ impl Spool {
         g.merged.clear();
         let mut back: Vec<Entry> = g.inflight.drain().map(|(_, e)| e).collect();
         back.sort_by_key(|e| (e.seg, e.offset));
+        // In flight they hold no event (take_batch kept only their place):
+        // they are read back from disk when sent again.
         for item in back.into_iter().rev() {
-            if item.event.is_some() {
-                g.memory_bytes += u64::from(item.len);
-            }
             g.pending.push_front(item);
         }
     }
