@@ -274,39 +274,45 @@ impl From<core::AuditEvent> for v1::AuditEvent {
 impl TryFrom<&v1::AuditEvent> for core::AuditEvent {
     type Error = String;
     fn try_from(e: &v1::AuditEvent) -> Result<Self, String> {
-        let kind = match v1::AuditKind::try_from(e.kind) {
-            Ok(v1::AuditKind::SessionStart) => core::AuditKind::SessionStart,
-            Ok(v1::AuditKind::SessionEnd) => core::AuditKind::SessionEnd,
-            Ok(v1::AuditKind::Command) => core::AuditKind::Command,
-            Ok(v1::AuditKind::AuthFailure) => core::AuditKind::AuthFailure,
-            Ok(v1::AuditKind::Approval) => core::AuditKind::Approval,
-            Ok(v1::AuditKind::Output) => core::AuditKind::Output,
-            Ok(v1::AuditKind::Notice) => core::AuditKind::Notice,
-            Ok(v1::AuditKind::CommandResult) => core::AuditKind::CommandResult,
-            _ => return Err("kind: unspecified or unknown".into()),
-        };
-        let time = from_ts(e.time.as_ref()).ok_or("time: missing or out of range")?;
-        let ev = core::AuditEvent {
-            id: e.id.clone(),
-            session_id: e.session_id.clone(),
-            seq: e.seq,
-            time,
-            kind,
-            connection: e.connection.clone(),
-            principal: e.principal.as_ref().map(Into::into),
-            command: e.command.as_ref().map(Into::into),
-            decision: e.decision.as_ref().map(Into::into),
-            reasoning: e.reasoning.as_ref().map(Into::into),
-            traceparent: e.traceparent.clone(),
-            masked: e.masked.clone().into_iter().collect(),
-            client_addr: e.client_addr.clone(),
-            client_app: e.client_app.clone(),
-            details: e.details.clone().into_iter().collect(),
-            end_reason: e.end_reason.clone(),
-        };
+        let ev = audit_event_unchecked(e)?;
         ev.validate()?;
         Ok(ev)
     }
+}
+
+/// The event without [`core::AuditEvent::validate`]'s checks (a known kind
+/// and a valid time are still required).
+pub fn audit_event_unchecked(e: &v1::AuditEvent) -> Result<core::AuditEvent, String> {
+    let kind = match v1::AuditKind::try_from(e.kind) {
+        Ok(v1::AuditKind::SessionStart) => core::AuditKind::SessionStart,
+        Ok(v1::AuditKind::SessionEnd) => core::AuditKind::SessionEnd,
+        Ok(v1::AuditKind::Command) => core::AuditKind::Command,
+        Ok(v1::AuditKind::AuthFailure) => core::AuditKind::AuthFailure,
+        Ok(v1::AuditKind::Approval) => core::AuditKind::Approval,
+        Ok(v1::AuditKind::Output) => core::AuditKind::Output,
+        Ok(v1::AuditKind::Notice) => core::AuditKind::Notice,
+        Ok(v1::AuditKind::CommandResult) => core::AuditKind::CommandResult,
+        _ => return Err("kind: unspecified or unknown".into()),
+    };
+    let time = from_ts(e.time.as_ref()).ok_or("time: missing or out of range")?;
+    Ok(core::AuditEvent {
+        id: e.id.clone(),
+        session_id: e.session_id.clone(),
+        seq: e.seq,
+        time,
+        kind,
+        connection: e.connection.clone(),
+        principal: e.principal.as_ref().map(Into::into),
+        command: e.command.as_ref().map(Into::into),
+        decision: e.decision.as_ref().map(Into::into),
+        reasoning: e.reasoning.as_ref().map(Into::into),
+        traceparent: e.traceparent.clone(),
+        masked: e.masked.clone().into_iter().collect(),
+        client_addr: e.client_addr.clone(),
+        client_app: e.client_app.clone(),
+        details: e.details.clone().into_iter().collect(),
+        end_reason: e.end_reason.clone(),
+    })
 }
 
 /// Approval state to wire.

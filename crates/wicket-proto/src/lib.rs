@@ -9,6 +9,7 @@
 )]
 
 pub mod convert;
+pub mod report;
 
 /// `wicket.v1` package.
 pub mod v1 {

@@ -7,6 +7,12 @@
 //! event is sent again; ids make the replay idempotent. Segment files are
 //! flushed to the OS at once and `fsync`ed every 200 ms, so a sidecar crash
 //! loses nothing and a machine crash at most the last 200 ms.
+//!
+//! **Encoded once:** an event is encoded to protobuf when it is spooled. A
+//! segment is a sequence of records, each a 4-byte little-endian length and
+//! an `AuditEvent`'s encoding; the reporter sends those bytes as they are
+//! ([`wicket_proto::report`]). Segments of the JSON Lines format of earlier
+//! versions are converted when the spool opens.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -18,9 +24,9 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use wicket_core::{AuditEvent, AuditKind};
+use wicket_core::AuditEvent;
+use wicket_proto::report::{self, EncodedReport};
 use wicket_proto::v1;
-use wicket_proto::v1::audit_service_client::AuditServiceClient;
 
 use crate::client::{Backoff, ControlClient};
 
@@ -28,10 +34,9 @@ use crate::client::{Backoff, ControlClient};
 const SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
 /// Events per report batch.
 const BATCH: usize = 512;
-/// A batch stops growing past this many bytes of events (as spooled JSON,
-/// larger than their protobuf form), so recordings (32 KiB an event) stay
-/// well under the control service's 4 MiB message limit; an event larger
-/// than this still goes, alone.
+/// A batch stops growing past this many bytes of events (as spooled), so
+/// recordings (32 KiB an event) stay well under the control service's
+/// 4 MiB message limit; an event larger than this still goes, alone.
 const BATCH_BYTES: u64 = 1024 * 1024;
 /// How long a new event waits for others to share its report. Each report
 /// is one store transaction: at 10 ms the control service spent 35–43 µs of
@@ -47,6 +52,10 @@ const MAX_INFLIGHT: usize = 4;
 const MEMORY_EVENTS: usize = 4096;
 /// …and at most this many bytes of them (recordings make large events).
 const MEMORY_BYTES: u64 = 16 * 1024 * 1024;
+/// A record's header: the length of the encoded event that follows.
+const HEADER: usize = 4;
+/// No event is longer (a longer length is a damaged segment).
+const MAX_RECORD: usize = 256 * 1024 * 1024;
 
 /// The spool refused an event.
 #[derive(Debug, thiserror::Error)]
@@ -67,16 +76,34 @@ struct Segment {
     unacked: usize,
 }
 
-/// An unacknowledged event: where it is on disk, and the event itself while
-/// the backlog is small. The event is boxed: an entry whose event lives only
-/// on disk stays a few dozen bytes (an inline event is about a kilobyte, and
-/// a long backlog holds one entry per event).
+/// An unacknowledged event: where its record is on disk, and the record
+/// itself while the backlog is small. That part is boxed: an entry whose
+/// record lives only on disk stays a few dozen bytes (a long backlog holds
+/// one entry per event).
 struct Entry {
     id: String,
+    place: Place,
+    /// A command a result may be merged into ([`report::Encoded::takes_result`]).
+    takes_result: bool,
+    held: Option<Box<Held>>,
+}
+
+/// Where a record is.
+#[derive(Debug, Clone, Copy)]
+struct Place {
     seg: u64,
     offset: u64,
+    /// The record's length, header included.
     len: u32,
-    event: Option<Box<AuditEvent>>,
+}
+
+/// A record kept in memory.
+struct Held {
+    /// Header and encoded event, as on disk.
+    record: Vec<u8>,
+    /// For a result: its command, and where (in the encoded event) the part
+    /// merged into the command begins.
+    result_of: Option<(String, usize)>,
 }
 
 struct Inner {
@@ -84,7 +111,9 @@ struct Inner {
     current: Option<(u64, File)>,
     segments: BTreeMap<u64, Segment>,
     pending: VecDeque<Entry>,
-    inflight: HashMap<String, Entry>,
+    /// Sent, not yet acknowledged: only their place is kept (a resend reads
+    /// them back), so a burst of large batches leaves nothing in the heap.
+    inflight: HashMap<String, Place>,
     /// Command id → the ids of result events sent inside it (acked with it).
     merged: HashMap<String, Vec<String>>,
     total_bytes: u64,
@@ -111,7 +140,7 @@ impl Inner {
     }
 
     fn ack(&mut self, id: &str) {
-        let Some(Entry { seg, .. }) = self.inflight.remove(id) else {
+        let Some(Place { seg, .. }) = self.inflight.remove(id) else {
             return;
         };
         if let Some(results) = self.merged.remove(id) {
@@ -131,16 +160,19 @@ impl Inner {
         }
     }
 
-    /// Reads an event back from its segment.
-    fn read_back(&self, e: &Entry) -> std::io::Result<AuditEvent> {
+    /// Reads a record back from its segment.
+    fn read_back(&self, p: Place) -> std::io::Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
         let seg = self
             .segments
-            .get(&e.seg)
+            .get(&p.seg)
             .ok_or_else(|| std::io::Error::other("segment gone"))?;
-        let mut buf = vec![0u8; e.len as usize];
-        File::open(&seg.path)?.read_exact_at(&mut buf, e.offset)?;
-        serde_json::from_slice(&buf).map_err(std::io::Error::other)
+        let mut buf = vec![0u8; p.len as usize];
+        File::open(&seg.path)?.read_exact_at(&mut buf, p.offset)?;
+        match record_len(&buf) {
+            Some(n) if n + HEADER == buf.len() => Ok(buf),
+            _ => Err(std::io::Error::other("the record's length does not match")),
+        }
     }
 
     /// Deletes a fully acknowledged segment.
@@ -169,11 +201,36 @@ impl std::fmt::Debug for Spool {
 }
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
-    dir.join(format!("audit-{n:012}.jsonl"))
+    dir.join(format!("audit-{n:012}.pb"))
+}
+
+/// The length of the encoded event a record's header announces.
+fn record_len(record: &[u8]) -> Option<usize> {
+    let h: [u8; HEADER] = record.get(..HEADER)?.try_into().ok()?;
+    Some(u32::from_le_bytes(h) as usize)
+}
+
+/// The spool's segments in `dir` with the extension `ext`, in order.
+fn segments_in(dir: &Path, ext: &str) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().to_string_lossy().to_string();
+            let n = name
+                .strip_prefix("audit-")?
+                .strip_suffix(ext)?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 impl Spool {
-    /// Opens the spool in `dir`, loading every event not yet acknowledged.
+    /// Opens the spool in `dir`, loading every event not yet acknowledged
+    /// (and converting segments of the earlier JSON Lines format).
     pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Arc<Spool>> {
         std::fs::create_dir_all(dir)?;
         let mut segments = BTreeMap::new();
@@ -182,71 +239,72 @@ impl Spool {
         let mut memory_bytes = 0u64;
         let mut next_segment = 0;
         let mut seen = std::collections::HashSet::new();
-        let mut names: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
-            .filter_map(|e| {
-                let e = e.ok()?;
-                let name = e.file_name().to_string_lossy().to_string();
-                let n = name
-                    .strip_prefix("audit-")?
-                    .strip_suffix(".jsonl")?
-                    .parse()
-                    .ok()?;
-                Some((n, e.path()))
-            })
-            .collect();
-        names.sort();
-        for (n, path) in names {
-            let bytes = std::fs::metadata(&path)?.len();
+        for (n, path) in segments_in(dir, ".pb")? {
+            let data = std::fs::read(&path)?;
             let mut unacked = 0;
-            let mut offset = 0u64;
-            let mut reader = BufReader::new(File::open(&path)?);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                let read = reader.read_until(b'\n', &mut line)?;
-                if read == 0 {
+            let mut at = 0;
+            while at < data.len() {
+                let end = record_len(&data[at..])
+                    .filter(|&len| len <= MAX_RECORD)
+                    .map(|len| at + HEADER + len)
+                    .filter(|&end| end <= data.len());
+                // A torn last record (a crash mid-write) ends the segment;
+                // its command never ran.
+                let Some(end) = end else {
+                    tracing::warn!(path = %path.display(), offset = at, "audit spool segment ends in a partial record; skipped");
                     break;
-                }
-                let at = offset;
-                offset += read as u64;
-                // A torn last line (a crash mid-write) is skipped; its command never ran.
-                let Ok(event) = serde_json::from_slice::<AuditEvent>(&line) else {
-                    continue;
+                };
+                let event = match report::decode_event(&data[at + HEADER..end]) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), offset = at, error = %e, "unreadable audit record in the spool; skipped");
+                        at = end;
+                        continue;
+                    }
                 };
                 if seen.insert(event.id.clone()) {
-                    let keep = pending.len() < MEMORY_EVENTS
-                        && memory_bytes + line.len() as u64 <= MEMORY_BYTES;
+                    let len = end - at;
+                    let keep =
+                        pending.len() < MEMORY_EVENTS && memory_bytes + len as u64 <= MEMORY_BYTES;
                     if keep {
-                        memory_bytes += line.len() as u64;
+                        memory_bytes += len as u64;
                     }
                     pending.push_back(Entry {
-                        id: event.id.clone(),
-                        seg: n,
-                        offset: at,
-                        len: read as u32,
-                        event: keep.then(|| Box::new(event)),
+                        takes_result: event.kind == wicket_core::AuditKind::Command
+                            && event.masked.is_empty(),
+                        id: event.id,
+                        place: Place {
+                            seg: n,
+                            offset: at as u64,
+                            len: len as u32,
+                        },
+                        held: keep.then(|| {
+                            Box::new(Held {
+                                record: data[at..end].to_vec(),
+                                result_of: None,
+                            })
+                        }),
                     });
                     unacked += 1;
                 }
+                at = end;
             }
-            total_bytes += bytes;
+            total_bytes += data.len() as u64;
             next_segment = next_segment.max(n + 1);
             segments.insert(
                 n,
                 Segment {
                     path,
-                    bytes,
+                    bytes: data.len() as u64,
                     unacked,
                 },
             );
         }
-        if !pending.is_empty() {
-            tracing::info!(
-                events = pending.len(),
-                "replaying unacknowledged audit events from the spool"
-            );
+        let legacy = segments_in(dir, ".jsonl")?;
+        for (n, _) in &legacy {
+            next_segment = next_segment.max(n + 1);
         }
-        Ok(Arc::new(Spool {
+        let spool = Arc::new(Spool {
             appended: std::sync::atomic::AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 dir: dir.to_path_buf(),
@@ -262,16 +320,63 @@ impl Spool {
             }),
             notify: Notify::new(),
             max_bytes,
-        }))
+        });
+        for (_, path) in legacy {
+            spool.convert_legacy(&path, &mut seen)?;
+        }
+        let waiting = spool.unacked();
+        if waiting > 0 {
+            tracing::info!(
+                events = waiting,
+                "replaying unacknowledged audit events from the spool"
+            );
+        }
+        Ok(spool)
+    }
+
+    /// Spools again the events of a JSON Lines segment (the format of
+    /// earlier builds: one event per line), then removes it.
+    fn convert_legacy(
+        &self,
+        path: &Path,
+        seen: &mut std::collections::HashSet<String>,
+    ) -> std::io::Result<()> {
+        let mut reader = BufReader::new(File::open(path)?);
+        let mut line = Vec::new();
+        let mut converted = 0usize;
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            // A torn last line (a crash mid-write) is skipped; its command never ran.
+            let Ok(event) = serde_json::from_slice::<AuditEvent>(&line) else {
+                continue;
+            };
+            if seen.insert(event.id.clone()) {
+                self.append(event).map_err(std::io::Error::other)?;
+                converted += 1;
+            }
+        }
+        self.sync();
+        std::fs::remove_file(path)?;
+        tracing::info!(path = %path.display(), events = converted, "converted an audit spool segment of the JSON Lines format");
+        Ok(())
     }
 
     /// Writes an event durably (to the OS at once, to disk within 200 ms).
     pub fn append(&self, event: AuditEvent) -> Result<(), SpoolError> {
-        // Most events fit in 1 KiB: one allocation, no regrowth.
-        let mut line = Vec::with_capacity(1024);
-        serde_json::to_writer(&mut line, &event)
-            .map_err(|e| SpoolError::Io(std::io::Error::other(e)))?;
-        line.push(b'\n');
+        // Most events fit in 512 bytes: one allocation, no regrowth.
+        let mut line = Vec::with_capacity(512);
+        line.extend_from_slice(&[0; HEADER]);
+        let encoded = report::encode_event(event, &mut line);
+        let body = line.len() - HEADER;
+        if body > MAX_RECORD {
+            return Err(SpoolError::Io(std::io::Error::other(format!(
+                "an audit event of {body} bytes is over the limit of {MAX_RECORD}"
+            ))));
+        }
+        line[..HEADER].copy_from_slice(&(body as u32).to_le_bytes());
         let mut g = self.inner.lock().expect("spool lock");
         if g.total_bytes + line.len() as u64 > self.max_bytes {
             return Err(SpoolError::Full(self.max_bytes));
@@ -319,11 +424,19 @@ impl Spool {
             inner.memory_bytes += line.len() as u64;
         }
         inner.pending.push_back(Entry {
-            id: event.id.clone(),
-            seg: n,
-            offset,
-            len: line.len() as u32,
-            event: keep.then(|| Box::new(event)),
+            id: encoded.id,
+            place: Place {
+                seg: n,
+                offset,
+                len: line.len() as u32,
+            },
+            takes_result: encoded.takes_result,
+            held: keep.then(|| {
+                Box::new(Held {
+                    record: line,
+                    result_of: encoded.result_of,
+                })
+            }),
         });
         inner.dirty = true;
         // The reporter wants to hear of the first event (it starts waiting
@@ -360,28 +473,29 @@ impl Spool {
         self.bytes() >= self.max_bytes
     }
 
-    fn take_batch(&self) -> Vec<v1::AuditEvent> {
+    fn take_batch(&self) -> EncodedReport {
         let mut g = self.inner.lock().expect("spool lock");
         let n = g.pending.len().min(BATCH);
-        let mut out: Vec<v1::AuditEvent> = Vec::with_capacity(n);
+        let mut out: Vec<Vec<u8>> = Vec::with_capacity(n);
+        // Commands in this report a result may join: id → index in `out`.
         let mut commands: HashMap<String, usize> = HashMap::with_capacity(n);
         let mut bytes = 0u64;
         for _ in 0..n {
-            let next = u64::from(g.pending.front().map(|e| e.len).unwrap_or(0));
+            let next = u64::from(g.pending.front().map(|e| e.place.len).unwrap_or(0));
             if bytes > 0 && bytes + next > BATCH_BYTES {
                 break;
             }
             bytes += next;
             let mut entry = g.pending.pop_front().expect("counted");
-            let event = match entry.event.take() {
-                Some(e) => {
-                    g.memory_bytes = g.memory_bytes.saturating_sub(u64::from(entry.len));
-                    *e
+            let (mut record, result_of) = match entry.held.take() {
+                Some(h) => {
+                    g.memory_bytes = g.memory_bytes.saturating_sub(u64::from(entry.place.len));
+                    (h.record, h.result_of)
                 }
-                None => match g.read_back(&entry) {
-                    Ok(e) => e,
+                None => match g.read_back(entry.place) {
+                    Ok(r) => (r, None),
                     Err(e) => {
-                        // The line was written and fsynced by us; if it cannot
+                        // The record was written and fsynced by us; if it cannot
                         // be read back now, keep it queued and say so.
                         tracing::error!(error = %e, id = %entry.id, "cannot read an audit event back from the spool");
                         g.pending.push_front(entry);
@@ -392,49 +506,42 @@ impl Spool {
             // A result whose command goes in this same report travels inside
             // it: one stored row per statement instead of two. It is
             // acknowledged with its command.
-            let into = (event.kind == AuditKind::CommandResult)
-                .then(|| event.details.get("command_id"))
-                .flatten()
-                .and_then(|c| commands.get(c).map(|&i| (c.clone(), i)));
-            match into {
-                Some((command, i)) => {
-                    let details = &mut out[i].details;
-                    for (k, v) in event.details {
-                        if k != "command_id" {
-                            details.insert(k, v);
-                        }
-                    }
-                    details.insert("result_id".into(), event.id.clone());
-                    for (k, n) in event.masked {
-                        *out[i].masked.entry(k).or_default() += n;
-                    }
-                    g.merged.entry(command).or_default().push(event.id);
+            let into = result_of
+                .as_ref()
+                .and_then(|(command, at)| commands.get(command).map(|&i| (i, *at)));
+            match (into, result_of) {
+                (Some((i, at)), Some((command, _))) => {
+                    out[i].extend_from_slice(&record[HEADER + at..]);
+                    report::append_detail(&mut out[i], "result_id", &entry.id);
+                    g.merged.entry(command).or_default().push(entry.id.clone());
                 }
-                None => {
-                    if event.kind == AuditKind::Command {
-                        commands.insert(event.id.clone(), out.len());
+                _ => {
+                    if entry.takes_result {
+                        commands.insert(entry.id.clone(), out.len());
                     }
-                    out.push(v1::AuditEvent::from(event));
+                    record.drain(..HEADER);
+                    out.push(record);
                 }
             }
-            // In flight only its place in the spool is kept: a resend after
-            // a disconnect (rare) reads it back from disk, and a burst of
-            // large batches leaves no kilobyte per event behind in the heap.
-            g.inflight.insert(entry.id.clone(), entry);
+            g.inflight.insert(entry.id, entry.place);
         }
-        out
+        EncodedReport { events: out }
     }
 
     /// Puts every in-flight event back in front of the queue (after a disconnect).
     fn requeue_inflight(&self) {
         let mut g = self.inner.lock().expect("spool lock");
         g.merged.clear();
-        let mut back: Vec<Entry> = g.inflight.drain().map(|(_, e)| e).collect();
-        back.sort_by_key(|e| (e.seg, e.offset));
-        // In flight they hold no event (take_batch kept only their place):
-        // they are read back from disk when sent again.
-        for item in back.into_iter().rev() {
-            g.pending.push_front(item);
+        let mut back: Vec<(String, Place)> = g.inflight.drain().collect();
+        back.sort_by_key(|(_, p)| (p.seg, p.offset));
+        // They are read back from disk when sent again.
+        for (id, place) in back.into_iter().rev() {
+            g.pending.push_front(Entry {
+                id,
+                place,
+                takes_result: false,
+                held: None,
+            });
         }
     }
 
@@ -450,7 +557,11 @@ impl Spool {
         let mut g = self.inner.lock().expect("spool lock");
         let path = g.dir.join("rejected.jsonl");
         for r in rejected {
-            let read = g.inflight.get(&r.id).map(|e| g.read_back(e));
+            let read = g.inflight.get(&r.id).map(|&p| {
+                g.read_back(p).and_then(|rec| {
+                    report::decode_event(&rec[HEADER..]).map_err(std::io::Error::other)
+                })
+            });
             if let Some(Err(e)) = &read {
                 tracing::error!(error = %e, id = %r.id, reason = %r.reason, "audit event rejected by the control service and not readable from the spool");
             }
@@ -510,15 +621,14 @@ impl Spool {
         let mut backoff = Backoff::default();
         loop {
             self.requeue_inflight();
-            let (tx, rx) = mpsc::channel::<v1::ReportRequest>(4);
-            let mut api = AuditServiceClient::new(client.channel.clone());
-            let call = api.report(client.req(ReceiverStream::new(rx)));
+            let (tx, rx) = mpsc::channel::<EncodedReport>(4);
+            let call = report::report(client.channel.clone(), client.req(ReceiverStream::new(rx)));
             // At most MAX_INFLIGHT unacknowledged batches: the request channel
             // then never blocks while acks wait to be read.
             let mut inflight = 0usize;
             let first = self.take_batch();
-            if !first.is_empty() {
-                if tx.send(v1::ReportRequest { events: first }).await.is_err() {
+            if !first.events.is_empty() {
+                if tx.send(first).await.is_err() {
                     backoff.wait().await;
                     continue;
                 }
@@ -564,10 +674,10 @@ impl Spool {
                 }
                 while inflight < MAX_INFLIGHT {
                     let batch = self.take_batch();
-                    if batch.is_empty() {
+                    if batch.events.is_empty() {
                         break;
                     }
-                    if tx.send(v1::ReportRequest { events: batch }).await.is_err() {
+                    if tx.send(batch).await.is_err() {
                         break;
                     }
                     inflight += 1;
@@ -594,10 +704,19 @@ mod tests {
         }
     }
 
+    /// The next report, as the control service reads it.
+    fn take(spool: &Spool) -> Vec<v1::AuditEvent> {
+        spool
+            .take_batch()
+            .decode()
+            .expect("a report decodes")
+            .events
+    }
+
     fn drain(spool: &Spool) -> Vec<String> {
         let mut ids = Vec::new();
         loop {
-            let batch = spool.take_batch();
+            let batch = take(spool);
             if batch.is_empty() {
                 return ids;
             }
@@ -618,7 +737,7 @@ mod tests {
         result.details.insert("rows".into(), "3".into());
         spool.append(cmd.clone()).unwrap();
         spool.append(result.clone()).unwrap();
-        let batch = spool.take_batch();
+        let batch = take(&spool);
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].details["rows"], "3");
         assert_eq!(batch[0].details["result_id"], result.id);
@@ -635,9 +754,9 @@ mod tests {
         late.kind = AuditKind::CommandResult;
         late.details.insert("command_id".into(), event(3).id);
         spool.append(event(3)).unwrap();
-        assert_eq!(spool.take_batch().len(), 1);
+        assert_eq!(take(&spool).len(), 1);
         spool.append(late).unwrap();
-        let batch = spool.take_batch();
+        let batch = take(&spool);
         assert_eq!(batch.len(), 1);
         assert_eq!(batch[0].details["command_id"], event(3).id);
     }
@@ -658,7 +777,7 @@ mod tests {
         spool.append(big).unwrap();
         let mut sizes = Vec::new();
         loop {
-            let batch = spool.take_batch();
+            let batch = take(&spool);
             if batch.is_empty() {
                 break;
             }
@@ -692,7 +811,7 @@ mod tests {
         {
             let g = spool.inner.lock().unwrap();
             assert!(g.memory_bytes <= MEMORY_BYTES, "{}", g.memory_bytes);
-            assert!(g.pending.iter().any(|e| e.event.is_none()));
+            assert!(g.pending.iter().any(|e| e.held.is_none()));
         }
         let ids = drain(&spool);
         assert_eq!(ids, (0..700).map(|i| event(i).id).collect::<Vec<_>>());
@@ -709,7 +828,7 @@ mod tests {
         }
         {
             let g = spool.inner.lock().unwrap();
-            let in_memory = g.pending.iter().filter(|e| e.event.is_some()).count();
+            let in_memory = g.pending.iter().filter(|e| e.held.is_some()).count();
             assert_eq!(
                 in_memory, MEMORY_EVENTS,
                 "only the first part stays in memory"
@@ -748,11 +867,11 @@ mod tests {
             sent.push(v1::AuditEvent::from(&e));
             spool.append(e).unwrap();
         }
-        assert_eq!(spool.take_batch(), sent);
+        assert_eq!(take(&spool), sent);
         assert_eq!(spool.inner.lock().unwrap().memory_bytes, 0);
         spool.requeue_inflight();
         assert_eq!(
-            spool.take_batch(),
+            take(&spool),
             sent,
             "the resend is the same events, read back"
         );
@@ -771,7 +890,7 @@ mod tests {
         });
         spool.append(e).unwrap();
         spool.append(event(8)).unwrap();
-        assert_eq!(spool.take_batch().len(), 2);
+        assert_eq!(take(&spool).len(), 2);
         spool.reject(&[v1::RejectedEvent {
             id: "ev-000007".into(),
             reason: "unknown connection".into(),
@@ -786,6 +905,62 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_of_the_json_lines_format_is_converted_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = String::new();
+        for i in 0..3 {
+            old.push_str(&serde_json::to_string(&event(i)).unwrap());
+            old.push('\n');
+        }
+        // The same event twice (a replay) and a torn last line.
+        old.push_str(&serde_json::to_string(&event(1)).unwrap());
+        old.push_str("\n{\"id\":\"ev-torn");
+        let legacy = dir.path().join("audit-000000000004.jsonl");
+        std::fs::write(&legacy, old).unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert!(
+            !legacy.exists(),
+            "the old segment is removed once converted"
+        );
+        assert_eq!(spool.unacked(), 3);
+        drop(spool);
+        // Converted durably: a second open finds them in the new format.
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(
+            drain(&spool),
+            (0..3).map(|i| event(i).id).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_torn_last_record_is_skipped_and_the_rest_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+            for i in 0..3 {
+                spool.append(event(i)).unwrap();
+            }
+            spool.sync();
+        }
+        let seg = segments_in(dir.path(), ".pb").unwrap().remove(0).1;
+        let mut data = std::fs::read(&seg).unwrap();
+        // A crash halfway through writing a fourth record.
+        let mut torn = Vec::new();
+        report::encode_event(event(3), &mut torn);
+        data.extend_from_slice(&(torn.len() as u32).to_le_bytes());
+        data.extend_from_slice(&torn[..torn.len() / 2]);
+        std::fs::write(&seg, data).unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(
+            drain(&spool),
+            (0..3).map(|i| event(i).id).collect::<Vec<_>>()
+        );
+        // New events go to a new segment, after the damaged one.
+        spool.append(event(5)).unwrap();
+        assert_eq!(drain(&spool), vec![event(5).id]);
+    }
+
+    #[test]
     fn a_reopened_spool_replays_everything_unacknowledged() {
         let dir = tempfile::tempdir().unwrap();
         let n = MEMORY_EVENTS + 500;
@@ -795,7 +970,7 @@ mod tests {
                 spool.append(event(i)).unwrap();
             }
             // Half goes out and is acknowledged before the "crash".
-            let first = spool.take_batch();
+            let first = take(&spool);
             spool.ack(&first.iter().map(|e| e.id.clone()).collect::<Vec<_>>());
         }
         let spool = Spool::open(dir.path(), 1 << 30).unwrap();
