@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{Kill, bin, root, wait_port};
 use serde_json::Value;
+use wicket_testkit::sshd::{Sshd, keygen};
 use wicket_testkit::{env, free_port};
 
 fn psql(url: &str, sql: &str) {
@@ -47,6 +48,7 @@ const GATES: [(&str, &str, &str); 4] = [
 /// The demo's control service and PostgreSQL gate, on free ports.
 struct Stack {
     _procs: Kill,
+    _sshd: Sshd,
     _dir: tempfile::TempDir,
     control: String,
     gate: u16,
@@ -221,8 +223,10 @@ fn start() -> Stack {
     // for the MCP client.
     let sdir = dir.path().join("ssh");
     std::fs::create_dir_all(&sdir).unwrap();
-    let (sshd, ssh_user, sshd_known_hosts, gate_key) = sshd(&sdir);
-    procs.0.push(sshd);
+    let gate_key = sdir.join("gate_key");
+    keygen(&gate_key);
+    let sshd = Sshd::start(&sdir, &[&gate_key], "");
+    let ssh_user = sshd.user.clone();
     let gate_host_key = sdir.join("gate_host_key");
     keygen(&gate_host_key);
     let ssh_gate = free_port();
@@ -238,10 +242,10 @@ fn start() -> Stack {
     procs.0.push(
         gate_command("wicket-ssh")
             .env("WICKET_SSH_LISTEN", format!("127.0.0.1:{ssh_gate}"))
-            .env("WICKET_SSH_UPSTREAM", sshd_addr(&sdir))
+            .env("WICKET_SSH_UPSTREAM", sshd.addr())
             .env("WICKET_SSH_UPSTREAM_USER", &ssh_user)
             .env("WICKET_SSH_UPSTREAM_KEY_FILE", &gate_key)
-            .env("WICKET_SSH_KNOWN_HOSTS", &sshd_known_hosts)
+            .env("WICKET_SSH_KNOWN_HOSTS", &sshd.known_hosts)
             .env("WICKET_SSH_HOST_KEY", &gate_host_key)
             .spawn()
             .unwrap(),
@@ -255,6 +259,7 @@ fn start() -> Stack {
         kube_ca: kdir.join("ca.crt"),
         http_gate,
         _procs: procs,
+        _sshd: sshd,
         control,
         gate,
         db,
@@ -263,59 +268,6 @@ fn start() -> Stack {
         admin: token(&env_file, "WICKET_ADMIN_TOKEN"),
         _dir: dir,
     }
-}
-
-fn keygen(path: &Path) {
-    let o = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-fn sshd_addr(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("addr")).unwrap()
-}
-
-/// A real sshd on a free port, for the user running the tests: the child,
-/// the user, its pinned host key (known_hosts), and the key it authorizes.
-fn sshd(dir: &Path) -> (std::process::Child, String, PathBuf, PathBuf) {
-    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .to_string();
-    let _ = std::fs::create_dir_all("/run/sshd");
-    let (host, key) = (dir.join("host_key"), dir.join("gate_key"));
-    keygen(&host);
-    keygen(&key);
-    let pubkey = |k: &Path| std::fs::read_to_string(k.with_extension("pub")).unwrap();
-    std::fs::write(dir.join("authorized_keys"), pubkey(&key)).unwrap();
-    let port = free_port();
-    let config = dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {dir}/sshd.pid\n\
-             AuthorizedKeysFile {dir}/authorized_keys\nStrictModes no\nUsePAM no\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-             PermitRootLogin yes\nLogLevel ERROR\n",
-            host = host.display(),
-            dir = dir.display(),
-        ),
-    )
-    .unwrap();
-    let child = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f"])
-        .arg(&config)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sshd (openssh-server) runs");
-    wait_port(port, "sshd");
-    let known = dir.join("known_hosts");
-    std::fs::write(&known, format!("[127.0.0.1]:{port} {}", pubkey(&host))).unwrap();
-    std::fs::write(dir.join("addr"), format!("127.0.0.1:{port}")).unwrap();
-    (child, user, known, key)
 }
 
 fn sha256_hex(s: &str) -> String {

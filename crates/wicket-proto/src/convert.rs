@@ -63,16 +63,24 @@ pub fn from_effect(e: i32) -> core::Effect {
 
 impl From<&core::Principal> for v1::Principal {
     fn from(p: &core::Principal) -> Self {
+        p.clone().into()
+    }
+}
+
+/// By value, as the nested parts of [`v1::AuditEvent`]'s conversion below:
+/// strings move instead of being copied.
+impl From<core::Principal> for v1::Principal {
+    fn from(p: core::Principal) -> Self {
         v1::Principal {
-            subject: p.subject.clone(),
-            issuer: p.issuer.clone(),
+            subject: p.subject,
+            issuer: p.issuer,
             kind: match p.kind {
                 core::PrincipalKind::Human => v1::PrincipalKind::Human,
                 core::PrincipalKind::Agent => v1::PrincipalKind::Agent,
             } as i32,
-            groups: p.groups.clone(),
-            display_name: p.display_name.clone(),
-            client_id: p.client_id.clone(),
+            groups: p.groups,
+            display_name: p.display_name,
+            client_id: p.client_id,
         }
     }
 }
@@ -108,16 +116,22 @@ impl From<&core::Connection> for v1::Connection {
 
 impl From<&core::Command> for v1::Command {
     fn from(c: &core::Command) -> Self {
-        let k = &c.classification;
+        c.clone().into()
+    }
+}
+
+impl From<core::Command> for v1::Command {
+    fn from(c: core::Command) -> Self {
+        let k = c.classification;
         v1::Command {
-            text: c.text.clone(),
+            text: c.text,
             classification: Some(v1::Classification {
-                kind: k.kind.clone(),
-                verb: k.verb.clone(),
-                objects: k.objects.clone(),
-                argv: k.argv.clone(),
+                kind: k.kind,
+                verb: k.verb,
+                objects: k.objects,
+                argv: k.argv,
                 risk: k.risk,
-                fingerprint: k.fingerprint.clone(),
+                fingerprint: k.fingerprint,
             }),
         }
     }
@@ -142,21 +156,27 @@ impl From<&v1::Command> for core::Command {
 
 impl From<&core::ReasoningTrace> for v1::ReasoningTrace {
     fn from(t: &core::ReasoningTrace) -> Self {
+        t.clone().into()
+    }
+}
+
+impl From<core::ReasoningTrace> for v1::ReasoningTrace {
+    fn from(t: core::ReasoningTrace) -> Self {
         v1::ReasoningTrace {
-            trace_id: t.trace_id.clone(),
-            reasoning: t.reasoning.clone(),
-            prompt: t.prompt.clone(),
+            trace_id: t.trace_id,
+            reasoning: t.reasoning,
+            prompt: t.prompt,
             steps: t
                 .steps
-                .iter()
+                .into_iter()
                 .map(|s| v1::ReasoningStep {
-                    description: s.description.clone(),
-                    tool: s.tool.clone(),
-                    observation: s.observation.clone(),
+                    description: s.description,
+                    tool: s.tool,
+                    observation: s.observation,
                 })
                 .collect(),
             confidence: t.confidence,
-            sources: t.sources.clone(),
+            sources: t.sources,
         }
     }
 }
@@ -188,8 +208,14 @@ impl From<&v1::ReasoningTrace> for core::ReasoningTrace {
 
 impl From<&core::ReviewSpec> for v1::ReviewSpec {
     fn from(r: &core::ReviewSpec) -> Self {
+        r.clone().into()
+    }
+}
+
+impl From<core::ReviewSpec> for v1::ReviewSpec {
+    fn from(r: core::ReviewSpec) -> Self {
         v1::ReviewSpec {
-            approver_groups: r.approver_groups.clone(),
+            approver_groups: r.approver_groups,
             quorum: r.quorum,
             one_per_group: r.one_per_group,
             timeout_seconds: r.timeout_seconds,
@@ -200,11 +226,17 @@ impl From<&core::ReviewSpec> for v1::ReviewSpec {
 
 impl From<&core::Decision> for v1::DecisionInfo {
     fn from(d: &core::Decision) -> Self {
+        d.clone().into()
+    }
+}
+
+impl From<core::Decision> for v1::DecisionInfo {
+    fn from(d: core::Decision) -> Self {
         v1::DecisionInfo {
             effect: effect(d.effect) as i32,
-            rule: d.rule.clone(),
-            reason: d.reason.clone(),
-            review: d.review.as_ref().map(Into::into),
+            rule: d.rule,
+            reason: d.reason,
+            review: d.review.map(Into::into),
         }
     }
 }
@@ -253,10 +285,10 @@ impl From<core::AuditEvent> for v1::AuditEvent {
         v1::AuditEvent {
             time: Some(ts(e.time)),
             kind: audit_kind(e.kind) as i32,
-            principal: e.principal.as_ref().map(Into::into),
-            command: e.command.as_ref().map(Into::into),
-            decision: e.decision.as_ref().map(Into::into),
-            reasoning: e.reasoning.as_ref().map(Into::into),
+            principal: e.principal.map(Into::into),
+            command: e.command.map(Into::into),
+            decision: e.decision.map(Into::into),
+            reasoning: e.reasoning.map(Into::into),
             id: e.id,
             session_id: e.session_id,
             seq: e.seq,

@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,94 +73,40 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn keygen(path: &Path) {
-    let o = run(Command::new("ssh-keygen").args([
-        "-q",
-        "-t",
-        "ed25519",
-        "-N",
-        "",
-        "-f",
-        path.to_str().unwrap(),
-    ]));
-    assert!(o.status.success(), "{:?}", text(&o));
-}
+use wicket_testkit::sshd::keygen;
 
-/// A real `sshd` on a free port, logging in the user running the tests.
+/// A real `sshd` on a free port, logging in the user running the tests,
+/// with two keys it authorizes.
 struct Sshd {
-    child: Child,
-    port: u16,
-    user: String,
+    server: wicket_testkit::sshd::Sshd,
     /// The gate's key (authorized on the host).
     gate_key: PathBuf,
     /// A key for direct logins (the reference).
     direct_key: PathBuf,
-    known_hosts: PathBuf,
 }
 
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Sshd {
+    type Target = wicket_testkit::sshd::Sshd;
+    fn deref(&self) -> &Self::Target {
+        &self.server
     }
 }
 
 fn start_sshd(dir: &Path) -> Sshd {
-    let user = String::from_utf8(run(Command::new("id").arg("-un")).stdout)
-        .unwrap()
-        .trim()
-        .to_string();
-    let _ = std::fs::create_dir_all("/run/sshd");
-    let host = dir.join("host_key");
     let gate_key = dir.join("gate_key");
     let direct_key = dir.join("direct_key");
-    for k in [&host, &gate_key, &direct_key] {
-        keygen(k);
-    }
-    let pubkey = |k: &Path| std::fs::read_to_string(k.with_extension("pub")).unwrap();
-    std::fs::write(
-        dir.join("authorized_keys"),
-        format!("{}{}", pubkey(&gate_key), pubkey(&direct_key)),
-    )
-    .unwrap();
-    let port = free_port();
-    let config = dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {dir}/sshd.pid\n\
-             AuthorizedKeysFile {dir}/authorized_keys\nStrictModes no\nUsePAM no\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
-             PermitRootLogin yes\nSubsystem sftp internal-sftp\nAllowTcpForwarding yes\n\
-             AcceptEnv LANG LC_* WICKET_TEST_*\nLogLevel ERROR\nMaxSessions 64\nMaxStartups 100\n",
-            host = host.display(),
-            dir = dir.display(),
-        ),
-    )
-    .unwrap();
-    let child = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f", config.to_str().unwrap()])
-        .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
-        .spawn()
-        .expect("sshd (openssh-server) runs");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "sshd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let known_hosts = dir.join("known_hosts");
-    std::fs::write(
-        &known_hosts,
-        format!("[127.0.0.1]:{port} {}", pubkey(&host)),
-    )
-    .unwrap();
+    keygen(&gate_key);
+    keygen(&direct_key);
+    let server = wicket_testkit::sshd::Sshd::start(
+        dir,
+        &[&gate_key, &direct_key],
+        "Subsystem sftp internal-sftp\nAllowTcpForwarding yes\n\
+         AcceptEnv LANG LC_* WICKET_TEST_*\nMaxSessions 64\nMaxStartups 100\n",
+    );
     Sshd {
-        child,
-        port,
-        user,
+        server,
         gate_key,
         direct_key,
-        known_hosts,
     }
 }
 

@@ -5,6 +5,8 @@
 //!   access tokens, for unit and integration tests and for the demo.
 //! - [`env`]: access to the real peers `cargo xtask test` starts (PostgreSQL,
 //!   the npm `oidc-provider`).
+//! - [`sshd::Sshd`]: a real OpenSSH server on a free port, for the user
+//!   running the tests.
 
 pub mod env;
 pub mod hook;
@@ -12,6 +14,7 @@ pub mod httpapp;
 pub mod idp;
 pub mod kube;
 pub mod spdy;
+pub mod sshd;
 pub mod tls;
 
 /// Installs aws-lc-rs as the process's rustls provider (idempotent).
