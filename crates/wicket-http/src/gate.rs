@@ -532,7 +532,7 @@ impl HttpGate {
             }
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            return self.upgraded(live, decided, resp, client_upgrade, started);
+            return self.upgraded(live, decided, resp, client_upgrade, plan, started);
         }
         self.respond(live, plan, decided, &req, resp, state, started)
             .await
@@ -787,6 +787,10 @@ impl HttpGate {
                 "upgrade",
                 HeaderValue::from_str(u).map_err(|_| "bad upgrade header")?,
             );
+            // Compressed messages could not be masked: offer no extension.
+            if plan.masks() {
+                headers.remove("sec-websocket-extensions");
+            }
         }
         if let Some(login) = &self.login {
             // The gate's session cookie stays here.
@@ -847,13 +851,16 @@ impl HttpGate {
         Ok(up)
     }
 
-    /// Relays an upgraded connection (WebSocket or other) both ways.
+    /// Relays an upgraded connection both ways: a WebSocket with its
+    /// upstream's messages masked when policy masks ([`crate::ws`]), any
+    /// other protocol as it is.
     fn upgraded(
         self: Arc<Self>,
         live: Arc<LiveSession>,
         decided: Decided,
         mut resp: Response<Incoming>,
         client: Option<hyper::upgrade::OnUpgrade>,
+        plan: Arc<Plan>,
         started: Instant,
     ) -> Response<Body> {
         let Some(client) = client else {
@@ -865,6 +872,30 @@ impl HttpGate {
                 "wicket: the upstream switched protocols on a request that asked for no upgrade",
             );
         };
+        let websocket = resp
+            .headers()
+            .get("upgrade")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        let mask = plan.masks().then_some(plan);
+        if mask.is_some() && !websocket {
+            return self.failed(
+                &live,
+                &decided,
+                StatusCode::BAD_GATEWAY,
+                "upstream",
+                "wicket: this connection masks responses, and only WebSocket upgrades can be masked",
+            );
+        }
+        if mask.is_some() && resp.headers().contains_key("sec-websocket-extensions") {
+            return self.failed(
+                &live,
+                &decided,
+                StatusCode::BAD_GATEWAY,
+                "upstream",
+                "wicket: the upstream chose a WebSocket extension it was not offered; compressed messages cannot be masked",
+            );
+        }
         let upstream = hyper::upgrade::on(&mut resp);
         let (mut parts, _) = resp.into_parts();
         strip_response(&mut parts.headers, true);
@@ -886,26 +917,40 @@ impl HttpGate {
             let mut c = TokioIo::new(c);
             let mut u = TokioIo::new(u);
             let ended = live.guard.end_signal();
-            let (sent, received, complete) = tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut c, &mut u) => match r {
-                    Ok((a, b)) => (a, b, true),
-                    Err(_) => (0, 0, false),
-                },
-                _ = ended => (0, 0, false),
+            let relayed = async {
+                match mask {
+                    Some(plan) => crate::ws::relay_masked(c, u, plan).await,
+                    None => match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                        Ok((a, b)) => crate::ws::Relayed {
+                            bytes_in: a,
+                            bytes_out: b,
+                            ..Default::default()
+                        },
+                        Err(e) => crate::ws::Relayed {
+                            error: Some(e.to_string()),
+                            ..Default::default()
+                        },
+                    },
+                }
             };
-            gate.result(
-                &live,
-                &decided,
-                &[
-                    ("status", "101".into()),
-                    ("bytes_in", sent.to_string()),
-                    ("bytes_out", received.to_string()),
-                    ("duration_ms", started.elapsed().as_millis().to_string()),
-                    ("complete", complete.to_string()),
-                ],
-                &Tally::new(),
-                None,
-            );
+            let r = tokio::select! {
+                r = relayed => r,
+                _ = ended => crate::ws::Relayed {
+                    error: Some("the session ended".into()),
+                    ..Default::default()
+                },
+            };
+            let mut details = vec![
+                ("status", "101".to_string()),
+                ("bytes_in", r.bytes_in.to_string()),
+                ("bytes_out", r.bytes_out.to_string()),
+                ("duration_ms", started.elapsed().as_millis().to_string()),
+                ("complete", r.error.is_none().to_string()),
+            ];
+            if let Some(e) = r.error {
+                details.push(("error", e));
+            }
+            gate.result(&live, &decided, &details, &r.tally, None);
         });
         Response::from_parts(parts, web::empty())
     }

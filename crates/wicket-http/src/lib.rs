@@ -7,12 +7,14 @@
 //! policy (allow, deny with an RFC 9457 problem, or hold for approval),
 //! relayed with its body streaming both ways (HTTP/1.1 and HTTP/2 on both
 //! sides, upgrades included), masked on its way back (JSON field rules and
-//! the detectors, gzip and deflate decoded), and audited.
+//! the detectors, gzip and deflate decoded; WebSocket messages too), and
+//! audited.
 
 pub mod classify;
 pub mod gate;
 pub mod mask;
 pub mod upstream;
+pub mod ws;
 
 pub use gate::{HttpConfig, HttpGate, problem, serve};
 pub use upstream::{Credential, Secret, Upstream, UpstreamSpec};

@@ -116,7 +116,7 @@ impl Plan {
 
     /// The fail-closed plan when policy cannot be compiled here: every
     /// detector on, no routes.
-    fn mask_everything(key: &[u8]) -> Plan {
+    pub(crate) fn mask_everything(key: &[u8]) -> Plan {
         Plan {
             masker: Arc::new(
                 Masker::builder()
@@ -185,6 +185,12 @@ impl Plan {
             *tally.entry(name.to_string()).or_default() += n;
         }
         out.into_owned()
+    }
+
+    /// Masks a WebSocket message: JSON by the field rules and the
+    /// detectors, anything else by the detectors.
+    pub fn mask_message(&self, message: &[u8], tally: &mut Tally) -> Vec<u8> {
+        self.mask_document(message, tally)
     }
 
     /// Masks a whole JSON document (fields and detectors); one that is

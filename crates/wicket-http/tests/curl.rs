@@ -526,6 +526,28 @@ async fn websockets_are_relayed_and_audited() {
         let m = ws.next().await.unwrap().unwrap();
         assert_eq!(m.into_text().unwrap().as_str(), format!("hello {i}"));
     }
+    // The echo comes back masked, as a response body would: the
+    // detectors on text, the field rules on JSON; binary data intact.
+    ws.send(Message::Text("write to ann@example.com".into()))
+        .await
+        .unwrap();
+    let m = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(m.starts_with("write to "), "{m}");
+    assert!(!m.contains("ann@example.com"), "{m}");
+    ws.send(Message::Text(
+        r#"{"name": "Ann", "ssn": "123-45-6789"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let m = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    let v: serde_json::Value = serde_json::from_str(&m).unwrap();
+    assert_eq!(v["name"], "Ann");
+    assert_ne!(v["ssn"], "123-45-6789", "{m}");
+    ws.send(Message::Binary(vec![0u8, 0xff, 7].into()))
+        .await
+        .unwrap();
+    let m = ws.next().await.unwrap().unwrap();
+    assert_eq!(m.into_data().to_vec(), vec![0u8, 0xff, 7]);
     ws.close(None).await.unwrap();
     while ws.next().await.is_some() {}
     drop(ws);
@@ -557,6 +579,13 @@ async fn websockets_are_relayed_and_audited() {
         Some("101")
     );
     assert!(result.details["bytes_in"].parse::<u64>().unwrap() > 20);
+    assert_eq!(result.masked.get("email"), Some(&1), "{:?}", result.masked);
+    assert_eq!(
+        result.masked.get("field:$..ssn"),
+        Some(&1),
+        "{:?}",
+        result.masked
+    );
 }
 
 /// Sends raw bytes to the gate and returns everything it answers before
