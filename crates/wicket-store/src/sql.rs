@@ -211,6 +211,27 @@ impl SqlStore {
         }
     }
 
+    /// Inserts a sidecar's row, `conflict` (an `ON CONFLICT` clause, or
+    /// nothing) deciding what an existing id does; the rows written.
+    async fn insert_sidecar(&self, s: &SidecarRecord, conflict: &str) -> Result<u64> {
+        let sql = format!(
+            "INSERT INTO sidecars (id, name, connections, secret_hash, created_at, revoked) \
+             VALUES ($1, $2, $3, $4, $5, $6){conflict}"
+        );
+        with_pool!(self, |p| {
+            let done = sqlx::query(&sql)
+                .bind(&s.id)
+                .bind(&s.name)
+                .bind(json(&s.connections))
+                .bind(&s.secret_hash)
+                .bind(ms(s.created_at))
+                .bind(i64::from(s.revoked))
+                .execute(p)
+                .await?;
+            Ok(done.rows_affected())
+        })
+    }
+
     /// One attempt at [`Store::append_events`] leaving out the ids in
     /// `skip` (already stored). `Some(ids)` when other events of the batch
     /// turned out to be stored already: nothing was written.
@@ -871,43 +892,20 @@ impl Store for SqlStore {
     }
 
     async fn create_sidecar(&self, s: &SidecarRecord) -> Result<()> {
-        with_pool!(self, |p| {
-            sqlx::query(
-                "INSERT INTO sidecars (id, name, connections, secret_hash, created_at, revoked) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(&s.id)
-            .bind(&s.name)
-            .bind(json(&s.connections))
-            .bind(&s.secret_hash)
-            .bind(ms(s.created_at))
-            .bind(i64::from(s.revoked))
-            .execute(p)
-            .await?;
-            Ok(())
-        })
+        self.insert_sidecar(s, "").await.map(|_| ())
     }
 
     async fn put_sidecar(&self, s: &SidecarRecord) -> Result<bool> {
-        with_pool!(self, |p| {
-            let done = sqlx::query(
-                "INSERT INTO sidecars (id, name, connections, secret_hash, created_at, revoked) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
+        let changed = self
+            .insert_sidecar(
+                s,
+                " ON CONFLICT (id) DO UPDATE SET name = excluded.name, \
                  connections = excluded.connections, secret_hash = excluded.secret_hash \
                  WHERE sidecars.name <> excluded.name OR sidecars.connections <> excluded.connections \
                  OR sidecars.secret_hash <> excluded.secret_hash",
             )
-            .bind(&s.id)
-            .bind(&s.name)
-            .bind(json(&s.connections))
-            .bind(&s.secret_hash)
-            .bind(ms(s.created_at))
-            .bind(i64::from(s.revoked))
-            .execute(p)
             .await?;
-            Ok(done.rows_affected() > 0)
-        })
+        Ok(changed > 0)
     }
 
     async fn get_sidecar(&self, id: &str) -> Result<Option<SidecarRecord>> {
