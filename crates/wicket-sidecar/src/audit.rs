@@ -409,7 +409,18 @@ impl Spool {
         let inner = &mut *g;
         let (n, f) = inner.current.as_mut().expect("a current segment");
         let n = *n;
-        f.write_all(&line)?;
+        if let Err(e) = f.write_all(&line) {
+            // Part of the record may be on disk, and a replay stops at a
+            // partial record: cut it off, or leave the segment for a new one.
+            let at = inner.segments.get(&n).map_or(0, |s| s.bytes);
+            if f.set_len(at).is_err() {
+                inner.current = None;
+                if inner.segments.get(&n).is_some_and(|s| s.unacked == 0) {
+                    inner.drop_segment(n);
+                }
+            }
+            return Err(e.into());
+        }
         let seg = inner
             .segments
             .get_mut(&n)
@@ -958,6 +969,24 @@ mod tests {
         // New events go to a new segment, after the damaged one.
         spool.append(event(5)).unwrap();
         assert_eq!(drain(&spool), vec![event(5).id]);
+    }
+
+    #[test]
+    fn a_failed_write_loses_nothing_already_spooled_and_the_next_append_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        // The next segment is a device that is always full.
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("audit-000000000000.pb")).unwrap();
+        assert!(matches!(spool.append(event(1)), Err(SpoolError::Io(_))));
+        assert_eq!(spool.unacked(), 0, "a refused event is not queued");
+        spool.append(event(2)).unwrap();
+        assert!(
+            !dir.path().join("audit-000000000000.pb").exists(),
+            "the failed segment, holding nothing, is gone"
+        );
+        drop(spool);
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(drain(&spool), vec![event(2).id]);
     }
 
     #[test]
