@@ -30,15 +30,20 @@ pub struct Encoded {
     /// the encoding) the part merged into the command begins (the details
     /// but `command_id`, and the masking counts).
     pub result_of: Option<(String, usize)>,
-    /// Whether a result may be merged into this event: a command without
-    /// masking counts of its own (merged counts replace, they do not add).
+    /// Whether a result may be merged into this event ([`takes_result`]).
     pub takes_result: bool,
+}
+
+/// Whether a result may be merged into `e`: a command without masking
+/// counts of its own (merged counts replace, they do not add).
+pub fn takes_result(e: &core::AuditEvent) -> bool {
+    e.kind == core::AuditKind::Command && e.masked.is_empty()
 }
 
 /// Appends `e`'s protobuf encoding (an `AuditEvent`) to `buf`.
 pub fn encode_event(mut e: core::AuditEvent, buf: &mut Vec<u8>) -> Encoded {
     let start = buf.len();
-    let takes_result = e.kind == core::AuditKind::Command && e.masked.is_empty();
+    let takes_result = takes_result(&e);
     let command_id = match e.kind {
         core::AuditKind::CommandResult => e.details.get("command_id").cloned(),
         _ => None,

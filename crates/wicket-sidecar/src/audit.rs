@@ -83,7 +83,7 @@ struct Segment {
 struct Entry {
     id: String,
     place: Place,
-    /// A command a result may be merged into ([`report::Encoded::takes_result`]).
+    /// A command a result may be merged into ([`report::takes_result`]).
     takes_result: bool,
     held: Option<Box<Held>>,
 }
@@ -204,6 +204,12 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("audit-{n:012}.pb"))
 }
 
+/// Whether a record of `len` bytes is kept in memory too, behind `pending`
+/// queued events holding `memory_bytes`.
+fn fits_in_memory(pending: usize, memory_bytes: u64, len: usize) -> bool {
+    pending < MEMORY_EVENTS && memory_bytes + len as u64 <= MEMORY_BYTES
+}
+
 /// The length of the encoded event a record's header announces.
 fn record_len(record: &[u8]) -> Option<usize> {
     let h: [u8; HEADER] = record.get(..HEADER)?.try_into().ok()?;
@@ -264,14 +270,12 @@ impl Spool {
                 };
                 if seen.insert(event.id.clone()) {
                     let len = end - at;
-                    let keep =
-                        pending.len() < MEMORY_EVENTS && memory_bytes + len as u64 <= MEMORY_BYTES;
+                    let keep = fits_in_memory(pending.len(), memory_bytes, len);
                     if keep {
                         memory_bytes += len as u64;
                     }
                     pending.push_back(Entry {
-                        takes_result: event.kind == wicket_core::AuditKind::Command
-                            && event.masked.is_empty(),
+                        takes_result: report::takes_result(&event),
                         id: event.id,
                         place: Place {
                             seg: n,
@@ -429,8 +433,7 @@ impl Spool {
         seg.bytes += line.len() as u64;
         seg.unacked += 1;
         inner.total_bytes += line.len() as u64;
-        let keep = inner.pending.len() < MEMORY_EVENTS
-            && inner.memory_bytes + line.len() as u64 <= MEMORY_BYTES;
+        let keep = fits_in_memory(inner.pending.len(), inner.memory_bytes, line.len());
         if keep {
             inner.memory_bytes += line.len() as u64;
         }
