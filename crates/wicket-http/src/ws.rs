@@ -67,52 +67,52 @@ where
                     }
                 }
                 Err(e) => {
-                    out.error = Some(format!("bad frame from the upstream: {e}"));
-                    let _ = close(&mut cw, 1002, "wicket: bad frame from the upstream").await;
+                    let why = format!("bad frame from the upstream: {e}");
+                    refuse(&mut cw, &mut out, 1002, why).await;
                     break;
                 }
             };
+            // A protocol error: its close code and what went wrong.
+            let bad = |why: &str| Err((1002, why.to_string()));
             let send = match frame.opcode {
                 // Control frames may come between a message's fragments.
-                op if op.is_control() => Some(frame),
+                op if op.is_control() => Ok(Some(frame)),
                 Opcode::Text | Opcode::Binary if message.is_some() => {
-                    out.error = Some("a new message inside a fragmented one".into());
-                    let _ = close(&mut cw, 1002, "wicket: bad frame from the upstream").await;
-                    break;
+                    bad("a new message inside a fragmented one")
                 }
-                Opcode::Text | Opcode::Binary if frame.fin => Some(mask_message(
+                Opcode::Text | Opcode::Binary if frame.fin => Ok(Some(mask_message(
                     &plan,
                     frame.opcode,
                     frame.payload,
                     &mut out.tally,
-                )),
+                ))),
                 Opcode::Text | Opcode::Binary => {
                     message = Some((frame.opcode, BytesMut::from(&frame.payload[..])));
-                    None
+                    Ok(None)
                 }
                 _ => match message.as_mut() {
-                    Some((_, held)) if held.len() + frame.payload.len() > MAX_MESSAGE => {
-                        out.error = Some(format!(
-                            "a message over {MAX_MESSAGE} bytes cannot be masked"
-                        ));
-                        let _ = close(&mut cw, 1009, "wicket: message too large to mask").await;
-                        break;
-                    }
+                    Some((_, held)) if held.len() + frame.payload.len() > MAX_MESSAGE => Err((
+                        1009,
+                        format!("a message over {MAX_MESSAGE} bytes cannot be masked"),
+                    )),
                     Some((_, held)) => {
                         held.extend_from_slice(&frame.payload);
                         if frame.fin {
                             let (op, held) = message.take().expect("a message is held");
-                            Some(mask_message(&plan, op, held.freeze(), &mut out.tally))
+                            Ok(Some(mask_message(&plan, op, held.freeze(), &mut out.tally)))
                         } else {
-                            None
+                            Ok(None)
                         }
                     }
-                    None => {
-                        out.error = Some("a continuation frame outside a message".into());
-                        let _ = close(&mut cw, 1002, "wicket: bad frame from the upstream").await;
-                        break;
-                    }
+                    None => bad("a continuation frame outside a message"),
                 },
+            };
+            let send = match send {
+                Ok(send) => send,
+                Err((code, why)) => {
+                    refuse(&mut cw, &mut out, code, why).await;
+                    break;
+                }
             };
             if let Some(f) = send {
                 let closing = f.opcode == Opcode::Close;
@@ -147,6 +147,18 @@ fn mask_message(plan: &Plan, opcode: Opcode, payload: Bytes, tally: &mut Tally) 
         opcode,
         payload,
     }
+}
+
+/// Ends the client's side on an upstream the gate cannot relay masked:
+/// a close frame with `code` and a reason, and `why` in the result.
+async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, out: &mut Relayed, code: u16, why: String) {
+    let reason = if code == 1009 {
+        "wicket: message too large to mask"
+    } else {
+        "wicket: bad frame from the upstream"
+    };
+    let _ = close(w, code, reason).await;
+    out.error = Some(why);
 }
 
 async fn close<W: AsyncWrite + Unpin>(w: &mut W, code: u16, reason: &str) -> std::io::Result<()> {
