@@ -479,7 +479,7 @@ impl Stream {
             let mut buf = BytesMut::with_capacity(64 * 1024);
             let mut channel = 1u8;
             // Only worth holding output back when something masks it.
-            let mut carry = Carry::new(masker.is_some(), self.api.tty).with_room(1);
+            let mut carry = Carry::new(masker.is_some(), self.api.tty);
             loop {
                 let mut outs = Vec::new();
                 let mut eof = false;
@@ -506,7 +506,7 @@ impl Stream {
                 let mut closed = false;
                 while !closed {
                     match ws::decode(&mut buf, Sender::Server, max) {
-                        Ok(Some(mut f)) => {
+                        Ok(Some(f)) => {
                             let data = match f.opcode {
                                 Opcode::Binary | Opcode::Text => {
                                     channel = f.payload.first().copied().unwrap_or(0);
@@ -528,12 +528,11 @@ impl Stream {
                                 {
                                     match carry.take(channel, &d, false) {
                                         None => Some(d),
-                                        Some(emit) if emit.len() == 1 => continue,
-                                        Some(mut emit) => {
-                                            // The room left for the channel byte.
-                                            emit[0] = channel;
-                                            f.payload = Bytes::from(emit);
-                                            Some(f.payload.slice(1..))
+                                        Some(pieces) => {
+                                            outs.extend(
+                                                pieces.into_iter().map(|p| Out::data(channel, p)),
+                                            );
+                                            continue;
                                         }
                                     }
                                 }
@@ -545,6 +544,7 @@ impl Stream {
                             };
                             outs.push(Out {
                                 frame: f,
+                                lead: None,
                                 channel,
                                 raw: data,
                                 masked: Vec::new(),
@@ -600,7 +600,9 @@ impl Stream {
                         );
                     }
                     closed |= o.frame.opcode == Opcode::Close;
-                    ws::encode_header(&o.frame, &mut heads);
+                    let len = o.frame.payload.len() + usize::from(o.lead.is_some());
+                    ws::encode_header(&o.frame, len, &mut heads);
+                    heads.extend(o.lead);
                     chunks.push(heads.split().freeze());
                     chunks.push(o.frame.payload);
                 }
@@ -895,8 +897,6 @@ pub(crate) struct Carry {
     /// Per channel (stdout, stderr): bytes after the last newline sent.
     held: [Vec<u8>; 2],
     since: Option<tokio::time::Instant>,
-    /// Bytes left free at the front of what `take` returns.
-    room: usize,
 }
 
 impl Carry {
@@ -908,32 +908,27 @@ impl Carry {
             wait: if tty { CARRY_WAIT.0 } else { CARRY_WAIT.1 },
             held: [Vec::new(), Vec::new()],
             since: None,
-            room: 0,
         }
-    }
-
-    /// Leaves `n` bytes free at the front of what [`Carry::take`] returns,
-    /// for the caller's framing (the WebSocket channel byte), so that the
-    /// output is not copied a second time to put it in a frame.
-    pub(crate) fn with_room(mut self, n: usize) -> Carry {
-        self.room = n;
-        self
     }
 
     /// What to send now of `data` on `channel` (1 or 2): what was held
     /// before it, then it, less the incomplete line now held; `None` when
     /// that is `data` itself (nothing was held, nothing is), so the frame
-    /// goes as it is. `end`: the channel ends, hold nothing. The first
-    /// bytes are the room asked for with [`Carry::with_room`].
-    pub(crate) fn take(&mut self, channel: u8, data: &[u8], end: bool) -> Option<Vec<u8>> {
+    /// goes as it is. `end`: the channel ends, hold nothing.
+    ///
+    /// What to send comes in pieces, each to go as one frame, and each
+    /// made of whole lines but for the last piece when nothing is held:
+    /// the held bytes joined to `data`'s first line (a copy of one line),
+    /// then the rest of `data` up to its last newline, which is a slice of
+    /// `data`, not a copy (this is most of a busy stream's output). No
+    /// pieces: everything is held.
+    pub(crate) fn take(&mut self, channel: u8, data: &Bytes, end: bool) -> Option<Vec<Bytes>> {
         let i = usize::from(channel == 2);
         let before = self.held[i].len();
         let total = before + data.len();
         // Held bytes hold no newline: the cut is after the data's last one.
-        let cut = data
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |p| before + p + 1);
+        let last = memchr::memrchr(b'\n', data);
+        let cut = last.map_or(0, |p| before + p + 1);
         let hold = self.on
             && !end
             && (data.len() >= HOLD_FROM || before > 0)
@@ -942,19 +937,32 @@ impl Carry {
         if before == 0 && !hold {
             return None;
         }
-        let mut out = Vec::with_capacity(self.room + total);
-        out.resize(self.room, 0);
-        out.append(&mut self.held[i]);
-        out.extend_from_slice(data);
+        let upto = match (hold, last) {
+            (true, Some(p)) => p + 1,
+            (true, None) => 0,
+            (false, _) => data.len(),
+        };
+        let mut pieces = Vec::with_capacity(2);
+        let mut rest = data.slice(..upto);
+        if before > 0 && (upto > 0 || !hold) {
+            let first = memchr::memchr(b'\n', &rest).map_or(rest.len(), |p| p + 1);
+            let mut joined = std::mem::take(&mut self.held[i]);
+            joined.extend_from_slice(&rest[..first]);
+            pieces.push(Bytes::from(joined));
+            rest = rest.slice(first..);
+        }
+        if !rest.is_empty() {
+            pieces.push(rest);
+        }
         if hold {
-            self.held[i] = out.split_off(self.room + cut);
+            self.held[i].extend_from_slice(&data[upto..]);
         }
         if self.held.iter().all(Vec::is_empty) {
             self.since = None;
         } else if self.since.is_none() {
             self.since = Some(tokio::time::Instant::now());
         }
-        Some(out)
+        Some(pieces)
     }
 
     /// Resolves when held output has waited long enough (never when none is held).
@@ -1018,15 +1026,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 /// Queues what `carry` holds as output frames.
 fn flush_carry(carry: &mut Carry, outs: &mut Vec<Out>) {
     for (ch, data) in carry.flush() {
-        let mut p = Vec::with_capacity(data.len() + 1);
-        p.push(ch);
-        p.extend_from_slice(&data);
-        outs.push(Out {
-            frame: Frame::binary(p),
-            channel: ch,
-            raw: Some(Bytes::from(data)),
-            masked: Vec::new(),
-        });
+        outs.push(Out::data(ch, Bytes::from(data)));
     }
 }
 
@@ -1034,12 +1034,29 @@ fn flush_carry(carry: &mut Carry, outs: &mut Vec<Out>) {
 struct Out {
     /// The frame as it will be sent (masked once the job ran).
     frame: Frame,
+    /// The channel byte, when it is sent between the frame's header and
+    /// its payload rather than being the payload's first byte (output the
+    /// gate cut or masked: its data is sent from where it is).
+    lead: Option<u8>,
     /// Its channel (a continuation carries its message's).
     channel: u8,
     /// Its data before masking (without the channel byte), for data frames.
     raw: Option<Bytes>,
     /// What masking replaced in it.
     masked: Vec<(String, u64)>,
+}
+
+impl Out {
+    /// A whole output message of `data` on `channel`.
+    fn data(channel: u8, data: Bytes) -> Out {
+        Out {
+            frame: Frame::binary(data.clone()),
+            lead: Some(channel),
+            channel,
+            raw: Some(data),
+            masked: Vec::new(),
+        }
+    }
 }
 
 /// Frames ready to write, or being masked.
@@ -1083,13 +1100,11 @@ fn mask_outs(mut outs: Vec<Out>, m: &wicket_mask::Masker) -> Vec<Out> {
             continue;
         };
         o.masked = counts;
-        let first = o.frame.opcode != Opcode::Continuation;
-        let mut p = BytesMut::with_capacity(masked.len() + 1);
-        if first {
-            p.extend_from_slice(&[o.channel]);
+        // A message's first frame starts with its channel byte.
+        if o.frame.opcode != Opcode::Continuation {
+            o.lead = Some(o.channel);
         }
-        p.extend_from_slice(masked.as_bytes());
-        o.frame.payload = p.freeze();
+        o.frame.payload = Bytes::from(masked.into_bytes());
     }
     outs
 }
@@ -1119,58 +1134,83 @@ impl KubeGate {
 mod tests {
     use super::*;
 
+    /// What `take` sends of `data`, its pieces joined.
+    fn take(c: &mut Carry, channel: u8, data: &[u8], end: bool) -> Option<Vec<u8>> {
+        let pieces = c.take(channel, &Bytes::copy_from_slice(data), end)?;
+        Some(pieces.concat())
+    }
+
     #[test]
     fn bulk_output_holds_its_incomplete_last_line_for_the_next_frame() {
         let mut c = Carry::new(true, false);
         let mut first = "x".repeat(1000);
         first.push_str("\nmail carol@exa");
-        let sent = c.take(1, first.as_bytes(), false).unwrap();
+        let sent = take(&mut c, 1, first.as_bytes(), false).unwrap();
         assert_eq!(sent.len(), 1001, "up to and with the newline");
         assert_eq!(sent, first.as_bytes()[..1001], "nothing held before");
-        let sent = c.take(1, b"mple.com now\n", false).unwrap();
+        let sent = take(&mut c, 1, b"mple.com now\n", false).unwrap();
         assert_eq!(sent, b"mail carol@example.com now\n");
         assert!(c.flush().is_empty());
     }
 
     #[test]
-    fn room_asked_for_comes_first_and_is_not_held() {
-        let mut c = Carry::new(true, false).with_room(1);
+    fn pieces_are_whole_lines_and_the_bulk_is_not_copied() {
+        let mut c = Carry::new(true, false);
         let mut first = vec![b'x'; HOLD_FROM];
         first.extend_from_slice(b"\nhe");
-        let sent = c.take(1, &first, false).unwrap();
-        assert_eq!(sent.len(), 1 + HOLD_FROM + 1);
-        assert_eq!(sent[1..], first[..HOLD_FROM + 1]);
-        assert_eq!(c.take(1, b"ld\n", false).unwrap(), b"\0held\n");
-        // Nothing to send yet: the room alone.
-        let mut c = Carry::new(true, false).with_room(1);
+        let first = Bytes::from(first);
+        let pieces = c.take(1, &first, false).unwrap();
+        assert_eq!(pieces.len(), 1);
+        assert_eq!(pieces[0], first[..HOLD_FROM + 1]);
+        assert_eq!(pieces[0].as_ptr(), first.as_ptr(), "a slice of the frame");
+        let second = Bytes::from_static(b"ld\nline two\nline three\npart");
+        let pieces = c.take(1, &second, false).unwrap();
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces[0], "held\n", "the held line, completed");
+        assert_eq!(pieces[1], "line two\nline three\n");
+        assert_eq!(
+            pieces[1].as_ptr(),
+            second[3..].as_ptr(),
+            "a slice of the frame"
+        );
+        // No newline: all of it waits, nothing to send yet.
+        assert!(
+            c.take(1, &Bytes::from_static(b"-more"), false)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(c.flush(), vec![(1, b"part-more".to_vec())]);
+        // The end: what was held, then the data, nothing kept.
+        let mut c = Carry::new(true, false);
         c.take(1, &first, false);
-        assert_eq!(c.take(1, b"l", false).unwrap(), [0]);
-        assert_eq!(c.flush(), vec![(1, b"hel".to_vec())]);
+        let pieces = c.take(1, &Bytes::from_static(b"llo\nbye"), true).unwrap();
+        assert_eq!(pieces, ["hello\n", "bye"]);
+        assert!(c.flush().is_empty());
     }
 
     #[test]
     fn long_lines_ends_and_unmasked_output_are_not_held() {
         let mut c = Carry::new(true, false);
         // A key's echo or a prompt passes at once.
-        assert_eq!(c.take(1, b"$ ", false), None, "sent as it is");
+        assert_eq!(take(&mut c, 1, b"$ ", false), None, "sent as it is");
         // A short frame continuing a held line joins it.
         let mut first = vec![b'x'; HOLD_FROM];
         first.extend_from_slice(b"\n$ ");
-        assert_eq!(c.take(1, &first, false).unwrap().len(), HOLD_FROM + 1);
-        assert!(c.take(1, b"l", false).unwrap().is_empty());
-        assert_eq!(c.take(1, b"s\n", false).unwrap(), b"$ ls\n");
+        assert_eq!(take(&mut c, 1, &first, false).unwrap().len(), HOLD_FROM + 1);
+        assert!(take(&mut c, 1, b"l", false).unwrap().is_empty());
+        assert_eq!(take(&mut c, 1, b"s\n", false).unwrap(), b"$ ls\n");
         let blob = vec![7u8; MAX_CARRY + 1];
-        assert_eq!(c.take(2, &blob, false), None);
+        assert_eq!(take(&mut c, 2, &blob, false), None);
         let mut tail = vec![b'a'; 100];
         tail.extend_from_slice(b"\nend");
-        assert_eq!(c.take(1, &tail, true), None);
+        assert_eq!(take(&mut c, 1, &tail, true), None);
         // A line longer than MAX_CARRY is not held.
         let mut long = vec![b'\n'];
         long.extend(vec![b'b'; MAX_CARRY + 1]);
-        assert_eq!(c.take(1, &long, false), None);
+        assert_eq!(take(&mut c, 1, &long, false), None);
         // Nothing is held when no masker runs.
         let mut off = Carry::new(false, false);
-        assert_eq!(off.take(1, &tail, false), None);
+        assert_eq!(take(&mut off, 1, &tail, false), None);
     }
 
     #[test]
@@ -1180,8 +1220,8 @@ mod tests {
         a.extend_from_slice(b"\nout-tail");
         let mut b = vec![b'b'; HOLD_FROM];
         b.extend_from_slice(b"\nerr-tail");
-        c.take(1, &a, false);
-        c.take(2, &b, false);
+        take(&mut c, 1, &a, false);
+        take(&mut c, 2, &b, false);
         assert_eq!(
             c.flush(),
             vec![(1, b"out-tail".to_vec()), (2, b"err-tail".to_vec())]

@@ -661,12 +661,25 @@ impl Stream {
                     };
                     let sid = f.stream().unwrap_or_default();
                     match ch {
-                        Some(ch @ (1 | 2)) => match carry.take(ch, f.body(), f.fin()) {
+                        Some(ch @ (1 | 2)) => match carry.take(ch, &f.body_bytes(), f.fin()) {
                             None => emit(ch, sid, f.flags(), f.body_bytes(), Some(&f), &mut out),
-                            Some(data) if !data.is_empty() || f.fin() => {
-                                emit(ch, sid, f.flags(), Bytes::from(data), None, &mut out)
+                            Some(pieces) if pieces.is_empty() => {
+                                if f.fin() {
+                                    emit(ch, sid, f.flags(), Bytes::new(), None, &mut out)
+                                }
                             }
-                            Some(_) => {}
+                            Some(pieces) => {
+                                // Only the last piece ends the stream.
+                                let n = pieces.len();
+                                for (k, p) in pieces.into_iter().enumerate() {
+                                    let flags = if k + 1 == n {
+                                        f.flags()
+                                    } else {
+                                        f.flags() & !FLAG_FIN
+                                    };
+                                    emit(ch, sid, flags, p, None, &mut out);
+                                }
+                            }
                         },
                         Some(ch) => {
                             // Held output goes before the exit status.

@@ -238,7 +238,7 @@ pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
 /// Appends `frame` to `out`, masked with `mask` when the sender is a client.
 pub fn encode(frame: &Frame, mask: Option<[u8; 4]>, out: &mut BytesMut) {
     out.reserve(frame.payload.len() + 14);
-    put_header(frame, mask.is_some(), out);
+    put_header(frame, frame.payload.len(), mask.is_some(), out);
     match mask {
         Some(k) => {
             out.put_slice(&k);
@@ -250,16 +250,18 @@ pub fn encode(frame: &Frame, mask: Option<[u8; 4]>, out: &mut BytesMut) {
     }
 }
 
-/// Appends the header of an unmasked `frame` (a server's) to `out`, for a
-/// writer that sends the payload from where it is (a vectored write)
-/// instead of copying it behind the header as [`encode`] does.
-pub fn encode_header(frame: &Frame, out: &mut BytesMut) {
-    put_header(frame, false, out);
+/// Appends the header of an unmasked `frame` (a server's) whose payload
+/// on the wire is `len` bytes long, for a writer that sends the payload
+/// from where it is (a vectored write) instead of copying it behind the
+/// header as [`encode`] does; `len` may count bytes sent between the two
+/// that `frame.payload` does not hold (a channel byte).
+pub fn encode_header(frame: &Frame, len: usize, out: &mut BytesMut) {
+    put_header(frame, len, false, out);
 }
 
-/// The first two bytes and the extended length of `frame`'s header.
-fn put_header(frame: &Frame, masked: bool, out: &mut BytesMut) {
-    let len = frame.payload.len();
+/// The first two bytes and the extended length of a header for `frame`
+/// with a payload of `len` bytes.
+fn put_header(frame: &Frame, len: usize, masked: bool, out: &mut BytesMut) {
     out.put_u8(if frame.fin { 0x80 } else { 0 } | frame.opcode.as_u8());
     let m = if masked { 0x80 } else { 0 };
     if len < 126 {
