@@ -117,6 +117,29 @@ pub(crate) fn cpu_us(pid: u32) -> u64 {
     user + system
 }
 
+/// Context switches (voluntary and not) of each of `pid`'s threads, by
+/// thread id and name.
+fn thread_switches(pid: u32) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let mut name = String::new();
+            let mut n = 0u64;
+            for line in status.lines() {
+                if let Some(v) = line.strip_prefix("Name:") {
+                    name = v.trim().to_string();
+                } else if line.contains("ctxt_switches:") {
+                    n += line.rsplit(':').next()?.trim().parse::<u64>().ok()?;
+                }
+            }
+            Some((format!("{}/{name}", t.file_name().to_string_lossy()), n))
+        })
+        .collect()
+}
+
 /// The process doing the work: `pid`'s first child when `pid` is a
 /// wrapper such as `runuser`, else `pid`.
 fn worker(pid: u32) -> u32 {
@@ -407,6 +430,7 @@ pub fn pg() -> Result<(), String> {
             )?;
             let bouncer_cpu = (cpu_us(bouncer_pid) - bouncer_cpu) as f64 / (b.tps * 10.0).max(1.0);
             let (gate_cpu, control_cpu) = (cpu_split_us(gate_pid), cpu_us(control_pid));
+            let switches = thread_switches(control_pid);
             let perf = util::perf_record(gate_pid, &format!("wicket-pg-{mode}-c{clients}"), 8);
             let perf_control =
                 util::perf_record(control_pid, &format!("control-pg-{mode}-c{clients}"), 8);
@@ -422,6 +446,15 @@ pub fn pg() -> Result<(), String> {
                 (cpu_split_us(gate_pid).1 - gate_cpu.1) as f64 / txs,
                 (cpu_us(control_pid) - control_cpu) as f64 / txs,
             ));
+            if std::env::var_os("WICKET_BENCH_SWITCHES").is_some() {
+                for (name, n) in thread_switches(control_pid) {
+                    let before = switches.iter().find(|(t, _)| *t == name).map_or(0, |s| s.1);
+                    println!(
+                        "  control thread {name}: {:.2} switches per transaction",
+                        (n - before) as f64 / txs
+                    );
+                }
+            }
             println!(
                 "{:<22} {:>12.0} {:>12.0} {:>12.0} {:>10.2} {:>10.2}",
                 format!("-M {mode} -c{clients}"),

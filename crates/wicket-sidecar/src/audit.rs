@@ -117,6 +117,8 @@ struct Inner {
     /// Command id → the ids of result events sent inside it (acked with it).
     merged: HashMap<String, Vec<String>>,
     total_bytes: u64,
+    /// Bytes of the pending events (as spooled).
+    pending_bytes: u64,
     /// Bytes of the pending events kept in memory.
     memory_bytes: u64,
     next_segment: u64,
@@ -124,6 +126,11 @@ struct Inner {
 }
 
 impl Inner {
+    /// Whether the pending events fill a report (by count or by bytes).
+    fn batch_full(&self) -> bool {
+        self.pending.len() >= BATCH || self.pending_bytes >= BATCH_BYTES
+    }
+
     /// Gives back what a drained backlog held: the queues keep their largest
     /// capacity otherwise, and one burst would set the idle footprint.
     fn release_drained(&mut self) {
@@ -308,6 +315,7 @@ impl Spool {
         for (n, _) in &legacy {
             next_segment = next_segment.max(n + 1);
         }
+        let pending_bytes = pending.iter().map(|e| u64::from(e.place.len)).sum();
         let spool = Arc::new(Spool {
             appended: std::sync::atomic::AtomicU64::new(0),
             inner: Mutex::new(Inner {
@@ -318,6 +326,7 @@ impl Spool {
                 inflight: HashMap::new(),
                 merged: HashMap::new(),
                 total_bytes,
+                pending_bytes,
                 memory_bytes,
                 next_segment,
                 dirty: false,
@@ -437,6 +446,8 @@ impl Spool {
         if keep {
             inner.memory_bytes += line.len() as u64;
         }
+        let was_full = inner.batch_full();
+        inner.pending_bytes += line.len() as u64;
         inner.pending.push_back(Entry {
             id: encoded.id,
             place: Place {
@@ -456,7 +467,7 @@ impl Spool {
         // The reporter wants to hear of the first event (it starts waiting
         // for company) and of a full batch (it stops waiting); the events
         // between would only wake it to count them.
-        let wake = matches!(inner.pending.len(), 1 | BATCH);
+        let wake = inner.pending.len() == 1 || (!was_full && inner.batch_full());
         drop(g);
         self.appended
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -501,6 +512,7 @@ impl Spool {
             }
             bytes += next;
             let mut entry = g.pending.pop_front().expect("counted");
+            g.pending_bytes -= u64::from(entry.place.len);
             let (mut record, result_of) = match entry.held.take() {
                 Some(h) => {
                     g.memory_bytes = g.memory_bytes.saturating_sub(u64::from(entry.place.len));
@@ -512,6 +524,7 @@ impl Spool {
                         // The record was written and fsynced by us; if it cannot
                         // be read back now, keep it queued and say so.
                         tracing::error!(error = %e, id = %entry.id, "cannot read an audit event back from the spool");
+                        g.pending_bytes += u64::from(entry.place.len);
                         g.pending.push_front(entry);
                         break;
                     }
@@ -542,6 +555,12 @@ impl Spool {
         EncodedReport { events: out }
     }
 
+    /// Whether events wait to be sent, and whether they fill a batch.
+    fn waiting(&self) -> (bool, bool) {
+        let g = self.inner.lock().expect("spool lock");
+        (!g.pending.is_empty(), g.batch_full())
+    }
+
     /// Puts every in-flight event back in front of the queue (after a disconnect).
     fn requeue_inflight(&self) {
         let mut g = self.inner.lock().expect("spool lock");
@@ -550,6 +569,7 @@ impl Spool {
         back.sort_by_key(|(_, p)| (p.seg, p.offset));
         // They are read back from disk when sent again.
         for (id, place) in back.into_iter().rev() {
+            g.pending_bytes += u64::from(place.len);
             g.pending.push_front(Entry {
                 id,
                 place,
@@ -657,13 +677,30 @@ impl Spool {
                 }
             };
             backoff.reset();
+            // When the events waiting now go even if no batch fills:
+            // LINGER after the first of them. An acknowledgement alone does
+            // not send them: sending whatever came in during one round trip
+            // made reports of a few events each, and each report is a store
+            // transaction (at 15,000 statements a second the control service
+            // switched threads about once per event).
+            let mut due = self
+                .waiting()
+                .0
+                .then(|| tokio::time::Instant::now() + LINGER);
             loop {
-                tokio::select! {
+                let timer = async {
+                    match due {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                };
+                let fired = tokio::select! {
                     ack = acks.next() => match ack {
                         Some(Ok(ack)) => {
                             inflight = inflight.saturating_sub(1);
                             self.ack(&ack.acked_ids);
                             self.reject(&ack.rejected);
+                            false
                         }
                         Some(Err(status)) => {
                             tracing::warn!(code = ?status.code(), message = status.message(), "audit stream failed; resending unacknowledged events");
@@ -671,30 +708,26 @@ impl Spool {
                         }
                         None => break,
                     },
-                    _ = self.notify.notified() => {
-                        // Let more events join the batch: one report (and one store
-                        // transaction) per burst instead of one per statement; but
-                        // a full batch goes at once, so that a busy gate's backlog
-                        // stays within what the spool keeps in memory.
-                        let deadline = tokio::time::Instant::now() + LINGER;
-                        while self.inner.lock().expect("spool lock").pending.len() < BATCH {
-                            tokio::select! {
-                                _ = tokio::time::sleep_until(deadline) => break,
-                                _ = self.notify.notified() => {}
-                            }
+                    // The first event after none, or a full batch.
+                    _ = self.notify.notified() => false,
+                    // The wait is over (or the periodic check, with none set).
+                    _ = timer => true,
+                };
+                if fired || self.waiting().1 {
+                    while inflight < MAX_INFLIGHT {
+                        let batch = self.take_batch();
+                        if batch.events.is_empty() {
+                            break;
                         }
+                        if tx.send(batch).await.is_err() {
+                            break;
+                        }
+                        inflight += 1;
                     }
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    due = None;
                 }
-                while inflight < MAX_INFLIGHT {
-                    let batch = self.take_batch();
-                    if batch.events.is_empty() {
-                        break;
-                    }
-                    if tx.send(batch).await.is_err() {
-                        break;
-                    }
-                    inflight += 1;
+                if due.is_none() && self.waiting().0 {
+                    due = Some(tokio::time::Instant::now() + LINGER);
                 }
             }
             backoff.wait().await;
