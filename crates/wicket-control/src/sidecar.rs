@@ -125,27 +125,27 @@ impl AuditService for SidecarApi {
                 }
                 let mut good: Vec<AuditEvent> = Vec::with_capacity(batch.events.len());
                 let mut rejected = Vec::new();
-                for wire in &batch.events {
-                    match AuditEvent::try_from(wire) {
-                        Ok(e)
-                            if sidecar
-                                .connections
-                                .iter()
-                                .any(|c| c == &e.connection || c == "*") =>
-                        {
-                            good.push(e)
-                        }
-                        Ok(e) => rejected.push(v1::RejectedEvent {
-                            id: wire.id.clone(),
+                for wire in batch.events {
+                    if !sidecar
+                        .connections
+                        .iter()
+                        .any(|c| c == &wire.connection || c == "*")
+                    {
+                        rejected.push(v1::RejectedEvent {
                             reason: format!(
                                 "sidecar `{}` is not registered for connection `{}`",
-                                sidecar.name, e.connection
+                                sidecar.name, wire.connection
                             ),
-                        }),
-                        Err(reason) => rejected.push(v1::RejectedEvent {
-                            id: wire.id.clone(),
-                            reason,
-                        }),
+                            id: wire.id,
+                        });
+                        continue;
+                    }
+                    // Taken by value: the event's strings move into the
+                    // stored event rather than being copied.
+                    let id = wire.id.clone();
+                    match AuditEvent::try_from(wire) {
+                        Ok(e) => good.push(e),
+                        Err(reason) => rejected.push(v1::RejectedEvent { id, reason }),
                     }
                 }
                 for r in &rejected {

@@ -87,17 +87,25 @@ impl From<core::Principal> for v1::Principal {
 
 impl From<&v1::Principal> for core::Principal {
     fn from(p: &v1::Principal) -> Self {
+        p.clone().into()
+    }
+}
+
+/// By value, as the nested parts of a received [`v1::AuditEvent`]'s
+/// conversion: strings move instead of being copied.
+impl From<v1::Principal> for core::Principal {
+    fn from(p: v1::Principal) -> Self {
         core::Principal {
-            subject: p.subject.clone(),
-            issuer: p.issuer.clone(),
             kind: if p.kind == v1::PrincipalKind::Agent as i32 {
                 core::PrincipalKind::Agent
             } else {
                 core::PrincipalKind::Human
             },
-            groups: p.groups.clone(),
-            display_name: p.display_name.clone(),
-            client_id: p.client_id.clone(),
+            subject: p.subject,
+            issuer: p.issuer,
+            groups: p.groups,
+            display_name: p.display_name,
+            client_id: p.client_id,
         }
     }
 }
@@ -139,9 +147,15 @@ impl From<core::Command> for v1::Command {
 
 impl From<&v1::Command> for core::Command {
     fn from(c: &v1::Command) -> Self {
-        let k = c.classification.clone().unwrap_or_default();
+        c.clone().into()
+    }
+}
+
+impl From<v1::Command> for core::Command {
+    fn from(c: v1::Command) -> Self {
+        let k = c.classification.unwrap_or_default();
         core::Command {
-            text: c.text.clone(),
+            text: c.text,
             classification: core::Classification {
                 kind: k.kind,
                 verb: k.verb,
@@ -183,17 +197,23 @@ impl From<core::ReasoningTrace> for v1::ReasoningTrace {
 
 impl From<&v1::ReasoningTrace> for core::ReasoningTrace {
     fn from(t: &v1::ReasoningTrace) -> Self {
+        t.clone().into()
+    }
+}
+
+impl From<v1::ReasoningTrace> for core::ReasoningTrace {
+    fn from(t: v1::ReasoningTrace) -> Self {
         core::ReasoningTrace {
-            trace_id: t.trace_id.clone(),
-            reasoning: t.reasoning.clone(),
-            prompt: t.prompt.clone(),
+            trace_id: t.trace_id,
+            reasoning: t.reasoning,
+            prompt: t.prompt,
             steps: t
                 .steps
-                .iter()
+                .into_iter()
                 .map(|s| core::ReasoningStep {
-                    description: s.description.clone(),
-                    tool: s.tool.clone(),
-                    observation: s.observation.clone(),
+                    description: s.description,
+                    tool: s.tool,
+                    observation: s.observation,
                 })
                 .collect(),
             confidence: if t.confidence.is_finite() {
@@ -201,7 +221,7 @@ impl From<&v1::ReasoningTrace> for core::ReasoningTrace {
             } else {
                 0.0
             },
-            sources: t.sources.clone(),
+            sources: t.sources,
         }
     }
 }
@@ -243,12 +263,18 @@ impl From<core::Decision> for v1::DecisionInfo {
 
 impl From<&v1::DecisionInfo> for core::Decision {
     fn from(d: &v1::DecisionInfo) -> Self {
+        d.clone().into()
+    }
+}
+
+impl From<v1::DecisionInfo> for core::Decision {
+    fn from(d: v1::DecisionInfo) -> Self {
         core::Decision {
             effect: from_effect(d.effect),
-            rule: d.rule.clone(),
-            reason: d.reason.clone(),
-            review: d.review.as_ref().map(|r| core::ReviewSpec {
-                approver_groups: r.approver_groups.clone(),
+            rule: d.rule,
+            reason: d.reason,
+            review: d.review.map(|r| core::ReviewSpec {
+                approver_groups: r.approver_groups,
                 quorum: r.quorum.max(1),
                 one_per_group: r.one_per_group,
                 timeout_seconds: r.timeout_seconds,
@@ -306,7 +332,14 @@ impl From<core::AuditEvent> for v1::AuditEvent {
 impl TryFrom<&v1::AuditEvent> for core::AuditEvent {
     type Error = String;
     fn try_from(e: &v1::AuditEvent) -> Result<Self, String> {
-        let ev = audit_event_unchecked(e)?;
+        e.clone().try_into()
+    }
+}
+
+impl TryFrom<v1::AuditEvent> for core::AuditEvent {
+    type Error = String;
+    fn try_from(e: v1::AuditEvent) -> Result<Self, String> {
+        let ev = audit_event_unchecked_owned(e)?;
         ev.validate()?;
         Ok(ev)
     }
@@ -315,6 +348,12 @@ impl TryFrom<&v1::AuditEvent> for core::AuditEvent {
 /// The event without [`core::AuditEvent::validate`]'s checks (a known kind
 /// and a valid time are still required).
 pub fn audit_event_unchecked(e: &v1::AuditEvent) -> Result<core::AuditEvent, String> {
+    audit_event_unchecked_owned(e.clone())
+}
+
+/// [`audit_event_unchecked`] taking the event: its strings move instead
+/// of being copied (the control service's ingest converts every event).
+pub fn audit_event_unchecked_owned(e: v1::AuditEvent) -> Result<core::AuditEvent, String> {
     let kind = match v1::AuditKind::try_from(e.kind) {
         Ok(v1::AuditKind::SessionStart) => core::AuditKind::SessionStart,
         Ok(v1::AuditKind::SessionEnd) => core::AuditKind::SessionEnd,
@@ -328,22 +367,22 @@ pub fn audit_event_unchecked(e: &v1::AuditEvent) -> Result<core::AuditEvent, Str
     };
     let time = from_ts(e.time.as_ref()).ok_or("time: missing or out of range")?;
     Ok(core::AuditEvent {
-        id: e.id.clone(),
-        session_id: e.session_id.clone(),
+        id: e.id,
+        session_id: e.session_id,
         seq: e.seq,
         time,
         kind,
-        connection: e.connection.clone(),
-        principal: e.principal.as_ref().map(Into::into),
-        command: e.command.as_ref().map(Into::into),
-        decision: e.decision.as_ref().map(Into::into),
-        reasoning: e.reasoning.as_ref().map(Into::into),
-        traceparent: e.traceparent.clone(),
-        masked: e.masked.clone().into_iter().collect(),
-        client_addr: e.client_addr.clone(),
-        client_app: e.client_app.clone(),
-        details: e.details.clone().into_iter().collect(),
-        end_reason: e.end_reason.clone(),
+        connection: e.connection,
+        principal: e.principal.map(Into::into),
+        command: e.command.map(Into::into),
+        decision: e.decision.map(Into::into),
+        reasoning: e.reasoning.map(Into::into),
+        traceparent: e.traceparent,
+        masked: e.masked.into_iter().collect(),
+        client_addr: e.client_addr,
+        client_app: e.client_app,
+        details: e.details.into_iter().collect(),
+        end_reason: e.end_reason,
     })
 }
 

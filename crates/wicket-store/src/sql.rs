@@ -1,5 +1,6 @@
 //! The SQL store over SQLite or PostgreSQL.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -148,9 +149,12 @@ macro_rules! root_from_row {
 const SESSION_COLS: &str = "id, connection, principal, started_at, ended_at, state, end_reason, \
                             command_count, client_addr, client_app, hold";
 
-/// Events per multi-row insert (7 parameters each, well under the
+/// Events per multi-row insert (9 parameters each, well under the
 /// backends' bind-parameter limits).
 const INSERT_CHUNK: usize = 256;
+/// Sessions per multi-row statement of an ingest (up to 10 parameters
+/// each).
+const SESSION_CHUNK: usize = 256;
 
 impl SqlStore {
     /// Opens `sqlite:PATH` (created if missing; WAL, synchronous=FULL),
@@ -269,39 +273,57 @@ impl SqlStore {
             let mut tx = p.begin().await?;
             // Session rows first: on SQLite this write takes the database's
             // write lock, so reading the chain heads below cannot race
-            // another writer; on PostgreSQL the rows are locked explicitly.
-            for (e, _) in &sessions {
-                let principal = e.principal.clone().unwrap_or_default();
-                sqlx::query(
+            // another writer; on PostgreSQL the rows are locked explicitly
+            // (in id order, as every replica does). One statement per chunk
+            // of sessions, not one per session: each statement is a round
+            // trip to SQLite's worker thread.
+            for chunk in sessions.chunks(SESSION_CHUNK) {
+                let mut qb = sqlx::QueryBuilder::new(
                     "INSERT INTO sessions (id, connection, principal, principal_subject, started_at, state, \
-                     end_reason, command_count, client_addr, client_app) \
-                     VALUES ($1, $2, $3, $4, $5, 'active', '', 0, $6, $7) ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(&e.session_id)
-                .bind(&e.connection)
-                .bind(json(&principal))
-                .bind(&principal.subject)
-                .bind(ms(e.time))
-                .bind(&e.client_addr)
-                .bind(&e.client_app)
-                .execute(&mut *tx)
-                .await?;
+                     end_reason, command_count, client_addr, client_app) ",
+                );
+                qb.push_values(chunk, |mut b, (e, _)| {
+                    let principal = e.principal.clone().unwrap_or_default();
+                    b.push_bind(e.session_id.as_str())
+                        .push_bind(e.connection.as_str())
+                        .push_bind(json(&principal))
+                        .push_bind(principal.subject)
+                        .push_bind(ms(e.time))
+                        .push_bind("active")
+                        .push_bind("")
+                        .push_bind(0i64)
+                        .push_bind(e.client_addr.as_str())
+                        .push_bind(e.client_app.as_str());
+                });
+                qb.push(" ON CONFLICT (id) DO NOTHING");
+                qb.build().execute(&mut *tx).await?;
+            }
+            let mut found: HashMap<String, (u64, Hash)> = HashMap::with_capacity(sessions.len());
+            for chunk in sessions.chunks(SESSION_CHUNK) {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "SELECT id, chain_len, chain_head FROM sessions WHERE id IN (",
+                );
+                let mut ids = qb.separated(", ");
+                for (e, _) in chunk {
+                    ids.push_bind(e.session_id.as_str());
+                }
+                qb.push(") ORDER BY id");
+                qb.push(lock);
+                for r in qb.build().fetch_all(&mut *tx).await? {
+                    let len = r.try_get::<i64, _>("chain_len")? as u64;
+                    let head = match r.try_get::<Option<Vec<u8>>, _>("chain_head")? {
+                        Some(h) => hash_from(&h)
+                            .ok_or_else(|| StoreError::Corrupt("session chain head".into()))?,
+                        None => GENESIS,
+                    };
+                    found.insert(r.try_get::<String, _>("id")?, (len, head));
+                }
             }
             let mut heads: Vec<(u64, Hash)> = Vec::with_capacity(sessions.len());
             for (e, _) in &sessions {
-                let r = sqlx::query(&format!(
-                    "SELECT chain_len, chain_head FROM sessions WHERE id = $1{lock}"
-                ))
-                .bind(&e.session_id)
-                .fetch_one(&mut *tx)
-                .await?;
-                let len = r.try_get::<i64, _>("chain_len")? as u64;
-                let head = match r.try_get::<Option<Vec<u8>>, _>("chain_head")? {
-                    Some(h) => hash_from(&h)
-                        .ok_or_else(|| StoreError::Corrupt("session chain head".into()))?,
-                    None => GENESIS,
-                };
-                heads.push((len, head));
+                heads.push(found.remove(&e.session_id).ok_or_else(|| {
+                    StoreError::Corrupt(format!("session {} has no row", e.session_id))
+                })?);
             }
             // Chain each event after its session's head.
             let mut rows: Vec<(&AuditEvent, String, i64, Hash)> = Vec::with_capacity(fresh.len());
@@ -387,17 +409,21 @@ impl SqlStore {
                     _ => {}
                 }
             }
-            for ((e, n), (len, head)) in sessions.iter().zip(&heads) {
-                sqlx::query(
-                    "UPDATE sessions SET command_count = command_count + $2, chain_len = $3, chain_head = $4 \
-                     WHERE id = $1",
-                )
-                .bind(&e.session_id)
-                .bind(*n)
-                .bind(*len as i64)
-                .bind(&head[..])
-                .execute(&mut *tx)
-                .await?;
+            let updates: Vec<_> = sessions.iter().zip(&heads).collect();
+            for chunk in updates.chunks(SESSION_CHUNK) {
+                let mut qb =
+                    sqlx::QueryBuilder::new("WITH v (id, added, chain_len, chain_head) AS (");
+                qb.push_values(chunk, |mut b, ((e, n), (len, head))| {
+                    b.push_bind(e.session_id.as_str())
+                        .push_bind(*n)
+                        .push_bind(*len as i64)
+                        .push_bind(&head[..]);
+                });
+                qb.push(
+                    ") UPDATE sessions SET command_count = command_count + v.added, \
+                     chain_len = v.chain_len, chain_head = v.chain_head FROM v WHERE sessions.id = v.id",
+                );
+                qb.build().execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(None)

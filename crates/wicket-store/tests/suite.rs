@@ -747,6 +747,47 @@ async fn retention_deletes_unheld_sessions_with_a_record(s: Arc<dyn Store>) {
     assert_eq!(s.expired_sessions("db", cutoff, 0).await.unwrap(), ["old2"]);
 }
 
+/// One batch interleaving sessions, one of them with a chain already and
+/// the others new: each session's chain continues from its own head, its
+/// command count grows by its own commands.
+async fn a_batch_of_many_sessions_chains_each_on_its_own(s: Arc<dyn Store>) {
+    use wicket_core::evidence::*;
+    s.append_events(&[
+        event("m0", "old", 1, AuditKind::SessionStart),
+        event("m1", "old", 2, AuditKind::Command),
+    ])
+    .await
+    .unwrap();
+    let mut batch = Vec::new();
+    for i in 0..30u64 {
+        let session = ["old", "new-a", "new-b"][i as usize % 3];
+        let kind = if i < 3 && session != "old" {
+            AuditKind::SessionStart
+        } else {
+            AuditKind::Command
+        };
+        batch.push(event(&format!("n{i}"), session, 10 + i, kind));
+    }
+    let ids: Vec<String> = batch.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(s.append_events(&batch).await.unwrap(), ids);
+    for (session, len, commands) in [("old", 12, 11), ("new-a", 10, 9), ("new-b", 10, 9)] {
+        let chain = s.chain_events(session, 0, 0).await.unwrap();
+        assert_eq!(
+            chain.iter().map(|e| e.index).collect::<Vec<_>>(),
+            (1..=len).collect::<Vec<u64>>(),
+            "{session}"
+        );
+        let mut prev = GENESIS;
+        for e in &chain {
+            prev = link(&prev, e.index, e.body.as_bytes());
+            assert_eq!(prev, e.hash, "{session}: event {} chains on", e.index);
+        }
+        assert_eq!(s.chain_head(session).await.unwrap(), Some((len, prev)));
+        let sess = s.get_session(session).await.unwrap().unwrap();
+        assert_eq!(sess.command_count, commands, "{session}");
+    }
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod on_sqlite {
@@ -768,6 +809,7 @@ suite!(
     access_grants,
     keys_are_created_once,
     events_are_hash_chained_and_rooted,
+    a_batch_of_many_sessions_chains_each_on_its_own,
     events_are_searchable,
     events_are_exported_in_store_order_under_a_lease,
     retention_deletes_unheld_sessions_with_a_record,
