@@ -12,6 +12,7 @@
 //! | `wicket.dev/listen-port` | the gate's port |
 //! | `wicket.dev/credentials-secret` | Secret holding the upstream credentials |
 //! | `wicket.dev/tls-secret` | Secret (`tls.crt`, `tls.key`) the gate serves with |
+//! | `wicket.dev/host-key-secret` | ssh: Secret (`ssh-privatekey`) holding the gate's host key |
 //! | `wicket.dev/sidecar-secret` | Secret (`token`) with the gate's control credential |
 //! | `wicket.dev/native-sidecar` | `true` / `false`, overriding the cluster default |
 //!
@@ -44,6 +45,9 @@ pub const LISTEN_PORT: &str = "wicket.dev/listen-port";
 pub const CREDENTIALS_SECRET: &str = "wicket.dev/credentials-secret";
 /// Annotation: Secret with the gate's serving certificate.
 pub const TLS_SECRET: &str = "wicket.dev/tls-secret";
+/// Annotation: Secret with the SSH gate's host key, so that the key
+/// clients pin outlives the pod.
+pub const HOST_KEY_SECRET: &str = "wicket.dev/host-key-secret";
 /// Annotation: Secret with the gate's control-service credential.
 pub const SIDECAR_SECRET: &str = "wicket.dev/sidecar-secret";
 /// Annotation: native sidecar or not, for this pod.
@@ -57,6 +61,7 @@ const CONTROL_DIR: &str = "/var/run/wicket/control";
 const CONTROL_CA_DIR: &str = "/var/run/wicket/control-ca";
 const UPSTREAM_DIR: &str = "/var/run/wicket/upstream";
 const TLS_DIR: &str = "/var/run/wicket/tls";
+const HOST_KEY_DIR: &str = "/var/run/wicket/host-key";
 
 /// What the injector decided for one pod.
 #[derive(Debug)]
@@ -96,6 +101,8 @@ pub struct Plan {
     pub credentials_secret: Option<String>,
     /// Secret with the serving certificate.
     pub tls_secret: Option<String>,
+    /// Secret with the SSH gate's host key.
+    pub host_key_secret: Option<String>,
     /// Secret with the control credential.
     pub sidecar_secret: String,
     /// Native sidecar (init container, `restartPolicy: Always`).
@@ -226,6 +233,16 @@ pub fn plan(
         TLS_SECRET,
         resource.and_then(|r| r.tls_secret.as_ref()),
     )?;
+    let host_key_secret = secret(
+        annotations,
+        HOST_KEY_SECRET,
+        resource.and_then(|r| r.host_key_secret.as_ref()),
+    )?;
+    if host_key_secret.is_some() && protocol != Protocol::Ssh {
+        return Err(format!(
+            "{HOST_KEY_SECRET} is for ssh gates only (a `{protocol}` gate has no host key)"
+        ));
+    }
     let default_sidecar = format!("wicket-sidecar-{connection}");
     let sidecar_secret = secret(
         annotations,
@@ -255,6 +272,7 @@ pub fn plan(
         upstream,
         credentials_secret,
         tls_secret,
+        host_key_secret,
         sidecar_secret,
         native,
     }))
@@ -388,6 +406,14 @@ pub fn container(plan: &Plan, settings: &Settings) -> Container {
                     format!("{UPSTREAM_DIR}/known_hosts"),
                 ));
             }
+            // Without it the gate makes a key in its state volume, which
+            // a new pod does not have: clients would see the key change.
+            if plan.host_key_secret.is_some() {
+                vars.push(env(
+                    "WICKET_SSH_HOST_KEY",
+                    format!("{HOST_KEY_DIR}/ssh-privatekey"),
+                ));
+            }
         }
         Protocol::K8s => {
             vars.push(env("WICKET_K8S_LISTEN", listen));
@@ -427,6 +453,9 @@ pub fn container(plan: &Plan, settings: &Settings) -> Container {
     }
     if plan.tls_secret.is_some() {
         mounts.push(mount("wicket-tls", TLS_DIR, true));
+    }
+    if plan.host_key_secret.is_some() {
+        mounts.push(mount("wicket-host-key", HOST_KEY_DIR, true));
     }
     let res = &settings.sidecar.resources;
     Container {
@@ -514,6 +543,9 @@ pub fn volumes(plan: &Plan, settings: &Settings) -> Vec<Volume> {
     }
     if let Some(s) = &plan.tls_secret {
         v.push(secret_volume("wicket-tls", s));
+    }
+    if let Some(s) = &plan.host_key_secret {
+        v.push(secret_volume("wicket-host-key", s));
     }
     v
 }

@@ -315,6 +315,10 @@ pub struct Resource {
     /// Secret (`kubernetes.io/tls`) with the gate's serving certificate.
     #[serde(default)]
     pub tls_secret: Option<String>,
+    /// ssh: Secret (`kubernetes.io/ssh-auth`, key `ssh-privatekey`) with
+    /// the gate's host key.
+    #[serde(default)]
+    pub host_key_secret: Option<String>,
     /// Secret with the gate's control-service credential (default
     /// `wicket-sidecar-<name>`, which the chart creates).
     #[serde(default)]

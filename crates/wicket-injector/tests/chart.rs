@@ -283,6 +283,15 @@ for f in sys.argv[2:]:
     )
     .unwrap_err();
     assert!(e.contains("tlsSecret is required"), "{e}");
+    let e = render(
+        "1.30.0",
+        &[
+            "--set-json",
+            r#"resources=[{"name":"c","protocol":"pg","hostKeySecret":"k"}]"#,
+        ],
+    )
+    .unwrap_err();
+    assert!(e.contains("resources.0.protocol"), "{e}");
     // Template-time checks, with messages that say what to do.
     let e = run(
         Command::new(helm()).args(["template", "w"]).arg(chart()),
@@ -403,6 +412,14 @@ fn the_chart_and_the_injector_agree_on_every_resource() {
                 u
             );
         }
+        // The ssh gate keeps its host key in the resource's Secret.
+        assert_eq!(
+            e.get("WICKET_SSH_HOST_KEY").map(String::as_str),
+            r["hostKeySecret"]
+                .as_str()
+                .map(|_| "/var/run/wicket/host-key/ssh-privatekey"),
+            "{name}"
+        );
         // Requests and limits are the values' `sidecar.resources`.
         let res = serde_json::to_value(c.resources.as_ref().unwrap()).unwrap();
         assert_eq!(res["limits"]["memory"], "256Mi");

@@ -32,6 +32,7 @@ fn every_variable_a_gate_gets_is_a_flag_of_that_gate() {
             upstream: Some("127.0.0.1:1".into()),
             credentials_secret: Some("creds".into()),
             tls_secret: Some("tls".into()),
+            host_key_secret: (p == Protocol::Ssh).then(|| "host-key".into()),
             sidecar_secret: "wicket-sidecar-c".into(),
             native: true,
         };

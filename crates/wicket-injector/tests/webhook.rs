@@ -25,7 +25,7 @@ fn settings(version: &str) -> Settings {
             {"name": "orders-db", "protocol": "pg", "namespace": "payments",
              "credentialsSecret": "orders-db-login", "tlsSecret": "orders-db-tls",
              "description": "Orders", "rules": []},
-            {"name": "bastion", "protocol": "ssh"}
+            {"name": "bastion", "protocol": "ssh", "hostKeySecret": "bastion-host-key"}
         ]
     });
     Settings::from_json(&doc.to_string(), "test").unwrap()
@@ -286,6 +286,10 @@ fn each_protocol_gets_its_gate_with_its_credentials() {
                     "WICKET_SSH_KNOWN_HOSTS",
                     "/var/run/wicket/upstream/known_hosts",
                 ),
+                (
+                    "WICKET_SSH_HOST_KEY",
+                    "/var/run/wicket/host-key/ssh-privatekey",
+                ),
                 ("WICKET_CONNECTION", "bastion"),
             ],
         ),
@@ -326,6 +330,27 @@ fn each_protocol_gets_its_gate_with_its_credentials() {
         let e = env(c);
         for (k, v) in want {
             assert_eq!(e.get(k).map(String::as_str), Some(v), "{name}: {k}");
+        }
+        // The SSH gate's host key comes from its Secret, so that the key
+        // clients pinned survives the pod; other gates have none.
+        let host_key = pod
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "wicket-host-key");
+        if name == "ssh" {
+            let secret = host_key.and_then(|v| v.secret.as_ref()).unwrap();
+            assert_eq!(secret.secret_name.as_deref(), Some("bastion-host-key"));
+            assert_eq!(
+                mounts(c)["wicket-host-key"],
+                ("/var/run/wicket/host-key".to_string(), true)
+            );
+        } else {
+            assert!(host_key.is_none(), "{name}");
+            assert!(!e.contains_key("WICKET_SSH_HOST_KEY"));
         }
         // The Kubernetes gate reaches the in-cluster API with the pod's
         // service account: no upstream flag, no upstream secret.
@@ -466,6 +491,10 @@ fn wrong_requests_are_denied_saying_why() {
         (
             with("wicket.dev/credentials-secret", json!("bad/secret")),
             "not a valid Secret name",
+        ),
+        (
+            with("wicket.dev/host-key-secret", json!("orders-db-host-key")),
+            "wicket.dev/host-key-secret is for ssh gates only",
         ),
         (
             with("wicket.dev/native-sidecar", json!("maybe")),

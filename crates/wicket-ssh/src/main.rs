@@ -79,7 +79,9 @@ fn host_key(path: &Path) -> Result<PrivateKey, String> {
     }
     key.write_openssh_file(path, russh::keys::ssh_key::LineEnding::LF)
         .map_err(|e| format!("cannot write the host key {}: {e}", path.display()))?;
-    tracing::info!(path = %path.display(), "created a host key");
+    // Clients pin this key: one that does not outlive the gate's state
+    // (a pod's emptyDir) changes with every new pod, and they refuse it.
+    tracing::warn!(path = %path.display(), "created a new host key; clients that pinned an earlier one will refuse it. Keep the key across restarts: give --host-key a persistent file (in Kubernetes, a Secret named by wicket.dev/host-key-secret)");
     Ok(key)
 }
 
