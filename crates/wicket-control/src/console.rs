@@ -6,7 +6,10 @@
 //! cookie stands for their access token, which is validated on every
 //! request like an admin API token, revocations included, and their groups
 //! give the role: readers (auditors, approvers, admins) see approvals and
-//! sessions, approvers and admins decide.
+//! sessions, approvers and admins decide. The session is sealed into the
+//! browser's cookies with a key the replicas share through the store, so
+//! any replica serves it; a sign-out is recorded in the store and refused
+//! by all of them.
 //!
 //! The page is static (HTML, script and style from this binary, no third
 //! party) and reads a small JSON API; approval changes arrive live as
@@ -62,8 +65,30 @@ pub struct Console {
     login: Login,
 }
 
+/// Name of the stored key that seals console sessions.
+const SESSION_KEY: &str = "console-session-seal";
+
+/// The key every replica seals console sessions with: made by the first
+/// replica to start, kept in the store.
+async fn session_key(control: &Control) -> Result<Vec<u8>, String> {
+    let mut fresh = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut fresh).map_err(|_| "no random source")?;
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let stored = control
+        .store
+        .key_or_insert(SESSION_KEY, &b64.encode(fresh))
+        .await
+        .map_err(|e| format!("cannot store the console's session key: {e}"))?;
+    b64.decode(stored.trim())
+        .map_err(|e| format!("the stored console session key is not base64: {e}"))
+}
+
 /// Serves the console on `listener` for as long as the service runs.
-pub fn spawn(
+/// Sign-ins and sessions are sealed into the browser's cookies with a key
+/// the replicas share through the store, so that behind a load balancer
+/// any replica finishes a sign-in another started and serves its session.
+pub async fn spawn(
     control: Arc<Control>,
     cfg: ConsoleConfig,
     listener: TcpListener,
@@ -74,7 +99,8 @@ pub fn spawn(
         client_secret: cfg.client_secret,
         public_url: cfg.public_url.clone(),
         scopes: "openid profile".into(),
-    })?;
+    })?
+    .sealed(&session_key(&control).await?)?;
     let console = Arc::new(Console { control, login });
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         url = %cfg.public_url, "console serving");
@@ -170,6 +196,15 @@ impl Console {
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
         if path.starts_with(OWN_PREFIX) {
+            // A sign-out is recorded for every replica: the session itself
+            // lives sealed in the browser, and a copy of its cookies must
+            // not outlive it.
+            if path == format!("{OWN_PREFIX}logout")
+                && let Some((id, until)) = self.login.sealed_session_id(req.headers())
+                && let Err(e) = self.control.store.end_console_session(&id, until).await
+            {
+                return from_status(&crate::state::storage(e));
+            }
             let auth = &self.control.auth;
             return self
                 .login
@@ -186,8 +221,19 @@ impl Console {
             "/console.css" => return static_file(STYLE, "text/css; charset=utf-8"),
             _ => {}
         }
-        // Everything else is for signed-in readers.
-        let Some(token) = self.login.token_from_cookie(req.headers()) else {
+        // Everything else is for signed-in readers (a session signed out
+        // on any replica is none).
+        let mut token = self.login.token_from_cookie(req.headers());
+        if token.is_some()
+            && let Some((id, _)) = self.login.sealed_session_id(req.headers())
+        {
+            match self.control.store.console_session_ended(&id).await {
+                Ok(false) => {}
+                Ok(true) => token = None,
+                Err(e) => return from_status(&crate::state::storage(e)),
+            }
+        }
+        let Some(token) = token else {
             if wants_login(req.method(), req.headers()) {
                 let to = req
                     .uri()

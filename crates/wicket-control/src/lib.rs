@@ -148,7 +148,7 @@ pub async fn run(
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen for the console on {addr}: {e}"))?;
-        console::spawn(control.clone(), console, listener)?;
+        console::spawn(control.clone(), console, listener).await?;
     }
 
     let max = cfg.max_message_bytes;

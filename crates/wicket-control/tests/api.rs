@@ -1360,6 +1360,151 @@ async fn console_login(h: &Harness, base: &str, who: TokenSpec) -> String {
     format!("{}={}", f[5], f[6])
 }
 
+/// Two console replicas behind one address (one store): a sign-in the
+/// first starts, the second finishes; either serves the session after; a
+/// session sealed with another deployment's key is not accepted.
+#[tokio::test]
+async fn console_replicas_share_sign_ins_and_sessions() {
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (port_a, port_b) = (free(), free());
+    let (base_a, base_b) = (
+        format!("http://127.0.0.1:{port_a}"),
+        format!("http://127.0.0.1:{port_b}"),
+    );
+    let db = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", db.path().join("shared.db").display());
+    // Both replicas answer for one public URL (a load balancer's, here A's).
+    let public = base_a.clone();
+    let h = start_tuned(TestIdp::start("wicket").await, Some(url.clone()), |c| {
+        c.console_listen = Some(format!("127.0.0.1:{port_a}").parse().unwrap());
+        c.console_url = Some(public.clone());
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = wicket_control::Config {
+        agent_rules: vec!["client-credentials".into()],
+        ..wicket_control::Config::defaults(&h.idp.issuer(), &url, listener.local_addr().unwrap())
+    };
+    cfg.console_listen = Some(format!("127.0.0.1:{port_b}").parse().unwrap());
+    cfg.console_url = Some(public.clone());
+    let (_stop_b, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        wicket_control::run(cfg, listener, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let set_cookies = |r: &reqwest::Response| -> Vec<String> {
+        r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+            .filter(|c| !c.ends_with('='))
+            .collect()
+    };
+    // B starts the sign-in…
+    let started = loop {
+        match http
+            .get(format!("{base_b}/approvals"))
+            .header("accept", "text/html")
+            .send()
+            .await
+        {
+            Ok(r) => break r,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(started.status(), 302);
+    let login_cookie = set_cookies(&started).join("; ");
+    assert!(login_cookie.starts_with("wicket_login="), "{login_cookie}");
+    h.idp
+        .set_device_user(TokenSpec::human("lead", &["wicket-approvers"]));
+    let at_idp = http
+        .get(started.headers()["location"].to_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let callback = at_idp.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        callback.starts_with(&format!("{public}/.wicket/callback?")),
+        "{callback}"
+    );
+    // …and A, where the identity provider sends the browser back, ends it.
+    let done = http
+        .get(&callback)
+        .header("cookie", &login_cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 302, "{:?}", done.text().await);
+    let session = set_cookies(&done).join("; ");
+    assert!(session.starts_with("wicket_session="), "{session}");
+    // Without the login cookie (another browser), the same callback fails.
+    let r = http.get(&callback).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    for base in [&base_a, &base_b] {
+        let me: serde_json::Value = http
+            .get(format!("{base}/api/me"))
+            .header("cookie", &session)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(me["subject"], "lead", "{base}: {me}");
+        assert_eq!(me["can_decide"], true);
+    }
+    // A forged or foreign session is no session.
+    let r = http
+        .get(format!("{base_b}/api/me"))
+        .header(
+            "cookie",
+            "wicket_session=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Signing out clears the session's cookies.
+    let out = http
+        .get(format!("{base_b}/.wicket/logout"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    let cleared: Vec<&str> = out
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert!(
+        cleared
+            .iter()
+            .any(|c| c.starts_with("wicket_session=;") && c.contains("Max-Age=0")),
+        "{cleared:?}"
+    );
+    // A copy of the cookies kept from before is refused by every replica.
+    for base in [&base_a, &base_b] {
+        let r = http
+            .get(format!("{base}/api/me"))
+            .header("cookie", &session)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{base}");
+    }
+}
+
 /// The console: sign-in through the identity provider, pending approvals
 /// with their reasoning, a live event stream, votes that need the CSRF
 /// header and the approver role, and a held command released by a vote.

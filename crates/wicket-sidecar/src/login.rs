@@ -9,6 +9,14 @@
 //! `__Host-` prefixed when the gate is reached over https) holding only a
 //! random session id. `/.wicket/logout` forgets it. The cookie never
 //! reaches the upstream, and the token never reaches the browser.
+//!
+//! Several processes behind one address (the control service's replicas)
+//! cannot share that memory: with [`Login::sealed`], the login in flight
+//! and the session travel in the browser instead, sealed (AES-256-GCM)
+//! with a key the processes share, so that any of them can finish a login
+//! another started and serve its session. The token then reaches the
+//! browser only encrypted; the session ends when the token expires, and
+//! logging out clears the browser's cookies.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,6 +38,11 @@ const PENDING_TTL: Duration = Duration::from_secs(600);
 const MAX_PENDING: usize = 10_000;
 /// Browser sessions kept at most.
 const MAX_SESSIONS: usize = 100_000;
+/// A sealed session is cut into cookies of at most this many characters
+/// (browsers keep 4 KiB a cookie, name and attributes included)…
+const COOKIE_CHUNK: usize = 3800;
+/// …and at most this many of them.
+const MAX_CHUNKS: usize = 4;
 
 /// Browser login settings.
 #[derive(Debug, Clone)]
@@ -72,7 +85,77 @@ pub struct Login {
     endpoints: tokio::sync::Mutex<Option<Endpoints>>,
     pending: Mutex<HashMap<String, Pending>>,
     sessions: Mutex<HashMap<[u8; 32], Session>>,
+    /// Set: logins and sessions are sealed into cookies instead.
+    seal: Option<aws_lc_rs::aead::LessSafeKey>,
     secure: bool,
+}
+
+/// A login in flight, as sealed into the browser's login cookie.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SealedLogin {
+    state: String,
+    verifier: String,
+    return_to: String,
+    /// Unix seconds.
+    created: i64,
+}
+
+/// A session, as sealed into the browser's session cookies.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SealedSession {
+    /// Random: what a sign-out records, for the processes to refuse it.
+    id: String,
+    token: String,
+    /// Unix seconds.
+    expires: i64,
+}
+
+/// Seals `plain` for `purpose` (bound as associated data, so that one
+/// cookie cannot stand for another): base64url of nonce, ciphertext, tag.
+fn seal(key: &aws_lc_rs::aead::LessSafeKey, purpose: &str, plain: &[u8]) -> Option<String> {
+    use aws_lc_rs::aead::{Aad, NONCE_LEN, Nonce};
+    let mut nonce = [0u8; NONCE_LEN];
+    aws_lc_rs::rand::fill(&mut nonce).ok()?;
+    let mut data = plain.to_vec();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(purpose.as_bytes()),
+        &mut data,
+    )
+    .ok()?;
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&data);
+    Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(out))
+}
+
+/// `value` as JSON, sealed for `purpose`.
+fn seal_json<T: serde::Serialize>(
+    key: &aws_lc_rs::aead::LessSafeKey,
+    purpose: &str,
+    value: &T,
+) -> Result<String, String> {
+    serde_json::to_vec(value)
+        .ok()
+        .and_then(|plain| seal(key, purpose, &plain))
+        .ok_or_else(|| format!("wicket: cannot seal the {purpose}"))
+}
+
+/// What [`seal`] sealed for `purpose`; `None` for anything else.
+fn unseal(key: &aws_lc_rs::aead::LessSafeKey, purpose: &str, text: &str) -> Option<Vec<u8>> {
+    use aws_lc_rs::aead::{Aad, NONCE_LEN, Nonce};
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .ok()?;
+    if raw.len() < NONCE_LEN {
+        return None;
+    }
+    let (nonce, sealed) = raw.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+    let mut data = sealed.to_vec();
+    let plain = key
+        .open_in_place(nonce, Aad::from(purpose.as_bytes()), &mut data)
+        .ok()?;
+    Some(plain.to_vec())
 }
 
 impl std::fmt::Debug for Login {
@@ -137,8 +220,19 @@ impl Login {
             endpoints: tokio::sync::Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            seal: None,
             secure,
         })
+    }
+
+    /// Keeps logins in flight and sessions in the browser, sealed with
+    /// `key` (32 bytes), instead of in this process: every process given
+    /// the same key serves the same sessions.
+    pub fn sealed(mut self, key: &[u8]) -> Result<Login, String> {
+        let unbound = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, key)
+            .map_err(|_| "the session sealing key must be 32 bytes".to_string())?;
+        self.seal = Some(aws_lc_rs::aead::LessSafeKey::new(unbound));
+        Ok(self)
     }
 
     fn cookie_name(&self) -> &'static str {
@@ -147,6 +241,27 @@ impl Login {
         } else {
             "wicket_session"
         }
+    }
+
+    fn login_cookie_name(&self) -> &'static str {
+        if self.secure {
+            "__Host-wicket_login"
+        } else {
+            "wicket_login"
+        }
+    }
+
+    /// The name of the `i`th cookie of a sealed session.
+    fn chunk_name(&self, i: usize) -> String {
+        match i {
+            0 => self.cookie_name().to_string(),
+            i => format!("{}_{i}", self.cookie_name()),
+        }
+    }
+
+    /// Whether `name` is one of the gate's own cookies.
+    fn is_own_cookie(&self, name: &str) -> bool {
+        name == self.login_cookie_name() || (0..MAX_CHUNKS).any(|i| name == self.chunk_name(i))
     }
 
     fn callback_url(&self) -> String {
@@ -191,6 +306,9 @@ impl Login {
 
     /// The access token a request's session cookie stands for, if any.
     pub fn token_from_cookie(&self, h: &HeaderMap) -> Option<String> {
+        if self.seal.is_some() {
+            return self.unsealed_session(h).map(|s| s.token);
+        }
         let id = cookie(h, self.cookie_name())?;
         let key = sha256(&id);
         let mut g = self.sessions.lock().expect("sessions");
@@ -204,14 +322,41 @@ impl Login {
         }
     }
 
+    /// A sealed session's id and when it ends (its token's expiry), for
+    /// recording a sign-out that every process then refuses; `None`
+    /// without a live sealed session.
+    pub fn sealed_session_id(
+        &self,
+        h: &HeaderMap,
+    ) -> Option<(String, chrono::DateTime<chrono::Utc>)> {
+        let s = self.unsealed_session(h)?;
+        Some((s.id, chrono::DateTime::from_timestamp(s.expires, 0)?))
+    }
+
+    /// The request's sealed session, when it has a live one.
+    fn unsealed_session(&self, h: &HeaderMap) -> Option<SealedSession> {
+        let key = self.seal.as_ref()?;
+        let mut text = String::new();
+        for i in 0..MAX_CHUNKS {
+            match cookie(h, &self.chunk_name(i)) {
+                Some(part) => text.push_str(&part),
+                None => break,
+            }
+        }
+        let plain = unseal(key, "session", &text)?;
+        let s: SealedSession = serde_json::from_slice(&plain).ok()?;
+        (s.expires > chrono::Utc::now().timestamp()).then_some(s)
+    }
+
     /// The `Cookie` header without the gate's own cookie (`None`: nothing left).
     pub fn strip_cookie(&self, value: &HeaderValue) -> Option<HeaderValue> {
         let s = value.to_str().ok()?;
-        let name = self.cookie_name();
         let kept: Vec<&str> = s
             .split(';')
             .map(str::trim)
-            .filter(|c| !c.is_empty() && c.split('=').next() != Some(name))
+            .filter(|c| {
+                !c.is_empty() && !c.split('=').next().is_some_and(|n| self.is_own_cookie(n))
+            })
             .collect();
         if kept.is_empty() {
             return None;
@@ -231,7 +376,31 @@ impl Login {
         let state = random(16);
         let verifier = random(32);
         let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha256(&verifier));
-        {
+        let return_to = if local_path(return_to) {
+            return_to.to_string()
+        } else {
+            "/".to_string()
+        };
+        // Sealed: the login travels in the browser, for whichever process
+        // the callback reaches.
+        let mut login_cookie = None;
+        if let Some(key) = &self.seal {
+            let login = SealedLogin {
+                state: state.clone(),
+                verifier,
+                return_to,
+                created: chrono::Utc::now().timestamp(),
+            };
+            let sealed = match seal_json(key, "login", &login) {
+                Ok(s) => s,
+                Err(e) => return web::problem(StatusCode::INTERNAL_SERVER_ERROR, "login", &e),
+            };
+            login_cookie = Some(self.cookie(
+                self.login_cookie_name(),
+                &sealed,
+                PENDING_TTL.as_secs() as i64,
+            ));
+        } else {
             let mut g = self.pending.lock().expect("pending");
             g.retain(|_, p| p.created.elapsed() < PENDING_TTL);
             if g.len() >= MAX_PENDING
@@ -242,11 +411,6 @@ impl Login {
             {
                 g.remove(&oldest);
             }
-            let return_to = if local_path(return_to) {
-                return_to.to_string()
-            } else {
-                "/".to_string()
-            };
             g.insert(
                 state.clone(),
                 Pending {
@@ -276,7 +440,11 @@ impl Login {
             .append_pair("state", &state)
             .append_pair("code_challenge", &challenge)
             .append_pair("code_challenge_method", "S256");
-        redirect(url.as_str())
+        let mut r = redirect(url.as_str());
+        if let Some(v) = login_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            r.headers_mut().append("set-cookie", v);
+        }
+        r
     }
 
     /// Serves `/.wicket/…`: the callback and logout. `validate` checks the
@@ -293,14 +461,17 @@ impl Login {
         Fut: std::future::Future<Output = Result<chrono::DateTime<chrono::Utc>, String>>,
     {
         match path.strip_prefix(OWN_PREFIX) {
-            Some("callback") => self.callback(query, validate).await,
+            Some("callback") => self.callback(query, h, validate).await,
             Some("logout") => {
                 if let Some(id) = cookie(h, self.cookie_name()) {
                     self.sessions.lock().expect("sessions").remove(&sha256(&id));
                 }
                 let mut r = web::problem(StatusCode::OK, "logged-out", "wicket: logged out");
-                if let Ok(v) = HeaderValue::from_str(&self.set_cookie("", 0)) {
-                    r.headers_mut().insert("set-cookie", v);
+                let clear = (0..MAX_CHUNKS).map(|i| self.cookie(&self.chunk_name(i), "", 0));
+                for c in clear {
+                    if let Ok(v) = HeaderValue::from_str(&c) {
+                        r.headers_mut().append("set-cookie", v);
+                    }
                 }
                 r
             }
@@ -320,14 +491,62 @@ impl Login {
     }
 
     fn set_cookie(&self, value: &str, max_age: i64) -> String {
+        self.cookie(self.cookie_name(), value, max_age)
+    }
+
+    /// A `Set-Cookie` value for the gate's cookie `name`.
+    fn cookie(&self, name: &str, value: &str, max_age: i64) -> String {
         format!(
-            "{}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{}",
-            self.cookie_name(),
+            "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{}",
             if self.secure { "; Secure" } else { "" }
         )
     }
 
-    async fn callback<F, Fut>(&self, query: &str, validate: F) -> Response<Body>
+    /// The login a callback finishes: from this process's memory, or
+    /// unsealed from the browser's login cookie (its state must be the
+    /// callback's: the login started in this browser).
+    fn take_pending(&self, state: &str, h: &HeaderMap) -> Result<Pending, String> {
+        let expired = || "this login expired or was already used; start again".to_string();
+        let Some(key) = &self.seal else {
+            let p = self
+                .pending
+                .lock()
+                .expect("pending")
+                .remove(state)
+                .ok_or_else(expired)?;
+            return if p.created.elapsed() > PENDING_TTL {
+                Err("this login expired; start again".into())
+            } else {
+                Ok(p)
+            };
+        };
+        let login: SealedLogin = cookie(h, self.login_cookie_name())
+            .and_then(|c| unseal(key, "login", &c))
+            .and_then(|plain| serde_json::from_slice(&plain).ok())
+            .ok_or_else(|| {
+                "this browser started no login here (cookies off, or it expired); start again"
+                    .to_string()
+            })?;
+        if aws_lc_rs::constant_time::verify_slices_are_equal(
+            login.state.as_bytes(),
+            state.as_bytes(),
+        )
+        .is_err()
+        {
+            return Err(expired());
+        }
+        let age = chrono::Utc::now().timestamp() - login.created;
+        if !(0..=PENDING_TTL.as_secs() as i64).contains(&age) {
+            return Err("this login expired; start again".into());
+        }
+        Ok(Pending {
+            verifier: login.verifier,
+            return_to: login.return_to,
+            created: Instant::now(),
+        })
+    }
+
+    async fn callback<F, Fut>(&self, query: &str, h: &HeaderMap, validate: F) -> Response<Body>
     where
         F: FnOnce(String) -> Fut,
         Fut: std::future::Future<Output = Result<chrono::DateTime<chrono::Utc>, String>>,
@@ -351,12 +570,10 @@ impl Login {
         let (Some(code), Some(state)) = (q.get("code"), q.get("state")) else {
             return fail("the login callback carries no code".into());
         };
-        let Some(pending) = self.pending.lock().expect("pending").remove(state) else {
-            return fail("this login expired or was already used; start again".into());
+        let pending = match self.take_pending(state, h) {
+            Ok(p) => p,
+            Err(e) => return fail(e),
         };
-        if pending.created.elapsed() > PENDING_TTL {
-            return fail("this login expired; start again".into());
-        }
         let ep = match self.endpoints().await {
             Ok(e) => e,
             Err(e) => {
@@ -408,6 +625,9 @@ impl Login {
             Err(e) => return fail(e),
         };
         let secs = (expires_at - chrono::Utc::now()).num_seconds().max(0);
+        if let Some(key) = &self.seal {
+            return self.sealed_session(key, token, expires_at, secs, &pending.return_to);
+        }
         let id = random(32);
         {
             let mut g = self.sessions.lock().expect("sessions");
@@ -431,6 +651,59 @@ impl Login {
         let mut r = redirect(&pending.return_to);
         if let Ok(v) = HeaderValue::from_str(&self.set_cookie(&id, secs)) {
             r.headers_mut().insert("set-cookie", v);
+        }
+        r
+    }
+}
+
+impl Login {
+    /// The end of a sealed login: the session sealed into as many cookies
+    /// as it takes (the cookies of a longer earlier session cleared), the
+    /// login cookie cleared, and the browser sent on.
+    fn sealed_session(
+        &self,
+        key: &aws_lc_rs::aead::LessSafeKey,
+        token: &str,
+        expires_at: chrono::DateTime<chrono::Utc>,
+        secs: i64,
+        return_to: &str,
+    ) -> Response<Body> {
+        let session = SealedSession {
+            id: random(16),
+            token: token.to_string(),
+            expires: expires_at.timestamp(),
+        };
+        let sealed = match seal_json(key, "session", &session) {
+            Ok(s) => s,
+            Err(e) => return web::problem(StatusCode::INTERNAL_SERVER_ERROR, "login", &e),
+        };
+        let chunks: Vec<&str> = sealed
+            .as_bytes()
+            .chunks(COOKIE_CHUNK)
+            .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+            .collect();
+        if chunks.len() > MAX_CHUNKS {
+            return web::problem(
+                StatusCode::UNAUTHORIZED,
+                "login",
+                &format!(
+                    "wicket: the identity provider's access token ({} bytes) is too large to keep in browser cookies; ask for fewer claims in it",
+                    token.len()
+                ),
+            );
+        }
+        let mut r = redirect(return_to);
+        let mut set = vec![self.cookie(self.login_cookie_name(), "", 0)];
+        for i in 0..MAX_CHUNKS {
+            set.push(match chunks.get(i) {
+                Some(c) => self.cookie(&self.chunk_name(i), c, secs),
+                None => self.cookie(&self.chunk_name(i), "", 0),
+            });
+        }
+        for c in set {
+            if let Ok(v) = HeaderValue::from_str(&c) {
+                r.headers_mut().append("set-cookie", v);
+            }
         }
         r
     }
@@ -491,6 +764,115 @@ mod tests {
                 .set_cookie("x", 5)
                 .contains("; Secure")
         );
+    }
+
+    /// The `Cookie` header a browser sends back after `r`'s `Set-Cookie`s.
+    fn cookies_after(r: &Response<Body>) -> HeaderMap {
+        let jar: Vec<String> = r
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string())
+            .filter(|c| !c.ends_with('='))
+            .collect();
+        let mut h = HeaderMap::new();
+        h.insert("cookie", HeaderValue::from_str(&jar.join("; ")).unwrap());
+        h
+    }
+
+    #[test]
+    fn sealed_sessions_are_read_by_any_process_with_the_key_only() {
+        let key = [7u8; 32];
+        let a = login("https://console").sealed(&key).unwrap();
+        let b = login("https://console").sealed(&key).unwrap();
+        let other = login("https://console").sealed(&[8u8; 32]).unwrap();
+        assert!(login("https://console").sealed(&[1u8; 16]).is_err());
+        let k = a.seal.as_ref().unwrap();
+        let later = chrono::Utc::now() + chrono::Duration::minutes(5);
+        // A token too long for one cookie is cut into several, each within
+        // what browsers keep, and read back whole by another process.
+        for len in [900, 9000] {
+            let token = "t".repeat(len);
+            let r = a.sealed_session(k, &token, later, 300, "/approvals");
+            assert_eq!(r.status(), StatusCode::FOUND);
+            for v in r.headers().get_all("set-cookie") {
+                let v = v.to_str().unwrap();
+                assert!(v.len() < 4000, "{}", v.len());
+                assert!(
+                    v.contains("HttpOnly") && v.contains("; Secure") && v.starts_with("__Host-")
+                );
+            }
+            let h = cookies_after(&r);
+            assert_eq!(b.token_from_cookie(&h).as_deref(), Some(token.as_str()));
+            assert!(other.token_from_cookie(&h).is_none(), "another key");
+            // Nothing of it reaches an upstream.
+            assert!(b.strip_cookie(&h["cookie"]).is_none());
+        }
+        // Expired: no token.
+        let past = chrono::Utc::now() - chrono::Duration::seconds(1);
+        let r = a.sealed_session(k, "old", past, 0, "/");
+        assert!(b.token_from_cookie(&cookies_after(&r)).is_none());
+        // Larger than the cookies can carry: refused, saying why.
+        let r = a.sealed_session(k, &"t".repeat(20_000), later, 300, "/");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        // A sealed login does not pass for a session, nor a tampered one.
+        let login_seal = seal(k, "login", b"{}").unwrap();
+        assert!(unseal(k, "session", &login_seal).is_none());
+        let mut bytes = login_seal.into_bytes();
+        bytes[20] ^= 1;
+        assert!(unseal(k, "login", std::str::from_utf8(&bytes).unwrap()).is_none());
+    }
+
+    #[test]
+    fn a_sealed_login_is_finished_only_by_the_browser_that_started_it() {
+        let key = [9u8; 32];
+        let a = login("http://console").sealed(&key).unwrap();
+        let b = login("http://console").sealed(&key).unwrap();
+        let sealed = SealedLogin {
+            state: "s1".into(),
+            verifier: "v".into(),
+            return_to: "/approvals".into(),
+            created: chrono::Utc::now().timestamp(),
+        };
+        let c = seal(
+            a.seal.as_ref().unwrap(),
+            "login",
+            &serde_json::to_vec(&sealed).unwrap(),
+        )
+        .unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            "cookie",
+            HeaderValue::from_str(&format!("wicket_login={c}")).unwrap(),
+        );
+        let p = b.take_pending("s1", &h).unwrap();
+        assert_eq!(
+            (p.verifier.as_str(), p.return_to.as_str()),
+            ("v", "/approvals")
+        );
+        assert!(b.take_pending("s2", &h).is_err(), "another login's state");
+        assert!(
+            b.take_pending("s1", &HeaderMap::new()).is_err(),
+            "no cookie"
+        );
+        let old = SealedLogin {
+            created: chrono::Utc::now().timestamp() - 3600,
+            ..sealed
+        };
+        let c = seal(
+            a.seal.as_ref().unwrap(),
+            "login",
+            &serde_json::to_vec(&old).unwrap(),
+        )
+        .unwrap();
+        h.insert(
+            "cookie",
+            HeaderValue::from_str(&format!("wicket_login={c}")).unwrap(),
+        );
+        match b.take_pending("s1", &h) {
+            Err(e) => assert!(e.contains("expired"), "{e}"),
+            Ok(_) => panic!("an hour-old login was finished"),
+        }
     }
 
     #[test]

@@ -143,6 +143,16 @@ pub trait Store: Send + Sync + 'static {
     /// is none (so replicas racing to create a key all end up with one).
     async fn key_or_insert(&self, name: &str, candidate: &str) -> Result<String>;
 
+    /// Records that console session `id` was signed out; it would have
+    /// ended by itself at `until` (rows past that are pruned).
+    async fn end_console_session(
+        &self,
+        id: &str,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<()>;
+    /// Whether console session `id` was signed out.
+    async fn console_session_ended(&self, id: &str) -> Result<bool>;
+
     /// A session's stored chain events with `chain_index > after`, in
     /// chain order.
     async fn chain_events(

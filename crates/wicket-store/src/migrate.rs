@@ -15,6 +15,10 @@ pub const SQLITE: &[(i64, &str)] = &[
     (5, include_str!("../migrations/sqlite/0005_audit_chain.sql")),
     (6, include_str!("../migrations/sqlite/0006_export.sql")),
     (7, include_str!("../migrations/sqlite/0007_retention.sql")),
+    (
+        8,
+        include_str!("../migrations/sqlite/0008_console_logouts.sql"),
+    ),
 ];
 
 /// `(version, sql)` for PostgreSQL.
@@ -35,6 +39,10 @@ pub const POSTGRES: &[(i64, &str)] = &[
     ),
     (6, include_str!("../migrations/postgres/0006_export.sql")),
     (7, include_str!("../migrations/postgres/0007_retention.sql")),
+    (
+        8,
+        include_str!("../migrations/postgres/0008_console_logouts.sql"),
+    ),
 ];
 
 /// Splits a migration into statements (our migrations hold no `;` in literals).

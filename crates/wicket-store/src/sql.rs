@@ -1016,6 +1016,35 @@ impl Store for SqlStore {
         })
     }
 
+    async fn end_console_session(&self, id: &str, until: DateTime<Utc>) -> Result<()> {
+        with_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            sqlx::query("DELETE FROM console_logouts WHERE until < $1")
+                .bind(ms(Utc::now()))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO console_logouts (id, until) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(ms(until))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    async fn console_session_ended(&self, id: &str) -> Result<bool> {
+        with_pool!(self, |p| {
+            let r = sqlx::query("SELECT 1 FROM console_logouts WHERE id = $1")
+                .bind(id)
+                .fetch_optional(p)
+                .await?;
+            Ok(r.is_some())
+        })
+    }
+
     async fn chain_events(
         &self,
         session_id: &str,

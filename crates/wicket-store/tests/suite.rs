@@ -388,6 +388,24 @@ async fn keys_are_created_once(s: Arc<dyn Store>) {
     assert!(got.windows(2).all(|w| w[0] == w[1]), "{got:?}");
 }
 
+async fn console_sign_outs_are_kept_until_the_session_would_end(s: Arc<dyn Store>) {
+    let now = chrono::Utc::now();
+    let hour = chrono::Duration::hours(1);
+    assert!(!s.console_session_ended("c1").await.unwrap());
+    s.end_console_session("c1", now + hour).await.unwrap();
+    // Twice (a second click, another replica) is the same.
+    s.end_console_session("c1", now + hour).await.unwrap();
+    assert!(s.console_session_ended("c1").await.unwrap());
+    // One whose token has expired anyway goes with the next sign-out.
+    s.end_console_session("c0", now - chrono::Duration::seconds(1))
+        .await
+        .unwrap();
+    s.end_console_session("c2", now + hour).await.unwrap();
+    assert!(!s.console_session_ended("c0").await.unwrap());
+    assert!(s.console_session_ended("c2").await.unwrap());
+    assert!(s.console_session_ended("c1").await.unwrap());
+}
+
 async fn events_are_hash_chained_and_rooted(s: Arc<dyn Store>) {
     use wicket_core::evidence::*;
     let all: Vec<AuditEvent> = (1..=6)
@@ -808,6 +826,7 @@ suite!(
     revocations_sidecars_traces,
     access_grants,
     keys_are_created_once,
+    console_sign_outs_are_kept_until_the_session_would_end,
     events_are_hash_chained_and_rooted,
     a_batch_of_many_sessions_chains_each_on_its_own,
     events_are_searchable,
