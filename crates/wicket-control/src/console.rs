@@ -68,20 +68,20 @@ pub struct Console {
 /// Name of the stored key that seals console sessions.
 const SESSION_KEY: &str = "console-session-seal";
 
-/// The key every replica seals console sessions with: made by the first
-/// replica to start, kept in the store.
-async fn session_key(control: &Control) -> Result<Vec<u8>, String> {
+/// The secret every replica seals console sessions with: made by the
+/// first replica to start, kept in the store.
+async fn session_key(control: &Control) -> Result<String, String> {
+    use base64::Engine as _;
     let mut fresh = [0u8; 32];
     aws_lc_rs::rand::fill(&mut fresh).map_err(|_| "no random source")?;
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let stored = control
+    control
         .store
-        .key_or_insert(SESSION_KEY, &b64.encode(fresh))
+        .key_or_insert(
+            SESSION_KEY,
+            &base64::engine::general_purpose::STANDARD.encode(fresh),
+        )
         .await
-        .map_err(|e| format!("cannot store the console's session key: {e}"))?;
-    b64.decode(stored.trim())
-        .map_err(|e| format!("the stored console session key is not base64: {e}"))
+        .map_err(|e| format!("cannot store the console's session key: {e}"))
 }
 
 /// Serves the console on `listener` for as long as the service runs.
@@ -99,8 +99,10 @@ pub async fn spawn(
         client_secret: cfg.client_secret,
         public_url: cfg.public_url.clone(),
         scopes: "openid profile".into(),
-    })?
-    .sealed(&session_key(&control).await?)?;
+        session_key: Some(wicket_sidecar::secret::Secret::Value(
+            session_key(&control).await?,
+        )),
+    })?;
     let console = Arc::new(Console { control, login });
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         url = %cfg.public_url, "console serving");

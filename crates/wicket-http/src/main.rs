@@ -100,6 +100,13 @@ struct Args {
     /// File holding that client's secret (a confidential client; PKCE is used either way).
     #[arg(long, env = "WICKET_HTTP_LOGIN_CLIENT_SECRET_FILE")]
     login_client_secret_file: Option<PathBuf>,
+    /// File holding a secret (at least 32 characters) that every replica
+    /// of this gate shares: browser logins and sessions are then sealed
+    /// into the browser's cookies, so that any replica serves them.
+    /// Without it they live in this process (one replica, or sticky
+    /// sessions). Sign-out then clears the browser's cookies only.
+    #[arg(long, env = "WICKET_HTTP_LOGIN_SESSION_KEY_FILE")]
+    login_session_key_file: Option<PathBuf>,
     /// Scopes the browser login asks for.
     #[arg(long, env = "WICKET_HTTP_LOGIN_SCOPES", default_value = "openid")]
     login_scopes: String,
@@ -184,6 +191,10 @@ async fn run(args: Args) -> Result<(), String> {
             client_secret,
             public_url,
             scopes: args.login_scopes.clone(),
+            session_key: args
+                .login_session_key_file
+                .as_ref()
+                .map(|p| Secret::File(p.clone())),
         });
     }
     if cfg.tls.is_none() && !args.listen.ip().is_loopback() {

@@ -832,7 +832,22 @@ async fn http2_upstreams_and_masked_body_capture() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn people_log_in_with_a_browser_and_the_cookie_stays_at_the_gate() {
-    let hs = HttpStack::start_login(POLICY).await;
+    browser_login(None).await;
+}
+
+/// The same with sessions sealed into the browser's cookies (the gate's
+/// replicas share the key): the session is read back from the cookies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_sessions_sealed_for_replicas_work_the_same() {
+    browser_login(Some(wicket_sidecar::secret::Secret::Value(
+        "a shared secret of more than thirty-two characters".into(),
+    )))
+    .await;
+}
+
+async fn browser_login(session_key: Option<wicket_sidecar::secret::Secret>) {
+    let sealed = session_key.is_some();
+    let hs = HttpStack::start_login(POLICY, session_key).await;
     hs.stack
         .idp
         .set_device_user(TokenSpec::human("bea", &["staff"]));
@@ -870,6 +885,13 @@ async fn people_log_in_with_a_browser_and_the_cookie_stays_at_the_gate() {
     assert!(!out.contains("123-45-6789"), "{out}");
     let cookies = std::fs::read_to_string(&jar).unwrap();
     assert!(cookies.contains("wicket_session"), "{cookies}");
+    // Sealed, the cookie carries the session itself (far longer than an id).
+    let value_len = cookies
+        .lines()
+        .find(|l| l.contains("\twicket_session\t"))
+        .and_then(|l| l.rsplit('\t').next())
+        .map_or(0, str::len);
+    assert_eq!(value_len > 200, sealed, "{cookies}");
     assert!(
         cookies.contains("#HttpOnly_"),
         "the cookie is HttpOnly: {cookies}"
@@ -911,33 +933,47 @@ async fn people_log_in_with_a_browser_and_the_cookie_stays_at_the_gate() {
     })
     .await;
     assert_eq!(String::from_utf8_lossy(&o.stdout), "401");
-    // Logging out forgets the session.
+    // Logging out clears the browser's cookie…
     let (j, u2) = (jar_s.clone(), format!("{}/.wicket/logout", hs.url()));
-    blocking(move || {
-        Command::new("curl")
-            .args(["-sS", "-b", &j, "-c", &j, &u2])
-            .output()
-            .unwrap()
-    })
-    .await;
-    let (j, u2) = (jar_s.clone(), u.clone());
     let o = blocking(move || {
         Command::new("curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-b",
-                &j,
-                &u2,
-            ])
+            .args(["-sS", "-i", "-b", &j, "-c", &j, &u2])
             .output()
             .unwrap()
     })
     .await;
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "401");
+    let (out, _) = out_text(&o);
+    assert!(
+        out.lines().any(|l| l
+            .to_ascii_lowercase()
+            .starts_with("set-cookie: wicket_session=; path=/; httponly")
+            && l.contains("Max-Age=0")),
+        "{out}"
+    );
+    // …and a gate holding its sessions forgets this one, so even a copy
+    // of the cookie kept from before gets nothing. (Sealed, clearing the
+    // cookie is all a gate without a shared store can do: a copy lasts as
+    // long as its token, as the README says.)
+    if !sealed {
+        let (j, u2) = (jar_s.clone(), u.clone());
+        let o = blocking(move || {
+            Command::new("curl")
+                .args([
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-b",
+                    &j,
+                    &u2,
+                ])
+                .output()
+                .unwrap()
+        })
+        .await;
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "401");
+    }
     // The requests are the person's, in the audit.
     let events = hs.stack.events().await;
     assert!(

@@ -427,6 +427,13 @@ pub fn container(plan: &Plan, settings: &Settings) -> Container {
         }
         Protocol::Http => {
             vars.push(env("WICKET_HTTP_LISTEN", listen));
+            // Every replica of the application mounts the same control
+            // credential: browser logins (when turned on) are sealed with a
+            // key derived from it, so that any replica serves them.
+            vars.push(env(
+                "WICKET_HTTP_LOGIN_SESSION_KEY_FILE",
+                format!("{CONTROL_DIR}/token"),
+            ));
             vars.extend(upstream.map(|u| env("WICKET_HTTP_UPSTREAM", u)));
             if creds.is_some() {
                 vars.push(env(

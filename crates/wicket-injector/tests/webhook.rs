@@ -309,6 +309,10 @@ fn each_protocol_gets_its_gate_with_its_credentials() {
             8443,
             vec![
                 ("WICKET_HTTP_LISTEN", "0.0.0.0:8443"),
+                (
+                    "WICKET_HTTP_LOGIN_SESSION_KEY_FILE",
+                    "/var/run/wicket/control/token",
+                ),
                 ("WICKET_HTTP_UPSTREAM", "http://127.0.0.1:9000"),
                 (
                     "WICKET_HTTP_UPSTREAM_BEARER_FILE",

@@ -10,8 +10,9 @@
 //! random session id. `/.wicket/logout` forgets it. The cookie never
 //! reaches the upstream, and the token never reaches the browser.
 //!
-//! Several processes behind one address (the control service's replicas)
-//! cannot share that memory: with [`Login::sealed`], the login in flight
+//! Several processes behind one address (the control service's replicas,
+//! the replicas of a gated application) cannot share that memory: with
+//! [`LoginConfig::session_key`], the login in flight
 //! and the session travel in the browser instead, sealed (AES-256-GCM)
 //! with a key the processes share, so that any of them can finish a login
 //! another started and serve its session. The token then reaches the
@@ -58,6 +59,12 @@ pub struct LoginConfig {
     pub public_url: url::Url,
     /// Scopes asked for.
     pub scopes: String,
+    /// A secret every process serving these logins shares (at least 32
+    /// characters): logins in flight and sessions are then sealed into the
+    /// browser's cookies with a key derived from it, so that any of the
+    /// processes serves them ([`Login::sealed`]). `None`: they live in this
+    /// process.
+    pub session_key: Option<Secret>,
 }
 
 struct Pending {
@@ -214,7 +221,21 @@ impl Login {
             .build()
             .map_err(|e| format!("cannot build the login HTTP client: {e}"))?;
         let secure = cfg.public_url.scheme() == "https";
-        Ok(Login {
+        let key = match &cfg.session_key {
+            None => None,
+            Some(secret) => {
+                let text = read_secret(secret)?;
+                if text.trim().len() < 32 {
+                    return Err(
+                        "the login session key must be at least 32 characters (openssl rand -base64 32)"
+                            .into(),
+                    );
+                }
+                // Its own key, whatever else the secret is used for.
+                Some(sha256(&format!("wicket login sessions\0{text}")))
+            }
+        };
+        let login = Login {
             cfg,
             http,
             endpoints: tokio::sync::Mutex::new(None),
@@ -222,7 +243,11 @@ impl Login {
             sessions: Mutex::new(HashMap::new()),
             seal: None,
             secure,
-        })
+        };
+        match key {
+            Some(k) => login.sealed(&k),
+            None => Ok(login),
+        }
     }
 
     /// Keeps logins in flight and sessions in the browser, sealed with
@@ -747,6 +772,7 @@ mod tests {
             client_secret: None,
             public_url: url::Url::parse(url).unwrap(),
             scopes: "openid".into(),
+            session_key: None,
         })
         .unwrap()
     }
@@ -821,6 +847,28 @@ mod tests {
         let mut bytes = login_seal.into_bytes();
         bytes[20] ^= 1;
         assert!(unseal(k, "login", std::str::from_utf8(&bytes).unwrap()).is_none());
+    }
+
+    #[test]
+    fn a_shared_secret_seals_sessions_every_replica_reads() {
+        let with = |key: &str| {
+            Login::new(LoginConfig {
+                session_key: Some(Secret::Value(key.into())),
+                ..login("http://app").cfg
+            })
+        };
+        let err = with("short").unwrap_err();
+        assert!(err.contains("at least 32 characters"), "{err}");
+        let shared = "a secret every replica of the app mounts";
+        let (a, b) = (with(shared).unwrap(), with(shared).unwrap());
+        let other = with("another secret, also long enough to be used").unwrap();
+        let later = chrono::Utc::now() + chrono::Duration::minutes(5);
+        let r = a.sealed_session(a.seal.as_ref().unwrap(), "tok", later, 300, "/");
+        let h = cookies_after(&r);
+        assert_eq!(b.token_from_cookie(&h).as_deref(), Some("tok"));
+        assert!(other.token_from_cookie(&h).is_none());
+        // Without a secret, sessions stay in the process.
+        assert!(login("http://app").seal.is_none());
     }
 
     #[test]

@@ -122,8 +122,12 @@ impl HttpStack {
     }
 
     /// [`HttpStack::start`] with browser login on (client `wicket-http`,
-    /// public URL = the cleartext listener).
-    pub async fn start_login(policy: &str) -> HttpStack {
+    /// public URL = the cleartext listener), sessions kept in the gate or,
+    /// with `session_key`, sealed into the browser's cookies.
+    pub async fn start_login(
+        policy: &str,
+        session_key: Option<wicket_sidecar::secret::Secret>,
+    ) -> HttpStack {
         // The issuer and the public URL are filled in once known.
         HttpStack::start_opts(policy, false, |c| {
             c.login = Some(wicket_http::LoginConfig {
@@ -132,6 +136,7 @@ impl HttpStack {
                 client_secret: None,
                 public_url: url::Url::parse("http://127.0.0.1/").expect("url"),
                 scopes: "openid".into(),
+                session_key,
             });
         })
         .await
