@@ -202,8 +202,9 @@ impl Console {
             // lives sealed in the browser, and a copy of its cookies must
             // not outlive it.
             if path == format!("{OWN_PREFIX}logout")
-                && let Some((id, until)) = self.login.sealed_session_id(req.headers())
-                && let Err(e) = self.control.store.end_console_session(&id, until).await
+                && let Some(s) = self.login.sealed_session(req.headers())
+                && let Some(until) = s.until()
+                && let Err(e) = self.control.store.end_console_session(&s.id, until).await
             {
                 return from_status(&crate::state::storage(e));
             }
@@ -224,17 +225,16 @@ impl Console {
             _ => {}
         }
         // Everything else is for signed-in readers (a session signed out
-        // on any replica is none).
-        let mut token = self.login.token_from_cookie(req.headers());
-        if token.is_some()
-            && let Some((id, _)) = self.login.sealed_session_id(req.headers())
-        {
-            match self.control.store.console_session_ended(&id).await {
-                Ok(false) => {}
-                Ok(true) => token = None,
+        // on any replica is none). The console's sessions are sealed
+        // (`spawn` gives its login the shared key).
+        let token = match self.login.sealed_session(req.headers()) {
+            Some(s) => match self.control.store.console_session_ended(&s.id).await {
+                Ok(false) => Some(s.token),
+                Ok(true) => None,
                 Err(e) => return from_status(&crate::state::storage(e)),
-            }
-        }
+            },
+            None => None,
+        };
         let Some(token) = token else {
             if wants_login(req.method(), req.headers()) {
                 let to = req

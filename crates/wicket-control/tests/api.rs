@@ -87,27 +87,9 @@ async fn start_tuned(
 ) -> Harness {
     wicket_testkit::init_crypto();
     let dir = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut cfg = wicket_control::Config {
-        max_message_bytes: 256 * 1024,
-        agent_rules: vec!["client-credentials".into()],
-        ..wicket_control::Config::defaults(
-            &idp.issuer(),
-            &database_url
-                .unwrap_or_else(|| format!("sqlite:{}", dir.path().join("w.db").display())),
-            addr,
-        )
-    };
-    tune(&mut cfg);
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        wicket_control::run(cfg, listener, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
+    let database_url =
+        database_url.unwrap_or_else(|| format!("sqlite:{}", dir.path().join("w.db").display()));
+    let (addr, stop) = spawn_control(&idp.issuer(), &database_url, tune).await;
     let channel = loop {
         if let Ok(c) = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -126,6 +108,38 @@ async fn start_tuned(
         _dir: dir,
         _stop: stop,
     }
+}
+
+/// Starts a control service (another replica, when `database_url` is
+/// shared) on a free port; it runs until the sender is dropped.
+async fn spawn_control(
+    issuer: &str,
+    database_url: &str,
+    tune: impl FnOnce(&mut wicket_control::Config),
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut cfg = wicket_control::Config {
+        max_message_bytes: 256 * 1024,
+        agent_rules: vec!["client-credentials".into()],
+        ..wicket_control::Config::defaults(issuer, database_url, addr)
+    };
+    tune(&mut cfg);
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        wicket_control::run(cfg, listener, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    (addr, stop)
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
 }
 
 impl Harness {
@@ -1365,11 +1379,7 @@ async fn console_login(h: &Harness, base: &str, who: TokenSpec) -> String {
 /// session sealed with another deployment's key is not accepted.
 #[tokio::test]
 async fn console_replicas_share_sign_ins_and_sessions() {
-    let free = || {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let (port_a, port_b) = (free(), free());
+    let (port_a, port_b) = (free_port(), free_port());
     let (base_a, base_b) = (
         format!("http://127.0.0.1:{port_a}"),
         format!("http://127.0.0.1:{port_b}"),
@@ -1383,21 +1393,11 @@ async fn console_replicas_share_sign_ins_and_sessions() {
         c.console_url = Some(public.clone());
     })
     .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut cfg = wicket_control::Config {
-        agent_rules: vec!["client-credentials".into()],
-        ..wicket_control::Config::defaults(&h.idp.issuer(), &url, listener.local_addr().unwrap())
-    };
-    cfg.console_listen = Some(format!("127.0.0.1:{port_b}").parse().unwrap());
-    cfg.console_url = Some(public.clone());
-    let (_stop_b, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        wicket_control::run(cfg, listener, async {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-    });
+    let (_, _stop_b) = spawn_control(&h.idp.issuer(), &url, |c| {
+        c.console_listen = Some(format!("127.0.0.1:{port_b}").parse().unwrap());
+        c.console_url = Some(public.clone());
+    })
+    .await;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -1410,6 +1410,8 @@ async fn console_replicas_share_sign_ins_and_sessions() {
             .filter(|c| !c.ends_with('='))
             .collect()
     };
+    // A browser's request: `url` with `cookie`.
+    let get = |url: &str, cookie: &str| http.get(url).header("cookie", cookie.to_string()).send();
     // B starts the sign-in…
     let started = loop {
         match http
@@ -1438,12 +1440,7 @@ async fn console_replicas_share_sign_ins_and_sessions() {
         "{callback}"
     );
     // …and A, where the identity provider sends the browser back, ends it.
-    let done = http
-        .get(&callback)
-        .header("cookie", &login_cookie)
-        .send()
-        .await
-        .unwrap();
+    let done = get(&callback, &login_cookie).await.unwrap();
     assert_eq!(done.status(), 302, "{:?}", done.text().await);
     let session = set_cookies(&done).join("; ");
     assert!(session.starts_with("wicket_session="), "{session}");
@@ -1451,10 +1448,7 @@ async fn console_replicas_share_sign_ins_and_sessions() {
     let r = http.get(&callback).send().await.unwrap();
     assert_eq!(r.status(), 401);
     for base in [&base_a, &base_b] {
-        let me: serde_json::Value = http
-            .get(format!("{base}/api/me"))
-            .header("cookie", &session)
-            .send()
+        let me: serde_json::Value = get(&format!("{base}/api/me"), &session)
             .await
             .unwrap()
             .json()
@@ -1464,21 +1458,15 @@ async fn console_replicas_share_sign_ins_and_sessions() {
         assert_eq!(me["can_decide"], true);
     }
     // A forged or foreign session is no session.
-    let r = http
-        .get(format!("{base_b}/api/me"))
-        .header(
-            "cookie",
-            "wicket_session=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
-        )
-        .send()
-        .await
-        .unwrap();
+    let r = get(
+        &format!("{base_b}/api/me"),
+        "wicket_session=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 401);
     // Signing out clears the session's cookies.
-    let out = http
-        .get(format!("{base_b}/.wicket/logout"))
-        .header("cookie", &session)
-        .send()
+    let out = get(&format!("{base_b}/.wicket/logout"), &session)
         .await
         .unwrap();
     let cleared: Vec<&str> = out
@@ -1495,12 +1483,7 @@ async fn console_replicas_share_sign_ins_and_sessions() {
     );
     // A copy of the cookies kept from before is refused by every replica.
     for base in [&base_a, &base_b] {
-        let r = http
-            .get(format!("{base}/api/me"))
-            .header("cookie", &session)
-            .send()
-            .await
-            .unwrap();
+        let r = get(&format!("{base}/api/me"), &session).await.unwrap();
         assert_eq!(r.status(), 401, "{base}");
     }
 }
@@ -1510,10 +1493,7 @@ async fn console_replicas_share_sign_ins_and_sessions() {
 /// header and the approver role, and a held command released by a vote.
 #[tokio::test]
 async fn the_console_shows_and_decides_approvals() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let h = start_tuned(TestIdp::start("wicket").await, None, |c| {
         c.console_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
@@ -1667,10 +1647,7 @@ async fn the_console_replays_terminal_recordings_in_a_browser() {
                 .exists(),
         "chromium and playwright-core are missing: `cargo xtask test` installs them"
     );
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let h = start_tuned(TestIdp::start("wicket").await, None, |c| {
         c.console_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
     })

@@ -98,6 +98,16 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("curl thread")
 }
 
+/// The status code curl gets for `url` with `args` (and no token).
+async fn status_of(args: &[&str], url: &str) -> String {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(args)
+        .arg(url);
+    let o = blocking(move || c.output().unwrap()).await;
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 fn human(hs: &HttpStack, name: &str, groups: &[&str]) -> String {
     hs.stack.idp.mint(&TokenSpec::human(name, groups))
 }
@@ -915,24 +925,10 @@ async fn browser_login(session_key: Option<wicket_sidecar::secret::Secret>) {
             .any(|(k, v)| k == "cookie" && v.contains("wicket_session"))
     }));
     // A forged cookie gets no session; an API client without a token gets 401.
-    let u2 = u.clone();
-    let o = blocking(move || {
-        Command::new("curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-H",
-                "Cookie: wicket_session=forged",
-                &u2,
-            ])
-            .output()
-            .unwrap()
-    })
-    .await;
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "401");
+    assert_eq!(
+        status_of(&["-H", "Cookie: wicket_session=forged"], &u).await,
+        "401"
+    );
     // Logging out clears the browser's cookie…
     let (j, u2) = (jar_s.clone(), format!("{}/.wicket/logout", hs.url()));
     let o = blocking(move || {
@@ -955,24 +951,7 @@ async fn browser_login(session_key: Option<wicket_sidecar::secret::Secret>) {
     // cookie is all a gate without a shared store can do: a copy lasts as
     // long as its token, as the README says.)
     if !sealed {
-        let (j, u2) = (jar_s.clone(), u.clone());
-        let o = blocking(move || {
-            Command::new("curl")
-                .args([
-                    "-sS",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "-b",
-                    &j,
-                    &u2,
-                ])
-                .output()
-                .unwrap()
-        })
-        .await;
-        assert_eq!(String::from_utf8_lossy(&o.stdout), "401");
+        assert_eq!(status_of(&["-b", &jar_s], &u).await, "401");
     }
     // The requests are the person's, in the audit.
     let events = hs.stack.events().await;

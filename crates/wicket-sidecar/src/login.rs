@@ -62,8 +62,7 @@ pub struct LoginConfig {
     /// A secret every process serving these logins shares (at least 32
     /// characters): logins in flight and sessions are then sealed into the
     /// browser's cookies with a key derived from it, so that any of the
-    /// processes serves them ([`Login::sealed`]). `None`: they live in this
-    /// process.
+    /// processes serves them. `None`: they live in this process.
     pub session_key: Option<Secret>,
 }
 
@@ -109,12 +108,29 @@ struct SealedLogin {
 
 /// A session, as sealed into the browser's session cookies.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct SealedSession {
+pub struct SealedSession {
     /// Random: what a sign-out records, for the processes to refuse it.
-    id: String,
-    token: String,
-    /// Unix seconds.
-    expires: i64,
+    pub id: String,
+    /// The access token.
+    pub token: String,
+    /// When it expires, Unix seconds.
+    pub expires: i64,
+}
+
+impl SealedSession {
+    /// When the session ends by itself (its token's expiry).
+    pub fn until(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        chrono::DateTime::from_timestamp(self.expires, 0)
+    }
+}
+
+impl std::fmt::Debug for SealedSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedSession")
+            .field("id", &self.id)
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Seals `plain` for `purpose` (bound as associated data, so that one
@@ -253,7 +269,7 @@ impl Login {
     /// Keeps logins in flight and sessions in the browser, sealed with
     /// `key` (32 bytes), instead of in this process: every process given
     /// the same key serves the same sessions.
-    pub fn sealed(mut self, key: &[u8]) -> Result<Login, String> {
+    fn sealed(mut self, key: &[u8]) -> Result<Login, String> {
         let unbound = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, key)
             .map_err(|_| "the session sealing key must be 32 bytes".to_string())?;
         self.seal = Some(aws_lc_rs::aead::LessSafeKey::new(unbound));
@@ -332,7 +348,7 @@ impl Login {
     /// The access token a request's session cookie stands for, if any.
     pub fn token_from_cookie(&self, h: &HeaderMap) -> Option<String> {
         if self.seal.is_some() {
-            return self.unsealed_session(h).map(|s| s.token);
+            return self.sealed_session(h).map(|s| s.token);
         }
         let id = cookie(h, self.cookie_name())?;
         let key = sha256(&id);
@@ -347,19 +363,10 @@ impl Login {
         }
     }
 
-    /// A sealed session's id and when it ends (its token's expiry), for
-    /// recording a sign-out that every process then refuses; `None`
-    /// without a live sealed session.
-    pub fn sealed_session_id(
-        &self,
-        h: &HeaderMap,
-    ) -> Option<(String, chrono::DateTime<chrono::Utc>)> {
-        let s = self.unsealed_session(h)?;
-        Some((s.id, chrono::DateTime::from_timestamp(s.expires, 0)?))
-    }
-
-    /// The request's sealed session, when it has a live one.
-    fn unsealed_session(&self, h: &HeaderMap) -> Option<SealedSession> {
+    /// The request's sealed session, when it has a live one (with its id,
+    /// for a sign-out that every process then refuses); `None` without
+    /// one, or when sessions are not sealed.
+    pub fn sealed_session(&self, h: &HeaderMap) -> Option<SealedSession> {
         let key = self.seal.as_ref()?;
         let mut text = String::new();
         for i in 0..MAX_CHUNKS {
@@ -465,11 +472,7 @@ impl Login {
             .append_pair("state", &state)
             .append_pair("code_challenge", &challenge)
             .append_pair("code_challenge_method", "S256");
-        let mut r = redirect(url.as_str());
-        if let Some(v) = login_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
-            r.headers_mut().append("set-cookie", v);
-        }
-        r
+        with_cookies(redirect(url.as_str()), login_cookie)
     }
 
     /// Serves `/.wicket/…`: the callback and logout. `validate` checks the
@@ -491,14 +494,10 @@ impl Login {
                 if let Some(id) = cookie(h, self.cookie_name()) {
                     self.sessions.lock().expect("sessions").remove(&sha256(&id));
                 }
-                let mut r = web::problem(StatusCode::OK, "logged-out", "wicket: logged out");
-                let clear = (0..MAX_CHUNKS).map(|i| self.cookie(&self.chunk_name(i), "", 0));
-                for c in clear {
-                    if let Ok(v) = HeaderValue::from_str(&c) {
-                        r.headers_mut().append("set-cookie", v);
-                    }
-                }
-                r
+                with_cookies(
+                    web::problem(StatusCode::OK, "logged-out", "wicket: logged out"),
+                    self.session_cookies(&[], 0),
+                )
             }
             Some("login") => {
                 let to = url::form_urlencoded::parse(query.as_bytes())
@@ -517,6 +516,19 @@ impl Login {
 
     fn set_cookie(&self, value: &str, max_age: i64) -> String {
         self.cookie(self.cookie_name(), value, max_age)
+    }
+
+    /// `Set-Cookie` values for every cookie a session may take: `chunks`
+    /// in order (for `max_age` seconds), the other names cleared.
+    fn session_cookies<'a>(
+        &'a self,
+        chunks: &'a [&str],
+        max_age: i64,
+    ) -> impl Iterator<Item = String> + 'a {
+        (0..MAX_CHUNKS).map(move |i| match chunks.get(i) {
+            Some(c) => self.cookie(&self.chunk_name(i), c, max_age),
+            None => self.cookie(&self.chunk_name(i), "", 0),
+        })
     }
 
     /// A `Set-Cookie` value for the gate's cookie `name`.
@@ -651,7 +663,7 @@ impl Login {
         };
         let secs = (expires_at - chrono::Utc::now()).num_seconds().max(0);
         if let Some(key) = &self.seal {
-            return self.sealed_session(key, token, expires_at, secs, &pending.return_to);
+            return self.seal_session(key, token, expires_at, secs, &pending.return_to);
         }
         let id = random(32);
         {
@@ -673,19 +685,13 @@ impl Login {
                 },
             );
         }
-        let mut r = redirect(&pending.return_to);
-        if let Ok(v) = HeaderValue::from_str(&self.set_cookie(&id, secs)) {
-            r.headers_mut().insert("set-cookie", v);
-        }
-        r
+        with_cookies(redirect(&pending.return_to), [self.set_cookie(&id, secs)])
     }
-}
 
-impl Login {
     /// The end of a sealed login: the session sealed into as many cookies
     /// as it takes (the cookies of a longer earlier session cleared), the
     /// login cookie cleared, and the browser sent on.
-    fn sealed_session(
+    fn seal_session(
         &self,
         key: &aws_lc_rs::aead::LessSafeKey,
         token: &str,
@@ -717,21 +723,25 @@ impl Login {
                 ),
             );
         }
-        let mut r = redirect(return_to);
-        let mut set = vec![self.cookie(self.login_cookie_name(), "", 0)];
-        for i in 0..MAX_CHUNKS {
-            set.push(match chunks.get(i) {
-                Some(c) => self.cookie(&self.chunk_name(i), c, secs),
-                None => self.cookie(&self.chunk_name(i), "", 0),
-            });
-        }
-        for c in set {
-            if let Ok(v) = HeaderValue::from_str(&c) {
-                r.headers_mut().append("set-cookie", v);
-            }
-        }
-        r
+        let login_cleared = self.cookie(self.login_cookie_name(), "", 0);
+        with_cookies(
+            redirect(return_to),
+            std::iter::once(login_cleared).chain(self.session_cookies(&chunks, secs)),
+        )
     }
+}
+
+/// `r` with a `Set-Cookie` header for each of `cookies`.
+fn with_cookies(
+    mut r: Response<Body>,
+    cookies: impl IntoIterator<Item = String>,
+) -> Response<Body> {
+    for c in cookies {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            r.headers_mut().append("set-cookie", v);
+        }
+    }
+    r
 }
 
 /// The value of cookie `name` in a request.
@@ -819,7 +829,7 @@ mod tests {
         // what browsers keep, and read back whole by another process.
         for len in [900, 9000] {
             let token = "t".repeat(len);
-            let r = a.sealed_session(k, &token, later, 300, "/approvals");
+            let r = a.seal_session(k, &token, later, 300, "/approvals");
             assert_eq!(r.status(), StatusCode::FOUND);
             for v in r.headers().get_all("set-cookie") {
                 let v = v.to_str().unwrap();
@@ -836,10 +846,10 @@ mod tests {
         }
         // Expired: no token.
         let past = chrono::Utc::now() - chrono::Duration::seconds(1);
-        let r = a.sealed_session(k, "old", past, 0, "/");
+        let r = a.seal_session(k, "old", past, 0, "/");
         assert!(b.token_from_cookie(&cookies_after(&r)).is_none());
         // Larger than the cookies can carry: refused, saying why.
-        let r = a.sealed_session(k, &"t".repeat(20_000), later, 300, "/");
+        let r = a.seal_session(k, &"t".repeat(20_000), later, 300, "/");
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         // A sealed login does not pass for a session, nor a tampered one.
         let login_seal = seal(k, "login", b"{}").unwrap();
@@ -863,7 +873,7 @@ mod tests {
         let (a, b) = (with(shared).unwrap(), with(shared).unwrap());
         let other = with("another secret, also long enough to be used").unwrap();
         let later = chrono::Utc::now() + chrono::Duration::minutes(5);
-        let r = a.sealed_session(a.seal.as_ref().unwrap(), "tok", later, 300, "/");
+        let r = a.seal_session(a.seal.as_ref().unwrap(), "tok", later, 300, "/");
         let h = cookies_after(&r);
         assert_eq!(b.token_from_cookie(&h).as_deref(), Some("tok"));
         assert!(other.token_from_cookie(&h).is_none());
