@@ -191,8 +191,15 @@ pub fn http() -> Result<(), String> {
             let perf = pid.and_then(|p| {
                 util::perf_record(p, &format!("{}-c{conns}", name.replace(' ', "-")), 5)
             });
+            let control_perf = pid.and_then(|_| {
+                util::perf_record(
+                    stack.control_pid,
+                    &format!("control-{}-c{conns}", name.replace(' ', "-")),
+                    5,
+                )
+            });
             let r = wrk(&format!("{base}/hello"), *token, conns, secs)?;
-            if let Some(mut p) = perf {
+            for mut p in perf.into_iter().chain(control_perf) {
                 let _ = p.wait();
             }
             let requests = r.0 * f64::from(secs);

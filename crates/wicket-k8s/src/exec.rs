@@ -529,9 +529,7 @@ impl Stream {
                                     match carry.take(channel, &d, false) {
                                         None => Some(d),
                                         Some(pieces) => {
-                                            outs.extend(
-                                                pieces.into_iter().map(|p| Out::data(channel, p)),
-                                            );
+                                            push_output(&mut outs, channel, pieces);
                                             continue;
                                         }
                                     }
@@ -545,6 +543,7 @@ impl Stream {
                             outs.push(Out {
                                 frame: f,
                                 lead: None,
+                                more: false,
                                 channel,
                                 raw: data,
                                 masked: Vec::new(),
@@ -584,11 +583,7 @@ impl Stream {
                     Job::Ready(o) => o,
                     Job::Masking(h) => h.await.map_err(|e| format!("masking failed: {e}"))?,
                 };
-                // Headers here, payloads sent from where they are.
-                let mut heads = BytesMut::with_capacity(14 * outs.len());
-                let mut chunks = Vec::with_capacity(2 * outs.len());
-                let mut closed = false;
-                for o in outs {
+                for o in &outs {
                     if let Some(raw) = &o.raw {
                         self.server_data(
                             o.channel,
@@ -599,13 +594,8 @@ impl Stream {
                             &stats,
                         );
                     }
-                    closed |= o.frame.opcode == Opcode::Close;
-                    let len = o.frame.payload.len() + usize::from(o.lead.is_some());
-                    ws::encode_header(&o.frame, len, &mut heads);
-                    heads.extend(o.lead);
-                    chunks.push(heads.split().freeze());
-                    chunks.push(o.frame.payload);
                 }
+                let (chunks, closed) = encode_outs(outs);
                 if write_all_vectored(&mut client_w, chunks).await.is_err()
                     || client_w.flush().await.is_err()
                 {
@@ -1030,6 +1020,50 @@ fn flush_carry(carry: &mut Carry, outs: &mut Vec<Out>) {
     }
 }
 
+/// Adds `pieces` of one output frame the carry cut to `outs`, as one
+/// message still: each message costs the client a write, and the pieces
+/// go out under one header (see `Out::more`).
+fn push_output(outs: &mut Vec<Out>, channel: u8, pieces: Vec<Bytes>) {
+    let n = pieces.len();
+    outs.extend(pieces.into_iter().enumerate().map(|(k, p)| Out {
+        more: k + 1 < n,
+        ..Out::data(channel, p)
+    }));
+}
+
+/// The WebSocket bytes of `outs`: headers here, payloads sent from where
+/// they are, the pieces of a message (`Out::more`) under one header; and
+/// whether they close the stream.
+fn encode_outs(outs: Vec<Out>) -> (Vec<Bytes>, bool) {
+    let mut heads = BytesMut::with_capacity(14 * outs.len());
+    let mut chunks = Vec::with_capacity(2 * outs.len());
+    let mut closed = false;
+    // Payload bytes of each message, its pieces together.
+    let mut sizes = Vec::with_capacity(outs.len());
+    let mut run = 0;
+    for o in &outs {
+        run += o.frame.payload.len();
+        if !o.more {
+            sizes.push(run);
+            run = 0;
+        }
+    }
+    let mut sizes = sizes.into_iter();
+    let mut inside = false;
+    for o in outs {
+        closed |= o.frame.opcode == Opcode::Close;
+        if !inside {
+            let len = sizes.next().unwrap_or(run) + usize::from(o.lead.is_some());
+            ws::encode_header(&o.frame, len, &mut heads);
+            heads.extend(o.lead);
+            chunks.push(heads.split().freeze());
+        }
+        inside = o.more;
+        chunks.push(o.frame.payload);
+    }
+    (chunks, closed)
+}
+
 /// A frame from the API server on its way to the client.
 struct Out {
     /// The frame as it will be sent (masked once the job ran).
@@ -1038,6 +1072,10 @@ struct Out {
     /// its payload rather than being the payload's first byte (output the
     /// gate cut or masked: its data is sent from where it is).
     lead: Option<u8>,
+    /// Whether the next `Out` is the rest of this one's message (pieces of
+    /// one frame the carry cut): they are sent as one frame, under this
+    /// one's header and channel byte.
+    more: bool,
     /// Its channel (a continuation carries its message's).
     channel: u8,
     /// Its data before masking (without the channel byte), for data frames.
@@ -1052,6 +1090,7 @@ impl Out {
         Out {
             frame: Frame::binary(data.clone()),
             lead: Some(channel),
+            more: false,
             channel,
             raw: Some(data),
             masked: Vec::new(),
@@ -1151,6 +1190,40 @@ mod tests {
         let sent = take(&mut c, 1, b"mple.com now\n", false).unwrap();
         assert_eq!(sent, b"mail carol@example.com now\n");
         assert!(c.flush().is_empty());
+    }
+
+    #[test]
+    fn the_pieces_of_a_frame_go_out_as_one_message() {
+        let mut outs = Vec::new();
+        let bulk = Bytes::from_static(b"line two\nline three\n");
+        push_output(
+            &mut outs,
+            1,
+            vec![Bytes::from_static(b"held\n"), bulk.clone()],
+        );
+        push_output(&mut outs, 2, vec![Bytes::from_static(b"oops\n")]);
+        outs.push(Out::data(1, Bytes::from_static(b"last\n")));
+        let (chunks, closed) = encode_outs(outs);
+        assert!(!closed);
+        assert!(
+            chunks.iter().any(|c| c.as_ptr() == bulk.as_ptr()),
+            "the bulk is sent from where it is"
+        );
+        let mut wire = BytesMut::from(&chunks.concat()[..]);
+        let mut got = Vec::new();
+        while let Some(f) = ws::decode(&mut wire, Sender::Server, 1 << 20).unwrap() {
+            assert!(f.fin && f.opcode == Opcode::Binary);
+            got.push(f.payload.to_vec());
+        }
+        assert!(wire.is_empty());
+        assert_eq!(
+            got,
+            vec![
+                b"\x01held\nline two\nline three\n".to_vec(),
+                b"\x02oops\n".to_vec(),
+                b"\x01last\n".to_vec(),
+            ]
+        );
     }
 
     #[test]

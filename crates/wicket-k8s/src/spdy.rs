@@ -668,17 +668,16 @@ impl Stream {
                                     emit(ch, sid, f.flags(), Bytes::new(), None, &mut out)
                                 }
                             }
-                            Some(pieces) => {
-                                // Only the last piece ends the stream.
-                                let n = pieces.len();
-                                for (k, p) in pieces.into_iter().enumerate() {
-                                    let flags = if k + 1 == n {
-                                        f.flags()
-                                    } else {
-                                        f.flags() & !FLAG_FIN
-                                    };
-                                    emit(ch, sid, flags, p, None, &mut out);
-                                }
+                            Some(mut pieces) => {
+                                // One DATA frame still (frames are copied
+                                // into `out` anyway): kubectl writes each
+                                // one to its stdout on its own.
+                                let data = if pieces.len() == 1 {
+                                    pieces.remove(0)
+                                } else {
+                                    Bytes::from(pieces.concat())
+                                };
+                                emit(ch, sid, f.flags(), data, None, &mut out);
                             }
                         },
                         Some(ch) => {
