@@ -17,8 +17,9 @@
 //! A refusal reaches kubectl as a status frame, which it prints as an
 //! error: a WebSocket that was accepted is not retried over SPDY.
 //! port-forward's streams (`SPDY/3.1+portforward.k8s.io` tunnels SPDY
-//! frames inside WebSocket messages) are relayed as they are, counted but
-//! not recorded: they carry arbitrary TCP, not a terminal.
+//! frames inside WebSocket messages) are relayed as they are, since they
+//! carry arbitrary TCP, and read on their way ([`crate::forward`]) so the
+//! forwarded connections' bytes are recorded too.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,7 @@ use wicket_sidecar::websocket::{self as ws, Frame, Opcode, Sender};
 use wicket_sidecar::{CallerTrace, LiveSession};
 
 use crate::classify::ApiRequest;
+use crate::forward::{DataStreams, Framing, Tap};
 use crate::gate::{Body, KubeGate, denial_message, forwardable, status};
 
 /// Channel subprotocols the gate relays for exec and attach, best first.
@@ -280,7 +282,8 @@ impl Stream {
         };
         let (up_r, up_w) = tokio::io::split(upstream);
         if self.api.kind() == "port_forward" {
-            self.opaque(id, started, (client_r, client_w), (up_r, up_w))
+            let framing = Framing::of_websocket(&self.proto);
+            self.opaque(id, started, framing, (client_r, client_w), (up_r, up_w))
                 .await;
             return;
         }
@@ -289,41 +292,113 @@ impl Stream {
     }
 
     /// Relays port-forward's bytes as they are (they carry arbitrary TCP,
-    /// not a terminal), counting them, and records the result.
-    pub(crate) async fn opaque(&self, id: String, started: Instant, client: Halves, up: Halves) {
+    /// not a terminal), reading them on their way ([`Tap`]) to record what
+    /// the forwarded connections carry (asciicast: the client's bytes as
+    /// input, the pod's as output, masked, each way up to
+    /// [`recording::CAPTURE_LIMIT`], then counted), and records the result.
+    pub(crate) async fn opaque(
+        &self,
+        id: String,
+        started: Instant,
+        framing: Framing,
+        client: Halves,
+        up: Halves,
+    ) {
         let ((mut client_r, mut client_w), (mut up_r, mut up_w)) = (client, up);
         let ended = self.live.guard.end_signal();
         let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-        let a = pipe(&mut client_r, &mut up_w, &sent);
-        let b = pipe(&mut up_r, &mut client_w, &received);
+        let recorder = Mutex::new(
+            self.gate
+                .recording_enabled()
+                .then(|| Recorder::new(self.gate.masker())),
+        );
+        let header_sent = std::sync::atomic::AtomicBool::new(false);
+        let stats = Mutex::new(Stats::default());
+        let streams = DataStreams::default();
+        let max = self.gate.cfg.max_frame_bytes;
+        let (mut tap_in, mut tap_out) = (
+            Tap::new(framing, true, max, streams.clone()),
+            Tap::new(framing, false, max, streams.clone()),
+        );
+        // The ports asked for in the request and those the client's
+        // streams named (kubectl names them per stream only).
+        let ports = || {
+            let mut p: Vec<String> = self.api.ports.clone();
+            p.extend(streams.lock().expect("streams").ports.iter().cloned());
+            p.sort();
+            p.dedup();
+            p.join(",")
+        };
+        let mut input_recorded = 0u64;
+        let mut record_in = |bytes: &[u8]| {
+            let mut data = Vec::new();
+            tap_in.feed(bytes, &mut data)?;
+            if !data.is_empty() {
+                let command = format!("port-forward {}", ports());
+                self.start_recording_as(&recorder, &header_sent, 80, 24, &command);
+            }
+            for d in data {
+                if input_recorded < recording::CAPTURE_LIMIT {
+                    input_recorded += d.len() as u64;
+                    self.client_data(0, &d, &recorder, &header_sent, &stats);
+                }
+            }
+            Ok(())
+        };
+        let mut record_out = |bytes: &[u8]| {
+            let mut data = Vec::new();
+            tap_out.feed(bytes, &mut data)?;
+            for d in data {
+                self.server_data(1, &d, &[], &recorder, &header_sent, &stats);
+            }
+            Ok(())
+        };
+        let a = pipe(&mut client_r, &mut up_w, &sent, &mut record_in);
+        let b = pipe(&mut up_r, &mut client_w, &received, &mut record_out);
         tokio::pin!(a, b);
         // Once one side has closed, the other gets a few seconds to
         // finish, so a peer that never closes cannot hold the relay.
         let grace = Duration::from_secs(5);
         let both = async {
             tokio::select! {
-                _ = &mut a => { let _ = tokio::time::timeout(grace, &mut b).await; }
-                _ = &mut b => { let _ = tokio::time::timeout(grace, &mut a).await; }
+                e = &mut a => {
+                    let f = tokio::time::timeout(grace, &mut b).await.ok().flatten();
+                    e.or(f)
+                }
+                e = &mut b => {
+                    let f = tokio::time::timeout(grace, &mut a).await.ok().flatten();
+                    e.or(f)
+                }
             }
         };
-        tokio::select! {
-            _ = both => {}
-            _ = ended => {}
-        }
+        tokio::pin!(both, ended);
+        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        let error = loop {
+            tokio::select! {
+                e = &mut both => break e,
+                _ = &mut ended => break None,
+                _ = ticker.tick() => self.flush_recording(&recorder, false),
+            }
+        };
+        self.flush_recording(&recorder, true);
         let (sent, received) = (
             sent.load(Ordering::Relaxed),
             received.load(Ordering::Relaxed),
         );
-        self.gate.result(
-            &self.live,
-            &id,
-            &[
-                ("bytes_in", sent.to_string()),
-                ("bytes_out", received.to_string()),
-                ("duration_ms", started.elapsed().as_millis().to_string()),
-            ],
-            &[],
-        );
+        let mut details = vec![
+            ("bytes_in", sent.to_string()),
+            ("bytes_out", received.to_string()),
+            ("duration_ms", started.elapsed().as_millis().to_string()),
+        ];
+        let ports = ports();
+        if !ports.is_empty() {
+            details.push(("ports", ports));
+        }
+        if let Some(e) = error {
+            tracing::warn!(error = %e, "port-forward ended: its streams could not be read");
+            details.push(("error", e));
+        }
+        self.gate.result(&self.live, &id, &details, &[]);
     }
 
     /// Refuses the stream: the failure status, then, after
@@ -698,6 +773,24 @@ impl Stream {
         cols: u32,
         rows: u32,
     ) {
+        self.start_recording_as(
+            recorder,
+            header_sent,
+            cols,
+            rows,
+            &self.api.command.join(" "),
+        );
+    }
+
+    /// [`Self::start_recording`] naming `command` in the header.
+    fn start_recording_as(
+        &self,
+        recorder: &Mutex<Option<Recorder>>,
+        header_sent: &std::sync::atomic::AtomicBool,
+        cols: u32,
+        rows: u32,
+        command: &str,
+    ) {
         if header_sent.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return;
         }
@@ -708,7 +801,7 @@ impl Stream {
             cols,
             rows,
             if self.api.tty { "xterm" } else { "none" },
-            Some(&self.api.command.join(" ")),
+            Some(command),
         );
         self.record_output_event("asciicast_header", header, &[]);
     }
@@ -836,17 +929,29 @@ impl Stream {
 }
 
 /// Copies `r` to `w` until `r` ends, counting bytes into `n`, then shuts
-/// `w` down so the far end sees the close (port-forward's opaque relay).
-async fn pipe<R, W>(r: &mut R, w: &mut W, n: &AtomicU64)
+/// `w` down so the far end sees the close (port-forward's relay). `tap`
+/// reads each read first; bytes it cannot read are not relayed, and its
+/// error ends the copy and is returned.
+async fn pipe<R, W>(
+    r: &mut R,
+    w: &mut W,
+    n: &AtomicU64,
+    tap: &mut impl FnMut(&[u8]) -> Result<(), String>,
+) -> Option<String>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; 32 * 1024];
+    let mut error = None;
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(k) => {
+                if let Err(e) = tap(&buf[..k]) {
+                    error = Some(e);
+                    break;
+                }
                 if w.write_all(&buf[..k]).await.is_err() || w.flush().await.is_err() {
                     break;
                 }
@@ -855,6 +960,7 @@ where
         }
     }
     let _ = w.shutdown().await;
+    error
 }
 
 /// Output frames at least this long may have their incomplete last line

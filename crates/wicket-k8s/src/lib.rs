@@ -13,6 +13,7 @@
 
 pub mod classify;
 pub mod exec;
+mod forward;
 pub mod gate;
 pub mod redact;
 pub mod spdy;

@@ -25,7 +25,8 @@
 //!
 //! port-forward is decided before anything is upgraded (a refusal is a
 //! plain `Status` 403), and its streams carry arbitrary TCP: they are
-//! relayed as they are, counted.
+//! relayed as they are, and read on their way ([`crate::forward`]) so what
+//! the forwarded connections carry is recorded.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
@@ -47,6 +48,7 @@ use crate::exec::{
     Carry, ClientIo, Halves, STATUS_BEFORE_CLOSE, Stats, Stream, Via, failure_status, mask_text,
     offered,
 };
+use crate::forward::Framing;
 use crate::gate::{Body, KubeGate, denial_message, forbidden, forwardable, status};
 
 /// The channel number (as in the WebSocket channel protocol) of a stream's
@@ -125,8 +127,14 @@ pub(crate) async fn upgrade(
         };
         let (client_r, client_w) = tokio::io::split(hyper_util::rt::TokioIo::new(client));
         let (up_r, up_w) = tokio::io::split(upstream);
-        s.opaque(id, started, (client_r, client_w), (up_r, up_w))
-            .await;
+        s.opaque(
+            id,
+            started,
+            Framing::Spdy,
+            (client_r, client_w),
+            (up_r, up_w),
+        )
+        .await;
     });
     switching(&agreed)
 }

@@ -530,12 +530,25 @@ async fn exec_with_frames(ks: &KubeStack, token: &str, frames: &[u8]) -> String 
 
 /// Opens a SPDY exec through the gate and sends `frames` raw.
 async fn spdy_exec_with(ks: &KubeStack, token: &str, frames: &[u8]) -> String {
+    let exec = "exec?command=cat&stdin=true&stdout=true";
+    spdy_upgrade_with(ks, token, exec, "v4.channel.k8s.io", frames).await
+}
+
+/// Sends `frames` on a SPDY upgrade of web-0's `subresource` (with its
+/// query) speaking `protocol`; returns all the gate answered.
+async fn spdy_upgrade_with(
+    ks: &KubeStack,
+    token: &str,
+    subresource: &str,
+    protocol: &str,
+    frames: &[u8],
+) -> String {
     use tokio::io::AsyncWriteExt;
     let mut s = connect(ks).await;
     let req = format!(
-        "POST /api/v1/namespaces/default/pods/web-0/exec?command=cat&stdin=true&stdout=true HTTP/1.1\r\n\
+        "POST /api/v1/namespaces/default/pods/web-0/{subresource} HTTP/1.1\r\n\
          Host: {}\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
-         X-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n",
+         X-Stream-Protocol-Version: {protocol}\r\nContent-Length: 0\r\n\r\n",
         ks.addr
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -659,13 +672,35 @@ async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
     good.extend_from_slice(Frame::data(3, FLAG_FIN, b"spdy hi").raw());
     let reply = spdy_exec_with(&ks, &ops, &good).await;
     assert!(reply.contains("spdy hi"), "{reply:?}");
-    let events = ks.stack.events().await;
-    let errors: Vec<&String> = events
-        .iter()
-        .filter_map(|e| e.details.get("error"))
-        .filter(|e| e.contains("bad SPDY"))
-        .collect();
-    assert!(errors.len() >= 3, "{errors:?}");
+    // A port-forward is relayed as it is but read on its way: framing the
+    // gate cannot read (so could not record) ends it instead.
+    let reply = spdy_upgrade_with(
+        &ks,
+        &ops,
+        "portforward",
+        "portforward.k8s.io",
+        &[0x80, 2, 0, 1, 0, 0, 0, 0],
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 101"), "{reply}");
+    let mut events = ks.stack.events().await;
+    let bad_spdy = |events: &[v1::AuditEvent]| -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| e.details.get("error"))
+            .filter(|e| e.contains("bad SPDY"))
+            .cloned()
+            .collect()
+    };
+    for _ in 0..50 {
+        if bad_spdy(&events).len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        events = ks.stack.events().await;
+    }
+    let errors = bad_spdy(&events);
+    assert!(errors.len() >= 4, "{errors:?}");
     // And the gate carries on.
     let out = ok(ks.kubectl("1.33", &ops_cfg).args(["get", "pods"]));
     assert!(out.contains("web-0"));
@@ -830,12 +865,13 @@ async fn port_forward_runs_over_websocket_and_over_spdy() {
     let ops = human(&ks, "olivia", &["ops"]);
     let cfg = ks.token_kubeconfig("ops", &ops);
     // 1.33 tunnels SPDY in a WebSocket; 1.30 and 1.27 speak plain SPDY.
-    for (v, websockets) in [
+    let runs = [
         ("1.33", None),
         ("1.30", Some("true")),
         ("1.30", None),
         ("1.27", None),
-    ] {
+    ];
+    for (n, (v, websockets)) in runs.iter().copied().enumerate() {
         let local = free_port();
         let mut pf = ks.kubectl(v, &cfg);
         pf.args(["port-forward", "pod/web-0", &format!("{local}:8080")])
@@ -846,34 +882,83 @@ async fn port_forward_runs_over_websocket_and_over_spdy() {
         }
         let mut child = pf.spawn().unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let echoed = blocking(move || {
-            let mut line = String::new();
-            out.read_line(&mut line).unwrap();
-            assert!(line.starts_with("Forwarding from"), "{line}");
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(b"through the gate").unwrap();
-            let mut got = [0u8; 16];
-            std::io::Read::read_exact(&mut s, &mut got).unwrap();
-            got
+        // The forwarded bytes arrive as they are (no masking on the wire).
+        let sent = format!("forward {n} through the gate, mail olga@example.com\n");
+        let echoed = blocking({
+            let sent = sent.clone();
+            move || {
+                let mut line = String::new();
+                out.read_line(&mut line).unwrap();
+                assert!(line.starts_with("Forwarding from"), "{line}");
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", local)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(sent.as_bytes()).unwrap();
+                let mut got = vec![0u8; sent.len()];
+                std::io::Read::read_exact(&mut s, &mut got).unwrap();
+                got
+            }
         })
         .await;
-        assert_eq!(&echoed, b"through the gate", "{v}");
+        assert_eq!(echoed, sent.as_bytes(), "{v}");
         let _ = child.kill();
         let _ = child.wait();
     }
-    // Each relay records its byte counts once both ends have closed.
-    let mut events = ks.stack.events().await;
-    for _ in 0..50 {
-        let counted = wicket_teststack::results(&events)
+    // Each relay records its byte counts and the forwarded bytes, masked,
+    // once both ends have closed: the client's as input, the pod's echo
+    // as output.
+    let cast = |events: &[v1::AuditEvent]| -> Vec<serde_json::Value> {
+        events
             .iter()
-            .any(|e| e.details.get("bytes_out").is_some_and(|b| b != "0"));
-        if counted {
+            .filter(|e| e.kind == v1::AuditKind::Output as i32)
+            .filter_map(|e| e.details.get("asciicast"))
+            .flat_map(|c| {
+                c.lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let recorded = |lines: &[serde_json::Value], kind: &str, n: usize| {
+        let text: String = lines
+            .iter()
+            .filter(|l| l[1] == kind)
+            .filter_map(|l| l[2].as_str())
+            .collect();
+        text.contains(&format!("forward {n} through the gate, mail "))
+    };
+    let mut events = ks.stack.events().await;
+    for _ in 0..75 {
+        let lines = cast(&events);
+        if (0..runs.len()).all(|n| recorded(&lines, "i", n) && recorded(&lines, "o", n)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         events = ks.stack.events().await;
     }
+    let lines = cast(&events);
+    for (n, (v, websockets)) in runs.iter().enumerate() {
+        assert!(
+            recorded(&lines, "i", n) && recorded(&lines, "o", n),
+            "kubectl {v} (websockets {websockets:?}): the forwarded bytes are recorded both ways"
+        );
+    }
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.to_string().contains("olga@example.com")),
+        "the recording is masked"
+    );
+    assert!(
+        events
+            .iter()
+            .filter_map(|e| e.details.get("asciicast_header"))
+            .any(|h| h.contains("port-forward 8080")),
+        "the recording names the ports: {:?}",
+        events
+            .iter()
+            .filter_map(|e| e.details.get("asciicast_header"))
+            .collect::<Vec<_>>()
+    );
     let forwards: Vec<&v1::AuditEvent> = events
         .iter()
         .filter(|e| {
