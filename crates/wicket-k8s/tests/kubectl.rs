@@ -850,6 +850,106 @@ async fn an_interactive_exec_is_recorded_as_asciicast() {
     assert!(!cast.contains("dave@example.com"));
 }
 
+/// port-forward in the WebSocket channel protocol (clients other than
+/// kubectl): relayed as it is, the forwarded bytes recorded and masked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_in_the_channel_protocol_is_recorded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use wicket_sidecar::websocket::{self as ws, Frame, Sender};
+    let ks = KubeStack::start(POLICY).await;
+    let ops = human(&ks, "olivia", &["ops"]);
+    let mut s = connect(&ks).await;
+    let req = format!(
+        "GET /api/v1/namespaces/default/pods/web-0/portforward?ports=8080 HTTP/1.1\r\n\
+         Host: {}\r\nAuthorization: Bearer {ops}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n",
+        ks.addr
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let head = loop {
+        assert!(s.read_buf(&mut buf).await.unwrap() > 0, "the gate closed");
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break String::from_utf8(buf.split_to(end + 4).to_vec()).unwrap();
+        }
+    };
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-protocol: v4.channel.k8s.io")
+    );
+    let sent = b"over channels, mail olga@example.com\n";
+    let mut msg = vec![0u8];
+    msg.extend_from_slice(sent);
+    let mut out = bytes::BytesMut::new();
+    ws::encode(&Frame::binary(msg), Some(ws::new_mask()), &mut out);
+    s.write_all(&out).await.unwrap();
+    // The port on each channel first, then the echo on the data channel.
+    let mut got: Vec<Vec<u8>> = Vec::new();
+    let mut echoed = Vec::new();
+    while echoed.len() < sent.len() {
+        while let Some(f) = ws::decode(&mut buf, Sender::Server, 1 << 20).unwrap() {
+            if f.payload.first() == Some(&0) && got.iter().any(|m| m[0] == 0) {
+                echoed.extend_from_slice(&f.payload[1..]);
+            }
+            got.push(f.payload.to_vec());
+        }
+        if echoed.len() < sent.len() {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read_buf(&mut buf))
+                .await
+                .expect("the echo")
+                .unwrap();
+            assert!(n > 0, "the gate closed: {got:?}");
+        }
+    }
+    assert_eq!(got[0], vec![0, 0x90, 0x1f], "port 8080 on the data channel");
+    assert_eq!(
+        got[1],
+        vec![1, 0x90, 0x1f],
+        "port 8080 on the error channel"
+    );
+    assert_eq!(echoed, sent, "the bytes arrive as they are");
+    out.clear();
+    ws::encode(&Frame::close(1000, ""), Some(ws::new_mask()), &mut out);
+    s.write_all(&out).await.unwrap();
+    let _ = s.shutdown().await;
+    drop(s);
+    let recorded = |events: &[v1::AuditEvent], kind: &str| {
+        events
+            .iter()
+            .filter(|e| e.kind == v1::AuditKind::Output as i32)
+            .filter_map(|e| e.details.get("asciicast"))
+            .flat_map(|c| c.lines())
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l[1] == kind)
+            .filter_map(|l| l[2].as_str().map(str::to_string))
+            .collect::<String>()
+    };
+    let mut events = ks.stack.events().await;
+    for _ in 0..75 {
+        if recorded(&events, "o").contains("over channels") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        events = ks.stack.events().await;
+    }
+    for kind in ["i", "o"] {
+        let text = recorded(&events, kind);
+        assert!(text.contains("over channels, mail "), "{kind}: {text:?}");
+        assert!(
+            !text.contains("olga@example.com"),
+            "{kind}: masked: {text:?}"
+        );
+    }
+    assert!(
+        wicket_teststack::results(&events)
+            .iter()
+            .any(|e| e.details.get("ports").is_some_and(|p| p == "8080")),
+        "the result names the port"
+    );
+}
+
 /// A free loopback port.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -12,7 +12,9 @@
 //! - `pods/exec` and `pods/attach` over WebSocket (`v5.channel.k8s.io`,
 //!   `v4.channel.k8s.io`). exec runs the command for real, on this host,
 //!   in the pod's directory: it is a test double, not a sandbox.
-//! - `pods/portforward` over WebSocket (`SPDY/3.1+portforward.k8s.io`, the
+//! - `pods/portforward` over WebSocket (the channel protocol,
+//!   `v4.channel.k8s.io` or `portforward.k8s.io`, as clients other than
+//!   kubectl speak it, or `SPDY/3.1+portforward.k8s.io`, the
 //!   SPDY streams tunnelled in WebSocket messages, see [`crate::spdy`]):
 //!   every pod port is the fake's echo server ([`FakeKube::echo_addr`]).
 //!
@@ -877,7 +879,11 @@ impl State {
         }
         let offered = offered(h, "sec-websocket-protocol");
         let protocols: &[&str] = if sub == "portforward" {
-            &[PORT_FORWARD_PROTOCOL]
+            &[
+                PORT_FORWARD_PROTOCOL,
+                "v4.channel.k8s.io",
+                "portforward.k8s.io",
+            ]
         } else {
             &["v5.channel.k8s.io", "v4.channel.k8s.io"]
         };
@@ -906,6 +912,13 @@ impl State {
         let dir = self.root.join(ns).join(name);
         let v5 = proto.starts_with("v5");
         let forward = sub == "portforward";
+        let channels = forward && proto != PORT_FORWARD_PROTOCOL;
+        let ports: Vec<u16> = qs
+            .iter()
+            .filter(|(k, _)| k == "ports")
+            .flat_map(|(_, v)| v.split(','))
+            .filter_map(|p| p.trim().parse().ok())
+            .collect();
         let echo = self.echo;
         tokio::spawn(async move {
             let Ok(io) = hyper::upgrade::on(req).await else {
@@ -917,7 +930,9 @@ impl State {
                 None,
             )
             .await;
-            if forward {
+            if channels {
+                channel_port_forward(ws, ports, echo).await;
+            } else if forward {
                 crate::spdy::serve_port_forward(ws, echo).await;
             } else {
                 run_exec(ws, dir, command, tty, stdin, v5).await;
@@ -1077,6 +1092,66 @@ async fn close<S: futures_util::Sink<Message> + Unpin>(sink: &mut S) {
 
 /// The server side of an upgraded WebSocket.
 pub(crate) type Ws = tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// port-forward in the WebSocket channel protocol, as the kubelet speaks
+/// it to clients other than kubectl: the `k`-th port of the request on
+/// channels `2k` (data) and `2k + 1` (errors), each opened by the port
+/// (two bytes, little-endian) from this side; every port reaches `target`.
+async fn channel_port_forward(ws: Ws, ports: Vec<u16>, target: SocketAddr) {
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let mut writers = Vec::new();
+    for (k, port) in ports.iter().enumerate() {
+        let data = (2 * k) as u8;
+        for ch in [data, data + 1] {
+            let [lo, hi] = port.to_le_bytes();
+            let _ = tx.send(vec![ch, lo, hi]).await;
+        }
+        let Ok(tcp) = tokio::net::TcpStream::connect(target).await else {
+            return;
+        };
+        let (mut r, w) = tcp.into_split();
+        writers.push(w);
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n @ 1..) = r.read(&mut buf).await {
+                let mut m = vec![data];
+                m.extend_from_slice(&buf[..n]);
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let send = async {
+        while let Some(m) = rx.recv().await {
+            if sink.send(Message::binary(m)).await.is_err() {
+                break;
+            }
+        }
+    };
+    let receive = async {
+        while let Some(Ok(m)) = stream.next().await {
+            match m {
+                Message::Binary(b) if b.len() > 1 && b[0] % 2 == 0 => {
+                    if let Some(w) = writers.get_mut(usize::from(b[0] / 2))
+                        && w.write_all(&b[1..]).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = send => {}
+        _ = receive => {}
+    }
+}
 
 /// A command running for exec or attach, its output read into a channel.
 pub(crate) struct Exec {
