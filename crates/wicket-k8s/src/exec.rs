@@ -305,13 +305,8 @@ impl Stream {
         up: Halves,
     ) {
         let ((mut client_r, mut client_w), (mut up_r, mut up_w)) = (client, up);
-        let ended = self.live.guard.end_signal();
         let (sent, received) = (AtomicU64::new(0), AtomicU64::new(0));
-        let recorder = Mutex::new(
-            self.gate
-                .recording_enabled()
-                .then(|| Recorder::new(self.gate.masker())),
-        );
+        let recorder = Mutex::new(self.gate.recorder(self.gate.masker()));
         let header_sent = std::sync::atomic::AtomicBool::new(false);
         let stats = Mutex::new(Stats::default());
         let streams = DataStreams::default();
@@ -329,14 +324,19 @@ impl Stream {
             p.dedup();
             p.join(",")
         };
+        // The header once, with the first data either way (the pod may
+        // speak first), by when the client's streams have named the ports.
+        let start = |data: &[Bytes]| {
+            if !data.is_empty() && !header_sent.load(Ordering::Acquire) {
+                let command = format!("port-forward {}", ports());
+                self.start_recording_as(&recorder, &header_sent, 80, 24, &command);
+            }
+        };
         let mut input_recorded = 0u64;
         let mut record_in = |bytes: &[u8]| {
             let mut data = Vec::new();
             tap_in.feed(bytes, &mut data)?;
-            if !data.is_empty() {
-                let command = format!("port-forward {}", ports());
-                self.start_recording_as(&recorder, &header_sent, 80, 24, &command);
-            }
+            start(&data);
             for d in data {
                 if input_recorded < recording::CAPTURE_LIMIT {
                     input_recorded += d.len() as u64;
@@ -348,6 +348,7 @@ impl Stream {
         let mut record_out = |bytes: &[u8]| {
             let mut data = Vec::new();
             tap_out.feed(bytes, &mut data)?;
+            start(&data);
             for d in data {
                 self.server_data(1, &d, &[], &recorder, &header_sent, &stats);
             }
@@ -360,26 +361,14 @@ impl Stream {
         // finish, so a peer that never closes cannot hold the relay.
         let grace = Duration::from_secs(5);
         let both = async {
-            tokio::select! {
-                e = &mut a => {
-                    let f = tokio::time::timeout(grace, &mut b).await.ok().flatten();
-                    e.or(f)
-                }
-                e = &mut b => {
-                    let f = tokio::time::timeout(grace, &mut a).await.ok().flatten();
-                    e.or(f)
-                }
-            }
+            let e = tokio::select! {
+                e = &mut a => e.or(tokio::time::timeout(grace, &mut b).await.ok().flatten()),
+                e = &mut b => e.or(tokio::time::timeout(grace, &mut a).await.ok().flatten()),
+            };
+            e.map_or(Ok(()), Err)
         };
-        tokio::pin!(both, ended);
-        let mut ticker = tokio::time::interval(Duration::from_millis(500));
-        let error = loop {
-            tokio::select! {
-                e = &mut both => break e,
-                _ = &mut ended => break None,
-                _ = ticker.tick() => self.flush_recording(&recorder, false),
-            }
-        };
+        // Both directions are `both`; nothing else to wait for.
+        let (error, _) = self.drive(std::future::pending(), both, &recorder).await;
         self.flush_recording(&recorder, true);
         let (sent, received) = (
             sent.load(Ordering::Relaxed),
@@ -495,8 +484,7 @@ impl Stream {
         let (mut client_r, mut client_w) = client;
         let (mut up_r, mut up_w) = up;
         let masker = self.gate.masker();
-        let recording = self.gate.recording_enabled();
-        let recorder = Arc::new(Mutex::new(recording.then(|| Recorder::new(masker.clone()))));
+        let recorder = Arc::new(Mutex::new(self.gate.recorder(masker.clone())));
         let max = self.gate.cfg.max_frame_bytes;
         let header_sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(Stats::default()));
@@ -1264,6 +1252,11 @@ pub(crate) struct Stats {
 }
 
 impl KubeGate {
+    /// A recorder masking with `masker`, when the connection records.
+    pub(crate) fn recorder(&self, masker: Option<Arc<wicket_mask::Masker>>) -> Option<Recorder> {
+        self.recording_enabled().then(|| Recorder::new(masker))
+    }
+
     /// Whether the connection records terminal output.
     pub(crate) fn recording_enabled(&self) -> bool {
         let Some(b) = self.sidecar.bundles.current() else {

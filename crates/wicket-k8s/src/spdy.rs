@@ -536,11 +536,7 @@ impl Stream {
         let masker = self.gate.masker();
         let shared = Shared {
             streams: Mutex::new(HashMap::new()),
-            recorder: Mutex::new(
-                self.gate
-                    .recording_enabled()
-                    .then(|| Recorder::new(masker.clone())),
-            ),
+            recorder: Mutex::new(self.gate.recorder(masker.clone())),
             header_sent: AtomicBool::new(false),
             stats: Mutex::new(Stats::default()),
         };

@@ -1101,11 +1101,14 @@ async fn channel_port_forward(ws: Ws, ports: Vec<u16>, target: SocketAddr) {
     let (mut sink, mut stream) = ws.split();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
     let mut writers = Vec::new();
-    for (k, port) in ports.iter().enumerate() {
+    // Channels are one byte: 128 ports at most.
+    for (k, port) in ports.iter().enumerate().take(128) {
         let data = (2 * k) as u8;
         for ch in [data, data + 1] {
             let [lo, hi] = port.to_le_bytes();
-            let _ = tx.send(vec![ch, lo, hi]).await;
+            if sink.send(Message::binary(vec![ch, lo, hi])).await.is_err() {
+                return;
+            }
         }
         let Ok(tcp) = tokio::net::TcpStream::connect(target).await else {
             return;
