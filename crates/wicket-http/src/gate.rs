@@ -28,6 +28,7 @@ use wicket_sidecar::web::{
 use wicket_sidecar::{CallerTrace, LiveSession, Sidecar};
 
 use crate::classify::{HttpRequest, cap, field_value};
+use crate::framing::Watched;
 use crate::mask::{BodyKind, MaskJob, Plan, PlanCache, Tally, body_kind, mask_body, mask_whole};
 use crate::upstream::{Credential, CredentialCache, Upstream};
 use wicket_sidecar::login::{Login, LoginConfig, OWN_PREFIX, wants_login};
@@ -217,18 +218,36 @@ pub async fn serve(
         tokio::spawn(async move {
             let client_addr: Arc<str> = peer.to_string().into();
             let tls = acceptor.is_some();
+            // The number of the first request with conflicting framing
+            // (crate::framing), and of the request being answered.
+            let conflict = Arc::new(AtomicU64::new(0));
+            let nth = Arc::new(AtomicU64::new(0));
             let svc = {
                 let gate = gate.clone();
+                let conflict = conflict.clone();
                 service_fn(move |req| {
                     let gate = gate.clone();
                     let addr = client_addr.clone();
-                    async move { Ok::<_, std::convert::Infallible>(gate.handle(&addr, tls, req).await) }
+                    let n = nth.fetch_add(1, Ordering::Relaxed) + 1;
+                    let first_bad = conflict.load(Ordering::Relaxed);
+                    // (HTTP/2 connections are not watched: `conflict` stays 0.)
+                    let smuggled = first_bad != 0
+                        && req.version() <= hyper::Version::HTTP_11
+                        && n >= first_bad;
+                    async move {
+                        Ok::<_, std::convert::Infallible>(if smuggled {
+                            conflicting_framing(&addr)
+                        } else {
+                            gate.handle(&addr, tls, req).await
+                        })
+                    }
                 })
             };
             match acceptor {
                 None => {
+                    let io = Watched::new(tcp, conflict);
                     let _ = builder
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(io), svc)
                         .await;
                 }
                 Some(acceptor) => {
@@ -243,14 +262,30 @@ pub async fn serve(
                             }
                             Err(_) => return,
                         };
+                    let io = Watched::new(stream, conflict);
                     let _ = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(io), svc)
                         .await;
                 }
             }
         });
     }
     sweeper.abort();
+}
+
+/// The answer to a request that gave both `Content-Length` and
+/// `Transfer-Encoding` (see [`crate::framing`]): 400, and the connection
+/// closes after it.
+fn conflicting_framing(client_addr: &str) -> Response<Body> {
+    tracing::warn!(client = %client_addr, "refused a request with both Content-Length and Transfer-Encoding (request smuggling?); closing the connection");
+    let mut r = problem(
+        StatusCode::BAD_REQUEST,
+        "bad-request",
+        "wicket: a request may not carry both Content-Length and Transfer-Encoding",
+    );
+    r.headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// What the request's body became before forwarding.

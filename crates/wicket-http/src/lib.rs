@@ -11,6 +11,7 @@
 //! audited.
 
 pub mod classify;
+pub mod framing;
 pub mod gate;
 pub mod mask;
 pub mod upstream;

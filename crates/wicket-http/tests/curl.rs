@@ -660,21 +660,67 @@ async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
     .await;
     assert_eq!(status, 431);
 
-    // Request smuggling: Content-Length and Transfer-Encoding together. The
-    // body is read as chunked (RFC 9112 6.1), the connection closes after
-    // the answer, and the request hidden in the body never runs.
-    let smuggle = format!(
-        "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {staff}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /api/customers/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {staff}\r\n\r\n"
+    // Request smuggling: Content-Length and Transfer-Encoding together, in
+    // either order, first on the connection or behind a good request:
+    // refused with 400 (as nginx does), the connection closed, and neither
+    // that request nor the one hidden in its body reaches the app.
+    let hidden = format!(
+        "GET /api/customers/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {staff}\r\n\r\n"
     );
-    let answer = raw(&hs, smuggle.as_bytes(), Duration::from_secs(3)).await;
-    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
-    assert!(answer.contains("connection: close"), "{answer}");
-    assert!(answer.contains(r#"{"bytes":0}"#), "{answer}");
-    assert!(!answer.contains("Ada"), "{answer}");
-    assert!(
-        !hs.app.seen().iter().any(|s| s.uri.contains("customers")),
-        "the smuggled request never ran"
+    let good = format!("GET /hello HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {staff}\r\n\r\n");
+    for (before, framing) in [
+        ("", "Content-Length: 4\r\nTransfer-Encoding: chunked"),
+        ("", "transfer-encoding: chunked\r\ncontent-length: 4"),
+        (
+            good.as_str(),
+            "Content-Length: 4\r\nTransfer-Encoding: chunked",
+        ),
+    ] {
+        let uploads = hs
+            .app
+            .seen()
+            .iter()
+            .filter(|s| s.uri.contains("upload"))
+            .count();
+        let smuggle = format!(
+            "{before}POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {staff}\r\n{framing}\r\n\r\n0\r\n\r\n{hidden}"
+        );
+        let answer = raw(&hs, smuggle.as_bytes(), Duration::from_secs(3)).await;
+        let last = answer.rsplit("HTTP/1.1 ").next().unwrap_or("");
+        assert!(last.starts_with("400"), "{answer}");
+        assert!(last.contains("connection: close"), "{answer}");
+        assert!(
+            last.contains("Content-Length and Transfer-Encoding"),
+            "{answer}"
+        );
+        assert_eq!(
+            answer.matches("HTTP/1.1 ").count(),
+            1 + usize::from(!before.is_empty()),
+            "{answer}"
+        );
+        assert!(!answer.contains("Ada"), "{answer}");
+        assert_eq!(
+            hs.app
+                .seen()
+                .iter()
+                .filter(|s| s.uri.contains("upload"))
+                .count(),
+            uploads,
+            "the refused request never ran"
+        );
+        assert!(
+            !hs.app.seen().iter().any(|s| s.uri.contains("customers")),
+            "the smuggled request never ran"
+        );
+    }
+    // A chunked upload whose body holds such a head is just data.
+    let body = "POST /x HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let chunked = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {staff}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n{good}",
+        body.len()
     );
+    let answer = raw(&hs, chunked.as_bytes(), Duration::from_secs(2)).await;
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
     // Two different Content-Lengths.
     let dup = format!(
         "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {staff}\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\nabcd"
