@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
+use memchr::memchr;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A head or a chunk line longer than this is not followed (hyper refuses
@@ -116,10 +117,6 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == needle)
-}
-
 impl Framing {
     /// Follows `bytes`, the next bytes the client sent.
     pub fn feed(&mut self, mut bytes: &[u8]) {
@@ -136,6 +133,14 @@ impl Framing {
                         bytes = &bytes[skip..];
                         if bytes.is_empty() {
                             return;
+                        }
+                        // A whole head in this read (the usual case): read
+                        // in place, not copied.
+                        if let Some(end) = head_end(&bytes[..bytes.len().min(MAX_LINE + 4)], 0) {
+                            self.heads += 1;
+                            self.state = self.after_head(&bytes[..end]);
+                            bytes = &bytes[end..];
+                            continue;
                         }
                     }
                     let from = buf.len();
