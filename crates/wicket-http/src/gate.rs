@@ -235,11 +235,9 @@ pub async fn serve(
                         && req.version() <= hyper::Version::HTTP_11
                         && n >= first_bad;
                     async move {
-                        Ok::<_, std::convert::Infallible>(if smuggled {
-                            conflicting_framing(&addr)
-                        } else {
-                            gate.handle(&addr, tls, req).await
-                        })
+                        Ok::<_, std::convert::Infallible>(
+                            gate.handle(&addr, tls, smuggled, req).await,
+                        )
                     }
                 })
             };
@@ -273,15 +271,18 @@ pub async fn serve(
     sweeper.abort();
 }
 
-/// The answer to a request that gave both `Content-Length` and
-/// `Transfer-Encoding` (see [`crate::framing`]): 400, and the connection
-/// closes after it.
-fn conflicting_framing(client_addr: &str) -> Response<Body> {
-    tracing::warn!(client = %client_addr, "refused a request with both Content-Length and Transfer-Encoding (request smuggling?); closing the connection");
-    let mut r = problem(
+/// Why a request with both `Content-Length` and `Transfer-Encoding` is
+/// refused (see [`crate::framing`]).
+const CONFLICTING_FRAMING: &str =
+    "a request may not carry both Content-Length and Transfer-Encoding";
+
+/// The 400 for such a request; the connection closes after it.
+fn framing_refused() -> Response<Body> {
+    let mut r = problem_with(
         StatusCode::BAD_REQUEST,
-        "bad-request",
-        "wicket: a request may not carry both Content-Length and Transfer-Encoding",
+        "bad-framing",
+        &format!("wicket: {CONFLICTING_FRAMING}"),
+        Some("bad-framing"),
     );
     r.headers_mut()
         .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
@@ -326,14 +327,23 @@ impl HttpGate {
         self.sessions.len()
     }
 
+    /// Answers one request; `bad_framing` when it (or one before it on the
+    /// connection) carried both `Content-Length` and `Transfer-Encoding`.
     async fn handle(
         self: Arc<Self>,
         client_addr: &str,
         tls: bool,
+        bad_framing: bool,
         req: Request<Incoming>,
     ) -> Response<Body> {
         let started = Instant::now();
         let h = req.headers();
+        if bad_framing && web::bearer(h).is_none() {
+            // No one to attribute it to: refused at once. With a token it
+            // is refused below, once the caller is known, and audited.
+            tracing::warn!(client = %client_addr, "refused a request with both Content-Length and Transfer-Encoding (request smuggling?); closing the connection");
+            return framing_refused();
+        }
         if let Some(login) = &self.login
             && req.uri().path().starts_with(OWN_PREFIX)
         {
@@ -407,6 +417,15 @@ impl HttpGate {
             );
         };
         let mut api = self.describe(&req, &plan);
+        if bad_framing {
+            // Refused and audited under the caller (a request without a
+            // valid token got its 401 above); hyper closes the connection.
+            api.path = cap(req.uri().path());
+            tracing::warn!(client = %client_addr, principal = %live.principal.label(), "refused a request with both Content-Length and Transfer-Encoding (request smuggling?); closing the connection");
+            let d = Decision::deny("bad-framing", CONFLICTING_FRAMING);
+            self.record_fixed(&live, &plan, &api, &trace, &d);
+            return framing_refused();
+        }
         let path = match normalize_path(req.uri().path()) {
             Ok(p) => p,
             Err(e) => {

@@ -668,13 +668,25 @@ async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
         "GET /api/customers/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {staff}\r\n\r\n"
     );
     let good = format!("GET /hello HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {staff}\r\n\r\n");
-    for (before, framing) in [
-        ("", "Content-Length: 4\r\nTransfer-Encoding: chunked"),
-        ("", "transfer-encoding: chunked\r\ncontent-length: 4"),
+    // Without a token too (refused at once, not audited: no one to name).
+    let auth = format!("Authorization: Bearer {staff}\r\n");
+    for (before, framing, auth) in [
+        (
+            "",
+            "Content-Length: 4\r\nTransfer-Encoding: chunked",
+            auth.as_str(),
+        ),
+        (
+            "",
+            "transfer-encoding: chunked\r\ncontent-length: 4",
+            auth.as_str(),
+        ),
         (
             good.as_str(),
             "Content-Length: 4\r\nTransfer-Encoding: chunked",
+            auth.as_str(),
         ),
+        ("", "Content-Length: 4\r\nTransfer-Encoding: chunked", ""),
     ] {
         let uploads = hs
             .app
@@ -683,7 +695,7 @@ async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
             .filter(|s| s.uri.contains("upload"))
             .count();
         let smuggle = format!(
-            "{before}POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {staff}\r\n{framing}\r\n\r\n0\r\n\r\n{hidden}"
+            "{before}POST /upload HTTP/1.1\r\nHost: x\r\n{auth}{framing}\r\n\r\n0\r\n\r\n{hidden}"
         );
         let answer = raw(&hs, smuggle.as_bytes(), Duration::from_secs(3)).await;
         let last = answer.rsplit("HTTP/1.1 ").next().unwrap_or("");
@@ -836,6 +848,11 @@ async fn bad_input_is_refused_clearly_and_the_gate_carries_on() {
     );
     assert!(rules.iter().any(|r| r == "request-too-large"), "{rules:?}");
     assert!(rules.iter().any(|r| r == "bad-body"), "{rules:?}");
+    assert_eq!(
+        rules.iter().filter(|r| *r == "bad-framing").count(),
+        3,
+        "{rules:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
