@@ -137,7 +137,6 @@ impl Framing {
                         // A whole head in this read (the usual case): read
                         // in place, not copied.
                         if let Some(end) = head_end(&bytes[..bytes.len().min(MAX_LINE + 4)], 0) {
-                            self.heads += 1;
                             self.state = self.after_head(&bytes[..end]);
                             bytes = &bytes[end..];
                             continue;
@@ -151,7 +150,6 @@ impl Framing {
                             let used = end - from;
                             bytes = &bytes[used..];
                             let head = std::mem::take(buf);
-                            self.heads += 1;
                             self.state = self.after_head(&head[..end]);
                         }
                         None if buf.len() > MAX_LINE => self.state = State::Off,
@@ -191,7 +189,9 @@ impl Framing {
         }
     }
 
-    fn after_head(&self, head: &[u8]) -> State {
+    /// Counts a head read whole, and what follows it.
+    fn after_head(&mut self, head: &[u8]) -> State {
+        self.heads += 1;
         // HTTP/2's preface: not ours to follow.
         if head.starts_with(b"PRI * HTTP/2.0") {
             return State::Off;

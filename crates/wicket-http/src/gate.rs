@@ -229,11 +229,9 @@ pub async fn serve(
                     let gate = gate.clone();
                     let addr = client_addr.clone();
                     let n = nth.fetch_add(1, Ordering::Relaxed) + 1;
-                    let first_bad = conflict.load(Ordering::Relaxed);
                     // (HTTP/2 connections are not watched: `conflict` stays 0.)
-                    let smuggled = first_bad != 0
-                        && req.version() <= hyper::Version::HTTP_11
-                        && n >= first_bad;
+                    let first_bad = conflict.load(Ordering::Relaxed);
+                    let smuggled = first_bad != 0 && n >= first_bad;
                     async move {
                         Ok::<_, std::convert::Infallible>(
                             gate.handle(&addr, tls, smuggled, req).await,
@@ -276,8 +274,10 @@ pub async fn serve(
 const CONFLICTING_FRAMING: &str =
     "a request may not carry both Content-Length and Transfer-Encoding";
 
-/// The 400 for such a request; the connection closes after it.
-fn framing_refused() -> Response<Body> {
+/// The 400 for such a request (from `principal`, when known); the
+/// connection closes after it.
+fn framing_refused(client_addr: &str, principal: Option<&str>) -> Response<Body> {
+    tracing::warn!(client = %client_addr, principal = principal.unwrap_or("-"), "refused a request with both Content-Length and Transfer-Encoding (request smuggling?); closing the connection");
     let mut r = problem_with(
         StatusCode::BAD_REQUEST,
         "bad-framing",
@@ -341,8 +341,7 @@ impl HttpGate {
         if bad_framing && web::bearer(h).is_none() {
             // No one to attribute it to: refused at once. With a token it
             // is refused below, once the caller is known, and audited.
-            tracing::warn!(client = %client_addr, "refused a request with both Content-Length and Transfer-Encoding (request smuggling?); closing the connection");
-            return framing_refused();
+            return framing_refused(client_addr, None);
         }
         if let Some(login) = &self.login
             && req.uri().path().starts_with(OWN_PREFIX)
@@ -421,10 +420,9 @@ impl HttpGate {
             // Refused and audited under the caller (a request without a
             // valid token got its 401 above); hyper closes the connection.
             api.path = cap(req.uri().path());
-            tracing::warn!(client = %client_addr, principal = %live.principal.label(), "refused a request with both Content-Length and Transfer-Encoding (request smuggling?); closing the connection");
             let d = Decision::deny("bad-framing", CONFLICTING_FRAMING);
             self.record_fixed(&live, &plan, &api, &trace, &d);
-            return framing_refused();
+            return framing_refused(client_addr, Some(live.principal.label()));
         }
         let path = match normalize_path(req.uri().path()) {
             Ok(p) => p,
