@@ -191,7 +191,7 @@ pub(crate) fn cpu_us(pid: u32) -> u64 {
 
 /// Context switches (voluntary and not) of each of `pid`'s threads, by
 /// thread id and name.
-fn thread_switches(pid: u32) -> Vec<(String, u64)> {
+pub(crate) fn thread_switches(pid: u32) -> Vec<(String, u64)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };

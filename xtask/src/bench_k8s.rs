@@ -211,11 +211,17 @@ pub fn k8s() -> Result<(), String> {
     // Busy CPU of the whole machine (all processes) during each side's
     // runs, and the gate's own.
     let (mut busy_d, mut busy_g, mut gate_cpu) = (0.0, 0.0, 0u64);
+    // The control service stores what the gate recorded (only the gated
+    // runs send it anything); it works on the same two cores.
+    let control0 = cpu_us(stack.control_pid);
+    let switches = |pid: u32| -> u64 { crate::bench::thread_switches(pid).iter().map(|t| t.1).sum() };
+    let mut gate_switches = 0u64;
     for _ in 0..runs {
         let b0 = machine_busy_s();
         all_d.push(exec_once(&kubectl, &direct_cfg, &dir.join("home"), bytes)?);
         let b1 = machine_busy_s();
         let c0 = cpu_us(gate_pid);
+        let s0 = switches(gate_pid);
         // The first gated run only (the profiler's own cost stays out of the rest).
         let perf = (all_g.is_empty())
             .then(|| util::perf_record(gate_pid, "wicket-k8s-exec", 4))
@@ -225,6 +231,7 @@ pub fn k8s() -> Result<(), String> {
             let _ = p.wait();
         }
         gate_cpu += cpu_us(gate_pid) - c0;
+        gate_switches += switches(gate_pid) - s0;
         busy_d += b1 - b0;
         busy_g += machine_busy_s() - b1;
     }
@@ -267,12 +274,17 @@ pub fn k8s() -> Result<(), String> {
         vg / vd
     );
     let cores = |busy: f64, secs: &[f64]| busy / secs.iter().sum::<f64>();
+    // Let the last recording batch arrive before reading the control's CPU.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let per_mb = |us: u64| us as f64 / 1000.0 / (mb as f64 * runs as f64);
     println!(
-        "machine busy: {:.2} cores direct, {:.2} through the gate (of {}); gate CPU {:.1} ms per MB",
+        "machine busy: {:.2} cores direct, {:.2} through the gate (of {}); CPU per MB: gate {:.1} ms, control service (storing the recording) {:.1} ms; gate thread switches per MB: {:.0}",
         cores(busy_d, &all_d),
         cores(busy_g, &all_g),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        gate_cpu as f64 / 1000.0 / (mb as f64 * runs as f64)
+        per_mb(gate_cpu),
+        per_mb(cpu_us(stack.control_pid) - control0),
+        gate_switches as f64 / (mb as f64 * runs as f64),
     );
     Ok(())
 }
