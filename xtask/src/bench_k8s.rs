@@ -214,7 +214,8 @@ pub fn k8s() -> Result<(), String> {
     // The control service stores what the gate recorded (only the gated
     // runs send it anything); it works on the same two cores.
     let control0 = cpu_us(stack.control_pid);
-    let switches = |pid: u32| -> u64 { crate::bench::thread_switches(pid).iter().map(|t| t.1).sum() };
+    let switches =
+        |pid: u32| -> u64 { crate::bench::thread_switches(pid).iter().map(|t| t.1).sum() };
     let mut gate_switches = 0u64;
     for _ in 0..runs {
         let b0 = machine_busy_s();

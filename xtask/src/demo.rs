@@ -347,6 +347,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
         println!("demo check passed");
         return Ok(());
     }
+    // Killed rather than interrupted, the demo still stops what it started.
+    kids.stop_with_this_process(&pg.stop_script())?;
     println!("Press Ctrl-C to stop.");
     loop {
         std::thread::sleep(Duration::from_millis(500));

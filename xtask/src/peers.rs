@@ -443,6 +443,15 @@ impl Postgres {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Shell that stops this server the way [`Drop`] does (fast shutdown,
+    /// then its directory removed), for a watchdog that outlives us.
+    pub fn stop_script(&self) -> String {
+        let dir = self.dir.display().to_string().replace('\'', "");
+        format!(
+            "kill -INT $(head -n 1 '{dir}/data/postmaster.pid' 2>/dev/null) 2>/dev/null; sleep 2; rm -rf '{dir}'"
+        )
+    }
 }
 
 impl Drop for Postgres {

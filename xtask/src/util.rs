@@ -194,6 +194,32 @@ pub fn demo_ports<const N: usize>(
 }
 
 impl Children {
+    /// Stops these children even when this process ends without unwinding
+    /// (`kill`, SIGHUP from a closed terminal; Ctrl-C reaches the whole
+    /// process group anyway): a watchdog shell polls for this process once a
+    /// second and, when it is gone, sends the children SIGTERM, SIGKILL three
+    /// seconds later, then runs `after` (shell). The watchdog is a child
+    /// itself, stopped first when this process exits normally, so it never
+    /// signals a pid that has been reused since.
+    pub fn stop_with_this_process(&mut self, after: &str) -> Result<(), String> {
+        let pids: Vec<String> = self.0.iter().map(|(_, c)| c.id().to_string()).collect();
+        let script = format!(
+            "while kill -0 {me} 2>/dev/null; do sleep 1; done; \
+             kill -TERM {pids} 2>/dev/null; sleep 3; kill -KILL {pids} 2>/dev/null; {after}",
+            me = std::process::id(),
+            pids = pids.join(" "),
+        );
+        let watchdog = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start the cleanup watchdog: {e}"))?;
+        self.0.insert(0, ("cleanup watchdog".to_string(), watchdog));
+        Ok(())
+    }
+
     /// Adds a child.
     pub fn push(&mut self, name: &str, child: std::process::Child) {
         self.0.push((name.to_string(), child));
