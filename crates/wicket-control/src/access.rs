@@ -145,7 +145,8 @@ impl AccessService for AdminApi {
             reuse_key: String::new(),
             reuse_until: None,
         };
-        let states = self.control.hold(approval).await?;
+        // An access request stands whether or not its requester still waits.
+        let states = self.control.hold(approval, false).await?;
         let control = self.control.clone();
         let updates = ReceiverStream::new(states).then(move |a| {
             let control = control.clone();

@@ -282,7 +282,7 @@ impl ApprovalGateService for SidecarApi {
             reuse_key,
             reuse_until: None,
         };
-        let states = self.control.hold(approval).await?;
+        let states = self.control.hold(approval, true).await?;
         Ok(Response::new(Box::pin(
             ReceiverStream::new(states).map(|a| Ok((&a).into())),
         )))

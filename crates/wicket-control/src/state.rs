@@ -14,6 +14,10 @@ use wicket_proto::convert;
 use wicket_proto::v1;
 use wicket_store::{Change, Store, StoreError};
 
+/// Why a held command's approval was withdrawn.
+const WITHDRAWN: &str =
+    "withdrawn: the client went away before a decision, and the command was not run";
+
 use crate::auth::Authenticator;
 
 /// The policy in force.
@@ -459,10 +463,12 @@ impl Control {
     /// Stores a new approval request (or finds the one with its request id)
     /// and follows it: the returned channel gets its state now and at every
     /// change until it is final (decided here or on another replica, or
-    /// expired at its time). Dropping the receiver stops following.
+    /// expired at its time). Dropping the receiver stops following, and with
+    /// `withdraw_if_abandoned` also withdraws the approval if still pending.
     pub async fn hold(
         self: &Arc<Self>,
         approval: Approval,
+        withdraw_if_abandoned: bool,
     ) -> Result<tokio::sync::mpsc::Receiver<Approval>, Status> {
         // Subscribe before storing so no decision can slip between the two.
         let mut updates = self.subscribe_approvals();
@@ -508,7 +514,15 @@ impl Control {
                             _ => continue,
                         }
                     }
-                    _ = tx.closed() => return,
+                    // The requester stopped waiting: a gate whose client
+                    // went away never runs the command, so approvers are
+                    // no longer asked.
+                    _ = tx.closed() => {
+                        if withdraw_if_abandoned {
+                            let _ = control.withdraw(&id, WITHDRAWN).await;
+                        }
+                        return;
+                    }
                 }
                 if tx.send(last.clone()).await.is_err() {
                     return;
@@ -547,6 +561,29 @@ impl Control {
             until = %grant.until.to_rfc3339(), "just-in-time access granted");
         self.bundle_changed().await;
         Ok(())
+    }
+
+    /// Withdraws a pending approval whose requester stopped waiting
+    /// (recorded as expired with `reason`); `None` when there is none.
+    pub async fn withdraw(&self, id: &str, reason: &str) -> Result<Option<Approval>, Status> {
+        for _ in 0..8 {
+            let Some(mut a) = self.store.get_approval(id).await.map_err(storage)? else {
+                return Ok(None);
+            };
+            if !a.withdraw(reason) {
+                return Ok(Some(a));
+            }
+            match self.store.update_approval(&mut a).await {
+                Ok(()) => {
+                    tracing::info!(approval = %id, "approval withdrawn: {reason}");
+                    self.approval_changed(&a).await;
+                    return Ok(Some(a));
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(storage(e)),
+            }
+        }
+        Err(Status::aborted("approval keeps changing"))
     }
 
     /// Marks an approval expired if due, saving and publishing the change.

@@ -190,6 +190,20 @@ impl Approval {
         Ok(self.state)
     }
 
+    /// Ends a pending approval whose requester stopped waiting (its client
+    /// went away): nobody is left to run the command, so it is no longer
+    /// offered to approvers. Recorded as expired with `reason`; false when
+    /// it was already decided.
+    pub fn withdraw(&mut self, reason: &str) -> bool {
+        if self.state == ApprovalState::Pending {
+            self.state = ApprovalState::Expired;
+            self.reason = reason.into();
+            true
+        } else {
+            false
+        }
+    }
+
     /// Expires the approval if its time has passed; returns whether it changed.
     pub fn expire_if_due(&mut self, now: DateTime<Utc>) -> bool {
         if self.state == ApprovalState::Pending && now >= self.expires_at {

@@ -347,6 +347,22 @@ async fn denied_held_and_unexplained_requests_are_refused_with_problems() {
     let ((body, status, _), ()) = tokio::join!(held, deny);
     assert_eq!(status, 403);
     assert!(body.contains("not today"), "{body}");
+    // A client that goes away while held: the approval is withdrawn, the
+    // request never reaches the app, and the audit says so.
+    let mut gone = curl(
+        &staff,
+        &["-X", "DELETE", &format!("{}/api/customers/1", hs.url())],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let abandoned = hs
+        .stack
+        .withdrawn_after_leaving(&dba, || gone.kill().unwrap())
+        .await;
+    let _ = gone.wait();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         hs.app
             .seen()
@@ -387,7 +403,14 @@ async fn denied_held_and_unexplained_requests_are_refused_with_problems() {
         .filter(|e| rule(e) == "deletes-need-approval")
         .filter_map(|e| e.details.get("approval_outcome").map(String::as_str))
         .collect();
-    assert_eq!(deletes, ["approved", "denied"]);
+    assert_eq!(deletes, ["approved", "denied", "abandoned"]);
+    assert!(
+        commands
+            .iter()
+            .any(|e| e.details.get("approval") == Some(&abandoned)
+                && e.decision.as_ref().unwrap().effect == v1::Effect::Deny as i32),
+        "the abandoned DELETE is recorded as refused"
+    );
     let agent_ok = commands
         .iter()
         .find(|e| {

@@ -400,6 +400,21 @@ async fn held_denied_and_unexplained_requests_are_recorded_with_identity_and_tra
     );
     assert!(ks.kube.pods("default").contains(&"web-0".to_string()));
 
+    // A held delete whose kubectl goes away: withdrawn, never run.
+    let mut delete = ks.kubectl("1.33", &ops_cfg);
+    let mut gone = delete
+        .args(["delete", "pod", "web-0", "--wait=false"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    ks.stack
+        .withdrawn_after_leaving(&sre, || gone.kill().unwrap())
+        .await;
+    let _ = gone.wait();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(ks.kube.pods("default").contains(&"web-0".to_string()));
+
     // A held exec says it waits on the caller's terminal, then runs.
     let mut exec = ks.kubectl("1.33", &ops_cfg);
     exec.args(["exec", "web-0", "--", "sh", "-c", "echo restarted"]);
@@ -479,7 +494,7 @@ async fn held_denied_and_unexplained_requests_are_recorded_with_identity_and_tra
         .iter()
         .filter_map(|e| e.details.get("approval_outcome").map(String::as_str))
         .collect();
-    assert_eq!(outcomes, ["approved", "denied"]);
+    assert_eq!(outcomes, ["approved", "denied", "abandoned"]);
     assert!(
         deletes
             .iter()

@@ -451,12 +451,27 @@ impl PgGate {
                                     .expect("tracker")
                                     .push(Expect::Copy(Arc::new(cp)));
                             }
-                            let (fwd, expect) = self
-                                .gate(
-                                    tag, &body, &raw, &session, &mut state, &client_w, &markers,
-                                    &database,
-                                )
-                                .await;
+                            let gated = self.gate(
+                                tag, &body, &raw, &session, &mut state, &client_w, &markers,
+                                &database,
+                            );
+                            tokio::pin!(gated);
+                            // While a statement is held (or its masking
+                            // looked up), the client is still read: what it
+                            // sends meanwhile waits in `buf`, and if it goes
+                            // away the hold is dropped (recorded as refused)
+                            // rather than run for nobody.
+                            let (fwd, expect) = loop {
+                                tokio::select! {
+                                    biased;
+                                    r = &mut gated => break r,
+                                    n = client_r.read_buf(&mut buf), if buf.len() < HELD_READ_AHEAD => {
+                                        if matches!(n, Ok(0) | Err(_)) {
+                                            return "client_closed";
+                                        }
+                                    }
+                                }
+                            };
                             (fwd, Some(expect))
                         }
                         b'B' => {
@@ -662,6 +677,16 @@ impl PgGate {
                 return (fwd, expect);
             }
         };
+        // `SET wicket.reasoning` gives the reasoning for the rest of the
+        // session, starting with itself (and the statements sent with it):
+        // the statement that answers "say why" is not refused for not saying.
+        for st in &statements {
+            if st.class.kind == "set"
+                && let Some(r) = reasoning::from_set(&st.text)
+            {
+                state.reasoning = Some(r);
+            }
+        }
         let has_reasoning = state
             .reasoning
             .as_deref()
@@ -694,19 +719,14 @@ impl PgGate {
             }
             decisions.push(d);
         }
-        // SET wicket.reasoning lasts for the session; PREPARE names what a
-        // later EXECUTE runs (that EXECUTE is decided as what it runs).
+        // PREPARE names what a later EXECUTE runs (that EXECUTE is decided
+        // as what it runs).
         for st in &statements {
             if let Some(name) = st.flags.iter().find_map(|f| f.strip_prefix("prepare:")) {
                 if state.sql_prepared.len() >= MAX_PREPARED {
                     state.sql_prepared.clear();
                 }
                 state.sql_prepared.insert(name.to_string(), st.clone());
-            }
-            if st.class.kind == "set"
-                && let Some(r) = reasoning::from_set(&st.text)
-            {
-                state.reasoning = Some(r);
             }
         }
         let Some((decision, _)) = worst else {
@@ -752,6 +772,21 @@ impl PgGate {
                     move |id| {
                         let _ = tx.send(id.to_string());
                     },
+                    // The client went away while held (the relay stopped
+                    // waiting): recorded as refused, never run.
+                    |id| {
+                        let d = Decision::deny(decision.rule.clone(), wicket_sidecar::ABANDONED);
+                        let approval = id.as_deref().map(|id| ("abandoned", id));
+                        self.audit(
+                            session,
+                            &sql,
+                            statements.first(),
+                            &d,
+                            state,
+                            approval,
+                            started,
+                        );
+                    },
                 );
                 let (result, ()) = tokio::join!(wait, notify);
                 match result {
@@ -781,6 +816,10 @@ impl PgGate {
                     ApprovalOutcome::Unavailable(e) => Some(Decision::deny(
                         decision.rule.clone(),
                         format!("approval could not be obtained: {e}"),
+                    )),
+                    ApprovalOutcome::Abandoned { .. } => Some(Decision::deny(
+                        decision.rule.clone(),
+                        wicket_sidecar::ABANDONED,
                     )),
                 }
             }
@@ -1121,6 +1160,10 @@ struct Prepared {
 /// Most named statements tracked per session (a client that never closes
 /// them cannot grow the gate's memory without bound).
 const MAX_PREPARED: usize = 10_000;
+/// How much a client may send ahead while one of its statements is held
+/// (read meanwhile only to notice that it went away); past this, its
+/// socket is left unread until the hold ends.
+const HELD_READ_AHEAD: usize = 1024 * 1024;
 
 fn remember(state: &mut GateState, name: &str, statements: &[Statement], approval: Option<String>) {
     if state.prepared.len() >= MAX_PREPARED && !state.prepared.contains_key(name) {

@@ -378,34 +378,18 @@ async fn psql_is_gated_statement_by_statement() {
         };
         let mut api =
             v1::approval_admin_service_client::ApprovalAdminServiceClient::new(e.channel.clone());
-        let id = loop {
-            let list = api
-                .list_approvals(auth(
-                    v1::ListApprovalsRequest {
-                        state: v1::ApprovalState::Pending as i32,
-                        limit: 10,
-                    },
-                    &approver,
-                ))
-                .await
+        let a = e.next_pending(&approver).await;
+        assert_eq!(
+            a.request
+                .as_ref()
                 .unwrap()
-                .into_inner()
-                .approvals;
-            if let Some(a) = list.first() {
-                assert_eq!(
-                    a.request
-                        .as_ref()
-                        .unwrap()
-                        .reasoning
-                        .as_ref()
-                        .unwrap()
-                        .reasoning,
-                    "remove test customer"
-                );
-                break a.id.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+                .reasoning
+                .as_ref()
+                .unwrap()
+                .reasoning,
+            "remove test customer"
+        );
+        let id = a.id;
         let req = auth(
             v1::DecideRequest {
                 id,
@@ -634,6 +618,72 @@ async fn an_approval_can_cover_the_same_statement_shape_for_a_while() {
     };
     assert_eq!(outcome("1001").as_deref(), Some("approved"));
     assert_eq!(outcome("1002").as_deref(), Some("covered"));
+}
+
+/// A client that goes away while its statement is held never has it run:
+/// the gate stops waiting, records the statement as refused (approval
+/// outcome `abandoned`), and the control service withdraws the approval, so
+/// no approver can let it run for nobody. The statement that gives the
+/// reasoning (`SET wicket.reasoning`) is not itself refused for lacking it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_statement_whose_client_went_away_never_runs() {
+    let e = start().await;
+    let agent = e.idp.mint(&TokenSpec::agent("bot", &["agents"]));
+    let approver = e
+        .idp
+        .mint(&TokenSpec::human("lead", &["wicket-approvers", "dba"]));
+    let mut held = Command::new("psql")
+        .args(["-X", "-h", "127.0.0.1", "-p", &e.gate.port().to_string()])
+        .args(["-U", "bot", "-d", &e.db])
+        .args(["-c", "SET wicket.reasoning = 'cleanup before the audit'"])
+        .args(["-c", "DELETE FROM customers WHERE id = 1"])
+        .env("PGPASSWORD", &agent)
+        .env_remove("PGOPTIONS")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = e
+        .withdrawn_after_leaving(&approver, || {
+            held.kill().unwrap();
+        })
+        .await;
+    let o = held.wait_with_output().unwrap();
+    let (so, se) = out(&o);
+    assert!(so.contains("SET"), "the SET was refused: {so}\n{se}");
+    assert!(!se.contains("require-reasoning"), "{se}");
+
+    // The row is still there, however long we wait.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let o = e
+        .psql(
+            &agent,
+            Some("check"),
+            &["SELECT count(*) FROM customers WHERE id = 1"],
+        )
+        .await;
+    assert_eq!(out(&o).0.trim(), "1", "{:?}", out(&o));
+
+    // The audit holds the DELETE as refused, under the withdrawn approval.
+    e.drained().await;
+    let events = e.events().await;
+    let delete = events
+        .iter()
+        .find(|ev| {
+            ev.command
+                .as_ref()
+                .is_some_and(|c| c.text.contains("DELETE FROM customers WHERE id = 1"))
+        })
+        .expect("the held DELETE is in the audit");
+    assert_eq!(
+        delete.details.get("approval_outcome").map(String::as_str),
+        Some("abandoned"),
+        "{delete:?}"
+    );
+    assert_eq!(delete.details.get("approval"), Some(&id));
+    let decision = delete.decision.as_ref().unwrap();
+    assert_eq!(decision.effect, v1::Effect::Deny as i32, "{decision:?}");
+    assert!(decision.reason.contains("went away"), "{decision:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

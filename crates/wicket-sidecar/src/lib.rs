@@ -183,6 +183,27 @@ pub enum ApprovalOutcome {
     },
     /// The control service could not be asked (fail closed: refuse).
     Unavailable(String),
+    /// The client went away while its command was held (refused, never run).
+    Abandoned {
+        /// Approval id, if the request was made.
+        id: Option<String>,
+    },
+}
+
+/// Calls `on_abandon` with the approval id when dropped while armed: a hold
+/// whose future was dropped before a decision.
+struct Abandon<F: FnOnce(Option<String>)> {
+    on_abandon: Option<F>,
+    id: Option<String>,
+}
+
+impl<F: FnOnce(Option<String>)> Drop for Abandon<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_abandon.take() {
+            tracing::info!(approval = ?self.id, "the client went away while its command was held; refused");
+            f(self.id.take());
+        }
+    }
 }
 
 /// What a caller said about why it acts: free-text reasoning and a W3C
@@ -223,6 +244,10 @@ impl CallerTrace {
     }
 }
 
+/// Why a held command whose client went away was refused.
+pub const ABANDONED: &str =
+    "the client went away while the command waited for approval; it was not run";
+
 impl ApprovalOutcome {
     /// The decision a held command ends with (`held` is the review decision
     /// that held it), and the approval's outcome and id for the audit event.
@@ -253,6 +278,10 @@ impl ApprovalOutcome {
             ApprovalOutcome::Unavailable(e) => (
                 Decision::deny(held.rule, format!("approval unavailable: {e}")),
                 None,
+            ),
+            ApprovalOutcome::Abandoned { id } => (
+                Decision::deny(held.rule, ABANDONED),
+                id.map(|id| ("abandoned", id)),
             ),
         }
     }
@@ -640,14 +669,33 @@ impl Sidecar {
         on_pending: impl FnOnce(&str, &Decision),
         details: impl IntoIterator<Item = (String, String)>,
     ) -> (Decision, String) {
+        let details: Vec<(String, String)> = details.into_iter().collect();
         let mut d = self.decide(session, &cmd, trace.has_reasoning());
         let mut approval = None;
         if d.effect == Effect::Review {
             let reasoning = trace.reasoning_trace();
+            let held = d.clone();
             let outcome = self
-                .request_approval(session, &cmd, &d, reasoning.as_ref(), |id| {
-                    on_pending(id, &d)
-                })
+                .request_approval(
+                    session,
+                    &cmd,
+                    &d,
+                    reasoning.as_ref(),
+                    |id| on_pending(id, &d),
+                    // Dropped while held (the client went away): recorded
+                    // as refused, never run.
+                    |id| {
+                        let (d, approval) = ApprovalOutcome::Abandoned { id }.into_decision(held);
+                        self.record_command(
+                            session,
+                            cmd.clone(),
+                            d,
+                            trace,
+                            approval,
+                            details.clone(),
+                        );
+                    },
+                )
                 .await;
             (d, approval) = outcome.into_decision(d);
         }
@@ -656,7 +704,36 @@ impl Sidecar {
 
     /// Holds a command for approval: `on_pending` is called with the approval
     /// id once it exists; resolves when it is decided, expires, or cannot be asked.
+    /// If the hold is dropped before that (the client went away: its
+    /// connection's future is dropped, or the gate stops waiting for it),
+    /// `on_abandon` is called with the approval id, if one was made, so the
+    /// gate can record the command as refused; the control service then
+    /// withdraws the request, so nobody approves a command no one waits for.
     pub async fn request_approval(
+        &self,
+        session: &OpenSession,
+        command: &Command,
+        decision: &Decision,
+        reasoning: Option<&ReasoningTrace>,
+        on_pending: impl FnOnce(&str),
+        on_abandon: impl FnOnce(Option<String>),
+    ) -> ApprovalOutcome {
+        let mut guard = Abandon {
+            on_abandon: Some(on_abandon),
+            id: None,
+        };
+        let outcome = self
+            .hold(session, command, decision, reasoning, |id| {
+                guard.id = Some(id.to_string());
+                on_pending(id)
+            })
+            .await;
+        guard.on_abandon = None;
+        outcome
+    }
+
+    /// [`Sidecar::request_approval`] without the abandon guard.
+    async fn hold(
         &self,
         session: &OpenSession,
         command: &Command,

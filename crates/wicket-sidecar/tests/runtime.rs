@@ -402,9 +402,16 @@ async fn held_commands_wait_for_a_decision() {
             })
         };
         let outcome = sc
-            .request_approval(&session, &delete, &d, None, move |id| {
-                let _ = tx.send(id.to_string());
-            })
+            .request_approval(
+                &session,
+                &delete,
+                &d,
+                None,
+                move |id| {
+                    let _ = tx.send(id.to_string());
+                },
+                |_| panic!("a decided hold is not abandoned"),
+            )
             .await;
         decide.await.unwrap();
         match (want, outcome) {
@@ -412,6 +419,48 @@ async fn held_commands_wait_for_a_decision() {
             ("denied", ApprovalOutcome::Denied { reason, .. }) => assert_eq!(reason, "because"),
             (w, o) => panic!("wanted {w}, got {o:?}"),
         }
+    }
+
+    // A hold dropped before a decision (its client went away) calls back
+    // with the approval's id, and the control service withdraws it.
+    let (pending_tx, pending_rx) = tokio::sync::oneshot::channel::<String>();
+    let abandoned = std::sync::Mutex::new(None);
+    {
+        let hold = sc.request_approval(
+            &session,
+            &delete,
+            &d,
+            None,
+            move |id| {
+                let _ = pending_tx.send(id.to_string());
+            },
+            |id| *abandoned.lock().unwrap() = Some(id),
+        );
+        tokio::select! {
+            _ = hold => panic!("decided without an approver"),
+            id = pending_rx => { id.unwrap(); }
+        }
+    }
+    let id = abandoned
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("on_abandon was called")
+        .expect("with the approval id");
+    let mut api = v1::approval_admin_service_client::ApprovalAdminServiceClient::new(ch.clone());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let a = api
+            .get_approval(auth(v1::GetApprovalRequest { id: id.clone() }, &approver))
+            .await
+            .unwrap()
+            .into_inner();
+        if a.state == v1::ApprovalState::Expired as i32 {
+            assert!(a.reason.contains("withdrawn"), "{a:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not withdrawn: {a:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
     // Admin endpoints.

@@ -209,6 +209,7 @@ pub async fn serve(
                 kbd_tries: 0,
                 kbd_token: String::new(),
                 kbd_parts: 0,
+                alive: tokio::sync::watch::channel(()).0,
             };
             let grace = gate.cfg.login_grace;
             let deadline = tokio::time::Instant::now() + grace;
@@ -524,6 +525,9 @@ struct Conn {
     /// A long token's parts so far (keyboard-interactive).
     kbd_token: String,
     kbd_parts: usize,
+    /// Dropped with the connection: its channels' tasks stop waiting on
+    /// holds for a client that went away.
+    alive: tokio::sync::watch::Sender<()>,
 }
 
 /// Channels whose agent-forwarding request was decided, and how.
@@ -586,6 +590,7 @@ impl Conn {
             handle: session.handle(),
             trace: self.trace.clone(),
             agent: self.agent.clone(),
+            alive: self.alive.subscribe(),
         }))
     }
 
@@ -1013,6 +1018,8 @@ struct Ctx {
     trace: Arc<std::sync::Mutex<Trace>>,
     /// Agent-forwarding decisions per channel.
     agent: AgentGrants,
+    /// Closed when the client's connection ends.
+    alive: tokio::sync::watch::Receiver<()>,
 }
 
 /// The caller's reasoning for a channel (`WICKET_REASONING`, `TRACEPARENT`).
@@ -1045,16 +1052,24 @@ impl Ctx {
                 });
             }
         };
-        self.gate
-            .sidecar
-            .decide_and_record(
-                &self.session,
-                self.command(text, class),
-                trace,
-                wait_note,
-                extra.map(|(k, v)| (k.to_string(), v)),
-            )
-            .await
+        let decided = self.gate.sidecar.decide_and_record(
+            &self.session,
+            self.command(text, class),
+            trace,
+            wait_note,
+            extra.map(|(k, v)| (k.to_string(), v)),
+        );
+        // A client that goes away while its command is held does not get it
+        // run later: the hold is dropped, and recorded as refused.
+        let mut alive = self.alive.clone();
+        tokio::select! {
+            biased;
+            r = decided => r,
+            _ = alive.changed() => (
+                Decision::deny("abandoned", wicket_sidecar::ABANDONED),
+                String::new(),
+            ),
+        }
     }
 
     /// The command as recorded: its text with the detectors applied.

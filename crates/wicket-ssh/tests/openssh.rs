@@ -693,6 +693,28 @@ async fn policy_decides_commands_lines_and_files_and_everything_is_recorded() {
         assert_eq!(o.status.code(), Some(if approve { 0 } else { 126 }), "{se}");
     }
 
+    // A client that goes away while its command is held never has it run:
+    // the approval is withdrawn and the command recorded as refused.
+    let target = e.dir.join("touched-after-leaving");
+    let mut held = ssh(
+        Some("mark the host as drained"),
+        &["--", &format!("touch {}", target.display())],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let abandoned = e
+        .stack
+        .withdrawn_after_leaving(&approver, || held.kill().unwrap())
+        .await;
+    let _ = held.wait();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !target.exists(),
+        "the held command ran after its client left"
+    );
+
     // In an interactive shell a denied line never reaches the host; the
     // session goes on.
     let forbidden_pty = e.dir.join("forbidden-pty");
@@ -823,6 +845,17 @@ async fn policy_decides_commands_lines_and_files_and_everything_is_recorded() {
     assert_eq!(reasoned.traceparent, traceparent);
     assert_eq!(reasoned.principal.as_ref().unwrap().subject, "deploy-bot");
     assert!(decision(up).contains("reasoning") || up.reasoning.is_some());
+    let left = find("touched-after-leaving");
+    assert_eq!(
+        left.details.get("approval_outcome").map(String::as_str),
+        Some("abandoned"),
+        "{left:?}"
+    );
+    assert_eq!(left.details.get("approval"), Some(&abandoned));
+    assert_eq!(
+        left.decision.as_ref().unwrap().effect,
+        v1::Effect::Deny as i32
+    );
     let rm = find("rm -rf /boot/wicket-test-nonexistent");
     assert_eq!(decision(rm), "no-destroy");
     assert_eq!(

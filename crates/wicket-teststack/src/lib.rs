@@ -279,6 +279,36 @@ impl Stack {
         reports
     }
 
+    /// Waits (up to 30 s) for a pending approval, as `approver` sees them.
+    pub async fn next_pending(&self, approver: &str) -> v1::Approval {
+        let mut api = v1::approval_admin_service_client::ApprovalAdminServiceClient::new(
+            self.channel.clone(),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let list = api
+                .list_approvals(auth(
+                    v1::ListApprovalsRequest {
+                        state: v1::ApprovalState::Pending as i32,
+                        limit: 10,
+                    },
+                    approver,
+                ))
+                .await
+                .expect("approvals")
+                .into_inner()
+                .approvals;
+            if let Some(a) = list.into_iter().next() {
+                return a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no approval request arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits for the next pending approval (as `approver`), checks it with
     /// `check`, and approves or denies it.
     pub async fn decide_next(
@@ -288,6 +318,48 @@ impl Stack {
         check: impl FnOnce(&v1::Approval),
     ) {
         self.decide_next_for(approver, approve, 0, check).await
+    }
+
+    /// Waits for the next pending approval, runs `leave` (the client that
+    /// asked goes away), then waits until the control service has withdrawn
+    /// it (expired, with a reason that says so) and checks that an approver
+    /// can no longer approve it. Returns the approval's id.
+    pub async fn withdrawn_after_leaving(&self, approver: &str, leave: impl FnOnce()) -> String {
+        let mut api = v1::approval_admin_service_client::ApprovalAdminServiceClient::new(
+            self.channel.clone(),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let id = self.next_pending(approver).await.id;
+        leave();
+        let a = loop {
+            let a = api
+                .get_approval(auth(v1::GetApprovalRequest { id: id.clone() }, approver))
+                .await
+                .expect("approval")
+                .into_inner();
+            if a.state != v1::ApprovalState::Pending as i32 {
+                break a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the approval stayed pending after its client went away"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(a.state, v1::ApprovalState::Expired as i32, "{a:?}");
+        assert!(a.reason.contains("withdrawn"), "{a:?}");
+        let late = api
+            .approve(auth(
+                v1::DecideRequest {
+                    id: id.clone(),
+                    comment: "too late".into(),
+                    reuse_seconds: 0,
+                },
+                approver,
+            ))
+            .await;
+        assert!(late.is_err(), "a withdrawn approval was approved: {late:?}");
+        id
     }
 
     /// As [`Stack::decide_next`]; an approval also covers the same
@@ -302,29 +374,7 @@ impl Stack {
         let mut api = v1::approval_admin_service_client::ApprovalAdminServiceClient::new(
             self.channel.clone(),
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let approval = loop {
-            let list = api
-                .list_approvals(auth(
-                    v1::ListApprovalsRequest {
-                        state: v1::ApprovalState::Pending as i32,
-                        limit: 10,
-                    },
-                    approver,
-                ))
-                .await
-                .expect("approvals")
-                .into_inner()
-                .approvals;
-            if let Some(a) = list.into_iter().next() {
-                break a;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no approval request arrived"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let approval = self.next_pending(approver).await;
         check(&approval);
         let req = auth(
             v1::DecideRequest {
