@@ -161,6 +161,49 @@ pub(crate) type Halves = (
     tokio::io::WriteHalf<ClientIo>,
 );
 
+/// The client's side of a relay: its read half (led by what was read
+/// from it while its command was held) and its write half.
+pub(crate) type ClientHalves = (ClientRead, tokio::io::WriteHalf<ClientIo>);
+
+/// The client's read half, led by the bytes read from it while its command
+/// waited for a decision (read only to notice that the client went away;
+/// they are relayed first, in order).
+pub(crate) struct ClientRead {
+    ahead: Bytes,
+    inner: tokio::io::ReadHalf<ClientIo>,
+}
+
+impl ClientRead {
+    /// The read half with nothing read ahead.
+    pub(crate) fn new(inner: tokio::io::ReadHalf<ClientIo>) -> ClientRead {
+        ClientRead {
+            ahead: Bytes::new(),
+            inner,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for ClientRead {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if !me.ahead.is_empty() {
+            let n = me.ahead.len().min(buf.remaining());
+            buf.put_slice(&me.ahead[..n]);
+            me.ahead.advance(n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut me.inner).poll_read(cx, buf)
+    }
+}
+
+/// How much a client may send ahead while its stream waits for a decision
+/// (read meanwhile only to notice that it went away).
+const HELD_READ_AHEAD: usize = 1024 * 1024;
+
 /// How a stream reaches the API server.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Via {
@@ -243,6 +286,11 @@ impl Stream {
             p.extend_from_slice(msg.as_bytes());
             Frame::binary(p)
         };
+        // The client is read while its stream waits: if it goes away, the
+        // hold is dropped here (recorded as refused, the approval withdrawn)
+        // instead of running for nobody once approved.
+        let mut client_r = client_r;
+        let mut ahead = BytesMut::new();
         let (d, id) = loop {
             tokio::select! {
                 // The note first: a quick approval must not overtake it.
@@ -253,7 +301,16 @@ impl Stream {
                     }
                 }
                 r = &mut decide => break r,
+                r = client_r.read_buf(&mut ahead), if ahead.len() < HELD_READ_AHEAD => {
+                    if matches!(r, Ok(0) | Err(_)) {
+                        return;
+                    }
+                }
             }
+        };
+        let client_r = ClientRead {
+            ahead: ahead.freeze(),
+            inner: client_r,
         };
         while let Ok(approval) = note_rx.try_recv() {
             if exec {
@@ -301,7 +358,7 @@ impl Stream {
         id: String,
         started: Instant,
         framing: Framing,
-        client: Halves,
+        client: ClientHalves,
         up: Halves,
     ) {
         let ((mut client_r, mut client_w), (mut up_r, mut up_w)) = (client, up);
@@ -480,7 +537,7 @@ impl Stream {
     }
 
     /// Relays exec or attach frames both ways, recording and masking.
-    async fn relay(&self, id: String, started: Instant, client: Halves, up: Halves) {
+    async fn relay(&self, id: String, started: Instant, client: ClientHalves, up: Halves) {
         let (mut client_r, mut client_w) = client;
         let (mut up_r, mut up_w) = up;
         let masker = self.gate.masker();

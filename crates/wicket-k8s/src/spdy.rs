@@ -45,8 +45,8 @@ use wicket_spdy::{Deflater, FLAG_FIN, Frame, Inflater, MAX_LENGTH, kind};
 
 use crate::classify::ApiRequest;
 use crate::exec::{
-    Carry, ClientIo, Halves, STATUS_BEFORE_CLOSE, Stats, Stream, Via, failure_status, mask_text,
-    offered,
+    Carry, ClientIo, ClientRead, Halves, STATUS_BEFORE_CLOSE, Stats, Stream, Via, failure_status,
+    mask_text, offered,
 };
 use crate::forward::Framing;
 use crate::gate::{Body, KubeGate, denial_message, forbidden, forwardable, status};
@@ -131,7 +131,7 @@ pub(crate) async fn upgrade(
             id,
             started,
             Framing::Spdy,
-            (client_r, client_w),
+            (ClientRead::new(client_r), client_w),
             (up_r, up_w),
         )
         .await;
@@ -441,11 +441,13 @@ impl Stream {
                 r = &mut decide => break r,
                 r = client_r.read_buf(&mut o.buf),
                     if stopped.is_none() && o.replay.len() < MAX_OPENING => match r {
-                    Ok(0) | Err(_) => stopped = Some("the client went away before the decision".into()),
+                    // Gone while held: the hold is dropped here (recorded as
+                    // refused, the approval withdrawn), never run for nobody.
+                    Ok(0) | Err(_) => return,
                     Ok(_) => match o.absorb(max) {
                         Ok(out) => {
                             if !out.is_empty() && client_w.write_all(&out).await.is_err() {
-                                stopped = Some("the client went away before the decision".into());
+                                return;
                             }
                         }
                         Err(e) => stopped = Some(e),

@@ -457,6 +457,30 @@ async fn held_denied_and_unexplained_requests_are_recorded_with_identity_and_tra
     assert!(!o.status.success() && err.contains("denied"), "{err}");
     assert!(!text(&o).0.contains("never"));
 
+    // A held exec whose kubectl goes away (WebSocket, then SPDY) is
+    // withdrawn and never runs.
+    let marks = ks.stack.dir.path().to_path_buf();
+    for version in ["1.33", "1.27"] {
+        let mark = marks.join(format!("restart-ran-{version}"));
+        let mut exec = ks.kubectl(version, &ops_cfg);
+        let mut gone = exec
+            .args(["exec", "web-0", "--", "touch"])
+            .arg(&mark)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        ks.stack
+            .withdrawn_after_leaving(&sre, || gone.kill().unwrap())
+            .await;
+        let _ = gone.wait();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !mark.exists(),
+            "kubectl {version}: the held exec ran for nobody"
+        );
+    }
+
     // The audit trail: who (as impersonated), what, the decision, the trace.
     let events = ks.stack.events().await;
     let commands: Vec<&v1::AuditEvent> = events
@@ -495,6 +519,12 @@ async fn held_denied_and_unexplained_requests_are_recorded_with_identity_and_tra
         .filter_map(|e| e.details.get("approval_outcome").map(String::as_str))
         .collect();
     assert_eq!(outcomes, ["approved", "denied", "abandoned"]);
+    let abandoned_execs = commands
+        .iter()
+        .filter(|e| e.details.get("approval_outcome").map(String::as_str) == Some("abandoned"))
+        .filter(|e| rule(e) != "deletes-need-approval")
+        .count();
+    assert_eq!(abandoned_execs, 2, "both abandoned execs are recorded");
     assert!(
         deletes
             .iter()
