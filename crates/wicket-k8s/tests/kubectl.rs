@@ -402,17 +402,8 @@ async fn held_denied_and_unexplained_requests_are_recorded_with_identity_and_tra
 
     // A held delete whose kubectl goes away: withdrawn, never run.
     let mut delete = ks.kubectl("1.33", &ops_cfg);
-    let mut gone = delete
-        .args(["delete", "pod", "web-0", "--wait=false"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    ks.stack
-        .withdrawn_after_leaving(&sre, || gone.kill().unwrap())
-        .await;
-    let _ = gone.wait();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    delete.args(["delete", "pod", "web-0", "--wait=false"]);
+    ks.stack.kill_while_held(&sre, &mut delete).await;
     assert!(ks.kube.pods("default").contains(&"web-0".to_string()));
 
     // A held exec says it waits on the caller's terminal, then runs.
@@ -463,18 +454,8 @@ async fn held_denied_and_unexplained_requests_are_recorded_with_identity_and_tra
     for version in ["1.33", "1.27"] {
         let mark = marks.join(format!("restart-ran-{version}"));
         let mut exec = ks.kubectl(version, &ops_cfg);
-        let mut gone = exec
-            .args(["exec", "web-0", "--", "touch"])
-            .arg(&mark)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        ks.stack
-            .withdrawn_after_leaving(&sre, || gone.kill().unwrap())
-            .await;
-        let _ = gone.wait();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        exec.args(["exec", "web-0", "--", "touch"]).arg(&mark);
+        ks.stack.kill_while_held(&sre, &mut exec).await;
         assert!(
             !mark.exists(),
             "kubectl {version}: the held exec ran for nobody"

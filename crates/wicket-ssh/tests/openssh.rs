@@ -699,17 +699,8 @@ async fn policy_decides_commands_lines_and_files_and_everything_is_recorded() {
     let mut held = ssh(
         Some("mark the host as drained"),
         &["--", &format!("touch {}", target.display())],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let abandoned = e
-        .stack
-        .withdrawn_after_leaving(&approver, || held.kill().unwrap())
-        .await;
-    let _ = held.wait();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    );
+    let abandoned = e.stack.kill_while_held(&approver, &mut held).await;
     assert!(
         !target.exists(),
         "the held command ran after its client left"

@@ -279,6 +279,28 @@ impl Stack {
         reports
     }
 
+    /// Starts `client` (output discarded), waits until its command is held,
+    /// kills it, and returns once the approval is withdrawn
+    /// ([`Stack::withdrawn_after_leaving`]) and a moment has passed in
+    /// which a wrongly kept hold could have run. Returns the approval's id.
+    pub async fn kill_while_held(
+        &self,
+        approver: &str,
+        client: &mut std::process::Command,
+    ) -> String {
+        let mut child = client
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the client starts");
+        let id = self
+            .withdrawn_after_leaving(approver, || child.kill().expect("kill the client"))
+            .await;
+        let _ = child.wait();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        id
+    }
+
     /// Waits (up to 30 s) for a pending approval, as `approver` sees them.
     pub async fn next_pending(&self, approver: &str) -> v1::Approval {
         let mut api = v1::approval_admin_service_client::ApprovalAdminServiceClient::new(
