@@ -1155,7 +1155,8 @@ async fn an_approval_can_cover_a_statement_fingerprint_for_a_while() {
         ("4", "bot-2", "fp-a", 1800),
         ("5", "bot-1", "fp-a", 0),
     ] {
-        let (p, _) = first_of(ask(rid, who, fp, reuse)).await;
+        // The stream is kept while deciding: a dropped one withdraws its approval.
+        let (p, _waiting) = first_of(ask(rid, who, fp, reuse)).await;
         assert_eq!(p.state, v1::ApprovalState::Pending as i32, "request {rid}");
         if rid == "5" {
             let err = api.approve(decide(&p.approval_id, 60)).await.unwrap_err();
@@ -1177,7 +1178,7 @@ async fn an_approval_can_cover_a_statement_fingerprint_for_a_while() {
         "within the second"
     );
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (later, _) = first_of(ask("7", "bot-1", "fp-b", 1800)).await;
+    let (later, _waiting) = first_of(ask("7", "bot-1", "fp-b", 1800)).await;
     assert_eq!(
         later.state,
         v1::ApprovalState::Pending as i32,
