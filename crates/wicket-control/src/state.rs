@@ -487,46 +487,48 @@ impl Control {
         tokio::spawn(async move {
             let id = stored.id.clone();
             let mut last = stored;
-            if tx.send(last.clone()).await.is_err() {
-                return;
-            }
-            while !last.state.is_final() {
-                let until = (last.expires_at - Utc::now()).to_std().unwrap_or_default();
-                tokio::select! {
-                    u = updates.recv() => match u {
-                        Ok(a) if a.id == id && a.rev > last.rev => last = a,
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            if let Ok(Some(a)) = control.store.get_approval(&id).await { last = a }
-                        }
-                        Err(_) => break,
-                    },
-                    _ = tokio::time::sleep(until) => {
-                        match control.expire(&id).await {
-                            Ok(Some(a)) => last = a,
-                            _ => break,
-                        }
-                    }
-                    // Decisions taken on another replica whose news was lost.
-                    _ = tokio::time::sleep(crate::sidecar::RESYNC) => {
-                        match control.store.get_approval(&id).await {
-                            Ok(Some(a)) if a.rev != last.rev => last = a,
-                            _ => continue,
-                        }
-                    }
-                    // The requester stopped waiting: a gate whose client
-                    // went away never runs the command, so approvers are
-                    // no longer asked.
-                    _ = tx.closed() => {
-                        if withdraw_if_abandoned {
-                            let _ = control.withdraw(&id, WITHDRAWN).await;
-                        }
-                        return;
-                    }
-                }
+            // Whether the requester stopped waiting before the end.
+            let gone = 'follow: {
                 if tx.send(last.clone()).await.is_err() {
-                    return;
+                    break 'follow true;
                 }
+                while !last.state.is_final() {
+                    let until = (last.expires_at - Utc::now()).to_std().unwrap_or_default();
+                    tokio::select! {
+                        u = updates.recv() => match u {
+                            Ok(a) if a.id == id && a.rev > last.rev => last = a,
+                            Ok(_) => continue,
+                            Err(broadcast::error::RecvError::Lagged(_)) => {
+                                if let Ok(Some(a)) = control.store.get_approval(&id).await { last = a }
+                            }
+                            Err(_) => break,
+                        },
+                        _ = tokio::time::sleep(until) => {
+                            match control.expire(&id).await {
+                                Ok(Some(a)) => last = a,
+                                _ => break,
+                            }
+                        }
+                        // Decisions taken on another replica whose news was lost.
+                        _ = tokio::time::sleep(crate::sidecar::RESYNC) => {
+                            match control.store.get_approval(&id).await {
+                                Ok(Some(a)) if a.rev != last.rev => last = a,
+                                _ => continue,
+                            }
+                        }
+                        _ = tx.closed() => break 'follow true,
+                    }
+                    if tx.send(last.clone()).await.is_err() {
+                        break 'follow true;
+                    }
+                }
+                false
+            };
+            // The requester stopped waiting while it was pending: a gate
+            // whose client went away never runs the command, so approvers
+            // are no longer asked.
+            if gone && withdraw_if_abandoned && !last.state.is_final() {
+                let _ = control.withdraw(&id, WITHDRAWN).await;
             }
         });
         Ok(rx)
