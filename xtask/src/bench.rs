@@ -171,6 +171,17 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// Rounds of (gate, reference) added latencies: the median of each, and
+/// the gate's figure of every round, comma-separated.
+pub(crate) fn rounds_summary(added: &[(f64, f64)]) -> (f64, f64, String) {
+    let each: Vec<String> = added.iter().map(|a| format!("{:.0}", a.0)).collect();
+    (
+        median(added.iter().map(|a| a.0).collect()),
+        median(added.iter().map(|a| a.1).collect()),
+        each.join(", "),
+    )
+}
+
 pub(crate) fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -554,13 +565,10 @@ pub fn pg() -> Result<(), String> {
             let w = pgbench(gate_port, "bench", &agent, "bench", 1, mode, 5)?;
             added.push((p50(&w) - p50(&d), p50(&b) - p50(&d)));
         }
-        let each: Vec<String> = added.iter().map(|a| format!("{:.0}", a.0)).collect();
+        let (gate, reference, each) = rounds_summary(&added);
         println!(
-            "added p50 at -c1 ({mode}): wicket-pg {:.0} µs, pgbouncer {:.0} µs, medians of {} rounds (wicket-pg each round: {}; target <= 50 µs)",
-            median(added.iter().map(|a| a.0).collect()),
-            median(added.iter().map(|a| a.1).collect()),
+            "added p50 at -c1 ({mode}): wicket-pg {gate:.0} µs, pgbouncer {reference:.0} µs, medians of {} rounds (wicket-pg each round: {each}; target <= 50 µs)",
             added.len(),
-            each.join(", "),
         );
         let pct = |r: &Run| r.percentiles.unwrap_or_default();
         println!(

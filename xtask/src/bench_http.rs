@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::bench::{Stack, build_release, cpu_us, latency_rounds, median, rss_kb, wrk};
+use crate::bench::{Stack, build_release, cpu_us, latency_rounds, rounds_summary, rss_kb, wrk};
 use crate::util::{self, free_port, port_open, wait_for};
 
 const POLICY: &str = "version: 1
@@ -257,13 +257,10 @@ pub fn http() -> Result<(), String> {
         let (d, n, g) = (p50(0)?, p50(1)?, p50(3)?);
         added.push((g - d, n - d));
     }
-    let each: Vec<String> = added.iter().map(|a| format!("{:.0}", a.0)).collect();
+    let (gate, nginx, each) = rounds_summary(&added);
     println!(
-        "added p50 at one connection: wicket-http {:.0} µs (target ≤ 100), nginx {:.0} µs, medians of {} rounds (wicket-http each round: {})",
-        median(added.iter().map(|a| a.0).collect()),
-        median(added.iter().map(|a| a.1).collect()),
+        "added p50 at one connection: wicket-http {gate:.0} µs (target ≤ 100), nginx {nginx:.0} µs, medians of {} rounds (wicket-http each round: {each})",
         added.len(),
-        each.join(", "),
     );
     println!(
         "requests/s at 32 connections: wicket-http {:.2}× nginx (target ≥ 1.0), {:.2}× nginx with one worker; with masking on {:.2}× nginx",

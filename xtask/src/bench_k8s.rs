@@ -237,11 +237,6 @@ pub fn k8s() -> Result<(), String> {
         busy_g += machine_busy_s() - b1;
     }
     let best = |v: &[f64]| v.iter().copied().fold(f64::MAX, f64::min);
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (best_d, best_g) = (best(&all_d), best(&all_g));
     println!("\nGET {path} (wrk, 10 s each)");
     println!(
@@ -263,6 +258,7 @@ pub fn k8s() -> Result<(), String> {
         );
     }
     let (md, mg) = (mb as f64 / best_d, mb as f64 / best_g);
+    let median = |v: &[f64]| crate::bench::median(v.to_vec());
     let (vd, vg) = (mb as f64 / median(&all_d), mb as f64 / median(&all_g));
     println!(
         "\nkubectl exec stdout, {mb} MB (whole command; best and median of {runs}; best {:.0} ms direct, {:.0} ms through the gate)",

@@ -14,11 +14,11 @@ use wicket_proto::convert;
 use wicket_proto::v1;
 use wicket_store::{Change, Store, StoreError};
 
+use crate::auth::Authenticator;
+
 /// Why a held command's approval was withdrawn.
 const WITHDRAWN: &str =
     "withdrawn: the client went away before a decision, and the command was not run";
-
-use crate::auth::Authenticator;
 
 /// The policy in force.
 pub struct Current {
@@ -568,33 +568,35 @@ impl Control {
     /// Withdraws a pending approval whose requester stopped waiting
     /// (recorded as expired with `reason`); `None` when there is none.
     pub async fn withdraw(&self, id: &str, reason: &str) -> Result<Option<Approval>, Status> {
-        for _ in 0..8 {
-            let Some(mut a) = self.store.get_approval(id).await.map_err(storage)? else {
-                return Ok(None);
-            };
-            if !a.withdraw(reason) {
-                return Ok(Some(a));
+        self.change_approval(id, |a| {
+            let withdrawn = a.withdraw(reason);
+            if withdrawn {
+                tracing::info!(approval = %id, "approval withdrawn: {reason}");
             }
-            match self.store.update_approval(&mut a).await {
-                Ok(()) => {
-                    tracing::info!(approval = %id, "approval withdrawn: {reason}");
-                    self.approval_changed(&a).await;
-                    return Ok(Some(a));
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(storage(e)),
-            }
-        }
-        Err(Status::aborted("approval keeps changing"))
+            withdrawn
+        })
+        .await
     }
 
     /// Marks an approval expired if due, saving and publishing the change.
     pub async fn expire(&self, id: &str) -> Result<Option<Approval>, Status> {
+        self.change_approval(id, |a| a.expire_if_due(Utc::now()))
+            .await
+    }
+
+    /// Applies `change` to the stored approval `id` and, when it says it
+    /// changed something, saves and publishes it, retrying on a concurrent
+    /// update; returns the approval as it now is (`None`: no such approval).
+    async fn change_approval(
+        &self,
+        id: &str,
+        change: impl Fn(&mut Approval) -> bool,
+    ) -> Result<Option<Approval>, Status> {
         for _ in 0..8 {
             let Some(mut a) = self.store.get_approval(id).await.map_err(storage)? else {
                 return Ok(None);
             };
-            if !a.expire_if_due(Utc::now()) {
+            if !change(&mut a) {
                 return Ok(Some(a));
             }
             match self.store.update_approval(&mut a).await {

@@ -775,8 +775,8 @@ impl PgGate {
                     // The client went away while held (the relay stopped
                     // waiting): recorded as refused, never run.
                     |id| {
-                        let d = Decision::deny(decision.rule.clone(), wicket_sidecar::ABANDONED);
-                        let approval = id.as_deref().map(|id| ("abandoned", id));
+                        let (d, approval) = wicket_sidecar::abandoned(decision.clone(), id);
+                        let approval = approval.as_ref().map(|(o, id)| (*o, id.as_str()));
                         self.audit(
                             session,
                             &sql,
@@ -816,10 +816,6 @@ impl PgGate {
                     ApprovalOutcome::Unavailable(e) => Some(Decision::deny(
                         decision.rule.clone(),
                         format!("approval could not be obtained: {e}"),
-                    )),
-                    ApprovalOutcome::Abandoned { .. } => Some(Decision::deny(
-                        decision.rule.clone(),
-                        wicket_sidecar::ABANDONED,
                     )),
                 }
             }

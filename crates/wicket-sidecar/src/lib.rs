@@ -183,11 +183,6 @@ pub enum ApprovalOutcome {
     },
     /// The control service could not be asked (fail closed: refuse).
     Unavailable(String),
-    /// The client went away while its command was held (refused, never run).
-    Abandoned {
-        /// Approval id, if the request was made.
-        id: Option<String>,
-    },
 }
 
 /// Calls `on_abandon` with the approval id when dropped while armed: a hold
@@ -248,6 +243,16 @@ impl CallerTrace {
 pub const ABANDONED: &str =
     "the client went away while the command waited for approval; it was not run";
 
+/// The decision a held command ends with when its client went away while
+/// it waited (`held` is the review decision that held it), and the
+/// approval's outcome (`abandoned`) and id, if one was made, for the audit.
+pub fn abandoned(held: Decision, id: Option<String>) -> (Decision, Option<(&'static str, String)>) {
+    (
+        Decision::deny(held.rule, ABANDONED),
+        id.map(|id| ("abandoned", id)),
+    )
+}
+
 impl ApprovalOutcome {
     /// The decision a held command ends with (`held` is the review decision
     /// that held it), and the approval's outcome and id for the audit event.
@@ -278,10 +283,6 @@ impl ApprovalOutcome {
             ApprovalOutcome::Unavailable(e) => (
                 Decision::deny(held.rule, format!("approval unavailable: {e}")),
                 None,
-            ),
-            ApprovalOutcome::Abandoned { id } => (
-                Decision::deny(held.rule, ABANDONED),
-                id.map(|id| ("abandoned", id)),
             ),
         }
     }
@@ -667,9 +668,8 @@ impl Sidecar {
         cmd: Command,
         trace: &CallerTrace,
         on_pending: impl FnOnce(&str, &Decision),
-        details: impl IntoIterator<Item = (String, String)>,
+        details: impl IntoIterator<Item = (String, String)> + Clone,
     ) -> (Decision, String) {
-        let details: Vec<(String, String)> = details.into_iter().collect();
         let mut d = self.decide(session, &cmd, trace.has_reasoning());
         let mut approval = None;
         if d.effect == Effect::Review {
@@ -685,7 +685,7 @@ impl Sidecar {
                     // Dropped while held (the client went away): recorded
                     // as refused, never run.
                     |id| {
-                        let (d, approval) = ApprovalOutcome::Abandoned { id }.into_decision(held);
+                        let (d, approval) = abandoned(held, id);
                         self.record_command(
                             session,
                             cmd.clone(),
@@ -718,29 +718,11 @@ impl Sidecar {
         on_pending: impl FnOnce(&str),
         on_abandon: impl FnOnce(Option<String>),
     ) -> ApprovalOutcome {
+        // Armed until the hold ends here; dropped with it otherwise.
         let mut guard = Abandon {
             on_abandon: Some(on_abandon),
             id: None,
         };
-        let outcome = self
-            .hold(session, command, decision, reasoning, |id| {
-                guard.id = Some(id.to_string());
-                on_pending(id)
-            })
-            .await;
-        guard.on_abandon = None;
-        outcome
-    }
-
-    /// [`Sidecar::request_approval`] without the abandon guard.
-    async fn hold(
-        &self,
-        session: &OpenSession,
-        command: &Command,
-        decision: &Decision,
-        reasoning: Option<&ReasoningTrace>,
-        on_pending: impl FnOnce(&str),
-    ) -> ApprovalOutcome {
         let timeout = decision
             .review
             .as_ref()
@@ -768,6 +750,7 @@ impl Sidecar {
                 match v1::ApprovalState::try_from(u.state) {
                     Ok(v1::ApprovalState::Pending) => {
                         if let Some(f) = on_pending.take() {
+                            guard.id = Some(u.approval_id.clone());
                             f(&u.approval_id);
                         }
                     }
@@ -790,11 +773,13 @@ impl Sidecar {
             }
             Err("the approval stream ended before a decision".to_string())
         };
-        match tokio::time::timeout(deadline, wait).await {
+        let outcome = match tokio::time::timeout(deadline, wait).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => ApprovalOutcome::Unavailable(e),
             Err(_) => ApprovalOutcome::Unavailable("no decision before the hold timeout".into()),
-        }
+        };
+        guard.on_abandon = None;
+        outcome
     }
 
     /// Stops accepting sessions, ends live ones after `drain_seconds`, and
